@@ -1,0 +1,134 @@
+package PAGI::RS::Bridge;
+
+# The Perl half of the pagi-rs bridge: owns the interpreter's IO::Async
+# loop, drains messages from the network core when its eventfd fires, and
+# dispatches them to the per-request and lifespan objects.
+
+use strict;
+use warnings;
+
+our $VERSION = '0.1.0';
+
+# Message kinds; mirrored in src/interp/messages.rs.
+use constant {
+    MSG_REQUEST           => 1,
+    MSG_BODY              => 2,
+    MSG_DISCONNECT        => 3,
+    MSG_DRAINED           => 4,
+    MSG_SEND_DONE         => 5,
+    MSG_COMPLETE          => 6,
+    MSG_LIFESPAN_STARTUP  => 7,
+    MSG_LIFESPAN_SHUTDOWN => 8,
+    MSG_STOP              => 9,
+};
+
+# Log levels understood by PAGI::RS::_log.
+use constant { LOG_DEBUG => 0, LOG_INFO => 1, LOG_WARN => 2, LOG_ERROR => 3 };
+
+our $LOOP;            # the interpreter's IO::Async loop (IO::Async::Loop->new returns it)
+our $APP;             # the application coderef, set by PAGI::RS::Loader
+our %STATE;           # lifespan state; each request scope gets a shallow copy
+our %REQUESTS;        # id => PAGI::RS::HTTP, while events may still arrive for it
+our ($HIGH_WATER, $LOW_WATER);
+my $stopping;
+
+# Debian package for each module the bridge cannot run without.
+my @REQUIRED = (
+    [ 'Future'             => 'libfuture-perl' ],
+    [ 'Future::AsyncAwait' => 'libfuture-asyncawait-perl' ],
+    [ 'IO::Async::Loop'    => 'libio-async-perl' ],
+    [ 'Future::IO'         => 'libfuture-io-perl' ],
+);
+
+sub _require_dependencies {
+    for my $dep (@REQUIRED) {
+        my ( $module, $package ) = @$dep;
+        ( my $file = "$module.pm" ) =~ s{::}{/}g;
+        next if eval { require $file; 1 };
+        my $err = $@;
+        if ( $err =~ /^Can't locate \Q$file\E/ ) {
+            die "pagi-rs needs the Perl module $module, which is not installed.\n"
+              . "Install it with: apt-get install $package\n";
+        }
+        die "pagi-rs could not load $module: $err";
+    }
+}
+
+sub init {
+    my ( $wake_fd, $high, $low ) = @_;
+    _require_dependencies();
+    ( $HIGH_WATER, $LOW_WATER ) = ( $high, $low );
+    require IO::Async::Handle;
+    $LOOP = IO::Async::Loop->new;
+    require PAGI::RS::FutureIO;
+    PAGI::RS::FutureIO->install($LOOP);
+    require PAGI::RS::HTTP;
+    require PAGI::RS::Lifespan;
+    require PAGI::RS::Loader;
+
+    open my $wake, '<&=', $wake_fd or die "cannot open the wake-up fd $wake_fd: $!";
+    $LOOP->watch_io( handle => $wake, on_read_ready => \&drain );
+    return '';
+}
+
+# Leave only when the core says so: a die from an application's raw loop
+# callback (a timer, a watch_io) escapes $LOOP->run, and must not end the
+# interpreter.
+sub run {
+    drain();
+    until ($stopping) {
+        next if eval { $LOOP->run; 1 };
+        my $err = $@;
+        PAGI::RS::_log( LOG_ERROR, "Uncaught exception in an event loop callback (the server keeps running): $err" );
+    }
+    %REQUESTS = ();
+    return '';
+}
+
+sub drain {
+    PAGI::RS::_wake_ack();
+    while ( my @m = PAGI::RS::_next() ) {
+        # (kind, id, num0..num3, headers, strings...)
+        my $kind = $m[0];
+        my $ok = eval {
+            if ( $kind == MSG_REQUEST ) {
+                PAGI::RS::HTTP->dispatch(@m);
+            }
+            elsif ( $kind == MSG_BODY ) {
+                my $r = $REQUESTS{ $m[1] };
+                $r->on_body( $m[7], $m[2] ) if $r;
+            }
+            elsif ( $kind == MSG_DISCONNECT ) {
+                my $r = $REQUESTS{ $m[1] };
+                $r->on_disconnect( $m[7] ) if $r;
+            }
+            elsif ( $kind == MSG_DRAINED ) {
+                my $r = $REQUESTS{ $m[1] };
+                $r->on_drained if $r;
+            }
+            elsif ( $kind == MSG_SEND_DONE ) {
+                my $r = $REQUESTS{ $m[1] };
+                $r->on_send_done( $m[7] ) if $r;
+            }
+            elsif ( $kind == MSG_COMPLETE ) {
+                my $r = $REQUESTS{ $m[1] };
+                $r->on_complete if $r;
+            }
+            elsif ( $kind == MSG_LIFESPAN_STARTUP ) {
+                PAGI::RS::Lifespan::startup();
+            }
+            elsif ( $kind == MSG_LIFESPAN_SHUTDOWN ) {
+                PAGI::RS::Lifespan::shutdown();
+            }
+            elsif ( $kind == MSG_STOP ) {
+                $stopping = 1;
+                $LOOP->stop;
+            }
+            1;
+        };
+        PAGI::RS::_log( LOG_ERROR, "pagi-rs bridge error: $@" ) unless $ok;
+    }
+    return;
+}
+
+1;

@@ -1,0 +1,395 @@
+package PAGI::RS::HTTP;
+
+# One HTTP request on the Perl side: builds the scope, provides $receive and
+# $send, and relays their effects to the network core.  Sequencing rules and
+# header validation live in Rust (src/exchange.rs); this file maps events to
+# those calls and settles the application's Futures.
+
+use strict;
+use warnings;
+use Future;
+use Scalar::Util qw(blessed);
+use PAGI::RS::Connection;
+use PAGI::RS::Transport;
+
+use constant {
+    ID => 0, CONN => 1, TRANSPORT => 2, QUEUE => 3, RECV_WAIT => 4, SEND_WAIT => 5,
+    DEFER_WAIT => 6, BODY => 7, APP_FUTURE => 8, APP_DONE => 9, DISCONNECT_RECEIVES => 10,
+    TRAILERS => 11, DEFER_COMPLETES => 12,
+};
+
+# Body delivery states.
+use constant { BODY_EMPTY => 0, BODY_STREAMING => 1, BODY_AWAIT_CONTINUE => 2, BODY_DONE => 3 };
+
+# Send outcome codes from the core (SendOutcome in exchange.rs).
+use constant { SENT => 0, HIGH_WATER => 1, STILL_HIGH => 2, CLOSED => 3, DEFERRED => 4 };
+
+# finish() outcomes (FinishOutcome in exchange.rs).
+use constant { FIN_CLEAN => 0, FIN_BACKSTOP => 1, FIN_TRUNCATED => 2 };
+
+# Receives answered with a synthesized http.disconnect before they fail:
+# an app polling $receive in a loop without checking the type would spin.
+use constant MAX_DISCONNECT_RECEIVES => 100;
+
+my $DONE = Future->done;
+
+sub dispatch {
+    my ( $class, undef, $id, $client_port, $server_port, $body_state, undef, $headers,
+        $http_version, $method, $scheme, $path, $raw_path, $query, $root_path, $client_host,
+        $server_host ) = @_;
+
+    my $conn      = PAGI::RS::Connection->new($id);
+    my $transport = PAGI::RS::Transport->new($id);
+    my $self = bless [ $id, $conn, $transport, [], undef, undef, undef, $body_state, undef, 0, 0, 0, 0 ],
+      $class;
+    $PAGI::RS::Bridge::REQUESTS{$id} = $self;
+
+    my %scope = (
+        type              => 'http',
+        pagi              => { version => '0.4', spec_version => '0.3' },
+        http_version      => $http_version,
+        method            => $method,
+        scheme            => $scheme,
+        path              => $path,
+        raw_path          => $raw_path,
+        query_string      => $query,
+        root_path         => $root_path,
+        headers           => $headers,
+        client            => [ $client_host, $client_port ],
+        server            => [ $server_host, $server_port ],
+        state             => { %PAGI::RS::Bridge::STATE },
+        extensions        => { fullflush => {} },
+        'pagi.connection' => $conn,
+        'pagi.transport'  => $transport,
+    );
+
+    my $f = eval { $PAGI::RS::Bridge::APP->( \%scope, $self->_receiver, $self->_sender ) };
+    if ( !defined $f ) {
+        my $err = $@;
+        $self->_app_done( $err ne '' ? $err : undef );
+    }
+    elsif ( blessed($f) && $f->isa('Future') ) {
+        # Keep the app's Future alive: nothing else may hold it.
+        $self->[APP_FUTURE] = $f;
+        $f->on_ready( sub { $self->_app_ready(shift) } );
+    }
+    else {
+        $self->_app_done(undef);
+    }
+    return;
+}
+
+sub _app_ready {
+    my ( $self, $f ) = @_;
+    $self->[APP_FUTURE] = undef;
+    if ( $f->is_failed ) {
+        my ($err) = $f->failure;
+        $self->_app_done( defined $err ? $err : 'application Future failed' );
+    }
+    elsif ( $f->is_cancelled ) {
+        $self->_app_done('application Future was cancelled');
+    }
+    else {
+        $self->_app_done(undef);
+    }
+    return;
+}
+
+sub _app_done {
+    my ( $self, $err ) = @_;
+    return if $self->[APP_DONE]++;
+    my $conn = $self->[CONN];
+    my $interested = $conn->_has_callbacks ? 1 : 0;
+    my $rc = PAGI::RS::_finish( $self->[ID], $err, $interested );
+    if ( $rc == FIN_BACKSTOP ) {
+        $conn->[PAGI::RS::Connection::STARTED] = 1;
+        $self->on_disconnect('server_error');
+    }
+    elsif ( $rc == FIN_TRUNCATED ) {
+        $self->on_disconnect('server_error');
+    }
+    $self->_forget unless $interested && $conn->is_connected && !$conn->[PAGI::RS::Connection::COMPLETED_CLEANLY];
+    return;
+}
+
+# No more events are needed for this request.
+sub _forget {
+    my ($self) = @_;
+    delete $PAGI::RS::Bridge::REQUESTS{ $self->[ID] };
+    return;
+}
+
+sub DESTROY {
+    my ($self) = @_;
+    PAGI::RS::_release( $self->[ID] ) if defined $self->[ID];
+}
+
+# ---- $receive -------------------------------------------------------------
+
+sub _receiver {
+    my ($self) = @_;
+    return sub {
+        my $q = $self->[QUEUE];
+        if (@$q) {
+            my $ev = shift @$q;
+            PAGI::RS::_want_body( $self->[ID] ) if $ev->{more};
+            return Future->done($ev);
+        }
+        my $conn = $self->[CONN];
+        if ( !$conn->[PAGI::RS::Connection::CONNECTED] || $conn->[PAGI::RS::Connection::COMPLETED_CLEANLY] ) {
+            return $self->_disconnect_event;
+        }
+        my $body = $self->[BODY];
+        if ( $body == BODY_EMPTY ) {
+            $self->[BODY] = BODY_DONE;
+            return Future->done( { type => 'http.request', body => '', more => 0 } );
+        }
+        if ( $body == BODY_DONE && $conn->[PAGI::RS::Connection::COMPLETE] ) {
+            return $self->_disconnect_event;
+        }
+        if ( $body == BODY_AWAIT_CONTINUE ) {
+            # First read: now the core may answer 100 Continue and read.
+            $self->[BODY] = BODY_STREAMING;
+            PAGI::RS::_want_body( $self->[ID] );
+        }
+        if ( my $pending = $self->[RECV_WAIT] ) {
+            return $pending unless $pending->is_ready;
+        }
+        return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+    };
+}
+
+sub _disconnect_event {
+    my ($self) = @_;
+    if ( ++$self->[DISCONNECT_RECEIVES] > MAX_DISCONNECT_RECEIVES ) {
+        my $n = $self->[DISCONNECT_RECEIVES];
+        PAGI::RS::_log( 3, "http scope on HTTP/1.1: receive() called $n times after the scope ended" )
+          if $n == MAX_DISCONNECT_RECEIVES + 1;
+        return Future->fail( "receive() called $n times after the scope ended; "
+              . "the application is not checking for http.disconnect\n" );
+    }
+    return Future->done( { type => 'http.disconnect' } );
+}
+
+sub on_body {
+    my ( $self, $data, $more ) = @_;
+    my $ev = { type => 'http.request', body => $data, more => $more ? 1 : 0 };
+    $self->[BODY] = BODY_DONE unless $more;
+    my $wait = $self->[RECV_WAIT];
+    if ( $wait && !$wait->is_ready ) {
+        $self->[RECV_WAIT] = undef;
+        PAGI::RS::_want_body( $self->[ID] ) if $more;
+        $wait->done($ev);
+    }
+    else {
+        push @{ $self->[QUEUE] }, $ev;
+    }
+    return;
+}
+
+# ---- $send ------------------------------------------------------------------
+
+sub _sender {
+    my ($self) = @_;
+    my $id = $self->[ID];
+    return sub {
+        my ($ev) = @_;
+        my $type = ref $ev eq 'HASH' ? $ev->{type} : undef;
+        return Future->fail("send() needs an event hash reference with a 'type'\n")
+          unless defined $type;
+
+        if ( $type eq 'http.response.body' ) {
+            return $self->_send_file($ev) if defined $ev->{file};
+            return $self->_send_fh($ev)   if defined $ev->{fh};
+            my $more = $ev->{more} ? 1 : 0;
+            my ( $rc, $err ) = PAGI::RS::_body( $id, $ev->{body}, $more );
+            return Future->fail("http.response.body: $err\n") if $rc < 0;
+            $self->_body_sent unless $more || $rc == CLOSED;
+            return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
+        }
+        if ( $type eq 'http.response.start' ) {
+            my ( $rc, $err ) = PAGI::RS::_start( $id, $ev->{status}, $ev->{headers}, $ev->{trailers} );
+            return Future->fail("http.response.start: $err\n") if $rc < 0;
+            if ( $rc != CLOSED ) {
+                $self->[CONN][PAGI::RS::Connection::STARTED] = 1;
+                $self->[TRAILERS] = $ev->{trailers} ? 1 : 0;
+            }
+            return $DONE;
+        }
+        if ( $type eq 'http.response.trailers' ) {
+            my ( $rc, $err ) = PAGI::RS::_trailers( $id, $ev->{headers} );
+            return Future->fail("http.response.trailers: $err\n") if $rc < 0;
+            $self->_response_complete unless $rc == CLOSED;
+            return $DONE;
+        }
+        if ( $type eq 'http.fullflush' ) {
+            my ( $rc, $err ) = PAGI::RS::_fullflush($id);
+            return Future->fail("http.fullflush: $err\n") if $rc < 0;
+            return $rc == DEFERRED ? $self->_wait_deferred(0) : $DONE;
+        }
+        return Future->fail("Unrecognised event type '$type' for an http scope\n");
+    };
+}
+
+sub _body_sent {
+    my ($self) = @_;
+    $self->_response_complete unless $self->[TRAILERS];
+}
+
+sub _response_complete {
+    my ($self) = @_;
+    $self->[CONN][PAGI::RS::Connection::COMPLETE] = 1;
+    # A receive parked after the body was read now learns the request is over.
+    my $wait = $self->[RECV_WAIT];
+    if ( $wait && !$wait->is_ready && $self->[BODY] == BODY_DONE ) {
+        $self->[RECV_WAIT] = undef;
+        $wait->done( { type => 'http.disconnect' } );
+    }
+    return;
+}
+
+sub _valid_count {
+    my ( $ev, $key ) = @_;
+    my $v = $ev->{$key};
+    return 1 unless defined $v;
+    return $v =~ /\A[0-9]+\z/;
+}
+
+sub _send_file {
+    my ( $self, $ev ) = @_;
+    for my $key (qw(offset length)) {
+        return Future->fail("http.response.body: '$key' must be a non-negative integer\n")
+          unless _valid_count( $ev, $key );
+    }
+    my ( $rc, $err ) = PAGI::RS::_file( $self->[ID], $ev->{file}, $ev->{offset} // 0, $ev->{length} // -1 );
+    return Future->fail("http.response.body: $err\n") if $rc < 0;
+    return $self->_wait_deferred(1) if $rc == DEFERRED;
+    $self->_response_complete if $rc == SENT;
+    return $DONE;
+}
+
+sub _send_fh {
+    my ( $self, $ev ) = @_;
+    my $fh = $ev->{fh};
+    for my $key (qw(offset length)) {
+        return Future->fail("http.response.body: '$key' must be a non-negative integer\n")
+          unless _valid_count( $ev, $key );
+    }
+    my $fd = eval { fileno($fh) };
+    if ( defined $fd && $fd >= 0 ) {
+        # Start where Perl's buffered view of the handle is, unless told.
+        my $offset = $ev->{offset};
+        if ( !defined $offset ) {
+            my $pos = eval { tell($fh) };
+            $offset = defined $pos && $pos >= 0 ? $pos : -1;
+        }
+        my ( $rc, $err ) = PAGI::RS::_fd( $self->[ID], $fd, $offset, $ev->{length} // -1 );
+        return Future->fail("http.response.body: $err\n") if $rc < 0;
+        return $self->_wait_deferred(1) if $rc == DEFERRED;
+        $self->_response_complete if $rc == SENT;
+        return $DONE;
+    }
+    return $self->_send_perl_handle($ev);
+}
+
+# A handle with no file descriptor (an in-memory or tied handle): read it
+# here and send it as ordinary body chunks.
+sub _send_perl_handle {
+    my ( $self, $ev ) = @_;
+    my $fh = $ev->{fh};
+    if ( defined $ev->{offset} ) {
+        seek( $fh, $ev->{offset}, 0 )
+          or return Future->fail("http.response.body: cannot seek fh: $!\n");
+    }
+    my $remaining = $ev->{length};
+    my $id        = $self->[ID];
+    my $loop;
+    $loop = sub {
+        while (1) {
+            my $want = 65536;
+            $want = $remaining if defined $remaining && $remaining < $want;
+            my $buf = '';
+            my $n = $want > 0 ? read( $fh, $buf, $want ) : 0;
+            return Future->fail("http.response.body: cannot read fh: $!\n") unless defined $n;
+            $remaining -= $n if defined $remaining;
+            my $last = $n == 0 || ( defined $remaining && $remaining <= 0 );
+            my ( $rc, $err ) = PAGI::RS::_body( $id, $buf, $last ? 0 : 1 );
+            return Future->fail("http.response.body: $err\n") if $rc < 0;
+            if ( $last || $rc == CLOSED ) {
+                $self->_response_complete if $rc != CLOSED;
+                return $DONE;
+            }
+            return $self->_wait_drain($rc)->then($loop) if $rc != SENT;
+        }
+    };
+    my $f = $loop->();
+    return $f->on_ready( sub { undef $loop } );
+}
+
+sub _wait_drain {
+    my ( $self, $rc ) = @_;
+    $self->[TRANSPORT]->_fire_high if $rc == HIGH_WATER;
+    my $conn = $self->[CONN];
+    return $DONE unless $conn->[PAGI::RS::Connection::CONNECTED];
+    return $self->[SEND_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+}
+
+sub _wait_deferred {
+    my ( $self, $completes ) = @_;
+    $self->[DEFER_COMPLETES] = $completes;
+    return $self->[DEFER_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+}
+
+sub on_drained {
+    my ($self) = @_;
+    if ( my $f = $self->[SEND_WAIT] ) {
+        $self->[SEND_WAIT] = undef;
+        $f->done unless $f->is_ready;
+    }
+    $self->[TRANSPORT]->_fire_drain;
+    return;
+}
+
+sub on_send_done {
+    my ( $self, $err ) = @_;
+    my $f = $self->[DEFER_WAIT] or return;
+    $self->[DEFER_WAIT] = undef;
+    return if $f->is_ready;
+    if ( defined $err ) {
+        $f->fail("http.response.body: $err\n");
+    }
+    else {
+        $self->_response_complete
+          if $self->[DEFER_COMPLETES] && $self->[CONN][PAGI::RS::Connection::CONNECTED];
+        $f->done;
+    }
+    return;
+}
+
+sub on_complete {
+    my ($self) = @_;
+    $self->[CONN]->_mark_complete;
+    $self->_forget if $self->[APP_DONE];
+    return;
+}
+
+# The abnormal end: connection state first, then pending Futures settle
+# (successfully: a disconnect never fails a send), then http.disconnect.
+sub on_disconnect {
+    my ( $self, $reason ) = @_;
+    $self->[CONN]->_mark_disconnected($reason);
+    for my $slot ( SEND_WAIT, DEFER_WAIT ) {
+        my $f = $self->[$slot] or next;
+        $self->[$slot] = undef;
+        $f->done unless $f->is_ready;
+    }
+    my $wait = $self->[RECV_WAIT];
+    if ( $wait && !$wait->is_ready ) {
+        $self->[RECV_WAIT] = undef;
+        $wait->done( { type => 'http.disconnect' } );
+    }
+    $self->_forget if $self->[APP_DONE];
+    return;
+}
+
+1;

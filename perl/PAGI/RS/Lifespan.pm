@@ -1,0 +1,107 @@
+package PAGI::RS::Lifespan;
+
+# The lifespan protocol (Spec/Lifespan.pod) for one interpreter: startup
+# before the server accepts connections, shutdown after it has drained.
+
+use strict;
+use warnings;
+use Future;
+use Scalar::Util qw(blessed);
+
+# Event kinds for PAGI::RS::_lifespan_event (lifespan_kind in interp/mod.rs).
+use constant {
+    STARTUP_COMPLETE => 1, STARTUP_FAILED => 2, SHUTDOWN_COMPLETE => 3,
+    SHUTDOWN_FAILED  => 4, DECLINED       => 5, ENDED             => 6,
+};
+
+my ( @queue, $waiting, $startup_answered, $shutdown_answered, $app_future, $ended );
+
+sub _receive {
+    return Future->done( shift @queue ) if @queue;
+    return $waiting = $PAGI::RS::Bridge::LOOP->new_future;
+}
+
+sub _send {
+    my ($ev) = @_;
+    my $type = ref $ev eq 'HASH' ? $ev->{type} // '' : '';
+    if ( $type eq 'lifespan.startup.complete' ) {
+        $startup_answered = 1;
+        PAGI::RS::_lifespan_event( STARTUP_COMPLETE, '' );
+    }
+    elsif ( $type eq 'lifespan.startup.failed' ) {
+        $startup_answered = 1;
+        PAGI::RS::_lifespan_event( STARTUP_FAILED, $ev->{message} // '' );
+    }
+    elsif ( $type eq 'lifespan.shutdown.complete' ) {
+        $shutdown_answered = 1;
+        PAGI::RS::_lifespan_event( SHUTDOWN_COMPLETE, '' );
+    }
+    elsif ( $type eq 'lifespan.shutdown.failed' ) {
+        $shutdown_answered = 1;
+        PAGI::RS::_lifespan_event( SHUTDOWN_FAILED, $ev->{message} // '' );
+    }
+    else {
+        return Future->fail("Unrecognised event type '$type' for a lifespan scope\n");
+    }
+    return Future->done;
+}
+
+sub startup {
+    @queue = ( { type => 'lifespan.startup' } );
+    my $scope = {
+        type  => 'lifespan',
+        pagi  => { version => '0.4', spec_version => '0.3' },
+        state => \%PAGI::RS::Bridge::STATE,
+    };
+    my $f = eval { $PAGI::RS::Bridge::APP->( $scope, \&_receive, \&_send ) };
+    if ( !defined $f ) {
+        _ended( $@ eq '' ? undef : $@ );
+    }
+    elsif ( blessed($f) && $f->isa('Future') ) {
+        $app_future = $f;
+        $f->on_ready(
+            sub {
+                my $done = shift;
+                $app_future = undef;
+                _ended( $done->is_failed ? ( $done->failure )[0] // 'lifespan failed' : undef );
+            }
+        );
+    }
+    else {
+        _ended(undef);
+    }
+    return;
+}
+
+# The lifespan coroutine finished: before answering startup it declined the
+# protocol; afterwards it ended (an error then is logged, the server runs on).
+sub _ended {
+    my ($err) = @_;
+    return if $ended++;
+    if ( !$startup_answered ) {
+        PAGI::RS::_lifespan_event( DECLINED, $err // '' );
+        return;
+    }
+    PAGI::RS::_log( 3, "PAGI lifespan application error: $err" ) if defined $err;
+    PAGI::RS::_lifespan_event( ENDED, $err // '' ) unless $shutdown_answered;
+    return;
+}
+
+sub shutdown {
+    my $ev = { type => 'lifespan.shutdown' };
+    if ( $ended ) {
+        PAGI::RS::_lifespan_event( ENDED, '' ) unless $shutdown_answered;
+        return;
+    }
+    if ( $waiting && !$waiting->is_ready ) {
+        my $w = $waiting;
+        $waiting = undef;
+        $w->done($ev);
+    }
+    else {
+        push @queue, $ev;
+    }
+    return;
+}
+
+1;

@@ -1,0 +1,105 @@
+package PAGI::RS::Loader;
+
+# Loads the application the way the reference runner does: a file that
+# returns an app (with $0 localised for FindBin), a module constructed with
+# key=value arguments, or -e code after -M modules.  Every failure dies with
+# a message naming what failed, before the server binds a port.
+
+use strict;
+use warnings;
+use File::Spec;
+use Scalar::Util qw(blessed reftype);
+
+sub load {
+    my ( $kind, $what, @options ) = @_;
+    my ( @inc, @modules, %args );
+    for my $opt (@options) {
+        my ( $tag, $value ) = ( substr( $opt, 0, 1 ), substr( $opt, 1 ) );
+        if    ( $tag eq 'I' ) { push @inc, $value }
+        elsif ( $tag eq 'M' ) { push @modules, $value }
+        elsif ( $tag eq 'A' ) {
+            my ( $k, $v ) = split /=/, $value, 2;
+            $args{$k} = $v;
+        }
+    }
+    unshift @INC, map { File::Spec->rel2abs($_) } @inc;
+
+    for my $spec (@modules) {
+        my ( $module, $imports ) = split /=/, $spec, 2;
+        _check_module_name($module);
+        my @imports = defined $imports ? split( /,/, $imports ) : ();
+        my $ok = eval "package main; require $module; $module->import(\@imports); 1";
+        die "Cannot load module $module: $@" unless $ok;
+    }
+
+    my $app;
+    if ( $kind eq 'file' ) {
+        $app = _normalize( _load_file($what), 'App file' );
+    }
+    elsif ( $kind eq 'module' ) {
+        $app = _load_module( $what, \%args );
+    }
+    else {
+        my $result = eval "package main; no strict; no warnings; $what";
+        die "Error evaluating -e code: $@" if $@;
+        $app = _normalize( $result, '-e code' );
+    }
+    $PAGI::RS::Bridge::APP = $app;
+    return '';
+}
+
+sub _check_module_name {
+    my ($name) = @_;
+    die "Invalid module name: $name\n" unless $name =~ /\A[A-Za-z_]\w*(?:::[A-Za-z_]\w*)*\z/;
+}
+
+sub _load_file {
+    my ($file) = @_;
+    my $abs = File::Spec->rel2abs($file);
+    die "App file not found: $abs\n" unless -f $abs;
+    local $0    = $abs;
+    local @ARGV = ($abs);
+    FindBin::again() if defined &FindBin::again;
+    local $!;
+    my $result = do $abs;
+    die "Error loading $file: $@" if $@;
+    die "Error reading $file: $!\n" if !defined $result && $!;
+    return $result;
+}
+
+sub _load_module {
+    my ( $module, $args ) = @_;
+    _check_module_name($module);
+    ( my $file = "$module.pm" ) =~ s{::}{/}g;
+    eval { require $file; 1 } or die "Cannot find module '$module': $@";
+    die "Module '$module' does not have a new() method\n" unless $module->can('new');
+    my $obj = eval { $module->new(%$args) };
+    die "Error constructing module '$module': $@" if $@;
+    return _normalize( $obj, "Module '$module' constructor" );
+}
+
+# A coderef (even a blessed one) is the app; a provider object has to_app
+# called exactly once (Spec.pod, "Application Providers and Loading").
+sub _normalize {
+    my ( $value, $source ) = @_;
+    return $value if ref $value && reftype($value) eq 'CODE';
+    if ( blessed $value ) {
+        die "$source returned an application-provider object without to_app()\n"
+          unless $value->can('to_app');
+        my $app = eval { $value->to_app };
+        die "Error normalizing $source through to_app(): $@" if $@;
+        die "$source to_app() must return a coderef, got: " . _describe($app) . "\n"
+          unless ref $app && reftype($app) eq 'CODE';
+        return $app;
+    }
+    die "$source must be a coderef or instantiated application-provider object, got: "
+      . _describe($value) . "\n";
+}
+
+sub _describe {
+    my ($v) = @_;
+    return 'undef' unless defined $v;
+    return ref $v || 'non-reference';
+}
+
+1;

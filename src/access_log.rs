@@ -1,0 +1,332 @@
+//! The access log, in the reference server's formats.  A format string is
+//! compiled once into atoms; lines are handed to a writer thread so that a
+//! slow log destination never stalls a network task.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("Unknown access log format atom '%{0}'")]
+    UnknownAtom(char),
+    #[error("Unterminated %{{...}} in access log format")]
+    Unterminated,
+    #[error("Expected 'i' after %{{Name}} in access log format")]
+    ExpectedI,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Atom {
+    Literal(String),
+    ClientHost,
+    Dash,
+    Time,
+    RequestLine,
+    Method,
+    Path,
+    Query,
+    Protocol,
+    Status,
+    BytesDash,
+    Bytes,
+    SecondsFrac,
+    Micros,
+    Seconds,
+    RequestHeader(String),
+}
+
+/// Everything one line can mention.
+pub struct Record<'a> {
+    pub client: Option<SocketAddr>,
+    pub method: &'a str,
+    pub raw_path: &'a [u8],
+    pub query: &'a [u8],
+    pub http_version: &'a str,
+    pub status: Option<u16>,
+    pub body_bytes: u64,
+    pub duration: Duration,
+    pub headers: &'a [(bytes::Bytes, bytes::Bytes)],
+}
+
+#[derive(Clone, Debug)]
+pub struct Format(Vec<Atom>);
+
+impl Format {
+    pub fn parse(spec: &str) -> Result<Format, FormatError> {
+        let expanded = match spec {
+            "clf" => "%h - - [%t] \"%m %U%q\" %s %ds",
+            "combined" => "%h - - [%t] \"%r\" %s %b \"%{Referer}i\" \"%{User-Agent}i\"",
+            "common" => "%h - - [%t] \"%r\" %s %b",
+            "tiny" => "%m %U%q %s %Dms",
+            other => other,
+        };
+        let mut atoms = Vec::new();
+        let mut lit = String::new();
+        let mut chars = expanded.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                lit.push(c);
+                continue;
+            }
+            let Some(next) = chars.next() else { break }; // a trailing lone % is dropped
+            let atom = match next {
+                '%' => {
+                    lit.push('%');
+                    continue;
+                }
+                'h' => Atom::ClientHost,
+                'l' | 'u' => Atom::Dash,
+                't' => Atom::Time,
+                'r' => Atom::RequestLine,
+                'm' => Atom::Method,
+                'U' => Atom::Path,
+                'q' => Atom::Query,
+                'H' => Atom::Protocol,
+                's' => Atom::Status,
+                'b' => Atom::BytesDash,
+                'B' => Atom::Bytes,
+                'd' => Atom::SecondsFrac,
+                'D' => Atom::Micros,
+                'T' => Atom::Seconds,
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(ch) => name.push(ch),
+                            None => return Err(FormatError::Unterminated),
+                        }
+                    }
+                    if chars.next() != Some('i') {
+                        return Err(FormatError::ExpectedI);
+                    }
+                    Atom::RequestHeader(name.to_ascii_lowercase())
+                }
+                other => return Err(FormatError::UnknownAtom(other)),
+            };
+            if !lit.is_empty() {
+                atoms.push(Atom::Literal(std::mem::take(&mut lit)));
+            }
+            atoms.push(atom);
+        }
+        if !lit.is_empty() {
+            atoms.push(Atom::Literal(lit));
+        }
+        Ok(Format(atoms))
+    }
+
+    pub fn render(&self, r: &Record<'_>, now: SystemTime) -> String {
+        let mut out = String::with_capacity(128);
+        for atom in &self.0 {
+            match atom {
+                Atom::Literal(s) => out.push_str(s),
+                Atom::ClientHost => match r.client {
+                    Some(a) => {
+                        let _ = write!(out, "{}", a.ip());
+                    }
+                    None => out.push('-'),
+                },
+                Atom::Dash => out.push('-'),
+                Atom::Time => clf_time(&mut out, now),
+                Atom::RequestLine => {
+                    out.push_str(r.method);
+                    out.push(' ');
+                    push_lossy(&mut out, r.raw_path);
+                    if !r.query.is_empty() {
+                        out.push('?');
+                        push_lossy(&mut out, r.query);
+                    }
+                    out.push_str(" HTTP/");
+                    out.push_str(r.http_version);
+                }
+                Atom::Method => out.push_str(if r.method.is_empty() { "-" } else { r.method }),
+                Atom::Path => push_lossy(&mut out, r.raw_path),
+                Atom::Query => {
+                    if !r.query.is_empty() {
+                        out.push('?');
+                        push_lossy(&mut out, r.query);
+                    }
+                }
+                Atom::Protocol => {
+                    out.push_str("HTTP/");
+                    out.push_str(r.http_version);
+                }
+                Atom::Status => match r.status {
+                    Some(s) => {
+                        let _ = write!(out, "{s}");
+                    }
+                    None => out.push('-'),
+                },
+                Atom::BytesDash => {
+                    if r.body_bytes == 0 {
+                        out.push('-');
+                    } else {
+                        let _ = write!(out, "{}", r.body_bytes);
+                    }
+                }
+                Atom::Bytes => {
+                    let _ = write!(out, "{}", r.body_bytes);
+                }
+                Atom::SecondsFrac => {
+                    let _ = write!(out, "{:.3}", r.duration.as_secs_f64());
+                }
+                Atom::Micros => {
+                    let _ = write!(out, "{}", r.duration.as_micros());
+                }
+                Atom::Seconds => {
+                    let _ = write!(out, "{}", r.duration.as_secs());
+                }
+                Atom::RequestHeader(name) => {
+                    match r.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes())) {
+                        Some((_, v)) => push_lossy(&mut out, v),
+                        None => out.push('-'),
+                    }
+                }
+            }
+        }
+        out.push('\n');
+        out
+    }
+}
+
+fn push_lossy(out: &mut String, bytes: &[u8]) {
+    out.push_str(&String::from_utf8_lossy(bytes));
+}
+
+/// `DD/Mon/YYYY:HH:MM:SS +0000`, always UTC.
+fn clf_time(out: &mut String, now: SystemTime) {
+    const MONTHS: [&str; 12] =
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let secs = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    let _ = write!(
+        out,
+        "{:02}/{}/{:04}:{:02}:{:02}:{:02} +0000",
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    );
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Where finished lines go.  Cloning shares the writer thread.
+#[derive(Clone)]
+pub struct AccessLog {
+    format: Format,
+    tx: mpsc::Sender<String>,
+}
+
+impl AccessLog {
+    /// Spawn the writer thread for `dest` (stderr when None).
+    pub fn start(format: Format, dest: Option<std::path::PathBuf>) -> std::io::Result<AccessLog> {
+        let mut sink: Box<dyn Write + Send> = match dest {
+            Some(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("Cannot open access log {}: {e}", path.display()),
+                        )
+                    })?,
+            ),
+            None => Box::new(std::io::stderr()),
+        };
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::Builder::new().name("access-log".into()).spawn(move || {
+            let mut buf = Vec::with_capacity(64 * 1024);
+            while let Ok(line) = rx.recv() {
+                buf.extend_from_slice(line.as_bytes());
+                // Batch whatever else is already waiting into one write.
+                while let Ok(more) = rx.try_recv() {
+                    buf.extend_from_slice(more.as_bytes());
+                    if buf.len() > 60 * 1024 {
+                        break;
+                    }
+                }
+                let _ = sink.write_all(&buf);
+                let _ = sink.flush();
+                buf.clear();
+            }
+        })?;
+        Ok(AccessLog { format, tx })
+    }
+
+    pub fn write(&self, record: &Record<'_>) {
+        let _ = self.tx.send(self.format.render(record, SystemTime::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(headers: &'a [(bytes::Bytes, bytes::Bytes)]) -> Record<'a> {
+        Record {
+            client: Some("127.0.0.1:4000".parse().unwrap()),
+            method: "GET",
+            raw_path: b"/a%20b",
+            query: b"x=1",
+            http_version: "1.1",
+            status: Some(200),
+            body_bytes: 13,
+            duration: Duration::from_micros(2500),
+            headers,
+        }
+    }
+
+    #[test]
+    fn clf_matches_the_reference_layout() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_770_726_896); // 2026-02-10 12:34:56
+        let line = Format::parse("clf").unwrap().render(&record(&[]), t);
+        assert_eq!(line, "127.0.0.1 - - [10/Feb/2026:12:34:56 +0000] \"GET /a%20b?x=1\" 200 0.003s\n");
+    }
+
+    #[test]
+    fn combined_and_custom_atoms() {
+        let h = [(bytes::Bytes::from_static(b"user-agent"), bytes::Bytes::from_static(b"curl/8"))];
+        let t = SystemTime::UNIX_EPOCH;
+        let line = Format::parse("combined").unwrap().render(&record(&h), t);
+        assert!(line.ends_with("\"GET /a%20b?x=1 HTTP/1.1\" 200 13 \"-\" \"curl/8\"\n"), "{line}");
+        let tiny = Format::parse("%m %s %D %B %% %H").unwrap().render(&record(&h), t);
+        assert_eq!(tiny, "GET 200 2500 13 % HTTP/1.1\n");
+    }
+
+    #[test]
+    fn bad_formats_are_rejected_with_the_reference_wording() {
+        assert_eq!(Format::parse("%Z").unwrap_err(), FormatError::UnknownAtom('Z'));
+        assert_eq!(Format::parse("%{X").unwrap_err(), FormatError::Unterminated);
+        assert_eq!(Format::parse("%{X}o").unwrap_err(), FormatError::ExpectedI);
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_494), (2026, 2, 10));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+}

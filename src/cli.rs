@@ -1,0 +1,287 @@
+//! Command-line options.  Names, short flags and defaults follow the reference
+//! server's `pagi-server`, so that `pagi-rs app.pl` is a drop-in replacement.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+/// How the lifespan protocol is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LifespanMode {
+    /// Run lifespan; an app that declines it (raises or returns) is served anyway.
+    Auto,
+    /// Require lifespan: a declined startup is fatal.
+    On,
+    /// Do not run lifespan at all.
+    Off,
+}
+
+/// Log verbosity, as in the reference server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pagi-rs",
+    version,
+    about = "Serve a PAGI (Perl async web) application from a Rust network core",
+    disable_version_flag = true,
+    override_usage = "pagi-rs [OPTIONS] [APP] [KEY=VALUE]...\n       pagi-rs [OPTIONS] -e CODE"
+)]
+pub struct Options {
+    /// The application: a file returning a PAGI app (app.pl, app.psgi) or a
+    /// module name (My::App), followed by key=value constructor arguments.
+    #[arg(value_name = "APP")]
+    pub positional: Vec<String>,
+
+    /// Application file (the same as giving it as the first argument).
+    #[arg(short = 'a', long = "app", value_name = "FILE")]
+    pub app: Option<String>,
+
+    /// Inline application code, like `perl -e`; must return a PAGI app.
+    #[arg(short = 'e', value_name = "CODE")]
+    pub eval: Option<String>,
+
+    /// Load MODULE before evaluating -e code (Module=a,b imports a and b).
+    #[arg(short = 'M', value_name = "MODULE", action = ArgAction::Append)]
+    pub modules: Vec<String>,
+
+    /// Add PATH to @INC before loading the app; repeatable.
+    #[arg(short = 'I', long = "lib", value_name = "PATH", action = ArgAction::Append)]
+    pub include: Vec<String>,
+
+    /// Bind address.
+    #[arg(short = 'o', long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Bind port (0 picks a free port; the startup line names it).
+    #[arg(short = 'p', long, default_value_t = 5000)]
+    pub port: u16,
+
+    /// Application mount path, reported as root_path in every scope.
+    #[arg(long, value_name = "PATH", default_value = "")]
+    pub root_path: String,
+
+    /// Write the access log to FILE (appending) instead of stderr.
+    #[arg(long, value_name = "FILE")]
+    pub access_log: Option<PathBuf>,
+
+    /// Disable the access log.
+    #[arg(long)]
+    pub no_access_log: bool,
+
+    /// Access log format: clf, combined, common, tiny, or a format string of %-atoms.
+    #[arg(long, value_name = "FORMAT", default_value = "clf")]
+    pub access_log_format: String,
+
+    /// Log verbosity.
+    #[arg(long, value_enum)]
+    pub log_level: Option<LogLevel>,
+
+    /// Report errors only (shorthand for --log-level error; an explicit --log-level wins).
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+
+    /// Largest request body accepted, in bytes (0 = unlimited); larger gets 413.
+    #[arg(long, value_name = "BYTES", default_value_t = 10_000_000)]
+    pub max_body_size: u64,
+
+    /// Largest request head (request line and headers), in bytes; larger gets 431.
+    #[arg(long, value_name = "BYTES", default_value_t = 8192)]
+    pub max_header_size: usize,
+
+    /// Most request header lines accepted; more gets 431.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub max_header_count: usize,
+
+    /// Largest number of inbound messages queued for an application that is
+    /// not receiving (WebSocket); bounds memory per connection.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_receive_queue: usize,
+
+    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+
+    /// Close a request that makes no progress (no body read, no response write)
+    /// for this many seconds; 0 disables.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub request_timeout: u64,
+
+    /// Keep-alive idle timeout: seconds to wait for the next request head; 0 disables.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub timeout: u64,
+
+    /// Lifespan protocol handling.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub lifespan: LifespanMode,
+
+    /// Seconds to wait for lifespan startup to complete; 0 waits forever.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub lifespan_startup_timeout: u64,
+
+    /// A body $send waits once this many bytes are queued for the client.
+    #[arg(long, value_name = "BYTES", default_value_t = 65536)]
+    pub write_high_watermark: usize,
+
+    /// ...and resumes when the queue falls below this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 16384)]
+    pub write_low_watermark: usize,
+
+    /// Number of Perl interpreter threads (experimental above 1: see README).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub interpreters: usize,
+
+    /// Print the version and exit.
+    #[arg(short = 'v', long = "version", action = ArgAction::Version)]
+    pub version: Option<bool>,
+}
+
+/// What the user asked to serve, once the option forms are resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppSpec {
+    File(String),
+    Module(String),
+    Inline(String),
+}
+
+impl Options {
+    /// The app to load and its key=value arguments, resolved the way the
+    /// reference runner does it: `-e` wins, then `--app`, then the first
+    /// positional argument that is not key=value.
+    pub fn app_spec(&self) -> Result<(AppSpec, Vec<String>), String> {
+        let mut args = self.positional.clone();
+        if let Some(code) = &self.eval {
+            return Ok((AppSpec::Inline(code.clone()), args));
+        }
+        let name = match &self.app {
+            Some(file) => file.clone(),
+            None => {
+                if args.is_empty() || args[0].contains('=') {
+                    return Err(
+                        "no application given: name an app file or module, or use -e CODE".into(),
+                    );
+                }
+                args.remove(0)
+            }
+        };
+        if let Some(bad) = args.iter().find(|a| !a.contains('=')) {
+            return Err(format!("unexpected argument '{bad}': arguments after the app must be key=value"));
+        }
+        Ok((classify_app(&name), args))
+    }
+
+    pub fn effective_log_level(&self) -> LogLevel {
+        match (self.log_level, self.quiet) {
+            (Some(level), _) => level,
+            (None, true) => LogLevel::Error,
+            (None, false) => LogLevel::Info,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.write_low_watermark > self.write_high_watermark {
+            return Err(format!(
+                "--write-low-watermark ({}) must not exceed --write-high-watermark ({})",
+                self.write_low_watermark, self.write_high_watermark
+            ));
+        }
+        if self.write_high_watermark == 0 {
+            return Err("--write-high-watermark must be positive".into());
+        }
+        if self.interpreters == 0 {
+            return Err("--interpreters must be at least 1".into());
+        }
+        if self.max_header_count == 0 || self.max_header_size == 0 {
+            return Err("--max-header-count and --max-header-size must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn timeout_opt(secs: u64) -> Option<Duration> {
+        (secs > 0).then(|| Duration::from_secs(secs))
+    }
+}
+
+/// A name with `::` is a module; one with a slash or a .pl/.psgi suffix is a
+/// file; otherwise it is a file if one exists by that name, else a module.
+pub fn classify_app(name: &str) -> AppSpec {
+    let lower = name.to_ascii_lowercase();
+    if name.contains("::") {
+        AppSpec::Module(name.to_string())
+    } else if name.contains('/') || lower.ends_with(".pl") || lower.ends_with(".psgi") {
+        AppSpec::File(name.to_string())
+    } else if std::path::Path::new(name).is_file() {
+        AppSpec::File(name.to_string())
+    } else {
+        AppSpec::Module(name.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Options {
+        Options::try_parse_from(std::iter::once("pagi-rs").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_match_the_reference_server() {
+        let o = parse(&["app.pl"]);
+        assert_eq!(o.host, "127.0.0.1");
+        assert_eq!(o.port, 5000);
+        assert_eq!(o.max_header_size, 8192);
+        assert_eq!(o.max_header_count, 100);
+        assert_eq!(o.max_body_size, 10_000_000);
+        assert_eq!(o.timeout, 60);
+        assert_eq!(o.shutdown_timeout, 30);
+        assert_eq!(o.write_high_watermark, 65536);
+        assert_eq!(o.write_low_watermark, 16384);
+        assert_eq!(o.lifespan, LifespanMode::Auto);
+        assert_eq!(o.effective_log_level(), LogLevel::Info);
+    }
+
+    #[test]
+    fn app_forms_resolve_like_the_reference_runner() {
+        assert_eq!(parse(&["app.pl"]).app_spec().unwrap().0, AppSpec::File("app.pl".into()));
+        assert_eq!(parse(&["x.PSGI"]).app_spec().unwrap().0, AppSpec::File("x.PSGI".into()));
+        let (spec, args) = parse(&["My::App", "a=1", "b=2"]).app_spec().unwrap();
+        assert_eq!(spec, AppSpec::Module("My::App".into()));
+        assert_eq!(args, vec!["a=1", "b=2"]);
+        let (spec, _) = parse(&["-MFoo", "-e", "Foo->app"]).app_spec().unwrap();
+        assert_eq!(spec, AppSpec::Inline("Foo->app".into()));
+        assert!(parse(&["My::App", "stray"]).app_spec().is_err());
+        assert!(parse(&[]).app_spec().is_err());
+    }
+
+    #[test]
+    fn cuddled_perl_style_flags_parse() {
+        let o = parse(&["-Ilib", "-MFoo=bar,baz", "-e", "1"]);
+        assert_eq!(o.include, vec!["lib"]);
+        assert_eq!(o.modules, vec!["Foo=bar,baz"]);
+    }
+
+    #[test]
+    fn quiet_is_error_level_unless_log_level_given() {
+        assert_eq!(parse(&["-q", "a.pl"]).effective_log_level(), LogLevel::Error);
+        assert_eq!(parse(&["-q", "--log-level", "debug", "a.pl"]).effective_log_level(), LogLevel::Debug);
+    }
+
+    #[test]
+    fn unknown_option_is_an_error_naming_it() {
+        let err = Options::try_parse_from(["pagi-rs", "--bogus", "a.pl"]).unwrap_err().to_string();
+        assert!(err.contains("--bogus"), "{err}");
+    }
+
+    #[test]
+    fn watermarks_are_checked() {
+        assert!(parse(&["--write-low-watermark", "10", "--write-high-watermark", "5", "a.pl"]).validate().is_err());
+    }
+}

@@ -1,0 +1,33 @@
+//! Typed errors of the core.  `SendError` is what a failed `$send` Future
+//! carries back to the application; its text is the exception message.
+
+use thiserror::Error;
+
+/// Why an application's `$send` was refused.  Nothing reaches the wire when
+/// one of these is returned (fail, don't mutate).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SendError {
+    #[error("invalid event: {0}")]
+    Invalid(String),
+    #[error("invalid header: {0}")]
+    Header(String),
+    #[error("out of sequence: {0}")]
+    Sequence(&'static str),
+    #[error("cannot send file: {0}")]
+    File(String),
+}
+
+/// Startup failures, reported at the edge with context.
+#[derive(Debug, Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    AppLoad(String),
+    #[error("lifespan startup failed: {0}")]
+    LifespanFailed(String),
+    #[error("lifespan startup timed out after {0}s")]
+    LifespanTimeout(u64),
+    #[error("interpreter failed: {0}")]
+    Interpreter(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}

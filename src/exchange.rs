@@ -1,0 +1,857 @@
+//! One request/response exchange, shared by the network task that owns the
+//! socket and the interpreter thread that runs the application.
+//!
+//! The interpreter side calls the `start`/`body`/`trailers`/`finish` methods
+//! (from the `$send` XS functions); the network side drains the outbound
+//! queue through [`crate::body::ResponseBody`] and reports disconnects.  All
+//! response sequencing rules live here, so they are unit-testable without Perl.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use http_body::Frame;
+use tokio::sync::{oneshot, Notify};
+
+use crate::access_log::{AccessLog, Record};
+use crate::error::SendError;
+use crate::interp::mailbox::Mailbox;
+use crate::interp::messages::ToPerl;
+
+/// Server-wide settings every exchange needs.
+pub struct ExchangeConfig {
+    pub high_water: usize,
+    pub low_water: usize,
+    /// 0 = unlimited.
+    pub max_body: u64,
+    pub access_log: Option<AccessLog>,
+}
+
+/// What the network task receives for the response head.
+pub enum Head {
+    /// The application started a response.
+    App(StatusCode, HeaderMap),
+    /// The server answers in place of the application (413, 500 ...).
+    Generated(StatusCode, &'static str),
+    /// Close the connection without any response (request timeout).
+    Abort,
+}
+
+/// How a `$send` went, as a small code for Perl (see Bridge.pm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Accepted; resolve the Future now.
+    Ready = 0,
+    /// Accepted and the buffer just reached the high-water mark: fire
+    /// on_high_water and resolve when Drained arrives.
+    HighWater = 1,
+    /// Accepted, buffer still above the mark: resolve when Drained arrives.
+    StillHigh = 2,
+    /// The exchange has ended; the send is a successful no-op.
+    Closed = 3,
+    /// Accepted; a SendDone message will settle the Future.
+    Deferred = 4,
+}
+
+/// What `finish` did, reported back to Perl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishOutcome {
+    /// The response was complete; nothing to do.
+    Clean = 0,
+    /// No response had started: the server sent its 500 backstop.
+    Backstop500 = 1,
+    /// The response was left incomplete and has been cut off.
+    Truncated = 2,
+    /// The client had already gone; nothing was sent and nothing logged.
+    AlreadyDisconnected = 3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for http.response.start.
+    AwaitingStart,
+    /// Started; body (and maybe trailers) still to come.
+    Streaming,
+    /// The terminal event is queued.
+    Finished,
+    /// Cut off: the network side sees an error and closes the connection.
+    Aborted,
+}
+
+/// Facts kept for the access log line.
+pub struct RequestFacts {
+    pub method: String,
+    pub raw_path: Bytes,
+    pub query: Bytes,
+    pub http_version: &'static str,
+    pub client: SocketAddr,
+    pub headers: Vec<(Bytes, Bytes)>,
+    pub is_head: bool,
+    pub started: Instant,
+}
+
+struct State {
+    phase: Phase,
+    head_tx: Option<oneshot::Sender<Head>>,
+    trailers_promised: bool,
+    body_done: bool,
+    declared_length: Option<u64>,
+    body_bytes: u64,
+    queue: VecDeque<Frame<Bytes>>,
+    buffered: usize,
+    high: bool,
+    waker: Option<Waker>,
+    disconnected: Option<&'static str>,
+    status: Option<u16>,
+    flush_pending: bool,
+    delivered: bool,
+    logged: bool,
+    app_running: bool,
+}
+
+/// Bits of `interest`: what Perl wants to hear after the app returns.
+pub const WANTS_TERMINAL: u8 = 1;
+
+pub struct Exchange {
+    pub id: u64,
+    mailbox: Arc<Mailbox>,
+    config: Arc<ExchangeConfig>,
+    pub facts: RequestFacts,
+    state: Mutex<State>,
+    /// Wakes Rust-side producers (file streaming) when the queue drains or the exchange ends.
+    pub progress: Notify,
+    /// Credit for the request-body pump: one permit per chunk the app may have.
+    pub body_credit: tokio::sync::Semaphore,
+    interest: AtomicU8,
+    /// Milliseconds since `facts.started` of the last read or write progress.
+    last_progress_ms: AtomicU64,
+    finished: AtomicBool,
+}
+
+impl Exchange {
+    pub fn new(
+        id: u64,
+        mailbox: Arc<Mailbox>,
+        config: Arc<ExchangeConfig>,
+        facts: RequestFacts,
+    ) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
+        let (tx, rx) = oneshot::channel();
+        let ex = Arc::new(Exchange {
+            id,
+            mailbox,
+            config,
+            facts,
+            state: Mutex::new(State {
+                phase: Phase::AwaitingStart,
+                head_tx: Some(tx),
+                trailers_promised: false,
+                body_done: false,
+                declared_length: None,
+                body_bytes: 0,
+                queue: VecDeque::new(),
+                buffered: 0,
+                high: false,
+                waker: None,
+                disconnected: None,
+                status: None,
+                flush_pending: false,
+                delivered: false,
+                logged: false,
+                app_running: true,
+            }),
+            progress: Notify::new(),
+            body_credit: tokio::sync::Semaphore::new(0),
+            interest: AtomicU8::new(0),
+            last_progress_ms: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+        });
+        (ex, rx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State inconsistent in a
+        // way that matters more than serving the next event.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn config(&self) -> &ExchangeConfig {
+        &self.config
+    }
+
+    pub fn mark_progress(&self) {
+        let ms = self.facts.started.elapsed().as_millis() as u64;
+        self.last_progress_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn since_progress(&self) -> Duration {
+        let last = Duration::from_millis(self.last_progress_ms.load(Ordering::Relaxed));
+        self.facts.started.elapsed().saturating_sub(last)
+    }
+
+    pub fn register_interest(&self, bits: u8) {
+        self.interest.fetch_or(bits, Ordering::AcqRel);
+    }
+
+    fn wants_terminal(&self, st: &State) -> bool {
+        st.app_running || self.interest.load(Ordering::Acquire) & WANTS_TERMINAL != 0
+    }
+
+    // ---- interpreter side: the application's $send -------------------------
+
+    pub fn start(&self, status: i64, headers: &[(&[u8], &[u8])], trailers: bool) -> Result<SendOutcome, SendError> {
+        let mut st = self.lock();
+        if st.disconnected.is_some() {
+            return Ok(SendOutcome::Closed);
+        }
+        if st.phase != Phase::AwaitingStart {
+            return Err(SendError::Sequence("http.response.start was already sent"));
+        }
+        let status = u16::try_from(status)
+            .ok()
+            .filter(|s| (200..=999).contains(s))
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .ok_or_else(|| SendError::Invalid(format!("status {status} is not a valid final HTTP status")))?;
+        let (map, declared) = build_headers(headers, true)?;
+        st.declared_length = declared;
+        st.trailers_promised = trailers;
+        st.phase = Phase::Streaming;
+        st.status = Some(status.as_u16());
+        let tx = st.head_tx.take();
+        drop(st);
+        self.mark_progress();
+        if let Some(tx) = tx {
+            let _ = tx.send(Head::App(status, map));
+        }
+        Ok(SendOutcome::Ready)
+    }
+
+    pub fn body(&self, data: &[u8], more: bool) -> Result<SendOutcome, SendError> {
+        let mut st = self.lock();
+        if st.disconnected.is_some() {
+            return Ok(SendOutcome::Closed);
+        }
+        match st.phase {
+            Phase::AwaitingStart => {
+                return Err(SendError::Sequence("http.response.body before http.response.start"))
+            }
+            Phase::Finished | Phase::Aborted => return Err(SendError::Sequence("the response is already complete")),
+            Phase::Streaming if st.body_done => {
+                return Err(SendError::Sequence("the body is complete; only http.response.trailers may follow"))
+            }
+            Phase::Streaming => {}
+        }
+        let len = data.len() as u64;
+        if let Some(declared) = st.declared_length {
+            if st.body_bytes + len > declared {
+                return Err(SendError::Invalid(format!(
+                    "body of {} bytes exceeds the declared Content-Length of {declared}",
+                    st.body_bytes + len
+                )));
+            }
+        }
+        st.body_bytes += len;
+        if !data.is_empty() && !self.facts.is_head {
+            st.queue.push_back(Frame::data(Bytes::copy_from_slice(data)));
+            st.buffered += data.len();
+        }
+        if !more {
+            st.body_done = true;
+            if !st.trailers_promised {
+                st.phase = Phase::Finished;
+            }
+        }
+        let outcome = self.water_mark_outcome(&mut st);
+        let waker = st.waker.take();
+        drop(st);
+        self.mark_progress();
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(outcome)
+    }
+
+    fn water_mark_outcome(&self, st: &mut State) -> SendOutcome {
+        if st.buffered >= self.config.high_water {
+            if st.high {
+                SendOutcome::StillHigh
+            } else {
+                st.high = true;
+                SendOutcome::HighWater
+            }
+        } else {
+            SendOutcome::Ready
+        }
+    }
+
+    pub fn trailers(&self, headers: &[(&[u8], &[u8])]) -> Result<SendOutcome, SendError> {
+        let mut st = self.lock();
+        if st.disconnected.is_some() {
+            return Ok(SendOutcome::Closed);
+        }
+        if st.phase != Phase::Streaming {
+            return Err(SendError::Sequence(match st.phase {
+                Phase::AwaitingStart => "http.response.trailers before http.response.start",
+                _ => "the response is already complete",
+            }));
+        }
+        if !st.trailers_promised {
+            return Err(SendError::Sequence("http.response.trailers without trailers => 1 in http.response.start"));
+        }
+        if st.declared_length.is_some() && !self.facts.is_head {
+            return Err(SendError::Invalid(
+                "trailers need chunked framing, but the response has a Content-Length".into(),
+            ));
+        }
+        let (map, _) = build_headers(headers, false)?;
+        if !self.facts.is_head {
+            st.queue.push_back(Frame::trailers(map));
+        }
+        st.body_done = true;
+        st.phase = Phase::Finished;
+        let waker = st.waker.take();
+        drop(st);
+        self.mark_progress();
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(SendOutcome::Ready)
+    }
+
+    /// Checks before a file/fh body, so that a refused send changes nothing.
+    pub fn begin_stream_body(&self) -> Result<Option<SendOutcome>, SendError> {
+        let st = self.lock();
+        if st.disconnected.is_some() {
+            return Ok(Some(SendOutcome::Closed));
+        }
+        match st.phase {
+            Phase::AwaitingStart => Err(SendError::Sequence("http.response.body before http.response.start")),
+            Phase::Streaming if !st.body_done => Ok(if self.facts.is_head { Some(SendOutcome::Ready) } else { None }),
+            _ => Err(SendError::Sequence("the response is already complete")),
+        }
+    }
+
+    /// Queue one chunk from a Rust-side producer (file streaming), waiting
+    /// while the buffer is above the high-water mark.  Returns false when the
+    /// exchange ended and the producer should stop.
+    pub async fn push_streamed(&self, chunk: Bytes) -> bool {
+        loop {
+            let notified = self.progress.notified();
+            {
+                let mut st = self.lock();
+                if st.disconnected.is_some() || st.phase == Phase::Aborted {
+                    return false;
+                }
+                if st.buffered < self.config.high_water {
+                    if let Some(declared) = st.declared_length {
+                        if st.body_bytes + chunk.len() as u64 > declared {
+                            return false;
+                        }
+                    }
+                    st.body_bytes += chunk.len() as u64;
+                    st.buffered += chunk.len();
+                    st.queue.push_back(Frame::data(chunk));
+                    let waker = st.waker.take();
+                    drop(st);
+                    self.mark_progress();
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                    return true;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The producer finished a file/fh body: the response is complete.
+    pub fn end_streamed(&self) {
+        let mut st = self.lock();
+        if st.disconnected.is_some() || st.phase != Phase::Streaming {
+            return;
+        }
+        st.body_done = true;
+        if !st.trailers_promised {
+            st.phase = Phase::Finished;
+        }
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// `http.fullflush`: settles once everything queued has been taken by the network.
+    pub fn fullflush(&self) -> SendOutcome {
+        let mut st = self.lock();
+        if st.disconnected.is_some() {
+            return SendOutcome::Closed;
+        }
+        if st.buffered == 0 {
+            return SendOutcome::Ready;
+        }
+        st.flush_pending = true;
+        SendOutcome::Deferred
+    }
+
+    /// The application's Future settled (with `error` if it failed).
+    pub fn finish(&self, error: Option<&str>, interested: bool) -> FinishOutcome {
+        if interested {
+            self.register_interest(WANTS_TERMINAL);
+        }
+        self.finished.store(true, Ordering::Release);
+        self.mailbox.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let mut st = self.lock();
+        st.app_running = false;
+        if st.disconnected.is_some() {
+            return FinishOutcome::AlreadyDisconnected;
+        }
+        let err = error.map(|e| e.trim_end());
+        match st.phase {
+            Phase::Finished => {
+                if let Some(e) = err {
+                    tracing::error!("PAGI application error (after response complete): {e}");
+                }
+                FinishOutcome::Clean
+            }
+            Phase::Aborted => FinishOutcome::AlreadyDisconnected,
+            Phase::AwaitingStart => {
+                match err {
+                    Some(e) => tracing::error!("PAGI application error: {e}"),
+                    None => tracing::error!("PAGI application returned without starting a response"),
+                }
+                st.disconnected = Some("server_error");
+                st.status = Some(500);
+                st.phase = Phase::Finished;
+                let tx = st.head_tx.take();
+                drop(st);
+                if let Some(tx) = tx {
+                    let _ = tx.send(Head::Generated(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"));
+                }
+                self.write_access_log();
+                FinishOutcome::Backstop500
+            }
+            Phase::Streaming => {
+                match err {
+                    Some(e) => tracing::error!("PAGI application error (after response started): {e}"),
+                    None if st.body_done => tracing::error!(
+                        "PAGI application returned with an incomplete response (trailers were declared but never sent)"
+                    ),
+                    None => tracing::error!("PAGI application returned with an incomplete response"),
+                }
+                st.disconnected = Some("server_error");
+                st.phase = Phase::Aborted;
+                let waker = st.waker.take();
+                drop(st);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                self.progress.notify_waiters();
+                self.write_access_log();
+                FinishOutcome::Truncated
+            }
+        }
+    }
+
+    /// Live figure for pagi.transport.
+    pub fn buffered_amount(&self) -> usize {
+        self.lock().buffered
+    }
+
+    // ---- network side ------------------------------------------------------
+
+    /// The client or the network ended the exchange before the response was
+    /// delivered (or the server aborted it).  Idempotent; the first reason wins.
+    pub fn network_gone(&self, reason: &'static str) {
+        let mut st = self.lock();
+        if st.disconnected.is_some() || st.delivered {
+            return;
+        }
+        st.disconnected = Some(reason);
+        if st.phase != Phase::Finished {
+            st.phase = Phase::Aborted;
+        }
+        st.head_tx = None;
+        let notify_perl = self.wants_terminal(&st);
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        self.progress.notify_waiters();
+        self.body_credit.close();
+        if notify_perl {
+            self.mailbox.push(ToPerl::Disconnect { id: self.id, reason });
+        }
+        self.write_access_log();
+    }
+
+    /// Stop the exchange from the server side.  With no response started yet
+    /// the server answers `status` (e.g. 413); otherwise the response is cut
+    /// off.  Either way the connection closes and the app hears `reason`.
+    pub fn server_abort(&self, reason: &'static str, response: Option<(StatusCode, &'static str)>) {
+        let mut st = self.lock();
+        if st.disconnected.is_some() || st.delivered {
+            return;
+        }
+        match (st.head_tx.take(), response) {
+            (Some(tx), Some((status, text))) => {
+                st.status = Some(status.as_u16());
+                st.phase = Phase::Finished;
+                let _ = tx.send(Head::Generated(status, text));
+            }
+            (Some(tx), None) => {
+                st.phase = Phase::Aborted;
+                let _ = tx.send(Head::Abort);
+            }
+            (None, _) => st.phase = Phase::Aborted,
+        }
+        drop(st);
+        self.network_gone_after_server_abort(reason);
+    }
+
+    fn network_gone_after_server_abort(&self, reason: &'static str) {
+        let mut st = self.lock();
+        st.disconnected = Some(reason);
+        let notify_perl = self.wants_terminal(&st);
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        self.progress.notify_waiters();
+        self.body_credit.close();
+        if notify_perl {
+            self.mailbox.push(ToPerl::Disconnect { id: self.id, reason });
+        }
+        self.write_access_log();
+    }
+
+    /// Next frame for hyper; see body.rs.
+    pub fn poll_frame(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        use std::task::Poll;
+        let mut st = self.lock();
+        if let Some(frame) = st.queue.pop_front() {
+            if let Some(data) = frame.data_ref() {
+                st.buffered -= data.len();
+            }
+            let mut drained = false;
+            if st.high && st.buffered < self.config.low_water {
+                st.high = false;
+                drained = true;
+            }
+            let flushed = st.flush_pending && st.buffered == 0;
+            if flushed {
+                st.flush_pending = false;
+            }
+            drop(st);
+            self.mark_progress();
+            self.progress.notify_waiters();
+            if drained {
+                self.mailbox.push(ToPerl::Drained { id: self.id });
+            }
+            if flushed {
+                self.mailbox.push(ToPerl::SendDone { id: self.id, error: None });
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        match st.phase {
+            Phase::Aborted => Poll::Ready(Some(Err(BodyAborted))),
+            Phase::Finished if st.disconnected.is_none() && !st.delivered => {
+                st.delivered = true;
+                let notify_perl = self.interest.load(Ordering::Acquire) & WANTS_TERMINAL != 0;
+                drop(st);
+                if notify_perl {
+                    self.mailbox.push(ToPerl::Complete { id: self.id });
+                }
+                self.write_access_log();
+                Poll::Ready(None)
+            }
+            Phase::Finished => Poll::Ready(None),
+            _ => {
+                st.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    pub fn is_body_end(&self) -> bool {
+        let st = self.lock();
+        st.queue.is_empty() && st.phase == Phase::Finished
+    }
+
+    pub fn declared_length(&self) -> Option<u64> {
+        self.lock().declared_length
+    }
+
+    pub fn is_finished_by_app(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    pub fn has_ended(&self) -> bool {
+        let st = self.lock();
+        st.delivered || st.disconnected.is_some()
+    }
+
+    /// One access-log line per exchange, written when it ends.
+    pub fn write_access_log(&self) {
+        let Some(log) = &self.config.access_log else { return };
+        let (status, bytes) = {
+            let mut st = self.lock();
+            if st.logged {
+                return;
+            }
+            st.logged = true;
+            let bytes = if st.status == Some(500) && st.phase == Phase::Finished && st.body_bytes == 0 {
+                0
+            } else {
+                st.body_bytes
+            };
+            (st.status, bytes)
+        };
+        let f = &self.facts;
+        log.write(&Record {
+            client: Some(f.client),
+            method: &f.method,
+            raw_path: &f.raw_path,
+            query: &f.query,
+            http_version: f.http_version,
+            status,
+            body_bytes: bytes,
+            duration: f.started.elapsed(),
+            headers: &f.headers,
+        });
+    }
+}
+
+/// The body stream was cut off; hyper closes the connection without the
+/// terminating chunk, so the client sees the truncation.
+#[derive(Debug, thiserror::Error)]
+#[error("response aborted")]
+pub struct BodyAborted;
+
+/// Connection-level and framing headers belong to the server (Spec/Www.pod).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(name.as_str(), "connection" | "transfer-encoding" | "keep-alive" | "proxy-connection")
+}
+
+/// Validate and convert application headers.  Anything that could split the
+/// response (CR, LF, NUL, other controls, non-token names) fails the send.
+fn build_headers(headers: &[(&[u8], &[u8])], response: bool) -> Result<(HeaderMap, Option<u64>), SendError> {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    let mut declared = None;
+    for (name, value) in headers {
+        let hname = HeaderName::from_bytes(name).map_err(|_| {
+            SendError::Header(format!("name {:?} is not a valid header name", String::from_utf8_lossy(name)))
+        })?;
+        let hvalue = HeaderValue::from_bytes(value).map_err(|_| {
+            SendError::Header(format!(
+                "value of {:?} contains a control character (CR, LF, NUL ...)",
+                hname.as_str()
+            ))
+        })?;
+        if response && is_hop_by_hop(&hname) {
+            tracing::debug!("connection-specific header '{}' stripped from HTTP/1.1 response", hname);
+            continue;
+        }
+        if response && hname == http::header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(value)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| SendError::Header("content-length must be a non-negative integer".into()))?;
+            if declared.is_some_and(|d| d != n) {
+                return Err(SendError::Header("conflicting content-length headers".into()));
+            }
+            if declared.is_some() {
+                continue;
+            }
+            declared = Some(n);
+        }
+        map.append(hname, hvalue);
+    }
+    Ok((map, declared))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(is_head: bool) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
+        let mailbox = Arc::new(Mailbox::new().unwrap());
+        mailbox.in_flight.fetch_add(1, Ordering::AcqRel);
+        let config = Arc::new(ExchangeConfig { high_water: 10, low_water: 4, max_body: 0, access_log: None });
+        let facts = RequestFacts {
+            method: "GET".into(),
+            raw_path: Bytes::from_static(b"/"),
+            query: Bytes::new(),
+            http_version: "1.1",
+            client: "127.0.0.1:1".parse().unwrap(),
+            headers: vec![],
+            is_head,
+            started: Instant::now(),
+        };
+        Exchange::new(1, mailbox, config, facts)
+    }
+
+    fn poll(ex: &Exchange) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        let waker = futures_noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        ex.poll_frame(&mut cx)
+    }
+
+    fn futures_noop_waker() -> Waker {
+        Waker::noop().clone()
+    }
+
+    #[test]
+    fn header_injection_fails_the_send_and_sends_nothing() {
+        let (ex, mut rx) = exchange(false);
+        for (n, v) in [
+            (&b"x-a"[..], &b"ok\r\nx-evil: 1"[..]),
+            (b"x-a", b"a\nb"),
+            (b"x-a", b"a\0b"),
+            (b"x a", b"v"),
+            (b"x-a\r\n", b"v"),
+        ] {
+            let err = ex.start(200, &[(n, v)], false).unwrap_err();
+            assert!(matches!(err, SendError::Header(_)), "{err}");
+        }
+        assert!(rx.try_recv().is_err(), "no head may reach the network");
+        assert_eq!(ex.start(200, &[(b"x-a", b"fine")], false).unwrap(), SendOutcome::Ready);
+    }
+
+    #[test]
+    fn sequence_rules() {
+        let (ex, _rx) = exchange(false);
+        assert!(matches!(ex.body(b"x", false), Err(SendError::Sequence(_))));
+        ex.start(200, &[], false).unwrap();
+        assert!(matches!(ex.start(200, &[], false), Err(SendError::Sequence(_))));
+        assert!(matches!(ex.trailers(&[]), Err(SendError::Sequence(_))), "trailers not promised");
+        ex.body(b"abc", false).unwrap();
+        assert!(matches!(ex.body(b"x", false), Err(SendError::Sequence(_))));
+    }
+
+    #[test]
+    fn invalid_status_is_refused() {
+        let (ex, _rx) = exchange(false);
+        assert!(matches!(ex.start(42, &[], false), Err(SendError::Invalid(_))));
+        assert!(matches!(ex.start(1000, &[], false), Err(SendError::Invalid(_))));
+        assert!(matches!(ex.start(101, &[], false), Err(SendError::Invalid(_))));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_content_length_enforced() {
+        let (ex, mut rx) = exchange(false);
+        ex.start(
+            200,
+            &[(b"transfer-encoding", b"chunked"), (b"connection", b"close"), (b"content-length", b"3")],
+            false,
+        )
+        .unwrap();
+        match rx.try_recv() {
+            Ok(Head::App(_, map)) => {
+                assert!(map.get("transfer-encoding").is_none());
+                assert!(map.get("connection").is_none());
+                assert_eq!(map.get("content-length").unwrap(), "3");
+            }
+            _ => panic!("expected the app head"),
+        }
+        assert!(matches!(ex.body(b"abcd", false), Err(SendError::Invalid(_))));
+        assert_eq!(ex.body(b"abc", false).unwrap(), SendOutcome::Ready);
+    }
+
+    #[test]
+    fn water_marks_are_edge_triggered() {
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[], false).unwrap();
+        assert_eq!(ex.body(b"123456", true).unwrap(), SendOutcome::Ready);
+        assert_eq!(ex.body(b"123456", true).unwrap(), SendOutcome::HighWater);
+        assert_eq!(ex.body(b"1", true).unwrap(), SendOutcome::StillHigh);
+        assert_eq!(ex.buffered_amount(), 13);
+        let _ = poll(&ex); // 7 left: still above low water
+        assert_eq!(ex.buffered_amount(), 7);
+        let _ = poll(&ex); // 1 left: below low water, Drained pushed
+        let mut q = VecDeque::new();
+        ex.mailbox.take_all(&mut q);
+        assert!(q.iter().any(|m| matches!(m, ToPerl::Drained { .. })));
+        assert_eq!(ex.body(b"1", false).unwrap(), SendOutcome::Ready);
+    }
+
+    #[test]
+    fn trailers_rules() {
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[(b"content-length", b"2")], true).unwrap();
+        ex.body(b"ab", false).unwrap();
+        assert!(matches!(ex.trailers(&[(b"x-t", b"1")]), Err(SendError::Invalid(_))), "CL forbids trailers");
+
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[], true).unwrap();
+        ex.body(b"ab", false).unwrap();
+        assert!(!ex.is_body_end(), "trailers still owed");
+        ex.trailers(&[(b"x-t", b"1")]).unwrap();
+        let _ = poll(&ex);
+        assert!(matches!(poll(&ex), std::task::Poll::Ready(Some(Ok(f))) if f.is_trailers()));
+        assert!(matches!(poll(&ex), std::task::Poll::Ready(None)));
+    }
+
+    #[test]
+    fn head_requests_discard_body_bytes_but_complete() {
+        let (ex, _rx) = exchange(true);
+        ex.start(200, &[], false).unwrap();
+        assert_eq!(ex.body(&[0u8; 100], false).unwrap(), SendOutcome::Ready);
+        assert_eq!(ex.buffered_amount(), 0);
+        assert!(matches!(poll(&ex), std::task::Poll::Ready(None)));
+    }
+
+    #[test]
+    fn finish_without_response_is_a_500_backstop() {
+        let (ex, mut rx) = exchange(false);
+        assert_eq!(ex.finish(Some("boom at app.pl line 3.\n"), false), FinishOutcome::Backstop500);
+        assert!(matches!(rx.try_recv(), Ok(Head::Generated(s, _)) if s == StatusCode::INTERNAL_SERVER_ERROR));
+    }
+
+    #[test]
+    fn finish_after_disconnect_sends_nothing() {
+        let (ex, mut rx) = exchange(false);
+        ex.network_gone("client_closed");
+        assert_eq!(ex.finish(Some("boom"), false), FinishOutcome::AlreadyDisconnected);
+        assert!(rx.try_recv().is_err());
+        // sends after a disconnect are no-ops
+        assert_eq!(ex.start(200, &[], false).unwrap(), SendOutcome::Closed);
+        assert_eq!(ex.body(b"x", false).unwrap(), SendOutcome::Closed);
+    }
+
+    #[test]
+    fn incomplete_response_is_truncated() {
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[], false).unwrap();
+        ex.body(b"partial", true).unwrap();
+        assert_eq!(ex.finish(None, false), FinishOutcome::Truncated);
+        let _ = poll(&ex); // the queued chunk
+        assert!(matches!(poll(&ex), std::task::Poll::Ready(Some(Err(BodyAborted)))));
+    }
+
+    #[test]
+    fn server_abort_before_start_sends_generated_status() {
+        let (ex, mut rx) = exchange(false);
+        ex.server_abort("body_too_large", Some((StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large")));
+        assert!(matches!(rx.try_recv(), Ok(Head::Generated(s, _)) if s == StatusCode::PAYLOAD_TOO_LARGE));
+        let mut q = VecDeque::new();
+        ex.mailbox.take_all(&mut q);
+        assert!(q.iter().any(|m| matches!(m, ToPerl::Disconnect { reason: "body_too_large", .. })));
+        assert_eq!(ex.start(200, &[], false).unwrap(), SendOutcome::Closed);
+    }
+}
+
+impl Exchange {
+    /// Send a message about this exchange to its interpreter.
+    pub fn mailbox_push(&self, msg: ToPerl) {
+        self.mailbox.push(msg);
+    }
+}

@@ -1,0 +1,395 @@
+//! The Rust functions that glue.c's XS subs call.  They run on an
+//! interpreter thread, inside a call from Perl, and never call back into
+//! Perl.  Each catches panics: unwinding into C frames is undefined behaviour.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::FromRawFd;
+use std::os::raw::{c_char, c_int};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use super::ffi::{PagiMsg, PagiStr};
+use super::mailbox::Mailbox;
+use super::messages::{kind, ToPerl};
+use super::Control;
+use crate::error::SendError;
+use crate::exchange::{Exchange, SendOutcome};
+
+/// Per-interpreter-thread state.  Only this thread touches it, so no locks;
+/// borrows never live across a call into Perl.
+pub struct WorkerCtx {
+    pub mailbox: Arc<Mailbox>,
+    pub control: mpsc::Sender<Control>,
+    pub runtime: tokio::runtime::Handle,
+    inbox: VecDeque<ToPerl>,
+    /// The message last handed to Perl; its data backs the pointers in PagiMsg.
+    current: Option<ToPerl>,
+    header_buf: Vec<PagiStr>,
+    scratch: [String; 2],
+    exchanges: HashMap<u64, Arc<Exchange>>,
+    last_error: String,
+}
+
+thread_local! {
+    static CTX: RefCell<Option<WorkerCtx>> = const { RefCell::new(None) };
+}
+
+pub fn install(mailbox: Arc<Mailbox>, control: mpsc::Sender<Control>, runtime: tokio::runtime::Handle) {
+    CTX.with(|c| {
+        *c.borrow_mut() = Some(WorkerCtx {
+            mailbox,
+            control,
+            runtime,
+            inbox: VecDeque::new(),
+            current: None,
+            header_buf: Vec::new(),
+            scratch: [String::new(), String::new()],
+            exchanges: HashMap::new(),
+            last_error: String::new(),
+        })
+    });
+}
+
+pub fn uninstall() {
+    CTX.with(|c| c.borrow_mut().take());
+}
+
+fn with_ctx<R>(default: R, f: impl FnOnce(&mut WorkerCtx) -> R) -> R {
+    match catch_unwind(AssertUnwindSafe(|| CTX.with(|c| c.borrow_mut().as_mut().map(f)))) {
+        Ok(Some(r)) => r,
+        Ok(None) => default,
+        Err(_) => {
+            tracing::error!("internal error: panic in an interpreter callback");
+            default
+        }
+    }
+}
+
+fn exchange(id: u64) -> Option<Arc<Exchange>> {
+    CTX.with(|c| c.borrow().as_ref().and_then(|ctx| ctx.exchanges.get(&id).cloned()))
+}
+
+fn guarded<R>(default: R, f: impl FnOnce() -> R) -> R {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        tracing::error!("internal error: panic in an interpreter callback");
+        default
+    })
+}
+
+/// Store an error message for C to copy; valid until the next call.
+fn report(err: *mut PagiStr, msg: String) -> c_int {
+    with_ctx((), |ctx| {
+        ctx.last_error = msg;
+        if !err.is_null() {
+            // SAFETY: err points at a PagiStr on the XS function's stack.
+            unsafe { *err = PagiStr::from_bytes(ctx.last_error.as_bytes()) };
+        }
+    });
+    -1
+}
+
+fn outcome(result: Result<SendOutcome, SendError>, err: *mut PagiStr) -> c_int {
+    match result {
+        Ok(o) => o as c_int,
+        Err(e) => report(err, e.to_string()),
+    }
+}
+
+/// # Safety
+/// `hdrs` points at `2 * n` PagiStr values alive for this call.
+unsafe fn header_pairs<'a>(hdrs: *const PagiStr, n: usize) -> Vec<(&'a [u8], &'a [u8])> {
+    if hdrs.is_null() || n == 0 {
+        return Vec::new();
+    }
+    // SAFETY: guaranteed by the caller (glue.c's headers_from_sv).
+    let flat = unsafe { std::slice::from_raw_parts(hdrs, 2 * n) };
+    // SAFETY: each entry points into a Perl string alive for this XS call.
+    flat.chunks_exact(2).map(|p| unsafe { (p[0].as_bytes(), p[1].as_bytes()) }).collect()
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_wake_ack() {
+    with_ctx((), |ctx| ctx.mailbox.take_all(&mut ctx.inbox));
+}
+
+/// Fill `out` with the next message; 0 when the inbox is empty.
+#[no_mangle]
+pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
+    with_ctx(0, |ctx| {
+        ctx.current = None;
+        let Some(msg) = ctx.inbox.pop_front() else { return 0 };
+        // SAFETY: out points at a zeroed PagiMsg on the XS function's stack.
+        let m = unsafe { &mut *out };
+        match &msg {
+            ToPerl::Request { exchange, scope } => {
+                ctx.exchanges.insert(exchange.id, exchange.clone());
+                m.kind = kind::REQUEST;
+                m.id = exchange.id;
+                m.num = [
+                    i64::from(scope.client.port()),
+                    i64::from(scope.server.port()),
+                    scope.body as i64,
+                    0,
+                ];
+                ctx.scratch[0] = scope.client.ip().to_string();
+                ctx.scratch[1] = scope.server.ip().to_string();
+                let strs: [&[u8]; 9] = [
+                    scope.http_version.as_bytes(),
+                    scope.method.as_bytes(),
+                    scope.scheme.as_bytes(),
+                    &scope.path,
+                    &scope.raw_path,
+                    &scope.query_string,
+                    scope.root_path.as_bytes(),
+                    ctx.scratch[0].as_bytes(),
+                    ctx.scratch[1].as_bytes(),
+                ];
+                for (i, s) in strs.iter().enumerate() {
+                    m.str[i] = PagiStr::from_bytes(s);
+                }
+                m.nstr = strs.len();
+                // path (index 3) and root_path (6) are text when they decode.
+                m.utf8_mask = (u32::from(scope.path_is_utf8) << 3) | (1 << 6);
+                ctx.header_buf.clear();
+                for (n, v) in &scope.headers {
+                    ctx.header_buf.push(PagiStr::from_bytes(n));
+                    ctx.header_buf.push(PagiStr::from_bytes(v));
+                }
+                m.headers = ctx.header_buf.as_ptr();
+                m.nheaders = scope.headers.len();
+                m.has_headers = 1;
+            }
+            ToPerl::Body { id, data, more } => {
+                m.kind = kind::BODY;
+                m.id = *id;
+                m.num[0] = i64::from(*more);
+                m.str[0] = PagiStr::from_bytes(data);
+                m.nstr = 1;
+            }
+            ToPerl::Disconnect { id, reason } => {
+                m.kind = kind::DISCONNECT;
+                m.id = *id;
+                m.str[0] = PagiStr::from_bytes(reason.as_bytes());
+                m.nstr = 1;
+            }
+            ToPerl::Drained { id } => {
+                m.kind = kind::DRAINED;
+                m.id = *id;
+            }
+            ToPerl::SendDone { id, error } => {
+                m.kind = kind::SEND_DONE;
+                m.id = *id;
+                m.str[0] = match error {
+                    Some(e) => PagiStr::from_bytes(e.as_bytes()),
+                    None => PagiStr::NULL,
+                };
+                m.nstr = 1;
+            }
+            ToPerl::Complete { id } => {
+                m.kind = kind::COMPLETE;
+                m.id = *id;
+            }
+            ToPerl::LifespanStartup => m.kind = kind::LIFESPAN_STARTUP,
+            ToPerl::LifespanShutdown => m.kind = kind::LIFESPAN_SHUTDOWN,
+            ToPerl::Stop => m.kind = kind::STOP,
+        }
+        ctx.current = Some(msg);
+        1
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_response_start(
+    id: u64,
+    status: i64,
+    hdrs: *const PagiStr,
+    n: usize,
+    trailers: c_int,
+    err: *mut PagiStr,
+) -> c_int {
+    guarded(-1, || {
+        let Some(ex) = exchange(id) else { return SendOutcome::Closed as c_int };
+        // SAFETY: glue.c passes 2n entries that live for this call.
+        let pairs = unsafe { header_pairs(hdrs, n) };
+        outcome(ex.start(status, &pairs, trailers != 0), err)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_response_body(id: u64, ptr: *const c_char, len: usize, more: c_int, err: *mut PagiStr) -> c_int {
+    guarded(-1, || {
+        let Some(ex) = exchange(id) else { return SendOutcome::Closed as c_int };
+        // SAFETY: ptr/len describe the body string alive for this XS call.
+        let data = unsafe { PagiStr { ptr, len }.as_bytes() };
+        outcome(ex.body(data, more != 0), err)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_response_trailers(id: u64, hdrs: *const PagiStr, n: usize, err: *mut PagiStr) -> c_int {
+    guarded(-1, || {
+        let Some(ex) = exchange(id) else { return SendOutcome::Closed as c_int };
+        // SAFETY: glue.c passes 2n entries that live for this call.
+        let pairs = unsafe { header_pairs(hdrs, n) };
+        outcome(ex.trailers(&pairs), err)
+    })
+}
+
+fn runtime() -> Option<tokio::runtime::Handle> {
+    CTX.with(|c| c.borrow().as_ref().map(|ctx| ctx.runtime.clone()))
+}
+
+fn start_file_stream(id: u64, err: *mut PagiStr, open: impl FnOnce() -> Result<(std::fs::File, Option<u64>, Option<u64>), String>) -> c_int {
+    guarded(-1, || {
+        let Some(ex) = exchange(id) else { return SendOutcome::Closed as c_int };
+        match ex.begin_stream_body() {
+            Err(e) => return report(err, e.to_string()),
+            Ok(Some(done)) => return done as c_int,
+            Ok(None) => {}
+        }
+        let (file, offset, length) = match open() {
+            Ok(v) => v,
+            Err(e) => return report(err, SendError::File(e).to_string()),
+        };
+        let Some(rt) = runtime() else { return report(err, "no runtime".into()) };
+        rt.spawn(crate::file::stream(ex, file, offset, length));
+        SendOutcome::Deferred as c_int
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_response_file(
+    id: u64,
+    path: *const c_char,
+    plen: usize,
+    offset: i64,
+    length: i64,
+    err: *mut PagiStr,
+) -> c_int {
+    // SAFETY: path/plen describe the path string alive for this XS call.
+    let path_bytes = unsafe { PagiStr { ptr: path, len: plen }.as_bytes() }.to_vec();
+    start_file_stream(id, err, move || {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&path_bytes));
+        let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(format!("{}: is a directory", path.display()));
+        }
+        Ok((file, Some(offset.max(0) as u64), (length >= 0).then_some(length as u64)))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_response_fd(id: u64, fd: c_int, offset: i64, length: i64, err: *mut PagiStr) -> c_int {
+    start_file_stream(id, err, move || {
+        // Our own descriptor: the application may close its handle as soon
+        // as the send settles, and we must not close theirs.
+        // SAFETY: fcntl on a caller-supplied fd; failure is checked.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(format!("fh is not an open file handle: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: dup is a fresh descriptor owned by nobody else.
+        let file = unsafe { std::fs::File::from_raw_fd(dup) };
+        Ok((file, (offset >= 0).then_some(offset as u64), (length >= 0).then_some(length as u64)))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_fullflush(id: u64, _err: *mut PagiStr) -> c_int {
+    guarded(-1, || match exchange(id) {
+        Some(ex) => ex.fullflush() as c_int,
+        None => SendOutcome::Closed as c_int,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_want_body(id: u64) {
+    guarded((), || {
+        if let Some(ex) = exchange(id) {
+            ex.body_credit.add_permits(1);
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_finish(id: u64, err: *const c_char, len: usize, has_err: c_int, interested: c_int) -> c_int {
+    guarded(0, || {
+        let Some(ex) = exchange(id) else { return crate::exchange::FinishOutcome::AlreadyDisconnected as c_int };
+        // SAFETY: err/len describe the error text alive for this XS call.
+        let text = (has_err != 0).then(|| String::from_utf8_lossy(unsafe { PagiStr { ptr: err, len }.as_bytes() }).into_owned());
+        ex.finish(text.as_deref(), interested != 0) as c_int
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_release(id: u64) {
+    with_ctx((), |ctx| {
+        ctx.exchanges.remove(&id);
+    });
+}
+
+/// Codes for `_query`; mirrored in Bridge.pm.
+pub mod query {
+    pub const BUFFERED: i32 = 0;
+    pub const HIGH_WATER: i32 = 1;
+    pub const LOW_WATER: i32 = 2;
+    pub const WANT_TERMINAL: i32 = 10;
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
+    guarded(-1, || {
+        let Some(ex) = exchange(id) else { return if what == query::BUFFERED { 0 } else { -1 } };
+        match what {
+            query::BUFFERED => ex.buffered_amount() as i64,
+            query::HIGH_WATER => ex.config().high_water as i64,
+            query::LOW_WATER => ex.config().low_water as i64,
+            query::WANT_TERMINAL => {
+                ex.register_interest(crate::exchange::WANTS_TERMINAL);
+                0
+            }
+            _ => -1,
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_lifespan_event(kind: c_int, msg: *const c_char, len: usize) -> c_int {
+    // SAFETY: msg/len describe the message text alive for this XS call.
+    let text = String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() }).into_owned();
+    with_ctx(0, |ctx| {
+        let _ = ctx.control.send(Control::Lifespan(kind, text));
+        1
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_log(level: c_int, msg: *const c_char, len: usize) {
+    // SAFETY: msg/len describe the message text alive for this XS call.
+    let text = String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() });
+    let text = text.trim_end();
+    match level {
+        0 => tracing::debug!("{text}"),
+        1 => tracing::info!("{text}"),
+        2 => tracing::warn!("{text}"),
+        _ => tracing::error!("{text}"),
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_embedded_source(name: *const c_char, len: usize, out: *mut PagiStr) -> c_int {
+    // SAFETY: name/len describe the module path string alive for this call.
+    let name = unsafe { PagiStr { ptr: name, len }.as_bytes() };
+    match super::embedded::source(name) {
+        Some(src) => {
+            // SAFETY: out points at a PagiStr on the XS function's stack; the
+            // source is 'static.
+            unsafe { *out = PagiStr::from_bytes(src.as_bytes()) };
+            1
+        }
+        None => 0,
+    }
+}

@@ -1,0 +1,68 @@
+//! Declarations shared with src/interp/glue.c.  The layouts here must match
+//! the C structs exactly; they are plain data and carry no ownership.
+
+use std::os::raw::{c_char, c_int};
+
+/// A borrowed byte string crossing the C boundary.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PagiStr {
+    pub ptr: *const c_char,
+    pub len: usize,
+}
+
+impl PagiStr {
+    pub const NULL: PagiStr = PagiStr { ptr: std::ptr::null(), len: 0 };
+
+    pub fn from_bytes(b: &[u8]) -> PagiStr {
+        PagiStr { ptr: b.as_ptr().cast(), len: b.len() }
+    }
+
+    /// # Safety
+    /// `ptr` must point at `len` readable bytes for the returned lifetime (or be null).
+    pub unsafe fn as_bytes<'a>(&self) -> &'a [u8] {
+        if self.ptr.is_null() || self.len == 0 {
+            &[]
+        } else {
+            // SAFETY: the caller guarantees ptr/len describe live memory.
+            unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
+        }
+    }
+}
+
+/// One message for the interpreter, laid out for glue.c's `_next`.
+#[repr(C)]
+pub struct PagiMsg {
+    pub kind: c_int,
+    pub id: u64,
+    pub num: [i64; 4],
+    pub str: [PagiStr; 12],
+    pub nstr: usize,
+    pub utf8_mask: u32,
+    pub headers: *const PagiStr,
+    pub nheaders: usize,
+    pub has_headers: c_int,
+}
+
+/// Opaque `PerlInterpreter`.
+#[repr(C)]
+pub struct PerlInterpreter {
+    _private: [u8; 0],
+}
+
+extern "C" {
+    pub fn pagi_sys_init();
+    pub fn pagi_sys_term();
+    pub fn pagi_interp_new(argc: c_int, argv: *mut *mut c_char) -> *mut PerlInterpreter;
+    pub fn pagi_interp_set_context(interp: *mut PerlInterpreter);
+    pub fn pagi_interp_free(interp: *mut PerlInterpreter);
+    pub fn pagi_install_exit_guard();
+    pub fn pagi_call(
+        interp: *mut PerlInterpreter,
+        name: *const c_char,
+        args: *const PagiStr,
+        nargs: usize,
+        result: *mut PagiStr,
+    ) -> c_int;
+    pub fn pagi_eval(interp: *mut PerlInterpreter, code: *const c_char, result: *mut PagiStr) -> c_int;
+}

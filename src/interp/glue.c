@@ -1,0 +1,623 @@
+/*
+ * The thin C layer between the Rust core and the embedded Perl interpreter.
+ *
+ * Perl's API is mostly macros (dSP, ENTER/LEAVE, XPUSHs, ERRSV ...), which Rust
+ * cannot call directly, so everything that touches Perl data structures lives
+ * here.  The layer holds no policy: each XS function converts its Perl
+ * arguments into plain C values, then calls one `pagi_rs_*` function exported by
+ * Rust (src/interp/exports.rs).  Rules that keep the two unwinding models apart:
+ *
+ *   - every entry from Rust into Perl goes through call_sv/eval with G_EVAL, so a
+ *     Perl `die` never longjmps across Rust frames;
+ *   - an XS function does everything that can croak *before* it calls Rust, and
+ *     Rust never calls back into Perl from those exports;
+ *   - $@ is localised around our own evals so the application's $@ survives.
+ */
+#define PERL_NO_GET_CONTEXT
+#include <EXTERN.h>
+#include <perl.h>
+#include <XSUB.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    const char *ptr;
+    size_t len;
+} pagi_str;
+
+/* A message from the network core, filled in by Rust; see exports.rs. */
+typedef struct {
+    int kind;
+    uint64_t id;
+    int64_t num[4];
+    pagi_str str[12];
+    size_t nstr;
+    uint32_t utf8_mask;    /* bit i set: str[i] is UTF-8 text, not bytes */
+    const pagi_str *headers; /* 2 * nheaders entries: name, value, ... */
+    size_t nheaders;
+    int has_headers;
+} pagi_msg;
+
+/* Implemented in Rust (src/interp/exports.rs). */
+extern int pagi_rs_next_message(pagi_msg *out);
+extern void pagi_rs_wake_ack(void);
+extern int pagi_rs_response_start(uint64_t id, int64_t status, const pagi_str *hdrs, size_t nhdrs,
+                                  int trailers, pagi_str *err);
+extern int pagi_rs_response_body(uint64_t id, const char *ptr, size_t len, int more, pagi_str *err);
+extern int pagi_rs_response_file(uint64_t id, const char *path, size_t plen, int64_t offset,
+                                 int64_t length, pagi_str *err);
+extern int pagi_rs_response_fd(uint64_t id, int fd, int64_t offset, int64_t length, pagi_str *err);
+extern int pagi_rs_response_trailers(uint64_t id, const pagi_str *hdrs, size_t nhdrs, pagi_str *err);
+extern int pagi_rs_fullflush(uint64_t id, pagi_str *err);
+extern void pagi_rs_want_body(uint64_t id);
+extern int pagi_rs_finish(uint64_t id, const char *err, size_t errlen, int has_err, int interested);
+extern void pagi_rs_release(uint64_t id);
+extern int64_t pagi_rs_query(uint64_t id, int what);
+extern int pagi_rs_lifespan_event(int kind, const char *msg, size_t len);
+extern void pagi_rs_log(int level, const char *msg, size_t len);
+extern int pagi_rs_embedded_source(const char *name, size_t len, pagi_str *out);
+
+EXTERN_C void boot_DynaLoader(pTHX_ CV *cv);
+
+/* ---- helpers ------------------------------------------------------------ */
+
+/* Bytes of an SV without touching the caller's scalar.  SvPVbyte would
+ * downgrade the application's own string in place; a string holding wide
+ * characters cannot be bytes at all, and we report that instead of croaking. */
+static int sv_to_bytes(pTHX_ SV *sv, pagi_str *out)
+{
+    STRLEN len;
+    const char *p;
+    if (!SvOK(sv)) {
+        out->ptr = "";
+        out->len = 0;
+        return 1;
+    }
+    if (SvUTF8(sv)) {
+        SV *copy = sv_2mortal(newSVsv(sv));
+        if (!sv_utf8_downgrade(copy, TRUE))
+            return 0;
+        p = SvPV(copy, len);
+    } else {
+        p = SvPV(sv, len);
+    }
+    out->ptr = p;
+    out->len = len;
+    return 1;
+}
+
+static SV *bytes_sv(pTHX_ pagi_str s, int utf8)
+{
+    SV *sv = newSVpvn(s.ptr ? s.ptr : "", s.len);
+    if (utf8)
+        SvUTF8_on(sv);
+    return sv;
+}
+
+/* Flatten [[name, value], ...] into 2n pagi_str entries held in a mortal buffer.
+ * Returns NULL and sets *why on a malformed list. */
+static pagi_str *headers_from_sv(pTHX_ SV *sv, size_t *n_out, const char **why)
+{
+    AV *av;
+    SSize_t i, top;
+    pagi_str *buf;
+    SV *holder;
+
+    *n_out = 0;
+    if (!SvOK(sv)) {
+        return (pagi_str *)"";
+    }
+    if (!SvROK(sv) || SvTYPE(SvRV(sv)) != SVt_PVAV) {
+        *why = "headers must be an array reference of [name, value] pairs";
+        return NULL;
+    }
+    av = (AV *)SvRV(sv);
+    top = av_top_index(av);
+    holder = sv_2mortal(newSV((top + 2) * 2 * sizeof(pagi_str)));
+    buf = (pagi_str *)SvPVX(holder);
+    for (i = 0; i <= top; i++) {
+        SV **pair = av_fetch(av, i, 0);
+        AV *pav;
+        SV **name, **value;
+        if (!pair || !SvROK(*pair) || SvTYPE(SvRV(*pair)) != SVt_PVAV) {
+            *why = "each header must be an array reference [name, value]";
+            return NULL;
+        }
+        pav = (AV *)SvRV(*pair);
+        if (av_top_index(pav) != 1) {
+            *why = "each header must have exactly two elements [name, value]";
+            return NULL;
+        }
+        name = av_fetch(pav, 0, 0);
+        value = av_fetch(pav, 1, 0);
+        if (!name || !SvOK(*name)) {
+            *why = "header name is undefined";
+            return NULL;
+        }
+        if (!value || !SvOK(*value)) {
+            *why = "header value is undefined";
+            return NULL;
+        }
+        if (!sv_to_bytes(aTHX_ * name, &buf[2 * i]) || !sv_to_bytes(aTHX_ * value, &buf[2 * i + 1])) {
+            *why = "header contains wide characters; encode it to bytes first";
+            return NULL;
+        }
+    }
+    *n_out = (size_t)(top + 1);
+    return buf;
+}
+
+/* XS functions return either (code) or (code, message); a negative code means
+ * the send failed and the message says why. */
+#define PUSH_RESULT(rc, err)                                                   \
+    do {                                                                       \
+        XPUSHs(sv_2mortal(newSViv(rc)));                                       \
+        if ((rc) < 0)                                                          \
+            XPUSHs(sv_2mortal(newSVpvn((err).ptr ? (err).ptr : "", (err).len))); \
+    } while (0)
+
+/* ---- XS functions ------------------------------------------------------- */
+
+XS(xs_next_message)
+{
+    dXSARGS;
+    pagi_msg m;
+    size_t i;
+    PERL_UNUSED_VAR(items);
+    SP -= items;
+    memset(&m, 0, sizeof m);
+    if (!pagi_rs_next_message(&m))
+        XSRETURN_EMPTY;
+    EXTEND(SP, 8 + (SSize_t)m.nstr);
+    mPUSHi(m.kind);
+    mPUSHu((UV)m.id);
+    for (i = 0; i < 4; i++)
+        mPUSHi((IV)m.num[i]);
+    if (m.has_headers) {
+        AV *av = newAV();
+        av_extend(av, (SSize_t)m.nheaders);
+        for (i = 0; i < m.nheaders; i++) {
+            AV *pair = newAV();
+            av_extend(pair, 1);
+            av_push(pair, bytes_sv(aTHX_ m.headers[2 * i], 0));
+            av_push(pair, bytes_sv(aTHX_ m.headers[2 * i + 1], 0));
+            av_push(av, newRV_noinc((SV *)pair));
+        }
+        mPUSHs(newRV_noinc((SV *)av));
+    } else {
+        PUSHs(&PL_sv_undef);
+    }
+    for (i = 0; i < m.nstr; i++) {
+        if (m.str[i].ptr == NULL)
+            PUSHs(&PL_sv_undef);
+        else
+            mPUSHs(bytes_sv(aTHX_ m.str[i], (m.utf8_mask >> i) & 1));
+    }
+    PUTBACK;
+}
+
+XS(xs_wake_ack)
+{
+    dXSARGS;
+    PERL_UNUSED_VAR(items);
+    pagi_rs_wake_ack();
+    XSRETURN_EMPTY;
+}
+
+/* _start($id, $status, $headers, $trailers) */
+XS(xs_response_start)
+{
+    dXSARGS;
+    uint64_t id;
+    IV status;
+    size_t n = 0;
+    const char *why = NULL;
+    pagi_str *hdrs;
+    pagi_str err = {0, 0};
+    int rc;
+    if (items != 4)
+        croak_xs_usage(cv, "id, status, headers, trailers");
+    id = (uint64_t)SvUV(ST(0));
+    if (!SvOK(ST(1)) || !looks_like_number(ST(1))) {
+        SP -= items;
+        err.ptr = "http.response.start requires a numeric 'status'";
+        err.len = strlen(err.ptr);
+        PUSH_RESULT(-1, err);
+        PUTBACK;
+        return;
+    }
+    status = SvIV(ST(1));
+    hdrs = headers_from_sv(aTHX_ ST(2), &n, &why);
+    SP -= items;
+    if (!hdrs) {
+        err.ptr = why;
+        err.len = strlen(why);
+        PUSH_RESULT(-1, err);
+        PUTBACK;
+        return;
+    }
+    rc = pagi_rs_response_start(id, (int64_t)status, hdrs, n, SvTRUE(ST(3)) ? 1 : 0, &err);
+    PUSH_RESULT(rc, err);
+    PUTBACK;
+}
+
+/* _body($id, $bytes, $more) */
+XS(xs_response_body)
+{
+    dXSARGS;
+    uint64_t id;
+    pagi_str body;
+    pagi_str err = {0, 0};
+    int more, rc;
+    if (items != 3)
+        croak_xs_usage(cv, "id, body, more");
+    id = (uint64_t)SvUV(ST(0));
+    more = SvTRUE(ST(2)) ? 1 : 0;
+    if (!sv_to_bytes(aTHX_ ST(1), &body)) {
+        SP -= items;
+        err.ptr = "body contains wide characters; PAGI bodies are bytes, encode it first "
+                  "(e.g. Encode::encode_utf8)";
+        err.len = strlen(err.ptr);
+        PUSH_RESULT(-1, err);
+        PUTBACK;
+        return;
+    }
+    SP -= items;
+    rc = pagi_rs_response_body(id, body.ptr, body.len, more, &err);
+    PUSH_RESULT(rc, err);
+    PUTBACK;
+}
+
+/* _file($id, $path, $offset, $length_or_-1) */
+XS(xs_response_file)
+{
+    dXSARGS;
+    uint64_t id;
+    pagi_str path;
+    pagi_str err = {0, 0};
+    int64_t offset, length;
+    int rc;
+    if (items != 4)
+        croak_xs_usage(cv, "id, path, offset, length");
+    id = (uint64_t)SvUV(ST(0));
+    offset = (int64_t)SvIV(ST(2));
+    length = (int64_t)SvIV(ST(3));
+    if (!sv_to_bytes(aTHX_ ST(1), &path)) {
+        /* A path with wide characters: hand Perl's UTF-8 encoding to the OS,
+         * which is what Perl's own open() does with such a name. */
+        STRLEN len;
+        path.ptr = SvPVutf8(sv_2mortal(newSVsv(ST(1))), len);
+        path.len = len;
+    }
+    SP -= items;
+    rc = pagi_rs_response_file(id, path.ptr, path.len, offset, length, &err);
+    PUSH_RESULT(rc, err);
+    PUTBACK;
+}
+
+/* _fd($id, $fd, $offset_or_-1, $length_or_-1) */
+XS(xs_response_fd)
+{
+    dXSARGS;
+    uint64_t id;
+    pagi_str err = {0, 0};
+    int rc;
+    if (items != 4)
+        croak_xs_usage(cv, "id, fd, offset, length");
+    id = (uint64_t)SvUV(ST(0));
+    {
+        int fd = (int)SvIV(ST(1));
+        int64_t offset = (int64_t)SvIV(ST(2));
+        int64_t length = (int64_t)SvIV(ST(3));
+        SP -= items;
+        rc = pagi_rs_response_fd(id, fd, offset, length, &err);
+    }
+    PUSH_RESULT(rc, err);
+    PUTBACK;
+}
+
+/* _trailers($id, $headers) */
+XS(xs_response_trailers)
+{
+    dXSARGS;
+    uint64_t id;
+    size_t n = 0;
+    const char *why = NULL;
+    pagi_str *hdrs;
+    pagi_str err = {0, 0};
+    int rc;
+    if (items != 2)
+        croak_xs_usage(cv, "id, headers");
+    id = (uint64_t)SvUV(ST(0));
+    hdrs = headers_from_sv(aTHX_ ST(1), &n, &why);
+    SP -= items;
+    if (!hdrs) {
+        err.ptr = why;
+        err.len = strlen(why);
+        PUSH_RESULT(-1, err);
+        PUTBACK;
+        return;
+    }
+    rc = pagi_rs_response_trailers(id, hdrs, n, &err);
+    PUSH_RESULT(rc, err);
+    PUTBACK;
+}
+
+XS(xs_fullflush)
+{
+    dXSARGS;
+    pagi_str err = {0, 0};
+    int rc;
+    if (items != 1)
+        croak_xs_usage(cv, "id");
+    {
+        uint64_t id = (uint64_t)SvUV(ST(0));
+        SP -= items;
+        rc = pagi_rs_fullflush(id, &err);
+    }
+    PUSH_RESULT(rc, err);
+    PUTBACK;
+}
+
+XS(xs_want_body)
+{
+    dXSARGS;
+    if (items != 1)
+        croak_xs_usage(cv, "id");
+    pagi_rs_want_body((uint64_t)SvUV(ST(0)));
+    XSRETURN_EMPTY;
+}
+
+/* _finish($id, $error_or_undef, $interested) */
+XS(xs_finish)
+{
+    dXSARGS;
+    uint64_t id;
+    pagi_str e = {0, 0};
+    int has_err, interested, rc;
+    if (items != 3)
+        croak_xs_usage(cv, "id, error, interested");
+    id = (uint64_t)SvUV(ST(0));
+    has_err = SvOK(ST(1)) ? 1 : 0;
+    if (has_err) {
+        STRLEN len;
+        /* Errors are text; send Perl's UTF-8 form so nothing croaks. */
+        e.ptr = SvPVutf8(sv_2mortal(newSVsv(ST(1))), len);
+        e.len = len;
+    }
+    interested = SvTRUE(ST(2)) ? 1 : 0;
+    rc = pagi_rs_finish(id, e.ptr, e.len, has_err, interested);
+    XSRETURN_IV(rc);
+}
+
+XS(xs_release)
+{
+    dXSARGS;
+    if (items != 1)
+        croak_xs_usage(cv, "id");
+    pagi_rs_release((uint64_t)SvUV(ST(0)));
+    XSRETURN_EMPTY;
+}
+
+XS(xs_query)
+{
+    dXSARGS;
+    int64_t v;
+    if (items != 2)
+        croak_xs_usage(cv, "id, what");
+    v = pagi_rs_query((uint64_t)SvUV(ST(0)), (int)SvIV(ST(1)));
+    if (v < 0)
+        XSRETURN_UNDEF;
+    XSRETURN_IV((IV)v);
+}
+
+XS(xs_lifespan_event)
+{
+    dXSARGS;
+    STRLEN len = 0;
+    const char *msg = "";
+    int rc;
+    if (items != 2)
+        croak_xs_usage(cv, "kind, message");
+    if (SvOK(ST(1)))
+        msg = SvPVutf8(sv_2mortal(newSVsv(ST(1))), len);
+    rc = pagi_rs_lifespan_event((int)SvIV(ST(0)), msg, len);
+    XSRETURN_IV(rc);
+}
+
+XS(xs_log)
+{
+    dXSARGS;
+    STRLEN len;
+    const char *msg;
+    if (items != 2)
+        croak_xs_usage(cv, "level, message");
+    msg = SvPVutf8(sv_2mortal(newSVsv(ST(1))), len);
+    pagi_rs_log((int)SvIV(ST(0)), msg, len);
+    XSRETURN_EMPTY;
+}
+
+XS(xs_embedded_source)
+{
+    dXSARGS;
+    STRLEN len;
+    const char *name;
+    pagi_str src = {0, 0};
+    if (items != 1)
+        croak_xs_usage(cv, "path");
+    name = SvPV(ST(0), len);
+    if (!pagi_rs_embedded_source(name, len, &src))
+        XSRETURN_UNDEF;
+    ST(0) = sv_2mortal(newSVpvn(src.ptr, src.len));
+    XSRETURN(1);
+}
+
+/* exit() inside an application would end the whole server (or longjmp across
+ * Rust frames).  Every OP_EXIT compiled after install_exit_guard() croaks
+ * instead, which the bridge turns into an ordinary application error. */
+static OP *pagi_pp_exit(pTHX)
+{
+    Perl_croak(aTHX_ "exit() called by the application; pagi-rs does not let an app end the server\n");
+    return NULL; /* not reached */
+}
+
+static void xs_init(pTHX)
+{
+    static const char file[] = __FILE__;
+    newXS("DynaLoader::boot_DynaLoader", boot_DynaLoader, file);
+    newXS("PAGI::RS::_next", xs_next_message, file);
+    newXS("PAGI::RS::_wake_ack", xs_wake_ack, file);
+    newXS("PAGI::RS::_start", xs_response_start, file);
+    newXS("PAGI::RS::_body", xs_response_body, file);
+    newXS("PAGI::RS::_file", xs_response_file, file);
+    newXS("PAGI::RS::_fd", xs_response_fd, file);
+    newXS("PAGI::RS::_trailers", xs_response_trailers, file);
+    newXS("PAGI::RS::_fullflush", xs_fullflush, file);
+    newXS("PAGI::RS::_want_body", xs_want_body, file);
+    newXS("PAGI::RS::_finish", xs_finish, file);
+    newXS("PAGI::RS::_release", xs_release, file);
+    newXS("PAGI::RS::_query", xs_query, file);
+    newXS("PAGI::RS::_lifespan_event", xs_lifespan_event, file);
+    newXS("PAGI::RS::_log", xs_log, file);
+    newXS("PAGI::RS::_embedded_source", xs_embedded_source, file);
+}
+
+/* ---- interpreter lifecycle (called from Rust) ----------------------------- */
+
+static int sys_argc = 1;
+static char *sys_argv_storage[] = {"pagi-rs", NULL};
+static char **sys_argv = sys_argv_storage;
+
+void pagi_sys_init(void)
+{
+    char **env = NULL;
+    PERL_SYS_INIT3(&sys_argc, &sys_argv, &env);
+}
+
+void pagi_sys_term(void)
+{
+    PERL_SYS_TERM();
+}
+
+/* argv must be writable and outlive the interpreter ($0 writes into it). */
+PerlInterpreter *pagi_interp_new(int argc, char **argv)
+{
+    PerlInterpreter *my_perl = perl_alloc();
+    if (!my_perl)
+        return NULL;
+    PERL_SET_CONTEXT(my_perl);
+    perl_construct(my_perl);
+    PL_exit_flags |= PERL_EXIT_DESTRUCT_END;
+    /* NULL env: a custom array would replace the whole process environment. */
+    if (perl_parse(my_perl, xs_init, argc, argv, NULL) != 0) {
+        perl_destruct(my_perl);
+        perl_free(my_perl);
+        return NULL;
+    }
+    if (perl_run(my_perl) != 0) {
+        perl_destruct(my_perl);
+        perl_free(my_perl);
+        return NULL;
+    }
+    return my_perl;
+}
+
+void pagi_interp_set_context(PerlInterpreter *my_perl)
+{
+    PERL_SET_CONTEXT(my_perl);
+}
+
+void pagi_interp_free(PerlInterpreter *my_perl)
+{
+    PERL_SET_CONTEXT(my_perl);
+    PL_perl_destruct_level = 0;
+    perl_destruct(my_perl);
+    perl_free(my_perl);
+}
+
+/* PL_ppaddr is shared by every interpreter in the process; install once. */
+void pagi_install_exit_guard(void)
+{
+    PL_ppaddr[OP_EXIT] = pagi_pp_exit;
+}
+
+/* Call the Perl sub `name` with string arguments in list context, under
+ * G_EVAL, with $@ localised.  On success returns 1 and stores the stringified
+ * first return value (if any) in *result (valid until the next call); on a
+ * Perl exception returns 0 and stores the error text in *result. */
+static SV *last_result = NULL;
+
+int pagi_call(PerlInterpreter *my_perl, const char *name, const pagi_str *args, size_t nargs,
+              pagi_str *result)
+{
+    int count, ok;
+    size_t i;
+    dSP;
+
+    ENTER;
+    SAVETMPS;
+    save_scalar(PL_errgv);
+    PUSHMARK(SP);
+    EXTEND(SP, (SSize_t)nargs);
+    for (i = 0; i < nargs; i++)
+        mPUSHs(newSVpvn(args[i].ptr, args[i].len));
+    PUTBACK;
+    count = call_pv(name, G_EVAL | G_SCALAR);
+    SPAGAIN;
+    if (last_result) {
+        SvREFCNT_dec(last_result);
+        last_result = NULL;
+    }
+    if (SvTRUE(ERRSV)) {
+        last_result = newSVsv(ERRSV);
+        ok = 0;
+        if (count > 0)
+            (void)POPs;
+    } else {
+        last_result = count > 0 ? newSVsv(POPs) : newSVpvs("");
+        ok = 1;
+    }
+    PUTBACK;
+    FREETMPS;
+    LEAVE;
+    {
+        STRLEN len;
+        const char *p = SvOK(last_result) ? SvPVutf8(last_result, len) : (len = 0, "");
+        result->ptr = p;
+        result->len = len;
+    }
+    return ok;
+}
+
+/* Evaluate Perl source (the bootstrap); same error contract as pagi_call. */
+int pagi_eval(PerlInterpreter *my_perl, const char *code, pagi_str *result)
+{
+    SV *ret;
+    int ok;
+    dSP;
+    PERL_UNUSED_VAR(sp);
+    ENTER;
+    SAVETMPS;
+    save_scalar(PL_errgv);
+    ret = eval_pv(code, FALSE);
+    if (last_result) {
+        SvREFCNT_dec(last_result);
+        last_result = NULL;
+    }
+    if (SvTRUE(ERRSV)) {
+        last_result = newSVsv(ERRSV);
+        ok = 0;
+    } else {
+        last_result = newSVsv(ret);
+        ok = 1;
+    }
+    FREETMPS;
+    LEAVE;
+    {
+        STRLEN len;
+        const char *p = SvOK(last_result) ? SvPVutf8(last_result, len) : (len = 0, "");
+        result->ptr = p;
+        result->len = len;
+    }
+    return ok;
+}

@@ -1,0 +1,42 @@
+//! Messages from the network core to an interpreter.  Each is turned into a
+//! flat list for Perl by exports::pagi_rs_next_message; the numeric kinds
+//! are mirrored in perl/PAGI/RS/Bridge.pm.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::exchange::Exchange;
+use crate::scope::RequestScope;
+
+pub enum ToPerl {
+    /// A new HTTP request: build the scope and call the app.
+    Request { exchange: Arc<Exchange>, scope: Box<RequestScope> },
+    /// A chunk of request body (`http.request`).
+    Body { id: u64, data: Bytes, more: bool },
+    /// The request ended abnormally, with a standard reason string.
+    Disconnect { id: u64, reason: &'static str },
+    /// The outbound buffer fell below the low-water mark after reaching the high one.
+    Drained { id: u64 },
+    /// A send that completes later (file, fh, fullflush) finished.
+    SendDone { id: u64, error: Option<String> },
+    /// The response was handed to the network in full.
+    Complete { id: u64 },
+    LifespanStartup,
+    LifespanShutdown,
+    /// Leave the event loop; the interpreter is being shut down.
+    Stop,
+}
+
+/// Numeric kinds, as seen by Perl.
+pub mod kind {
+    pub const REQUEST: i32 = 1;
+    pub const BODY: i32 = 2;
+    pub const DISCONNECT: i32 = 3;
+    pub const DRAINED: i32 = 4;
+    pub const SEND_DONE: i32 = 5;
+    pub const COMPLETE: i32 = 6;
+    pub const LIFESPAN_STARTUP: i32 = 7;
+    pub const LIFESPAN_SHUTDOWN: i32 = 8;
+    pub const STOP: i32 = 9;
+}

@@ -1,0 +1,234 @@
+//! Interpreter threads.  Each owns one PerlInterpreter running an IO::Async
+//! loop; the network core talks to it through its [`mailbox::Mailbox`], and
+//! it answers through direct calls into [`exports`].  The pool is built for N
+//! interpreters and picks the least busy one for each request.
+
+pub mod embedded;
+pub mod exports;
+pub mod ffi;
+pub mod mailbox;
+pub mod messages;
+mod thread;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::cli::{AppSpec, LifespanMode};
+use crate::error::StartupError;
+use mailbox::Mailbox;
+use messages::ToPerl;
+
+/// What an interpreter thread reports to the main thread.
+pub enum Control {
+    /// The application loaded (or failed to, with Perl's error text).
+    Loaded(Result<(), String>),
+    /// A lifespan event: see `lifespan_kind`.
+    Lifespan(i32, String),
+    /// The thread has left its loop and destroyed its interpreter.
+    Exited,
+}
+
+/// Lifespan event kinds sent by perl/PAGI/RS/Lifespan.pm.
+pub mod lifespan_kind {
+    pub const STARTUP_COMPLETE: i32 = 1;
+    pub const STARTUP_FAILED: i32 = 2;
+    pub const SHUTDOWN_COMPLETE: i32 = 3;
+    pub const SHUTDOWN_FAILED: i32 = 4;
+    /// The app returned or raised before answering lifespan.startup.
+    pub const DECLINED_STARTUP: i32 = 5;
+    /// The lifespan coroutine ended after startup (with an error, if any).
+    pub const ENDED: i32 = 6;
+}
+
+/// How each interpreter loads the application.
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    pub app: AppSpec,
+    pub args: Vec<String>,
+    pub include: Vec<String>,
+    pub modules: Vec<String>,
+    /// Reported by pagi.transport.
+    pub high_water: usize,
+    pub low_water: usize,
+}
+
+pub struct Interpreter {
+    pub mailbox: Arc<Mailbox>,
+    control: Mutex<mpsc::Receiver<Control>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    lifespan_active: std::sync::atomic::AtomicBool,
+}
+
+pub struct Pool {
+    interpreters: Vec<Interpreter>,
+    next_id: AtomicU64,
+}
+
+impl Pool {
+    /// Start `n` interpreters and load the app in each; fails with Perl's
+    /// error if any load fails (before the server binds anything).
+    pub fn start(n: usize, spec: &LoadSpec, runtime: tokio::runtime::Handle) -> Result<Pool, StartupError> {
+        let mut interpreters = Vec::with_capacity(n);
+        for index in 0..n {
+            let mailbox = Arc::new(Mailbox::new().map_err(|e| StartupError::Interpreter(e.to_string()))?);
+            let (tx, rx) = mpsc::channel();
+            let handle = thread::spawn(index, mailbox.clone(), tx, runtime.clone(), spec.clone())
+                .map_err(|e| StartupError::Interpreter(format!("cannot start interpreter thread: {e}")))?;
+            let interp = Interpreter {
+                mailbox,
+                control: Mutex::new(rx),
+                thread: Mutex::new(Some(handle)),
+                lifespan_active: std::sync::atomic::AtomicBool::new(false),
+            };
+            match interp.recv(None) {
+                Some(Control::Loaded(Ok(()))) => {}
+                Some(Control::Loaded(Err(e))) => return Err(StartupError::AppLoad(e)),
+                _ => return Err(StartupError::Interpreter("interpreter thread died during startup".into())),
+            }
+            interpreters.push(interp);
+        }
+        Ok(Pool { interpreters, next_id: AtomicU64::new(1) })
+    }
+
+    pub fn next_request_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The interpreter with the fewest requests in flight.
+    pub fn pick(&self) -> &Interpreter {
+        self.interpreters
+            .iter()
+            .min_by_key(|i| i.mailbox.in_flight.load(Ordering::Relaxed))
+            .expect("the pool has at least one interpreter")
+    }
+
+    pub fn len(&self) -> usize {
+        self.interpreters.len()
+    }
+
+    /// Run lifespan.startup in every interpreter.
+    pub fn lifespan_startup(&self, mode: LifespanMode, timeout: Option<Duration>) -> Result<(), StartupError> {
+        if mode == LifespanMode::Off {
+            return Ok(());
+        }
+        for interp in &self.interpreters {
+            interp.mailbox.push(ToPerl::LifespanStartup);
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        for interp in &self.interpreters {
+            loop {
+                match interp.recv(deadline) {
+                    None => {
+                        return Err(StartupError::LifespanTimeout(timeout.map(|t| t.as_secs()).unwrap_or(0)))
+                    }
+                    Some(Control::Lifespan(lifespan_kind::STARTUP_COMPLETE, _)) => {
+                        interp.lifespan_active.store(true, Ordering::Release);
+                        break;
+                    }
+                    Some(Control::Lifespan(lifespan_kind::STARTUP_FAILED, msg)) => {
+                        return Err(StartupError::LifespanFailed(msg))
+                    }
+                    Some(Control::Lifespan(lifespan_kind::DECLINED_STARTUP, msg)) => {
+                        if mode == LifespanMode::On {
+                            return Err(StartupError::LifespanFailed(if msg.is_empty() {
+                                "the application declined the lifespan protocol (--lifespan on)".into()
+                            } else {
+                                format!("the application declined the lifespan protocol: {}", msg.trim_end())
+                            }));
+                        }
+                        if msg.is_empty() {
+                            tracing::info!("Lifespan not supported, continuing without it");
+                        } else {
+                            tracing::info!(
+                                "Lifespan not supported, continuing without it (application raised: {})",
+                                msg.trim_end()
+                            );
+                        }
+                        break;
+                    }
+                    Some(Control::Exited) => {
+                        return Err(StartupError::Interpreter("interpreter exited during lifespan startup".into()))
+                    }
+                    Some(_) => continue,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Run lifespan.shutdown where startup completed; bounded by `timeout`.
+    pub fn lifespan_shutdown(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for interp in &self.interpreters {
+            if interp.lifespan_active.load(Ordering::Acquire) {
+                interp.mailbox.push(ToPerl::LifespanShutdown);
+            }
+        }
+        for interp in &self.interpreters {
+            if !interp.lifespan_active.load(Ordering::Acquire) {
+                continue;
+            }
+            loop {
+                match interp.recv(Some(deadline)) {
+                    None => {
+                        tracing::warn!(
+                            "PAGI Server shutdown warning: Lifespan shutdown timed out after {}s",
+                            timeout.as_secs()
+                        );
+                        break;
+                    }
+                    Some(Control::Lifespan(lifespan_kind::SHUTDOWN_COMPLETE, _)) => break,
+                    Some(Control::Lifespan(lifespan_kind::SHUTDOWN_FAILED, msg)) => {
+                        tracing::warn!("PAGI Server shutdown warning: {}", msg.trim_end());
+                        break;
+                    }
+                    Some(Control::Lifespan(lifespan_kind::ENDED, msg)) => {
+                        if !msg.is_empty() {
+                            tracing::warn!("PAGI Server shutdown warning: {}", msg.trim_end());
+                        }
+                        break;
+                    }
+                    Some(Control::Exited) => break,
+                    Some(_) => continue,
+                }
+            }
+        }
+    }
+
+    /// Leave every event loop, destroy the interpreters and join the threads.
+    pub fn stop(&self, timeout: Duration) {
+        for interp in &self.interpreters {
+            interp.mailbox.push(ToPerl::Stop);
+        }
+        let deadline = Instant::now() + timeout;
+        for interp in &self.interpreters {
+            loop {
+                match interp.recv(Some(deadline)) {
+                    Some(Control::Exited) => {
+                        if let Some(t) = interp.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                            let _ = t.join();
+                        }
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("an interpreter did not stop in time; exiting without waiting for it");
+                        break;
+                    }
+                    Some(_) => continue,
+                }
+            }
+        }
+    }
+}
+
+impl Interpreter {
+    fn recv(&self, deadline: Option<Instant>) -> Option<Control> {
+        let rx = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        match deadline {
+            None => rx.recv().ok(),
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())).ok(),
+        }
+    }
+}

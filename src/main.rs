@@ -1,0 +1,181 @@
+//! pagi-rs: serve a PAGI application from a Rust network core.
+//!
+//! The path of one request: `server` accepts the connection and hyper parses
+//! it; `http1::handle` checks it and builds the scope (`scope`); an
+//! `interp::Pool` thread runs the app (perl/PAGI/RS/*.pm through
+//! `interp::exports`); the app's events drive the shared `exchange`, whose
+//! queue hyper drains through `body::ResponseBody` onto the wire.
+
+mod access_log;
+mod body;
+mod cli;
+mod error;
+mod exchange;
+mod file;
+mod http1;
+mod interp;
+mod logging;
+mod scope;
+mod server;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::Options;
+use crate::error::StartupError;
+use crate::exchange::ExchangeConfig;
+use crate::interp::{LoadSpec, Pool};
+use crate::server::Server;
+
+fn main() -> ExitCode {
+    let opts = Options::parse();
+    if let Err(e) = opts.validate() {
+        eprintln!("pagi-rs: {e}");
+        return ExitCode::from(2);
+    }
+    let (app, args) = match opts.app_spec() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("pagi-rs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let format = match access_log::Format::parse(&opts.access_log_format) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("pagi-rs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(opts.effective_log_level());
+
+    // SAFETY: once, on the main thread, before any interpreter exists.  The
+    // exit guard must be in place before any application code is compiled.
+    unsafe {
+        interp::ffi::pagi_sys_init();
+        interp::ffi::pagi_install_exit_guard();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pagi-rs: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let spec = LoadSpec {
+        app,
+        args,
+        include: opts.include.clone(),
+        modules: opts.modules.clone(),
+        high_water: opts.write_high_watermark,
+        low_water: opts.write_low_watermark,
+    };
+    match run(&opts, spec, format, &runtime) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match &e {
+                StartupError::AppLoad(msg) => eprintln!("pagi-rs: cannot load the application:\n{}", msg.trim_end()),
+                other => eprintln!("pagi-rs: {other}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+    // PERL_SYS_TERM is deliberately not called: the process is ending, and
+    // it is only safe once every interpreter is destroyed.
+}
+
+fn run(opts: &Options, spec: LoadSpec, format: access_log::Format, runtime: &tokio::runtime::Runtime) -> Result<(), StartupError> {
+    let access_log = if opts.no_access_log {
+        None
+    } else {
+        Some(
+            access_log::AccessLog::start(format.clone(), opts.access_log.clone())
+                .map_err(|e| StartupError::Interpreter(e.to_string()))?,
+        )
+    };
+    let needs_headers = opts.access_log_format.contains("%{")
+        || opts.access_log_format == "combined";
+
+    let pool = Pool::start(opts.interpreters, &spec, runtime.handle().clone())?;
+
+    let addr = resolve(&opts.host, opts.port)?;
+    let listener = {
+        let _enter = runtime.enter();
+        bind(addr)?
+    };
+    let local = listener.local_addr().unwrap_or(addr);
+
+    pool.lifespan_startup(opts.lifespan, Options::timeout_opt(opts.lifespan_startup_timeout))?;
+
+    let server = Arc::new(Server {
+        pool,
+        exchange_config: Arc::new(ExchangeConfig {
+            high_water: opts.write_high_watermark,
+            low_water: opts.write_low_watermark,
+            max_body: opts.max_body_size,
+            access_log,
+        }),
+        root_path: opts.root_path.clone(),
+        max_header_size: opts.max_header_size,
+        max_header_count: opts.max_header_count,
+        request_timeout: Options::timeout_opt(opts.request_timeout),
+        keepalive_timeout: Options::timeout_opt(opts.timeout),
+        access_log_needs_headers: needs_headers,
+    });
+
+    let shown = match local {
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        SocketAddr::V4(a) => a.to_string(),
+    };
+    tracing::info!(
+        "pagi-rs {} listening on http://{shown}/ (pid {}, interpreters: {}, loop: IO::Async)",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        server.pool.len()
+    );
+
+    let grace = Duration::from_secs(opts.shutdown_timeout);
+    runtime.block_on(server::serve(listener, server.clone(), shutdown_signal(), grace));
+
+    server.pool.lifespan_shutdown(grace);
+    server.pool.stop(Duration::from_secs(5));
+    tracing::info!("Shutdown complete");
+    Ok(())
+}
+
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| StartupError::Bind {
+            addr: format!("{host}:{port}"),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "cannot resolve the host"),
+        })
+}
+
+fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartupError> {
+    let err = |source| StartupError::Bind { addr: addr.to_string(), source };
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(2048).map_err(err)
+}
+
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "TERM",
+        _ = int.recv() => "INT",
+    };
+    tracing::info!("Received {name}, shutting down");
+}

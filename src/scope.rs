@@ -1,0 +1,149 @@
+//! The connection scope for one request: the facts the network core knows,
+//! normalised the way Spec/Www.pod asks (lower-case header names, one merged
+//! Cookie header, percent- and UTF-8-decoded path).  The Perl side turns this
+//! into the `$scope` hash.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::Version;
+
+/// Whether and how the request has a body for `$receive` to deliver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyState {
+    /// No body: the first receive returns an empty final `http.request` at once.
+    Empty = 0,
+    /// A body streamed by the pump, one chunk read ahead.
+    Streaming = 1,
+    /// A body behind `Expect: 100-continue`: nothing is read (and no 100 sent)
+    /// until the application first receives.
+    AwaitingContinue = 2,
+}
+
+pub struct RequestScope {
+    pub http_version: &'static str,
+    pub method: String,
+    pub scheme: &'static str,
+    /// Percent-decoded path bytes.
+    pub path: Vec<u8>,
+    /// True when `path` is valid UTF-8, so Perl marks it as text.
+    pub path_is_utf8: bool,
+    pub raw_path: Bytes,
+    pub query_string: Bytes,
+    pub root_path: String,
+    /// Lower-case name, value; Cookie headers merged into one.
+    pub headers: Vec<(Bytes, Bytes)>,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub body: BodyState,
+}
+
+pub fn http_version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_09 => "0.9",
+        _ => "1.1",
+    }
+}
+
+impl RequestScope {
+    pub fn from_parts(
+        parts: &Parts,
+        client: SocketAddr,
+        server: SocketAddr,
+        root_path: &str,
+        body: BodyState,
+    ) -> RequestScope {
+        let raw_path = Bytes::copy_from_slice(parts.uri.path().as_bytes());
+        let query_string = Bytes::copy_from_slice(parts.uri.query().unwrap_or("").as_bytes());
+        let path = percent_decode(&raw_path);
+        let path_is_utf8 = std::str::from_utf8(&path).is_ok();
+        RequestScope {
+            http_version: http_version_str(parts.version),
+            method: parts.method.as_str().to_string(),
+            scheme: "http",
+            path,
+            path_is_utf8,
+            raw_path,
+            query_string,
+            root_path: root_path.to_string(),
+            headers: normalise_headers(&parts.headers),
+            client,
+            server,
+            body,
+        }
+    }
+}
+
+/// Percent-decode; malformed escapes are kept as they are.
+pub fn percent_decode(raw: &[u8]) -> Vec<u8> {
+    let decoded: Cow<[u8]> = percent_encoding::percent_decode(raw).into();
+    decoded.into_owned()
+}
+
+/// Lower-case names (hyper already stores them so), values as bytes, and all
+/// Cookie headers merged into one joined by "; " at the first cookie's place.
+pub fn normalise_headers(map: &http::HeaderMap) -> Vec<(Bytes, Bytes)> {
+    let mut out: Vec<(Bytes, Bytes)> = Vec::with_capacity(map.len());
+    let mut cookie_at: Option<usize> = None;
+    for (name, value) in map.iter() {
+        if name == http::header::COOKIE {
+            if let Some(i) = cookie_at {
+                let mut merged = Vec::with_capacity(out[i].1.len() + 2 + value.len());
+                merged.extend_from_slice(&out[i].1);
+                merged.extend_from_slice(b"; ");
+                merged.extend_from_slice(value.as_bytes());
+                out[i].1 = Bytes::from(merged);
+                continue;
+            }
+            cookie_at = Some(out.len());
+        }
+        out.push((
+            Bytes::copy_from_slice(name.as_str().as_bytes()),
+            Bytes::copy_from_slice(value.as_bytes()),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_is_percent_then_utf8_decoded() {
+        assert_eq!(percent_decode(b"/caf%C3%A9/a%20b"), "/café/a b".as_bytes());
+        let bad = percent_decode(b"/x%FFy");
+        assert_eq!(bad, b"/x\xFFy");
+        assert!(std::str::from_utf8(&bad).is_err());
+        assert_eq!(percent_decode(b"/100%"), b"/100%", "a stray % stays");
+    }
+
+    #[test]
+    fn cookies_merge_into_one_header() {
+        let mut map = http::HeaderMap::new();
+        map.append("cookie", "a=1".parse().unwrap());
+        map.append("x-y", "z".parse().unwrap());
+        map.append("cookie", "b=2; c=3".parse().unwrap());
+        let h = normalise_headers(&map);
+        let cookies: Vec<_> = h.iter().filter(|(n, _)| &n[..] == b"cookie").collect();
+        assert_eq!(cookies.len(), 1);
+        assert_eq!(&cookies[0].1[..], b"a=1; b=2; c=3");
+        assert!(h.iter().any(|(n, v)| &n[..] == b"x-y" && &v[..] == b"z"));
+    }
+
+    #[test]
+    fn scope_splits_path_and_query() {
+        let req = http::Request::get("/a%2Fb?x=1&y=%20").body(()).unwrap();
+        let (parts, _) = req.into_parts();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let s = RequestScope::from_parts(&parts, addr, addr, "", BodyState::Empty);
+        assert_eq!(&s.raw_path[..], b"/a%2Fb");
+        assert_eq!(s.path, b"/a/b");
+        assert_eq!(&s.query_string[..], b"x=1&y=%20");
+        assert_eq!(s.http_version, "1.1");
+    }
+}

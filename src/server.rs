@@ -1,0 +1,111 @@
+//! The listener: accepts connections, serves each with hyper on its own
+//! task, and drains them on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::exchange::ExchangeConfig;
+use crate::http1::{handle, ConnInfo};
+use crate::interp::Pool;
+
+/// Everything a connection task needs, shared.
+pub struct Server {
+    pub pool: Pool,
+    pub exchange_config: Arc<ExchangeConfig>,
+    pub root_path: String,
+    pub max_header_size: usize,
+    pub max_header_count: usize,
+    pub request_timeout: Option<Duration>,
+    pub keepalive_timeout: Option<Duration>,
+    pub access_log_needs_headers: bool,
+}
+
+/// Set when the shutdown timeout expired and the remaining connections are
+/// being dropped: their applications hear `server_shutdown`.
+static FORCE_CLOSING: AtomicBool = AtomicBool::new(false);
+
+pub fn is_force_closing() -> bool {
+    FORCE_CLOSING.load(Ordering::Acquire)
+}
+
+impl Server {
+    fn http1_builder(&self) -> http1::Builder {
+        let mut b = http1::Builder::new();
+        // The head limit we report (431) is checked per request in http1.rs;
+        // hyper's own limits sit above it so that an over-long request line
+        // can still be told apart (414) from over-long headers (431).
+        let head_allowance = self.max_header_size + crate::http1::MAX_URI_LEN + 1024;
+        b.timer(TokioTimer::new())
+            .header_read_timeout(self.keepalive_timeout)
+            .max_headers(self.max_header_count)
+            .max_header_size(head_allowance)
+            .max_buf_size(head_allowance.max(64 * 1024))
+            .keep_alive(true);
+        b
+    }
+}
+
+/// Accept and serve until `shutdown` resolves, then let in-flight requests
+/// finish for up to `grace` before dropping what is left.
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<Server>,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) {
+    let builder = server.http1_builder();
+    let graceful = GracefulShutdown::new();
+    let (force_tx, force_rx) = watch::channel(false);
+    let local = listener.local_addr().ok();
+    tokio::pin!(shutdown);
+
+    loop {
+        let (stream, client) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let server_addr = stream.local_addr().ok().or(local).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let info = Arc::new(ConnInfo { client, server: server_addr });
+        let svc_server = server.clone();
+        let service = service_fn(move |req| handle(req, info.clone(), svc_server.clone()));
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let mut force = force_rx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                result = conn => {
+                    if let Err(e) = result {
+                        tracing::debug!("connection from {client} ended: {e}");
+                    }
+                }
+                _ = force.wait_for(|f| *f) => {}
+            }
+        });
+    }
+    drop(listener);
+
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("Shutdown timeout: force-closing active connections");
+        FORCE_CLOSING.store(true, Ordering::Release);
+        let _ = force_tx.send(true);
+        // Let the connection tasks run their drops (which notify the apps).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
