@@ -64,7 +64,7 @@ impl Drop for ResponseBody {
         // hyper drops the body when the connection fails or closes before the
         // body was fully written; tell the application.
         if let ResponseBody::Stream(ex) = self {
-            ex.network_gone(if crate::server::is_force_closing() { "server_shutdown" } else { "client_closed" });
+            ex.body_dropped(if crate::server::is_force_closing() { "server_shutdown" } else { "client_closed" });
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -99,6 +99,10 @@ pub struct RequestFacts {
 struct State {
     phase: Phase,
     head_tx: Option<oneshot::Sender<Head>>,
+    /// The application's head, held back until the first body event (the
+    /// spec lets a server defer it), so head and body cost one wake-up of the
+    /// network task and can leave in one write.
+    pending_head: Option<(StatusCode, HeaderMap)>,
     trailers_promised: bool,
     body_done: bool,
     declared_length: Option<u64>,
@@ -113,7 +117,18 @@ struct State {
     delivered: bool,
     logged: bool,
     app_running: bool,
+    /// hyper will not poll the body again (HEAD, 204/304, or a
+    /// Content-Length body fully taken); the response completes when the
+    /// application reaches its terminal event.
+    network_done: bool,
+    abort_flushed: bool,
+    /// `Expect: 100-continue` not yet answered: if the app responds without
+    /// reading, the connection closes rather than wait for a body.
+    continue_unanswered: bool,
 }
+
+/// Largest data frame handed to hyper.
+const MAX_FRAME: usize = 64 * 1024;
 
 /// Bits of `interest`: what Perl wants to hear after the app returns.
 pub const WANTS_TERMINAL: u8 = 1;
@@ -131,7 +146,6 @@ pub struct Exchange {
     interest: AtomicU8,
     /// Milliseconds since `facts.started` of the last read or write progress.
     last_progress_ms: AtomicU64,
-    finished: AtomicBool,
 }
 
 impl Exchange {
@@ -150,6 +164,7 @@ impl Exchange {
             state: Mutex::new(State {
                 phase: Phase::AwaitingStart,
                 head_tx: Some(tx),
+                pending_head: None,
                 trailers_promised: false,
                 body_done: false,
                 declared_length: None,
@@ -164,12 +179,14 @@ impl Exchange {
                 delivered: false,
                 logged: false,
                 app_running: true,
+                network_done: false,
+                abort_flushed: false,
+                continue_unanswered: false,
             }),
             progress: Notify::new(),
             body_credit: tokio::sync::Semaphore::new(0),
             interest: AtomicU8::new(0),
             last_progress_ms: AtomicU64::new(0),
-            finished: AtomicBool::new(false),
         });
         (ex, rx)
     }
@@ -194,8 +211,17 @@ impl Exchange {
         self.facts.started.elapsed().saturating_sub(last)
     }
 
+    /// Perl wants to hear how the request ends.  If it already ended
+    /// cleanly, say so now (a late on_complete still fires).
     pub fn register_interest(&self, bits: u8) {
         self.interest.fetch_or(bits, Ordering::AcqRel);
+        let delivered = {
+            let st = self.lock();
+            st.delivered && st.disconnected.is_none()
+        };
+        if delivered {
+            self.mailbox.push(ToPerl::Complete { id: self.id });
+        }
     }
 
     fn wants_terminal(&self, st: &State) -> bool {
@@ -222,13 +248,25 @@ impl Exchange {
         st.trailers_promised = trailers;
         st.phase = Phase::Streaming;
         st.status = Some(status.as_u16());
-        let tx = st.head_tx.take();
+        st.pending_head = Some((status, map));
         drop(st);
         self.mark_progress();
-        if let Some(tx) = tx {
-            let _ = tx.send(Head::App(status, map));
-        }
         Ok(SendOutcome::Ready)
+    }
+
+    /// Release a held-back head to the network task (call after unlocking).
+    fn take_head(st: &mut State) -> Option<(oneshot::Sender<Head>, Head)> {
+        let (status, mut map) = st.pending_head.take()?;
+        if st.continue_unanswered {
+            map.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        st.head_tx.take().map(|tx| (tx, Head::App(status, map)))
+    }
+
+    fn send_head(head: Option<(oneshot::Sender<Head>, Head)>) {
+        if let Some((tx, head)) = head {
+            let _ = tx.send(head);
+        }
     }
 
     pub fn body(&self, data: &[u8], more: bool) -> Result<SendOutcome, SendError> {
@@ -257,7 +295,13 @@ impl Exchange {
         }
         st.body_bytes += len;
         if !data.is_empty() && !self.facts.is_head {
-            st.queue.push_back(Frame::data(Bytes::copy_from_slice(data)));
+            // hyper takes a whole frame into its own buffer at once; small
+            // frames keep buffered_amount (and the water marks) truthful.
+            let mut bytes = Bytes::copy_from_slice(data);
+            while bytes.len() > MAX_FRAME {
+                st.queue.push_back(Frame::data(bytes.split_to(MAX_FRAME)));
+            }
+            st.queue.push_back(Frame::data(bytes));
             st.buffered += data.len();
         }
         if !more {
@@ -266,10 +310,16 @@ impl Exchange {
                 st.phase = Phase::Finished;
             }
         }
+        if st.network_done {
+            st.queue.clear();
+            st.buffered = 0;
+        }
         let outcome = self.water_mark_outcome(&mut st);
+        let head = Self::take_head(&mut st);
         let waker = st.waker.take();
-        drop(st);
+        self.deliver_if_done(st);
         self.mark_progress();
+        Self::send_head(head);
         if let Some(w) = waker {
             w.wake();
         }
@@ -314,9 +364,11 @@ impl Exchange {
         }
         st.body_done = true;
         st.phase = Phase::Finished;
+        let head = Self::take_head(&mut st);
         let waker = st.waker.take();
-        drop(st);
+        self.deliver_if_done(st);
         self.mark_progress();
+        Self::send_head(head);
         if let Some(w) = waker {
             w.wake();
         }
@@ -356,8 +408,10 @@ impl Exchange {
                     st.body_bytes += chunk.len() as u64;
                     st.buffered += chunk.len();
                     st.queue.push_back(Frame::data(chunk));
+                    let head = Self::take_head(&mut st);
                     let waker = st.waker.take();
                     drop(st);
+                    Self::send_head(head);
                     self.mark_progress();
                     if let Some(w) = waker {
                         w.wake();
@@ -379,8 +433,10 @@ impl Exchange {
         if !st.trailers_promised {
             st.phase = Phase::Finished;
         }
+        let head = Self::take_head(&mut st);
         let waker = st.waker.take();
         drop(st);
+        Self::send_head(head);
         if let Some(w) = waker {
             w.wake();
         }
@@ -392,11 +448,16 @@ impl Exchange {
         if st.disconnected.is_some() {
             return SendOutcome::Closed;
         }
-        if st.buffered == 0 {
-            return SendOutcome::Ready;
-        }
-        st.flush_pending = true;
-        SendOutcome::Deferred
+        let head = Self::take_head(&mut st);
+        let outcome = if st.buffered == 0 {
+            SendOutcome::Ready
+        } else {
+            st.flush_pending = true;
+            SendOutcome::Deferred
+        };
+        drop(st);
+        Self::send_head(head);
+        outcome
     }
 
     /// The application's Future settled (with `error` if it failed).
@@ -404,7 +465,9 @@ impl Exchange {
         if interested {
             self.register_interest(WANTS_TERMINAL);
         }
-        self.finished.store(true, Ordering::Release);
+        // The application can no longer read the request body: let the pump
+        // drop it (hyper then drains or closes).
+        self.body_credit.close();
         self.mailbox.in_flight.fetch_sub(1, Ordering::AcqRel);
         let mut st = self.lock();
         st.app_running = false;
@@ -414,6 +477,9 @@ impl Exchange {
         let err = error.map(|e| e.trim_end());
         match st.phase {
             Phase::Finished => {
+                let head = Self::take_head(&mut st);
+                drop(st);
+                Self::send_head(head);
                 if let Some(e) = err {
                     tracing::error!("PAGI application error (after response complete): {e}");
                 }
@@ -446,8 +512,11 @@ impl Exchange {
                 }
                 st.disconnected = Some("server_error");
                 st.phase = Phase::Aborted;
+                // The head goes out so the client sees a started, then cut, response.
+                let head = Self::take_head(&mut st);
                 let waker = st.waker.take();
                 drop(st);
+                Self::send_head(head);
                 if let Some(w) = waker {
                     w.wake();
                 }
@@ -456,6 +525,16 @@ impl Exchange {
                 FinishOutcome::Truncated
             }
         }
+    }
+
+    pub fn set_continue_unanswered(&self, v: bool) {
+        self.lock().continue_unanswered = v;
+    }
+
+    /// The application asked for (more of) the request body.
+    pub fn want_body(&self) {
+        self.lock().continue_unanswered = false;
+        self.body_credit.add_permits(1);
     }
 
     /// Live figure for pagi.transport.
@@ -477,6 +556,7 @@ impl Exchange {
             st.phase = Phase::Aborted;
         }
         st.head_tx = None;
+        st.pending_head = None;
         let notify_perl = self.wants_terminal(&st);
         let waker = st.waker.take();
         drop(st);
@@ -499,6 +579,7 @@ impl Exchange {
         if st.disconnected.is_some() || st.delivered {
             return;
         }
+        st.pending_head = None;
         match (st.head_tx.take(), response) {
             (Some(tx), Some((status, text))) => {
                 st.status = Some(status.as_u16());
@@ -561,6 +642,14 @@ impl Exchange {
             return Poll::Ready(Some(Ok(frame)));
         }
         match st.phase {
+            Phase::Aborted if !st.abort_flushed => {
+                // One more turn so hyper flushes the bytes it already took;
+                // erroring now would discard them and hide the truncation.
+                st.abort_flushed = true;
+                drop(st);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
             Phase::Aborted => Poll::Ready(Some(Err(BodyAborted))),
             Phase::Finished if st.disconnected.is_none() && !st.delivered => {
                 st.delivered = true;
@@ -580,6 +669,46 @@ impl Exchange {
         }
     }
 
+    /// hyper dropped the response body.  That is a disconnect, unless hyper
+    /// simply had nothing more to write (see `network_done`).
+    pub fn body_dropped(&self, reason: &'static str) {
+        let mut st = self.lock();
+        let no_body_on_wire = self.facts.is_head || matches!(st.status, Some(204) | Some(304));
+        let length_satisfied =
+            st.queue.is_empty() && st.declared_length.is_some_and(|d| st.body_bytes >= d);
+        // hyper stops polling once is_end_stream() is true, so a finished,
+        // fully taken body is dropped without a final poll.
+        let all_taken = st.queue.is_empty() && st.phase == Phase::Finished;
+        if st.disconnected.is_none()
+            && !st.delivered
+            && st.phase != Phase::Aborted
+            && (no_body_on_wire || length_satisfied || all_taken)
+        {
+            st.network_done = true;
+            st.queue.clear();
+            st.buffered = 0;
+            self.deliver_if_done(st);
+            return;
+        }
+        drop(st);
+        self.network_gone(reason);
+    }
+
+    /// With the network done, reaching the terminal event completes the response.
+    fn deliver_if_done(&self, mut st: MutexGuard<'_, State>) {
+        if !st.network_done || st.phase != Phase::Finished || st.delivered || st.disconnected.is_some() {
+            return;
+        }
+        st.delivered = true;
+        let notify_perl = self.interest.load(Ordering::Acquire) & WANTS_TERMINAL != 0;
+        drop(st);
+        self.progress.notify_waiters();
+        if notify_perl {
+            self.mailbox.push(ToPerl::Complete { id: self.id });
+        }
+        self.write_access_log();
+    }
+
     pub fn is_body_end(&self) -> bool {
         let st = self.lock();
         st.queue.is_empty() && st.phase == Phase::Finished
@@ -587,10 +716,6 @@ impl Exchange {
 
     pub fn declared_length(&self) -> Option<u64> {
         self.lock().declared_length
-    }
-
-    pub fn is_finished_by_app(&self) -> bool {
-        self.finished.load(Ordering::Acquire)
     }
 
     pub fn has_ended(&self) -> bool {
@@ -754,6 +879,9 @@ mod tests {
             false,
         )
         .unwrap();
+        assert!(rx.try_recv().is_err(), "the head waits for the first body event");
+        assert!(matches!(ex.body(b"abcd", false), Err(SendError::Invalid(_))));
+        assert_eq!(ex.body(b"abc", false).unwrap(), SendOutcome::Ready);
         match rx.try_recv() {
             Ok(Head::App(_, map)) => {
                 assert!(map.get("transfer-encoding").is_none());
@@ -762,8 +890,6 @@ mod tests {
             }
             _ => panic!("expected the app head"),
         }
-        assert!(matches!(ex.body(b"abcd", false), Err(SendError::Invalid(_))));
-        assert_eq!(ex.body(b"abc", false).unwrap(), SendOutcome::Ready);
     }
 
     #[test]
@@ -834,6 +960,7 @@ mod tests {
         ex.body(b"partial", true).unwrap();
         assert_eq!(ex.finish(None, false), FinishOutcome::Truncated);
         let _ = poll(&ex); // the queued chunk
+        assert!(poll(&ex).is_pending(), "one turn for hyper to flush what it took");
         assert!(matches!(poll(&ex), std::task::Poll::Ready(Some(Err(BodyAborted)))));
     }
 

@@ -126,6 +126,11 @@ fn run(opts: &Options, spec: LoadSpec, format: access_log::Format, runtime: &tok
         request_timeout: Options::timeout_opt(opts.request_timeout),
         keepalive_timeout: Options::timeout_opt(opts.timeout),
         access_log_needs_headers: needs_headers,
+        gate_limits: http1::gate::Limits {
+            max_header_size: opts.max_header_size,
+            max_header_count: opts.max_header_count,
+            max_body: opts.max_body_size,
+        },
     });
 
     let shown = match local {

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::exchange::ExchangeConfig;
+use crate::http1::gate::{Gate, Limits};
 use crate::http1::{handle, ConnInfo};
 use crate::interp::Pool;
 
@@ -27,6 +28,7 @@ pub struct Server {
     pub request_timeout: Option<Duration>,
     pub keepalive_timeout: Option<Duration>,
     pub access_log_needs_headers: bool,
+    pub gate_limits: Limits,
 }
 
 /// Set when the shutdown timeout expired and the remaining connections are
@@ -40,13 +42,12 @@ pub fn is_force_closing() -> bool {
 impl Server {
     fn http1_builder(&self) -> http1::Builder {
         let mut b = http1::Builder::new();
-        // The head limit we report (431) is checked per request in http1.rs;
-        // hyper's own limits sit above it so that an over-long request line
-        // can still be told apart (414) from over-long headers (431).
-        let head_allowance = self.max_header_size + crate::http1::MAX_URI_LEN + 1024;
+        // The gate enforces the head limits (414/431) before hyper parses;
+        // hyper's own limits sit above them as a backstop.
+        let head_allowance = self.max_header_size + crate::http1::gate::MAX_REQUEST_LINE + 1024;
         b.timer(TokioTimer::new())
             .header_read_timeout(self.keepalive_timeout)
-            .max_headers(self.max_header_count)
+            .max_headers(self.max_header_count + 2)
             .max_header_size(head_allowance)
             .max_buf_size(head_allowance.max(64 * 1024))
             .keep_alive(true);
@@ -86,7 +87,8 @@ pub async fn serve(
         let info = Arc::new(ConnInfo { client, server: server_addr });
         let svc_server = server.clone();
         let service = service_fn(move |req| handle(req, info.clone(), svc_server.clone()));
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let io = TokioIo::new(Gate::new(stream, server.gate_limits));
+        let conn = graceful.watch(builder.serve_connection(io, service));
         let mut force = force_rx.clone();
         tokio::spawn(async move {
             tokio::select! {

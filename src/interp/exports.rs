@@ -109,9 +109,10 @@ unsafe fn header_pairs<'a>(hdrs: *const PagiStr, n: usize) -> Vec<(&'a [u8], &'a
     flat.chunks_exact(2).map(|p| unsafe { (p[0].as_bytes(), p[1].as_bytes()) }).collect()
 }
 
+/// Move newly arrived messages into the inbox; returns how many arrived.
 #[no_mangle]
-pub extern "C" fn pagi_rs_wake_ack() {
-    with_ctx((), |ctx| ctx.mailbox.take_all(&mut ctx.inbox));
+pub extern "C" fn pagi_rs_wake_ack() -> c_int {
+    with_ctx(0, |ctx| ctx.mailbox.take_all(&mut ctx.inbox) as c_int)
 }
 
 /// Fill `out` with the next message; 0 when the inbox is empty.
@@ -309,7 +310,7 @@ pub extern "C" fn pagi_rs_fullflush(id: u64, _err: *mut PagiStr) -> c_int {
 pub extern "C" fn pagi_rs_want_body(id: u64) {
     guarded((), || {
         if let Some(ex) = exchange(id) {
-            ex.body_credit.add_permits(1);
+            ex.want_body();
         }
     })
 }
@@ -320,7 +321,12 @@ pub extern "C" fn pagi_rs_finish(id: u64, err: *const c_char, len: usize, has_er
         let Some(ex) = exchange(id) else { return crate::exchange::FinishOutcome::AlreadyDisconnected as c_int };
         // SAFETY: err/len describe the error text alive for this XS call.
         let text = (has_err != 0).then(|| String::from_utf8_lossy(unsafe { PagiStr { ptr: err, len }.as_bytes() }).into_owned());
-        ex.finish(text.as_deref(), interested != 0) as c_int
+        let outcome = ex.finish(text.as_deref(), interested != 0);
+        if interested == 0 {
+            // Perl has forgotten the request; later calls with its id are no-ops.
+            pagi_rs_release(id);
+        }
+        outcome as c_int
     })
 }
 

@@ -52,9 +52,7 @@ pub struct PerlInterpreter {
 
 extern "C" {
     pub fn pagi_sys_init();
-    pub fn pagi_sys_term();
     pub fn pagi_interp_new(argc: c_int, argv: *mut *mut c_char) -> *mut PerlInterpreter;
-    pub fn pagi_interp_set_context(interp: *mut PerlInterpreter);
     pub fn pagi_interp_free(interp: *mut PerlInterpreter);
     pub fn pagi_install_exit_guard();
     pub fn pagi_call(

@@ -40,7 +40,7 @@ typedef struct {
 
 /* Implemented in Rust (src/interp/exports.rs). */
 extern int pagi_rs_next_message(pagi_msg *out);
-extern void pagi_rs_wake_ack(void);
+extern int pagi_rs_wake_ack(void);
 extern int pagi_rs_response_start(uint64_t id, int64_t status, const pagi_str *hdrs, size_t nhdrs,
                                   int trailers, pagi_str *err);
 extern int pagi_rs_response_body(uint64_t id, const char *ptr, size_t len, int more, pagi_str *err);
@@ -158,6 +158,66 @@ static pagi_str *headers_from_sv(pTHX_ SV *sv, size_t *n_out, const char **why)
 
 /* ---- XS functions ------------------------------------------------------- */
 
+static SV *headers_av(pTHX_ const pagi_msg *m)
+{
+    AV *av = newAV();
+    size_t i;
+    av_extend(av, (SSize_t)m->nheaders);
+    for (i = 0; i < m->nheaders; i++) {
+        AV *pair = newAV();
+        av_extend(pair, 1);
+        av_push(pair, bytes_sv(aTHX_ m->headers[2 * i], 0));
+        av_push(pair, bytes_sv(aTHX_ m->headers[2 * i + 1], 0));
+        av_push(av, newRV_noinc((SV *)pair));
+    }
+    return newRV_noinc((SV *)av);
+}
+
+static SV *host_port(pTHX_ pagi_str host, int64_t port)
+{
+    AV *av = newAV();
+    av_extend(av, 1);
+    av_push(av, bytes_sv(aTHX_ host, 0));
+    av_push(av, newSViv((IV)port));
+    return newRV_noinc((SV *)av);
+}
+
+/* The http scope hash for a REQUEST message (see Spec/Www.pod).  Built here
+ * rather than in Perl because it is on every request's path; the Perl side
+ * adds the pagi.connection and pagi.transport objects.  String order is
+ * fixed by exports.rs. */
+static SV *request_scope(pTHX_ const pagi_msg *m)
+{
+    HV *scope = newHV();
+    HV *pagi = newHV();
+    HV *ext = newHV();
+    HV *state = get_hv("PAGI::RS::Bridge::STATE", GV_ADD);
+    (void)hv_stores(pagi, "version", newSVpvs("0.4"));
+    (void)hv_stores(pagi, "spec_version", newSVpvs("0.3"));
+    (void)hv_stores(ext, "fullflush", newRV_noinc((SV *)newHV()));
+    (void)hv_stores(scope, "type", newSVpvs("http"));
+    (void)hv_stores(scope, "pagi", newRV_noinc((SV *)pagi));
+    (void)hv_stores(scope, "http_version", bytes_sv(aTHX_ m->str[0], 0));
+    (void)hv_stores(scope, "method", bytes_sv(aTHX_ m->str[1], 0));
+    (void)hv_stores(scope, "scheme", bytes_sv(aTHX_ m->str[2], 0));
+    (void)hv_stores(scope, "path", bytes_sv(aTHX_ m->str[3], (m->utf8_mask >> 3) & 1));
+    (void)hv_stores(scope, "raw_path", bytes_sv(aTHX_ m->str[4], 0));
+    (void)hv_stores(scope, "query_string", bytes_sv(aTHX_ m->str[5], 0));
+    (void)hv_stores(scope, "root_path", bytes_sv(aTHX_ m->str[6], (m->utf8_mask >> 6) & 1));
+    (void)hv_stores(scope, "headers", headers_av(aTHX_ m));
+    (void)hv_stores(scope, "client", host_port(aTHX_ m->str[7], m->num[0]));
+    (void)hv_stores(scope, "server", host_port(aTHX_ m->str[8], m->num[1]));
+    /* A shallow copy: top-level keys private to the request, values shared. */
+    (void)hv_stores(scope, "state", newRV_noinc((SV *)newHVhv(state)));
+    (void)hv_stores(scope, "extensions", newRV_noinc((SV *)ext));
+    return newRV_noinc((SV *)scope);
+}
+
+/* _next() returns the next message as a list:
+ *   REQUEST: (kind, id, body_state, \%scope)
+ *   others:  (kind, id, num0, num1, num2, num3, headers_or_undef, strings...) */
+#define PAGI_MSG_REQUEST 1
+
 XS(xs_next_message)
 {
     dXSARGS;
@@ -168,25 +228,24 @@ XS(xs_next_message)
     memset(&m, 0, sizeof m);
     if (!pagi_rs_next_message(&m))
         XSRETURN_EMPTY;
+    if (m.kind == PAGI_MSG_REQUEST) {
+        EXTEND(SP, 4);
+        mPUSHi(m.kind);
+        mPUSHu((UV)m.id);
+        mPUSHi((IV)m.num[2]);
+        mPUSHs(request_scope(aTHX_ & m));
+        PUTBACK;
+        return;
+    }
     EXTEND(SP, 8 + (SSize_t)m.nstr);
     mPUSHi(m.kind);
     mPUSHu((UV)m.id);
     for (i = 0; i < 4; i++)
         mPUSHi((IV)m.num[i]);
-    if (m.has_headers) {
-        AV *av = newAV();
-        av_extend(av, (SSize_t)m.nheaders);
-        for (i = 0; i < m.nheaders; i++) {
-            AV *pair = newAV();
-            av_extend(pair, 1);
-            av_push(pair, bytes_sv(aTHX_ m.headers[2 * i], 0));
-            av_push(pair, bytes_sv(aTHX_ m.headers[2 * i + 1], 0));
-            av_push(av, newRV_noinc((SV *)pair));
-        }
-        mPUSHs(newRV_noinc((SV *)av));
-    } else {
+    if (m.has_headers)
+        mPUSHs(headers_av(aTHX_ & m));
+    else
         PUSHs(&PL_sv_undef);
-    }
     for (i = 0; i < m.nstr; i++) {
         if (m.str[i].ptr == NULL)
             PUSHs(&PL_sv_undef);
@@ -200,8 +259,7 @@ XS(xs_wake_ack)
 {
     dXSARGS;
     PERL_UNUSED_VAR(items);
-    pagi_rs_wake_ack();
-    XSRETURN_EMPTY;
+    XSRETURN_IV(pagi_rs_wake_ack());
 }
 
 /* _start($id, $status, $headers, $trailers) */

@@ -51,22 +51,26 @@ impl Mailbox {
         }
     }
 
-    /// Called by the interpreter when the eventfd is readable: resets the
-    /// counter, re-arms notification, and moves every queued message into
-    /// `into` (one lock for the whole batch).
-    pub fn take_all(&self, into: &mut VecDeque<ToPerl>) {
-        let mut counter: u64 = 0;
-        // SAFETY: reading 8 bytes into a live u64 from our own non-blocking eventfd.
-        unsafe {
-            libc::read(self.wake_fd.as_raw_fd(), (&mut counter as *mut u64).cast(), 8);
+    /// Called by the interpreter: re-arms notification, resets the eventfd
+    /// if it was written, and moves every queued message into `into` (one
+    /// lock for the whole batch).  Returns how many messages were moved.
+    pub fn take_all(&self, into: &mut VecDeque<ToPerl>) -> usize {
+        if self.notified.swap(false, Ordering::AcqRel) {
+            let mut counter: u64 = 0;
+            // SAFETY: reading 8 bytes into a live u64 from our own
+            // non-blocking eventfd; EAGAIN is harmless.
+            unsafe {
+                libc::read(self.wake_fd.as_raw_fd(), (&mut counter as *mut u64).cast(), 8);
+            }
         }
-        self.notified.swap(false, Ordering::AcqRel);
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let n = q.len();
         if into.is_empty() {
             std::mem::swap(into, &mut q);
         } else {
             into.extend(q.drain(..));
         }
+        n
     }
 
     /// A duplicate of the eventfd for Perl, which closes what it opens.

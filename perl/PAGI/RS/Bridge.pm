@@ -85,14 +85,23 @@ sub run {
     return '';
 }
 
+# Keep taking batches until none arrives while the last was processed:
+# under load this saves a trip through the event loop per batch.
 sub drain {
-    PAGI::RS::_wake_ack();
+    while ( PAGI::RS::_wake_ack() ) {
+        _dispatch_inbox();
+    }
+    return;
+}
+
+sub _dispatch_inbox {
     while ( my @m = PAGI::RS::_next() ) {
+        # REQUEST: (kind, id, body_state, scope); others:
         # (kind, id, num0..num3, headers, strings...)
         my $kind = $m[0];
         my $ok = eval {
             if ( $kind == MSG_REQUEST ) {
-                PAGI::RS::HTTP->dispatch(@m);
+                PAGI::RS::HTTP->dispatch( $m[1], $m[2], $m[3] );
             }
             elsif ( $kind == MSG_BODY ) {
                 my $r = $REQUESTS{ $m[1] };

@@ -34,47 +34,37 @@ use constant MAX_DISCONNECT_RECEIVES => 100;
 my $DONE = Future->done;
 
 sub dispatch {
-    my ( $class, undef, $id, $client_port, $server_port, $body_state, undef, $headers,
-        $http_version, $method, $scheme, $path, $raw_path, $query, $root_path, $client_host,
-        $server_host ) = @_;
-
-    my $conn      = PAGI::RS::Connection->new($id);
-    my $transport = PAGI::RS::Transport->new($id);
+    my ( $class, $id, $body_state, $scope ) = @_;
+    my $conn      = bless [ $id, 1, undef, 0, 0, undef, undef, undef, 0 ], 'PAGI::RS::Connection';
+    my $transport = bless [ $id, undef, undef ], 'PAGI::RS::Transport';
     my $self = bless [ $id, $conn, $transport, [], undef, undef, undef, $body_state, undef, 0, 0, 0, 0 ],
       $class;
     $PAGI::RS::Bridge::REQUESTS{$id} = $self;
+    $scope->{'pagi.connection'} = $conn;
+    $scope->{'pagi.transport'}  = $transport;
 
-    my %scope = (
-        type              => 'http',
-        pagi              => { version => '0.4', spec_version => '0.3' },
-        http_version      => $http_version,
-        method            => $method,
-        scheme            => $scheme,
-        path              => $path,
-        raw_path          => $raw_path,
-        query_string      => $query,
-        root_path         => $root_path,
-        headers           => $headers,
-        client            => [ $client_host, $client_port ],
-        server            => [ $server_host, $server_port ],
-        state             => { %PAGI::RS::Bridge::STATE },
-        extensions        => { fullflush => {} },
-        'pagi.connection' => $conn,
-        'pagi.transport'  => $transport,
-    );
-
-    my $f = eval { $PAGI::RS::Bridge::APP->( \%scope, $self->_receiver, $self->_sender ) };
+    # Tiny closures: cloning a closure copies its whole pad, so the logic
+    # lives in named subs.
+    my $f = eval {
+        $PAGI::RS::Bridge::APP->( $scope, sub { _receive($self) }, sub { _send( $self, $_[0] ) } );
+    };
     if ( !defined $f ) {
         my $err = $@;
         $self->_app_done( $err ne '' ? $err : undef );
     }
-    elsif ( blessed($f) && $f->isa('Future') ) {
+    elsif ( !( blessed($f) && $f->isa('Future') ) ) {
+        $self->_app_done(undef);
+    }
+    elsif ( $f->is_done ) {
+        _app_done( $self, undef );
+    }
+    elsif ( $f->is_ready ) {
+        _app_ready( $self, $f );
+    }
+    else {
         # Keep the app's Future alive: nothing else may hold it.
         $self->[APP_FUTURE] = $f;
         $f->on_ready( sub { $self->_app_ready(shift) } );
-    }
-    else {
-        $self->_app_done(undef);
     }
     return;
 }
@@ -99,8 +89,12 @@ sub _app_done {
     my ( $self, $err ) = @_;
     return if $self->[APP_DONE]++;
     my $conn = $self->[CONN];
-    my $interested = $conn->_has_callbacks ? 1 : 0;
-    my $rc = PAGI::RS::_finish( $self->[ID], $err, $interested );
+    # Keep listening only if someone registered for the request's end.
+    my $keep = $conn->[PAGI::RS::Connection::CONNECTED]
+      && !$conn->[PAGI::RS::Connection::COMPLETED_CLEANLY]
+      && $conn->_has_callbacks ? 1 : 0;
+    my $rc = PAGI::RS::_finish( $self->[ID], $err, $keep );
+    delete $PAGI::RS::Bridge::REQUESTS{ $self->[ID] } unless $keep;
     if ( $rc == FIN_BACKSTOP ) {
         $conn->[PAGI::RS::Connection::STARTED] = 1;
         $self->on_disconnect('server_error');
@@ -108,7 +102,6 @@ sub _app_done {
     elsif ( $rc == FIN_TRUNCATED ) {
         $self->on_disconnect('server_error');
     }
-    $self->_forget unless $interested && $conn->is_connected && !$conn->[PAGI::RS::Connection::COMPLETED_CLEANLY];
     return;
 }
 
@@ -116,19 +109,15 @@ sub _app_done {
 sub _forget {
     my ($self) = @_;
     delete $PAGI::RS::Bridge::REQUESTS{ $self->[ID] };
+    PAGI::RS::_release( $self->[ID] );
     return;
-}
-
-sub DESTROY {
-    my ($self) = @_;
-    PAGI::RS::_release( $self->[ID] ) if defined $self->[ID];
 }
 
 # ---- $receive -------------------------------------------------------------
 
-sub _receiver {
+sub _receive {
     my ($self) = @_;
-    return sub {
+    {
         my $q = $self->[QUEUE];
         if (@$q) {
             my $ev = shift @$q;
@@ -156,7 +145,7 @@ sub _receiver {
             return $pending unless $pending->is_ready;
         }
         return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
-    };
+    }
 }
 
 sub _disconnect_event {
@@ -189,11 +178,10 @@ sub on_body {
 
 # ---- $send ------------------------------------------------------------------
 
-sub _sender {
-    my ($self) = @_;
+sub _send {
+    my ( $self, $ev ) = @_;
     my $id = $self->[ID];
-    return sub {
-        my ($ev) = @_;
+    {
         my $type = ref $ev eq 'HASH' ? $ev->{type} : undef;
         return Future->fail("send() needs an event hash reference with a 'type'\n")
           unless defined $type;
@@ -204,7 +192,7 @@ sub _sender {
             my $more = $ev->{more} ? 1 : 0;
             my ( $rc, $err ) = PAGI::RS::_body( $id, $ev->{body}, $more );
             return Future->fail("http.response.body: $err\n") if $rc < 0;
-            $self->_body_sent unless $more || $rc == CLOSED;
+            _response_complete($self) unless $more || $rc == CLOSED || $self->[TRAILERS];
             return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
         }
         if ( $type eq 'http.response.start' ) {
@@ -228,12 +216,7 @@ sub _sender {
             return $rc == DEFERRED ? $self->_wait_deferred(0) : $DONE;
         }
         return Future->fail("Unrecognised event type '$type' for an http scope\n");
-    };
-}
-
-sub _body_sent {
-    my ($self) = @_;
-    $self->_response_complete unless $self->[TRAILERS];
+    }
 }
 
 sub _response_complete {
@@ -342,11 +325,13 @@ sub _wait_deferred {
 
 sub on_drained {
     my ($self) = @_;
+    # Callbacks first: resolving the send resumes the app, which may push
+    # past the high mark again before a late on_drain would run.
+    $self->[TRANSPORT]->_fire_drain;
     if ( my $f = $self->[SEND_WAIT] ) {
         $self->[SEND_WAIT] = undef;
         $f->done unless $f->is_ready;
     }
-    $self->[TRANSPORT]->_fire_drain;
     return;
 }
 

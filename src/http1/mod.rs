@@ -1,14 +1,16 @@
-//! HTTP/1.1 through hyper: one call of [`handle`] per request.  It refuses
-//! what the server must refuse itself (400/413/414/431/501), builds the
+//! HTTP/1.1 through hyper: one call of [`handle`] per request.  It answers
+//! the requests the [`gate`] refused (400/413/414/431/501), builds the
 //! scope, hands the request to an interpreter, and turns the application's
 //! response head into a hyper response.
+
+pub mod gate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, TRANSFER_ENCODING};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::{Body, Incoming};
 
 use crate::access_log::Record;
@@ -17,9 +19,6 @@ use crate::exchange::{Exchange, Head, RequestFacts};
 use crate::interp::messages::ToPerl;
 use crate::scope::{http_version_str, normalise_headers, BodyState, RequestScope};
 use crate::server::Server;
-
-/// Longest request target accepted; longer gets 414 (the reference's limit).
-pub const MAX_URI_LEN: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -40,7 +39,7 @@ pub async fn handle(
     server: Arc<Server>,
 ) -> Result<Response<ResponseBody>, ServiceError> {
     let started = Instant::now();
-    if let Some((status, text)) = refusal(&req, &server) {
+    if let Some((status, text)) = refusal(&req) {
         log_refusal(&server, &req, &conn, status, started);
         return Ok(plain_response(status, text));
     }
@@ -75,6 +74,9 @@ pub async fn handle(
         Exchange::new(server.pool.next_request_id(), interp.mailbox.clone(), server.exchange_config.clone(), facts);
 
     if body_state != BodyState::Empty {
+        if body_state == BodyState::AwaitingContinue {
+            exchange.set_continue_unanswered(true);
+        }
         if body_state == BodyState::Streaming {
             // Read one chunk ahead so a small body is waiting when the app asks.
             exchange.body_credit.add_permits(1);
@@ -133,52 +135,11 @@ async fn watch_stalls(exchange: std::sync::Weak<Exchange>, limit: Duration) {
     }
 }
 
-/// What the server answers itself, before the application sees the request.
-fn refusal(req: &Request<Incoming>, server: &Server) -> Option<(StatusCode, &'static str)> {
-    let headers = req.headers();
-    let target_len = req.uri().path_and_query().map(|p| p.as_str().len()).unwrap_or(0);
-    if target_len > MAX_URI_LEN {
-        return Some((StatusCode::URI_TOO_LONG, "URI Too Long"));
-    }
-    // The request line counts toward the head limit, as in the reference.
-    let head_size = req.method().as_str().len()
-        + target_len
-        + 12
-        + headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>()
-        + 2;
-    if head_size > server.max_header_size || headers.len() > server.max_header_count {
-        return Some((StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "Request Header Fields Too Large"));
-    }
-    let hosts = headers.get_all(HOST).iter().count();
-    if (req.version() == Version::HTTP_11 && hosts == 0) || hosts > 1 {
-        return Some((StatusCode::BAD_REQUEST, "Bad Request"));
-    }
-    if headers.get_all(CONTENT_LENGTH).iter().count() > 1 {
-        return Some((StatusCode::BAD_REQUEST, "Bad Request"));
-    }
-    // hyper has already refused a Transfer-Encoding whose final coding is not
-    // chunked (400, as RFC 9112 requires); any other coding before chunked is
-    // one we do not implement.
-    for value in headers.get_all(TRANSFER_ENCODING) {
-        let unsupported = value
-            .as_bytes()
-            .split(|b| *b == b',')
-            .map(|c| c.trim_ascii())
-            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked"));
-        if unsupported {
-            return Some((StatusCode::NOT_IMPLEMENTED, "Unsupported Transfer-Encoding"));
-        }
-    }
-    if server.exchange_config.max_body > 0 {
-        let declared = headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > server.exchange_config.max_body) {
-            return Some((StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"));
-        }
-    }
-    None
+/// The gate's verdict on this request, if it refused it (see gate.rs).
+fn refusal(req: &Request<Incoming>) -> Option<(StatusCode, &'static str)> {
+    let verdict = req.headers().get(gate::REFUSAL_HEADER)?;
+    let code = verdict.to_str().ok().and_then(|s| s.parse::<u16>().ok()).unwrap_or(400);
+    Some(gate::refusal_text(code))
 }
 
 /// A server-generated response: short text/plain body, connection closed.

@@ -1,0 +1,506 @@
+//! The request gate: a thin reader between the socket and hyper that finds
+//! each request head in the byte stream and checks it before hyper parses it.
+//!
+//! hyper quietly accepts some requests the server must refuse (duplicate
+//! Content-Length, Content-Length with Transfer-Encoding, which it resolves
+//! by dropping a header) and answers its own parse errors with empty bodies.
+//! When a head fails a check, the gate hands hyper a stand-in request that
+//! carries the verdict in [`REFUSAL_HEADER`], and nothing after it.  The
+//! service answers the stand-in with the server's text/plain refusal, so the
+//! refusal keeps its place behind any pipelined requests, and hyper closes
+//! the connection after it.
+//!
+//! To find the next head the gate follows body framing (Content-Length or
+//! chunked).  After an `Upgrade` request it steps aside for good.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Carries the refusal status from the gate to the service.  A client that
+/// sends it itself is refused.
+pub const REFUSAL_HEADER: &str = "x-pagi-rs-refusal";
+
+/// Longest request line accepted; longer gets 414 (the reference's limit).
+pub const MAX_REQUEST_LINE: usize = 8192;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_header_size: usize,
+    pub max_header_count: usize,
+    /// 0 = unlimited.
+    pub max_body: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    Head,
+    Fixed(u64),
+    Chunked(Chunk),
+    /// The stream is no longer (checkable) HTTP/1: pass everything through.
+    PassThrough,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+pub struct Gate<S> {
+    inner: S,
+    limits: Limits,
+    framing: Framing,
+    /// Bytes read from the socket, not yet classified.
+    raw: BytesMut,
+    /// Bytes classified and waiting for hyper.
+    out: BytesMut,
+    /// A refusal was issued: after `out` drains, hyper reads nothing more.
+    closed: bool,
+    peer_eof: bool,
+}
+
+impl<S> Gate<S> {
+    pub fn new(inner: S, limits: Limits) -> Gate<S> {
+        Gate {
+            inner,
+            limits,
+            framing: Framing::Head,
+            raw: BytesMut::with_capacity(8192),
+            out: BytesMut::new(),
+            closed: false,
+            peer_eof: false,
+        }
+    }
+
+    /// Classify as much of `raw` as possible.
+    fn scan(&mut self) {
+        loop {
+            if self.raw.is_empty() || self.closed {
+                return;
+            }
+            match &mut self.framing {
+                Framing::PassThrough => {
+                    let all = self.raw.split();
+                    self.out.unsplit(all);
+                    return;
+                }
+                Framing::Fixed(remaining) => {
+                    let n = (*remaining).min(self.raw.len() as u64) as usize;
+                    *remaining -= n as u64;
+                    if *remaining == 0 {
+                        self.framing = Framing::Head;
+                    }
+                    let part = self.raw.split_to(n);
+                    self.out.unsplit(part);
+                }
+                Framing::Chunked(_) => {
+                    if !self.scan_chunked() {
+                        return;
+                    }
+                }
+                Framing::Head => {
+                    if !self.scan_head() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns false when more bytes are needed.
+    fn scan_head(&mut self) -> bool {
+        // Empty lines before a request line are tolerated (RFC 9112 §2.2).
+        while self.raw.starts_with(b"\r\n") {
+            let crlf = self.raw.split_to(2);
+            self.out.unsplit(crlf);
+        }
+        if self.raw.is_empty() {
+            return false;
+        }
+        let mut slots = vec![httparse::EMPTY_HEADER; self.limits.max_header_count + 1];
+        let mut req = httparse::Request::new(&mut slots);
+        match req.parse(&self.raw) {
+            Ok(httparse::Status::Partial) => {
+                let line_done = self.raw.windows(2).any(|w| w == b"\r\n");
+                if !line_done && self.raw.len() > MAX_REQUEST_LINE {
+                    self.refuse(StatusCode::URI_TOO_LONG, None);
+                } else if self.raw.len() > self.limits.max_header_size.max(MAX_REQUEST_LINE) + 4 {
+                    let status = if line_done { StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE } else { StatusCode::URI_TOO_LONG };
+                    self.refuse(status, None);
+                }
+                false
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                self.refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None);
+                false
+            }
+            Err(_) => {
+                self.refuse(StatusCode::BAD_REQUEST, None);
+                false
+            }
+            Ok(httparse::Status::Complete(len)) => {
+                let line = RequestLine::of(&req);
+                match check_head(&req, len, &self.limits) {
+                    Ok(framing) => {
+                        let head = self.raw.split_to(len);
+                        self.out.unsplit(head);
+                        self.framing = framing;
+                        true
+                    }
+                    Err(status) => {
+                        self.refuse(status, Some(line));
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// Follow chunked framing; returns false when more bytes are needed.
+    fn scan_chunked(&mut self) -> bool {
+        let Framing::Chunked(state) = &mut self.framing else { return true };
+        match state {
+            Chunk::Size => {
+                let Some(end) = find_crlf(&self.raw) else {
+                    if self.raw.len() > 4096 {
+                        self.framing = Framing::PassThrough; // hyper will reject it
+                    }
+                    return false;
+                };
+                let line = &self.raw[..end];
+                let digits = line.split(|b| *b == b';').next().unwrap_or(b"");
+                let size = std::str::from_utf8(digits)
+                    .ok()
+                    .map(str::trim)
+                    .and_then(|s| u64::from_str_radix(s, 16).ok());
+                match size {
+                    Some(0) => *state = Chunk::Trailers,
+                    Some(n) => *state = Chunk::Data(n),
+                    None => {
+                        self.framing = Framing::PassThrough;
+                        return true;
+                    }
+                }
+                let part = self.raw.split_to(end + 2);
+                self.out.unsplit(part);
+                true
+            }
+            Chunk::Data(remaining) => {
+                let n = (*remaining).min(self.raw.len() as u64) as usize;
+                *remaining -= n as u64;
+                if *remaining == 0 {
+                    *state = Chunk::DataEnd;
+                }
+                let part = self.raw.split_to(n);
+                self.out.unsplit(part);
+                true
+            }
+            Chunk::DataEnd => {
+                if self.raw.len() < 2 {
+                    return false;
+                }
+                *state = Chunk::Size;
+                let part = self.raw.split_to(2);
+                self.out.unsplit(part);
+                true
+            }
+            Chunk::Trailers => {
+                let Some(end) = find_crlf(&self.raw) else {
+                    if self.raw.len() > self.limits.max_header_size {
+                        self.framing = Framing::PassThrough;
+                    }
+                    return false;
+                };
+                if end == 0 {
+                    self.framing = Framing::Head;
+                }
+                let part = self.raw.split_to(end + 2);
+                self.out.unsplit(part);
+                true
+            }
+        }
+    }
+
+    fn refuse(&mut self, status: StatusCode, line: Option<RequestLine>) {
+        let (method, target) = match line {
+            Some(l) if l.target.len() <= MAX_REQUEST_LINE => (l.method, l.target),
+            _ => ("GET".to_string(), "/".to_string()),
+        };
+        let standin =
+            format!("{method} {target} HTTP/1.1\r\nhost: pagi-rs\r\n{REFUSAL_HEADER}: {}\r\n\r\n", status.as_u16());
+        self.out.extend_from_slice(standin.as_bytes());
+        self.raw.clear();
+        self.closed = true;
+    }
+}
+
+struct RequestLine {
+    method: String,
+    target: String,
+}
+
+impl RequestLine {
+    fn of(req: &httparse::Request<'_, '_>) -> RequestLine {
+        RequestLine {
+            method: req.method.unwrap_or("GET").to_string(),
+            target: req.path.unwrap_or("/").to_string(),
+        }
+    }
+}
+
+fn find_crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}
+
+/// The checks hyper does not make (or makes silently), in the reference
+/// server's order.  Ok gives the body framing that follows the head.
+fn check_head(req: &httparse::Request<'_, '_>, head_len: usize, limits: &Limits) -> Result<Framing, StatusCode> {
+    let target_len = req.path.map(str::len).unwrap_or(0);
+    if target_len > MAX_REQUEST_LINE {
+        return Err(StatusCode::URI_TOO_LONG);
+    }
+    if head_len > limits.max_header_size || req.headers.len() > limits.max_header_count {
+        return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+    let http11 = req.version == Some(1);
+    let mut hosts = 0;
+    let mut content_length: Option<u64> = None;
+    let mut cl_count = 0;
+    let mut te: Option<Vec<u8>> = None;
+    let mut upgrade = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case(REFUSAL_HEADER) {
+            return Err(StatusCode::BAD_REQUEST);
+        } else if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            cl_count += 1;
+            let v = h.value;
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+                return Err(StatusCode::BAD_REQUEST);
+            }
+            // More than 19 digits cannot be a length we would accept.
+            let n = std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(u64::MAX);
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let mut all = te.take().unwrap_or_default();
+            if !all.is_empty() {
+                all.push(b',');
+            }
+            all.extend_from_slice(h.value);
+            te = Some(all);
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    if (http11 && hosts == 0) || hosts > 1 {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    if cl_count > 1 {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    if let Some(te) = &te {
+        if content_length.is_some() {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        if !http11 {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        let codings: Vec<&[u8]> =
+            te.split(|b| *b == b',').map(|c| c.trim_ascii()).filter(|c| !c.is_empty()).collect();
+        let chunked_at = codings.iter().position(|c| c.eq_ignore_ascii_case(b"chunked"));
+        return match chunked_at {
+            // chunked, but not last: the body length cannot be known.
+            Some(i) if i + 1 != codings.len() => Err(StatusCode::BAD_REQUEST),
+            // A coding before chunked that we would have to decode.
+            Some(_) if codings.len() > 1 => Err(StatusCode::NOT_IMPLEMENTED),
+            Some(_) => Ok(if upgrade { Framing::PassThrough } else { Framing::Chunked(Chunk::Size) }),
+            None => Err(StatusCode::NOT_IMPLEMENTED),
+        };
+    }
+    if let Some(n) = content_length {
+        if limits.max_body > 0 && n > limits.max_body {
+            return Err(StatusCode::PAYLOAD_TOO_LARGE);
+        }
+    }
+    if upgrade {
+        return Ok(Framing::PassThrough);
+    }
+    Ok(match content_length {
+        Some(n) if n > 0 => Framing::Fixed(n),
+        _ => Framing::Head,
+    })
+}
+
+/// The reason text of each refusal, sent as the text/plain body.
+pub fn refusal_text(status: u16) -> (StatusCode, &'static str) {
+    match status {
+        413 => (StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"),
+        414 => (StatusCode::URI_TOO_LONG, "URI Too Long"),
+        431 => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "Request Header Fields Too Large"),
+        501 => (StatusCode::NOT_IMPLEMENTED, "Unsupported Transfer-Encoding"),
+        _ => (StatusCode::BAD_REQUEST, "Bad Request"),
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.out.is_empty() {
+                let n = this.out.len().min(buf.remaining());
+                buf.put_slice(&this.out[..n]);
+                this.out.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.peer_eof {
+                return Poll::Ready(Ok(()));
+            }
+            if this.closed {
+                // Not EOF: hyper would abandon the stand-in request.  Its
+                // response carries `connection: close`, which ends the
+                // connection once written.
+                return Poll::Pending;
+            }
+            if this.framing == Framing::PassThrough && this.raw.is_empty() {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            this.raw.reserve(8192);
+            let n = {
+                let spare = this.raw.spare_capacity_mut();
+                let mut rb = ReadBuf::uninit(spare);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => rb.filled().len(),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            };
+            if n == 0 {
+                // Hand hyper what is left (a partial head it will reject), then EOF.
+                this.peer_eof = true;
+                let rest = this.raw.split();
+                this.out.unsplit(rest);
+                continue;
+            }
+            // SAFETY: poll_read initialised exactly `n` bytes of the spare capacity.
+            unsafe { this.raw.set_len(this.raw.len() + n) };
+            this.scan();
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_header_size: 8192, max_header_count: 100, max_body: 1000 };
+
+    /// Feed `input` in pieces of `step` bytes; return what hyper would see.
+    fn through(input: &[u8], step: usize) -> (Vec<u8>, bool) {
+        let mut g = Gate::new((), LIMITS);
+        for piece in input.chunks(step.max(1)) {
+            g.raw.extend_from_slice(piece);
+            g.scan();
+        }
+        let mut seen = g.out.to_vec();
+        if !g.closed {
+            seen.extend_from_slice(&g.raw);
+        }
+        (seen, g.closed)
+    }
+
+    fn verdict(input: &[u8]) -> Option<u16> {
+        let (seen, closed) = through(input, usize::MAX);
+        closed.then(|| {
+            let s = String::from_utf8_lossy(&seen);
+            let at = s.find(REFUSAL_HEADER).expect("stand-in carries the verdict");
+            s[at + REFUSAL_HEADER.len() + 2..at + REFUSAL_HEADER.len() + 5].parse().unwrap()
+        })
+    }
+
+    #[test]
+    fn valid_pipelined_requests_pass_through_untouched_in_any_split() {
+        let input = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: x\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\nGET /d HTTP/1.1\r\nHost: x\r\n\r\n";
+        for step in [1, 2, 3, 7, 64, usize::MAX] {
+            let (seen, closed) = through(input, step);
+            assert!(!closed, "step {step}");
+            assert_eq!(seen, input.to_vec(), "step {step}");
+        }
+    }
+
+    #[test]
+    fn refusals_hyper_would_not_make() {
+        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"), Some(400));
+        assert_eq!(
+            verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"), Some(501));
+        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"), Some(501));
+        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"), Some(400));
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\n\r\n"), Some(400), "no Host on 1.1");
+        assert_eq!(verdict(b"GET / HTTP/1.0\r\n\r\n"), None, "1.0 needs no Host");
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), Some(400));
+        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"), Some(400));
+        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n"), Some(413));
+        assert_eq!(verdict(b"GARBAGE\r\n\r\n"), Some(400));
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\nHost: x\r\nx-pagi-rs-refusal: 200\r\n\r\n"), Some(400), "no forging");
+    }
+
+    #[test]
+    fn size_limits_answer_while_the_head_is_still_arriving() {
+        let long_target = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9000));
+        assert_eq!(verdict(long_target.as_bytes()), Some(414));
+        let unfinished = format!("GET /{}", "a".repeat(20_000));
+        assert_eq!(verdict(unfinished.as_bytes()), Some(414), "refused before the line ends");
+        let big_header = format!("GET / HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n", "b".repeat(9000));
+        assert_eq!(verdict(big_header.as_bytes()), Some(431));
+        let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+        assert_eq!(verdict(format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes()), Some(431));
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_place_behind_earlier_requests() {
+        let input = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nPOST /bad HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nxGET /never HTTP/1.1\r\n";
+        let (seen, closed) = through(input, 5);
+        assert!(closed);
+        let s = String::from_utf8(seen).unwrap();
+        assert!(s.starts_with("GET /ok HTTP/1.1\r\nHost: x\r\n\r\nPOST /bad HTTP/1.1\r\nhost: pagi-rs\r\n"), "{s}");
+        assert!(!s.contains("/never"));
+    }
+}

@@ -1,0 +1,244 @@
+package PagiRS::Test;
+
+# Test harness: runs the real pagi-rs binary on an ephemeral loopback port
+# and talks to it over real sockets.
+
+use strict;
+use warnings;
+use Exporter 'import';
+use File::Temp qw(tempfile tempdir);
+use File::Spec;
+use FindBin;
+use IO::Socket::INET;
+use IO::Select;
+use POSIX qw(WNOHANG);
+use Time::HiRes qw(time sleep);
+use Test::More ();
+
+our @EXPORT = qw(pagi_bin write_app start_server raw_request parse_response http_request run_pagi);
+
+my $ROOT = File::Spec->rel2abs( File::Spec->catdir( $FindBin::Bin, '..' ) );
+$ROOT =~ s{/t/?\z}{} unless -d "$ROOT/src";
+my $TMP = tempdir( CLEANUP => 1 );
+
+sub pagi_bin {
+    return $ENV{PAGI_RS_BIN} // "$ROOT/target/release/pagi-rs";
+}
+
+# Write a PAGI app (Perl source) to a temporary file; returns its path.
+my $app_n = 0;
+sub write_app {
+    my ( $code, $name ) = @_;
+    $name //= 'app' . ( ++$app_n ) . '.pl';
+    my $path = "$TMP/$name";
+    open my $fh, '>', $path or die "write $path: $!";
+    print $fh $code;
+    close $fh;
+    return $path;
+}
+
+# Run pagi-rs to completion (for startup failures); returns (exit code, stderr, stdout).
+sub run_pagi {
+    my (@args) = @_;
+    my ( undef, $err_file ) = tempfile( DIR => $TMP );
+    my ( undef, $out_file ) = tempfile( DIR => $TMP );
+    my $pid = fork // die "fork: $!";
+    if ( !$pid ) {
+        open STDIN,  '<', '/dev/null';
+        open STDOUT, '>', $out_file;
+        open STDERR, '>', $err_file;
+        exec pagi_bin(), @args or POSIX::_exit(127);
+    }
+    my $deadline = time + 30;
+    my $status;
+    while ( time < $deadline ) {
+        my $r = waitpid( $pid, WNOHANG );
+        if ( $r == $pid ) { $status = $?; last }
+        sleep 0.05;
+    }
+    if ( !defined $status ) {
+        kill 'KILL', $pid;
+        waitpid( $pid, 0 );
+        $status = -1;
+    }
+    return ( $status == -1 ? -1 : $status >> 8, _slurp($err_file), _slurp($out_file) );
+}
+
+sub _slurp {
+    my ($f) = @_;
+    open my $fh, '<', $f or return '';
+    local $/;
+    my $s = <$fh>;
+    return $s // '';
+}
+
+# Start pagi-rs with @args (the app last); waits for the startup line.
+sub start_server {
+    my (@args) = @_;
+    my ( undef, $err_file ) = tempfile( DIR => $TMP );
+    my $pid = fork // die "fork: $!";
+    if ( !$pid ) {
+        open STDIN,  '<', '/dev/null';
+        open STDOUT, '>>', $err_file;
+        open STDERR, '>>', $err_file;
+        exec pagi_bin(), '-p', 0, @args or POSIX::_exit(127);
+    }
+    my $self = bless { pid => $pid, stderr_file => $err_file }, 'PagiRS::Test::Server';
+    my $deadline = time + 30;
+    while ( time < $deadline ) {
+        my $err = _slurp($err_file);
+        if ( $err =~ m{listening on http://\[?([^\]/]+?)\]?:(\d+)/} ) {
+            @$self{qw(host port)} = ( $1, $2 );
+            return $self;
+        }
+        if ( waitpid( $pid, WNOHANG ) == $pid ) {
+            $self->{exited} = $? >> 8;
+            die "pagi-rs exited during startup (code $self->{exited}):\n$err";
+        }
+        sleep 0.05;
+    }
+    kill 'KILL', $pid;
+    die "pagi-rs did not print its startup line:\n" . _slurp($err_file);
+}
+
+# Send raw bytes; read until the peer closes, `until` matches, or timeout.
+sub raw_request {
+    my ( $port, $bytes, %o ) = @_;
+    my $timeout = $o{timeout} // 5;
+    my $sock = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 5 )
+      or die "connect: $!";
+    $sock->syswrite($bytes) if length $bytes;
+    my $buf = '';
+    my $sel = IO::Select->new($sock);
+    my $deadline = time + $timeout;
+    while ( time < $deadline ) {
+        last if $o{until} && $buf =~ $o{until};
+        my @r = $sel->can_read( $deadline - time );
+        last unless @r;
+        my $n = $sock->sysread( $buf, 65536, length $buf );
+        last unless $n;
+    }
+    return wantarray ? ( $buf, $sock ) : $buf;
+}
+
+# Parse one HTTP/1.x response (de-chunking); returns a hashref or undef.
+sub parse_response {
+    my ($raw) = @_;
+    my $i = index( $raw, "\r\n\r\n" );
+    return undef if $i < 0;
+    my $head = substr( $raw, 0, $i );
+    my $rest = substr( $raw, $i + 4 );
+    my ( $status_line, @lines ) = split /\r\n/, $head;
+    my ( $proto, $status, $reason ) = $status_line =~ m{^(HTTP/\d\.\d) (\d{3}) ?(.*)$} or return undef;
+    my %h;
+    my @pairs;
+    for (@lines) {
+        my ( $n, $v ) = /^([^:]+):\s*(.*)$/ or next;
+        push @{ $h{ lc $n } }, $v;
+        push @pairs, [ lc $n, $v ];
+    }
+    my %res = ( protocol => $proto, status => $status, reason => $reason, headers => \%h, header_list => \@pairs );
+    my $te = join ',', @{ $h{'transfer-encoding'} // [] };
+    if ( $te =~ /chunked/i ) {
+        my $body = '';
+        my %trailers;
+        while (1) {
+            $rest =~ s/^([0-9a-fA-F]+)[^\r\n]*\r\n// or do { $res{incomplete} = 1; last };
+            my $len = hex $1;
+            if ( $len == 0 ) {
+                while ( $rest =~ s/^([^\r\n:]+):\s*([^\r\n]*)\r\n// ) { $trailers{ lc $1 } = $2 }
+                $res{complete} = $rest =~ s/^\r\n//;
+                last;
+            }
+            if ( length($rest) < $len + 2 ) { $body .= $rest; $rest = ''; $res{incomplete} = 1; last }
+            $body .= substr( $rest, 0, $len );
+            $rest = substr( $rest, $len + 2 );
+        }
+        $res{body}     = $body;
+        $res{trailers} = \%trailers;
+        $res{rest}     = $rest;
+    }
+    elsif ( defined( my $cl = $h{'content-length'} ) ) {
+        $res{body} = substr( $rest, 0, $cl->[0] );
+        $res{rest} = substr( $rest, length $res{body} );
+        $res{incomplete} = 1 if length( $res{body} ) < $cl->[0];
+    }
+    else {
+        $res{body} = $rest;
+        $res{rest} = '';
+    }
+    return \%res;
+}
+
+# One request on a fresh connection; returns the parsed response.
+sub http_request {
+    my ( $port, $method, $path, %o ) = @_;
+    my $headers = $o{headers} // [];
+    my $body    = $o{body} // '';
+    my $req = "$method $path HTTP/1.1\r\nHost: 127.0.0.1:$port\r\nConnection: close\r\n";
+    $req .= "$_->[0]: $_->[1]\r\n" for @$headers;
+    $req .= "Content-Length: " . length($body) . "\r\n" if length $body;
+    $req .= "\r\n$body";
+    my $raw = raw_request( $port, $req, timeout => $o{timeout} // 10 );
+    return parse_response($raw) // { status => 0, raw => $raw };
+}
+
+package PagiRS::Test::Server;
+
+use POSIX qw(WNOHANG);
+use Time::HiRes qw(time sleep);
+
+sub port { $_[0]{port} }
+sub host { $_[0]{host} }
+sub pid  { $_[0]{pid} }
+sub url  { my ( $s, $p ) = @_; "http://127.0.0.1:$s->{port}" . ( $p // '/' ) }
+
+# Everything the server wrote to stderr/stdout so far.
+sub output { PagiRS::Test::_slurp( $_[0]{stderr_file} ) }
+
+# Wait until the output matches $re (or timeout); returns true if it did.
+sub wait_output {
+    my ( $self, $re, $timeout ) = @_;
+    my $deadline = time + ( $timeout // 5 );
+    while ( time < $deadline ) {
+        return 1 if $self->output =~ $re;
+        sleep 0.05;
+    }
+    return 0;
+}
+
+sub is_running {
+    my ($self) = @_;
+    return 0 if defined $self->{exit_code};
+    my $r = waitpid( $self->{pid}, WNOHANG );
+    if ( $r == $self->{pid} ) { $self->{exit_code} = $? >> 8; return 0 }
+    return 1;
+}
+
+# Send $sig (default TERM) and wait up to $timeout; returns the exit code,
+# or undef if the process did not exit.
+sub stop {
+    my ( $self, $sig, $timeout ) = @_;
+    return $self->{exit_code} if defined $self->{exit_code};
+    kill $sig // 'TERM', $self->{pid};
+    my $deadline = time + ( $timeout // 15 );
+    while ( time < $deadline ) {
+        my $r = waitpid( $self->{pid}, WNOHANG );
+        if ( $r == $self->{pid} ) {
+            $self->{exit_code} = $? >> 8;
+            $self->{exit_signal} = $? & 127;
+            return $self->{exit_code};
+        }
+        sleep 0.05;
+    }
+    return undef;
+}
+
+sub DESTROY {
+    my ($self) = @_;
+    return if defined $self->{exit_code};
+    kill 'KILL', $self->{pid};
+    waitpid( $self->{pid}, 0 );
+}
+
+1;
