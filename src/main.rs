@@ -32,6 +32,11 @@ use crate::exchange::ExchangeConfig;
 use crate::interp::{LoadSpec, Pool};
 use crate::server::Server;
 
+/// Per-request allocations (scope, exchange, frames) cross threads; mimalloc
+/// handles that pattern with far less contention than glibc's malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let opts = Options::parse();
     if let Err(e) = opts.validate() {
@@ -60,7 +65,14 @@ fn main() -> ExitCode {
         interp::ffi::pagi_sys_init();
         interp::ffi::pagi_install_exit_guard();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        // Interpreter threads need cores too: network threads that outnumber
+        // the cores left over only park and unpark waiting for them.
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        builder.worker_threads(cores.saturating_sub(opts.interpreters).max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pagi-rs: cannot start the runtime: {e}");

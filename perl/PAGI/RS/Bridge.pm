@@ -105,23 +105,23 @@ sub _dispatch_inbox {
             }
             elsif ( $kind == MSG_BODY ) {
                 my $r = $REQUESTS{ $m[1] };
-                $r->on_body( $m[7], $m[2] ) if $r;
+                $r->_on_body( $m[7], $m[2] ) if $r;
             }
             elsif ( $kind == MSG_DISCONNECT ) {
                 my $r = $REQUESTS{ $m[1] };
-                $r->on_disconnect( $m[7] ) if $r;
+                $r->_on_network_gone( $m[7] ) if $r;
             }
             elsif ( $kind == MSG_DRAINED ) {
                 my $r = $REQUESTS{ $m[1] };
-                $r->on_drained if $r;
+                $r->_on_drained if $r;
             }
             elsif ( $kind == MSG_SEND_DONE ) {
                 my $r = $REQUESTS{ $m[1] };
-                $r->on_send_done( $m[7] ) if $r;
+                $r->_on_send_done( $m[7] ) if $r;
             }
             elsif ( $kind == MSG_COMPLETE ) {
                 my $r = $REQUESTS{ $m[1] };
-                $r->on_complete if $r;
+                $r->_on_delivered if $r;
             }
             elsif ( $kind == MSG_LIFESPAN_STARTUP ) {
                 PAGI::RS::Lifespan::startup();

@@ -1,24 +1,29 @@
 package PAGI::RS::Connection;
 
-# The `pagi.connection` object: per-request, non-destructive disconnect
-# detection and response progress (Spec/Www.pod, "Connection State").
+# The `pagi.connection` interface (Spec/Www.pod, "Connection State"):
+# per-request, non-destructive disconnect detection and response progress.
+#
+# The methods work on the per-request object (PAGI::RS::HTTP), which also
+# provides pagi.transport: one array per request instead of three objects,
+# because every request creates it.  The slots below belong to this file.
 
 use strict;
 use warnings;
-use Scalar::Util ();
 
 use constant {
-    ID => 0, CONNECTED => 1, REASON => 2, STARTED => 3, COMPLETE => 4,
-    ON_DISCONNECT => 5, ON_COMPLETE => 6, FUTURE => 7, COMPLETED_CLEANLY => 8,
+    ID                => 0,
+    CONNECTED         => 1,
+    REASON            => 2,
+    STARTED           => 3,
+    COMPLETE          => 4,
+    ON_DISCONNECT     => 5,
+    ON_COMPLETE       => 6,
+    FUTURE            => 7,
+    COMPLETED_CLEANLY => 8,
 };
 
 # pagi-rs query code: "tell me how this request ends" (exports.rs).
 use constant WANT_TERMINAL => 10;
-
-sub new {
-    my ( $class, $id ) = @_;
-    return bless [ $id, 1, undef, 0, 0, undef, undef, undef, 0 ], $class;
-}
 
 sub is_connected      { $_[0][CONNECTED] ? 1 : 0 }
 sub disconnect_reason { $_[0][REASON] }
@@ -74,8 +79,8 @@ sub _mark_disconnected {
     $self->[REASON]    = $reason;
     my $f = $self->[FUTURE];
     $f->done($reason) if $f && !$f->is_ready;
-    my $cbs = delete $self->[ON_DISCONNECT] // [];
-    $self->[ON_COMPLETE] = undef;
+    my $cbs = $self->[ON_DISCONNECT] // [];
+    $self->[ON_DISCONNECT] = $self->[ON_COMPLETE] = undef;
     _call( 'on_disconnect', $_, $reason ) for @$cbs;
     return 1;
 }
@@ -90,6 +95,7 @@ sub _mark_complete {
     return;
 }
 
+# Does anyone wait to hear how this request ends?
 sub _has_callbacks {
     my ($self) = @_;
     return ( $self->[ON_COMPLETE] && @{ $self->[ON_COMPLETE] } )

@@ -12,10 +12,22 @@ use Scalar::Util qw(blessed);
 use PAGI::RS::Connection;
 use PAGI::RS::Transport;
 
+# The request object is also the scope's pagi.connection and pagi.transport.
+our @ISA = ( 'PAGI::RS::Connection', 'PAGI::RS::Transport' );
+
+BEGIN {
+    # Slots 0-10 belong to Connection.pm and Transport.pm.
+    *ID                = \&PAGI::RS::Connection::ID;
+    *CONNECTED         = \&PAGI::RS::Connection::CONNECTED;
+    *STARTED           = \&PAGI::RS::Connection::STARTED;
+    *COMPLETE          = \&PAGI::RS::Connection::COMPLETE;
+    *COMPLETED_CLEANLY = \&PAGI::RS::Connection::COMPLETED_CLEANLY;
+}
+
 use constant {
-    ID => 0, CONN => 1, TRANSPORT => 2, QUEUE => 3, RECV_WAIT => 4, SEND_WAIT => 5,
-    DEFER_WAIT => 6, BODY => 7, APP_FUTURE => 8, APP_DONE => 9, DISCONNECT_RECEIVES => 10,
-    TRAILERS => 11, DEFER_COMPLETES => 12,
+    QUEUE => 11, RECV_WAIT => 12, SEND_WAIT => 13, DEFER_WAIT => 14, BODY => 15,
+    APP_FUTURE => 16, APP_DONE => 17, DISCONNECT_RECEIVES => 18, TRAILERS => 19,
+    DEFER_COMPLETES => 20,
 };
 
 # Body delivery states.
@@ -33,15 +45,20 @@ use constant MAX_DISCONNECT_RECEIVES => 100;
 
 my $DONE = Future->done;
 
+# Classes already seen to be Futures (the app's returned Future is usually
+# a Future or IO::Async::Future): saves an isa() per request.
+my %IS_FUTURE;
+
 sub dispatch {
     my ( $class, $id, $body_state, $scope ) = @_;
-    my $conn      = bless [ $id, 1, undef, 0, 0, undef, undef, undef, 0 ], 'PAGI::RS::Connection';
-    my $transport = bless [ $id, undef, undef ], 'PAGI::RS::Transport';
-    my $self = bless [ $id, $conn, $transport, [], undef, undef, undef, $body_state, undef, 0, 0, 0, 0 ],
-      $class;
+    my $self = bless [
+        $id, 1, undef, 0, 0, undef, undef, undef, 0,    # Connection
+        undef, undef,                                   # Transport
+        undef, undef, undef, undef, $body_state, undef, 0, 0, 0, 0,
+    ], $class;
     $PAGI::RS::Bridge::REQUESTS{$id} = $self;
-    $scope->{'pagi.connection'} = $conn;
-    $scope->{'pagi.transport'}  = $transport;
+    $scope->{'pagi.connection'} = $self;
+    $scope->{'pagi.transport'}  = $self;
 
     # Tiny closures: cloning a closure copies its whole pad, so the logic
     # lives in named subs.
@@ -50,10 +67,10 @@ sub dispatch {
     };
     if ( !defined $f ) {
         my $err = $@;
-        $self->_app_done( $err ne '' ? $err : undef );
+        _app_done( $self, $err ne '' ? $err : undef );
     }
-    elsif ( !( blessed($f) && $f->isa('Future') ) ) {
-        $self->_app_done(undef);
+    elsif ( !( $IS_FUTURE{ ref $f } //= blessed($f) && $f->isa('Future') ? 1 : 0 ) ) {
+        _app_done( $self, undef );
     }
     elsif ( $f->is_done ) {
         _app_done( $self, undef );
@@ -64,7 +81,7 @@ sub dispatch {
     else {
         # Keep the app's Future alive: nothing else may hold it.
         $self->[APP_FUTURE] = $f;
-        $f->on_ready( sub { $self->_app_ready(shift) } );
+        $f->on_ready( sub { _app_ready( $self, shift ) } );
     }
     return;
 }
@@ -88,19 +105,16 @@ sub _app_ready {
 sub _app_done {
     my ( $self, $err ) = @_;
     return if $self->[APP_DONE]++;
-    my $conn = $self->[CONN];
     # Keep listening only if someone registered for the request's end.
-    my $keep = $conn->[PAGI::RS::Connection::CONNECTED]
-      && !$conn->[PAGI::RS::Connection::COMPLETED_CLEANLY]
-      && $conn->_has_callbacks ? 1 : 0;
+    my $keep = $self->[CONNECTED] && !$self->[COMPLETED_CLEANLY] && $self->_has_callbacks ? 1 : 0;
     my $rc = PAGI::RS::_finish( $self->[ID], $err, $keep );
     delete $PAGI::RS::Bridge::REQUESTS{ $self->[ID] } unless $keep;
     if ( $rc == FIN_BACKSTOP ) {
-        $conn->[PAGI::RS::Connection::STARTED] = 1;
-        $self->on_disconnect('server_error');
+        $self->[STARTED] = 1;
+        $self->_on_network_gone('server_error');
     }
     elsif ( $rc == FIN_TRUNCATED ) {
-        $self->on_disconnect('server_error');
+        $self->_on_network_gone('server_error');
     }
     return;
 }
@@ -119,13 +133,12 @@ sub _receive {
     my ($self) = @_;
     {
         my $q = $self->[QUEUE];
-        if (@$q) {
+        if ( $q && @$q ) {
             my $ev = shift @$q;
             PAGI::RS::_want_body( $self->[ID] ) if $ev->{more};
             return Future->done($ev);
         }
-        my $conn = $self->[CONN];
-        if ( !$conn->[PAGI::RS::Connection::CONNECTED] || $conn->[PAGI::RS::Connection::COMPLETED_CLEANLY] ) {
+        if ( !$self->[CONNECTED] || $self->[COMPLETED_CLEANLY] ) {
             return $self->_disconnect_event;
         }
         my $body = $self->[BODY];
@@ -133,7 +146,7 @@ sub _receive {
             $self->[BODY] = BODY_DONE;
             return Future->done( { type => 'http.request', body => '', more => 0 } );
         }
-        if ( $body == BODY_DONE && $conn->[PAGI::RS::Connection::COMPLETE] ) {
+        if ( $body == BODY_DONE && $self->[COMPLETE] ) {
             return $self->_disconnect_event;
         }
         if ( $body == BODY_AWAIT_CONTINUE ) {
@@ -160,7 +173,7 @@ sub _disconnect_event {
     return Future->done( { type => 'http.disconnect' } );
 }
 
-sub on_body {
+sub _on_body {
     my ( $self, $data, $more ) = @_;
     my $ev = { type => 'http.request', body => $data, more => $more ? 1 : 0 };
     $self->[BODY] = BODY_DONE unless $more;
@@ -171,7 +184,7 @@ sub on_body {
         $wait->done($ev);
     }
     else {
-        push @{ $self->[QUEUE] }, $ev;
+        push @{ $self->[QUEUE] //= [] }, $ev;
     }
     return;
 }
@@ -199,7 +212,7 @@ sub _send {
             my ( $rc, $err ) = PAGI::RS::_start( $id, $ev->{status}, $ev->{headers}, $ev->{trailers} );
             return Future->fail("http.response.start: $err\n") if $rc < 0;
             if ( $rc != CLOSED ) {
-                $self->[CONN][PAGI::RS::Connection::STARTED] = 1;
+                $self->[STARTED] = 1;
                 $self->[TRAILERS] = $ev->{trailers} ? 1 : 0;
             }
             return $DONE;
@@ -221,7 +234,7 @@ sub _send {
 
 sub _response_complete {
     my ($self) = @_;
-    $self->[CONN][PAGI::RS::Connection::COMPLETE] = 1;
+    $self->[COMPLETE] = 1;
     # A receive parked after the body was read now learns the request is over.
     my $wait = $self->[RECV_WAIT];
     if ( $wait && !$wait->is_ready && $self->[BODY] == BODY_DONE ) {
@@ -311,9 +324,8 @@ sub _send_perl_handle {
 
 sub _wait_drain {
     my ( $self, $rc ) = @_;
-    $self->[TRANSPORT]->_fire_high if $rc == HIGH_WATER;
-    my $conn = $self->[CONN];
-    return $DONE unless $conn->[PAGI::RS::Connection::CONNECTED];
+    $self->_fire_high if $rc == HIGH_WATER;
+    return $DONE unless $self->[CONNECTED];
     return $self->[SEND_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
 }
 
@@ -323,11 +335,11 @@ sub _wait_deferred {
     return $self->[DEFER_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
 }
 
-sub on_drained {
+sub _on_drained {
     my ($self) = @_;
     # Callbacks first: resolving the send resumes the app, which may push
     # past the high mark again before a late on_drain would run.
-    $self->[TRANSPORT]->_fire_drain;
+    $self->_fire_drain;
     if ( my $f = $self->[SEND_WAIT] ) {
         $self->[SEND_WAIT] = undef;
         $f->done unless $f->is_ready;
@@ -335,7 +347,7 @@ sub on_drained {
     return;
 }
 
-sub on_send_done {
+sub _on_send_done {
     my ( $self, $err ) = @_;
     my $f = $self->[DEFER_WAIT] or return;
     $self->[DEFER_WAIT] = undef;
@@ -344,25 +356,24 @@ sub on_send_done {
         $f->fail("http.response.body: $err\n");
     }
     else {
-        $self->_response_complete
-          if $self->[DEFER_COMPLETES] && $self->[CONN][PAGI::RS::Connection::CONNECTED];
+        $self->_response_complete if $self->[DEFER_COMPLETES] && $self->[CONNECTED];
         $f->done;
     }
     return;
 }
 
-sub on_complete {
+sub _on_delivered {
     my ($self) = @_;
-    $self->[CONN]->_mark_complete;
+    $self->_mark_complete;
     $self->_forget if $self->[APP_DONE];
     return;
 }
 
 # The abnormal end: connection state first, then pending Futures settle
 # (successfully: a disconnect never fails a send), then http.disconnect.
-sub on_disconnect {
+sub _on_network_gone {
     my ( $self, $reason ) = @_;
-    $self->[CONN]->_mark_disconnected($reason);
+    $self->_mark_disconnected($reason);
     for my $slot ( SEND_WAIT, DEFER_WAIT ) {
         my $f = $self->[$slot] or next;
         $self->[$slot] = undef;

@@ -1,18 +1,17 @@
 package PAGI::RS::Transport;
 
-# The `pagi.transport` object: live outbound flow-control figures read from
-# the network core, and edge-triggered high-water / drain callbacks
-# (Spec/Www.pod, "Transport Flow Control").
+# The `pagi.transport` interface (Spec/Www.pod, "Transport Flow Control"):
+# live outbound figures read from the network core, and edge-triggered
+# high-water / drain callbacks.  Like PAGI::RS::Connection, it works on the
+# per-request object; these slots belong to this file.
 
 use strict;
 use warnings;
 
-use constant { ID => 0, ON_HIGH => 1, ON_DRAIN => 2 };
-use constant { Q_BUFFERED => 0 };
+use constant { ON_HIGH => 9, ON_DRAIN => 10 };
+use constant Q_BUFFERED => 0;    # pagi-rs query code (exports.rs)
 
-sub new { bless [ $_[1], undef, undef ], $_[0] }
-
-sub buffered_amount { PAGI::RS::_query( $_[0][ID], Q_BUFFERED ) // 0 }
+sub buffered_amount { PAGI::RS::_query( $_[0][0], Q_BUFFERED ) // 0 }
 sub high_water_mark { $PAGI::RS::Bridge::HIGH_WATER }
 sub low_water_mark  { $PAGI::RS::Bridge::LOW_WATER }
 
