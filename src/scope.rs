@@ -33,8 +33,12 @@ pub struct RequestScope {
     pub raw_path: Bytes,
     pub query_string: Bytes,
     pub root_path: String,
-    /// Lower-case name, value; Cookie headers merged into one.
-    pub headers: Vec<(Bytes, Bytes)>,
+    /// The request headers as hyper parsed them (names already lower-case);
+    /// handed to Perl without copying each one.
+    pub headers: http::HeaderMap,
+    /// All Cookie headers joined by "; ", when there was more than one: the
+    /// scope shows this single value at the first cookie's place.
+    pub merged_cookie: Option<Bytes>,
     pub client: SocketAddr,
     pub server: SocketAddr,
     pub body: BodyState,
@@ -51,7 +55,7 @@ pub fn http_version_str(v: Version) -> &'static str {
 
 impl RequestScope {
     pub fn from_parts(
-        parts: &Parts,
+        parts: &mut Parts,
         client: SocketAddr,
         server: SocketAddr,
         root_path: &str,
@@ -70,7 +74,8 @@ impl RequestScope {
             raw_path,
             query_string,
             root_path: root_path.to_string(),
-            headers: normalise_headers(&parts.headers),
+            merged_cookie: merged_cookie(&parts.headers),
+            headers: std::mem::take(&mut parts.headers),
             client,
             server,
             body,
@@ -82,6 +87,37 @@ impl RequestScope {
 pub fn percent_decode(raw: &[u8]) -> Vec<u8> {
     let decoded: Cow<[u8]> = percent_encoding::percent_decode(raw).into();
     decoded.into_owned()
+}
+
+fn merged_cookie(map: &http::HeaderMap) -> Option<Bytes> {
+    let mut cookies = map.get_all(http::header::COOKIE).iter();
+    let first = cookies.next()?;
+    let mut rest = cookies.peekable();
+    rest.peek()?;
+    let mut merged = first.as_bytes().to_vec();
+    for c in rest {
+        merged.extend_from_slice(b"; ");
+        merged.extend_from_slice(c.as_bytes());
+    }
+    Some(Bytes::from(merged))
+}
+
+/// The scope's header list: (name, value) pairs with Cookie merged, in the
+/// order received, borrowing from the scope.
+pub fn scope_headers(scope: &RequestScope) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let mut cookie_seen = false;
+    scope.headers.iter().filter_map(move |(name, value)| {
+        if name == http::header::COOKIE {
+            if let Some(merged) = &scope.merged_cookie {
+                if cookie_seen {
+                    return None;
+                }
+                cookie_seen = true;
+                return Some((name.as_str().as_bytes(), &merged[..]));
+            }
+        }
+        Some((name.as_str().as_bytes(), value.as_bytes()))
+    })
 }
 
 /// Lower-case names (hyper already stores them so), values as bytes, and all
@@ -136,11 +172,28 @@ mod tests {
     }
 
     #[test]
+    fn scope_headers_merge_cookies_without_copying_the_rest() {
+        let req = http::Request::get("/")
+            .header("cookie", "a=1")
+            .header("x-y", "z")
+            .header("cookie", "b=2")
+            .body(())
+            .unwrap();
+        let (mut parts, _) = req.into_parts();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let s = RequestScope::from_parts(&mut parts, addr, addr, "", BodyState::Empty);
+        let h: Vec<_> = scope_headers(&s).collect();
+        assert_eq!(h.iter().filter(|(n, _)| *n == b"cookie").count(), 1);
+        assert!(h.contains(&(&b"cookie"[..], &b"a=1; b=2"[..])));
+        assert!(h.contains(&(&b"x-y"[..], &b"z"[..])));
+    }
+
+    #[test]
     fn scope_splits_path_and_query() {
         let req = http::Request::get("/a%2Fb?x=1&y=%20").body(()).unwrap();
-        let (parts, _) = req.into_parts();
+        let (mut parts, _) = req.into_parts();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let s = RequestScope::from_parts(&parts, addr, addr, "", BodyState::Empty);
+        let s = RequestScope::from_parts(&mut parts, addr, addr, "", BodyState::Empty);
         assert_eq!(&s.raw_path[..], b"/a%2Fb");
         assert_eq!(s.path, b"/a/b");
         assert_eq!(&s.query_string[..], b"x=1&y=%20");

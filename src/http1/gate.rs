@@ -124,8 +124,17 @@ impl<S> Gate<S> {
         if self.raw.is_empty() {
             return false;
         }
-        let mut slots = vec![httparse::EMPTY_HEADER; self.limits.max_header_count + 1];
-        let mut req = httparse::Request::new(&mut slots);
+        // One slot more than allowed, so "too many" is seen as such.  The
+        // usual limit fits on the stack.
+        let mut stack = [httparse::EMPTY_HEADER; 128];
+        let mut heap;
+        let slots: &mut [httparse::Header<'_>] = if self.limits.max_header_count < stack.len() {
+            &mut stack[..=self.limits.max_header_count]
+        } else {
+            heap = vec![httparse::EMPTY_HEADER; self.limits.max_header_count + 1];
+            &mut heap
+        };
+        let mut req = httparse::Request::new(slots);
         match req.parse(&self.raw) {
             Ok(httparse::Status::Partial) => {
                 let line_done = self.raw.windows(2).any(|w| w == b"\r\n");

@@ -44,7 +44,7 @@ pub async fn handle(
         return Ok(plain_response(status, text));
     }
 
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let body_state = if body.is_end_stream() {
         BodyState::Empty
     } else if parts
@@ -56,7 +56,8 @@ pub async fn handle(
     } else {
         BodyState::Streaming
     };
-    let scope = RequestScope::from_parts(&parts, conn.client, conn.server, &server.root_path, body_state);
+    let is_head = parts.method == Method::HEAD;
+    let scope = RequestScope::from_parts(&mut parts, conn.client, conn.server, &server.root_path, body_state);
 
     let interp = server.pool.pick();
     interp.mailbox.in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -66,8 +67,8 @@ pub async fn handle(
         query: scope.query_string.clone(),
         http_version: scope.http_version,
         client: conn.client,
-        headers: if server.access_log_needs_headers { scope.headers.clone() } else { Vec::new() },
-        is_head: parts.method == Method::HEAD,
+        headers: if server.access_log_needs_headers { normalise_headers(&scope.headers) } else { Vec::new() },
+        is_head,
         started,
     };
     let (exchange, head_rx) =

@@ -17,6 +17,26 @@ use super::Control;
 use crate::error::SendError;
 use crate::exchange::{Exchange, SendOutcome};
 
+/// Request ids are unique and sequential: they need no hashing.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type ExchangeMap = HashMap<u64, Arc<Exchange>, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// Per-interpreter-thread state.  Only this thread touches it, so no locks;
 /// borrows never live across a call into Perl.
 pub struct WorkerCtx {
@@ -28,7 +48,7 @@ pub struct WorkerCtx {
     current: Option<ToPerl>,
     header_buf: Vec<PagiStr>,
     scratch: [String; 2],
-    exchanges: HashMap<u64, Arc<Exchange>>,
+    exchanges: ExchangeMap,
     last_error: String,
 }
 
@@ -46,7 +66,7 @@ pub fn install(mailbox: Arc<Mailbox>, control: mpsc::Sender<Control>, runtime: t
             current: None,
             header_buf: Vec::new(),
             scratch: [String::new(), String::new()],
-            exchanges: HashMap::new(),
+            exchanges: ExchangeMap::default(),
             last_error: String::new(),
         })
     });
@@ -154,12 +174,12 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 // path (index 3) and root_path (6) are text when they decode.
                 m.utf8_mask = (u32::from(scope.path_is_utf8) << 3) | (1 << 6);
                 ctx.header_buf.clear();
-                for (n, v) in &scope.headers {
+                for (n, v) in crate::scope::scope_headers(scope) {
                     ctx.header_buf.push(PagiStr::from_bytes(n));
                     ctx.header_buf.push(PagiStr::from_bytes(v));
                 }
                 m.headers = ctx.header_buf.as_ptr();
-                m.nheaders = scope.headers.len();
+                m.nheaders = ctx.header_buf.len() / 2;
                 m.has_headers = 1;
             }
             ToPerl::Body { id, data, more } => {

@@ -401,6 +401,89 @@ XS(xs_response_trailers)
     PUTBACK;
 }
 
+/* _send_event($id, $event): the common sends (http.response.start and a
+ * body given as bytes) without a trip through Perl code.  Returns
+ * (code, kind): code as for _start/_body, kind saying what was sent so the
+ * caller can update its state; (-2) when the event needs the Perl path
+ * (anything else, file/fh bodies, malformed events); (-1, message) on
+ * failure. */
+#define SEND_KIND_START 1
+#define SEND_KIND_START_TRAILERS 2
+#define SEND_KIND_BODY_MORE 3
+#define SEND_KIND_BODY_END 4
+
+static SV *hv_value(pTHX_ HV *hv, const char *key, I32 klen)
+{
+    SV **v = hv_fetch(hv, key, klen, 0);
+    return v ? *v : NULL;
+}
+
+XS(xs_send_event)
+{
+    dXSARGS;
+    uint64_t id;
+    HV *ev;
+    SV *type_sv;
+    STRLEN tlen;
+    const char *type;
+    pagi_str err = {0, 0};
+    int rc, kind;
+    if (items != 2)
+        croak_xs_usage(cv, "id, event");
+    id = (uint64_t)SvUV(ST(0));
+    if (!SvROK(ST(1)) || SvTYPE(SvRV(ST(1))) != SVt_PVHV || SvRMAGICAL(SvRV(ST(1))))
+        XSRETURN_IV(-2);
+    ev = (HV *)SvRV(ST(1));
+    type_sv = hv_value(aTHX_ ev, "type", 4);
+    if (!type_sv || !SvPOK(type_sv))
+        XSRETURN_IV(-2);
+    type = SvPV(type_sv, tlen);
+    if (tlen == 18 && memEQ(type, "http.response.body", 18)) {
+        SV *body = hv_value(aTHX_ ev, "body", 4);
+        SV *more = hv_value(aTHX_ ev, "more", 4);
+        SV *file = hv_value(aTHX_ ev, "file", 4);
+        SV *fh = hv_value(aTHX_ ev, "fh", 2);
+        pagi_str b;
+        int more_flag;
+        if ((file && SvOK(file)) || (fh && SvOK(fh)))
+            XSRETURN_IV(-2);
+        if (!body)
+            body = &PL_sv_undef;
+        if (!sv_to_bytes(aTHX_ body, &b))
+            XSRETURN_IV(-2); /* wide characters: the Perl path words the error */
+        more_flag = more && SvTRUE(more) ? 1 : 0;
+        SP -= items;
+        rc = pagi_rs_response_body(id, b.ptr, b.len, more_flag, &err);
+        kind = more_flag ? SEND_KIND_BODY_MORE : SEND_KIND_BODY_END;
+    } else if (tlen == 19 && memEQ(type, "http.response.start", 19)) {
+        SV *status = hv_value(aTHX_ ev, "status", 6);
+        SV *hdrs = hv_value(aTHX_ ev, "headers", 7);
+        SV *trailers = hv_value(aTHX_ ev, "trailers", 8);
+        size_t n = 0;
+        const char *why = NULL;
+        pagi_str *pairs;
+        int want_trailers;
+        if (!status || !SvOK(status) || !looks_like_number(status))
+            XSRETURN_IV(-2);
+        pairs = headers_from_sv(aTHX_ hdrs ? hdrs : &PL_sv_undef, &n, &why);
+        if (!pairs)
+            XSRETURN_IV(-2);
+        want_trailers = trailers && SvTRUE(trailers) ? 1 : 0;
+        SP -= items;
+        rc = pagi_rs_response_start(id, (int64_t)SvIV(status), pairs, n, want_trailers, &err);
+        kind = want_trailers ? SEND_KIND_START_TRAILERS : SEND_KIND_START;
+    } else {
+        XSRETURN_IV(-2);
+    }
+    EXTEND(SP, 2);
+    mPUSHi(rc);
+    if (rc < 0)
+        mPUSHs(newSVpvn(err.ptr ? err.ptr : "", err.len));
+    else
+        mPUSHi(kind);
+    PUTBACK;
+}
+
 XS(xs_fullflush)
 {
     dXSARGS;
@@ -531,6 +614,7 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::_fd", xs_response_fd, file);
     newXS("PAGI::RS::_trailers", xs_response_trailers, file);
     newXS("PAGI::RS::_fullflush", xs_fullflush, file);
+    newXS("PAGI::RS::_send_event", xs_send_event, file);
     newXS("PAGI::RS::_want_body", xs_want_body, file);
     newXS("PAGI::RS::_finish", xs_finish, file);
     newXS("PAGI::RS::_release", xs_release, file);

@@ -191,7 +191,34 @@ sub _on_body {
 
 # ---- $send ------------------------------------------------------------------
 
+# What _send_event reports it sent (glue.c).
+use constant { SENT_START => 1, SENT_START_TRAILERS => 2, SENT_BODY_MORE => 3, SENT_BODY_END => 4 };
+
 sub _send {
+    my ( $self, $ev ) = @_;
+    # The common events go straight to the core; the rest take the Perl path.
+    my ( $rc, $what ) = PAGI::RS::_send_event( $self->[ID], $ev );
+    if ( $rc >= 0 ) {
+        if ( $what == SENT_BODY_END ) {
+            _response_complete($self) unless $rc == CLOSED || $self->[TRAILERS];
+        }
+        elsif ( $what == SENT_START || $what == SENT_START_TRAILERS ) {
+            if ( $rc != CLOSED ) {
+                $self->[STARTED]  = 1;
+                $self->[TRAILERS] = $what == SENT_START_TRAILERS ? 1 : 0;
+            }
+            return $DONE;
+        }
+        return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
+    }
+    if ( $rc == -1 ) {
+        my $type = $ev->{type};
+        return Future->fail("$type: $what\n");
+    }
+    return _send_slow( $self, $ev );
+}
+
+sub _send_slow {
     my ( $self, $ev ) = @_;
     my $id = $self->[ID];
     {
