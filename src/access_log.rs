@@ -182,7 +182,11 @@ impl Format {
                     let _ = write!(out, "{}", r.duration.as_secs());
                 }
                 Atom::RequestHeader(name) => {
-                    match r.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes())) {
+                    match r
+                        .headers
+                        .iter()
+                        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                    {
                         Some((_, v)) => push_lossy(&mut out, v),
                         None => out.push('-'),
                     }
@@ -200,9 +204,13 @@ fn push_lossy(out: &mut String, bytes: &[u8]) {
 
 /// `DD/Mon/YYYY:HH:MM:SS +0000`, always UTC.
 fn clf_time(out: &mut String, now: SystemTime) {
-    const MONTHS: [&str; 12] =
-        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let secs = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
     let _ = write!(
@@ -257,22 +265,24 @@ impl AccessLog {
             None => Box::new(std::io::stderr()),
         };
         let (tx, rx) = mpsc::channel::<String>();
-        std::thread::Builder::new().name("access-log".into()).spawn(move || {
-            let mut buf = Vec::with_capacity(64 * 1024);
-            while let Ok(line) = rx.recv() {
-                buf.extend_from_slice(line.as_bytes());
-                // Batch whatever else is already waiting into one write.
-                while let Ok(more) = rx.try_recv() {
-                    buf.extend_from_slice(more.as_bytes());
-                    if buf.len() > 60 * 1024 {
-                        break;
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                let mut buf = Vec::with_capacity(64 * 1024);
+                while let Ok(line) = rx.recv() {
+                    buf.extend_from_slice(line.as_bytes());
+                    // Batch whatever else is already waiting into one write.
+                    while let Ok(more) = rx.try_recv() {
+                        buf.extend_from_slice(more.as_bytes());
+                        if buf.len() > 60 * 1024 {
+                            break;
+                        }
                     }
+                    let _ = sink.write_all(&buf);
+                    let _ = sink.flush();
+                    buf.clear();
                 }
-                let _ = sink.write_all(&buf);
-                let _ = sink.flush();
-                buf.clear();
-            }
-        })?;
+            })?;
         Ok(AccessLog { format, tx })
     }
 
@@ -303,22 +313,36 @@ mod tests {
     fn clf_matches_the_reference_layout() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_770_726_896); // 2026-02-10 12:34:56
         let line = Format::parse("clf").unwrap().render(&record(&[]), t);
-        assert_eq!(line, "127.0.0.1 - - [10/Feb/2026:12:34:56 +0000] \"GET /a%20b?x=1\" 200 0.003s\n");
+        assert_eq!(
+            line,
+            "127.0.0.1 - - [10/Feb/2026:12:34:56 +0000] \"GET /a%20b?x=1\" 200 0.003s\n"
+        );
     }
 
     #[test]
     fn combined_and_custom_atoms() {
-        let h = [(bytes::Bytes::from_static(b"user-agent"), bytes::Bytes::from_static(b"curl/8"))];
+        let h = [(
+            bytes::Bytes::from_static(b"user-agent"),
+            bytes::Bytes::from_static(b"curl/8"),
+        )];
         let t = SystemTime::UNIX_EPOCH;
         let line = Format::parse("combined").unwrap().render(&record(&h), t);
-        assert!(line.ends_with("\"GET /a%20b?x=1 HTTP/1.1\" 200 13 \"-\" \"curl/8\"\n"), "{line}");
-        let tiny = Format::parse("%m %s %D %B %% %H").unwrap().render(&record(&h), t);
+        assert!(
+            line.ends_with("\"GET /a%20b?x=1 HTTP/1.1\" 200 13 \"-\" \"curl/8\"\n"),
+            "{line}"
+        );
+        let tiny = Format::parse("%m %s %D %B %% %H")
+            .unwrap()
+            .render(&record(&h), t);
         assert_eq!(tiny, "GET 200 2500 13 % HTTP/1.1\n");
     }
 
     #[test]
     fn bad_formats_are_rejected_with_the_reference_wording() {
-        assert_eq!(Format::parse("%Z").unwrap_err(), FormatError::UnknownAtom('Z'));
+        assert_eq!(
+            Format::parse("%Z").unwrap_err(),
+            FormatError::UnknownAtom('Z')
+        );
         assert_eq!(Format::parse("%{X").unwrap_err(), FormatError::Unterminated);
         assert_eq!(Format::parse("%{X}o").unwrap_err(), FormatError::ExpectedI);
     }

@@ -33,7 +33,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BodyAborted;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
         match self.get_mut() {
             ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ResponseBody::Stream(ex) => ex.poll_frame(cx),
@@ -64,7 +67,11 @@ impl Drop for ResponseBody {
         // hyper drops the body when the connection fails or closes before the
         // body was fully written; tell the application.
         if let ResponseBody::Stream(ex) = self {
-            ex.body_dropped(if crate::server::is_force_closing() { "server_shutdown" } else { "client_closed" });
+            ex.body_dropped(if crate::server::is_force_closing() {
+                "server_shutdown"
+            } else {
+                "client_closed"
+            });
         }
     }
 }
@@ -76,7 +83,9 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
     let mut total: u64 = 0;
     loop {
         // A closed semaphore means the exchange ended; stop reading.
-        let Ok(permit) = exchange.body_credit.acquire().await else { return };
+        let Ok(permit) = exchange.body_credit.acquire().await else {
+            return;
+        };
         permit.forget();
         let (data, more) = loop {
             match body.frame().await {
@@ -92,7 +101,11 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
                 },
                 Some(Err(e)) => {
                     tracing::debug!("request body read failed: {e}");
-                    let reason = if e.is_incomplete_message() { "client_closed" } else { "read_error" };
+                    let reason = if e.is_incomplete_message() {
+                        "client_closed"
+                    } else {
+                        "read_error"
+                    };
                     exchange.server_abort(reason, None);
                     return;
                 }
@@ -111,7 +124,11 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
         if exchange.has_ended() {
             return;
         }
-        exchange.mailbox_push(ToPerl::Body { id: exchange.id, data, more });
+        exchange.mailbox_push(ToPerl::Body {
+            id: exchange.id,
+            data,
+            more,
+        });
         if !more {
             return;
         }

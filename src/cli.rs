@@ -172,7 +172,9 @@ impl Options {
             }
         };
         if let Some(bad) = args.iter().find(|a| !a.contains('=')) {
-            return Err(format!("unexpected argument '{bad}': arguments after the app must be key=value"));
+            return Err(format!(
+                "unexpected argument '{bad}': arguments after the app must be key=value"
+            ));
         }
         Ok((classify_app(&name), args))
     }
@@ -215,9 +217,11 @@ pub fn classify_app(name: &str) -> AppSpec {
     let lower = name.to_ascii_lowercase();
     if name.contains("::") {
         AppSpec::Module(name.to_string())
-    } else if name.contains('/') || lower.ends_with(".pl") || lower.ends_with(".psgi") {
-        AppSpec::File(name.to_string())
-    } else if std::path::Path::new(name).is_file() {
+    } else if name.contains('/')
+        || lower.ends_with(".pl")
+        || lower.ends_with(".psgi")
+        || std::path::Path::new(name).is_file()
+    {
         AppSpec::File(name.to_string())
     } else {
         AppSpec::Module(name.to_string())
@@ -250,8 +254,14 @@ mod tests {
 
     #[test]
     fn app_forms_resolve_like_the_reference_runner() {
-        assert_eq!(parse(&["app.pl"]).app_spec().unwrap().0, AppSpec::File("app.pl".into()));
-        assert_eq!(parse(&["x.PSGI"]).app_spec().unwrap().0, AppSpec::File("x.PSGI".into()));
+        assert_eq!(
+            parse(&["app.pl"]).app_spec().unwrap().0,
+            AppSpec::File("app.pl".into())
+        );
+        assert_eq!(
+            parse(&["x.PSGI"]).app_spec().unwrap().0,
+            AppSpec::File("x.PSGI".into())
+        );
         let (spec, args) = parse(&["My::App", "a=1", "b=2"]).app_spec().unwrap();
         assert_eq!(spec, AppSpec::Module("My::App".into()));
         assert_eq!(args, vec!["a=1", "b=2"]);
@@ -270,18 +280,34 @@ mod tests {
 
     #[test]
     fn quiet_is_error_level_unless_log_level_given() {
-        assert_eq!(parse(&["-q", "a.pl"]).effective_log_level(), LogLevel::Error);
-        assert_eq!(parse(&["-q", "--log-level", "debug", "a.pl"]).effective_log_level(), LogLevel::Debug);
+        assert_eq!(
+            parse(&["-q", "a.pl"]).effective_log_level(),
+            LogLevel::Error
+        );
+        assert_eq!(
+            parse(&["-q", "--log-level", "debug", "a.pl"]).effective_log_level(),
+            LogLevel::Debug
+        );
     }
 
     #[test]
     fn unknown_option_is_an_error_naming_it() {
-        let err = Options::try_parse_from(["pagi-rs", "--bogus", "a.pl"]).unwrap_err().to_string();
+        let err = Options::try_parse_from(["pagi-rs", "--bogus", "a.pl"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--bogus"), "{err}");
     }
 
     #[test]
     fn watermarks_are_checked() {
-        assert!(parse(&["--write-low-watermark", "10", "--write-high-watermark", "5", "a.pl"]).validate().is_err());
+        assert!(parse(&[
+            "--write-low-watermark",
+            "10",
+            "--write-high-watermark",
+            "5",
+            "a.pl"
+        ])
+        .validate()
+        .is_err());
     }
 }

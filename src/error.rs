@@ -29,5 +29,8 @@ pub enum StartupError {
     #[error("interpreter failed: {0}")]
     Interpreter(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
 }

@@ -230,7 +230,12 @@ impl Exchange {
 
     // ---- interpreter side: the application's $send -------------------------
 
-    pub fn start(&self, status: i64, headers: &[(&[u8], &[u8])], trailers: bool) -> Result<SendOutcome, SendError> {
+    pub fn start(
+        &self,
+        status: i64,
+        headers: &[(&[u8], &[u8])],
+        trailers: bool,
+    ) -> Result<SendOutcome, SendError> {
         let mut st = self.lock();
         if st.disconnected.is_some() {
             return Ok(SendOutcome::Closed);
@@ -242,7 +247,9 @@ impl Exchange {
             .ok()
             .filter(|s| (200..=999).contains(s))
             .and_then(|s| StatusCode::from_u16(s).ok())
-            .ok_or_else(|| SendError::Invalid(format!("status {status} is not a valid final HTTP status")))?;
+            .ok_or_else(|| {
+                SendError::Invalid(format!("status {status} is not a valid final HTTP status"))
+            })?;
         let (map, declared) = build_headers(headers, true)?;
         st.declared_length = declared;
         st.trailers_promised = trailers;
@@ -276,11 +283,17 @@ impl Exchange {
         }
         match st.phase {
             Phase::AwaitingStart => {
-                return Err(SendError::Sequence("http.response.body before http.response.start"))
+                return Err(SendError::Sequence(
+                    "http.response.body before http.response.start",
+                ))
             }
-            Phase::Finished | Phase::Aborted => return Err(SendError::Sequence("the response is already complete")),
+            Phase::Finished | Phase::Aborted => {
+                return Err(SendError::Sequence("the response is already complete"))
+            }
             Phase::Streaming if st.body_done => {
-                return Err(SendError::Sequence("the body is complete; only http.response.trailers may follow"))
+                return Err(SendError::Sequence(
+                    "the body is complete; only http.response.trailers may follow",
+                ))
             }
             Phase::Streaming => {}
         }
@@ -351,7 +364,9 @@ impl Exchange {
             }));
         }
         if !st.trailers_promised {
-            return Err(SendError::Sequence("http.response.trailers without trailers => 1 in http.response.start"));
+            return Err(SendError::Sequence(
+                "http.response.trailers without trailers => 1 in http.response.start",
+            ));
         }
         if st.declared_length.is_some() && !self.facts.is_head {
             return Err(SendError::Invalid(
@@ -382,8 +397,14 @@ impl Exchange {
             return Ok(Some(SendOutcome::Closed));
         }
         match st.phase {
-            Phase::AwaitingStart => Err(SendError::Sequence("http.response.body before http.response.start")),
-            Phase::Streaming if !st.body_done => Ok(if self.facts.is_head { Some(SendOutcome::Ready) } else { None }),
+            Phase::AwaitingStart => Err(SendError::Sequence(
+                "http.response.body before http.response.start",
+            )),
+            Phase::Streaming if !st.body_done => Ok(if self.facts.is_head {
+                Some(SendOutcome::Ready)
+            } else {
+                None
+            }),
             _ => Err(SendError::Sequence("the response is already complete")),
         }
     }
@@ -489,7 +510,9 @@ impl Exchange {
             Phase::AwaitingStart => {
                 match err {
                     Some(e) => tracing::error!("PAGI application error: {e}"),
-                    None => tracing::error!("PAGI application returned without starting a response"),
+                    None => {
+                        tracing::error!("PAGI application returned without starting a response")
+                    }
                 }
                 st.disconnected = Some("server_error");
                 st.status = Some(500);
@@ -497,7 +520,10 @@ impl Exchange {
                 let tx = st.head_tx.take();
                 drop(st);
                 if let Some(tx) = tx {
-                    let _ = tx.send(Head::Generated(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"));
+                    let _ = tx.send(Head::Generated(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Internal Server Error",
+                    ));
                 }
                 self.write_access_log();
                 FinishOutcome::Backstop500
@@ -566,7 +592,10 @@ impl Exchange {
         self.progress.notify_waiters();
         self.body_credit.close();
         if notify_perl {
-            self.mailbox.push(ToPerl::Disconnect { id: self.id, reason });
+            self.mailbox.push(ToPerl::Disconnect {
+                id: self.id,
+                reason,
+            });
         }
         self.write_access_log();
     }
@@ -608,13 +637,19 @@ impl Exchange {
         self.progress.notify_waiters();
         self.body_credit.close();
         if notify_perl {
-            self.mailbox.push(ToPerl::Disconnect { id: self.id, reason });
+            self.mailbox.push(ToPerl::Disconnect {
+                id: self.id,
+                reason,
+            });
         }
         self.write_access_log();
     }
 
     /// Next frame for hyper; see body.rs.
-    pub fn poll_frame(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+    pub fn poll_frame(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
         use std::task::Poll;
         let mut st = self.lock();
         if let Some(frame) = st.queue.pop_front() {
@@ -637,7 +672,10 @@ impl Exchange {
                 self.mailbox.push(ToPerl::Drained { id: self.id });
             }
             if flushed {
-                self.mailbox.push(ToPerl::SendDone { id: self.id, error: None });
+                self.mailbox.push(ToPerl::SendDone {
+                    id: self.id,
+                    error: None,
+                });
             }
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -696,7 +734,11 @@ impl Exchange {
 
     /// With the network done, reaching the terminal event completes the response.
     fn deliver_if_done(&self, mut st: MutexGuard<'_, State>) {
-        if !st.network_done || st.phase != Phase::Finished || st.delivered || st.disconnected.is_some() {
+        if !st.network_done
+            || st.phase != Phase::Finished
+            || st.delivered
+            || st.disconnected.is_some()
+        {
             return;
         }
         st.delivered = true;
@@ -725,18 +767,21 @@ impl Exchange {
 
     /// One access-log line per exchange, written when it ends.
     pub fn write_access_log(&self) {
-        let Some(log) = &self.config.access_log else { return };
+        let Some(log) = &self.config.access_log else {
+            return;
+        };
         let (status, bytes) = {
             let mut st = self.lock();
             if st.logged {
                 return;
             }
             st.logged = true;
-            let bytes = if st.status == Some(500) && st.phase == Phase::Finished && st.body_bytes == 0 {
-                0
-            } else {
-                st.body_bytes
-            };
+            let bytes =
+                if st.status == Some(500) && st.phase == Phase::Finished && st.body_bytes == 0 {
+                    0
+                } else {
+                    st.body_bytes
+                };
             (st.status, bytes)
         };
         let f = &self.facts;
@@ -762,17 +807,26 @@ pub struct BodyAborted;
 
 /// Connection-level and framing headers belong to the server (Spec/Www.pod).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(name.as_str(), "connection" | "transfer-encoding" | "keep-alive" | "proxy-connection")
+    matches!(
+        name.as_str(),
+        "connection" | "transfer-encoding" | "keep-alive" | "proxy-connection"
+    )
 }
 
 /// Validate and convert application headers.  Anything that could split the
 /// response (CR, LF, NUL, other controls, non-token names) fails the send.
-fn build_headers(headers: &[(&[u8], &[u8])], response: bool) -> Result<(HeaderMap, Option<u64>), SendError> {
+fn build_headers(
+    headers: &[(&[u8], &[u8])],
+    response: bool,
+) -> Result<(HeaderMap, Option<u64>), SendError> {
     let mut map = HeaderMap::with_capacity(headers.len());
     let mut declared = None;
     for (name, value) in headers {
         let hname = HeaderName::from_bytes(name).map_err(|_| {
-            SendError::Header(format!("name {:?} is not a valid header name", String::from_utf8_lossy(name)))
+            SendError::Header(format!(
+                "name {:?} is not a valid header name",
+                String::from_utf8_lossy(name)
+            ))
         })?;
         let hvalue = HeaderValue::from_bytes(value).map_err(|_| {
             SendError::Header(format!(
@@ -781,7 +835,10 @@ fn build_headers(headers: &[(&[u8], &[u8])], response: bool) -> Result<(HeaderMa
             ))
         })?;
         if response && is_hop_by_hop(&hname) {
-            tracing::debug!("connection-specific header '{}' stripped from HTTP/1.1 response", hname);
+            tracing::debug!(
+                "connection-specific header '{}' stripped from HTTP/1.1 response",
+                hname
+            );
             continue;
         }
         if response && hname == http::header::CONTENT_LENGTH {
@@ -789,9 +846,13 @@ fn build_headers(headers: &[(&[u8], &[u8])], response: bool) -> Result<(HeaderMa
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| SendError::Header("content-length must be a non-negative integer".into()))?;
+                .ok_or_else(|| {
+                    SendError::Header("content-length must be a non-negative integer".into())
+                })?;
             if declared.is_some_and(|d| d != n) {
-                return Err(SendError::Header("conflicting content-length headers".into()));
+                return Err(SendError::Header(
+                    "conflicting content-length headers".into(),
+                ));
             }
             if declared.is_some() {
                 continue;
@@ -803,6 +864,13 @@ fn build_headers(headers: &[(&[u8], &[u8])], response: bool) -> Result<(HeaderMa
     Ok((map, declared))
 }
 
+impl Exchange {
+    /// Send a message about this exchange to its interpreter.
+    pub fn mailbox_push(&self, msg: ToPerl) {
+        self.mailbox.push(msg);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,7 +878,12 @@ mod tests {
     fn exchange(is_head: bool) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
         let mailbox = Arc::new(Mailbox::new().unwrap());
         mailbox.in_flight.fetch_add(1, Ordering::AcqRel);
-        let config = Arc::new(ExchangeConfig { high_water: 10, low_water: 4, max_body: 0, access_log: None });
+        let config = Arc::new(ExchangeConfig {
+            high_water: 10,
+            low_water: 4,
+            max_body: 0,
+            access_log: None,
+        });
         let facts = RequestFacts {
             method: "GET".into(),
             raw_path: Bytes::from_static(b"/"),
@@ -848,7 +921,10 @@ mod tests {
             assert!(matches!(err, SendError::Header(_)), "{err}");
         }
         assert!(rx.try_recv().is_err(), "no head may reach the network");
-        assert_eq!(ex.start(200, &[(b"x-a", b"fine")], false).unwrap(), SendOutcome::Ready);
+        assert_eq!(
+            ex.start(200, &[(b"x-a", b"fine")], false).unwrap(),
+            SendOutcome::Ready
+        );
     }
 
     #[test]
@@ -856,8 +932,14 @@ mod tests {
         let (ex, _rx) = exchange(false);
         assert!(matches!(ex.body(b"x", false), Err(SendError::Sequence(_))));
         ex.start(200, &[], false).unwrap();
-        assert!(matches!(ex.start(200, &[], false), Err(SendError::Sequence(_))));
-        assert!(matches!(ex.trailers(&[]), Err(SendError::Sequence(_))), "trailers not promised");
+        assert!(matches!(
+            ex.start(200, &[], false),
+            Err(SendError::Sequence(_))
+        ));
+        assert!(
+            matches!(ex.trailers(&[]), Err(SendError::Sequence(_))),
+            "trailers not promised"
+        );
         ex.body(b"abc", false).unwrap();
         assert!(matches!(ex.body(b"x", false), Err(SendError::Sequence(_))));
     }
@@ -865,9 +947,18 @@ mod tests {
     #[test]
     fn invalid_status_is_refused() {
         let (ex, _rx) = exchange(false);
-        assert!(matches!(ex.start(42, &[], false), Err(SendError::Invalid(_))));
-        assert!(matches!(ex.start(1000, &[], false), Err(SendError::Invalid(_))));
-        assert!(matches!(ex.start(101, &[], false), Err(SendError::Invalid(_))));
+        assert!(matches!(
+            ex.start(42, &[], false),
+            Err(SendError::Invalid(_))
+        ));
+        assert!(matches!(
+            ex.start(1000, &[], false),
+            Err(SendError::Invalid(_))
+        ));
+        assert!(matches!(
+            ex.start(101, &[], false),
+            Err(SendError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -875,12 +966,22 @@ mod tests {
         let (ex, mut rx) = exchange(false);
         ex.start(
             200,
-            &[(b"transfer-encoding", b"chunked"), (b"connection", b"close"), (b"content-length", b"3")],
+            &[
+                (b"transfer-encoding", b"chunked"),
+                (b"connection", b"close"),
+                (b"content-length", b"3"),
+            ],
             false,
         )
         .unwrap();
-        assert!(rx.try_recv().is_err(), "the head waits for the first body event");
-        assert!(matches!(ex.body(b"abcd", false), Err(SendError::Invalid(_))));
+        assert!(
+            rx.try_recv().is_err(),
+            "the head waits for the first body event"
+        );
+        assert!(matches!(
+            ex.body(b"abcd", false),
+            Err(SendError::Invalid(_))
+        ));
         assert_eq!(ex.body(b"abc", false).unwrap(), SendOutcome::Ready);
         match rx.try_recv() {
             Ok(Head::App(_, map)) => {
@@ -914,7 +1015,10 @@ mod tests {
         let (ex, _rx) = exchange(false);
         ex.start(200, &[(b"content-length", b"2")], true).unwrap();
         ex.body(b"ab", false).unwrap();
-        assert!(matches!(ex.trailers(&[(b"x-t", b"1")]), Err(SendError::Invalid(_))), "CL forbids trailers");
+        assert!(
+            matches!(ex.trailers(&[(b"x-t", b"1")]), Err(SendError::Invalid(_))),
+            "CL forbids trailers"
+        );
 
         let (ex, _rx) = exchange(false);
         ex.start(200, &[], true).unwrap();
@@ -938,15 +1042,23 @@ mod tests {
     #[test]
     fn finish_without_response_is_a_500_backstop() {
         let (ex, mut rx) = exchange(false);
-        assert_eq!(ex.finish(Some("boom at app.pl line 3.\n"), false), FinishOutcome::Backstop500);
-        assert!(matches!(rx.try_recv(), Ok(Head::Generated(s, _)) if s == StatusCode::INTERNAL_SERVER_ERROR));
+        assert_eq!(
+            ex.finish(Some("boom at app.pl line 3.\n"), false),
+            FinishOutcome::Backstop500
+        );
+        assert!(
+            matches!(rx.try_recv(), Ok(Head::Generated(s, _)) if s == StatusCode::INTERNAL_SERVER_ERROR)
+        );
     }
 
     #[test]
     fn finish_after_disconnect_sends_nothing() {
         let (ex, mut rx) = exchange(false);
         ex.network_gone("client_closed");
-        assert_eq!(ex.finish(Some("boom"), false), FinishOutcome::AlreadyDisconnected);
+        assert_eq!(
+            ex.finish(Some("boom"), false),
+            FinishOutcome::AlreadyDisconnected
+        );
         assert!(rx.try_recv().is_err());
         // sends after a disconnect are no-ops
         assert_eq!(ex.start(200, &[], false).unwrap(), SendOutcome::Closed);
@@ -960,25 +1072,35 @@ mod tests {
         ex.body(b"partial", true).unwrap();
         assert_eq!(ex.finish(None, false), FinishOutcome::Truncated);
         let _ = poll(&ex); // the queued chunk
-        assert!(poll(&ex).is_pending(), "one turn for hyper to flush what it took");
-        assert!(matches!(poll(&ex), std::task::Poll::Ready(Some(Err(BodyAborted)))));
+        assert!(
+            poll(&ex).is_pending(),
+            "one turn for hyper to flush what it took"
+        );
+        assert!(matches!(
+            poll(&ex),
+            std::task::Poll::Ready(Some(Err(BodyAborted)))
+        ));
     }
 
     #[test]
     fn server_abort_before_start_sends_generated_status() {
         let (ex, mut rx) = exchange(false);
-        ex.server_abort("body_too_large", Some((StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large")));
-        assert!(matches!(rx.try_recv(), Ok(Head::Generated(s, _)) if s == StatusCode::PAYLOAD_TOO_LARGE));
+        ex.server_abort(
+            "body_too_large",
+            Some((StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large")),
+        );
+        assert!(
+            matches!(rx.try_recv(), Ok(Head::Generated(s, _)) if s == StatusCode::PAYLOAD_TOO_LARGE)
+        );
         let mut q = VecDeque::new();
         ex.mailbox.take_all(&mut q);
-        assert!(q.iter().any(|m| matches!(m, ToPerl::Disconnect { reason: "body_too_large", .. })));
+        assert!(q.iter().any(|m| matches!(
+            m,
+            ToPerl::Disconnect {
+                reason: "body_too_large",
+                ..
+            }
+        )));
         assert_eq!(ex.start(200, &[], false).unwrap(), SendOutcome::Closed);
-    }
-}
-
-impl Exchange {
-    /// Send a message about this exchange to its interpreter.
-    pub fn mailbox_push(&self, msg: ToPerl) {
-        self.mailbox.push(msg);
     }
 }

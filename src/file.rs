@@ -14,7 +14,12 @@ const CHUNK: usize = 64 * 1024;
 
 /// Stream `file` from `offset` (None: its current position) for `length`
 /// bytes (None: to EOF), then settle the application's send.
-pub async fn stream(ex: Arc<Exchange>, file: std::fs::File, offset: Option<u64>, length: Option<u64>) {
+pub async fn stream(
+    ex: Arc<Exchange>,
+    file: std::fs::File,
+    offset: Option<u64>,
+    length: Option<u64>,
+) {
     let mut sent_any = false;
     let result: std::io::Result<()> = async {
         let mut f = tokio::fs::File::from_std(file);

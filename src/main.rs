@@ -69,7 +69,9 @@ fn main() -> ExitCode {
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         // Interpreter threads need cores too: network threads that outnumber
         // the cores left over only park and unpark waiting for them.
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         builder.worker_threads(cores.saturating_sub(opts.interpreters).max(1));
     }
     let runtime = match builder.enable_all().build() {
@@ -91,7 +93,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match &e {
-                StartupError::AppLoad(msg) => eprintln!("pagi-rs: cannot load the application:\n{}", msg.trim_end()),
+                StartupError::AppLoad(msg) => {
+                    eprintln!("pagi-rs: cannot load the application:\n{}", msg.trim_end())
+                }
                 other => eprintln!("pagi-rs: {other}"),
             }
             ExitCode::FAILURE
@@ -101,7 +105,12 @@ fn main() -> ExitCode {
     // it is only safe once every interpreter is destroyed.
 }
 
-fn run(opts: &Options, spec: LoadSpec, format: access_log::Format, runtime: &tokio::runtime::Runtime) -> Result<(), StartupError> {
+fn run(
+    opts: &Options,
+    spec: LoadSpec,
+    format: access_log::Format,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<(), StartupError> {
     let access_log = if opts.no_access_log {
         None
     } else {
@@ -110,8 +119,8 @@ fn run(opts: &Options, spec: LoadSpec, format: access_log::Format, runtime: &tok
                 .map_err(|e| StartupError::Interpreter(e.to_string()))?,
         )
     };
-    let needs_headers = opts.access_log_format.contains("%{")
-        || opts.access_log_format == "combined";
+    let needs_headers =
+        opts.access_log_format.contains("%{") || opts.access_log_format == "combined";
 
     let pool = Pool::start(opts.interpreters, &spec, runtime.handle().clone())?;
 
@@ -122,7 +131,10 @@ fn run(opts: &Options, spec: LoadSpec, format: access_log::Format, runtime: &tok
     };
     let local = listener.local_addr().unwrap_or(addr);
 
-    pool.lifespan_startup(opts.lifespan, Options::timeout_opt(opts.lifespan_startup_timeout))?;
+    pool.lifespan_startup(
+        opts.lifespan,
+        Options::timeout_opt(opts.lifespan_startup_timeout),
+    )?;
 
     let server = Arc::new(Server {
         pool,
@@ -157,7 +169,12 @@ fn run(opts: &Options, spec: LoadSpec, format: access_log::Format, runtime: &tok
     );
 
     let grace = Duration::from_secs(opts.shutdown_timeout);
-    runtime.block_on(server::serve(listener, server.clone(), shutdown_signal(), grace));
+    runtime.block_on(server::serve(
+        listener,
+        server.clone(),
+        shutdown_signal(),
+        grace,
+    ));
 
     server.pool.lifespan_shutdown(grace);
     server.pool.stop(Duration::from_secs(5));
@@ -172,21 +189,34 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
         .and_then(|mut it| it.next())
         .ok_or_else(|| StartupError::Bind {
             addr: format!("{host}:{port}"),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "cannot resolve the host"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "cannot resolve the host",
+            ),
         })
 }
 
 fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartupError> {
-    let err = |source| StartupError::Bind { addr: addr.to_string(), source };
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-        .map_err(err)?;
+    let err = |source| StartupError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(2048).map_err(err)
 }
 
 async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
         return std::future::pending().await;
     };

@@ -83,8 +83,15 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let server_addr = stream.local_addr().ok().or(local).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let info = Arc::new(ConnInfo { client, server: server_addr });
+        let server_addr = stream
+            .local_addr()
+            .ok()
+            .or(local)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let info = Arc::new(ConnInfo {
+            client,
+            server: server_addr,
+        });
         let svc_server = server.clone();
         let service = service_fn(move |req| handle(req, info.clone(), svc_server.clone()));
         let io = TokioIo::new(Gate::new(stream, server.gate_limits));
@@ -103,7 +110,10 @@ pub async fn serve(
     }
     drop(listener);
 
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("Shutdown timeout: force-closing active connections");
         FORCE_CLOSING.store(true, Ordering::Release);
         let _ = force_tx.send(true);

@@ -141,7 +141,11 @@ impl<S> Gate<S> {
                 if !line_done && self.raw.len() > MAX_REQUEST_LINE {
                     self.refuse(StatusCode::URI_TOO_LONG, None);
                 } else if self.raw.len() > self.limits.max_header_size.max(MAX_REQUEST_LINE) + 4 {
-                    let status = if line_done { StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE } else { StatusCode::URI_TOO_LONG };
+                    let status = if line_done {
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+                    } else {
+                        StatusCode::URI_TOO_LONG
+                    };
                     self.refuse(status, None);
                 }
                 false
@@ -174,7 +178,9 @@ impl<S> Gate<S> {
 
     /// Follow chunked framing; returns false when more bytes are needed.
     fn scan_chunked(&mut self) -> bool {
-        let Framing::Chunked(state) = &mut self.framing else { return true };
+        let Framing::Chunked(state) = &mut self.framing else {
+            return true;
+        };
         match state {
             Chunk::Size => {
                 let Some(end) = find_crlf(&self.raw) else {
@@ -242,8 +248,10 @@ impl<S> Gate<S> {
             Some(l) if l.target.len() <= MAX_REQUEST_LINE => (l.method, l.target),
             _ => ("GET".to_string(), "/".to_string()),
         };
-        let standin =
-            format!("{method} {target} HTTP/1.1\r\nhost: pagi-rs\r\n{REFUSAL_HEADER}: {}\r\n\r\n", status.as_u16());
+        let standin = format!(
+            "{method} {target} HTTP/1.1\r\nhost: pagi-rs\r\n{REFUSAL_HEADER}: {}\r\n\r\n",
+            status.as_u16()
+        );
         self.out.extend_from_slice(standin.as_bytes());
         self.raw.clear();
         self.closed = true;
@@ -270,7 +278,11 @@ fn find_crlf(b: &[u8]) -> Option<usize> {
 
 /// The checks hyper does not make (or makes silently), in the reference
 /// server's order.  Ok gives the body framing that follows the head.
-fn check_head(req: &httparse::Request<'_, '_>, head_len: usize, limits: &Limits) -> Result<Framing, StatusCode> {
+fn check_head(
+    req: &httparse::Request<'_, '_>,
+    head_len: usize,
+    limits: &Limits,
+) -> Result<Framing, StatusCode> {
     let target_len = req.path.map(str::len).unwrap_or(0);
     if target_len > MAX_REQUEST_LINE {
         return Err(StatusCode::URI_TOO_LONG);
@@ -297,7 +309,10 @@ fn check_head(req: &httparse::Request<'_, '_>, head_len: usize, limits: &Limits)
                 return Err(StatusCode::BAD_REQUEST);
             }
             // More than 19 digits cannot be a length we would accept.
-            let n = std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(u64::MAX);
+            let n = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(u64::MAX);
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             let mut all = te.take().unwrap_or_default();
@@ -323,15 +338,24 @@ fn check_head(req: &httparse::Request<'_, '_>, head_len: usize, limits: &Limits)
         if !http11 {
             return Err(StatusCode::BAD_REQUEST);
         }
-        let codings: Vec<&[u8]> =
-            te.split(|b| *b == b',').map(|c| c.trim_ascii()).filter(|c| !c.is_empty()).collect();
-        let chunked_at = codings.iter().position(|c| c.eq_ignore_ascii_case(b"chunked"));
+        let codings: Vec<&[u8]> = te
+            .split(|b| *b == b',')
+            .map(|c| c.trim_ascii())
+            .filter(|c| !c.is_empty())
+            .collect();
+        let chunked_at = codings
+            .iter()
+            .position(|c| c.eq_ignore_ascii_case(b"chunked"));
         return match chunked_at {
             // chunked, but not last: the body length cannot be known.
             Some(i) if i + 1 != codings.len() => Err(StatusCode::BAD_REQUEST),
             // A coding before chunked that we would have to decode.
             Some(_) if codings.len() > 1 => Err(StatusCode::NOT_IMPLEMENTED),
-            Some(_) => Ok(if upgrade { Framing::PassThrough } else { Framing::Chunked(Chunk::Size) }),
+            Some(_) => Ok(if upgrade {
+                Framing::PassThrough
+            } else {
+                Framing::Chunked(Chunk::Size)
+            }),
             None => Err(StatusCode::NOT_IMPLEMENTED),
         };
     }
@@ -354,14 +378,21 @@ pub fn refusal_text(status: u16) -> (StatusCode, &'static str) {
     match status {
         413 => (StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"),
         414 => (StatusCode::URI_TOO_LONG, "URI Too Long"),
-        431 => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "Request Header Fields Too Large"),
+        431 => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "Request Header Fields Too Large",
+        ),
         501 => (StatusCode::NOT_IMPLEMENTED, "Unsupported Transfer-Encoding"),
         _ => (StatusCode::BAD_REQUEST, "Bad Request"),
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if !this.out.is_empty() {
@@ -407,7 +438,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -436,7 +471,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_header_size: 8192, max_header_count: 100, max_body: 1000 };
+    const LIMITS: Limits = Limits {
+        max_header_size: 8192,
+        max_header_count: 100,
+        max_body: 1000,
+    };
 
     /// Feed `input` in pieces of `step` bytes; return what hyper would see.
     fn through(input: &[u8], step: usize) -> (Vec<u8>, bool) {
@@ -456,8 +495,12 @@ mod tests {
         let (seen, closed) = through(input, usize::MAX);
         closed.then(|| {
             let s = String::from_utf8_lossy(&seen);
-            let at = s.find(REFUSAL_HEADER).expect("stand-in carries the verdict");
-            s[at + REFUSAL_HEADER.len() + 2..at + REFUSAL_HEADER.len() + 5].parse().unwrap()
+            let at = s
+                .find(REFUSAL_HEADER)
+                .expect("stand-in carries the verdict");
+            s[at + REFUSAL_HEADER.len() + 2..at + REFUSAL_HEADER.len() + 5]
+                .parse()
+                .unwrap()
         })
     }
 
@@ -474,21 +517,56 @@ POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r
 
     #[test]
     fn refusals_hyper_would_not_make() {
-        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"), Some(400));
+        assert_eq!(
+            verdict(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"
+            ),
+            Some(400)
+        );
         assert_eq!(
             verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Some(400)
         );
-        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"), Some(501));
-        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"), Some(501));
-        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"), Some(400));
-        assert_eq!(verdict(b"GET / HTTP/1.1\r\n\r\n"), Some(400), "no Host on 1.1");
-        assert_eq!(verdict(b"GET / HTTP/1.0\r\n\r\n"), None, "1.0 needs no Host");
-        assert_eq!(verdict(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), Some(400));
-        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"), Some(400));
-        assert_eq!(verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n"), Some(413));
+        assert_eq!(
+            verdict(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Some(501)
+        );
+        assert_eq!(
+            verdict(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Some(501)
+        );
+        assert_eq!(
+            verdict(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            verdict(b"GET / HTTP/1.1\r\n\r\n"),
+            Some(400),
+            "no Host on 1.1"
+        );
+        assert_eq!(
+            verdict(b"GET / HTTP/1.0\r\n\r\n"),
+            None,
+            "1.0 needs no Host"
+        );
+        assert_eq!(
+            verdict(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n"),
+            Some(413)
+        );
         assert_eq!(verdict(b"GARBAGE\r\n\r\n"), Some(400));
-        assert_eq!(verdict(b"GET / HTTP/1.1\r\nHost: x\r\nx-pagi-rs-refusal: 200\r\n\r\n"), Some(400), "no forging");
+        assert_eq!(
+            verdict(b"GET / HTTP/1.1\r\nHost: x\r\nx-pagi-rs-refusal: 200\r\n\r\n"),
+            Some(400),
+            "no forging"
+        );
     }
 
     #[test]
@@ -496,11 +574,21 @@ POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r
         let long_target = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9000));
         assert_eq!(verdict(long_target.as_bytes()), Some(414));
         let unfinished = format!("GET /{}", "a".repeat(20_000));
-        assert_eq!(verdict(unfinished.as_bytes()), Some(414), "refused before the line ends");
-        let big_header = format!("GET / HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n", "b".repeat(9000));
+        assert_eq!(
+            verdict(unfinished.as_bytes()),
+            Some(414),
+            "refused before the line ends"
+        );
+        let big_header = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
+            "b".repeat(9000)
+        );
         assert_eq!(verdict(big_header.as_bytes()), Some(431));
         let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
-        assert_eq!(verdict(format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes()), Some(431));
+        assert_eq!(
+            verdict(format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes()),
+            Some(431)
+        );
     }
 
     #[test]
@@ -509,7 +597,12 @@ POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r
         let (seen, closed) = through(input, 5);
         assert!(closed);
         let s = String::from_utf8(seen).unwrap();
-        assert!(s.starts_with("GET /ok HTTP/1.1\r\nHost: x\r\n\r\nPOST /bad HTTP/1.1\r\nhost: pagi-rs\r\n"), "{s}");
+        assert!(
+            s.starts_with(
+                "GET /ok HTTP/1.1\r\nHost: x\r\n\r\nPOST /bad HTTP/1.1\r\nhost: pagi-rs\r\n"
+            ),
+            "{s}"
+        );
         assert!(!s.contains("/never"));
     }
 }

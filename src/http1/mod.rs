@@ -57,22 +57,39 @@ pub async fn handle(
         BodyState::Streaming
     };
     let is_head = parts.method == Method::HEAD;
-    let scope = RequestScope::from_parts(&mut parts, conn.client, conn.server, &server.root_path, body_state);
+    let scope = RequestScope::from_parts(
+        &mut parts,
+        conn.client,
+        conn.server,
+        &server.root_path,
+        body_state,
+    );
 
     let interp = server.pool.pick();
-    interp.mailbox.in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    interp
+        .mailbox
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let facts = RequestFacts {
         method: scope.method.clone(),
         raw_path: scope.raw_path.clone(),
         query: scope.query_string.clone(),
         http_version: scope.http_version,
         client: conn.client,
-        headers: if server.access_log_needs_headers { normalise_headers(&scope.headers) } else { Vec::new() },
+        headers: if server.access_log_needs_headers {
+            normalise_headers(&scope.headers)
+        } else {
+            Vec::new()
+        },
         is_head,
         started,
     };
-    let (exchange, head_rx) =
-        Exchange::new(server.pool.next_request_id(), interp.mailbox.clone(), server.exchange_config.clone(), facts);
+    let (exchange, head_rx) = Exchange::new(
+        server.pool.next_request_id(),
+        interp.mailbox.clone(),
+        server.exchange_config.clone(),
+        facts,
+    );
 
     if body_state != BodyState::Empty {
         if body_state == BodyState::AwaitingContinue {
@@ -88,7 +105,10 @@ pub async fn handle(
         tokio::spawn(watch_stalls(Arc::downgrade(&exchange), limit));
     }
 
-    interp.mailbox.push(ToPerl::Request { exchange: exchange.clone(), scope: Box::new(scope) });
+    interp.mailbox.push(ToPerl::Request {
+        exchange: exchange.clone(),
+        scope: Box::new(scope),
+    });
 
     // If hyper drops this future (the client went away, or the server is
     // force-closing), the application must hear about it.
@@ -112,7 +132,11 @@ struct PendingHead(Option<Arc<Exchange>>);
 impl Drop for PendingHead {
     fn drop(&mut self) {
         if let Some(ex) = self.0.take() {
-            ex.network_gone(if crate::server::is_force_closing() { "server_shutdown" } else { "client_closed" });
+            ex.network_gone(if crate::server::is_force_closing() {
+                "server_shutdown"
+            } else {
+                "client_closed"
+            });
         }
     }
 }
@@ -128,7 +152,10 @@ async fn watch_stalls(exchange: std::sync::Weak<Exchange>, limit: Duration) {
         }
         let idle = ex.since_progress();
         if idle >= limit {
-            tracing::warn!("Request stall timeout ({}s) - closing connection", limit.as_secs());
+            tracing::warn!(
+                "Request stall timeout ({}s) - closing connection",
+                limit.as_secs()
+            );
             ex.server_abort("client_timeout", None);
             return;
         }
@@ -139,7 +166,11 @@ async fn watch_stalls(exchange: std::sync::Weak<Exchange>, limit: Duration) {
 /// The gate's verdict on this request, if it refused it (see gate.rs).
 fn refusal(req: &Request<Incoming>) -> Option<(StatusCode, &'static str)> {
     let verdict = req.headers().get(gate::REFUSAL_HEADER)?;
-    let code = verdict.to_str().ok().and_then(|s| s.parse::<u16>().ok()).unwrap_or(400);
+    let code = verdict
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(400);
     Some(gate::refusal_text(code))
 }
 
@@ -154,9 +185,21 @@ pub fn plain_response(status: StatusCode, text: &'static str) -> Response<Respon
     resp
 }
 
-fn log_refusal(server: &Server, req: &Request<Incoming>, conn: &ConnInfo, status: StatusCode, started: Instant) {
-    let Some(log) = &server.exchange_config.access_log else { return };
-    let headers = if server.access_log_needs_headers { normalise_headers(req.headers()) } else { Vec::new() };
+fn log_refusal(
+    server: &Server,
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+    status: StatusCode,
+    started: Instant,
+) {
+    let Some(log) = &server.exchange_config.access_log else {
+        return;
+    };
+    let headers = if server.access_log_needs_headers {
+        normalise_headers(req.headers())
+    } else {
+        Vec::new()
+    };
     log.write(&Record {
         client: Some(conn.client),
         method: req.method().as_str(),

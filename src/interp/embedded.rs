@@ -3,17 +3,41 @@
 //! serves these sources by their `require` names.
 
 const SOURCES: &[(&str, &str)] = &[
-    ("PAGI/RS/Bridge.pm", include_str!("../../perl/PAGI/RS/Bridge.pm")),
-    ("PAGI/RS/HTTP.pm", include_str!("../../perl/PAGI/RS/HTTP.pm")),
-    ("PAGI/RS/Connection.pm", include_str!("../../perl/PAGI/RS/Connection.pm")),
-    ("PAGI/RS/Transport.pm", include_str!("../../perl/PAGI/RS/Transport.pm")),
-    ("PAGI/RS/Lifespan.pm", include_str!("../../perl/PAGI/RS/Lifespan.pm")),
-    ("PAGI/RS/Loader.pm", include_str!("../../perl/PAGI/RS/Loader.pm")),
-    ("PAGI/RS/FutureIO.pm", include_str!("../../perl/PAGI/RS/FutureIO.pm")),
+    (
+        "PAGI/RS/Bridge.pm",
+        include_str!("../../perl/PAGI/RS/Bridge.pm"),
+    ),
+    (
+        "PAGI/RS/HTTP.pm",
+        include_str!("../../perl/PAGI/RS/HTTP.pm"),
+    ),
+    (
+        "PAGI/RS/Connection.pm",
+        include_str!("../../perl/PAGI/RS/Connection.pm"),
+    ),
+    (
+        "PAGI/RS/Transport.pm",
+        include_str!("../../perl/PAGI/RS/Transport.pm"),
+    ),
+    (
+        "PAGI/RS/Lifespan.pm",
+        include_str!("../../perl/PAGI/RS/Lifespan.pm"),
+    ),
+    (
+        "PAGI/RS/Loader.pm",
+        include_str!("../../perl/PAGI/RS/Loader.pm"),
+    ),
+    (
+        "PAGI/RS/FutureIO.pm",
+        include_str!("../../perl/PAGI/RS/FutureIO.pm"),
+    ),
 ];
 
 pub fn source(name: &[u8]) -> Option<&'static str> {
-    SOURCES.iter().find(|(n, _)| n.as_bytes() == name).map(|(_, s)| *s)
+    SOURCES
+        .iter()
+        .find(|(n, _)| n.as_bytes() == name)
+        .map(|(_, s)| *s)
 }
 
 /// Evaluated first in every interpreter: serve the embedded modules, then

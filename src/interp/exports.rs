@@ -56,7 +56,11 @@ thread_local! {
     static CTX: RefCell<Option<WorkerCtx>> = const { RefCell::new(None) };
 }
 
-pub fn install(mailbox: Arc<Mailbox>, control: mpsc::Sender<Control>, runtime: tokio::runtime::Handle) {
+pub fn install(
+    mailbox: Arc<Mailbox>,
+    control: mpsc::Sender<Control>,
+    runtime: tokio::runtime::Handle,
+) {
     CTX.with(|c| {
         *c.borrow_mut() = Some(WorkerCtx {
             mailbox,
@@ -77,7 +81,9 @@ pub fn uninstall() {
 }
 
 fn with_ctx<R>(default: R, f: impl FnOnce(&mut WorkerCtx) -> R) -> R {
-    match catch_unwind(AssertUnwindSafe(|| CTX.with(|c| c.borrow_mut().as_mut().map(f)))) {
+    match catch_unwind(AssertUnwindSafe(|| {
+        CTX.with(|c| c.borrow_mut().as_mut().map(f))
+    })) {
         Ok(Some(r)) => r,
         Ok(None) => default,
         Err(_) => {
@@ -88,7 +94,11 @@ fn with_ctx<R>(default: R, f: impl FnOnce(&mut WorkerCtx) -> R) -> R {
 }
 
 fn exchange(id: u64) -> Option<Arc<Exchange>> {
-    CTX.with(|c| c.borrow().as_ref().and_then(|ctx| ctx.exchanges.get(&id).cloned()))
+    CTX.with(|c| {
+        c.borrow()
+            .as_ref()
+            .and_then(|ctx| ctx.exchanges.get(&id).cloned())
+    })
 }
 
 fn guarded<R>(default: R, f: impl FnOnce() -> R) -> R {
@@ -126,7 +136,9 @@ unsafe fn header_pairs<'a>(hdrs: *const PagiStr, n: usize) -> Vec<(&'a [u8], &'a
     // SAFETY: guaranteed by the caller (glue.c's headers_from_sv).
     let flat = unsafe { std::slice::from_raw_parts(hdrs, 2 * n) };
     // SAFETY: each entry points into a Perl string alive for this XS call.
-    flat.chunks_exact(2).map(|p| unsafe { (p[0].as_bytes(), p[1].as_bytes()) }).collect()
+    flat.chunks_exact(2)
+        .map(|p| unsafe { (p[0].as_bytes(), p[1].as_bytes()) })
+        .collect()
 }
 
 /// Move newly arrived messages into the inbox; returns how many arrived.
@@ -140,7 +152,9 @@ pub extern "C" fn pagi_rs_wake_ack() -> c_int {
 pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
     with_ctx(0, |ctx| {
         ctx.current = None;
-        let Some(msg) = ctx.inbox.pop_front() else { return 0 };
+        let Some(msg) = ctx.inbox.pop_front() else {
+            return 0;
+        };
         // SAFETY: out points at a zeroed PagiMsg on the XS function's stack.
         let m = unsafe { &mut *out };
         match &msg {
@@ -231,7 +245,9 @@ pub extern "C" fn pagi_rs_response_start(
     err: *mut PagiStr,
 ) -> c_int {
     guarded(-1, || {
-        let Some(ex) = exchange(id) else { return SendOutcome::Closed as c_int };
+        let Some(ex) = exchange(id) else {
+            return SendOutcome::Closed as c_int;
+        };
         // SAFETY: glue.c passes 2n entries that live for this call.
         let pairs = unsafe { header_pairs(hdrs, n) };
         outcome(ex.start(status, &pairs, trailers != 0), err)
@@ -239,9 +255,17 @@ pub extern "C" fn pagi_rs_response_start(
 }
 
 #[no_mangle]
-pub extern "C" fn pagi_rs_response_body(id: u64, ptr: *const c_char, len: usize, more: c_int, err: *mut PagiStr) -> c_int {
+pub extern "C" fn pagi_rs_response_body(
+    id: u64,
+    ptr: *const c_char,
+    len: usize,
+    more: c_int,
+    err: *mut PagiStr,
+) -> c_int {
     guarded(-1, || {
-        let Some(ex) = exchange(id) else { return SendOutcome::Closed as c_int };
+        let Some(ex) = exchange(id) else {
+            return SendOutcome::Closed as c_int;
+        };
         // SAFETY: ptr/len describe the body string alive for this XS call.
         let data = unsafe { PagiStr { ptr, len }.as_bytes() };
         outcome(ex.body(data, more != 0), err)
@@ -249,9 +273,16 @@ pub extern "C" fn pagi_rs_response_body(id: u64, ptr: *const c_char, len: usize,
 }
 
 #[no_mangle]
-pub extern "C" fn pagi_rs_response_trailers(id: u64, hdrs: *const PagiStr, n: usize, err: *mut PagiStr) -> c_int {
+pub extern "C" fn pagi_rs_response_trailers(
+    id: u64,
+    hdrs: *const PagiStr,
+    n: usize,
+    err: *mut PagiStr,
+) -> c_int {
     guarded(-1, || {
-        let Some(ex) = exchange(id) else { return SendOutcome::Closed as c_int };
+        let Some(ex) = exchange(id) else {
+            return SendOutcome::Closed as c_int;
+        };
         // SAFETY: glue.c passes 2n entries that live for this call.
         let pairs = unsafe { header_pairs(hdrs, n) };
         outcome(ex.trailers(&pairs), err)
@@ -262,9 +293,15 @@ fn runtime() -> Option<tokio::runtime::Handle> {
     CTX.with(|c| c.borrow().as_ref().map(|ctx| ctx.runtime.clone()))
 }
 
-fn start_file_stream(id: u64, err: *mut PagiStr, open: impl FnOnce() -> Result<(std::fs::File, Option<u64>, Option<u64>), String>) -> c_int {
+fn start_file_stream(
+    id: u64,
+    err: *mut PagiStr,
+    open: impl FnOnce() -> Result<(std::fs::File, Option<u64>, Option<u64>), String>,
+) -> c_int {
     guarded(-1, || {
-        let Some(ex) = exchange(id) else { return SendOutcome::Closed as c_int };
+        let Some(ex) = exchange(id) else {
+            return SendOutcome::Closed as c_int;
+        };
         match ex.begin_stream_body() {
             Err(e) => return report(err, e.to_string()),
             Ok(Some(done)) => return done as c_int,
@@ -274,7 +311,9 @@ fn start_file_stream(id: u64, err: *mut PagiStr, open: impl FnOnce() -> Result<(
             Ok(v) => v,
             Err(e) => return report(err, SendError::File(e).to_string()),
         };
-        let Some(rt) = runtime() else { return report(err, "no runtime".into()) };
+        let Some(rt) = runtime() else {
+            return report(err, "no runtime".into());
+        };
         rt.spawn(crate::file::stream(ex, file, offset, length));
         SendOutcome::Deferred as c_int
     })
@@ -290,7 +329,14 @@ pub extern "C" fn pagi_rs_response_file(
     err: *mut PagiStr,
 ) -> c_int {
     // SAFETY: path/plen describe the path string alive for this XS call.
-    let path_bytes = unsafe { PagiStr { ptr: path, len: plen }.as_bytes() }.to_vec();
+    let path_bytes = unsafe {
+        PagiStr {
+            ptr: path,
+            len: plen,
+        }
+        .as_bytes()
+    }
+    .to_vec();
     start_file_stream(id, err, move || {
         use std::os::unix::ffi::OsStrExt;
         let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&path_bytes));
@@ -298,23 +344,40 @@ pub extern "C" fn pagi_rs_response_file(
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
             return Err(format!("{}: is a directory", path.display()));
         }
-        Ok((file, Some(offset.max(0) as u64), (length >= 0).then_some(length as u64)))
+        Ok((
+            file,
+            Some(offset.max(0) as u64),
+            (length >= 0).then_some(length as u64),
+        ))
     })
 }
 
 #[no_mangle]
-pub extern "C" fn pagi_rs_response_fd(id: u64, fd: c_int, offset: i64, length: i64, err: *mut PagiStr) -> c_int {
+pub extern "C" fn pagi_rs_response_fd(
+    id: u64,
+    fd: c_int,
+    offset: i64,
+    length: i64,
+    err: *mut PagiStr,
+) -> c_int {
     start_file_stream(id, err, move || {
         // Our own descriptor: the application may close its handle as soon
         // as the send settles, and we must not close theirs.
         // SAFETY: fcntl on a caller-supplied fd; failure is checked.
         let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
-            return Err(format!("fh is not an open file handle: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "fh is not an open file handle: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         // SAFETY: dup is a fresh descriptor owned by nobody else.
         let file = unsafe { std::fs::File::from_raw_fd(dup) };
-        Ok((file, (offset >= 0).then_some(offset as u64), (length >= 0).then_some(length as u64)))
+        Ok((
+            file,
+            (offset >= 0).then_some(offset as u64),
+            (length >= 0).then_some(length as u64),
+        ))
     })
 }
 
@@ -336,11 +399,21 @@ pub extern "C" fn pagi_rs_want_body(id: u64) {
 }
 
 #[no_mangle]
-pub extern "C" fn pagi_rs_finish(id: u64, err: *const c_char, len: usize, has_err: c_int, interested: c_int) -> c_int {
+pub extern "C" fn pagi_rs_finish(
+    id: u64,
+    err: *const c_char,
+    len: usize,
+    has_err: c_int,
+    interested: c_int,
+) -> c_int {
     guarded(0, || {
-        let Some(ex) = exchange(id) else { return crate::exchange::FinishOutcome::AlreadyDisconnected as c_int };
+        let Some(ex) = exchange(id) else {
+            return crate::exchange::FinishOutcome::AlreadyDisconnected as c_int;
+        };
         // SAFETY: err/len describe the error text alive for this XS call.
-        let text = (has_err != 0).then(|| String::from_utf8_lossy(unsafe { PagiStr { ptr: err, len }.as_bytes() }).into_owned());
+        let text = (has_err != 0).then(|| {
+            String::from_utf8_lossy(unsafe { PagiStr { ptr: err, len }.as_bytes() }).into_owned()
+        });
         let outcome = ex.finish(text.as_deref(), interested != 0);
         if interested == 0 {
             // Perl has forgotten the request; later calls with its id are no-ops.
@@ -368,7 +441,9 @@ pub mod query {
 #[no_mangle]
 pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
     guarded(-1, || {
-        let Some(ex) = exchange(id) else { return if what == query::BUFFERED { 0 } else { -1 } };
+        let Some(ex) = exchange(id) else {
+            return if what == query::BUFFERED { 0 } else { -1 };
+        };
         match what {
             query::BUFFERED => ex.buffered_amount() as i64,
             query::HIGH_WATER => ex.config().high_water as i64,
@@ -385,7 +460,8 @@ pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
 #[no_mangle]
 pub extern "C" fn pagi_rs_lifespan_event(kind: c_int, msg: *const c_char, len: usize) -> c_int {
     // SAFETY: msg/len describe the message text alive for this XS call.
-    let text = String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() }).into_owned();
+    let text =
+        String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() }).into_owned();
     with_ctx(0, |ctx| {
         let _ = ctx.control.send(Control::Lifespan(kind, text));
         1
@@ -406,7 +482,11 @@ pub extern "C" fn pagi_rs_log(level: c_int, msg: *const c_char, len: usize) {
 }
 
 #[no_mangle]
-pub extern "C" fn pagi_rs_embedded_source(name: *const c_char, len: usize, out: *mut PagiStr) -> c_int {
+pub extern "C" fn pagi_rs_embedded_source(
+    name: *const c_char,
+    len: usize,
+    out: *mut PagiStr,
+) -> c_int {
     // SAFETY: name/len describe the module path string alive for this call.
     let name = unsafe { PagiStr { ptr: name, len }.as_bytes() };
     match super::embedded::source(name) {

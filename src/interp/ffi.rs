@@ -12,10 +12,16 @@ pub struct PagiStr {
 }
 
 impl PagiStr {
-    pub const NULL: PagiStr = PagiStr { ptr: std::ptr::null(), len: 0 };
+    pub const NULL: PagiStr = PagiStr {
+        ptr: std::ptr::null(),
+        len: 0,
+    };
 
     pub fn from_bytes(b: &[u8]) -> PagiStr {
-        PagiStr { ptr: b.as_ptr().cast(), len: b.len() }
+        PagiStr {
+            ptr: b.as_ptr().cast(),
+            len: b.len(),
+        }
     }
 
     /// # Safety
@@ -62,5 +68,9 @@ extern "C" {
         nargs: usize,
         result: *mut PagiStr,
     ) -> c_int;
-    pub fn pagi_eval(interp: *mut PerlInterpreter, code: *const c_char, result: *mut PagiStr) -> c_int;
+    pub fn pagi_eval(
+        interp: *mut PerlInterpreter,
+        code: *const c_char,
+        result: *mut PagiStr,
+    ) -> c_int;
 }

@@ -40,7 +40,10 @@ impl Mailbox {
     }
 
     pub fn push(&self, msg: ToPerl) {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(msg);
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(msg);
         if !self.notified.swap(true, Ordering::AcqRel) {
             let one: u64 = 1;
             // SAFETY: writing 8 bytes from a live u64 to our own eventfd.  A
@@ -60,7 +63,11 @@ impl Mailbox {
             // SAFETY: reading 8 bytes into a live u64 from our own
             // non-blocking eventfd; EAGAIN is harmless.
             unsafe {
-                libc::read(self.wake_fd.as_raw_fd(), (&mut counter as *mut u64).cast(), 8);
+                libc::read(
+                    self.wake_fd.as_raw_fd(),
+                    (&mut counter as *mut u64).cast(),
+                    8,
+                );
             }
         }
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());

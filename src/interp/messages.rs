@@ -11,17 +11,34 @@ use crate::scope::RequestScope;
 
 pub enum ToPerl {
     /// A new HTTP request: build the scope and call the app.
-    Request { exchange: Arc<Exchange>, scope: Box<RequestScope> },
+    Request {
+        exchange: Arc<Exchange>,
+        scope: Box<RequestScope>,
+    },
     /// A chunk of request body (`http.request`).
-    Body { id: u64, data: Bytes, more: bool },
+    Body {
+        id: u64,
+        data: Bytes,
+        more: bool,
+    },
     /// The request ended abnormally, with a standard reason string.
-    Disconnect { id: u64, reason: &'static str },
+    Disconnect {
+        id: u64,
+        reason: &'static str,
+    },
     /// The outbound buffer fell below the low-water mark after reaching the high one.
-    Drained { id: u64 },
+    Drained {
+        id: u64,
+    },
     /// A send that completes later (file, fh, fullflush) finished.
-    SendDone { id: u64, error: Option<String> },
+    SendDone {
+        id: u64,
+        error: Option<String>,
+    },
     /// The response was handed to the network in full.
-    Complete { id: u64 },
+    Complete {
+        id: u64,
+    },
     LifespanStartup,
     LifespanShutdown,
     /// Leave the event loop; the interpreter is being shut down.

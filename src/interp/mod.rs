@@ -69,13 +69,20 @@ pub struct Pool {
 impl Pool {
     /// Start `n` interpreters and load the app in each; fails with Perl's
     /// error if any load fails (before the server binds anything).
-    pub fn start(n: usize, spec: &LoadSpec, runtime: tokio::runtime::Handle) -> Result<Pool, StartupError> {
+    pub fn start(
+        n: usize,
+        spec: &LoadSpec,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Pool, StartupError> {
         let mut interpreters = Vec::with_capacity(n);
         for index in 0..n {
-            let mailbox = Arc::new(Mailbox::new().map_err(|e| StartupError::Interpreter(e.to_string()))?);
+            let mailbox =
+                Arc::new(Mailbox::new().map_err(|e| StartupError::Interpreter(e.to_string()))?);
             let (tx, rx) = mpsc::channel();
             let handle = thread::spawn(index, mailbox.clone(), tx, runtime.clone(), spec.clone())
-                .map_err(|e| StartupError::Interpreter(format!("cannot start interpreter thread: {e}")))?;
+                .map_err(|e| {
+                StartupError::Interpreter(format!("cannot start interpreter thread: {e}"))
+            })?;
             let interp = Interpreter {
                 mailbox,
                 control: Mutex::new(rx),
@@ -85,11 +92,18 @@ impl Pool {
             match interp.recv(None) {
                 Some(Control::Loaded(Ok(()))) => {}
                 Some(Control::Loaded(Err(e))) => return Err(StartupError::AppLoad(e)),
-                _ => return Err(StartupError::Interpreter("interpreter thread died during startup".into())),
+                _ => {
+                    return Err(StartupError::Interpreter(
+                        "interpreter thread died during startup".into(),
+                    ))
+                }
             }
             interpreters.push(interp);
         }
-        Ok(Pool { interpreters, next_id: AtomicU64::new(1) })
+        Ok(Pool {
+            interpreters,
+            next_id: AtomicU64::new(1),
+        })
     }
 
     pub fn next_request_id(&self) -> u64 {
@@ -109,7 +123,11 @@ impl Pool {
     }
 
     /// Run lifespan.startup in every interpreter.
-    pub fn lifespan_startup(&self, mode: LifespanMode, timeout: Option<Duration>) -> Result<(), StartupError> {
+    pub fn lifespan_startup(
+        &self,
+        mode: LifespanMode,
+        timeout: Option<Duration>,
+    ) -> Result<(), StartupError> {
         if mode == LifespanMode::Off {
             return Ok(());
         }
@@ -121,7 +139,9 @@ impl Pool {
             loop {
                 match interp.recv(deadline) {
                     None => {
-                        return Err(StartupError::LifespanTimeout(timeout.map(|t| t.as_secs()).unwrap_or(0)))
+                        return Err(StartupError::LifespanTimeout(
+                            timeout.map(|t| t.as_secs()).unwrap_or(0),
+                        ))
                     }
                     Some(Control::Lifespan(lifespan_kind::STARTUP_COMPLETE, _)) => {
                         interp.lifespan_active.store(true, Ordering::Release);
@@ -133,9 +153,13 @@ impl Pool {
                     Some(Control::Lifespan(lifespan_kind::DECLINED_STARTUP, msg)) => {
                         if mode == LifespanMode::On {
                             return Err(StartupError::LifespanFailed(if msg.is_empty() {
-                                "the application declined the lifespan protocol (--lifespan on)".into()
+                                "the application declined the lifespan protocol (--lifespan on)"
+                                    .into()
                             } else {
-                                format!("the application declined the lifespan protocol: {}", msg.trim_end())
+                                format!(
+                                    "the application declined the lifespan protocol: {}",
+                                    msg.trim_end()
+                                )
                             }));
                         }
                         if msg.is_empty() {
@@ -149,7 +173,9 @@ impl Pool {
                         break;
                     }
                     Some(Control::Exited) => {
-                        return Err(StartupError::Interpreter("interpreter exited during lifespan startup".into()))
+                        return Err(StartupError::Interpreter(
+                            "interpreter exited during lifespan startup".into(),
+                        ))
                     }
                     Some(_) => continue,
                 }
@@ -207,13 +233,20 @@ impl Pool {
             loop {
                 match interp.recv(Some(deadline)) {
                     Some(Control::Exited) => {
-                        if let Some(t) = interp.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        if let Some(t) = interp
+                            .thread
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .take()
+                        {
                             let _ = t.join();
                         }
                         break;
                     }
                     None => {
-                        tracing::warn!("an interpreter did not stop in time; exiting without waiting for it");
+                        tracing::warn!(
+                            "an interpreter did not stop in time; exiting without waiting for it"
+                        );
                         break;
                     }
                     Some(_) => continue,
@@ -228,7 +261,9 @@ impl Interpreter {
         let rx = self.control.lock().unwrap_or_else(|p| p.into_inner());
         match deadline {
             None => rx.recv().ok(),
-            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())).ok(),
+            Some(d) => rx
+                .recv_timeout(d.saturating_duration_since(Instant::now()))
+                .ok(),
         }
     }
 }

@@ -44,7 +44,15 @@ impl Interp {
         // SAFETY: the interpreter is live and current on this thread; args
         // outlive the call; result points into an SV kept by glue.c until
         // the next call, and we copy it out immediately.
-        let ok = unsafe { ffi::pagi_call(self.0, cname.as_ptr(), strs.as_ptr(), strs.len(), &mut result) };
+        let ok = unsafe {
+            ffi::pagi_call(
+                self.0,
+                cname.as_ptr(),
+                strs.as_ptr(),
+                strs.len(),
+                &mut result,
+            )
+        };
         // SAFETY: see above.
         let text = String::from_utf8_lossy(unsafe { result.as_bytes() }).into_owned();
         if ok != 0 {
@@ -69,7 +77,12 @@ impl Interp {
     }
 }
 
-fn run(mailbox: Arc<Mailbox>, control: mpsc::Sender<Control>, runtime: tokio::runtime::Handle, spec: LoadSpec) {
+fn run(
+    mailbox: Arc<Mailbox>,
+    control: mpsc::Sender<Control>,
+    runtime: tokio::runtime::Handle,
+    spec: LoadSpec,
+) {
     let guard = CONSTRUCTION.lock().unwrap_or_else(|p| p.into_inner());
     // perl_parse may write to argv ($0): give it leaked, writable storage that
     // outlives the interpreter.
@@ -83,7 +96,9 @@ fn run(mailbox: Arc<Mailbox>, control: mpsc::Sender<Control>, runtime: tokio::ru
     // construction is serialised by CONSTRUCTION.
     let raw = unsafe { ffi::pagi_interp_new(3, argv.as_mut_ptr()) };
     if raw.is_null() {
-        let _ = control.send(Control::Loaded(Err("could not construct a Perl interpreter".into())));
+        let _ = control.send(Control::Loaded(Err(
+            "could not construct a Perl interpreter".into(),
+        )));
         let _ = control.send(Control::Exited);
         return;
     }
@@ -107,7 +122,9 @@ fn run(mailbox: Arc<Mailbox>, control: mpsc::Sender<Control>, runtime: tokio::ru
 }
 
 fn load(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<(), String> {
-    interp.eval(BOOTSTRAP).map_err(|e| format!("pagi-rs bridge failed to load: {e}"))?;
+    interp
+        .eval(BOOTSTRAP)
+        .map_err(|e| format!("pagi-rs bridge failed to load: {e}"))?;
     let fd = mailbox.dup_wake_fd().map_err(|e| e.to_string())?;
     interp.call(
         "PAGI::RS::Bridge::init",
