@@ -60,10 +60,12 @@ fn main() -> ExitCode {
     logging::init(opts.effective_log_level());
 
     // SAFETY: once, on the main thread, before any interpreter exists.  The
-    // exit guard must be in place before any application code is compiled.
+    // exit guard must be in place before any application code is compiled;
+    // signal forwarding before any app can set %SIG.
     unsafe {
         interp::ffi::pagi_sys_init();
         interp::ffi::pagi_install_exit_guard();
+        interp::ffi::pagi_install_signal_forwarding();
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {

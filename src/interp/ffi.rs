@@ -61,6 +61,8 @@ extern "C" {
     pub fn pagi_interp_new(argc: c_int, argv: *mut *mut c_char) -> *mut PerlInterpreter;
     pub fn pagi_interp_free(interp: *mut PerlInterpreter);
     pub fn pagi_install_exit_guard();
+    pub fn pagi_install_signal_forwarding();
+    pub fn pagi_set_signal_target();
     pub fn pagi_call(
         interp: *mut PerlInterpreter,
         name: *const c_char,

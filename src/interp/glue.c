@@ -677,6 +677,55 @@ void pagi_interp_free(PerlInterpreter *my_perl)
     perl_free(my_perl);
 }
 
+/* ---- signals --------------------------------------------------------------
+ * Perl's C signal handler needs an interpreter on the current thread.  Once
+ * an app sets $SIG{USR1} (say), the process-wide handler is Perl's, and the
+ * kernel may run it on a tokio thread, which has none: it would crash.  Our
+ * replacement forwards such a signal to an interpreter thread, where Perl's
+ * own handler queues it for the app as usual. */
+#include <pthread.h>
+#include <signal.h>
+
+static pthread_t signal_target;
+static volatile sig_atomic_t have_signal_target = 0;
+
+static Signal_t pagi_csighandler3(int sig, Siginfo_t *info, void *uap)
+{
+    if (PERL_GET_THX == NULL) {
+        if (have_signal_target)
+            pthread_kill(signal_target, sig);
+        return;
+    }
+    Perl_csighandler3(sig, info, uap);
+}
+
+static Signal_t pagi_csighandler1(int sig)
+{
+    if (PERL_GET_THX == NULL) {
+        if (have_signal_target)
+            pthread_kill(signal_target, sig);
+        return;
+    }
+    Perl_csighandler1(sig);
+}
+
+/* Called on the main thread before any interpreter exists. */
+void pagi_install_signal_forwarding(void)
+{
+    PL_csighandlerp = (Sighandler_t)pagi_csighandler3;
+    PL_csighandler3p = pagi_csighandler3;
+    PL_csighandler1p = pagi_csighandler1;
+}
+
+/* Called on the interpreter thread that should receive forwarded signals. */
+void pagi_set_signal_target(void)
+{
+    if (!have_signal_target) {
+        signal_target = pthread_self();
+        have_signal_target = 1;
+    }
+}
+
 /* PL_ppaddr is shared by every interpreter in the process; install once. */
 void pagi_install_exit_guard(void)
 {

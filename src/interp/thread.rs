@@ -103,6 +103,9 @@ fn run(
         return;
     }
     let interp = Interp(raw);
+    // SAFETY: records this thread as the one that receives signals caught
+    // on threads without an interpreter; the first interpreter wins.
+    unsafe { ffi::pagi_set_signal_target() };
     exports::install(mailbox.clone(), control.clone(), runtime);
 
     let loaded = load(&interp, &mailbox, &spec);
