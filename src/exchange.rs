@@ -571,33 +571,18 @@ impl Exchange {
     // ---- network side ------------------------------------------------------
 
     /// The client or the network ended the exchange before the response was
-    /// delivered (or the server aborted it).  Idempotent; the first reason wins.
+    /// delivered.  Idempotent; the first reason wins.
     pub fn network_gone(&self, reason: &'static str) {
         let mut st = self.lock();
         if st.disconnected.is_some() || st.delivered {
             return;
         }
-        st.disconnected = Some(reason);
         if st.phase != Phase::Finished {
             st.phase = Phase::Aborted;
         }
         st.head_tx = None;
         st.pending_head = None;
-        let notify_perl = self.wants_terminal(&st);
-        let waker = st.waker.take();
-        drop(st);
-        if let Some(w) = waker {
-            w.wake();
-        }
-        self.progress.notify_waiters();
-        self.body_credit.close();
-        if notify_perl {
-            self.mailbox.push(ToPerl::Disconnect {
-                id: self.id,
-                reason,
-            });
-        }
-        self.write_access_log();
+        self.end_abnormally(st, reason);
     }
 
     /// Stop the exchange from the server side.  With no response started yet
@@ -621,12 +606,12 @@ impl Exchange {
             }
             (None, _) => st.phase = Phase::Aborted,
         }
-        drop(st);
-        self.network_gone_after_server_abort(reason);
+        self.end_abnormally(st, reason);
     }
 
-    fn network_gone_after_server_abort(&self, reason: &'static str) {
-        let mut st = self.lock();
+    /// Record an abnormal end and tell everyone waiting: the network task,
+    /// Rust-side producers, the body pump, and the application.
+    fn end_abnormally(&self, mut st: MutexGuard<'_, State>, reason: &'static str) {
         st.disconnected = Some(reason);
         let notify_perl = self.wants_terminal(&st);
         let waker = st.waker.take();

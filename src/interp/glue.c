@@ -738,6 +738,21 @@ void pagi_install_exit_guard(void)
  * Perl exception returns 0 and stores the error text in *result. */
 static SV *last_result = NULL;
 
+/* Keep a copy of `sv` (a return value or $@) until the next call, and point
+ * `result` at its UTF-8 text. */
+static void keep_result(pTHX_ SV *sv, pagi_str *result)
+{
+    STRLEN len = 0;
+    const char *p = "";
+    if (last_result)
+        SvREFCNT_dec(last_result);
+    last_result = newSVsv(sv);
+    if (SvOK(last_result))
+        p = SvPVutf8(last_result, len);
+    result->ptr = p;
+    result->len = len;
+}
+
 int pagi_call(PerlInterpreter *my_perl, const char *name, const pagi_str *args, size_t nargs,
               pagi_str *result)
 {
@@ -755,28 +770,13 @@ int pagi_call(PerlInterpreter *my_perl, const char *name, const pagi_str *args, 
     PUTBACK;
     count = call_pv(name, G_EVAL | G_SCALAR);
     SPAGAIN;
-    if (last_result) {
-        SvREFCNT_dec(last_result);
-        last_result = NULL;
-    }
-    if (SvTRUE(ERRSV)) {
-        last_result = newSVsv(ERRSV);
-        ok = 0;
-        if (count > 0)
-            (void)POPs;
-    } else {
-        last_result = count > 0 ? newSVsv(POPs) : newSVpvs("");
-        ok = 1;
-    }
+    ok = !SvTRUE(ERRSV);
+    keep_result(aTHX_ ok ? (count > 0 ? POPs : &PL_sv_undef) : ERRSV, result);
+    if (!ok && count > 0)
+        (void)POPs;
     PUTBACK;
     FREETMPS;
     LEAVE;
-    {
-        STRLEN len;
-        const char *p = SvOK(last_result) ? SvPVutf8(last_result, len) : (len = 0, "");
-        result->ptr = p;
-        result->len = len;
-    }
     return ok;
 }
 
@@ -791,24 +791,9 @@ int pagi_eval(PerlInterpreter *my_perl, const char *code, pagi_str *result)
     SAVETMPS;
     save_scalar(PL_errgv);
     ret = eval_pv(code, FALSE);
-    if (last_result) {
-        SvREFCNT_dec(last_result);
-        last_result = NULL;
-    }
-    if (SvTRUE(ERRSV)) {
-        last_result = newSVsv(ERRSV);
-        ok = 0;
-    } else {
-        last_result = newSVsv(ret);
-        ok = 1;
-    }
+    ok = !SvTRUE(ERRSV);
+    keep_result(aTHX_ ok ? ret : ERRSV, result);
     FREETMPS;
     LEAVE;
-    {
-        STRLEN len;
-        const char *p = SvOK(last_result) ? SvPVutf8(last_result, len) : (len = 0, "");
-        result->ptr = p;
-        result->len = len;
-    }
     return ok;
 }
