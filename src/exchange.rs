@@ -761,13 +761,9 @@ impl Exchange {
                 return;
             }
             st.logged = true;
-            let bytes =
-                if st.status == Some(500) && st.phase == Phase::Finished && st.body_bytes == 0 {
-                    0
-                } else {
-                    st.body_bytes
-                };
-            (st.status, bytes)
+            // Application body bytes only: the server's own refusal bodies
+            // are not counted, as in the reference server.
+            (st.status, st.body_bytes)
         };
         let f = &self.facts;
         log.write(&Record {
