@@ -41,6 +41,8 @@ pub struct RequestScope {
     pub merged_cookie: Option<Bytes>,
     pub client: SocketAddr,
     pub server: SocketAddr,
+    pub client_host: std::sync::Arc<str>,
+    pub server_host: std::sync::Arc<str>,
     pub body: BodyState,
 }
 
@@ -56,8 +58,7 @@ pub fn http_version_str(v: Version) -> &'static str {
 impl RequestScope {
     pub fn from_parts(
         parts: &mut Parts,
-        client: SocketAddr,
-        server: SocketAddr,
+        conn: &crate::http1::ConnInfo,
         root_path: &str,
         body: BodyState,
     ) -> RequestScope {
@@ -76,8 +77,10 @@ impl RequestScope {
             root_path: root_path.to_string(),
             merged_cookie: merged_cookie(&parts.headers),
             headers: std::mem::take(&mut parts.headers),
-            client,
-            server,
+            client: conn.client,
+            server: conn.server,
+            client_host: conn.client_host.clone(),
+            server_host: conn.server_host.clone(),
             body,
         }
     }
@@ -181,7 +184,8 @@ mod tests {
             .unwrap();
         let (mut parts, _) = req.into_parts();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let s = RequestScope::from_parts(&mut parts, addr, addr, "", BodyState::Empty);
+        let conn = crate::http1::ConnInfo::new(addr, addr);
+        let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty);
         let h: Vec<_> = scope_headers(&s).collect();
         assert_eq!(h.iter().filter(|(n, _)| *n == b"cookie").count(), 1);
         assert!(h.contains(&(&b"cookie"[..], &b"a=1; b=2"[..])));
@@ -193,7 +197,8 @@ mod tests {
         let req = http::Request::get("/a%2Fb?x=1&y=%20").body(()).unwrap();
         let (mut parts, _) = req.into_parts();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let s = RequestScope::from_parts(&mut parts, addr, addr, "", BodyState::Empty);
+        let conn = crate::http1::ConnInfo::new(addr, addr);
+        let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty);
         assert_eq!(&s.raw_path[..], b"/a%2Fb");
         assert_eq!(s.path, b"/a/b");
         assert_eq!(&s.query_string[..], b"x=1&y=%20");

@@ -88,10 +88,7 @@ pub async fn serve(
             .ok()
             .or(local)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let info = Arc::new(ConnInfo {
-            client,
-            server: server_addr,
-        });
+        let info = Arc::new(ConnInfo::new(client, server_addr));
         let svc_server = server.clone();
         let service = service_fn(move |req| handle(req, info.clone(), svc_server.clone()));
         let io = TokioIo::new(Gate::new(stream, server.gate_limits));

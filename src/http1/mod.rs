@@ -27,10 +27,24 @@ pub enum ServiceError {
     Aborted,
 }
 
-/// Per-connection facts.
+/// Per-connection facts, computed once per connection.
 pub struct ConnInfo {
     pub client: SocketAddr,
     pub server: SocketAddr,
+    /// The addresses as the scope shows them (formatted once, not per request).
+    pub client_host: Arc<str>,
+    pub server_host: Arc<str>,
+}
+
+impl ConnInfo {
+    pub fn new(client: SocketAddr, server: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            client,
+            server,
+            client_host: client.ip().to_string().into(),
+            server_host: server.ip().to_string().into(),
+        }
+    }
 }
 
 pub async fn handle(
@@ -57,13 +71,7 @@ pub async fn handle(
         BodyState::Streaming
     };
     let is_head = parts.method == Method::HEAD;
-    let scope = RequestScope::from_parts(
-        &mut parts,
-        conn.client,
-        conn.server,
-        &server.root_path,
-        body_state,
-    );
+    let scope = RequestScope::from_parts(&mut parts, &conn, &server.root_path, body_state);
 
     let interp = server.pool.pick();
     interp

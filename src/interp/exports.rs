@@ -47,7 +47,6 @@ pub struct WorkerCtx {
     /// The message last handed to Perl; its data backs the pointers in PagiMsg.
     current: Option<ToPerl>,
     header_buf: Vec<PagiStr>,
-    scratch: [String; 2],
     exchanges: ExchangeMap,
     last_error: String,
 }
@@ -69,7 +68,6 @@ pub fn install(
             inbox: VecDeque::new(),
             current: None,
             header_buf: Vec::new(),
-            scratch: [String::new(), String::new()],
             exchanges: ExchangeMap::default(),
             last_error: String::new(),
         })
@@ -168,8 +166,6 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                     scope.body as i64,
                     0,
                 ];
-                ctx.scratch[0] = scope.client.ip().to_string();
-                ctx.scratch[1] = scope.server.ip().to_string();
                 let strs: [&[u8]; 9] = [
                     scope.http_version.as_bytes(),
                     scope.method.as_bytes(),
@@ -178,8 +174,8 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                     &scope.raw_path,
                     &scope.query_string,
                     scope.root_path.as_bytes(),
-                    ctx.scratch[0].as_bytes(),
-                    ctx.scratch[1].as_bytes(),
+                    scope.client_host.as_bytes(),
+                    scope.server_host.as_bytes(),
                 ];
                 for (i, s) in strs.iter().enumerate() {
                     m.str[i] = PagiStr::from_bytes(s);
