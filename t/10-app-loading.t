@@ -10,7 +10,6 @@ use File::Spec;
 use Cwd qw(realpath);
 use IO::Socket::INET;
 use JSON::PP;
-use POSIX qw(WNOHANG);
 use Time::HiRes qw(time sleep);
 
 # App loading: every form the CLI accepts, and every failure path (which must
@@ -28,47 +27,6 @@ sub spew {
     print $fh $text;
     close $fh;
     return $path;
-}
-
-sub slurp {
-    my ($f) = @_;
-    open my $fh, '<', $f or return undef;
-    local $/;
-    return scalar <$fh>;
-}
-
-sub free_port {
-    my $s = IO::Socket::INET->new( Listen => 1, LocalAddr => '127.0.0.1', LocalPort => 0, ReuseAddr => 1 )
-      or die "free_port: $!";
-    my $p = $s->sockport;
-    close $s;
-    return $p;
-}
-
-sub port_listening {
-    my ($port) = @_;
-    my $s = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 1 );
-    return $s ? 1 : 0;
-}
-
-# Start pagi-rs with exactly @args (no implied -p 0); %o: cwd, port (for the
-# returned object), wait (regex for the startup line; undef = don't wait).
-my $SPAWNED = 0;
-sub spawn_pagi {
-    my ( $o, @args ) = @_;
-    my $err_file = "$TMP/server-" . ( ++$SPAWNED ) . ".log";
-    open my $touch, '>', $err_file or die;
-    close $touch;
-    my $pid = fork // die "fork: $!";
-    if ( !$pid ) {
-        chdir $o->{cwd} or POSIX::_exit(126) if $o->{cwd};
-        open STDIN,  '<',  '/dev/null';
-        open STDOUT, '>>', $err_file;
-        open STDERR, '>>', $err_file;
-        exec PagiRS::Test::pagi_bin(), @args or POSIX::_exit(127);
-    }
-    my $self = bless { pid => $pid, stderr_file => $err_file }, 'PagiRS::Test::Server';
-    return $self;
 }
 
 # Start and wait for the startup line; returns the server (or undef + diag).

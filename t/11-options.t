@@ -9,74 +9,12 @@ use File::Spec;
 use IO::Socket::INET;
 use IO::Select;
 use JSON::PP;
-use POSIX qw(WNOHANG);
 use Time::HiRes qw(time sleep);
 
 # Command-line options, each checked against the running server.
 
 $ENV{PAGI_RS_BIN} = File::Spec->rel2abs( $ENV{PAGI_RS_BIN} ) if defined $ENV{PAGI_RS_BIN};
 my $TMP = tempdir( CLEANUP => 1 );
-
-sub slurp {
-    my ($f) = @_;
-    open my $fh, '<', $f or return '';
-    local $/;
-    return scalar <$fh> // '';
-}
-
-sub free_port {
-    my $s = IO::Socket::INET->new( Listen => 1, LocalAddr => '127.0.0.1', LocalPort => 0, ReuseAddr => 1 )
-      or die "free_port: $!";
-    my $p = $s->sockport;
-    close $s;
-    return $p;
-}
-
-sub port_listening {
-    my ($port) = @_;
-    return IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 1 ) ? 1 : 0;
-}
-
-my $SPAWNED = 0;
-
-# Start pagi-rs with exactly @args (no implied -p 0).
-sub spawn_pagi {
-    my (@args) = @_;
-    my $err_file = "$TMP/server-" . ( ++$SPAWNED ) . ".log";
-    open my $touch, '>', $err_file or die;
-    close $touch;
-    my $pid = fork // die "fork: $!";
-    if ( !$pid ) {
-        open STDIN,  '<',  '/dev/null';
-        open STDOUT, '>>', $err_file;
-        open STDERR, '>>', $err_file;
-        exec PagiRS::Test::pagi_bin(), @args or POSIX::_exit(127);
-    }
-    return bless { pid => $pid, stderr_file => $err_file }, 'PagiRS::Test::Server';
-}
-
-# Start on a chosen port and wait until it accepts connections (works even
-# when the startup line is suppressed).
-sub start_on_port {
-    my ( $port, @args ) = @_;
-    my $s = spawn_pagi( '-p', $port, @args );
-    $s->{port} = $port;
-    my $t0 = time;
-    while ( time - $t0 < 15 ) {
-        if ( port_listening($port) ) {
-            # Make sure it is ours that answered (not another process that
-            # took the port first): ours must still be running.
-            sleep 0.1;
-            return $s if $s->is_running;
-            last;
-        }
-        last unless $s->is_running;
-        sleep 0.05;
-    }
-    diag "server on $port did not come up:\n" . $s->output;
-    $s->stop( 'KILL', 5 );
-    return undef;
-}
 
 # Poll a file until it matches (the access log is written by a thread).
 sub wait_file {
@@ -262,9 +200,10 @@ my $DATE = qr{\d\d/(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)/\d{4}:\d\
 
 # Run one server with --access-log-format $fmt, send @reqs (raw request
 # strings), return the log lines.
+my $FMT_LOGS = 0;
 sub log_lines_for {
     my ( $fmt, @reqs ) = @_;
-    my $log = "$TMP/fmt-" . ( ++$SPAWNED ) . ".log";
+    my $log = "$TMP/fmt-" . ( ++$FMT_LOGS ) . ".log";
     my $port = free_port();
     my $s = start_on_port( $port, '--access-log', $log, '--access-log-format', $fmt, $app ) or return;
     for my $r (@reqs) {

@@ -4,10 +4,7 @@ use Test::More;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
-use File::Temp qw(tempdir);
 use File::Spec;
-use IO::Socket::INET;
-use POSIX qw(WNOHANG);
 use Time::Local qw(timegm);
 use Time::HiRes qw(time sleep);
 
@@ -15,51 +12,6 @@ use Time::HiRes qw(time sleep);
 # warnings and app errors, and what -q keeps.
 
 $ENV{PAGI_RS_BIN} = File::Spec->rel2abs( $ENV{PAGI_RS_BIN} ) if defined $ENV{PAGI_RS_BIN};
-my $TMP = tempdir( CLEANUP => 1 );
-
-sub free_port {
-    my $s = IO::Socket::INET->new( Listen => 1, LocalAddr => '127.0.0.1', LocalPort => 0, ReuseAddr => 1 )
-      or die "free_port: $!";
-    my $p = $s->sockport;
-    close $s;
-    return $p;
-}
-
-sub port_listening {
-    my ($port) = @_;
-    return IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 1 ) ? 1 : 0;
-}
-
-my $SPAWNED = 0;
-sub start_on_port {
-    my ( $port, @args ) = @_;
-    my $err_file = "$TMP/server-" . ( ++$SPAWNED ) . ".log";
-    open my $touch, '>', $err_file or die;
-    close $touch;
-    my $pid = fork // die "fork: $!";
-    if ( !$pid ) {
-        open STDIN,  '<',  '/dev/null';
-        open STDOUT, '>>', $err_file;
-        open STDERR, '>>', $err_file;
-        exec PagiRS::Test::pagi_bin(), '-p', $port, @args or POSIX::_exit(127);
-    }
-    my $s = bless { pid => $pid, stderr_file => $err_file, port => $port }, 'PagiRS::Test::Server';
-    my $t0 = time;
-    while ( time - $t0 < 15 ) {
-        if ( port_listening($port) ) {
-            # Make sure it is ours that answered (not another process that
-            # took the port first): ours must still be running.
-            sleep 0.1;
-            return $s if $s->is_running;
-            last;
-        }
-        last unless $s->is_running;
-        sleep 0.05;
-    }
-    diag "server did not come up:\n" . $s->output;
-    $s->stop( 'KILL', 5 );
-    return undef;
-}
 
 my $app = write_app( <<'PERL', 'logging_app.pl' );
 use strict; use warnings; use Future::AsyncAwait; use Future::IO;

@@ -9,7 +9,6 @@ use File::Spec;
 use IO::Socket::INET;
 use IO::Select;
 use JSON::PP;
-use POSIX qw(WNOHANG);
 use Time::Local qw(timegm);
 use Time::HiRes qw(time sleep);
 
@@ -19,37 +18,6 @@ use Time::HiRes qw(time sleep);
 
 $ENV{PAGI_RS_BIN} = File::Spec->rel2abs( $ENV{PAGI_RS_BIN} ) if defined $ENV{PAGI_RS_BIN};
 my $TMP = tempdir( CLEANUP => 1 );
-
-sub slurp {
-    my ($f) = @_;
-    open my $fh, '<', $f or return undef;
-    local $/;
-    return scalar <$fh>;
-}
-
-sub free_port {
-    my $s = IO::Socket::INET->new( Listen => 1, LocalAddr => '127.0.0.1', LocalPort => 0, ReuseAddr => 1 )
-      or die "free_port: $!";
-    my $p = $s->sockport;
-    close $s;
-    return $p;
-}
-
-my $SPAWNED = 0;
-sub spawn_pagi {
-    my (@args) = @_;
-    my $err_file = "$TMP/server-" . ( ++$SPAWNED ) . ".log";
-    open my $touch, '>', $err_file or die;
-    close $touch;
-    my $pid = fork // die "fork: $!";
-    if ( !$pid ) {
-        open STDIN,  '<',  '/dev/null';
-        open STDOUT, '>>', $err_file;
-        open STDERR, '>>', $err_file;
-        exec PagiRS::Test::pagi_bin(), @args or POSIX::_exit(127);
-    }
-    return bless { pid => $pid, stderr_file => $err_file }, 'PagiRS::Test::Server';
-}
 
 sub get_json {
     my ( $port, $path ) = @_;

@@ -5,7 +5,6 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use Digest::SHA qw(sha1_hex);
-use IO::Socket::INET;
 use IO::Select;
 use JSON::PP ();
 use Errno qw(EAGAIN EWOULDBLOCK EINTR);
@@ -100,26 +99,8 @@ sub decode_body {
     return eval { $JSON->decode( $res->{body} ) };
 }
 
-sub connect_port {
-    my $s = IO::Socket::INET->new( PeerAddr => "127.0.0.1", PeerPort => $port, Proto => "tcp", Timeout => 5 )
-      or die "connect: $!";
-    return $s;
-}
-
 # Read from $sock until $re matches the buffer, the peer closes or $timeout.
-sub read_until {
-    my ( $sock, $re, $timeout, $buf ) = @_;
-    $buf //= '';
-    my $sel      = IO::Select->new($sock);
-    my $deadline = time + $timeout;
-    while ( time < $deadline ) {
-        last if $re && $buf =~ $re;
-        my @r = $sel->can_read( $deadline - time ) or last;
-        my $n = $sock->sysread( $buf, 65536, length $buf );
-        last unless $n;
-    }
-    return $buf;
-}
+sub read_until { ( read_sock(@_) )[0] }
 
 # ---------------------------------------------------------------------------
 subtest 'POST with Content-Length arrives intact' => sub {
@@ -140,7 +121,7 @@ subtest 'POST with Content-Length arrives intact' => sub {
 
 # ---------------------------------------------------------------------------
 subtest 'chunked request body is de-chunked and streamed' => sub {
-    my $sock = connect_port();
+    my $sock = connect_port($port);
     $sock->syswrite( "POST /echo HTTP/1.1\r\nHost: 127.0.0.1:$port\r\nTransfer-Encoding: chunked\r\n"
           . "Connection: close\r\n\r\n" );
     my @pieces = ( 'hello ', 'chunked ', 'world', '!' x 1000 );
@@ -180,7 +161,7 @@ subtest 'GET gives exactly one empty http.request' => sub {
 # ---------------------------------------------------------------------------
 subtest 'Expect: 100-continue is answered only when the app reads' => sub {
     my $body = 'continue-body-' . ( 'z' x 100 );
-    my $sock = connect_port();
+    my $sock = connect_port($port);
     my $t0   = time;
     $sock->syswrite( "POST /continue-slow HTTP/1.1\r\nHost: 127.0.0.1:$port\r\nExpect: 100-continue\r\n"
           . "Content-Length: " . length($body) . "\r\nConnection: close\r\n\r\n" );
@@ -201,7 +182,7 @@ subtest 'Expect: 100-continue is answered only when the app reads' => sub {
 };
 
 subtest 'no 100 Continue when the app responds without reading' => sub {
-    my $sock = connect_port();
+    my $sock = connect_port($port);
     $sock->syswrite( "POST /continue-noread HTTP/1.1\r\nHost: 127.0.0.1:$port\r\nExpect: 100-continue\r\n"
           . "Content-Length: 50\r\n\r\n" );
     my $raw = read_until( $sock, qr/\r\n\r\n.*"read":0/s, 5 );
@@ -212,13 +193,6 @@ subtest 'no 100 Continue when the app responds without reading' => sub {
 };
 
 # ---------------------------------------------------------------------------
-sub vmrss_kb {
-    my ($pid) = @_;
-    open my $fh, '<', "/proc/$pid/status" or return undef;
-    while (<$fh>) { return $1 if /^VmRSS:\s+(\d+)\s+kB/ }
-    return undef;
-}
-
 subtest 'request body backpressure: a slow reader holds a 50 MB upload back' => sub {
     # warm up so the baseline includes the app's first-request allocations
     http_request( $port, 'POST', '/echo', body => 'x' x 100_000 );
@@ -227,7 +201,7 @@ subtest 'request body backpressure: a slow reader holds a 50 MB upload back' => 
     ok defined $baseline, "VmRSS readable for pid $pid ($baseline kB)";
 
     my $total = 50_000_000;
-    my $sock  = connect_port();
+    my $sock  = connect_port($port);
     $sock->syswrite( "POST /slow HTTP/1.1\r\nHost: 127.0.0.1:$port\r\nContent-Length: $total\r\nConnection: close\r\n\r\n" );
     $sock->blocking(0);
     my $chunk   = 'u' x 65536;

@@ -6,8 +6,6 @@ use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use Digest::SHA qw(sha1_hex);
 use File::Temp qw(tempdir);
-use IO::Socket::INET;
-use IO::Select;
 use Time::HiRes qw(time sleep);
 
 # Response framing and body sources, checked on the raw wire: chunked
@@ -186,28 +184,6 @@ APP
 my $server = start_server( '--no-access-log', $app );
 my $port = $server->port;
 
-sub connect_port {
-    my $s = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 5 )
-      or die "connect: $!";
-    return $s;
-}
-
-# Read until $re matches, the peer closes, or timeout.  Returns ($buf, $closed).
-sub read_sock {
-    my ( $sock, $re, $timeout, $buf ) = @_;
-    $buf //= '';
-    my $closed   = 0;
-    my $sel      = IO::Select->new($sock);
-    my $deadline = time + $timeout;
-    while ( time < $deadline ) {
-        last if $re && $buf =~ $re;
-        my @r = $sel->can_read( $deadline - time ) or last;
-        my $n = $sock->sysread( $buf, 65536, length $buf );
-        if ( !$n ) { $closed = 1; last }
-    }
-    return ( $buf, $closed );
-}
-
 sub get {
     my ( $path, %o ) = @_;
     my $method = $o{method} // 'GET';
@@ -253,7 +229,7 @@ subtest 'Content-Length from the app => no chunking; Date present' => sub {
 };
 
 subtest 'app-supplied Transfer-Encoding and Connection are not on the wire' => sub {
-    my $sock = connect_port();
+    my $sock = connect_port($port);
     $sock->syswrite("GET /hop HTTP/1.1\r\nHost: 127.0.0.1:$port\r\n\r\n");
     my ($raw) = read_sock( $sock, qr/\r\n\r\nok/, 5 );
     my $res = parse_response($raw) // {};
@@ -336,7 +312,7 @@ subtest 'trailers' => sub {
     is $res->{body}, 'data', 'trailers + Content-Length: body delivered';
     my $deadline = time + 5;
     sleep 0.05 while !-s $report && time < $deadline;
-    my $got = PagiRS::Test::_slurp($report);
+    my $got = slurp($report);
     like $got, qr/^failed: .*content-length/is, 'trailers after a Content-Length response: the send Future failed';
     note "report: $got";
 
@@ -345,7 +321,7 @@ subtest 'trailers' => sub {
     is $res->{body}, 'data', 'trailers (sent 0.3 s late) + Content-Length: body delivered';
     $deadline = time + 5;
     sleep 0.05 while !-s $report && time < $deadline;
-    $got = PagiRS::Test::_slurp($report);
+    $got = slurp($report);
     like $got, qr/^failed: .*content-length/is, 'trailers sent 0.3 s after the CL body: the send Future still fails';
     unlike $got, qr/reason=client_closed/, 'and the request is not reported as client_closed (the client never closed)';
     note "report: $got";
@@ -366,7 +342,7 @@ subtest 'HEAD: no body bytes, Content-Length passed through' => sub {
     is body_of($raw), '', 'HEAD of a file response: no body bytes';
 
     # HEAD on a keep-alive connection, then a GET: framing must stay in sync.
-    my $sock = connect_port();
+    my $sock = connect_port($port);
     $sock->syswrite("HEAD /head HTTP/1.1\r\nHost: x\r\n\r\nGET /after-head HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     ($raw) = read_sock( $sock, undef, 5 );
     my @status = $raw =~ m{^HTTP/1\.1 (\d{3})}mg;
@@ -376,7 +352,7 @@ subtest 'HEAD: no body bytes, Content-Length passed through' => sub {
 
 # ---------------------------------------------------------------------------
 subtest 'keep-alive and pipelining' => sub {
-    my $sock = connect_port();
+    my $sock = connect_port($port);
     $sock->syswrite("GET /one HTTP/1.1\r\nHost: x\r\n\r\n");
     my ( $raw1, $closed1 ) = read_sock( $sock, qr/path=\/one/, 5 );
     like $raw1, qr{^HTTP/1\.1 200 .*path=/one\z}s, 'first request answered';
@@ -386,7 +362,7 @@ subtest 'keep-alive and pipelining' => sub {
     like $raw2, qr{^HTTP/1\.1 200 .*path=/two\z}s, 'second request on the same connection answered';
     close $sock;
 
-    $sock = connect_port();
+    $sock = connect_port($port);
     $sock->syswrite( join '', map { "GET /p$_ HTTP/1.1\r\nHost: x\r\n\r\n" } 1 .. 3 );
     my ($raw) = read_sock( $sock, qr/path=\/p3/, 5 );
     my @bodies;
@@ -402,13 +378,13 @@ subtest 'keep-alive and pipelining' => sub {
 };
 
 subtest 'HTTP/1.0' => sub {
-    my $sock = connect_port();
+    my $sock = connect_port($port);
     $sock->syswrite("GET /ten HTTP/1.0\r\nHost: x\r\n\r\n");
     my ( $raw, $closed ) = read_sock( $sock, undef, 5 );
     like $raw, qr{^HTTP/1\.[01] 200 .*path=/ten\z}s, 'HTTP/1.0 request answered';
     ok $closed, 'HTTP/1.0 without keep-alive: connection closed after the response';
 
-    $sock = connect_port();
+    $sock = connect_port($port);
     $sock->syswrite("GET /ka1 HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n");
     my ( $raw1, $closed1 ) = read_sock( $sock, qr/path=\/ka1/, 5 );
     like $raw1, qr{^HTTP/1\.[01] 200 .*path=/ka1\z}s, 'HTTP/1.0 keep-alive: first response';
@@ -419,7 +395,7 @@ subtest 'HTTP/1.0' => sub {
     like $raw2, qr{^HTTP/1\.[01] 200 .*path=/ka2\z}s, 'second request on the HTTP/1.0 keep-alive connection answered';
     ok $closed2, 'and then (no keep-alive asked) closed';
 
-    $sock = connect_port();
+    $sock = connect_port($port);
     $sock->syswrite("GET /chunks HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n");
     my ( $raw3, $closed3 ) = read_sock( $sock, undef, 5 );
     like $raw3, qr{\r\n\r\naaabbbbcc\z}, 'HTTP/1.0 streamed (no CL) body is sent unchunked';

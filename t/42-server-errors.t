@@ -5,7 +5,6 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use File::Temp qw(tempdir);
-use IO::Socket::INET;
 use IO::Select;
 use Time::HiRes qw(time sleep);
 
@@ -65,30 +64,13 @@ APP
 my $server = start_server( '--no-access-log', '--max-body-size', 1000, $app );
 my $port = $server->port;
 
-sub connect_port {
-    my ($p) = @_;
-    my $s = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $p // $port, Proto => 'tcp', Timeout => 5 )
-      or die "connect: $!";
-    return $s;
-}
-
 # Write $bytes, then read until the peer closes or $timeout.  ($raw, $closed)
 sub exchange {
     my ( $bytes, %o ) = @_;
-    my $sock = connect_port( $o{port} );
+    my $sock = connect_port( $o{port} // $port );
     $sock->syswrite($bytes);
-    my ( $buf, $closed ) = ( '', 0 );
-    my $sel      = IO::Select->new($sock);
-    my $deadline = time + ( $o{timeout} // 5 );
-    while ( time < $deadline ) {
-        my @r = $sel->can_read( $deadline - time ) or last;
-        my $n = $sock->sysread( $buf, 65536, length $buf );
-        if ( !$n ) { $closed = 1; last }
-    }
-    return ( $buf, $closed );
+    return read_sock( $sock, undef, $o{timeout} // 5 );
 }
-
-sub slurp { PagiRS::Test::_slurp( $_[0] ) }
 
 sub still_serving {
     my ( $name, $p ) = @_;
@@ -161,7 +143,7 @@ unlike( ( -e $calls ? slurp($calls) : '' ), qr{/too-big}, 'the app never saw the
 {
     unlink $report;
     my $before = -e $calls ? slurp($calls) : '';
-    my $sock = connect_port();
+    my $sock = connect_port($port);
     $sock->syswrite("POST /read-body HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\n\r\n");
     for ( 1 .. 3 ) {
         $sock->syswrite( sprintf( "%x\r\n%s\r\n", 600, 'c' x 600 ) );

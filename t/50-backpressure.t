@@ -5,7 +5,6 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use File::Temp qw(tempdir);
-use IO::Socket::INET;
 use IO::Select;
 use Time::HiRes qw(time sleep);
 
@@ -123,37 +122,9 @@ my \$app = async sub {
 \$app;
 APP
 
-sub slurp_lines {
-    my ($name) = @_;
-    open my $fh, '<', "$dir/$name" or return ();
-    chomp( my @l = <$fh> );
-    return @l;
-}
-
-sub wait_for_line {
-    my ( $name, $re, $timeout ) = @_;
-    my $deadline = time + ( $timeout // 5 );
-    while ( time < $deadline ) {
-        my @m = grep { $_ =~ $re } slurp_lines($name);
-        return $m[0] if @m;
-        sleep 0.05;
-    }
-    return undef;
-}
-
-sub rss_kb {
-    my ($pid) = @_;
-    open my $fh, '<', "/proc/$pid/status" or return undef;
-    while (<$fh>) { return $1 if /^VmRSS:\s+(\d+)\s+kB/ }
-    return undef;
-}
-
-sub connect_port {
-    my ($port) = @_;
-    my $s = IO::Socket::INET->new( PeerAddr => "127.0.0.1", PeerPort => $port, Proto => "tcp", Timeout => 5 )
-      or die "connect: $!";
-    return $s;
-}
+# The lines the app recorded in $dir/$name; wait for one matching $re.
+sub slurp_lines   { file_lines("$dir/$_[0]") }
+sub wait_for_line { my ( $name, @wait ) = @_; wait_file_line( "$dir/$name", @wait ) }
 
 # Read everything until the peer closes (or $timeout); returns the bytes.
 sub read_all {
@@ -182,7 +153,7 @@ is http_request( $port, 'GET', '/marks' )->{body}, '65536 16384',
 # ---------------------------------------------------------------------------
 # (1) 1 GiB streamed to a slow reader: memory stays bounded.
 {
-    my $rss0 = rss_kb($pid);
+    my $rss0 = vmrss_kb($pid);
     ok defined $rss0, "VmRSS of the server (pid $pid) is readable: ${\ ($rss0 // 'undef')} kB";
     my $sock = connect_port($port);
     $sock->syswrite("GET /gig HTTP/1.1\r\nHost: 127.0.0.1:$port\r\nConnection: close\r\n\r\n");
@@ -202,13 +173,13 @@ is http_request( $port, 'GET', '/marks' )->{body}, '65536 16384',
             $read += $n;
         }
         if ( time >= $next_rss ) {
-            my $r = rss_kb($pid);
+            my $r = vmrss_kb($pid);
             $max_rss = $r if defined $r && $r > $max_rss;
             $next_rss = time + 0.2;
         }
         sleep 0.015;
     }
-    my $r = rss_kb($pid);
+    my $r = vmrss_kb($pid);
     $max_rss = $r if defined $r && $r > $max_rss;
     my @progress = grep { /^\d+$/ } slurp_lines('gig.progress');
     my $app_sent = @progress ? $progress[-1] * 65536 : 0;

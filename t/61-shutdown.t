@@ -14,13 +14,6 @@ use Time::HiRes qw(time sleep);
 
 my $TMP = tempdir( CLEANUP => 1 );
 
-sub slurp {
-    my ($f) = @_;
-    open my $fh, '<', $f or return undef;
-    local $/;
-    return scalar <$fh>;
-}
-
 sub wait_for_file {
     my ( $f, $secs ) = @_;
     my $t0 = time;

@@ -5,7 +5,6 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use File::Temp qw(tempdir);
-use IO::Socket::INET;
 use IO::Select;
 use POSIX qw(WNOHANG _exit);
 use Time::HiRes qw(time sleep);
@@ -111,32 +110,12 @@ my \$app = async sub {
 \$app;
 APP
 
-sub slurp_lines {
-    my ($name) = @_;
-    open my $fh, '<', "$dir/$name" or return ();
-    chomp( my @l = <$fh> );
-    return @l;
-}
-
-sub wait_for_line {
-    my ( $name, $re, $timeout ) = @_;
-    my $deadline = time + ( $timeout // 5 );
-    while ( time < $deadline ) {
-        my @m = grep { $_ =~ $re } slurp_lines($name);
-        return $m[0] if @m;
-        sleep 0.05;
-    }
-    return undef;
-}
+# The lines the app recorded in $dir/$name; wait for one matching $re.
+sub slurp_lines   { file_lines("$dir/$_[0]") }
+sub wait_for_line { my ( $name, @wait ) = @_; wait_file_line( "$dir/$name", @wait ) }
 
 my $server = start_server( '--no-access-log', $app );
 my $port   = $server->port;
-
-sub connect_port {
-    my $s = IO::Socket::INET->new( PeerAddr => "127.0.0.1", PeerPort => $port, Proto => "tcp", Timeout => 5 )
-      or die "connect: $!";
-    return $s;
-}
 
 # Read a response.  Stops when the peer closes, at $timeout, or (unless
 # $want_close) as soon as one complete response has arrived.
@@ -169,7 +148,7 @@ sub control_ok {
 # want_close, until the server closes the connection).  Returns (parsed, raw, closed).
 sub fault {
     my ( $path, $label, %o ) = @_;
-    my $sock = connect_port();
+    my $sock = connect_port($port);
     $sock->syswrite("GET $path HTTP/1.1\r\nHost: 127.0.0.1:$port\r\n\r\n");
     control_ok("in parallel with $label");
     my ( $raw, $closed ) = read_response( $sock, $o{timeout} // 3, $o{want_close} );
@@ -229,7 +208,7 @@ for my $kind (qw(crlf lf nul name)) {
 # ---------------------------------------------------------------------------
 # The app dies after the client has gone: no 500, no error log.
 {
-    my $sock = connect_port();
+    my $sock = connect_port($port);
     $sock->syswrite("GET /die-late HTTP/1.1\r\nHost: 127.0.0.1:$port\r\n\r\n");
     ok defined wait_for_line( 'late', qr/^started/, 5 ), 'die after disconnect: the app started';
     close $sock;

@@ -15,12 +15,24 @@ use POSIX qw(WNOHANG);
 use Time::HiRes qw(time sleep);
 use Test::More ();
 
-our @EXPORT = qw(pagi_bin write_app start_server raw_request parse_response http_request run_pagi);
+our @EXPORT = (
+    # running the server
+    qw(pagi_bin write_app start_server run_pagi spawn_pagi start_on_port free_port port_listening),
+    # talking to it
+    qw(raw_request parse_response http_request connect_port read_sock),
+    # files the server or the app wrote, and the server's memory
+    qw(slurp file_lines wait_file_line vmrss_kb),
+);
 
 my $ROOT = File::Spec->rel2abs( File::Spec->catdir( $FindBin::Bin, '..' ) );
 $ROOT =~ s{/t/?\z}{} unless -d "$ROOT/src";
 my $TMP = tempdir( CLEANUP => 1 );
 
+# ---------------------------------------------------------------------------
+# Running the server
+# ---------------------------------------------------------------------------
+
+# The pagi-rs binary under test: $PAGI_RS_BIN, else target/release/pagi-rs.
 sub pagi_bin {
     return $ENV{PAGI_RS_BIN} // "$ROOT/target/release/pagi-rs";
 }
@@ -61,32 +73,35 @@ sub run_pagi {
         waitpid( $pid, 0 );
         $status = -1;
     }
-    return ( $status == -1 ? -1 : $status >> 8, _slurp($err_file), _slurp($out_file) );
+    return ( $status == -1 ? -1 : $status >> 8, slurp($err_file), slurp($out_file) );
 }
 
-sub _slurp {
-    my ($f) = @_;
-    open my $fh, '<', $f or return '';
-    local $/;
-    my $s = <$fh>;
-    return $s // '';
+# Start pagi-rs with exactly @args (no implied -p 0) without waiting for it;
+# an optional leading hashref { cwd => $dir } runs it in $dir.  Returns the server.
+sub spawn_pagi {
+    my $o = ref $_[0] eq 'HASH' ? shift : {};
+    my (@args) = @_;
+    my ( undef, $err_file ) = tempfile( DIR => $TMP );
+    my $pid = fork // die "fork: $!";
+    if ( !$pid ) {
+        chdir $o->{cwd} or POSIX::_exit(126) if $o->{cwd};
+        open STDIN,  '<', '/dev/null';
+        open STDOUT, '>>', $err_file;
+        open STDERR, '>>', $err_file;
+        exec pagi_bin(), @args or POSIX::_exit(127);
+    }
+    return bless { pid => $pid, stderr_file => $err_file }, 'PagiRS::Test::Server';
 }
 
 # Start pagi-rs with @args (the app last); waits for the startup line.
 sub start_server {
     my (@args) = @_;
-    my ( undef, $err_file ) = tempfile( DIR => $TMP );
-    my $pid = fork // die "fork: $!";
-    if ( !$pid ) {
-        open STDIN,  '<', '/dev/null';
-        open STDOUT, '>>', $err_file;
-        open STDERR, '>>', $err_file;
-        exec pagi_bin(), '-p', 0, @args or POSIX::_exit(127);
-    }
-    my $self = bless { pid => $pid, stderr_file => $err_file }, 'PagiRS::Test::Server';
+    my $self     = spawn_pagi( '-p', 0, @args );
+    my $pid      = $self->{pid};
+    my $err_file = $self->{stderr_file};
     my $deadline = time + 30;
     while ( time < $deadline ) {
-        my $err = _slurp($err_file);
+        my $err = slurp($err_file);
         if ( $err =~ m{listening on http://\[?([^\]/]+?)\]?:(\d+)/} ) {
             @$self{qw(host port)} = ( $1, $2 );
             return $self;
@@ -98,27 +113,84 @@ sub start_server {
         sleep 0.05;
     }
     kill 'KILL', $pid;
-    die "pagi-rs did not print its startup line:\n" . _slurp($err_file);
+    die "pagi-rs did not print its startup line:\n" . slurp($err_file);
 }
+
+# Start pagi-rs on a chosen $port and wait until it accepts connections (works
+# even when the startup line is suppressed); returns the server, or undef + diag.
+sub start_on_port {
+    my ( $port, @args ) = @_;
+    my $s = spawn_pagi( '-p', $port, @args );
+    $s->{port} = $port;
+    my $t0 = time;
+    while ( time - $t0 < 15 ) {
+        if ( port_listening($port) ) {
+            # Make sure it is ours that answered (not another process that
+            # took the port first): ours must still be running.
+            sleep 0.1;
+            return $s if $s->is_running;
+            last;
+        }
+        last unless $s->is_running;
+        sleep 0.05;
+    }
+    Test::More::diag("server on $port did not come up:\n" . $s->output);
+    $s->stop( 'KILL', 5 );
+    return undef;
+}
+
+# A loopback port that was free a moment ago (bound, then released).
+sub free_port {
+    my $s = IO::Socket::INET->new( Listen => 1, LocalAddr => '127.0.0.1', LocalPort => 0, ReuseAddr => 1 )
+      or die "free_port: $!";
+    my $p = $s->sockport;
+    close $s;
+    return $p;
+}
+
+# 1 if something accepts connections on 127.0.0.1:$port, else 0.
+sub port_listening {
+    my ($port) = @_;
+    return IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 1 ) ? 1 : 0;
+}
+
+# ---------------------------------------------------------------------------
+# Talking to it
+# ---------------------------------------------------------------------------
 
 # Send raw bytes; read until the peer closes, `until` matches, or timeout.
 sub raw_request {
     my ( $port, $bytes, %o ) = @_;
     my $timeout = $o{timeout} // 5;
-    my $sock = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 5 )
-      or die "connect: $!";
+    my $sock = connect_port($port);
     $sock->syswrite($bytes) if length $bytes;
-    my $buf = '';
-    my $sel = IO::Select->new($sock);
+    my ($buf) = read_sock( $sock, $o{until}, $timeout );
+    return wantarray ? ( $buf, $sock ) : $buf;
+}
+
+# A TCP connection to 127.0.0.1:$port (dies if it cannot connect).
+sub connect_port {
+    my ($port) = @_;
+    my $s = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 5 )
+      or die "connect: $!";
+    return $s;
+}
+
+# Read from $sock onto $buf until $re (if given) matches, the peer closes, or
+# $timeout seconds pass.  Returns ($buf, $closed).
+sub read_sock {
+    my ( $sock, $re, $timeout, $buf ) = @_;
+    $buf //= '';
+    my $closed   = 0;
+    my $sel      = IO::Select->new($sock);
     my $deadline = time + $timeout;
     while ( time < $deadline ) {
-        last if $o{until} && $buf =~ $o{until};
-        my @r = $sel->can_read( $deadline - time );
-        last unless @r;
+        last if $re && $buf =~ $re;
+        my @r = $sel->can_read( $deadline - time ) or last;
         my $n = $sock->sysread( $buf, 65536, length $buf );
-        last unless $n;
+        if ( !$n ) { $closed = 1; last }
     }
-    return wantarray ? ( $buf, $sock ) : $buf;
+    return ( $buf, $closed );
 }
 
 # Parse one HTTP/1.x response (de-chunking); returns a hashref or undef.
@@ -183,6 +255,48 @@ sub http_request {
     return parse_response($raw) // { status => 0, raw => $raw };
 }
 
+# ---------------------------------------------------------------------------
+# Files the server or the app wrote; the server's memory
+# ---------------------------------------------------------------------------
+
+# The whole of $file, or '' if it cannot be read.
+sub slurp {
+    my ($f) = @_;
+    open my $fh, '<', $f or return '';
+    local $/;
+    my $s = <$fh>;
+    return $s // '';
+}
+
+# The lines of $file, chomped; () if it cannot be read.
+sub file_lines {
+    my ($file) = @_;
+    open my $fh, '<', $file or return ();
+    chomp( my @l = <$fh> );
+    return @l;
+}
+
+# Poll $file until a line matches $re (up to $timeout, default 5 s); returns
+# the first matching line, or undef.
+sub wait_file_line {
+    my ( $file, $re, $timeout ) = @_;
+    my $deadline = time + ( $timeout // 5 );
+    while ( time < $deadline ) {
+        my @m = grep { $_ =~ $re } file_lines($file);
+        return $m[0] if @m;
+        sleep 0.05;
+    }
+    return undef;
+}
+
+# Resident set size of process $pid in kB (from /proc), or undef.
+sub vmrss_kb {
+    my ($pid) = @_;
+    open my $fh, '<', "/proc/$pid/status" or return undef;
+    while (<$fh>) { return $1 if /^VmRSS:\s+(\d+)\s+kB/ }
+    return undef;
+}
+
 package PagiRS::Test::Server;
 
 use POSIX qw(WNOHANG);
@@ -194,7 +308,7 @@ sub pid  { $_[0]{pid} }
 sub url  { my ( $s, $p ) = @_; "http://127.0.0.1:$s->{port}" . ( $p // '/' ) }
 
 # Everything the server wrote to stderr/stdout so far.
-sub output { PagiRS::Test::_slurp( $_[0]{stderr_file} ) }
+sub output { PagiRS::Test::slurp( $_[0]{stderr_file} ) }
 
 # Wait until the output matches $re (or timeout); returns true if it did.
 sub wait_output {
