@@ -401,12 +401,7 @@ XS(xs_response_trailers)
     PUTBACK;
 }
 
-/* _send_event($id, $event): the common sends (http.response.start and a
- * body given as bytes) without a trip through Perl code.  Returns
- * (code, kind): code as for _start/_body, kind saying what was sent so the
- * caller can update its state; (-2) when the event needs the Perl path
- * (anything else, file/fh bodies, malformed events); (-1, message) on
- * failure. */
+/* What fast_send sent, for the caller's bookkeeping (mirrored in HTTP.pm). */
 #define SEND_KIND_START 1
 #define SEND_KIND_START_TRAILERS 2
 #define SEND_KIND_BODY_MORE 3
@@ -418,25 +413,22 @@ static SV *hv_value(pTHX_ HV *hv, const char *key, I32 klen)
     return v ? *v : NULL;
 }
 
-XS(xs_send_event)
+/* Send an http.response.start or a byte body straight to the core.
+ * Returns the core's code (>= 0) with *kind saying what was sent, -1 with
+ * *err on failure, or -2 when the event needs the Perl path (anything else,
+ * file/fh bodies, malformed or tied events). */
+static int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
 {
-    dXSARGS;
-    uint64_t id;
     HV *ev;
     SV *type_sv;
     STRLEN tlen;
     const char *type;
-    pagi_str err = {0, 0};
-    int rc, kind;
-    if (items != 2)
-        croak_xs_usage(cv, "id, event");
-    id = (uint64_t)SvUV(ST(0));
-    if (!SvROK(ST(1)) || SvTYPE(SvRV(ST(1))) != SVt_PVHV || SvRMAGICAL(SvRV(ST(1))))
-        XSRETURN_IV(-2);
-    ev = (HV *)SvRV(ST(1));
+    if (!SvROK(ev_sv) || SvTYPE(SvRV(ev_sv)) != SVt_PVHV || SvRMAGICAL(SvRV(ev_sv)))
+        return -2;
+    ev = (HV *)SvRV(ev_sv);
     type_sv = hv_value(aTHX_ ev, "type", 4);
     if (!type_sv || !SvPOK(type_sv))
-        XSRETURN_IV(-2);
+        return -2;
     type = SvPV(type_sv, tlen);
     if (tlen == 18 && memEQ(type, "http.response.body", 18)) {
         SV *body = hv_value(aTHX_ ev, "body", 4);
@@ -446,16 +438,14 @@ XS(xs_send_event)
         pagi_str b;
         int more_flag;
         if ((file && SvOK(file)) || (fh && SvOK(fh)))
-            XSRETURN_IV(-2);
-        if (!body)
-            body = &PL_sv_undef;
-        if (!sv_to_bytes(aTHX_ body, &b))
-            XSRETURN_IV(-2); /* wide characters: the Perl path words the error */
+            return -2;
+        if (!sv_to_bytes(aTHX_ body ? body : &PL_sv_undef, &b))
+            return -2; /* wide characters: the Perl path words the error */
         more_flag = more && SvTRUE(more) ? 1 : 0;
-        SP -= items;
-        rc = pagi_rs_response_body(id, b.ptr, b.len, more_flag, &err);
-        kind = more_flag ? SEND_KIND_BODY_MORE : SEND_KIND_BODY_END;
-    } else if (tlen == 19 && memEQ(type, "http.response.start", 19)) {
+        *kind = more_flag ? SEND_KIND_BODY_MORE : SEND_KIND_BODY_END;
+        return pagi_rs_response_body(id, b.ptr, b.len, more_flag, err);
+    }
+    if (tlen == 19 && memEQ(type, "http.response.start", 19)) {
         SV *status = hv_value(aTHX_ ev, "status", 6);
         SV *hdrs = hv_value(aTHX_ ev, "headers", 7);
         SV *trailers = hv_value(aTHX_ ev, "trailers", 8);
@@ -464,24 +454,123 @@ XS(xs_send_event)
         pagi_str *pairs;
         int want_trailers;
         if (!status || !SvOK(status) || !looks_like_number(status))
-            XSRETURN_IV(-2);
+            return -2;
         pairs = headers_from_sv(aTHX_ hdrs ? hdrs : &PL_sv_undef, &n, &why);
         if (!pairs)
-            XSRETURN_IV(-2);
+            return -2;
         want_trailers = trailers && SvTRUE(trailers) ? 1 : 0;
-        SP -= items;
-        rc = pagi_rs_response_start(id, (int64_t)SvIV(status), pairs, n, want_trailers, &err);
-        kind = want_trailers ? SEND_KIND_START_TRAILERS : SEND_KIND_START;
-    } else {
-        XSRETURN_IV(-2);
+        *kind = want_trailers ? SEND_KIND_START_TRAILERS : SEND_KIND_START;
+        return pagi_rs_response_start(id, (int64_t)SvIV(status), pairs, n, want_trailers, err);
     }
-    EXTEND(SP, 2);
-    mPUSHi(rc);
-    if (rc < 0)
-        mPUSHs(newSVpvn(err.ptr ? err.ptr : "", err.len));
-    else
-        mPUSHi(kind);
-    PUTBACK;
+    return -2;
+}
+
+/* ---- the application's $send ----------------------------------------------
+ * An XS closure rather than a Perl one: it is called for every response
+ * event, and the common case (start, or a body that fits under the
+ * high-water mark) needs no Perl code at all.  The request object it belongs
+ * to hangs off the CV as magic.  It updates these slots of that object
+ * (perl/PAGI/RS/Connection.pm and HTTP.pm own the layout): */
+#define SLOT_ID 0
+#define SLOT_STARTED 3
+#define SLOT_COMPLETE 4
+#define SLOT_RECV_WAIT 12
+#define SLOT_TRAILERS 19
+#define CODE_SENT 0
+#define CODE_CLOSED 3
+
+static MGVTBL sender_vtbl; /* marks our magic; no callbacks */
+
+static int slot_true(pTHX_ AV *req, SSize_t slot)
+{
+    SV **v = av_fetch(req, slot, 0);
+    return v && SvTRUE(*v);
+}
+
+XS(xs_sender)
+{
+    dXSARGS;
+    MAGIC *mg = mg_findext((SV *)cv, PERL_MAGIC_ext, &sender_vtbl);
+    SV *self, *ev;
+    AV *req;
+    SV **idp;
+    pagi_str err = {0, 0};
+    int rc, kind = 0, handled = 0;
+    if (!mg || !mg->mg_obj || !SvROK(mg->mg_obj))
+        croak("pagi-rs: this send() no longer belongs to a request");
+    self = mg->mg_obj;
+    req = (AV *)SvRV(self);
+    ev = items > 0 ? ST(0) : &PL_sv_undef;
+    idp = av_fetch(req, SLOT_ID, 0);
+    rc = idp ? fast_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err) : -2;
+    if (rc == CODE_SENT || rc == CODE_CLOSED) {
+        switch (kind) {
+        case SEND_KIND_START:
+        case SEND_KIND_START_TRAILERS:
+            if (rc == CODE_SENT) {
+                av_store(req, SLOT_STARTED, newSViv(1));
+                av_store(req, SLOT_TRAILERS, newSViv(kind == SEND_KIND_START_TRAILERS));
+            }
+            handled = 1;
+            break;
+        case SEND_KIND_BODY_MORE:
+            handled = 1;
+            break;
+        case SEND_KIND_BODY_END:
+            if (rc == CODE_CLOSED || slot_true(aTHX_ req, SLOT_TRAILERS)) {
+                handled = 1;
+            } else {
+                SV **wait = av_fetch(req, SLOT_RECV_WAIT, 0);
+                if (!wait || !SvOK(*wait)) {
+                    av_store(req, SLOT_COMPLETE, newSViv(1));
+                    handled = 1;
+                }
+            }
+            break;
+        }
+    }
+    if (handled) {
+        ST(0) = get_sv("PAGI::RS::HTTP::DONE", GV_ADD);
+        XSRETURN(1);
+    }
+    /* Everything else (waits, errors, other events): the Perl side finishes
+     * the job.  No G_EVAL: its exceptions belong to the application. */
+    {
+        int count;
+        SV *ret;
+        PUSHMARK(SP);
+        EXTEND(SP, 4);
+        PUSHs(self);
+        PUSHs(ev);
+        mPUSHi(rc);
+        if (rc == -1)
+            mPUSHs(newSVpvn(err.ptr ? err.ptr : "", err.len));
+        else
+            mPUSHi(kind);
+        PUTBACK;
+        count = call_pv("PAGI::RS::HTTP::_after_send", G_SCALAR);
+        SPAGAIN;
+        ret = count > 0 ? POPs : &PL_sv_undef;
+        PUTBACK;
+        ST(0) = ret;
+        XSRETURN(1);
+    }
+}
+
+/* _make_sender($request) -> the coderef the application gets as $send. */
+XS(xs_make_sender)
+{
+    dXSARGS;
+    CV *sender;
+    SV *self;
+    if (items != 1 || !SvROK(ST(0)) || SvTYPE(SvRV(ST(0))) != SVt_PVAV)
+        croak_xs_usage(cv, "request");
+    sender = newXS_flags(NULL, xs_sender, __FILE__, NULL, 0);
+    self = sv_2mortal(newRV_inc(SvRV(ST(0))));
+    /* The magic holds its own reference to the request (MGf_REFCOUNTED). */
+    sv_magicext((SV *)sender, self, PERL_MAGIC_ext, &sender_vtbl, NULL, 0);
+    ST(0) = sv_2mortal(newRV_noinc((SV *)sender));
+    XSRETURN(1);
 }
 
 XS(xs_fullflush)
@@ -614,7 +703,7 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::_fd", xs_response_fd, file);
     newXS("PAGI::RS::_trailers", xs_response_trailers, file);
     newXS("PAGI::RS::_fullflush", xs_fullflush, file);
-    newXS("PAGI::RS::_send_event", xs_send_event, file);
+    newXS("PAGI::RS::_make_sender", xs_make_sender, file);
     newXS("PAGI::RS::_want_body", xs_want_body, file);
     newXS("PAGI::RS::_finish", xs_finish, file);
     newXS("PAGI::RS::_release", xs_release, file);

@@ -5,7 +5,8 @@ package PAGI::RS::Connection;
 #
 # The methods work on the per-request object (PAGI::RS::HTTP), which also
 # provides pagi.transport: one array per request instead of three objects,
-# because every request creates it.  The slots below belong to this file.
+# because every request creates it.  The slots below belong to this file
+# (glue.c's $send writes ID/STARTED/COMPLETE by number: keep them in step).
 
 use strict;
 use warnings;

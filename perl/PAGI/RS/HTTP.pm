@@ -24,6 +24,8 @@ BEGIN {
     *COMPLETED_CLEANLY = \&PAGI::RS::Connection::COMPLETED_CLEANLY;
 }
 
+# glue.c's $send updates STARTED, COMPLETE and TRAILERS itself and reads
+# RECV_WAIT: keep its SLOT_* numbers in step with these.
 use constant {
     QUEUE => 11, RECV_WAIT => 12, SEND_WAIT => 13, DEFER_WAIT => 14, BODY => 15,
     APP_FUTURE => 16, APP_DONE => 17, DISCONNECT_RECEIVES => 18, TRAILERS => 19,
@@ -43,7 +45,8 @@ use constant { FIN_CLEAN => 0, FIN_BACKSTOP => 1, FIN_TRUNCATED => 2 };
 # an app polling $receive in a loop without checking the type would spin.
 use constant MAX_DISCONNECT_RECEIVES => 100;
 
-my $DONE = Future->done;
+# The Future every send that completes at once returns (glue.c returns it too).
+our $DONE = Future->done;
 
 # Classes already seen to be Futures (the app's returned Future is usually
 # a Future or IO::Async::Future): saves an isa() per request.
@@ -60,10 +63,11 @@ sub dispatch {
     $scope->{'pagi.connection'} = $self;
     $scope->{'pagi.transport'}  = $self;
 
-    # Tiny closures: cloning a closure copies its whole pad, so the logic
-    # lives in named subs.
+    # $send is an XS closure (glue.c) that handles the common events without
+    # Perl code; $receive is a tiny closure (cloning one copies its pad, so
+    # the logic lives in a named sub).
     my $f = eval {
-        $PAGI::RS::Bridge::APP->( $scope, sub { _receive($self) }, sub { _send( $self, $_[0] ) } );
+        $PAGI::RS::Bridge::APP->( $scope, sub { _receive($self) }, PAGI::RS::_make_sender($self) );
     };
     if ( !defined $f ) {
         my $err = $@;
@@ -191,13 +195,14 @@ sub _on_body {
 
 # ---- $send ------------------------------------------------------------------
 
-# What _send_event reports it sent (glue.c).
+# What glue.c's fast path reports it sent.
 use constant { SENT_START => 1, SENT_START_TRAILERS => 2, SENT_BODY_MORE => 3, SENT_BODY_END => 4 };
 
-sub _send {
-    my ( $self, $ev ) = @_;
-    # The common events go straight to the core; the rest take the Perl path.
-    my ( $rc, $what ) = PAGI::RS::_send_event( $self->[ID], $ev );
+# $send's Perl half: glue.c's sender has tried the fast path (code $rc,
+# kind $what) and hands over whatever needs Perl: waits, failures and the
+# other events (-2).
+sub _after_send {
+    my ( $self, $ev, $rc, $what ) = @_;
     if ( $rc >= 0 ) {
         if ( $what == SENT_BODY_END ) {
             _response_complete($self) unless $rc == CLOSED || $self->[TRAILERS];
