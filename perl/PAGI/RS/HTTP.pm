@@ -45,8 +45,21 @@ use constant { FIN_CLEAN => 0, FIN_BACKSTOP => 1, FIN_TRUNCATED => 2 };
 # an app polling $receive in a loop without checking the type would spin.
 use constant MAX_DISCONNECT_RECEIVES => 100;
 
-# The Future every send that completes at once returns (glue.c returns it too).
-our $DONE = Future->done;
+# The Future every send that completes at once returns (glue.c returns it
+# too).  It is always done, so its class answers Future::AsyncAwait's
+# questions directly instead of through two method calls per await.
+{
+    package PAGI::RS::SentFuture;
+    our @ISA = ('Future');
+    sub AWAIT_IS_READY     { 1 }
+    sub AWAIT_IS_CANCELLED { 0 }
+    sub AWAIT_GET          { return }
+    sub AWAIT_RESULT       { return }
+    # Never pending, so never the prototype of a pending Future; if asked,
+    # hand out a plain one.
+    sub AWAIT_CLONE { Future->new }
+}
+our $DONE = PAGI::RS::SentFuture->done;
 
 # Classes already seen to be Futures (the app's returned Future is usually
 # a Future or IO::Async::Future): saves an isa() per request.
