@@ -101,7 +101,7 @@ sub _dispatch_inbox {
         my $kind = $m[0];
         my $ok = eval {
             if ( $kind == MSG_REQUEST ) {
-                PAGI::RS::HTTP->dispatch( $m[1], $m[2], $m[3] );
+                PAGI::RS::HTTP::dispatch( 'PAGI::RS::HTTP', $m[1], $m[2], $m[3] );
             }
             elsif ( $kind == MSG_BODY ) {
                 my $r = $REQUESTS{ $m[1] };

@@ -123,7 +123,9 @@ sub _app_done {
     my ( $self, $err ) = @_;
     return if $self->[APP_DONE]++;
     # Keep listening only if someone registered for the request's end.
-    my $keep = $self->[CONNECTED] && !$self->[COMPLETED_CLEANLY] && $self->_has_callbacks ? 1 : 0;
+    my $keep = $self->[CONNECTED]
+      && !$self->[COMPLETED_CLEANLY]
+      && PAGI::RS::Connection::_has_callbacks($self) ? 1 : 0;
     my $rc = PAGI::RS::_finish( $self->[ID], $err, $keep );
     delete $PAGI::RS::Bridge::REQUESTS{ $self->[ID] } unless $keep;
     if ( $rc == FIN_BACKSTOP ) {
