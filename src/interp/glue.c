@@ -38,6 +38,18 @@ typedef struct {
     int has_headers;
 } pagi_msg;
 
+/* Slots of the per-request object, PAGI::RS::HTTP (the layout belongs to
+ * perl/PAGI/RS/Connection.pm and HTTP.pm; keep these in step). */
+#define SLOT_ID 0
+#define SLOT_CONNECTED 1
+#define SLOT_STARTED 3
+#define SLOT_COMPLETE 4
+#define SLOT_RECV_WAIT 12
+#define SLOT_BODY 15
+#define SLOT_TRAILERS 19
+
+static SV *new_sender(pTHX_ AV *req);
+
 /* Implemented in Rust (src/interp/exports.rs). */
 extern int pagi_rs_next_message(pagi_msg *out);
 extern int pagi_rs_wake_ack(void);
@@ -214,7 +226,7 @@ static SV *request_scope(pTHX_ const pagi_msg *m)
 }
 
 /* _next() returns the next message as a list:
- *   REQUEST: (kind, id, body_state, \%scope)
+ *   REQUEST: (kind, $request, \%scope, $send)
  *   others:  (kind, id, num0, num1, num2, num3, headers_or_undef, strings...) */
 #define PAGI_MSG_REQUEST 1
 
@@ -229,11 +241,33 @@ XS(xs_next_message)
     if (!pagi_rs_next_message(&m))
         XSRETURN_EMPTY;
     if (m.kind == PAGI_MSG_REQUEST) {
+        /* Everything a request needs before the app runs, built here since
+         * every request pays for it: the request object (also the scope's
+         * pagi.connection and pagi.transport), its entry in
+         * %PAGI::RS::Bridge::REQUESTS, the scope, and $send. */
+        AV *req = newAV();
+        SV *self, *scope;
+        HV *scope_hv, *requests;
+        char key[24];
+        int klen;
+        av_extend(req, 20);
+        av_store(req, SLOT_ID, newSVuv((UV)m.id));
+        av_store(req, SLOT_CONNECTED, newSViv(1));
+        av_store(req, SLOT_BODY, newSViv((IV)m.num[2]));
+        self = newRV_noinc((SV *)req);
+        sv_bless(self, gv_stashpvs("PAGI::RS::HTTP", GV_ADD));
+        requests = get_hv("PAGI::RS::Bridge::REQUESTS", GV_ADD);
+        klen = snprintf(key, sizeof key, "%llu", (unsigned long long)m.id);
+        (void)hv_store(requests, key, klen, newRV_inc((SV *)req), 0);
+        scope = request_scope(aTHX_ & m);
+        scope_hv = (HV *)SvRV(scope);
+        (void)hv_stores(scope_hv, "pagi.connection", newRV_inc((SV *)req));
+        (void)hv_stores(scope_hv, "pagi.transport", newRV_inc((SV *)req));
         EXTEND(SP, 4);
         mPUSHi(m.kind);
-        mPUSHu((UV)m.id);
-        mPUSHi((IV)m.num[2]);
-        mPUSHs(request_scope(aTHX_ & m));
+        mPUSHs(self);
+        mPUSHs(scope);
+        mPUSHs(new_sender(aTHX_ req));
         PUTBACK;
         return;
     }
@@ -469,13 +503,7 @@ static int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
  * An XS closure rather than a Perl one: it is called for every response
  * event, and the common case (start, or a body that fits under the
  * high-water mark) needs no Perl code at all.  The request object it belongs
- * to hangs off the CV as magic.  It updates these slots of that object
- * (perl/PAGI/RS/Connection.pm and HTTP.pm own the layout): */
-#define SLOT_ID 0
-#define SLOT_STARTED 3
-#define SLOT_COMPLETE 4
-#define SLOT_RECV_WAIT 12
-#define SLOT_TRAILERS 19
+ * to hangs off the CV as magic; it updates that object's SLOT_* fields. */
 #define CODE_SENT 0
 #define CODE_CLOSED 3
 
@@ -557,20 +585,14 @@ XS(xs_sender)
     }
 }
 
-/* _make_sender($request) -> the coderef the application gets as $send. */
-XS(xs_make_sender)
+/* The coderef the application gets as $send, bound to request `req`. */
+static SV *new_sender(pTHX_ AV *req)
 {
-    dXSARGS;
-    CV *sender;
-    SV *self;
-    if (items != 1 || !SvROK(ST(0)) || SvTYPE(SvRV(ST(0))) != SVt_PVAV)
-        croak_xs_usage(cv, "request");
-    sender = newXS_flags(NULL, xs_sender, __FILE__, NULL, 0);
-    self = sv_2mortal(newRV_inc(SvRV(ST(0))));
+    CV *sender = newXS_flags(NULL, xs_sender, __FILE__, NULL, 0);
+    SV *self = sv_2mortal(newRV_inc((SV *)req));
     /* The magic holds its own reference to the request (MGf_REFCOUNTED). */
     sv_magicext((SV *)sender, self, PERL_MAGIC_ext, &sender_vtbl, NULL, 0);
-    ST(0) = sv_2mortal(newRV_noinc((SV *)sender));
-    XSRETURN(1);
+    return newRV_noinc((SV *)sender);
 }
 
 XS(xs_fullflush)
@@ -703,7 +725,6 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::_fd", xs_response_fd, file);
     newXS("PAGI::RS::_trailers", xs_response_trailers, file);
     newXS("PAGI::RS::_fullflush", xs_fullflush, file);
-    newXS("PAGI::RS::_make_sender", xs_make_sender, file);
     newXS("PAGI::RS::_want_body", xs_want_body, file);
     newXS("PAGI::RS::_finish", xs_finish, file);
     newXS("PAGI::RS::_release", xs_release, file);

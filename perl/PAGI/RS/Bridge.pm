@@ -96,12 +96,12 @@ sub drain {
 
 sub _dispatch_inbox {
     while ( my @m = PAGI::RS::_next() ) {
-        # REQUEST: (kind, id, body_state, scope); others:
+        # REQUEST: (kind, request, scope, send); others:
         # (kind, id, num0..num3, headers, strings...)
         my $kind = $m[0];
         my $ok = eval {
             if ( $kind == MSG_REQUEST ) {
-                PAGI::RS::HTTP::dispatch( 'PAGI::RS::HTTP', $m[1], $m[2], $m[3] );
+                PAGI::RS::HTTP::run_app( $m[1], $m[2], $m[3] );
             }
             elsif ( $kind == MSG_BODY ) {
                 my $r = $REQUESTS{ $m[1] };

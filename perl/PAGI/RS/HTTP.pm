@@ -65,22 +65,16 @@ our $DONE = PAGI::RS::SentFuture->done;
 # a Future or IO::Async::Future): saves an isa() per request.
 my %IS_FUTURE;
 
-sub dispatch {
-    my ( $class, $id, $body_state, $scope ) = @_;
-    my $self = bless [
-        $id, 1, undef, 0, 0, undef, undef, undef, 0,    # Connection
-        undef, undef,                                   # Transport
-        undef, undef, undef, undef, $body_state, undef, 0, 0, 0, 0,
-    ], $class;
-    $PAGI::RS::Bridge::REQUESTS{$id} = $self;
-    $scope->{'pagi.connection'} = $self;
-    $scope->{'pagi.transport'}  = $self;
-
+# A new request: glue.c has built the request object (registered in
+# %PAGI::RS::Bridge::REQUESTS, and the scope's pagi.connection and
+# pagi.transport), the scope and $send.  Run the app.
+sub run_app {
+    my ( $self, $scope, $send ) = @_;
     # $send is an XS closure (glue.c) that handles the common events without
     # Perl code; $receive is a tiny closure (cloning one copies its pad, so
     # the logic lives in a named sub).
     my $f = eval {
-        $PAGI::RS::Bridge::APP->( $scope, sub { _receive($self) }, PAGI::RS::_make_sender($self) );
+        $PAGI::RS::Bridge::APP->( $scope, sub { _receive($self) }, $send );
     };
     if ( !defined $f ) {
         my $err = $@;
