@@ -391,22 +391,28 @@ impl Exchange {
     }
 
     /// Checks before a file/fh body, so that a refused send changes nothing.
+    /// For a HEAD request the file is not even opened: the body ends here.
     pub fn begin_stream_body(&self) -> Result<Option<SendOutcome>, SendError> {
-        let st = self.lock();
-        if st.disconnected.is_some() {
-            return Ok(Some(SendOutcome::Closed));
+        {
+            let st = self.lock();
+            if st.disconnected.is_some() {
+                return Ok(Some(SendOutcome::Closed));
+            }
+            match st.phase {
+                Phase::AwaitingStart => {
+                    return Err(SendError::Sequence(
+                        "http.response.body before http.response.start",
+                    ))
+                }
+                Phase::Streaming if !st.body_done => {}
+                _ => return Err(SendError::Sequence("the response is already complete")),
+            }
         }
-        match st.phase {
-            Phase::AwaitingStart => Err(SendError::Sequence(
-                "http.response.body before http.response.start",
-            )),
-            Phase::Streaming if !st.body_done => Ok(if self.facts.is_head {
-                Some(SendOutcome::Ready)
-            } else {
-                None
-            }),
-            _ => Err(SendError::Sequence("the response is already complete")),
+        if self.facts.is_head {
+            self.end_streamed();
+            return Ok(Some(SendOutcome::Ready));
         }
+        Ok(None)
     }
 
     /// Queue one chunk from a Rust-side producer (file streaming), waiting
@@ -456,7 +462,7 @@ impl Exchange {
         }
         let head = Self::take_head(&mut st);
         let waker = st.waker.take();
-        drop(st);
+        self.deliver_if_done(st);
         Self::send_head(head);
         if let Some(w) = waker {
             w.wake();
@@ -1018,6 +1024,15 @@ mod tests {
         assert_eq!(ex.body(&[0u8; 100], false).unwrap(), SendOutcome::Ready);
         assert_eq!(ex.buffered_amount(), 0);
         assert!(matches!(poll(&ex), std::task::Poll::Ready(None)));
+    }
+
+    #[test]
+    fn head_request_with_a_file_body_completes_without_reading_it() {
+        let (ex, mut rx) = exchange(true);
+        ex.start(200, &[(b"content-length", b"1234")], false).unwrap();
+        assert_eq!(ex.begin_stream_body().unwrap(), Some(SendOutcome::Ready));
+        assert!(matches!(rx.try_recv(), Ok(Head::App(..))), "the head goes out");
+        assert_eq!(ex.finish(None, false), FinishOutcome::Clean);
     }
 
     #[test]
