@@ -1029,9 +1029,13 @@ mod tests {
     #[test]
     fn head_request_with_a_file_body_completes_without_reading_it() {
         let (ex, mut rx) = exchange(true);
-        ex.start(200, &[(b"content-length", b"1234")], false).unwrap();
+        ex.start(200, &[(b"content-length", b"1234")], false)
+            .unwrap();
         assert_eq!(ex.begin_stream_body().unwrap(), Some(SendOutcome::Ready));
-        assert!(matches!(rx.try_recv(), Ok(Head::App(..))), "the head goes out");
+        assert!(
+            matches!(rx.try_recv(), Ok(Head::App(..))),
+            "the head goes out"
+        );
         assert_eq!(ex.finish(None, false), FinishOutcome::Clean);
     }
 
