@@ -59,6 +59,16 @@ pub enum SendOutcome {
     Deferred = 4,
 }
 
+/// What became of a chunk a Rust-side producer offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Streamed {
+    Queued,
+    /// The exchange ended; the producer stops and its send settles quietly.
+    Ended,
+    /// The chunk would pass the app's declared Content-Length.
+    OverLength(u64),
+}
+
 /// What `finish` did, reported back to Perl.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishOutcome {
@@ -416,22 +426,26 @@ impl Exchange {
     }
 
     /// Queue one chunk from a Rust-side producer (file streaming), waiting
-    /// while the buffer is above the high-water mark.  Returns false when the
-    /// exchange ended and the producer should stop.
-    pub async fn push_streamed(&self, chunk: Bytes) -> bool {
+    /// while the buffer is above the high-water mark.
+    pub async fn push_streamed(&self, chunk: Bytes) -> Streamed {
         loop {
             let notified = self.progress.notified();
             {
                 let mut st = self.lock();
                 if st.disconnected.is_some() || st.phase == Phase::Aborted {
-                    return false;
+                    return Streamed::Ended;
+                }
+                if let Some(declared) = st.declared_length {
+                    if st.body_bytes + chunk.len() as u64 > declared {
+                        return Streamed::OverLength(declared);
+                    }
+                }
+                if st.network_done {
+                    // hyper writes no body here (204/304): count and drop.
+                    st.body_bytes += chunk.len() as u64;
+                    return Streamed::Queued;
                 }
                 if st.buffered < self.config.high_water {
-                    if let Some(declared) = st.declared_length {
-                        if st.body_bytes + chunk.len() as u64 > declared {
-                            return false;
-                        }
-                    }
                     st.body_bytes += chunk.len() as u64;
                     st.buffered += chunk.len();
                     st.queue.push_back(Frame::data(chunk));
@@ -443,7 +457,7 @@ impl Exchange {
                     if let Some(w) = waker {
                         w.wake();
                     }
-                    return true;
+                    return Streamed::Queued;
                 }
             }
             notified.await;
