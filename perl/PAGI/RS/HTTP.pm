@@ -144,34 +144,32 @@ sub _forget {
 
 sub _receive {
     my ($self) = @_;
-    {
-        my $q = $self->[QUEUE];
-        if ( $q && @$q ) {
-            my $ev = shift @$q;
-            PAGI::RS::_want_body( $self->[ID] ) if $ev->{more};
-            return Future->done($ev);
-        }
-        if ( !$self->[CONNECTED] || $self->[COMPLETED_CLEANLY] ) {
-            return $self->_disconnect_event;
-        }
-        my $body = $self->[BODY];
-        if ( $body == BODY_EMPTY ) {
-            $self->[BODY] = BODY_DONE;
-            return Future->done( { type => 'http.request', body => '', more => 0 } );
-        }
-        if ( $body == BODY_DONE && $self->[COMPLETE] ) {
-            return $self->_disconnect_event;
-        }
-        if ( $body == BODY_AWAIT_CONTINUE ) {
-            # First read: now the core may answer 100 Continue and read.
-            $self->[BODY] = BODY_STREAMING;
-            PAGI::RS::_want_body( $self->[ID] );
-        }
-        if ( my $pending = $self->[RECV_WAIT] ) {
-            return $pending unless $pending->is_ready;
-        }
-        return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+    my $q = $self->[QUEUE];
+    if ( $q && @$q ) {
+        my $ev = shift @$q;
+        PAGI::RS::_want_body( $self->[ID] ) if $ev->{more};
+        return Future->done($ev);
     }
+    if ( !$self->[CONNECTED] || $self->[COMPLETED_CLEANLY] ) {
+        return $self->_disconnect_event;
+    }
+    my $body = $self->[BODY];
+    if ( $body == BODY_EMPTY ) {
+        $self->[BODY] = BODY_DONE;
+        return Future->done( { type => 'http.request', body => '', more => 0 } );
+    }
+    if ( $body == BODY_DONE && $self->[COMPLETE] ) {
+        return $self->_disconnect_event;
+    }
+    if ( $body == BODY_AWAIT_CONTINUE ) {
+        # First read: now the core may answer 100 Continue and read.
+        $self->[BODY] = BODY_STREAMING;
+        PAGI::RS::_want_body( $self->[ID] );
+    }
+    if ( my $pending = $self->[RECV_WAIT] ) {
+        return $pending unless $pending->is_ready;
+    }
+    return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
 }
 
 sub _disconnect_event {
@@ -235,42 +233,40 @@ sub _after_send {
 sub _send_slow {
     my ( $self, $ev ) = @_;
     my $id = $self->[ID];
-    {
-        my $type = ref $ev eq 'HASH' ? $ev->{type} : undef;
-        return Future->fail("send() needs an event hash reference with a 'type'\n")
-          unless defined $type;
+    my $type = ref $ev eq 'HASH' ? $ev->{type} : undef;
+    return Future->fail("send() needs an event hash reference with a 'type'\n")
+      unless defined $type;
 
-        if ( $type eq 'http.response.body' ) {
-            return $self->_send_file($ev) if defined $ev->{file};
-            return $self->_send_fh($ev)   if defined $ev->{fh};
-            my $more = $ev->{more} ? 1 : 0;
-            my ( $rc, $err ) = PAGI::RS::_body( $id, $ev->{body}, $more );
-            return Future->fail("http.response.body: $err\n") if $rc < 0;
-            _response_complete($self) unless $more || $rc == CLOSED || $self->[TRAILERS];
-            return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
-        }
-        if ( $type eq 'http.response.start' ) {
-            my ( $rc, $err ) = PAGI::RS::_start( $id, $ev->{status}, $ev->{headers}, $ev->{trailers} );
-            return Future->fail("http.response.start: $err\n") if $rc < 0;
-            if ( $rc != CLOSED ) {
-                $self->[STARTED] = 1;
-                $self->[TRAILERS] = $ev->{trailers} ? 1 : 0;
-            }
-            return $DONE;
-        }
-        if ( $type eq 'http.response.trailers' ) {
-            my ( $rc, $err ) = PAGI::RS::_trailers( $id, $ev->{headers} );
-            return Future->fail("http.response.trailers: $err\n") if $rc < 0;
-            $self->_response_complete unless $rc == CLOSED;
-            return $DONE;
-        }
-        if ( $type eq 'http.fullflush' ) {
-            my ( $rc, $err ) = PAGI::RS::_fullflush($id);
-            return Future->fail("http.fullflush: $err\n") if $rc < 0;
-            return $rc == DEFERRED ? $self->_wait_deferred(0) : $DONE;
-        }
-        return Future->fail("Unrecognised event type '$type' for an http scope\n");
+    if ( $type eq 'http.response.body' ) {
+        return $self->_send_file($ev) if defined $ev->{file};
+        return $self->_send_fh($ev)   if defined $ev->{fh};
+        my $more = $ev->{more} ? 1 : 0;
+        my ( $rc, $err ) = PAGI::RS::_body( $id, $ev->{body}, $more );
+        return Future->fail("http.response.body: $err\n") if $rc < 0;
+        _response_complete($self) unless $more || $rc == CLOSED || $self->[TRAILERS];
+        return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
     }
+    if ( $type eq 'http.response.start' ) {
+        my ( $rc, $err ) = PAGI::RS::_start( $id, $ev->{status}, $ev->{headers}, $ev->{trailers} );
+        return Future->fail("http.response.start: $err\n") if $rc < 0;
+        if ( $rc != CLOSED ) {
+            $self->[STARTED] = 1;
+            $self->[TRAILERS] = $ev->{trailers} ? 1 : 0;
+        }
+        return $DONE;
+    }
+    if ( $type eq 'http.response.trailers' ) {
+        my ( $rc, $err ) = PAGI::RS::_trailers( $id, $ev->{headers} );
+        return Future->fail("http.response.trailers: $err\n") if $rc < 0;
+        $self->_response_complete unless $rc == CLOSED;
+        return $DONE;
+    }
+    if ( $type eq 'http.fullflush' ) {
+        my ( $rc, $err ) = PAGI::RS::_fullflush($id);
+        return Future->fail("http.fullflush: $err\n") if $rc < 0;
+        return $rc == DEFERRED ? $self->_wait_deferred(0) : $DONE;
+    }
+    return Future->fail("Unrecognised event type '$type' for an http scope\n");
 }
 
 sub _response_complete {
