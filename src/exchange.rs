@@ -43,7 +43,7 @@ pub enum Head {
     Abort,
 }
 
-/// How a `$send` went, as a small code for Perl (see Bridge.pm).
+/// How a `$send` went, as a small code for Perl (see HTTP.pm and glue.c).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendOutcome {
     /// Accepted; resolve the Future now.

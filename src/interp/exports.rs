@@ -231,6 +231,19 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
     })
 }
 
+/// Apply one send to request `id`: an unknown id (a request already
+/// forgotten) is a successful no-op, as any send after the end is.
+fn send_to(
+    id: u64,
+    err: *mut PagiStr,
+    send: impl FnOnce(&Exchange) -> Result<SendOutcome, SendError>,
+) -> c_int {
+    guarded(-1, || match exchange(id) {
+        Some(ex) => outcome(send(&ex), err),
+        None => SendOutcome::Closed as c_int,
+    })
+}
+
 #[no_mangle]
 pub extern "C" fn pagi_rs_response_start(
     id: u64,
@@ -240,13 +253,10 @@ pub extern "C" fn pagi_rs_response_start(
     trailers: c_int,
     err: *mut PagiStr,
 ) -> c_int {
-    guarded(-1, || {
-        let Some(ex) = exchange(id) else {
-            return SendOutcome::Closed as c_int;
-        };
+    send_to(id, err, |ex| {
         // SAFETY: glue.c passes 2n entries that live for this call.
         let pairs = unsafe { header_pairs(hdrs, n) };
-        outcome(ex.start(status, &pairs, trailers != 0), err)
+        ex.start(status, &pairs, trailers != 0)
     })
 }
 
@@ -258,13 +268,10 @@ pub extern "C" fn pagi_rs_response_body(
     more: c_int,
     err: *mut PagiStr,
 ) -> c_int {
-    guarded(-1, || {
-        let Some(ex) = exchange(id) else {
-            return SendOutcome::Closed as c_int;
-        };
+    send_to(id, err, |ex| {
         // SAFETY: ptr/len describe the body string alive for this XS call.
         let data = unsafe { PagiStr { ptr, len }.as_bytes() };
-        outcome(ex.body(data, more != 0), err)
+        ex.body(data, more != 0)
     })
 }
 
@@ -275,13 +282,10 @@ pub extern "C" fn pagi_rs_response_trailers(
     n: usize,
     err: *mut PagiStr,
 ) -> c_int {
-    guarded(-1, || {
-        let Some(ex) = exchange(id) else {
-            return SendOutcome::Closed as c_int;
-        };
+    send_to(id, err, |ex| {
         // SAFETY: glue.c passes 2n entries that live for this call.
         let pairs = unsafe { header_pairs(hdrs, n) };
-        outcome(ex.trailers(&pairs), err)
+        ex.trailers(&pairs)
     })
 }
 
