@@ -194,35 +194,100 @@ static SV *host_port(pTHX_ pagi_str host, int64_t port)
     return newRV_noinc((SV *)av);
 }
 
+
+/* ---- per-interpreter lookups ---------------------------------------------
+ * Names used on every request: package variables and hash keys.  Looking a
+ * package variable up by name, or hashing a constant key, costs a hash
+ * lookup each time; these are resolved once.  Each interpreter runs on its
+ * own thread for its whole life, so a thread-local cache is a
+ * per-interpreter cache.  The keys are shared-HEK strings, so stores and
+ * fetches with them reuse the precomputed hash and skip the string table. */
+enum {
+    K_TYPE, K_PAGI, K_VERSION, K_SPEC_VERSION, K_FULLFLUSH, K_HTTP_VERSION,
+    K_METHOD, K_SCHEME, K_PATH, K_RAW_PATH, K_QUERY_STRING, K_ROOT_PATH,
+    K_HEADERS, K_CLIENT, K_SERVER, K_STATE, K_EXTENSIONS, K_CONNECTION,
+    K_TRANSPORT, K_BODY, K_MORE, K_FILE, K_FH, K_STATUS, K_TRAILERS,
+    K_COUNT
+};
+
+static const char *const key_names[K_COUNT] = {
+    "type", "pagi", "version", "spec_version", "fullflush", "http_version",
+    "method", "scheme", "path", "raw_path", "query_string", "root_path",
+    "headers", "client", "server", "state", "extensions", "pagi.connection",
+    "pagi.transport", "body", "more", "file", "fh", "status", "trailers",
+};
+
+typedef struct {
+    PerlInterpreter *owner;
+    GV *state_gv;    /* %PAGI::RS::Bridge::STATE */
+    GV *requests_gv; /* %PAGI::RS::Bridge::REQUESTS */
+    GV *done_gv;     /* $PAGI::RS::HTTP::DONE */
+    HV *http_stash;  /* PAGI::RS::HTTP */
+    SV *keys[K_COUNT];
+} interp_lookups;
+
+static __thread interp_lookups lookups;
+
+static interp_lookups *the_lookups(pTHX)
+{
+    size_t i;
+    if (lookups.owner == aTHX)
+        return &lookups;
+    /* GVs rather than their HV/SV: `local %STATE` swaps the slot, not the glob. */
+    lookups.state_gv = gv_fetchpvs("PAGI::RS::Bridge::STATE", GV_ADD, SVt_PVHV);
+    lookups.requests_gv = gv_fetchpvs("PAGI::RS::Bridge::REQUESTS", GV_ADD, SVt_PVHV);
+    lookups.done_gv = gv_fetchpvs("PAGI::RS::HTTP::DONE", GV_ADD, SVt_PV);
+    lookups.http_stash = gv_stashpvs("PAGI::RS::HTTP", GV_ADD);
+    for (i = 0; i < K_COUNT; i++)
+        lookups.keys[i] = newSVpvn_share(key_names[i], (I32)strlen(key_names[i]), 0);
+    lookups.owner = aTHX;
+    return &lookups;
+}
+
+#define KEY(L, k) ((L)->keys[k])
+#define STORE(hv, L, k, val) ((void)hv_store_ent((hv), KEY(L, k), (val), 0))
+
 /* The http scope hash for a REQUEST message (see Spec/Www.pod).  Built here
  * rather than in Perl because it is on every request's path; the Perl side
  * adds the pagi.connection and pagi.transport objects.  String order is
  * fixed by exports.rs. */
-static SV *request_scope(pTHX_ const pagi_msg *m)
+static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m)
 {
     HV *scope = newHV();
     HV *pagi = newHV();
     HV *ext = newHV();
-    HV *state = get_hv("PAGI::RS::Bridge::STATE", GV_ADD);
-    (void)hv_stores(pagi, "version", newSVpvs("0.4"));
-    (void)hv_stores(pagi, "spec_version", newSVpvs("0.3"));
-    (void)hv_stores(ext, "fullflush", newRV_noinc((SV *)newHV()));
-    (void)hv_stores(scope, "type", newSVpvs("http"));
-    (void)hv_stores(scope, "pagi", newRV_noinc((SV *)pagi));
-    (void)hv_stores(scope, "http_version", bytes_sv(aTHX_ m->str[0], 0));
-    (void)hv_stores(scope, "method", bytes_sv(aTHX_ m->str[1], 0));
-    (void)hv_stores(scope, "scheme", bytes_sv(aTHX_ m->str[2], 0));
-    (void)hv_stores(scope, "path", bytes_sv(aTHX_ m->str[3], (m->utf8_mask >> 3) & 1));
-    (void)hv_stores(scope, "raw_path", bytes_sv(aTHX_ m->str[4], 0));
-    (void)hv_stores(scope, "query_string", bytes_sv(aTHX_ m->str[5], 0));
-    (void)hv_stores(scope, "root_path", bytes_sv(aTHX_ m->str[6], (m->utf8_mask >> 6) & 1));
-    (void)hv_stores(scope, "headers", headers_av(aTHX_ m));
-    (void)hv_stores(scope, "client", host_port(aTHX_ m->str[7], m->num[0]));
-    (void)hv_stores(scope, "server", host_port(aTHX_ m->str[8], m->num[1]));
+    HV *state = GvHVn(L->state_gv);
+    STORE(pagi, L, K_VERSION, newSVpvs("0.4"));
+    STORE(pagi, L, K_SPEC_VERSION, newSVpvs("0.3"));
+    STORE(ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
+    STORE(scope, L, K_TYPE, newSVpvs("http"));
+    STORE(scope, L, K_PAGI, newRV_noinc((SV *)pagi));
+    STORE(scope, L, K_HTTP_VERSION, bytes_sv(aTHX_ m->str[0], 0));
+    STORE(scope, L, K_METHOD, bytes_sv(aTHX_ m->str[1], 0));
+    STORE(scope, L, K_SCHEME, bytes_sv(aTHX_ m->str[2], 0));
+    STORE(scope, L, K_PATH, bytes_sv(aTHX_ m->str[3], (m->utf8_mask >> 3) & 1));
+    STORE(scope, L, K_RAW_PATH, bytes_sv(aTHX_ m->str[4], 0));
+    STORE(scope, L, K_QUERY_STRING, bytes_sv(aTHX_ m->str[5], 0));
+    STORE(scope, L, K_ROOT_PATH, bytes_sv(aTHX_ m->str[6], (m->utf8_mask >> 6) & 1));
+    STORE(scope, L, K_HEADERS, headers_av(aTHX_ m));
+    STORE(scope, L, K_CLIENT, host_port(aTHX_ m->str[7], m->num[0]));
+    STORE(scope, L, K_SERVER, host_port(aTHX_ m->str[8], m->num[1]));
     /* A shallow copy: top-level keys private to the request, values shared. */
-    (void)hv_stores(scope, "state", newRV_noinc((SV *)newHVhv(state)));
-    (void)hv_stores(scope, "extensions", newRV_noinc((SV *)ext));
+    STORE(scope, L, K_STATE, newRV_noinc((SV *)newHVhv(state)));
+    STORE(scope, L, K_EXTENSIONS, newRV_noinc((SV *)ext));
     return newRV_noinc((SV *)scope);
+}
+
+/* Writes `n` in decimal at the end of buf; returns the digit count.  The
+ * request registry is keyed this way, as Perl stringifies the id. */
+static int decimal(char *buf, size_t size, uint64_t n)
+{
+    int len = 0;
+    do {
+        buf[size - 1 - (size_t)len++] = (char)('0' + n % 10);
+        n /= 10;
+    } while (n);
+    return len;
 }
 
 /* _next() returns the next message as a list:
@@ -245,6 +310,7 @@ XS(xs_next_message)
          * every request pays for it: the request object (also the scope's
          * pagi.connection and pagi.transport), its entry in
          * %PAGI::RS::Bridge::REQUESTS, the scope, and $send. */
+        interp_lookups *L = the_lookups(aTHX);
         AV *req = newAV();
         SV *self, *scope;
         HV *scope_hv, *requests;
@@ -255,14 +321,14 @@ XS(xs_next_message)
         av_store(req, SLOT_CONNECTED, newSViv(1));
         av_store(req, SLOT_BODY, newSViv((IV)m.num[2]));
         self = newRV_noinc((SV *)req);
-        sv_bless(self, gv_stashpvs("PAGI::RS::HTTP", GV_ADD));
-        requests = get_hv("PAGI::RS::Bridge::REQUESTS", GV_ADD);
-        klen = snprintf(key, sizeof key, "%llu", (unsigned long long)m.id);
-        (void)hv_store(requests, key, klen, newRV_inc((SV *)req), 0);
-        scope = request_scope(aTHX_ & m);
+        sv_bless(self, L->http_stash);
+        requests = GvHVn(L->requests_gv);
+        klen = decimal(key, sizeof key, m.id);
+        (void)hv_store(requests, key + sizeof key - klen, klen, newRV_inc((SV *)req), 0);
+        scope = request_scope(aTHX_ L, &m);
         scope_hv = (HV *)SvRV(scope);
-        (void)hv_stores(scope_hv, "pagi.connection", newRV_inc((SV *)req));
-        (void)hv_stores(scope_hv, "pagi.transport", newRV_inc((SV *)req));
+        STORE(scope_hv, L, K_CONNECTION, newRV_inc((SV *)req));
+        STORE(scope_hv, L, K_TRANSPORT, newRV_inc((SV *)req));
         EXTEND(SP, 4);
         mPUSHi(m.kind);
         mPUSHs(self);
@@ -441,10 +507,10 @@ XS(xs_response_trailers)
 #define SEND_KIND_BODY_MORE 3
 #define SEND_KIND_BODY_END 4
 
-static SV *hv_value(pTHX_ HV *hv, const char *key, I32 klen)
+static SV *hv_value(pTHX_ HV *hv, SV *key)
 {
-    SV **v = hv_fetch(hv, key, klen, 0);
-    return v ? *v : NULL;
+    HE *he = hv_fetch_ent(hv, key, 0, 0);
+    return he ? HeVAL(he) : NULL;
 }
 
 /* Send an http.response.start or a byte body straight to the core.
@@ -453,6 +519,7 @@ static SV *hv_value(pTHX_ HV *hv, const char *key, I32 klen)
  * file/fh bodies, malformed or tied events). */
 static int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
 {
+    interp_lookups *L = the_lookups(aTHX);
     HV *ev;
     SV *type_sv;
     STRLEN tlen;
@@ -460,15 +527,15 @@ static int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
     if (!SvROK(ev_sv) || SvTYPE(SvRV(ev_sv)) != SVt_PVHV || SvRMAGICAL(SvRV(ev_sv)))
         return -2;
     ev = (HV *)SvRV(ev_sv);
-    type_sv = hv_value(aTHX_ ev, "type", 4);
+    type_sv = hv_value(aTHX_ ev, KEY(L, K_TYPE));
     if (!type_sv || !SvPOK(type_sv))
         return -2;
     type = SvPV(type_sv, tlen);
     if (tlen == 18 && memEQ(type, "http.response.body", 18)) {
-        SV *body = hv_value(aTHX_ ev, "body", 4);
-        SV *more = hv_value(aTHX_ ev, "more", 4);
-        SV *file = hv_value(aTHX_ ev, "file", 4);
-        SV *fh = hv_value(aTHX_ ev, "fh", 2);
+        SV *body = hv_value(aTHX_ ev, KEY(L, K_BODY));
+        SV *more = hv_value(aTHX_ ev, KEY(L, K_MORE));
+        SV *file = hv_value(aTHX_ ev, KEY(L, K_FILE));
+        SV *fh = hv_value(aTHX_ ev, KEY(L, K_FH));
         pagi_str b;
         int more_flag;
         if ((file && SvOK(file)) || (fh && SvOK(fh)))
@@ -480,9 +547,9 @@ static int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
         return pagi_rs_response_body(id, b.ptr, b.len, more_flag, err);
     }
     if (tlen == 19 && memEQ(type, "http.response.start", 19)) {
-        SV *status = hv_value(aTHX_ ev, "status", 6);
-        SV *hdrs = hv_value(aTHX_ ev, "headers", 7);
-        SV *trailers = hv_value(aTHX_ ev, "trailers", 8);
+        SV *status = hv_value(aTHX_ ev, KEY(L, K_STATUS));
+        SV *hdrs = hv_value(aTHX_ ev, KEY(L, K_HEADERS));
+        SV *trailers = hv_value(aTHX_ ev, KEY(L, K_TRAILERS));
         size_t n = 0;
         const char *why = NULL;
         pagi_str *pairs;
@@ -558,7 +625,7 @@ XS(xs_sender)
         }
     }
     if (handled) {
-        ST(0) = get_sv("PAGI::RS::HTTP::DONE", GV_ADD);
+        ST(0) = GvSVn(the_lookups(aTHX)->done_gv);
         XSRETURN(1);
     }
     /* Everything else (waits, errors, other events): the Perl side finishes

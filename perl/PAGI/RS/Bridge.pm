@@ -94,48 +94,53 @@ sub drain {
     return;
 }
 
+# One eval around a whole batch rather than one per message (this runs for
+# every request); after a die, the rest of the batch is taken in a new one.
 sub _dispatch_inbox {
+    until ( eval { _dispatch_messages(); 1 } ) {
+        PAGI::RS::_log( LOG_ERROR, "pagi-rs bridge error: $@" );
+    }
+    return;
+}
+
+sub _dispatch_messages {
     while ( my @m = PAGI::RS::_next() ) {
         # REQUEST: (kind, request, scope, send); others:
         # (kind, id, num0..num3, headers, strings...)
         my $kind = $m[0];
-        my $ok = eval {
-            if ( $kind == MSG_REQUEST ) {
-                PAGI::RS::HTTP::run_app( $m[1], $m[2], $m[3] );
-            }
-            elsif ( $kind == MSG_BODY ) {
-                my $r = $REQUESTS{ $m[1] };
-                $r->_on_body( $m[7], $m[2] ) if $r;
-            }
-            elsif ( $kind == MSG_DISCONNECT ) {
-                my $r = $REQUESTS{ $m[1] };
-                $r->_on_network_gone( $m[7] ) if $r;
-            }
-            elsif ( $kind == MSG_DRAINED ) {
-                my $r = $REQUESTS{ $m[1] };
-                $r->_on_drained if $r;
-            }
-            elsif ( $kind == MSG_SEND_DONE ) {
-                my $r = $REQUESTS{ $m[1] };
-                $r->_on_send_done( $m[7] ) if $r;
-            }
-            elsif ( $kind == MSG_COMPLETE ) {
-                my $r = $REQUESTS{ $m[1] };
-                $r->_on_delivered if $r;
-            }
-            elsif ( $kind == MSG_LIFESPAN_STARTUP ) {
-                PAGI::RS::Lifespan::startup();
-            }
-            elsif ( $kind == MSG_LIFESPAN_SHUTDOWN ) {
-                PAGI::RS::Lifespan::shutdown();
-            }
-            elsif ( $kind == MSG_STOP ) {
-                $stopping = 1;
-                $LOOP->stop;
-            }
-            1;
-        };
-        PAGI::RS::_log( LOG_ERROR, "pagi-rs bridge error: $@" ) unless $ok;
+        if ( $kind == MSG_REQUEST ) {
+            PAGI::RS::HTTP::run_app( $m[1], $m[2], $m[3] );
+        }
+        elsif ( $kind == MSG_BODY ) {
+            my $r = $REQUESTS{ $m[1] };
+            $r->_on_body( $m[7], $m[2] ) if $r;
+        }
+        elsif ( $kind == MSG_DISCONNECT ) {
+            my $r = $REQUESTS{ $m[1] };
+            $r->_on_network_gone( $m[7] ) if $r;
+        }
+        elsif ( $kind == MSG_DRAINED ) {
+            my $r = $REQUESTS{ $m[1] };
+            $r->_on_drained if $r;
+        }
+        elsif ( $kind == MSG_SEND_DONE ) {
+            my $r = $REQUESTS{ $m[1] };
+            $r->_on_send_done( $m[7] ) if $r;
+        }
+        elsif ( $kind == MSG_COMPLETE ) {
+            my $r = $REQUESTS{ $m[1] };
+            $r->_on_delivered if $r;
+        }
+        elsif ( $kind == MSG_LIFESPAN_STARTUP ) {
+            PAGI::RS::Lifespan::startup();
+        }
+        elsif ( $kind == MSG_LIFESPAN_SHUTDOWN ) {
+            PAGI::RS::Lifespan::shutdown();
+        }
+        elsif ( $kind == MSG_STOP ) {
+            $stopping = 1;
+            $LOOP->stop;
+        }
     }
     return;
 }
