@@ -38,6 +38,8 @@ enum Atom {
     Micros,
     Seconds,
     RequestHeader(String),
+    /// How a long-lived stream (SSE, WebSocket) ended, or `-`.
+    EndReason,
 }
 
 /// Everything one line can mention.
@@ -51,6 +53,9 @@ pub struct Record<'a> {
     pub body_bytes: u64,
     pub duration: Duration,
     pub headers: &'a [(bytes::Bytes, bytes::Bytes)],
+    /// How an SSE stream or a WebSocket ended: the app's `sse.close` reason
+    /// or a disconnect reason.  Never set for plain HTTP.
+    pub end_reason: Option<&'a str>,
 }
 
 #[derive(Clone, Debug)]
@@ -93,6 +98,7 @@ impl Format {
                 'd' => Atom::SecondsFrac,
                 'D' => Atom::Micros,
                 'T' => Atom::Seconds,
+                'R' => Atom::EndReason,
                 '{' => {
                     let mut name = String::new();
                     loop {
@@ -181,6 +187,7 @@ impl Format {
                 Atom::Seconds => {
                     let _ = write!(out, "{}", r.duration.as_secs());
                 }
+                Atom::EndReason => out.push_str(r.end_reason.unwrap_or("-")),
                 Atom::RequestHeader(name) => {
                     match r
                         .headers
@@ -191,6 +198,14 @@ impl Format {
                         None => out.push('-'),
                     }
                 }
+            }
+        }
+        // A stream's line says how it ended even in formats without %R: an
+        // sse.close reason goes to the log, never to the wire.
+        if let Some(reason) = r.end_reason {
+            if !self.0.contains(&Atom::EndReason) {
+                out.push_str(" reason=");
+                out.push_str(reason);
             }
         }
         out.push('\n');
@@ -306,6 +321,7 @@ mod tests {
             body_bytes: 13,
             duration: Duration::from_micros(2500),
             headers,
+            end_reason: None,
         }
     }
 
@@ -335,6 +351,19 @@ mod tests {
             .unwrap()
             .render(&record(&h), t);
         assert_eq!(tiny, "GET 200 2500 13 % HTTP/1.1\n");
+    }
+
+    #[test]
+    fn stream_lines_say_how_the_stream_ended() {
+        let t = SystemTime::UNIX_EPOCH;
+        let mut r = record(&[]);
+        r.end_reason = Some("job_done");
+        let tiny = Format::parse("tiny").unwrap().render(&r, t);
+        assert_eq!(tiny, "GET /a%20b?x=1 200 2500ms reason=job_done\n");
+        let own = Format::parse("%s %R").unwrap().render(&r, t);
+        assert_eq!(own, "200 job_done\n", "no suffix when the format places it");
+        r.end_reason = None;
+        assert_eq!(Format::parse("%s %R").unwrap().render(&r, t), "200 -\n");
     }
 
     #[test]

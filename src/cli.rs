@@ -105,6 +105,21 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub max_receive_queue: usize,
 
+    /// Largest WebSocket frame payload accepted, in bytes; a larger frame
+    /// fails the connection with 1009.  0 = no limit.
+    #[arg(long, value_name = "BYTES", default_value_t = 65536)]
+    pub max_ws_frame_size: usize,
+
+    /// Close a WebSocket with no frame in either direction for this many
+    /// seconds; 0 disables.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub ws_idle_timeout: u64,
+
+    /// Close an SSE stream that sent nothing (events, comments) for this many
+    /// seconds; 0 disables.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub sse_idle_timeout: u64,
+
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub shutdown_timeout: u64,

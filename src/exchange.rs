@@ -31,6 +31,8 @@ pub struct ExchangeConfig {
     /// 0 = unlimited.
     pub max_body: u64,
     pub access_log: Option<AccessLog>,
+    /// Limits and signals for SSE streams.
+    pub streams: crate::sse::StreamSettings,
 }
 
 /// What the network task receives for the response head.
@@ -41,6 +43,8 @@ pub enum Head {
     Generated(StatusCode, &'static str),
     /// Close the connection without any response (request timeout).
     Abort,
+    /// `websocket.accept`: answer 101 Switching Protocols with these headers.
+    Upgrade(HeaderMap),
 }
 
 /// How a `$send` went, as a small code for Perl (see HTTP.pm and glue.c).
@@ -135,6 +139,10 @@ struct State {
     /// `Expect: 100-continue` not yet answered: if the app responds without
     /// reading, the connection closes rather than wait for a body.
     continue_unanswered: bool,
+    /// An SSE stream or an accepted WebSocket: its log line says how it ended.
+    long_lived: bool,
+    /// The app's own ending (`sse.close` reason); a disconnect reason otherwise.
+    end_reason: Option<String>,
 }
 
 /// Largest data frame handed to hyper.
@@ -156,6 +164,8 @@ pub struct Exchange {
     interest: AtomicU8,
     /// Milliseconds since `facts.started` of the last read or write progress.
     last_progress_ms: AtomicU64,
+    /// Set when the response became an SSE event stream.
+    pub event_stream: std::sync::OnceLock<crate::sse::StreamControl>,
 }
 
 impl Exchange {
@@ -192,11 +202,14 @@ impl Exchange {
                 network_done: false,
                 abort_flushed: false,
                 continue_unanswered: false,
+                long_lived: false,
+                end_reason: None,
             }),
             progress: Notify::new(),
             body_credit: tokio::sync::Semaphore::new(0),
             interest: AtomicU8::new(0),
             last_progress_ms: AtomicU64::new(0),
+            event_stream: std::sync::OnceLock::new(),
         });
         (ex, rx)
     }
@@ -269,6 +282,76 @@ impl Exchange {
         drop(st);
         self.mark_progress();
         Ok(SendOutcome::Ready)
+    }
+
+    /// `sse.start`: the head of an event stream.  Unlike an ordinary head it
+    /// leaves at once, so the client's EventSource opens before the first
+    /// event.  Adds the stream headers the application left out.
+    pub fn start_event_stream(
+        &self,
+        status: i64,
+        headers: &[(&[u8], &[u8])],
+    ) -> Result<SendOutcome, SendError> {
+        let outcome = self.start(status, headers, false)?;
+        let mut st = self.lock();
+        if let Some((_, map)) = st.pending_head.as_mut() {
+            crate::sse::add_stream_headers(map, self.facts.http_version);
+            // An event stream has no length; one would end it early.
+            map.remove(http::header::CONTENT_LENGTH);
+        }
+        st.declared_length = None;
+        st.long_lived = true;
+        let head = Self::take_head(&mut st);
+        drop(st);
+        Self::send_head(head);
+        Ok(outcome)
+    }
+
+    /// `websocket.accept`: the 101 head goes to the network task, which
+    /// hands the socket to the WebSocket connection.  False when it is too
+    /// late (the client left, or a response was already decided).
+    pub fn upgrade(&self, headers: HeaderMap) -> bool {
+        let mut st = self.lock();
+        if st.phase != Phase::AwaitingStart || st.disconnected.is_some() {
+            return false;
+        }
+        let Some(tx) = st.head_tx.take() else {
+            return false;
+        };
+        st.phase = Phase::Finished;
+        st.status = Some(101);
+        st.long_lived = true;
+        drop(st);
+        self.mark_progress();
+        tx.send(Head::Upgrade(headers)).is_ok()
+    }
+
+    /// The server answers for the application with a short text response
+    /// (a WebSocket handshake refused with 403).  No-op once a response began.
+    pub fn refuse(&self, status: StatusCode, text: &'static str) {
+        let mut st = self.lock();
+        if st.phase != Phase::AwaitingStart || st.disconnected.is_some() {
+            return;
+        }
+        let Some(tx) = st.head_tx.take() else { return };
+        st.phase = Phase::Finished;
+        st.status = Some(status.as_u16());
+        drop(st);
+        let _ = tx.send(Head::Generated(status, text));
+        self.write_access_log();
+    }
+
+    /// How the application itself ended the stream (`sse.close` reason).
+    pub fn set_end_reason(&self, reason: &str) {
+        let mut st = self.lock();
+        if st.end_reason.is_none() {
+            st.end_reason = Some(reason.to_string());
+        }
+    }
+
+    /// Resolves at the next progress or at the end; re-check `has_ended`.
+    pub fn progress_signal(&self) -> tokio::sync::futures::Notified<'_> {
+        self.progress.notified()
     }
 
     /// Release a held-back head to the network task (call after unlocking).
@@ -548,8 +631,24 @@ impl Exchange {
                 self.write_access_log();
                 FinishOutcome::Backstop500
             }
+            Phase::Streaming if st.long_lived && err.is_none() => {
+                // An SSE app that returns after its last event ends the stream
+                // as sse.close would (Spec/Www.pod, "Return vs sse.close").
+                st.body_done = true;
+                st.phase = Phase::Finished;
+                if st.end_reason.is_none() {
+                    st.end_reason = Some("app_returned".into());
+                }
+                let waker = st.waker.take();
+                drop(st);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                FinishOutcome::Clean
+            }
             Phase::Streaming => {
                 match err {
+                    Some(e) if st.long_lived => tracing::error!("PAGI application error (SSE): {e}"),
                     Some(e) => tracing::error!("PAGI application error (after response started): {e}"),
                     None if st.body_done => tracing::error!(
                         "PAGI application returned with an incomplete response (trailers were declared but never sent)"
@@ -698,6 +797,8 @@ impl Exchange {
                 st.delivered = true;
                 let notify_perl = self.interest.load(Ordering::Acquire) & WANTS_TERMINAL != 0;
                 drop(st);
+                // Supervisors (sse.rs) wait on progress to see the end.
+                self.progress.notify_waiters();
                 if notify_perl {
                     self.mailbox.push(ToPerl::Complete { id: self.id });
                 }
@@ -775,15 +876,22 @@ impl Exchange {
         let Some(log) = &self.config.access_log else {
             return;
         };
-        let (status, bytes) = {
+        let (status, bytes, end_reason) = {
             let mut st = self.lock();
             if st.logged {
                 return;
             }
             st.logged = true;
+            let end_reason = if st.long_lived {
+                st.end_reason
+                    .clone()
+                    .or_else(|| st.disconnected.map(str::to_string))
+            } else {
+                None
+            };
             // Application body bytes only: the server's own refusal bodies
             // are not counted, as in the reference server.
-            (st.status, st.body_bytes)
+            (st.status, st.body_bytes, end_reason)
         };
         let f = &self.facts;
         log.write(&Record {
@@ -796,6 +904,7 @@ impl Exchange {
             body_bytes: bytes,
             duration: f.started.elapsed(),
             headers: &f.headers,
+            end_reason: end_reason.as_deref(),
         });
     }
 }
@@ -816,7 +925,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Validate and convert application headers.  Anything that could split the
 /// response (CR, LF, NUL, other controls, non-token names) fails the send.
-fn build_headers(
+pub(crate) fn build_headers(
     headers: &[(&[u8], &[u8])],
     response: bool,
 ) -> Result<(HeaderMap, Option<u64>), SendError> {

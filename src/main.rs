@@ -17,6 +17,8 @@ mod interp;
 mod logging;
 mod scope;
 mod server;
+mod sse;
+mod websocket;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -90,6 +92,8 @@ fn main() -> ExitCode {
         modules: opts.modules.clone(),
         high_water: opts.write_high_watermark,
         low_water: opts.write_low_watermark,
+        max_receive_queue: opts.max_receive_queue,
+        max_ws_frame_size: opts.max_ws_frame_size,
     };
     match run(&opts, spec, format, &runtime) {
         Ok(()) => ExitCode::SUCCESS,
@@ -138,6 +142,7 @@ fn run(
         Options::timeout_opt(opts.lifespan_startup_timeout),
     )?;
 
+    let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
     let server = Arc::new(Server {
         pool,
         exchange_config: Arc::new(ExchangeConfig {
@@ -145,7 +150,17 @@ fn run(
             low_water: opts.write_low_watermark,
             max_body: opts.max_body_size,
             access_log,
+            streams: sse::StreamSettings {
+                idle_timeout: Options::timeout_opt(opts.sse_idle_timeout),
+                shutdown: shutdown_seen,
+            },
         }),
+        websocket: Arc::new(websocket::Settings {
+            max_frame_size: (opts.max_ws_frame_size > 0).then_some(opts.max_ws_frame_size),
+            idle_timeout: Options::timeout_opt(opts.ws_idle_timeout),
+            close_timeout: Duration::from_secs(10),
+        }),
+        shutting_down,
         root_path: opts.root_path.clone(),
         max_header_size: opts.max_header_size,
         max_header_count: opts.max_header_count,

@@ -22,7 +22,44 @@ pub enum BodyState {
     AwaitingContinue = 2,
 }
 
+/// Which PAGI scope a request opens (the `type` key); numbered as glue.c
+/// and Bridge.pm see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScopeKind {
+    Http = 0,
+    /// `Accept: text/event-stream`, not a WebSocket upgrade (any method).
+    Sse = 1,
+    /// A WebSocket handshake (see websocket/handshake.rs).
+    WebSocket = 2,
+}
+
+impl ScopeKind {
+    /// The kind of an ordinary (non-upgrade) request.
+    pub fn of_request(headers: &http::HeaderMap) -> ScopeKind {
+        if accepts_event_stream(headers) {
+            ScopeKind::Sse
+        } else {
+            ScopeKind::Http
+        }
+    }
+}
+
+/// Whether any Accept header lists `text/event-stream` as a media range.
+pub fn accepts_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|range| {
+            let media = range.split(|b| *b == b';').next().unwrap_or_default();
+            media
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"text/event-stream")
+        })
+}
+
 pub struct RequestScope {
+    pub kind: ScopeKind,
     pub http_version: &'static str,
     pub method: String,
     pub scheme: &'static str,
@@ -61,15 +98,21 @@ impl RequestScope {
         conn: &crate::http1::ConnInfo,
         root_path: &str,
         body: BodyState,
+        kind: ScopeKind,
     ) -> RequestScope {
         let raw_path = Bytes::copy_from_slice(parts.uri.path().as_bytes());
         let query_string = Bytes::copy_from_slice(parts.uri.query().unwrap_or("").as_bytes());
         let path = percent_decode(&raw_path);
         let path_is_utf8 = std::str::from_utf8(&path).is_ok();
         RequestScope {
+            kind,
             http_version: http_version_str(parts.version),
             method: parts.method.as_str().to_string(),
-            scheme: "http",
+            scheme: if kind == ScopeKind::WebSocket {
+                "ws"
+            } else {
+                "http"
+            },
             path,
             path_is_utf8,
             raw_path,
@@ -185,11 +228,27 @@ mod tests {
         let (mut parts, _) = req.into_parts();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let conn = crate::http1::ConnInfo::new(addr, addr);
-        let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty);
+        let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty, ScopeKind::Http);
         let h: Vec<_> = scope_headers(&s).collect();
         assert_eq!(h.iter().filter(|(n, _)| *n == b"cookie").count(), 1);
         assert!(h.contains(&(&b"cookie"[..], &b"a=1; b=2"[..])));
         assert!(h.contains(&(&b"x-y"[..], &b"z"[..])));
+    }
+
+    #[test]
+    fn event_stream_is_found_among_media_ranges() {
+        let mut map = http::HeaderMap::new();
+        assert!(!accepts_event_stream(&map));
+        map.insert(
+            "accept",
+            "text/html, TEXT/Event-Stream;q=0.9".parse().unwrap(),
+        );
+        assert!(accepts_event_stream(&map));
+        assert_eq!(ScopeKind::of_request(&map), ScopeKind::Sse);
+        map.insert("accept", "text/event-streams, */*".parse().unwrap());
+        assert!(!accepts_event_stream(&map));
+        map.append("accept", "text/event-stream".parse().unwrap());
+        assert!(accepts_event_stream(&map), "any of several Accept headers");
     }
 
     #[test]
@@ -198,7 +257,7 @@ mod tests {
         let (mut parts, _) = req.into_parts();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let conn = crate::http1::ConnInfo::new(addr, addr);
-        let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty);
+        let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty, ScopeKind::Http);
         assert_eq!(&s.raw_path[..], b"/a%2Fb");
         assert_eq!(s.path, b"/a/b");
         assert_eq!(&s.query_string[..], b"x=1&y=%20");

@@ -9,9 +9,8 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::exchange::ExchangeConfig;
 use crate::http1::gate::{Gate, Limits};
@@ -29,6 +28,10 @@ pub struct Server {
     pub keepalive_timeout: Option<Duration>,
     pub access_log_needs_headers: bool,
     pub gate_limits: Limits,
+    pub websocket: Arc<crate::websocket::Settings>,
+    /// Becomes true when shutdown begins: long-lived streams (SSE,
+    /// WebSockets) close at once rather than hold up the drain.
+    pub shutting_down: watch::Sender<bool>,
 }
 
 /// Set when the shutdown timeout expired and the remaining connections are
@@ -64,8 +67,10 @@ pub async fn serve(
     grace: Duration,
 ) {
     let builder = server.http1_builder();
-    let graceful = GracefulShutdown::new();
     let (force_tx, force_rx) = watch::channel(false);
+    let mut draining = server.shutting_down.subscribe();
+    // Each connection task holds a clone; when all are gone, so are the connections.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);
 
@@ -92,25 +97,41 @@ pub async fn serve(
         let svc_server = server.clone();
         let service = service_fn(move |req| handle(req, info.clone(), svc_server.clone()));
         let io = TokioIo::new(Gate::new(stream, server.gate_limits));
-        let conn = graceful.watch(builder.serve_connection(io, service));
+        // with_upgrades: a WebSocket handshake hands the socket over after the 101.
+        let conn = builder.serve_connection(io, service).with_upgrades();
         let mut force = force_rx.clone();
+        let mut drain = draining.clone();
+        let alive = alive_tx.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                result = conn => {
-                    if let Err(e) = result {
-                        tracing::debug!("connection from {client} ended: {e}");
+            let _alive = alive;
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => Some(result),
+                _ = drain.wait_for(|d| *d) => None,
+                _ = force.wait_for(|f| *f) => return,
+            };
+            let result = match result {
+                Some(r) => r,
+                None => {
+                    // Finish the request in flight, then close.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = force.wait_for(|f| *f) => return,
                     }
                 }
-                _ = force.wait_for(|f| *f) => {}
+            };
+            if let Err(e) = result {
+                tracing::debug!("connection from {client} ended: {e}");
             }
         });
     }
     drop(listener);
+    server.shutting_down.send_replace(true);
+    let _ = draining.borrow_and_update();
+    drop(alive_tx);
 
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, alive_rx.recv()).await.is_err() {
         tracing::warn!("Shutdown timeout: force-closing active connections");
         FORCE_CLOSING.store(true, Ordering::Release);
         let _ = force_tx.send(true);

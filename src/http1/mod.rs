@@ -17,7 +17,7 @@ use crate::access_log::Record;
 use crate::body::{pump_request_body, ResponseBody};
 use crate::exchange::{Exchange, Head, RequestFacts};
 use crate::interp::messages::ToPerl;
-use crate::scope::{http_version_str, normalise_headers, BodyState, RequestScope};
+use crate::scope::{http_version_str, normalise_headers, BodyState, RequestScope, ScopeKind};
 use crate::server::Server;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +58,10 @@ pub async fn handle(
         return Ok(plain_response(status, text));
     }
 
+    if crate::websocket::handshake::is_upgrade(req.headers()) {
+        return crate::websocket::handshake::handle(req, conn, server, started).await;
+    }
+
     let (mut parts, body) = req.into_parts();
     let body_state = if body.is_end_stream() {
         BodyState::Empty
@@ -71,8 +75,60 @@ pub async fn handle(
         BodyState::Streaming
     };
     let is_head = parts.method == Method::HEAD;
-    let scope = RequestScope::from_parts(&mut parts, &conn, &server.root_path, body_state);
+    let kind = ScopeKind::of_request(&parts.headers);
+    let scope = RequestScope::from_parts(&mut parts, &conn, &server.root_path, body_state, kind);
 
+    let (interp, exchange, head_rx) = open_exchange(&server, &conn, &scope, is_head, started);
+
+    if body_state != BodyState::Empty {
+        if body_state == BodyState::AwaitingContinue {
+            exchange.set_continue_unanswered(true);
+        }
+        if body_state == BodyState::Streaming {
+            // Read one chunk ahead so a small body is waiting when the app asks.
+            exchange.body_credit.add_permits(1);
+        }
+        tokio::spawn(pump_request_body(exchange.clone(), body));
+    }
+    if let Some(limit) = server.request_timeout {
+        tokio::spawn(watch_stalls(Arc::downgrade(&exchange), limit));
+    }
+
+    interp.mailbox.push(ToPerl::Request {
+        exchange: exchange.clone(),
+        scope: Box::new(scope),
+        session: None,
+    });
+
+    // If hyper drops this future (the client went away, or the server is
+    // force-closing), the application must hear about it.
+    let mut guard = PendingHead(Some(exchange.clone()));
+    let head = head_rx.await;
+    guard.0 = None;
+    match head {
+        Ok(Head::App(status, headers)) => {
+            let mut resp = Response::new(ResponseBody::Stream(exchange));
+            *resp.status_mut() = status;
+            *resp.headers_mut() = headers;
+            Ok(resp)
+        }
+        Ok(Head::Generated(status, text)) => Ok(plain_response(status, text)),
+        Ok(Head::Abort) | Ok(Head::Upgrade(_)) | Err(_) => Err(ServiceError::Aborted),
+    }
+}
+
+/// A new exchange for `scope`, on the least busy interpreter.
+pub(crate) fn open_exchange<'s>(
+    server: &'s Server,
+    conn: &ConnInfo,
+    scope: &RequestScope,
+    is_head: bool,
+    started: Instant,
+) -> (
+    &'s crate::interp::Interpreter,
+    Arc<Exchange>,
+    tokio::sync::oneshot::Receiver<Head>,
+) {
     let interp = server.pool.pick();
     interp
         .mailbox
@@ -98,44 +154,10 @@ pub async fn handle(
         server.exchange_config.clone(),
         facts,
     );
-
-    if body_state != BodyState::Empty {
-        if body_state == BodyState::AwaitingContinue {
-            exchange.set_continue_unanswered(true);
-        }
-        if body_state == BodyState::Streaming {
-            // Read one chunk ahead so a small body is waiting when the app asks.
-            exchange.body_credit.add_permits(1);
-        }
-        tokio::spawn(pump_request_body(exchange.clone(), body));
-    }
-    if let Some(limit) = server.request_timeout {
-        tokio::spawn(watch_stalls(Arc::downgrade(&exchange), limit));
-    }
-
-    interp.mailbox.push(ToPerl::Request {
-        exchange: exchange.clone(),
-        scope: Box::new(scope),
-    });
-
-    // If hyper drops this future (the client went away, or the server is
-    // force-closing), the application must hear about it.
-    let mut guard = PendingHead(Some(exchange.clone()));
-    let head = head_rx.await;
-    guard.0 = None;
-    match head {
-        Ok(Head::App(status, headers)) => {
-            let mut resp = Response::new(ResponseBody::Stream(exchange));
-            *resp.status_mut() = status;
-            *resp.headers_mut() = headers;
-            Ok(resp)
-        }
-        Ok(Head::Generated(status, text)) => Ok(plain_response(status, text)),
-        Ok(Head::Abort) | Err(_) => Err(ServiceError::Aborted),
-    }
+    (interp, exchange, head_rx)
 }
 
-struct PendingHead(Option<Arc<Exchange>>);
+pub(crate) struct PendingHead(pub(crate) Option<Arc<Exchange>>);
 
 impl Drop for PendingHead {
     fn drop(&mut self) {
@@ -218,5 +240,6 @@ fn log_refusal(
         body_bytes: 0,
         duration: started.elapsed(),
         headers: &headers,
+        end_reason: None,
     });
 }

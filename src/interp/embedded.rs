@@ -11,6 +11,11 @@ const SOURCES: &[(&str, &str)] = &[
         "PAGI/RS/HTTP.pm",
         include_str!("../../perl/PAGI/RS/HTTP.pm"),
     ),
+    ("PAGI/RS/SSE.pm", include_str!("../../perl/PAGI/RS/SSE.pm")),
+    (
+        "PAGI/RS/WebSocket.pm",
+        include_str!("../../perl/PAGI/RS/WebSocket.pm"),
+    ),
     (
         "PAGI/RS/Connection.pm",
         include_str!("../../perl/PAGI/RS/Connection.pm"),

@@ -16,6 +16,7 @@ use super::messages::{kind, ToPerl};
 use super::Control;
 use crate::error::SendError;
 use crate::exchange::{Exchange, SendOutcome};
+use crate::websocket::session::{Keepalive, Session};
 
 /// Request ids are unique and sequential: they need no hashing.
 #[derive(Default)]
@@ -36,6 +37,7 @@ impl std::hash::Hasher for IdHasher {
 }
 
 type ExchangeMap = HashMap<u64, Arc<Exchange>, std::hash::BuildHasherDefault<IdHasher>>;
+type SessionMap = HashMap<u64, Arc<Session>, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// Per-interpreter-thread state.  Only this thread touches it, so no locks;
 /// borrows never live across a call into Perl.
@@ -48,6 +50,8 @@ pub struct WorkerCtx {
     current: Option<ToPerl>,
     header_buf: Vec<PagiStr>,
     exchanges: ExchangeMap,
+    /// WebSocket sessions, by the id of their handshake exchange.
+    sessions: SessionMap,
     last_error: String,
 }
 
@@ -69,6 +73,7 @@ pub fn install(
             current: None,
             header_buf: Vec::new(),
             exchanges: ExchangeMap::default(),
+            sessions: SessionMap::default(),
             last_error: String::new(),
         })
     });
@@ -96,6 +101,14 @@ fn exchange(id: u64) -> Option<Arc<Exchange>> {
         c.borrow()
             .as_ref()
             .and_then(|ctx| ctx.exchanges.get(&id).cloned())
+    })
+}
+
+fn session(id: u64) -> Option<Arc<Session>> {
+    CTX.with(|c| {
+        c.borrow()
+            .as_ref()
+            .and_then(|ctx| ctx.sessions.get(&id).cloned())
     })
 }
 
@@ -156,15 +169,22 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
         // SAFETY: out points at a zeroed PagiMsg on the XS function's stack.
         let m = unsafe { &mut *out };
         match &msg {
-            ToPerl::Request { exchange, scope } => {
+            ToPerl::Request {
+                exchange,
+                scope,
+                session,
+            } => {
                 ctx.exchanges.insert(exchange.id, exchange.clone());
+                if let Some(session) = session {
+                    ctx.sessions.insert(exchange.id, session.clone());
+                }
                 m.kind = kind::REQUEST;
                 m.id = exchange.id;
                 m.num = [
                     i64::from(scope.client.port()),
                     i64::from(scope.server.port()),
                     scope.body as i64,
-                    0,
+                    scope.kind as i64,
                 ];
                 let strs: [&[u8]; 9] = [
                     scope.http_version.as_bytes(),
@@ -204,6 +224,28 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.id = *id;
                 m.str[0] = PagiStr::from_bytes(reason.as_bytes());
                 m.nstr = 1;
+            }
+            ToPerl::WsReceive { id, text, data } => {
+                m.kind = kind::WS_RECEIVE;
+                m.id = *id;
+                m.num[0] = i64::from(*text);
+                m.str[0] = PagiStr::from_bytes(data);
+                m.nstr = 1;
+                m.utf8_mask = u32::from(*text);
+            }
+            ToPerl::WsDisconnect {
+                id,
+                code,
+                reason,
+                clean,
+            } => {
+                m.kind = kind::WS_DISCONNECT;
+                m.id = *id;
+                m.num[0] = i64::from(*code);
+                m.num[1] = i64::from(*clean);
+                m.str[0] = PagiStr::from_bytes(reason.as_bytes());
+                m.nstr = 1;
+                m.utf8_mask = 1;
             }
             ToPerl::Drained { id } => {
                 m.kind = kind::DRAINED;
@@ -427,6 +469,7 @@ pub extern "C" fn pagi_rs_finish(
 pub extern "C" fn pagi_rs_release(id: u64) {
     with_ctx((), |ctx| {
         ctx.exchanges.remove(&id);
+        ctx.sessions.remove(&id);
     });
 }
 
@@ -441,6 +484,11 @@ pub mod query {
 #[no_mangle]
 pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
     guarded(-1, || {
+        if what == query::BUFFERED {
+            if let Some(ws) = session(id) {
+                return ws.buffered_amount() as i64;
+            }
+        }
         let Some(ex) = exchange(id) else {
             return if what == query::BUFFERED { 0 } else { -1 };
         };
@@ -498,4 +546,256 @@ pub extern "C" fn pagi_rs_embedded_source(
         }
         None => 0,
     }
+}
+
+// ---- Server-Sent Events ------------------------------------------------------
+
+/// # Safety
+/// When `has` is non-zero, ptr/len describe a string alive for this call.
+unsafe fn optional_bytes<'a>(ptr: *const c_char, len: usize, has: c_int) -> Option<&'a [u8]> {
+    // SAFETY: guaranteed by the caller.
+    (has != 0).then(|| unsafe { PagiStr { ptr, len }.as_bytes() })
+}
+
+/// `sse.start`: the stream's head leaves at once; its supervisor starts.
+#[no_mangle]
+pub extern "C" fn pagi_rs_sse_start(
+    id: u64,
+    status: i64,
+    hdrs: *const PagiStr,
+    n: usize,
+    err: *mut PagiStr,
+) -> c_int {
+    let Some(rt) = runtime() else {
+        return report(err, "no runtime".into());
+    };
+    guarded(-1, || {
+        let Some(ex) = exchange(id) else {
+            return SendOutcome::Closed as c_int;
+        };
+        // SAFETY: glue.c passes 2n entries that live for this call.
+        let pairs = unsafe { header_pairs(hdrs, n) };
+        let result = ex.start_event_stream(status, &pairs);
+        if result.is_ok() {
+            let control = crate::sse::start_supervisor(&ex, ex.config().streams.clone(), &rt);
+            let _ = ex.event_stream.set(control);
+        }
+        outcome(result, err)
+    })
+}
+
+/// `sse.send`: one formatted event as a body chunk.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn pagi_rs_sse_event(
+    id: u64,
+    event: *const c_char,
+    event_len: usize,
+    has_event: c_int,
+    data: *const c_char,
+    data_len: usize,
+    event_id: *const c_char,
+    event_id_len: usize,
+    has_event_id: c_int,
+    retry: i64,
+    err: *mut PagiStr,
+) -> c_int {
+    send_to(id, err, |ex| {
+        // SAFETY: each pointer/length pair is a Perl string alive for this XS call.
+        let ev = unsafe {
+            crate::sse::Event {
+                event: optional_bytes(event, event_len, has_event),
+                data: PagiStr {
+                    ptr: data,
+                    len: data_len,
+                }
+                .as_bytes(),
+                id: optional_bytes(event_id, event_id_len, has_event_id),
+                retry: u64::try_from(retry).ok(),
+            }
+        };
+        let wire = crate::sse::format_event(&ev)?;
+        ex.body(&wire, true)
+    })
+}
+
+/// `sse.comment`.
+#[no_mangle]
+pub extern "C" fn pagi_rs_sse_comment(
+    id: u64,
+    ptr: *const c_char,
+    len: usize,
+    err: *mut PagiStr,
+) -> c_int {
+    send_to(id, err, |ex| {
+        // SAFETY: ptr/len describe the comment alive for this XS call.
+        let comment = unsafe { PagiStr { ptr, len }.as_bytes() };
+        ex.body(&crate::sse::format_comment(comment), true)
+    })
+}
+
+/// `sse.keepalive`: interval in milliseconds, 0 stops it.
+#[no_mangle]
+pub extern "C" fn pagi_rs_sse_keepalive(
+    id: u64,
+    interval_ms: i64,
+    ptr: *const c_char,
+    len: usize,
+) -> c_int {
+    guarded(-1, || {
+        let Some(ex) = exchange(id) else {
+            return SendOutcome::Closed as c_int;
+        };
+        let Some(control) = ex.event_stream.get() else {
+            return SendOutcome::Closed as c_int;
+        };
+        // SAFETY: ptr/len describe the comment alive for this XS call.
+        let comment = unsafe { PagiStr { ptr, len }.as_bytes() };
+        let setting = u64::try_from(interval_ms)
+            .ok()
+            .filter(|ms| *ms > 0)
+            .map(|ms| {
+                (
+                    std::time::Duration::from_millis(ms),
+                    crate::sse::keepalive_comment(comment),
+                )
+            });
+        control.keepalive.send_replace(setting);
+        SendOutcome::Ready as c_int
+    })
+}
+
+/// `sse.close`: ends the stream; the reason goes to the access log only.
+#[no_mangle]
+pub extern "C" fn pagi_rs_sse_close(
+    id: u64,
+    reason: *const c_char,
+    len: usize,
+    has_reason: c_int,
+    err: *mut PagiStr,
+) -> c_int {
+    send_to(id, err, |ex| {
+        // SAFETY: reason/len describe a Perl string alive for this XS call.
+        let reason = unsafe { optional_bytes(reason, len, has_reason) };
+        let reason = reason.map_or("app_closed".into(), String::from_utf8_lossy);
+        ex.set_end_reason(&reason);
+        ex.body(b"", false)
+    })
+}
+
+// ---- WebSocket ----------------------------------------------------------------
+
+fn ws_send_to(
+    id: u64,
+    err: *mut PagiStr,
+    send: impl FnOnce(&Session) -> Result<SendOutcome, SendError>,
+) -> c_int {
+    guarded(-1, || match session(id) {
+        Some(ws) => outcome(send(&ws), err),
+        None => SendOutcome::Closed as c_int,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_ws_accept(
+    id: u64,
+    sub: *const c_char,
+    sub_len: usize,
+    has_sub: c_int,
+    hdrs: *const PagiStr,
+    n: usize,
+    err: *mut PagiStr,
+) -> c_int {
+    ws_send_to(id, err, |ws| {
+        // SAFETY: glue.c passes strings and 2n header entries alive for this call.
+        let (sub, pairs) =
+            unsafe { (optional_bytes(sub, sub_len, has_sub), header_pairs(hdrs, n)) };
+        ws.accept(sub, &pairs)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_ws_send(
+    id: u64,
+    text: c_int,
+    ptr: *const c_char,
+    len: usize,
+    err: *mut PagiStr,
+) -> c_int {
+    ws_send_to(id, err, |ws| {
+        // SAFETY: ptr/len describe the payload alive for this XS call.
+        let data = unsafe { PagiStr { ptr, len }.as_bytes() };
+        ws.send(text != 0, data)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn pagi_rs_ws_close(
+    id: u64,
+    code: i64,
+    ptr: *const c_char,
+    len: usize,
+    err: *mut PagiStr,
+) -> c_int {
+    ws_send_to(id, err, |ws| {
+        let code = u16::try_from(code).map_err(|_| {
+            SendError::Invalid(format!("websocket.close code {code} is out of range"))
+        })?;
+        // SAFETY: ptr/len describe the reason alive for this XS call.
+        let reason = unsafe { PagiStr { ptr, len }.as_bytes() };
+        ws.close(code, reason)
+    })
+}
+
+/// `websocket.keepalive`: times in milliseconds; interval 0 stops it,
+/// timeout 0 means no dead-peer detection.
+#[no_mangle]
+pub extern "C" fn pagi_rs_ws_keepalive(
+    id: u64,
+    interval_ms: i64,
+    timeout_ms: i64,
+    err: *mut PagiStr,
+) -> c_int {
+    ws_send_to(id, err, |ws| {
+        let ms = |v: i64| {
+            u64::try_from(v)
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(std::time::Duration::from_millis)
+        };
+        ws.set_keepalive(ms(interval_ms).map(|interval| Keepalive {
+            interval,
+            timeout: ms(timeout_ms),
+        }))
+    })
+}
+
+/// The application left --max-receive-queue messages unread.
+#[no_mangle]
+pub extern "C" fn pagi_rs_ws_overflow(id: u64) {
+    guarded((), || {
+        if let Some(ws) = session(id) {
+            ws.overflow();
+        }
+    })
+}
+
+/// The application's Future settled; see Session::app_finished.
+#[no_mangle]
+pub extern "C" fn pagi_rs_ws_finish(
+    id: u64,
+    err: *const c_char,
+    len: usize,
+    has_err: c_int,
+) -> c_int {
+    guarded(0, || {
+        let Some(ws) = session(id) else {
+            return crate::exchange::FinishOutcome::AlreadyDisconnected as c_int;
+        };
+        // SAFETY: err/len describe the error text alive for this XS call.
+        let text = (has_err != 0).then(|| {
+            String::from_utf8_lossy(unsafe { PagiStr { ptr: err, len }.as_bytes() }).into_owned()
+        });
+        ws.app_finished(text.as_deref()) as c_int
+    })
 }

@@ -50,6 +50,11 @@ typedef struct {
 
 static SV *new_sender(pTHX_ AV *req);
 
+/* Scope kinds (ScopeKind in scope.rs). */
+#define SCOPE_HTTP 0
+#define SCOPE_SSE 1
+#define SCOPE_WEBSOCKET 2
+
 /* Implemented in Rust (src/interp/exports.rs). */
 extern int pagi_rs_next_message(pagi_msg *out);
 extern int pagi_rs_wake_ack(void);
@@ -68,6 +73,21 @@ extern int64_t pagi_rs_query(uint64_t id, int what);
 extern int pagi_rs_lifespan_event(int kind, const char *msg, size_t len);
 extern void pagi_rs_log(int level, const char *msg, size_t len);
 extern int pagi_rs_embedded_source(const char *name, size_t len, pagi_str *out);
+extern int pagi_rs_sse_start(uint64_t id, int64_t status, const pagi_str *hdrs, size_t nhdrs,
+                             pagi_str *err);
+extern int pagi_rs_sse_event(uint64_t id, const char *ev, size_t evlen, int has_ev, const char *data,
+                             size_t dlen, const char *eid, size_t eidlen, int has_eid, int64_t retry,
+                             pagi_str *err);
+extern int pagi_rs_sse_comment(uint64_t id, const char *ptr, size_t len, pagi_str *err);
+extern int pagi_rs_sse_keepalive(uint64_t id, int64_t interval_ms, const char *ptr, size_t len);
+extern int pagi_rs_sse_close(uint64_t id, const char *ptr, size_t len, int has, pagi_str *err);
+extern int pagi_rs_ws_accept(uint64_t id, const char *sub, size_t sublen, int has_sub,
+                             const pagi_str *hdrs, size_t nhdrs, pagi_str *err);
+extern int pagi_rs_ws_send(uint64_t id, int text, const char *ptr, size_t len, pagi_str *err);
+extern int pagi_rs_ws_close(uint64_t id, int64_t code, const char *ptr, size_t len, pagi_str *err);
+extern int pagi_rs_ws_keepalive(uint64_t id, int64_t interval_ms, int64_t timeout_ms, pagi_str *err);
+extern void pagi_rs_ws_overflow(uint64_t id);
+extern int pagi_rs_ws_finish(uint64_t id, const char *err, size_t len, int has_err);
 
 EXTERN_C void boot_DynaLoader(pTHX_ CV *cv);
 
@@ -251,7 +271,7 @@ static interp_lookups *the_lookups(pTHX)
  * rather than in Perl because it is on every request's path; the Perl side
  * adds the pagi.connection and pagi.transport objects.  String order is
  * fixed by exports.rs. */
-static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m)
+static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
 {
     HV *scope = newHV();
     HV *pagi = newHV();
@@ -259,8 +279,18 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m)
     HV *state = GvHVn(L->state_gv);
     STORE(pagi, L, K_VERSION, newSVpvs("0.4"));
     STORE(pagi, L, K_SPEC_VERSION, newSVpvs("0.3"));
-    STORE(ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
-    STORE(scope, L, K_TYPE, newSVpvs("http"));
+    switch (kind) {
+    case SCOPE_SSE:
+        STORE(scope, L, K_TYPE, newSVpvs("sse"));
+        break;
+    case SCOPE_WEBSOCKET:
+        STORE(scope, L, K_TYPE, newSVpvs("websocket"));
+        (void)hv_stores(ext, "websocket.http.response", newRV_noinc((SV *)newHV()));
+        break;
+    default:
+        STORE(scope, L, K_TYPE, newSVpvs("http"));
+        STORE(ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
+    }
     STORE(scope, L, K_PAGI, newRV_noinc((SV *)pagi));
     STORE(scope, L, K_HTTP_VERSION, bytes_sv(aTHX_ m->str[0], 0));
     STORE(scope, L, K_METHOD, bytes_sv(aTHX_ m->str[1], 0));
@@ -311,6 +341,7 @@ XS(xs_next_message)
          * pagi.connection and pagi.transport), its entry in
          * %PAGI::RS::Bridge::REQUESTS, the scope, and $send. */
         interp_lookups *L = the_lookups(aTHX);
+        int kind = (int)m.num[3];
         AV *req = newAV();
         SV *self, *scope;
         HV *scope_hv, *requests;
@@ -321,11 +352,13 @@ XS(xs_next_message)
         av_store(req, SLOT_CONNECTED, newSViv(1));
         av_store(req, SLOT_BODY, newSViv((IV)m.num[2]));
         self = newRV_noinc((SV *)req);
-        sv_bless(self, L->http_stash);
+        sv_bless(self, kind == SCOPE_HTTP        ? L->http_stash
+                       : kind == SCOPE_SSE       ? gv_stashpvs("PAGI::RS::SSE", GV_ADD)
+                                                 : gv_stashpvs("PAGI::RS::WebSocket", GV_ADD));
         requests = GvHVn(L->requests_gv);
         klen = decimal(key, sizeof key, m.id);
         (void)hv_store(requests, key + sizeof key - klen, klen, newRV_inc((SV *)req), 0);
-        scope = request_scope(aTHX_ L, &m);
+        scope = request_scope(aTHX_ L, &m, kind);
         scope_hv = (HV *)SvRV(scope);
         STORE(scope_hv, L, K_CONNECTION, newRV_inc((SV *)req));
         STORE(scope_hv, L, K_TRANSPORT, newRV_inc((SV *)req));
@@ -333,7 +366,11 @@ XS(xs_next_message)
         mPUSHi(m.kind);
         mPUSHs(self);
         mPUSHs(scope);
-        mPUSHs(new_sender(aTHX_ req));
+        /* The fast XS $send serves http; the others' is built in Perl. */
+        if (kind == SCOPE_HTTP)
+            mPUSHs(new_sender(aTHX_ req));
+        else
+            PUSHs(&PL_sv_undef);
         PUTBACK;
         return;
     }
@@ -774,6 +811,207 @@ XS(xs_embedded_source)
 /* exit() inside an application would end the whole server (or longjmp across
  * Rust frames).  Every OP_EXIT compiled after install_exit_guard() croaks
  * instead, which the bridge turns into an ordinary application error. */
+/* ---- SSE and WebSocket sends ------------------------------------------------
+ * Sequencing and type checks live in Perl (SSE.pm, WebSocket.pm); these only
+ * carry the values over.  Text fields are characters: they are UTF-8 encoded
+ * here, on a copy, never in the application's own scalar. */
+
+/* UTF-8 bytes of a text argument; *has = 0 for undef. */
+static pagi_str text_arg(pTHX_ SV *sv, int *has)
+{
+    pagi_str out = {"", 0};
+    STRLEN len;
+    SV *copy;
+    *has = SvOK(sv) ? 1 : 0;
+    if (!*has)
+        return out;
+    copy = sv_2mortal(newSVsv(sv));
+    sv_utf8_encode(copy);
+    out.ptr = SvPV(copy, len);
+    out.len = len;
+    return out;
+}
+
+/* Finish an XS send: (code) or (code, message). */
+#define RETURN_RESULT(rc, err)                                                 \
+    do {                                                                       \
+        SP -= items;                                                           \
+        PUSH_RESULT(rc, err);                                                  \
+        PUTBACK;                                                               \
+        return;                                                                \
+    } while (0)
+
+/* _sse_start($id, $status, $headers) */
+XS(xs_sse_start)
+{
+    dXSARGS;
+    size_t n = 0;
+    const char *why = NULL;
+    pagi_str *hdrs;
+    pagi_str err = {0, 0};
+    int rc;
+    if (items != 3)
+        croak_xs_usage(cv, "id, status, headers");
+    hdrs = headers_from_sv(aTHX_ ST(2), &n, &why);
+    if (!hdrs) {
+        err.ptr = why;
+        err.len = strlen(why);
+        RETURN_RESULT(-1, err);
+    }
+    rc = pagi_rs_sse_start((uint64_t)SvUV(ST(0)), (int64_t)SvIV(ST(1)), hdrs, n, &err);
+    RETURN_RESULT(rc, err);
+}
+
+/* _sse_event($id, $event, $data, $event_id, $retry_or_undef) */
+XS(xs_sse_event)
+{
+    dXSARGS;
+    pagi_str ev, data, eid, err = {0, 0};
+    int has_ev, has_data, has_eid, rc;
+    if (items != 5)
+        croak_xs_usage(cv, "id, event, data, event_id, retry");
+    ev = text_arg(aTHX_ ST(1), &has_ev);
+    data = text_arg(aTHX_ ST(2), &has_data);
+    eid = text_arg(aTHX_ ST(3), &has_eid);
+    rc = pagi_rs_sse_event((uint64_t)SvUV(ST(0)), ev.ptr, ev.len, has_ev, data.ptr, data.len,
+                           eid.ptr, eid.len, has_eid, SvOK(ST(4)) ? (int64_t)SvIV(ST(4)) : -1,
+                           &err);
+    RETURN_RESULT(rc, err);
+}
+
+/* _sse_comment($id, $comment) */
+XS(xs_sse_comment)
+{
+    dXSARGS;
+    pagi_str text, err = {0, 0};
+    int has, rc;
+    if (items != 2)
+        croak_xs_usage(cv, "id, comment");
+    text = text_arg(aTHX_ ST(1), &has);
+    rc = pagi_rs_sse_comment((uint64_t)SvUV(ST(0)), text.ptr, text.len, &err);
+    RETURN_RESULT(rc, err);
+}
+
+/* _sse_keepalive($id, $interval_ms, $comment) */
+XS(xs_sse_keepalive)
+{
+    dXSARGS;
+    pagi_str text;
+    int has;
+    if (items != 3)
+        croak_xs_usage(cv, "id, interval_ms, comment");
+    text = text_arg(aTHX_ ST(2), &has);
+    XSRETURN_IV(pagi_rs_sse_keepalive((uint64_t)SvUV(ST(0)), (int64_t)SvIV(ST(1)), text.ptr,
+                                      text.len));
+}
+
+/* _sse_close($id, $reason_or_undef) */
+XS(xs_sse_close)
+{
+    dXSARGS;
+    pagi_str text, err = {0, 0};
+    int has, rc;
+    if (items != 2)
+        croak_xs_usage(cv, "id, reason");
+    text = text_arg(aTHX_ ST(1), &has);
+    rc = pagi_rs_sse_close((uint64_t)SvUV(ST(0)), text.ptr, text.len, has, &err);
+    RETURN_RESULT(rc, err);
+}
+
+/* _ws_accept($id, $subprotocol_or_undef, $headers) */
+XS(xs_ws_accept)
+{
+    dXSARGS;
+    size_t n = 0;
+    const char *why = NULL;
+    pagi_str *hdrs, sub, err = {0, 0};
+    int has_sub, rc;
+    if (items != 3)
+        croak_xs_usage(cv, "id, subprotocol, headers");
+    sub = text_arg(aTHX_ ST(1), &has_sub);
+    hdrs = headers_from_sv(aTHX_ ST(2), &n, &why);
+    if (!hdrs) {
+        err.ptr = why;
+        err.len = strlen(why);
+        RETURN_RESULT(-1, err);
+    }
+    rc = pagi_rs_ws_accept((uint64_t)SvUV(ST(0)), sub.ptr, sub.len, has_sub, hdrs, n, &err);
+    RETURN_RESULT(rc, err);
+}
+
+/* _ws_send($id, $is_text, $payload): text is encoded, bytes must be bytes. */
+XS(xs_ws_send)
+{
+    dXSARGS;
+    pagi_str data, err = {0, 0};
+    int is_text, has, rc;
+    if (items != 3)
+        croak_xs_usage(cv, "id, is_text, payload");
+    is_text = SvTRUE(ST(1)) ? 1 : 0;
+    if (is_text) {
+        data = text_arg(aTHX_ ST(2), &has);
+    } else if (!sv_to_bytes(aTHX_ ST(2), &data)) {
+        err.ptr = "websocket.send 'bytes' contains wide characters; encode it first";
+        err.len = strlen(err.ptr);
+        RETURN_RESULT(-1, err);
+    }
+    rc = pagi_rs_ws_send((uint64_t)SvUV(ST(0)), is_text, data.ptr, data.len, &err);
+    RETURN_RESULT(rc, err);
+}
+
+/* _ws_close($id, $code, $reason) */
+XS(xs_ws_close)
+{
+    dXSARGS;
+    pagi_str reason, err = {0, 0};
+    int has, rc;
+    if (items != 3)
+        croak_xs_usage(cv, "id, code, reason");
+    reason = text_arg(aTHX_ ST(2), &has);
+    rc = pagi_rs_ws_close((uint64_t)SvUV(ST(0)), (int64_t)SvIV(ST(1)), reason.ptr, reason.len,
+                          &err);
+    RETURN_RESULT(rc, err);
+}
+
+/* _ws_keepalive($id, $interval_ms, $timeout_ms) */
+XS(xs_ws_keepalive)
+{
+    dXSARGS;
+    pagi_str err = {0, 0};
+    int rc;
+    if (items != 3)
+        croak_xs_usage(cv, "id, interval_ms, timeout_ms");
+    rc = pagi_rs_ws_keepalive((uint64_t)SvUV(ST(0)), (int64_t)SvIV(ST(1)), (int64_t)SvIV(ST(2)),
+                              &err);
+    RETURN_RESULT(rc, err);
+}
+
+XS(xs_ws_overflow)
+{
+    dXSARGS;
+    if (items != 1)
+        croak_xs_usage(cv, "id");
+    pagi_rs_ws_overflow((uint64_t)SvUV(ST(0)));
+    XSRETURN_EMPTY;
+}
+
+/* _ws_finish($id, $error_or_undef) */
+XS(xs_ws_finish)
+{
+    dXSARGS;
+    pagi_str e = {0, 0};
+    int has_err;
+    if (items != 2)
+        croak_xs_usage(cv, "id, error");
+    has_err = SvOK(ST(1)) ? 1 : 0;
+    if (has_err) {
+        STRLEN len;
+        e.ptr = SvPVutf8(sv_2mortal(newSVsv(ST(1))), len);
+        e.len = len;
+    }
+    XSRETURN_IV(pagi_rs_ws_finish((uint64_t)SvUV(ST(0)), e.ptr, e.len, has_err));
+}
+
 static OP *pagi_pp_exit(pTHX)
 {
     Perl_croak(aTHX_ "exit() called by the application; pagi-rs does not let an app end the server\n");
@@ -799,6 +1037,17 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::_lifespan_event", xs_lifespan_event, file);
     newXS("PAGI::RS::_log", xs_log, file);
     newXS("PAGI::RS::_embedded_source", xs_embedded_source, file);
+    newXS("PAGI::RS::_sse_start", xs_sse_start, file);
+    newXS("PAGI::RS::_sse_event", xs_sse_event, file);
+    newXS("PAGI::RS::_sse_comment", xs_sse_comment, file);
+    newXS("PAGI::RS::_sse_keepalive", xs_sse_keepalive, file);
+    newXS("PAGI::RS::_sse_close", xs_sse_close, file);
+    newXS("PAGI::RS::_ws_accept", xs_ws_accept, file);
+    newXS("PAGI::RS::_ws_send", xs_ws_send, file);
+    newXS("PAGI::RS::_ws_close", xs_ws_close, file);
+    newXS("PAGI::RS::_ws_keepalive", xs_ws_keepalive, file);
+    newXS("PAGI::RS::_ws_overflow", xs_ws_overflow, file);
+    newXS("PAGI::RS::_ws_finish", xs_ws_finish, file);
 }
 
 /* ---- interpreter lifecycle (called from Rust) ----------------------------- */

@@ -8,12 +8,29 @@ use bytes::Bytes;
 
 use crate::exchange::Exchange;
 use crate::scope::RequestScope;
+use crate::websocket::session::Session;
 
 pub enum ToPerl {
     /// A new HTTP request: build the scope and call the app.
     Request {
         exchange: Arc<Exchange>,
         scope: Box<RequestScope>,
+        /// Set for a WebSocket handshake.
+        session: Option<Arc<Session>>,
+    },
+    /// A WebSocket message (`websocket.receive`); `text` is valid UTF-8.
+    WsReceive {
+        id: u64,
+        text: bool,
+        data: Bytes,
+    },
+    /// The WebSocket ended (`websocket.disconnect`).
+    WsDisconnect {
+        id: u64,
+        code: u16,
+        reason: String,
+        /// A completed closing handshake rather than a failure.
+        clean: bool,
     },
     /// A chunk of request body (`http.request`).
     Body {
@@ -56,4 +73,6 @@ pub mod kind {
     pub const LIFESPAN_STARTUP: i32 = 7;
     pub const LIFESPAN_SHUTDOWN: i32 = 8;
     pub const STOP: i32 = 9;
+    pub const WS_RECEIVE: i32 = 10;
+    pub const WS_DISCONNECT: i32 = 11;
 }

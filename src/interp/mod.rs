@@ -52,6 +52,9 @@ pub struct LoadSpec {
     /// Reported by pagi.transport.
     pub high_water: usize,
     pub low_water: usize,
+    /// WebSocket limits, shown in the websocket scope; 0 frame size = none.
+    pub max_receive_queue: usize,
+    pub max_ws_frame_size: usize,
 }
 
 pub struct Interpreter {

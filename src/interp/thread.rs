@@ -135,6 +135,8 @@ fn load(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<(), Strin
             fd.to_string().as_bytes(),
             spec.high_water.to_string().as_bytes(),
             spec.low_water.to_string().as_bytes(),
+            spec.max_receive_queue.to_string().as_bytes(),
+            spec.max_ws_frame_size.to_string().as_bytes(),
         ],
     )?;
     let (kind, what) = match &spec.app {

@@ -20,6 +20,8 @@ use constant {
     MSG_LIFESPAN_STARTUP  => 7,
     MSG_LIFESPAN_SHUTDOWN => 8,
     MSG_STOP              => 9,
+    MSG_WS_RECEIVE        => 10,
+    MSG_WS_DISCONNECT     => 11,
 };
 
 # Log levels understood by PAGI::RS::_log.
@@ -30,6 +32,7 @@ our $APP;             # the application coderef, set by PAGI::RS::Loader
 our %STATE;           # lifespan state; each request scope gets a shallow copy
 our %REQUESTS;        # id => PAGI::RS::HTTP, while events may still arrive for it
 our ($HIGH_WATER, $LOW_WATER);
+our ( $MAX_RECEIVE_QUEUE, $MAX_WS_FRAME_SIZE );    # WebSocket limits
 my $stopping;
 
 # Debian package for each module the bridge cannot run without.
@@ -55,14 +58,17 @@ sub _require_dependencies {
 }
 
 sub init {
-    my ( $wake_fd, $high, $low ) = @_;
+    my ( $wake_fd, $high, $low, $max_queue, $max_frame ) = @_;
     _require_dependencies();
     ( $HIGH_WATER, $LOW_WATER ) = ( $high, $low );
+    ( $MAX_RECEIVE_QUEUE, $MAX_WS_FRAME_SIZE ) = ( $max_queue, $max_frame );
     require IO::Async::Handle;
     $LOOP = IO::Async::Loop->new;
     require PAGI::RS::FutureIO;
     PAGI::RS::FutureIO->install($LOOP);
     require PAGI::RS::HTTP;
+    require PAGI::RS::SSE;
+    require PAGI::RS::WebSocket;
     require PAGI::RS::Lifespan;
     require PAGI::RS::Loader;
 
@@ -109,7 +115,21 @@ sub _dispatch_messages {
         # (kind, id, num0..num3, headers, strings...)
         my $kind = $m[0];
         if ( $kind == MSG_REQUEST ) {
-            PAGI::RS::HTTP::run_app( $m[1], $m[2], $m[3] );
+            # http gets glue.c's XS $send; sse and websocket build their own.
+            if ( defined $m[3] ) {
+                PAGI::RS::HTTP::run_app( $m[1], $m[2], $m[3] );
+            }
+            else {
+                $m[1]->start( $m[2] );
+            }
+        }
+        elsif ( $kind == MSG_WS_RECEIVE ) {
+            my $r = $REQUESTS{ $m[1] };
+            $r->_on_message( $m[2], $m[7] ) if $r;
+        }
+        elsif ( $kind == MSG_WS_DISCONNECT ) {
+            my $r = $REQUESTS{ $m[1] };
+            $r->_on_closed( $m[2], $m[7], $m[3] ) if $r;
         }
         elsif ( $kind == MSG_BODY ) {
             my $r = $REQUESTS{ $m[1] };

@@ -69,12 +69,12 @@ my %IS_FUTURE;
 # %PAGI::RS::Bridge::REQUESTS, and the scope's pagi.connection and
 # pagi.transport), the scope and $send.  Run the app.
 sub run_app {
-    my ( $self, $scope, $send ) = @_;
+    my ( $self, $scope, $send, $receive ) = @_;
     # $send is an XS closure (glue.c) that handles the common events without
     # Perl code; $receive is a tiny closure (cloning one copies its pad, so
-    # the logic lives in a named sub).
+    # the logic lives in a named sub).  SSE passes its own pair (SSE.pm).
     my $f = eval {
-        $PAGI::RS::Bridge::APP->( $scope, sub { _receive($self) }, $send );
+        $PAGI::RS::Bridge::APP->( $scope, $receive // sub { _receive($self) }, $send );
     };
     if ( !defined $f ) {
         my $err = $@;

@@ -1,0 +1,157 @@
+package PAGI::RS::SSE;
+
+# An sse scope (Spec/Www.pod, "Server-Sent Events"): an HTTP request whose
+# response is an event stream.  It is an HTTP request object underneath:
+# the body, backpressure, disconnects and pagi.connection work the same.
+# This file maps the sse.* events onto it and enforces their order; the
+# wire format is built in Rust (src/sse.rs).
+
+use strict;
+use warnings;
+use Future;
+use PAGI::RS::HTTP;
+
+our @ISA = ('PAGI::RS::HTTP');
+
+BEGIN {
+    *ID       = \&PAGI::RS::HTTP::ID;
+    *REASON   = \&PAGI::RS::Connection::REASON;
+    *STARTED  = \&PAGI::RS::HTTP::STARTED;
+    *SENT     = \&PAGI::RS::HTTP::SENT;
+    *CLOSED   = \&PAGI::RS::HTTP::CLOSED;
+}
+
+# Slot 21: where the stream is in its life (slots up to 20 are HTTP.pm's).
+use constant STREAM => 21;
+use constant {
+    NOT_STARTED      => 0,
+    STREAMING        => 1,
+    STREAM_CLOSED    => 2,
+    DECLINING        => 3,    # sse.http.response.start sent
+    DECLINE_COMPLETE => 4,
+};
+
+my $DONE = $PAGI::RS::HTTP::DONE;
+
+sub start {
+    my ( $self, $scope ) = @_;
+    $self->[STREAM] = NOT_STARTED;
+    PAGI::RS::HTTP::run_app( $self, $scope, sub { _send( $self, $_[0] ) }, sub { _receive($self) } );
+    return;
+}
+
+# The http events, renamed: sse.request for the body, sse.disconnect with
+# the reason at the end (none after the app's own sse.close).
+sub _receive {
+    my ($self) = @_;
+    return PAGI::RS::HTTP::_receive($self)->then(
+        sub {
+            my ($ev) = @_;
+            if ( $ev->{type} eq 'http.request' ) {
+                return Future->done( { type => 'sse.request', body => $ev->{body}, more => $ev->{more} } );
+            }
+            my %end = ( type => 'sse.disconnect' );
+            $end{reason} = $self->[REASON] if defined $self->[REASON];
+            return Future->done( \%end );
+        }
+    );
+}
+
+sub _fail { return Future->fail("$_[0]\n") }
+
+sub _non_negative_number {
+    my ($v) = @_;
+    return defined $v && !ref $v && $v =~ /\A(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\z/;
+}
+
+sub _send {
+    my ( $self, $ev ) = @_;
+    my $type = ref $ev eq 'HASH' ? $ev->{type} : undef;
+    return _fail("send() needs an event hash reference with a 'type'") unless defined $type;
+    my $state = $self->[STREAM];
+    my $id    = $self->[ID];
+
+    if ( $type eq 'sse.send' || $type eq 'sse.comment' || $type eq 'sse.keepalive' ) {
+        return _fail("cannot send '$type' after sse.close") if $state == STREAM_CLOSED;
+        return _fail("cannot send '$type' after sse.http.response.start")
+          if $state == DECLINING || $state == DECLINE_COMPLETE;
+        return _fail("cannot send '$type' before sse.start") if $state != STREAMING;
+        my ( $rc, $err );
+        if ( $type eq 'sse.send' ) {
+            my $data = $ev->{data};
+            return _fail("sse.send requires 'data' (a string)") if !defined $data || ref $data;
+            my $retry = $ev->{retry};
+            return _fail("sse.send 'retry' must be a non-negative integer")
+              if defined $retry && ( ref $retry || $retry !~ /\A[0-9]+\z/ );
+            for my $key (qw(event id)) {
+                return _fail("sse.send '$key' must be a string") if ref $ev->{$key};
+            }
+            ( $rc, $err ) = PAGI::RS::_sse_event( $id, $ev->{event}, $data, $ev->{id}, $retry );
+        }
+        elsif ( $type eq 'sse.comment' ) {
+            my $comment = $ev->{comment};
+            return _fail("sse.comment requires 'comment' field") if !defined $comment || ref $comment;
+            ( $rc, $err ) = PAGI::RS::_sse_comment( $id, $comment );
+        }
+        else {
+            my $interval = $ev->{interval};
+            return _fail("sse.keepalive requires 'interval' field") unless defined $interval;
+            return _fail("sse.keepalive 'interval' must be a non-negative number")
+              unless _non_negative_number($interval);
+            my $ms = $interval > 0 ? int( $interval * 1000 + 0.5 ) || 1 : 0;
+            $rc = PAGI::RS::_sse_keepalive( $id, $ms, $ev->{comment} // '' );
+            return $DONE;
+        }
+        return _fail("$type: $err") if $rc < 0;
+        return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
+    }
+    if ( $type eq 'sse.start' ) {
+        return _fail("cannot send 'sse.start' after sse.http.response.start")
+          if $state == DECLINING || $state == DECLINE_COMPLETE;
+        return _fail("sse.start was already sent") if $state != NOT_STARTED;
+        my $status = $ev->{status} // 200;
+        return _fail("sse.start 'status' must be an integer") unless $status =~ /\A[0-9]+\z/;
+        my ( $rc, $err ) = PAGI::RS::_sse_start( $id, $status, $ev->{headers} );
+        return _fail("sse.start: $err") if $rc < 0;
+        $self->[STREAM]  = STREAMING;
+        $self->[STARTED] = 1;
+        return $DONE;
+    }
+    if ( $type eq 'sse.close' ) {
+        return $DONE if $state == STREAM_CLOSED;    # idempotent
+        return _fail("cannot send 'sse.close' before sse.start") if $state != STREAMING;
+        return _fail("sse.close 'reason' must be a string") if ref $ev->{reason};
+        my ( $rc, $err ) = PAGI::RS::_sse_close( $id, $ev->{reason} );
+        return _fail("sse.close: $err") if $rc < 0;
+        $self->[STREAM] = STREAM_CLOSED;
+        $self->_response_complete unless $rc == CLOSED;
+        return $DONE;
+    }
+    if ( $type eq 'sse.http.response.start' ) {
+        return _fail("cannot decline with sse.http.response.start after sse.start")
+          if $state == STREAMING || $state == STREAM_CLOSED;
+        return _fail("sse.http.response.start was already sent") if $state != NOT_STARTED;
+        my ( $rc, $err ) = PAGI::RS::_start( $id, $ev->{status}, $ev->{headers}, 0 );
+        return _fail("sse.http.response.start: $err") if $rc < 0;
+        $self->[STREAM]  = DECLINING;
+        $self->[STARTED] = 1 unless $rc == CLOSED;
+        return $DONE;
+    }
+    if ( $type eq 'sse.http.response.body' ) {
+        return _fail("cannot send 'sse.http.response.body': decline response already complete")
+          if $state == DECLINE_COMPLETE;
+        return _fail("cannot send 'sse.http.response.body' without sse.http.response.start")
+          if $state != DECLINING;
+        my $more = $ev->{more} ? 1 : 0;
+        my ( $rc, $err ) = PAGI::RS::_body( $id, $ev->{body}, $more );
+        return _fail("sse.http.response.body: $err") if $rc < 0;
+        unless ($more) {
+            $self->[STREAM] = DECLINE_COMPLETE;
+            $self->_response_complete unless $rc == CLOSED;
+        }
+        return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
+    }
+    return _fail("Unrecognized event type '$type' for sse protocol");
+}
+
+1;

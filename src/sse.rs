@@ -1,0 +1,292 @@
+//! Server-Sent Events over an HTTP/1.1 response (Spec/Www.pod, "Server-Sent
+//! Events").  An SSE scope is an ordinary exchange whose body is an event
+//! stream: this module formats the events, opens the stream with the headers
+//! the spec asks for, and supervises it (keepalive comments, the idle
+//! timeout, server shutdown).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+use tokio::sync::watch;
+
+use crate::error::SendError;
+use crate::exchange::Exchange;
+
+/// One `sse.send` event's fields, as the application gave them.
+pub struct Event<'a> {
+    pub event: Option<&'a [u8]>,
+    pub data: &'a [u8],
+    pub id: Option<&'a [u8]>,
+    pub retry: Option<u64>,
+}
+
+fn has_line_break(s: &[u8]) -> bool {
+    s.iter().any(|b| *b == b'\n' || *b == b'\r')
+}
+
+/// Lines of a text, split at CRLF, LF or CR, keeping empty lines (so
+/// "a\n" is two lines: "a" and "").
+fn lines(text: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < text.len() {
+        match text[i] {
+            b'\n' => {
+                out.push(&text[start..i]);
+                start = i + 1;
+            }
+            b'\r' => {
+                out.push(&text[start..i]);
+                if text.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out.push(&text[start..]);
+    out
+}
+
+/// The wire form of an event: `event:`, one `data:` line per line of data,
+/// `id:`, `retry:`, then the blank line that dispatches it.  Fails, writing
+/// nothing, on a line break in `event` or `id` (it would forge fields).
+pub fn format_event(ev: &Event<'_>) -> Result<Vec<u8>, SendError> {
+    for (name, value) in [("event", ev.event), ("id", ev.id)] {
+        if value.is_some_and(has_line_break) {
+            return Err(SendError::Invalid(format!(
+                "sse.send '{name}' must not contain newline characters"
+            )));
+        }
+    }
+    let mut out = Vec::with_capacity(ev.data.len() + 32);
+    if let Some(event) = ev.event.filter(|e| !e.is_empty()) {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(event);
+        out.push(b'\n');
+    }
+    for line in lines(ev.data) {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
+    if let Some(id) = ev.id.filter(|i| !i.is_empty()) {
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(id);
+        out.push(b'\n');
+    }
+    if let Some(retry) = ev.retry {
+        out.extend_from_slice(format!("retry: {retry}\n").as_bytes());
+    }
+    out.push(b'\n');
+    Ok(out)
+}
+
+/// The wire form of `sse.comment`: every line starts with ':' (added when
+/// missing), and a blank line ends it.
+pub fn format_comment(comment: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(comment.len() + 4);
+    for line in lines(comment) {
+        if !line.starts_with(b":") {
+            out.push(b':');
+        }
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out
+}
+
+/// The keepalive comment: one line, ':' added when missing (":\n\n" when empty).
+pub fn keepalive_comment(comment: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(comment.len() + 3);
+    if !comment.starts_with(b":") {
+        out.push(b':');
+    }
+    out.extend_from_slice(comment);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// Headers `sse.start` adds when the application did not set them.
+pub fn add_stream_headers(map: &mut HeaderMap, http_version: &str) {
+    let defaults: [(HeaderName, &'static str); 2] = [
+        (http::header::CONTENT_TYPE, "text/event-stream"),
+        (http::header::CACHE_CONTROL, "no-cache"),
+    ];
+    for (name, value) in defaults {
+        if !map.contains_key(&name) {
+            map.insert(name, HeaderValue::from_static(value));
+        }
+    }
+    // HTTP/1.0 has no chunked framing: the stream ends with the connection.
+    if http_version == "1.1" {
+        map.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("keep-alive"),
+        );
+    }
+}
+
+/// What the application asked of keepalive comments; `None` = off.
+pub type KeepaliveSetting = Option<(Duration, Bytes)>;
+
+/// The stream's control channel, held by its exchange.
+pub struct StreamControl {
+    pub keepalive: watch::Sender<KeepaliveSetting>,
+}
+
+/// Server-side limits for every event stream.
+#[derive(Clone)]
+pub struct StreamSettings {
+    /// `--sse-idle-timeout`: no event sent for this long closes the stream.
+    pub idle_timeout: Option<Duration>,
+    /// Becomes true when the server starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Watches one event stream until it ends: sends keepalive comments when
+/// nothing else went out for an interval, applies the idle timeout, and
+/// closes the stream when the server shuts down.
+pub async fn supervise(
+    ex: Arc<Exchange>,
+    mut keepalive: watch::Receiver<KeepaliveSetting>,
+    mut settings: StreamSettings,
+) {
+    const FAR: Duration = Duration::from_secs(86_400 * 365);
+    loop {
+        // Registered before the checks, so no progress in between is missed.
+        let progressed = ex.progress_signal();
+        if ex.has_ended() {
+            return;
+        }
+        let idle = ex.since_progress();
+        if let Some(limit) = settings.idle_timeout {
+            if idle >= limit {
+                tracing::warn!(
+                    "SSE idle timeout ({}s) - closing connection",
+                    limit.as_secs()
+                );
+                ex.set_end_reason("idle_timeout");
+                ex.server_abort("idle_timeout", None);
+                return;
+            }
+        }
+        let setting = keepalive.borrow_and_update().clone();
+        let until_keepalive = setting
+            .as_ref()
+            .map_or(FAR, |(every, _)| every.saturating_sub(idle));
+        let until_idle = settings
+            .idle_timeout
+            .map_or(FAR, |limit| limit.saturating_sub(idle));
+        tokio::select! {
+            _ = tokio::time::sleep(until_keepalive.min(until_idle)) => {
+                if let Some((every, comment)) = setting {
+                    if ex.since_progress() >= every {
+                        // Outside the water marks: a keepalive never waits.
+                        let _ = ex.body(&comment, true);
+                    }
+                }
+            }
+            changed = keepalive.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = settings.shutdown.wait_for(|down| *down) => {
+                ex.server_abort("server_shutdown", None);
+                return;
+            }
+            _ = progressed => {}
+        }
+    }
+}
+
+/// Open the stream's control channel and start its supervisor.
+pub fn start_supervisor(
+    ex: &Arc<Exchange>,
+    settings: StreamSettings,
+    runtime: &tokio::runtime::Handle,
+) -> StreamControl {
+    let (tx, rx) = watch::channel(None);
+    runtime.spawn(supervise(ex.clone(), rx, settings));
+    StreamControl { keepalive: tx }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event<'a>(event: Option<&'a str>, data: &'a str, id: Option<&'a str>) -> Event<'a> {
+        Event {
+            event: event.map(str::as_bytes),
+            data: data.as_bytes(),
+            id: id.map(str::as_bytes),
+            retry: None,
+        }
+    }
+
+    #[test]
+    fn event_fields_in_order_then_a_blank_line() {
+        let mut ev = event(Some("tick"), "1", Some("7"));
+        ev.retry = Some(3000);
+        assert_eq!(
+            format_event(&ev).unwrap(),
+            b"event: tick\ndata: 1\nid: 7\nretry: 3000\n\n"
+        );
+    }
+
+    #[test]
+    fn multi_line_data_is_one_data_line_per_line() {
+        let out = format_event(&event(None, "a\nb\r\nc\rd\n", None)).unwrap();
+        assert_eq!(out, b"data: a\ndata: b\ndata: c\ndata: d\ndata: \n\n");
+        assert_eq!(format_event(&event(None, "", None)).unwrap(), b"data: \n\n");
+    }
+
+    #[test]
+    fn empty_event_and_id_are_left_out() {
+        let out = format_event(&event(Some(""), "x", Some(""))).unwrap();
+        assert_eq!(out, b"data: x\n\n");
+    }
+
+    #[test]
+    fn line_breaks_in_event_or_id_are_refused() {
+        for ev in [
+            event(Some("a\nb"), "x", None),
+            event(None, "x", Some("1\r")),
+        ] {
+            assert!(matches!(format_event(&ev), Err(SendError::Invalid(_))));
+        }
+    }
+
+    #[test]
+    fn comments_get_a_colon_per_line() {
+        assert_eq!(format_comment(b"hello"), b":hello\n\n");
+        assert_eq!(format_comment(b":already"), b":already\n\n");
+        assert_eq!(format_comment(b"a\nb"), b":a\n:b\n\n");
+        assert_eq!(&keepalive_comment(b"")[..], b":\n\n");
+        assert_eq!(&keepalive_comment(b"ping")[..], b":ping\n\n");
+    }
+
+    #[test]
+    fn stream_headers_fill_in_only_what_is_missing() {
+        let mut map = HeaderMap::new();
+        map.insert(
+            "content-type",
+            "text/event-stream; charset=utf-8".parse().unwrap(),
+        );
+        add_stream_headers(&mut map, "1.1");
+        assert_eq!(map["content-type"], "text/event-stream; charset=utf-8");
+        assert_eq!(map["cache-control"], "no-cache");
+        assert_eq!(map["connection"], "keep-alive");
+        let mut old = HeaderMap::new();
+        add_stream_headers(&mut old, "1.0");
+        assert!(!old.contains_key("connection"));
+    }
+}

@@ -1,0 +1,485 @@
+//! One WebSocket's shared state: the application's sends arrive here from
+//! the interpreter thread, the connection tasks take them from here, and
+//! the end of the socket is decided here exactly once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, UPGRADE};
+use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use super::Settings;
+use crate::error::SendError;
+use crate::exchange::{Exchange, FinishOutcome, SendOutcome};
+use crate::interp::mailbox::Mailbox;
+use crate::interp::messages::ToPerl;
+
+/// What the writer task sends, in order.
+pub enum Outbound {
+    /// An application message; counts toward the water marks.
+    Data(Message, usize),
+    /// A ping or a Close frame of the server's own.
+    Control(Message),
+    /// Flush and stop: the socket is ending.
+    Finish,
+}
+
+/// How the socket ended, as `websocket.disconnect` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ending {
+    pub code: u16,
+    pub reason: String,
+    /// A completed closing handshake (as opposed to a drop, a timeout or a
+    /// protocol failure): pagi.connection then reports a clean completion.
+    pub clean: bool,
+}
+
+impl Ending {
+    pub fn abnormal(reason: &str) -> Ending {
+        Ending {
+            code: 1006,
+            reason: reason.to_string(),
+            clean: false,
+        }
+    }
+
+    pub fn protocol(code: u16) -> Ending {
+        Ending {
+            code,
+            reason: "protocol_error".into(),
+            clean: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the application's accept, close or denial.
+    Handshake,
+    /// Accepted: messages flow.
+    Open,
+    /// The application refused (403 or its own response).
+    Refused,
+    /// The socket is gone; sends are quiet no-ops.
+    Ended,
+}
+
+/// Keepalive pings asked for by `websocket.keepalive`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    /// No pong within this long after a ping ends the socket (1006).
+    pub timeout: Option<Duration>,
+}
+
+struct State {
+    phase: Phase,
+    buffered: usize,
+    high: bool,
+    /// When the application sent websocket.close (it may send nothing after).
+    app_closed_at: Option<Instant>,
+    keepalive: Option<Keepalive>,
+    /// An ending the server decided before the socket finished (queue overflow).
+    forced: Option<Ending>,
+    app_running: bool,
+}
+
+pub struct Session {
+    pub id: u64,
+    /// The handshake's exchange: denial responses, 403/500, the access log.
+    pub exchange: Arc<Exchange>,
+    mailbox: Arc<Mailbox>,
+    pub settings: Arc<Settings>,
+    accept_key: String,
+    state: Mutex<State>,
+    outbound: mpsc::UnboundedSender<Outbound>,
+    outbound_rx: Mutex<Option<mpsc::UnboundedReceiver<Outbound>>>,
+    /// Wakes the reader to re-read its timers (keepalive, close deadline,
+    /// a forced ending).
+    pub reader_wake: Notify,
+    /// Milliseconds since `created` of the last frame in either direction.
+    last_activity_ms: AtomicU64,
+    created: Instant,
+}
+
+impl Session {
+    pub fn new(
+        exchange: Arc<Exchange>,
+        mailbox: Arc<Mailbox>,
+        settings: Arc<Settings>,
+        accept_key: String,
+    ) -> Arc<Session> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Arc::new(Session {
+            id: exchange.id,
+            exchange,
+            mailbox,
+            settings,
+            accept_key,
+            state: Mutex::new(State {
+                phase: Phase::Handshake,
+                buffered: 0,
+                high: false,
+                app_closed_at: None,
+                keepalive: None,
+                forced: None,
+                app_running: true,
+            }),
+            outbound: tx,
+            outbound_rx: Mutex::new(Some(rx)),
+            reader_wake: Notify::new(),
+            last_activity_ms: AtomicU64::new(0),
+            created: Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- interpreter side: the application's $send -------------------------
+
+    /// `websocket.accept`: answer 101 with the subprotocol and extra headers.
+    pub fn accept(
+        &self,
+        subprotocol: Option<&[u8]>,
+        headers: &[(&[u8], &[u8])],
+    ) -> Result<SendOutcome, SendError> {
+        let mut st = self.lock();
+        match st.phase {
+            Phase::Handshake => {}
+            Phase::Ended => return Ok(SendOutcome::Closed),
+            Phase::Open => {
+                return Err(SendError::Sequence(
+                    "cannot send 'websocket.accept' after websocket.accept",
+                ))
+            }
+            Phase::Refused => {
+                return Err(SendError::Sequence(
+                    "cannot send 'websocket.accept' after refusing the handshake",
+                ))
+            }
+        }
+        if let Some(sub) = subprotocol {
+            let token = !sub.is_empty()
+                && sub
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~!#$&'*+^`|".contains(b));
+            if !token {
+                return Err(SendError::Invalid(format!(
+                    "Invalid subprotocol: {:?}",
+                    String::from_utf8_lossy(sub)
+                )));
+            }
+        }
+        let (mut map, _) = crate::exchange::build_headers(headers, true)?;
+        map.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        map.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        let key = HeaderValue::from_str(&self.accept_key)
+            .map_err(|_| SendError::Invalid("bad Sec-WebSocket-Accept".into()))?;
+        map.insert("sec-websocket-accept", key);
+        if let Some(sub) = subprotocol {
+            // Checked above to be a token, so a valid header value.
+            if let Ok(v) = HeaderValue::from_bytes(sub) {
+                map.insert("sec-websocket-protocol", v);
+            }
+        }
+        if !self.exchange.upgrade(map) {
+            // The client left while the application decided.
+            st.phase = Phase::Ended;
+            return Ok(SendOutcome::Closed);
+        }
+        st.phase = Phase::Open;
+        drop(st);
+        self.touch();
+        Ok(SendOutcome::Ready)
+    }
+
+    /// `websocket.send`: queue one message for the writer.
+    pub fn send(&self, text: bool, data: &[u8]) -> Result<SendOutcome, SendError> {
+        let mut st = self.lock();
+        match st.phase {
+            Phase::Open if st.app_closed_at.is_some() => {
+                return Err(SendError::Sequence(
+                    "cannot send 'websocket.send' after websocket.close",
+                ))
+            }
+            Phase::Open => {}
+            Phase::Ended => return Ok(SendOutcome::Closed),
+            Phase::Handshake | Phase::Refused => {
+                return Err(SendError::Sequence(
+                    "cannot send 'websocket.send' before websocket.accept",
+                ))
+            }
+        }
+        let bytes = Bytes::copy_from_slice(data);
+        let message = if text {
+            let text = Utf8Bytes::try_from(bytes)
+                .map_err(|_| SendError::Invalid("websocket.send 'text' is not UTF-8".into()))?;
+            Message::Text(text)
+        } else {
+            Message::Binary(bytes)
+        };
+        st.buffered += data.len();
+        let outcome = if st.buffered >= self.exchange.config().high_water {
+            if st.high {
+                SendOutcome::StillHigh
+            } else {
+                st.high = true;
+                SendOutcome::HighWater
+            }
+        } else {
+            SendOutcome::Ready
+        };
+        // Sent under the lock so that sends keep their order across threads.
+        let _ = self.outbound.send(Outbound::Data(message, data.len()));
+        Ok(outcome)
+    }
+
+    /// `websocket.close`: before accept the handshake is refused with 403;
+    /// after it, a Close frame starts the closing handshake.
+    pub fn close(&self, code: u16, reason: &[u8]) -> Result<SendOutcome, SendError> {
+        let mut st = self.lock();
+        match st.phase {
+            Phase::Handshake => {
+                st.phase = Phase::Refused;
+                drop(st);
+                self.exchange
+                    .refuse(http::StatusCode::FORBIDDEN, "Forbidden");
+                Ok(SendOutcome::Ready)
+            }
+            Phase::Open if st.app_closed_at.is_some() => Err(SendError::Sequence(
+                "cannot send 'websocket.close' after websocket.close",
+            )),
+            Phase::Open => {
+                let reason = Utf8Bytes::try_from(Bytes::copy_from_slice(reason)).map_err(|_| {
+                    SendError::Invalid("websocket.close 'reason' is not UTF-8".into())
+                })?;
+                if reason.len() > 123 {
+                    return Err(SendError::Invalid(
+                        "websocket.close 'reason' is longer than 123 bytes".into(),
+                    ));
+                }
+                st.app_closed_at = Some(Instant::now());
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason,
+                };
+                let _ = self
+                    .outbound
+                    .send(Outbound::Control(Message::Close(Some(frame))));
+                drop(st);
+                self.reader_wake.notify_one();
+                Ok(SendOutcome::Ready)
+            }
+            Phase::Refused => Err(SendError::Sequence(
+                "cannot send 'websocket.close' after refusing the handshake",
+            )),
+            Phase::Ended => Ok(SendOutcome::Closed),
+        }
+    }
+
+    /// `websocket.keepalive`: the last setting wins; `None` stops it.
+    pub fn set_keepalive(&self, keepalive: Option<Keepalive>) -> Result<SendOutcome, SendError> {
+        let mut st = self.lock();
+        match st.phase {
+            Phase::Open => {}
+            Phase::Ended => return Ok(SendOutcome::Closed),
+            _ => {
+                return Err(SendError::Sequence(
+                    "cannot send 'websocket.keepalive' before websocket.accept",
+                ))
+            }
+        }
+        st.keepalive = keepalive;
+        drop(st);
+        self.reader_wake.notify_one();
+        Ok(SendOutcome::Ready)
+    }
+
+    /// The application left its messages unread past --max-receive-queue:
+    /// close with 1008 and report `queue_overflow`.
+    pub fn overflow(&self) {
+        let mut st = self.lock();
+        if st.phase != Phase::Open || st.forced.is_some() {
+            return;
+        }
+        st.forced = Some(Ending {
+            code: 1008,
+            reason: "queue_overflow".into(),
+            clean: false,
+        });
+        drop(st);
+        self.close_frame(1008, "Message queue overflow");
+        self.reader_wake.notify_one();
+    }
+
+    /// The application's Future settled.  Before any decision the handshake
+    /// is refused (403, or 500 after an error); an accepted socket the app
+    /// did not close is closed with 1011.
+    pub fn app_finished(&self, error: Option<&str>) -> FinishOutcome {
+        let mut st = self.lock();
+        st.app_running = false;
+        match st.phase {
+            Phase::Handshake => {
+                st.phase = Phase::Refused;
+                drop(st);
+                match error {
+                    Some(_) => self.exchange.finish(error, false),
+                    None => {
+                        self.exchange
+                            .refuse(http::StatusCode::FORBIDDEN, "Forbidden");
+                        self.exchange.finish(None, false)
+                    }
+                }
+            }
+            Phase::Refused => {
+                drop(st);
+                self.exchange.finish(error, false)
+            }
+            Phase::Open => {
+                let unclosed = st.app_closed_at.is_none();
+                if unclosed {
+                    st.app_closed_at = Some(Instant::now());
+                }
+                drop(st);
+                match (error, unclosed) {
+                    (Some(e), _) => tracing::error!("PAGI application error (WebSocket): {}", e.trim_end()),
+                    (None, true) => tracing::error!(
+                        "PAGI application returned from an accepted WebSocket without a closing handshake"
+                    ),
+                    (None, false) => {}
+                }
+                if unclosed {
+                    self.close_frame(1011, "");
+                    self.reader_wake.notify_one();
+                }
+                self.exchange.finish(None, false)
+            }
+            Phase::Ended => {
+                drop(st);
+                if let Some(e) = error {
+                    tracing::error!("PAGI application error (WebSocket): {}", e.trim_end());
+                }
+                self.exchange.finish(None, false)
+            }
+        }
+    }
+
+    pub fn buffered_amount(&self) -> usize {
+        let st = self.lock();
+        if st.phase == Phase::Ended {
+            0
+        } else {
+            st.buffered
+        }
+    }
+
+    // ---- network side -------------------------------------------------------
+
+    /// The writer's queue; taken once, by the connection task.
+    pub fn take_outbound(&self) -> Option<mpsc::UnboundedReceiver<Outbound>> {
+        self.outbound_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    pub fn queue_control(&self, message: Message) {
+        let _ = self.outbound.send(Outbound::Control(message));
+    }
+
+    pub fn close_frame(&self, code: u16, reason: &'static str) {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from_static(reason),
+        };
+        self.queue_control(Message::Close(Some(frame)));
+    }
+
+    pub fn finish_writer(&self) {
+        let _ = self.outbound.send(Outbound::Finish);
+    }
+
+    /// The writer handed `len` bytes of application data to the socket.
+    pub fn sent(&self, len: usize) {
+        let drained = {
+            let mut st = self.lock();
+            st.buffered = st.buffered.saturating_sub(len);
+            if st.high && st.buffered < self.exchange.config().low_water {
+                st.high = false;
+                true
+            } else {
+                false
+            }
+        };
+        self.touch();
+        if drained {
+            self.mailbox.push(ToPerl::Drained { id: self.id });
+        }
+    }
+
+    /// A frame went either way: the idle timeout starts again.
+    pub fn touch(&self) {
+        let ms = self.created.elapsed().as_millis() as u64;
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        self.created.elapsed().saturating_sub(last)
+    }
+
+    pub fn keepalive(&self) -> Option<Keepalive> {
+        self.lock().keepalive
+    }
+
+    pub fn app_closed_at(&self) -> Option<Instant> {
+        self.lock().app_closed_at
+    }
+
+    pub fn forced_ending(&self) -> Option<Ending> {
+        self.lock().forced.clone()
+    }
+
+    /// A received message for the application.
+    pub fn deliver(&self, text: bool, data: Bytes) {
+        self.touch();
+        self.mailbox.push(ToPerl::WsReceive {
+            id: self.id,
+            text,
+            data,
+        });
+    }
+
+    /// The socket ended: tell the application (once) and log the line.
+    pub fn end(&self, ending: Ending) {
+        let ending = {
+            let mut st = self.lock();
+            if st.phase == Phase::Ended {
+                return;
+            }
+            st.phase = Phase::Ended;
+            st.buffered = 0;
+            st.forced.take().unwrap_or(ending)
+        };
+        let log_reason = if ending.clean {
+            format!("close_{}", ending.code)
+        } else {
+            ending.reason.clone()
+        };
+        self.exchange.set_end_reason(&log_reason);
+        self.exchange.write_access_log();
+        self.mailbox.push(ToPerl::WsDisconnect {
+            id: self.id,
+            code: ending.code,
+            reason: ending.reason,
+            clean: ending.clean,
+        });
+    }
+}
