@@ -982,10 +982,10 @@ impl Exchange {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn exchange(is_head: bool) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
+    pub(crate) fn exchange(is_head: bool) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
         let mailbox = Arc::new(Mailbox::new().unwrap());
         mailbox.in_flight.fetch_add(1, Ordering::AcqRel);
         let config = Arc::new(ExchangeConfig {
@@ -993,6 +993,10 @@ mod tests {
             low_water: 4,
             max_body: 0,
             access_log: None,
+            streams: crate::sse::StreamSettings {
+                idle_timeout: None,
+                shutdown: tokio::sync::watch::channel(false).1,
+            },
         });
         let facts = RequestFacts {
             method: "GET".into(),

@@ -161,6 +161,7 @@ fn run(
             close_timeout: Duration::from_secs(10),
         }),
         shutting_down,
+        detached: Default::default(),
         root_path: opts.root_path.clone(),
         max_header_size: opts.max_header_size,
         max_header_count: opts.max_header_count,

@@ -44,17 +44,30 @@ impl ScopeKind {
     }
 }
 
-/// Whether any Accept header lists `text/event-stream` as a media range.
+/// Whether any Accept header lists `text/event-stream` as a media range
+/// (with a non-zero q; `*/*` does not count).
 pub fn accepts_event_stream(headers: &http::HeaderMap) -> bool {
     headers
         .get_all(http::header::ACCEPT)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .any(|range| {
-            let media = range.split(|b| *b == b';').next().unwrap_or_default();
-            media
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"text/event-stream")
+            let mut parts = range.split(|b| *b == b';');
+            let media = parts.next().unwrap_or_default();
+            // "q=0" means "not acceptable".
+            let refused = parts.any(|param| {
+                let param = param.trim_ascii();
+                param.len() > 2
+                    && param[..2].eq_ignore_ascii_case(b"q=")
+                    && std::str::from_utf8(&param[2..])
+                        .ok()
+                        .and_then(|q| q.trim().parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+            });
+            !refused
+                && media
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"text/event-stream")
         })
 }
 
@@ -245,6 +258,8 @@ mod tests {
         );
         assert!(accepts_event_stream(&map));
         assert_eq!(ScopeKind::of_request(&map), ScopeKind::Sse);
+        map.insert("accept", "text/event-stream;q=0, */*".parse().unwrap());
+        assert!(!accepts_event_stream(&map), "q=0 refuses it");
         map.insert("accept", "text/event-streams, */*".parse().unwrap());
         assert!(!accepts_event_stream(&map));
         map.append("accept", "text/event-stream".parse().unwrap());

@@ -2,7 +2,7 @@
 //! task, and drains them on shutdown.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::exchange::ExchangeConfig;
 use crate::http1::gate::{Gate, Limits};
@@ -32,6 +32,42 @@ pub struct Server {
     /// Becomes true when shutdown begins: long-lived streams (SSE,
     /// WebSockets) close at once rather than hold up the drain.
     pub shutting_down: watch::Sender<bool>,
+    pub detached: Arc<DetachedTasks>,
+}
+
+/// Counts tasks that outlive their HTTP connection (accepted WebSockets),
+/// so that shutdown waits for their closing handshakes too.
+#[derive(Default)]
+pub struct DetachedTasks {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+pub struct DetachedGuard(Arc<DetachedTasks>);
+
+impl DetachedTasks {
+    pub fn enter(self: &Arc<Self>) -> DetachedGuard {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        DetachedGuard(self.clone())
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for DetachedGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Set when the shutdown timeout expired and the remaining connections are
@@ -131,7 +167,11 @@ pub async fn serve(
     let _ = draining.borrow_and_update();
     drop(alive_tx);
 
-    if tokio::time::timeout(grace, alive_rx.recv()).await.is_err() {
+    let drained = async {
+        alive_rx.recv().await;
+        server.detached.wait_idle().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!("Shutdown timeout: force-closing active connections");
         FORCE_CLOSING.store(true, Ordering::Release);
         let _ = force_tx.send(true);

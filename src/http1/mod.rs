@@ -90,7 +90,8 @@ pub async fn handle(
         }
         tokio::spawn(pump_request_body(exchange.clone(), body));
     }
-    if let Some(limit) = server.request_timeout {
+    // An event stream is quiet by nature; --sse-idle-timeout governs it instead.
+    if let (Some(limit), ScopeKind::Http) = (server.request_timeout, kind) {
         tokio::spawn(watch_stalls(Arc::downgrade(&exchange), limit));
     }
 

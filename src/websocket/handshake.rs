@@ -77,7 +77,9 @@ pub async fn handle(
     match head {
         Ok(Head::Upgrade(headers)) => {
             let shutdown = server.shutting_down.subscribe();
+            let tracked = server.detached.enter();
             tokio::spawn(async move {
+                let _tracked = tracked;
                 match on_upgrade.await {
                     Ok(upgraded) => super::connection::run(session, upgraded, shutdown).await,
                     Err(e) => {
@@ -144,7 +146,7 @@ mod tests {
     fn accept_key_is_the_rfc_example() {
         assert_eq!(
             derive_accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaE2xgOWpiMJ6t3Z2M="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 }

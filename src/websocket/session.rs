@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, UPGRADE};
+#[cfg(test)]
+use http::StatusCode;
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -481,5 +483,128 @@ impl Session {
             reason: ending.reason,
             clean: ending.clean,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exchange::Head;
+    use std::collections::VecDeque;
+
+    fn session() -> (Arc<Session>, tokio::sync::oneshot::Receiver<Head>) {
+        let (ex, head) = crate::exchange::tests::exchange(false);
+        let mailbox = Arc::new(Mailbox::new().unwrap());
+        let settings = Arc::new(Settings {
+            max_frame_size: None,
+            idle_timeout: None,
+            close_timeout: Duration::from_secs(1),
+        });
+        (Session::new(ex, mailbox, settings, "key=".into()), head)
+    }
+
+    fn perl_messages(ws: &Session) -> Vec<ToPerl> {
+        let mut out = VecDeque::new();
+        ws.mailbox.take_all(&mut out);
+        out.into_iter().collect()
+    }
+
+    #[test]
+    fn nothing_is_sent_before_accept() {
+        let (ws, _head) = session();
+        assert!(matches!(ws.send(true, b"hi"), Err(SendError::Sequence(_))));
+        assert!(matches!(
+            ws.set_keepalive(None),
+            Err(SendError::Sequence(_))
+        ));
+    }
+
+    #[test]
+    fn accept_answers_101_with_the_subprotocol() {
+        let (ws, mut head) = session();
+        let extra: &[(&[u8], &[u8])] = &[(b"x-extra", b"1")];
+        assert_eq!(ws.accept(Some(b"chat.v2"), extra), Ok(SendOutcome::Ready));
+        let Ok(Head::Upgrade(map)) = head.try_recv() else {
+            panic!("no 101 head")
+        };
+        assert_eq!(map["sec-websocket-protocol"], "chat.v2");
+        assert_eq!(map["sec-websocket-accept"], "key=");
+        assert_eq!(map["x-extra"], "1");
+        assert!(matches!(ws.accept(None, &[]), Err(SendError::Sequence(_))));
+    }
+
+    #[test]
+    fn a_subprotocol_must_be_a_token() {
+        let (ws, mut head) = session();
+        assert!(matches!(
+            ws.accept(Some(b"a b"), &[]),
+            Err(SendError::Invalid(_))
+        ));
+        assert!(head.try_recv().is_err(), "nothing was answered");
+        assert_eq!(ws.accept(None, &[]), Ok(SendOutcome::Ready));
+    }
+
+    #[test]
+    fn close_before_accept_is_a_403() {
+        let (ws, mut head) = session();
+        assert_eq!(ws.close(1000, b""), Ok(SendOutcome::Ready));
+        assert!(matches!(
+            head.try_recv(),
+            Ok(Head::Generated(StatusCode::FORBIDDEN, _))
+        ));
+        assert!(matches!(ws.accept(None, &[]), Err(SendError::Sequence(_))));
+    }
+
+    #[test]
+    fn sends_wait_above_the_high_mark_and_resume_below_the_low_one() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        // The test exchange's marks: high 10, low 4.
+        assert_eq!(ws.send(false, b"123456"), Ok(SendOutcome::Ready));
+        assert_eq!(ws.send(false, b"123456"), Ok(SendOutcome::HighWater));
+        assert_eq!(ws.send(false, b"1"), Ok(SendOutcome::StillHigh));
+        assert_eq!(ws.buffered_amount(), 13);
+        ws.sent(6);
+        assert!(perl_messages(&ws).is_empty(), "still above the low mark");
+        ws.sent(6);
+        assert!(matches!(perl_messages(&ws)[..], [ToPerl::Drained { .. }]));
+        assert_eq!(ws.buffered_amount(), 1);
+    }
+
+    #[test]
+    fn after_the_apps_close_sends_fail_and_after_the_end_they_are_quiet() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        ws.close(1000, b"bye").unwrap();
+        assert!(matches!(ws.send(true, b"x"), Err(SendError::Sequence(_))));
+        assert!(matches!(ws.close(1000, b""), Err(SendError::Sequence(_))));
+        ws.end(Ending::abnormal("client_closed"));
+        assert_eq!(ws.send(true, b"x"), Ok(SendOutcome::Closed));
+    }
+
+    #[test]
+    fn the_end_is_reported_once_and_a_forced_ending_wins() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        ws.overflow();
+        ws.end(Ending::abnormal("client_closed"));
+        ws.end(Ending::abnormal("write_error"));
+        let ends: Vec<_> = perl_messages(&ws)
+            .into_iter()
+            .filter_map(|m| match m {
+                ToPerl::WsDisconnect { code, reason, .. } => Some((code, reason)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ends, vec![(1008, "queue_overflow".to_string())]);
+    }
+
+    #[test]
+    fn a_close_reason_over_123_bytes_is_refused() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        let long = vec![b'a'; 124];
+        assert!(matches!(ws.close(1000, &long), Err(SendError::Invalid(_))));
+        assert_eq!(ws.close(1000, &long[..123]), Ok(SendOutcome::Ready));
     }
 }
