@@ -1,0 +1,71 @@
+//! Plain tokio-tungstenite WebSocket echo server: the reference point that
+//! `bench/bin/ws-bench` compares pagi-rs (running `bench/apps/ws-echo.pl`)
+//! against. It accepts every upgrade and sends each text or binary message
+//! back unchanged, on a multi-thread tokio runtime with no Perl at all, so the
+//! ratio shows what the interpreter and the PAGI protocol cost per message.
+
+use std::time::Duration;
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser, Debug)]
+#[command(about = "Plain tokio-tungstenite WebSocket echo server (benchmark baseline)")]
+struct Args {
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+
+    /// Port to bind; 0 picks a free ephemeral port.
+    #[arg(short, long, default_value_t = 5002)]
+    port: u16,
+}
+
+async fn echo(stream: TcpStream) {
+    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+        // Not a WebSocket handshake (or the client went away): just drop it.
+        return;
+    };
+    while let Some(msg) = ws.next().await {
+        let reply = match msg {
+            Ok(m @ (Message::Text(_) | Message::Binary(_))) => m,
+            // tungstenite answers pings itself and replies to a close frame.
+            Ok(Message::Close(_)) => break,
+            Ok(_) => continue,
+            Err(_) => return,
+        };
+        if ws.send(reply).await.is_err() {
+            return;
+        }
+    }
+    // Flush the close reply queued by tungstenite; errors mean the peer is gone.
+    let _ = ws.close(None).await;
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> std::io::Result<()> {
+    let args = Args::parse();
+    let listener = TcpListener::bind((args.host.as_str(), args.port)).await?;
+    // The benchmark scripts parse this line to learn the ephemeral port.
+    eprintln!(
+        "ws-baseline: listening on http://{}/",
+        listener.local_addr()?
+    );
+
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Typically EMFILE under heavy load: back off instead of spinning.
+                eprintln!("ws-baseline: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Same as pagi-rs: small messages should not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(echo(stream));
+    }
+}
