@@ -49,6 +49,11 @@ typedef struct {
 #define SLOT_TRAILERS 19
 
 static SV *new_sender(pTHX_ AV *req);
+static pagi_str text_arg(pTHX_ SV *sv, int *has);
+
+/* SSE.pm's slot for the stream's state, and its "streaming" value. */
+#define SLOT_SSE_STREAM 21
+#define SSE_STREAMING 1
 
 /* Scope kinds (ScopeKind in scope.rs). */
 #define SCOPE_HTTP 0
@@ -227,6 +232,7 @@ enum {
     K_METHOD, K_SCHEME, K_PATH, K_RAW_PATH, K_QUERY_STRING, K_ROOT_PATH,
     K_HEADERS, K_CLIENT, K_SERVER, K_STATE, K_EXTENSIONS, K_CONNECTION,
     K_TRANSPORT, K_BODY, K_MORE, K_FILE, K_FH, K_STATUS, K_TRAILERS,
+    K_DATA, K_EVENT, K_ID, K_RETRY,
     K_COUNT
 };
 
@@ -235,6 +241,7 @@ static const char *const key_names[K_COUNT] = {
     "method", "scheme", "path", "raw_path", "query_string", "root_path",
     "headers", "client", "server", "state", "extensions", "pagi.connection",
     "pagi.transport", "body", "more", "file", "fh", "status", "trailers",
+    "data", "event", "id", "retry",
 };
 
 typedef struct {
@@ -243,6 +250,7 @@ typedef struct {
     GV *requests_gv; /* %PAGI::RS::Bridge::REQUESTS */
     GV *done_gv;     /* $PAGI::RS::HTTP::DONE */
     HV *http_stash;  /* PAGI::RS::HTTP */
+    HV *sse_stash;   /* PAGI::RS::SSE */
     SV *keys[K_COUNT];
 } interp_lookups;
 
@@ -258,6 +266,7 @@ static interp_lookups *the_lookups(pTHX)
     lookups.requests_gv = gv_fetchpvs("PAGI::RS::Bridge::REQUESTS", GV_ADD, SVt_PVHV);
     lookups.done_gv = gv_fetchpvs("PAGI::RS::HTTP::DONE", GV_ADD, SVt_PV);
     lookups.http_stash = gv_stashpvs("PAGI::RS::HTTP", GV_ADD);
+    lookups.sse_stash = gv_stashpvs("PAGI::RS::SSE", GV_ADD);
     for (i = 0; i < K_COUNT; i++)
         lookups.keys[i] = newSVpvn_share(key_names[i], (I32)strlen(key_names[i]), 0);
     lookups.owner = aTHX;
@@ -353,7 +362,7 @@ XS(xs_next_message)
         av_store(req, SLOT_BODY, newSViv((IV)m.num[2]));
         self = newRV_noinc((SV *)req);
         sv_bless(self, kind == SCOPE_HTTP        ? L->http_stash
-                       : kind == SCOPE_SSE       ? gv_stashpvs("PAGI::RS::SSE", GV_ADD)
+                       : kind == SCOPE_SSE       ? L->sse_stash
                                                  : gv_stashpvs("PAGI::RS::WebSocket", GV_ADD));
         requests = GvHVn(L->requests_gv);
         klen = decimal(key, sizeof key, m.id);
@@ -366,8 +375,8 @@ XS(xs_next_message)
         mPUSHi(m.kind);
         mPUSHs(self);
         mPUSHs(scope);
-        /* The fast XS $send serves http; the others' is built in Perl. */
-        if (kind == SCOPE_HTTP)
+        /* The fast XS $send serves http and sse; websocket's is Perl. */
+        if (kind != SCOPE_WEBSOCKET)
             mPUSHs(new_sender(aTHX_ req));
         else
             PUSHs(&PL_sv_undef);
@@ -603,6 +612,50 @@ static int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
     return -2;
 }
 
+/* sse.send straight to the core, for an SSE request that is streaming and
+ * an event whose fields need no checks beyond these; anything else (and
+ * every error message) is left to SSE.pm (-2). */
+static int fast_sse_send(pTHX_ uint64_t id, AV *req, SV *ev_sv, int *kind, pagi_str *err)
+{
+    interp_lookups *L = the_lookups(aTHX);
+    HV *ev;
+    SV *type_sv, *data, *event, *eid, *retry, **state;
+    STRLEN tlen;
+    const char *type;
+    pagi_str ev_s, data_s, eid_s;
+    int has_ev, has_data, has_eid;
+    int64_t retry_n = -1;
+    if (!SvROK(ev_sv) || SvTYPE(SvRV(ev_sv)) != SVt_PVHV || SvRMAGICAL(SvRV(ev_sv)))
+        return -2;
+    state = av_fetch(req, SLOT_SSE_STREAM, 0);
+    if (!state || !SvIOK(*state) || SvIV(*state) != SSE_STREAMING)
+        return -2;
+    ev = (HV *)SvRV(ev_sv);
+    type_sv = hv_value(aTHX_ ev, KEY(L, K_TYPE));
+    if (!type_sv || !SvPOK(type_sv))
+        return -2;
+    type = SvPV(type_sv, tlen);
+    if (tlen != 8 || !memEQ(type, "sse.send", 8))
+        return -2;
+    data = hv_value(aTHX_ ev, KEY(L, K_DATA));
+    event = hv_value(aTHX_ ev, KEY(L, K_EVENT));
+    eid = hv_value(aTHX_ ev, KEY(L, K_ID));
+    retry = hv_value(aTHX_ ev, KEY(L, K_RETRY));
+    if (!data || !SvOK(data) || SvROK(data) || (event && SvROK(event)) || (eid && SvROK(eid)))
+        return -2;
+    if (retry && SvOK(retry)) {
+        if (!SvIOK(retry) || SvIV(retry) < 0)
+            return -2;
+        retry_n = (int64_t)SvIV(retry);
+    }
+    ev_s = text_arg(aTHX_ event ? event : &PL_sv_undef, &has_ev);
+    data_s = text_arg(aTHX_ data, &has_data);
+    eid_s = text_arg(aTHX_ eid ? eid : &PL_sv_undef, &has_eid);
+    *kind = SEND_KIND_BODY_MORE;
+    return pagi_rs_sse_event(id, ev_s.ptr, ev_s.len, has_ev, data_s.ptr, data_s.len, eid_s.ptr,
+                             eid_s.len, has_eid, retry_n, err);
+}
+
 /* ---- the application's $send ----------------------------------------------
  * An XS closure rather than a Perl one: it is called for every response
  * event, and the common case (start, or a body that fits under the
@@ -627,14 +680,20 @@ XS(xs_sender)
     AV *req;
     SV **idp;
     pagi_str err = {0, 0};
-    int rc, kind = 0, handled = 0;
+    int rc, kind = 0, handled = 0, is_http;
     if (!mg || !mg->mg_obj || !SvROK(mg->mg_obj))
         croak("pagi-rs: this send() no longer belongs to a request");
     self = mg->mg_obj;
     req = (AV *)SvRV(self);
+    is_http = SvSTASH((SV *)req) == the_lookups(aTHX)->http_stash;
     ev = items > 0 ? ST(0) : &PL_sv_undef;
     idp = av_fetch(req, SLOT_ID, 0);
-    rc = idp ? fast_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err) : -2;
+    if (!idp)
+        rc = -2;
+    else if (is_http)
+        rc = fast_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err);
+    else
+        rc = fast_sse_send(aTHX_(uint64_t) SvUV(*idp), req, ev, &kind, &err);
     if (rc == CODE_SENT || rc == CODE_CLOSED) {
         switch (kind) {
         case SEND_KIND_START:
@@ -649,6 +708,8 @@ XS(xs_sender)
             handled = 1;
             break;
         case SEND_KIND_BODY_END:
+            if (!is_http)
+                break;
             if (rc == CODE_CLOSED || slot_true(aTHX_ req, SLOT_TRAILERS)) {
                 handled = 1;
             } else {
@@ -680,7 +741,8 @@ XS(xs_sender)
         else
             mPUSHi(kind);
         PUTBACK;
-        count = call_pv("PAGI::RS::HTTP::_after_send", G_SCALAR);
+        count = call_pv(is_http ? "PAGI::RS::HTTP::_after_send" : "PAGI::RS::SSE::_after_send",
+                        G_SCALAR);
         SPAGAIN;
         ret = count > 0 ? POPs : &PL_sv_undef;
         PUTBACK;
@@ -825,6 +887,15 @@ static pagi_str text_arg(pTHX_ SV *sv, int *has)
     *has = SvOK(sv) ? 1 : 0;
     if (!*has)
         return out;
+    /* ASCII is its own UTF-8: no copy (the common case, and numbers). */
+    if (!SvUTF8(sv) && !SvGMAGICAL(sv) && !SvROK(sv)) {
+        const char *p = SvPV_nomg(sv, len);
+        if (is_utf8_invariant_string((const U8 *)p, len)) {
+            out.ptr = p;
+            out.len = len;
+            return out;
+        }
+    }
     copy = sv_2mortal(newSVsv(sv));
     sv_utf8_encode(copy);
     out.ptr = SvPV(copy, len);

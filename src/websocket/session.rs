@@ -267,11 +267,17 @@ impl Session {
                         "websocket.close 'reason' is longer than 123 bytes".into(),
                     ));
                 }
+                let code = CloseCode::from(code);
+                // 1005, 1006, 1015 and unassigned codes may not appear in a
+                // Close frame (RFC 6455, 7.4); a peer sending them fails with 1002.
+                if !code.is_allowed() {
+                    return Err(SendError::Invalid(format!(
+                        "websocket.close 'code' {} may not be sent in a Close frame",
+                        u16::from(code)
+                    )));
+                }
                 st.app_closed_at = Some(Instant::now());
-                let frame = CloseFrame {
-                    code: CloseCode::from(code),
-                    reason,
-                };
+                let frame = CloseFrame { code, reason };
                 let _ = self
                     .outbound
                     .send(Outbound::Control(Message::Close(Some(frame))));
@@ -597,6 +603,19 @@ mod tests {
             })
             .collect();
         assert_eq!(ends, vec![(1008, "queue_overflow".to_string())]);
+    }
+
+    #[test]
+    fn reserved_close_codes_are_refused() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        for code in [999, 1004, 1005, 1006, 1015, 5000] {
+            assert!(
+                matches!(ws.close(code, b""), Err(SendError::Invalid(_))),
+                "{code}"
+            );
+        }
+        assert_eq!(ws.close(4000, b""), Ok(SendOutcome::Ready));
     }
 
     #[test]

@@ -115,12 +115,12 @@ sub _dispatch_messages {
         # (kind, id, num0..num3, headers, strings...)
         my $kind = $m[0];
         if ( $kind == MSG_REQUEST ) {
-            # http gets glue.c's XS $send; sse and websocket build their own.
-            if ( defined $m[3] ) {
+            # $send is glue.c's XS sender for http and sse, undef for websocket.
+            if ( ref $m[1] eq 'PAGI::RS::HTTP' ) {
                 PAGI::RS::HTTP::run_app( $m[1], $m[2], $m[3] );
             }
             else {
-                $m[1]->start( $m[2] );
+                $m[1]->start( $m[2], $m[3] );
             }
         }
         elsif ( $kind == MSG_WS_RECEIVE ) {

@@ -33,11 +33,22 @@ use constant {
 
 my $DONE = $PAGI::RS::HTTP::DONE;
 
+# $send is glue.c's XS sender: it takes a plain sse.send straight to the
+# core and hands everything else to _after_send.
 sub start {
-    my ( $self, $scope ) = @_;
+    my ( $self, $scope, $send ) = @_;
     $self->[STREAM] = NOT_STARTED;
-    PAGI::RS::HTTP::run_app( $self, $scope, sub { _send( $self, $_[0] ) }, sub { _receive($self) } );
+    PAGI::RS::HTTP::run_app( $self, $scope, $send, sub { _receive($self) } );
     return;
+}
+
+# The Perl half of $send (see glue.c's xs_sender): a fast-path sse.send that
+# must wait ($rc >= 0), failed (-1, $what the message) or was not taken (-2).
+sub _after_send {
+    my ( $self, $ev, $rc, $what ) = @_;
+    return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc) if $rc >= 0;
+    return _fail("sse.send: $what") if $rc == -1;
+    return _send( $self, $ev );
 }
 
 # The http events, renamed: sse.request for the body, sse.disconnect with

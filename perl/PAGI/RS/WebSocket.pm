@@ -178,15 +178,17 @@ sub _on_closed {
         $self->_mark_disconnected($reason);
     }
     $self->[CONNECTED] = 0;
-    if ( my $f = $self->[SEND_WAIT] ) {
-        $self->[SEND_WAIT] = undef;
-        $f->done unless $f->is_ready;
-    }
+    # The pending receive first: resolving the send resumes the app at once,
+    # and an app that sends in a loop until its receive is ready would spin.
     my $wait = $self->[RECV_WAIT];
     if ( $wait && !$wait->is_ready ) {
         $self->[RECV_WAIT] = undef;
         $self->[END_DELIVERED] = 1;
         $wait->done( {%$end} );
+    }
+    if ( my $f = $self->[SEND_WAIT] ) {
+        $self->[SEND_WAIT] = undef;
+        $f->done unless $f->is_ready;
     }
     $self->_forget if $self->[APP_DONE];
     return;
