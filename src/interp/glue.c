@@ -333,6 +333,7 @@ static int decimal(char *buf, size_t size, uint64_t n)
  *   REQUEST: (kind, $request, \%scope, $send)
  *   others:  (kind, id, num0, num1, num2, num3, headers_or_undef, strings...) */
 #define PAGI_MSG_REQUEST 1
+#define PAGI_MSG_STREAM_REQUEST 12 /* MSG_STREAM_REQUEST in Bridge.pm */
 
 XS(xs_next_message)
 {
@@ -372,7 +373,9 @@ XS(xs_next_message)
         STORE(scope_hv, L, K_CONNECTION, newRV_inc((SV *)req));
         STORE(scope_hv, L, K_TRANSPORT, newRV_inc((SV *)req));
         EXTEND(SP, 4);
-        mPUSHi(m.kind);
+        /* sse and websocket requests come as their own kind, so that the
+         * dispatch loop need not look at the object's class. */
+        mPUSHi(kind == SCOPE_HTTP ? m.kind : PAGI_MSG_STREAM_REQUEST);
         mPUSHs(self);
         mPUSHs(scope);
         /* The fast XS $send serves http and sse; websocket's is Perl. */

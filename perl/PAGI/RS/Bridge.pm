@@ -22,6 +22,7 @@ use constant {
     MSG_STOP              => 9,
     MSG_WS_RECEIVE        => 10,
     MSG_WS_DISCONNECT     => 11,
+    MSG_STREAM_REQUEST    => 12,    # an sse or websocket REQUEST (glue.c)
 };
 
 # Log levels understood by PAGI::RS::_log.
@@ -111,17 +112,15 @@ sub _dispatch_inbox {
 
 sub _dispatch_messages {
     while ( my @m = PAGI::RS::_next() ) {
-        # REQUEST: (kind, request, scope, send); others:
+        # REQUEST and STREAM_REQUEST: (kind, request, scope, send); others:
         # (kind, id, num0..num3, headers, strings...)
         my $kind = $m[0];
         if ( $kind == MSG_REQUEST ) {
-            # $send is glue.c's XS sender for http and sse, undef for websocket.
-            if ( ref $m[1] eq 'PAGI::RS::HTTP' ) {
-                PAGI::RS::HTTP::run_app( $m[1], $m[2], $m[3] );
-            }
-            else {
-                $m[1]->start( $m[2], $m[3] );
-            }
+            PAGI::RS::HTTP::run_app( $m[1], $m[2], $m[3] );
+        }
+        elsif ( $kind == MSG_STREAM_REQUEST ) {
+            # $send is glue.c's XS sender for sse, undef for websocket.
+            $m[1]->start( $m[2], $m[3] );
         }
         elsif ( $kind == MSG_WS_RECEIVE ) {
             my $r = $REQUESTS{ $m[1] };
