@@ -286,6 +286,8 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
     HV *pagi = newHV();
     HV *ext = newHV();
     HV *state = GvHVn(L->state_gv);
+    /* Sized for its ~20 keys up front: growing splits the table twice. */
+    hv_ksplit(scope, 32);
     STORE(pagi, L, K_VERSION, newSVpvs("0.4"));
     STORE(pagi, L, K_SPEC_VERSION, newSVpvs("0.3"));
     switch (kind) {
