@@ -145,6 +145,20 @@ struct State {
     end_reason: Option<String>,
 }
 
+/// The verdict on a send that leaves `buffered` bytes queued.  `high`
+/// remembers that the mark was crossed, so that on_high_water fires once
+/// per crossing (the network side clears it below the low mark).
+pub(crate) fn water_mark(buffered: usize, high_water: usize, high: &mut bool) -> SendOutcome {
+    if buffered < high_water {
+        SendOutcome::Ready
+    } else if *high {
+        SendOutcome::StillHigh
+    } else {
+        *high = true;
+        SendOutcome::HighWater
+    }
+}
+
 /// Largest data frame handed to hyper.
 const MAX_FRAME: usize = 64 * 1024;
 
@@ -433,16 +447,7 @@ impl Exchange {
     }
 
     fn water_mark_outcome(&self, st: &mut State) -> SendOutcome {
-        if st.buffered >= self.config.high_water {
-            if st.high {
-                SendOutcome::StillHigh
-            } else {
-                st.high = true;
-                SendOutcome::HighWater
-            }
-        } else {
-            SendOutcome::Ready
-        }
+        water_mark(st.buffered, self.config.high_water, &mut st.high)
     }
 
     pub fn trailers(&self, headers: &[(&[u8], &[u8])]) -> Result<SendOutcome, SendError> {

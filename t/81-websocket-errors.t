@@ -353,7 +353,7 @@ subtest 'binary frames are not UTF-8 checked' => sub {
     $ws->send_binary("\xff\xfe");
     $ws->close(1000);
     is scalar( $ws->wait_close(3) ), 1000, 'clean close';
-    is_deeply [ records("$name.events") ]->[0], { type => 'websocket.receive', bytes => "\xff\xfe" }, 'bytes delivered';
+    is_deeply [ wait_records("$name.events", 1, 5) ]->[0], { type => 'websocket.receive', bytes => "\xff\xfe" }, 'bytes delivered';
 };
 
 # ---------------------------------------------------------------------------
@@ -496,7 +496,7 @@ subtest '--ws-idle-timeout 1 => 1006 idle_timeout' => sub {
         last if $m->{type} eq 'close';
     }
     is_deeply \@got, [ ( map { "tick$_" } 1 .. 5 ), 'close 1000:' ], 'server messages every 0.4 s keep it open for 2 s';
-    is_deeply [ records('ticker.events') ], [ { type => 'websocket.disconnect', code => 1000, reason => '' } ], 'clean end';
+    is_deeply [ wait_records('ticker.events', 1, 5) ], [ { type => 'websocket.disconnect', code => 1000, reason => '' } ], 'clean end';
     $s2->stop;
 };
 

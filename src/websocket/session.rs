@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::Settings;
 use crate::error::SendError;
-use crate::exchange::{Exchange, FinishOutcome, SendOutcome};
+use crate::exchange::{water_mark, Exchange, FinishOutcome, SendOutcome};
 use crate::interp::mailbox::Mailbox;
 use crate::interp::messages::ToPerl;
 
@@ -228,16 +228,8 @@ impl Session {
             Message::Binary(bytes)
         };
         st.buffered += data.len();
-        let outcome = if st.buffered >= self.exchange.config().high_water {
-            if st.high {
-                SendOutcome::StillHigh
-            } else {
-                st.high = true;
-                SendOutcome::HighWater
-            }
-        } else {
-            SendOutcome::Ready
-        };
+        let st = &mut *st;
+        let outcome = water_mark(st.buffered, self.exchange.config().high_water, &mut st.high);
         // Sent under the lock so that sends keep their order across threads.
         let _ = self.outbound.send(Outbound::Data(message, data.len()));
         Ok(outcome)

@@ -72,19 +72,20 @@ sub run_app {
     my ( $self, $scope, $send, $receive ) = @_;
     # $send is an XS closure (glue.c) that handles the common events without
     # Perl code; $receive is a tiny closure (cloning one copies its pad, so
-    # the logic lives in a named sub).  SSE passes its own pair (SSE.pm).
+    # the logic lives in a named sub).  SSE and WebSocket pass their own
+    # pair, and end the request with their own _app_done.
     my $f = eval {
         $PAGI::RS::Bridge::APP->( $scope, $receive // sub { _receive($self) }, $send );
     };
     if ( !defined $f ) {
         my $err = $@;
-        _app_done( $self, $err ne '' ? $err : undef );
+        $self->_app_done( $err ne '' ? $err : undef );
     }
     elsif ( !( $IS_FUTURE{ ref $f } //= blessed($f) && $f->isa('Future') ? 1 : 0 ) ) {
-        _app_done( $self, undef );
+        $self->_app_done(undef);
     }
     elsif ( $f->is_done ) {
-        _app_done( $self, undef );
+        $self->_app_done(undef);
     }
     elsif ( $f->is_ready ) {
         _app_ready( $self, $f );

@@ -9,7 +9,6 @@ package PAGI::RS::WebSocket;
 use strict;
 use warnings;
 use Future;
-use Scalar::Util qw(blessed);
 use PAGI::RS::Connection;
 use PAGI::RS::Transport;
 use PAGI::RS::HTTP ();
@@ -67,38 +66,7 @@ sub start {
     $scope->{max_receive_queue} = $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE;
     $scope->{max_frame_size}    = $PAGI::RS::Bridge::MAX_WS_FRAME_SIZE
       if $PAGI::RS::Bridge::MAX_WS_FRAME_SIZE;
-    my $f = eval {
-        $PAGI::RS::Bridge::APP->( $scope, sub { _receive($self) }, sub { _send( $self, $_[0] ) } );
-    };
-    if ( !defined $f ) {
-        my $err = $@;
-        _app_done( $self, $err ne '' ? $err : undef );
-    }
-    elsif ( !( blessed($f) && $f->isa('Future') ) || $f->is_done ) {
-        _app_done( $self, undef );
-    }
-    elsif ( $f->is_ready ) {
-        _app_ready( $self, $f );
-    }
-    else {
-        $self->[APP_FUTURE] = $f;
-        $f->on_ready( sub { _app_ready( $self, shift ) } );
-    }
-    return;
-}
-
-sub _app_ready {
-    my ( $self, $f ) = @_;
-    $self->[APP_FUTURE] = undef;
-    my $err;
-    if ( $f->is_failed ) {
-        ($err) = $f->failure;
-        $err //= 'application Future failed';
-    }
-    elsif ( $f->is_cancelled ) {
-        $err = 'application Future was cancelled';
-    }
-    _app_done( $self, $err );
+    PAGI::RS::HTTP::run_app( $self, $scope, sub { _send( $self, $_[0] ) }, sub { _receive($self) } );
     return;
 }
 
