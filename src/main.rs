@@ -159,6 +159,7 @@ fn run(
             max_frame_size: (opts.max_ws_frame_size > 0).then_some(opts.max_ws_frame_size),
             idle_timeout: Options::timeout_opt(opts.ws_idle_timeout),
             close_timeout: Duration::from_secs(10),
+            max_in_transit: opts.max_receive_queue.max(1),
         }),
         shutting_down,
         detached: Default::default(),

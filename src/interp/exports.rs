@@ -226,6 +226,9 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.nstr = 1;
             }
             ToPerl::WsReceive { id, text, data } => {
+                if let Some(ws) = ctx.sessions.get(id) {
+                    ws.taken_by_interpreter();
+                }
                 m.kind = kind::WS_RECEIVE;
                 m.id = *id;
                 m.num[0] = i64::from(*text);

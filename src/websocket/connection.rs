@@ -109,6 +109,10 @@ async fn read_loop(
     let mut keepalive = None;
     loop {
         let wake = session.reader_wake.notified();
+        let taken = session.taken.notified();
+        // Past --max-receive-queue messages in transit to the interpreter,
+        // stop reading: TCP pushes back instead of memory growing.
+        let may_read = session.may_read();
         if let Some(forced) = session.forced_ending() {
             return forced;
         }
@@ -133,7 +137,8 @@ async fn read_loop(
         let timer = idle_in.min(close_in).min(ping_in).min(pong_in);
 
         tokio::select! {
-            frame = stream.next() => match frame {
+            _ = taken, if !may_read => {}
+            frame = stream.next(), if may_read => match frame {
                 Some(Ok(Message::Text(text))) => {
                     if peer_close.is_none() {
                         session.deliver(true, text.into());

@@ -25,4 +25,9 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     /// How long to wait for the peer's reply to our Close frame.
     pub close_timeout: Duration,
+    /// Messages read but not yet taken by the interpreter, per socket; past
+    /// this the socket is not read (TCP pushes back on the client) until the
+    /// interpreter catches up.  `--max-receive-queue` bounds what the app
+    /// leaves unread on top of this.
+    pub max_in_transit: usize,
 }

@@ -2,7 +2,7 @@
 //! the interpreter thread, the connection tasks take them from here, and
 //! the end of the socket is decided here exactly once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,10 @@ pub struct Session {
     pub reader_wake: Notify,
     /// Milliseconds since `created` of the last frame in either direction.
     last_activity_ms: AtomicU64,
+    /// Received messages posted to the interpreter and not yet taken.
+    in_transit: AtomicUsize,
+    /// The interpreter took one (the reader may read again).
+    pub taken: Notify,
     created: Instant,
 }
 
@@ -136,6 +140,8 @@ impl Session {
             outbound_rx: Mutex::new(Some(rx)),
             reader_wake: Notify::new(),
             last_activity_ms: AtomicU64::new(0),
+            in_transit: AtomicUsize::new(0),
+            taken: Notify::new(),
             created: Instant::now(),
         })
     }
@@ -450,11 +456,26 @@ impl Session {
     /// A received message for the application.
     pub fn deliver(&self, text: bool, data: Bytes) {
         self.touch();
+        self.in_transit.fetch_add(1, Ordering::AcqRel);
         self.mailbox.push(ToPerl::WsReceive {
             id: self.id,
             text,
             data,
         });
+    }
+
+    /// The interpreter took a message posted by `deliver`.
+    pub fn taken_by_interpreter(&self) {
+        let before = self.in_transit.fetch_sub(1, Ordering::AcqRel);
+        if before >= self.settings.max_in_transit {
+            self.taken.notify_one();
+        }
+    }
+
+    /// Whether the reader may read another message: the interpreter is not
+    /// too far behind this socket.
+    pub fn may_read(&self) -> bool {
+        self.in_transit.load(Ordering::Acquire) < self.settings.max_in_transit
     }
 
     /// The socket ended: tell the application (once) and log the line.
@@ -497,6 +518,7 @@ mod tests {
             max_frame_size: None,
             idle_timeout: None,
             close_timeout: Duration::from_secs(1),
+            max_in_transit: 2,
         });
         (Session::new(ex, mailbox, settings, "key=".into()), head)
     }
@@ -595,6 +617,18 @@ mod tests {
             })
             .collect();
         assert_eq!(ends, vec![(1008, "queue_overflow".to_string())]);
+    }
+
+    #[test]
+    fn reading_pauses_while_the_interpreter_is_behind() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        ws.deliver(true, Bytes::from_static(b"a"));
+        assert!(ws.may_read());
+        ws.deliver(true, Bytes::from_static(b"b"));
+        assert!(!ws.may_read(), "two in transit with a limit of two");
+        ws.taken_by_interpreter();
+        assert!(ws.may_read());
     }
 
     #[test]
