@@ -232,7 +232,7 @@ enum {
     K_METHOD, K_SCHEME, K_PATH, K_RAW_PATH, K_QUERY_STRING, K_ROOT_PATH,
     K_HEADERS, K_CLIENT, K_SERVER, K_STATE, K_EXTENSIONS, K_CONNECTION,
     K_TRANSPORT, K_BODY, K_MORE, K_FILE, K_FH, K_STATUS, K_TRAILERS,
-    K_DATA, K_EVENT, K_ID, K_RETRY,
+    K_DATA, K_EVENT, K_ID, K_RETRY, K_TEXT, K_BYTES,
     K_COUNT
 };
 
@@ -241,7 +241,7 @@ static const char *const key_names[K_COUNT] = {
     "method", "scheme", "path", "raw_path", "query_string", "root_path",
     "headers", "client", "server", "state", "extensions", "pagi.connection",
     "pagi.transport", "body", "more", "file", "fh", "status", "trailers",
-    "data", "event", "id", "retry",
+    "data", "event", "id", "retry", "text", "bytes",
 };
 
 typedef struct {
@@ -251,6 +251,7 @@ typedef struct {
     GV *done_gv;     /* $PAGI::RS::HTTP::DONE */
     HV *http_stash;  /* PAGI::RS::HTTP */
     HV *sse_stash;   /* PAGI::RS::SSE */
+    HV *ws_stash;    /* PAGI::RS::WebSocket */
     SV *keys[K_COUNT];
 } interp_lookups;
 
@@ -267,6 +268,7 @@ static interp_lookups *the_lookups(pTHX)
     lookups.done_gv = gv_fetchpvs("PAGI::RS::HTTP::DONE", GV_ADD, SVt_PV);
     lookups.http_stash = gv_stashpvs("PAGI::RS::HTTP", GV_ADD);
     lookups.sse_stash = gv_stashpvs("PAGI::RS::SSE", GV_ADD);
+    lookups.ws_stash = gv_stashpvs("PAGI::RS::WebSocket", GV_ADD);
     for (i = 0; i < K_COUNT; i++)
         lookups.keys[i] = newSVpvn_share(key_names[i], (I32)strlen(key_names[i]), 0);
     lookups.owner = aTHX;
@@ -366,7 +368,7 @@ XS(xs_next_message)
         self = newRV_noinc((SV *)req);
         sv_bless(self, kind == SCOPE_HTTP        ? L->http_stash
                        : kind == SCOPE_SSE       ? L->sse_stash
-                                                 : gv_stashpvs("PAGI::RS::WebSocket", GV_ADD));
+                                                 : L->ws_stash);
         requests = GvHVn(L->requests_gv);
         klen = decimal(key, sizeof key, m.id);
         (void)hv_store(requests, key + sizeof key - klen, klen, newRV_inc((SV *)req), 0);
@@ -380,11 +382,7 @@ XS(xs_next_message)
         mPUSHi(kind == SCOPE_HTTP ? m.kind : PAGI_MSG_STREAM_REQUEST);
         mPUSHs(self);
         mPUSHs(scope);
-        /* The fast XS $send serves http and sse; websocket's is Perl. */
-        if (kind != SCOPE_WEBSOCKET)
-            mPUSHs(new_sender(aTHX_ req));
-        else
-            PUSHs(&PL_sv_undef);
+        mPUSHs(new_sender(aTHX_ req));
         PUTBACK;
         return;
     }
@@ -661,10 +659,48 @@ static int fast_sse_send(pTHX_ uint64_t id, AV *req, SV *ev_sv, int *kind, pagi_
                              eid_s.len, has_eid, retry_n, err);
 }
 
+/* websocket.send straight to the core: exactly one of text/bytes, plain
+ * scalars.  Everything else, and every error message, is WebSocket.pm's. */
+static int fast_ws_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
+{
+    interp_lookups *L = the_lookups(aTHX);
+    HV *ev;
+    SV *type_sv, *text, *bytes;
+    STRLEN tlen;
+    const char *type;
+    pagi_str payload;
+    int has;
+    if (!SvROK(ev_sv) || SvTYPE(SvRV(ev_sv)) != SVt_PVHV || SvRMAGICAL(SvRV(ev_sv)))
+        return -2;
+    ev = (HV *)SvRV(ev_sv);
+    type_sv = hv_value(aTHX_ ev, KEY(L, K_TYPE));
+    if (!type_sv || !SvPOK(type_sv))
+        return -2;
+    type = SvPV(type_sv, tlen);
+    if (tlen != 14 || !memEQ(type, "websocket.send", 14))
+        return -2;
+    text = hv_value(aTHX_ ev, KEY(L, K_TEXT));
+    bytes = hv_value(aTHX_ ev, KEY(L, K_BYTES));
+    if (text && !SvOK(text))
+        text = NULL;
+    if (bytes && !SvOK(bytes))
+        bytes = NULL;
+    if (!text == !bytes || (text && SvROK(text)) || (bytes && SvROK(bytes)))
+        return -2;
+    if (text) {
+        payload = text_arg(aTHX_ text, &has);
+    } else if (!sv_to_bytes(aTHX_ bytes, &payload)) {
+        return -2;
+    }
+    *kind = SEND_KIND_BODY_MORE;
+    return pagi_rs_ws_send(id, text ? 1 : 0, payload.ptr, payload.len, err);
+}
+
 /* ---- the application's $send ----------------------------------------------
  * An XS closure rather than a Perl one: it is called for every response
- * event, and the common case (start, or a body that fits under the
- * high-water mark) needs no Perl code at all.  The request object it belongs
+ * event, and the common case (start, or a body, an SSE event or a
+ * WebSocket message that fits under the high-water mark) needs no Perl
+ * code at all.  The request object it belongs
  * to hangs off the CV as magic; it updates that object's SLOT_* fields. */
 #define CODE_SENT 0
 #define CODE_CLOSED 3
@@ -686,19 +722,24 @@ XS(xs_sender)
     SV **idp;
     pagi_str err = {0, 0};
     int rc, kind = 0, handled = 0, is_http;
+    interp_lookups *L = the_lookups(aTHX);
+    HV *stash;
     if (!mg || !mg->mg_obj || !SvROK(mg->mg_obj))
         croak("pagi-rs: this send() no longer belongs to a request");
     self = mg->mg_obj;
     req = (AV *)SvRV(self);
-    is_http = SvSTASH((SV *)req) == the_lookups(aTHX)->http_stash;
+    stash = SvSTASH((SV *)req);
+    is_http = stash == L->http_stash;
     ev = items > 0 ? ST(0) : &PL_sv_undef;
     idp = av_fetch(req, SLOT_ID, 0);
     if (!idp)
         rc = -2;
     else if (is_http)
         rc = fast_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err);
-    else
+    else if (stash == L->sse_stash)
         rc = fast_sse_send(aTHX_(uint64_t) SvUV(*idp), req, ev, &kind, &err);
+    else
+        rc = fast_ws_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err);
     if (rc == CODE_SENT || rc == CODE_CLOSED) {
         switch (kind) {
         case SEND_KIND_START:
@@ -746,7 +787,9 @@ XS(xs_sender)
         else
             mPUSHi(kind);
         PUTBACK;
-        count = call_pv(is_http ? "PAGI::RS::HTTP::_after_send" : "PAGI::RS::SSE::_after_send",
+        count = call_pv(is_http                 ? "PAGI::RS::HTTP::_after_send"
+                        : stash == L->sse_stash ? "PAGI::RS::SSE::_after_send"
+                                                : "PAGI::RS::WebSocket::_after_send",
                         G_SCALAR);
         SPAGAIN;
         ret = count > 0 ? POPs : &PL_sv_undef;

@@ -119,7 +119,6 @@ sub _dispatch_messages {
             PAGI::RS::HTTP::run_app( $m[1], $m[2], $m[3] );
         }
         elsif ( $kind == MSG_STREAM_REQUEST ) {
-            # $send is glue.c's XS sender for sse, undef for websocket.
             $m[1]->start( $m[2], $m[3] );
         }
         elsif ( $kind == MSG_WS_RECEIVE ) {

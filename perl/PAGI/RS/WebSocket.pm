@@ -58,16 +58,28 @@ sub _subprotocols {
     return \@offered;
 }
 
+# $send is glue.c's XS sender: a plain websocket.send goes straight to the
+# core, everything else to _after_send.
 sub start {
-    my ( $self, $scope ) = @_;
+    my ( $self, $scope, $send ) = @_;
     $self->[PHASE] = CONNECTING;
     delete $scope->{method};
     $scope->{subprotocols}      = _subprotocols( $scope->{headers} );
     $scope->{max_receive_queue} = $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE;
     $scope->{max_frame_size}    = $PAGI::RS::Bridge::MAX_WS_FRAME_SIZE
       if $PAGI::RS::Bridge::MAX_WS_FRAME_SIZE;
-    PAGI::RS::HTTP::run_app( $self, $scope, sub { _send( $self, $_[0] ) }, sub { _receive($self) } );
+    PAGI::RS::HTTP::run_app( $self, $scope, $send, sub { _receive($self) } );
     return;
+}
+
+# The Perl half of $send (see glue.c's xs_sender): a fast-path
+# websocket.send that must wait ($rc >= 0), failed (-1, $what the
+# message) or was not taken (-2).
+sub _after_send {
+    my ( $self, $ev, $rc, $what ) = @_;
+    return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc) if $rc >= 0;
+    return _fail("websocket.send: $what") if $rc == -1;
+    return _send( $self, $ev );
 }
 
 sub _app_done {
