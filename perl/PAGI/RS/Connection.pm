@@ -97,6 +97,15 @@ sub _mark_complete {
 }
 
 # Does anyone wait to hear how this request ends?
+# No more events are needed for this request: leave the registry Bridge.pm
+# routes the core's messages through, and let the core forget it too.
+sub _forget {
+    my ($self) = @_;
+    delete $PAGI::RS::Bridge::REQUESTS{ $self->[ID] };
+    PAGI::RS::_release( $self->[ID] );
+    return;
+}
+
 sub _has_callbacks {
     my ($self) = @_;
     return ( $self->[ON_COMPLETE] && @{ $self->[ON_COMPLETE] } )

@@ -133,13 +133,6 @@ sub _app_done {
     return;
 }
 
-# No more events are needed for this request.
-sub _forget {
-    my ($self) = @_;
-    delete $PAGI::RS::Bridge::REQUESTS{ $self->[ID] };
-    PAGI::RS::_release( $self->[ID] );
-    return;
-}
 
 # ---- $receive -------------------------------------------------------------
 
@@ -373,17 +366,6 @@ sub _wait_deferred {
     return $self->[DEFER_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
 }
 
-sub _on_drained {
-    my ($self) = @_;
-    # Callbacks first: resolving the send resumes the app, which may push
-    # past the high mark again before a late on_drain would run.
-    $self->_fire_drain;
-    if ( my $f = $self->[SEND_WAIT] ) {
-        $self->[SEND_WAIT] = undef;
-        $f->done unless $f->is_ready;
-    }
-    return;
-}
 
 sub _on_send_done {
     my ( $self, $err ) = @_;

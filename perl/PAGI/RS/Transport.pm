@@ -9,6 +9,10 @@ use strict;
 use warnings;
 
 use constant { ON_HIGH => 9, ON_DRAIN => 10 };
+
+# The pending send waiting for the buffer to drain: slot 13 in both request
+# classes (HTTP.pm and WebSocket.pm name it SEND_WAIT).
+use constant SEND_WAIT => 13;
 use constant Q_BUFFERED => 0;    # pagi-rs query code (exports.rs)
 
 sub buffered_amount { PAGI::RS::_query( $_[0][0], Q_BUFFERED ) // 0 }
@@ -25,6 +29,19 @@ sub on_high_water {
 sub on_drain {
     my ( $self, $cb ) = @_;
     push @{ $self->[ON_DRAIN] }, $cb;
+    return;
+}
+
+# The core says the buffer fell below the low mark after reaching the high
+# one.  Callbacks first: resolving the send resumes the app, which may push
+# past the high mark again before a late on_drain would run.
+sub _on_drained {
+    my ($self) = @_;
+    $self->_fire_drain;
+    if ( my $f = $self->[SEND_WAIT] ) {
+        $self->[SEND_WAIT] = undef;
+        $f->done unless $f->is_ready;
+    }
     return;
 }
 

@@ -91,12 +91,6 @@ sub _app_done {
     return;
 }
 
-sub _forget {
-    my ($self) = @_;
-    delete $PAGI::RS::Bridge::REQUESTS{ $self->[ID] };
-    PAGI::RS::_release( $self->[ID] );
-    return;
-}
 
 # ---- $receive -------------------------------------------------------------
 
@@ -181,15 +175,6 @@ sub _on_network_gone {
     return;
 }
 
-sub _on_drained {
-    my ($self) = @_;
-    $self->_fire_drain;
-    if ( my $f = $self->[SEND_WAIT] ) {
-        $self->[SEND_WAIT] = undef;
-        $f->done unless $f->is_ready;
-    }
-    return;
-}
 
 # Not sent for websockets; present so a stray message is harmless.
 sub _on_delivered { return }
