@@ -844,13 +844,8 @@ XS(xs_finish)
     if (items != 3)
         croak_xs_usage(cv, "id, error, interested");
     id = (uint64_t)SvUV(ST(0));
-    has_err = SvOK(ST(1)) ? 1 : 0;
-    if (has_err) {
-        STRLEN len;
-        /* Errors are text; send Perl's UTF-8 form so nothing croaks. */
-        e.ptr = SvPVutf8(sv_2mortal(newSVsv(ST(1))), len);
-        e.len = len;
-    }
+    /* Errors are text; send Perl's UTF-8 form so nothing croaks. */
+    e = text_arg(aTHX_ ST(1), &has_err);
     interested = SvTRUE(ST(2)) ? 1 : 0;
     rc = pagi_rs_finish(id, e.ptr, e.len, has_err, interested);
     XSRETURN_IV(rc);
@@ -1122,12 +1117,7 @@ XS(xs_ws_finish)
     int has_err;
     if (items != 2)
         croak_xs_usage(cv, "id, error");
-    has_err = SvOK(ST(1)) ? 1 : 0;
-    if (has_err) {
-        STRLEN len;
-        e.ptr = SvPVutf8(sv_2mortal(newSVsv(ST(1))), len);
-        e.len = len;
-    }
+    e = text_arg(aTHX_ ST(1), &has_err);
     XSRETURN_IV(pagi_rs_ws_finish((uint64_t)SvUV(ST(0)), e.ptr, e.len, has_err));
 }
 
