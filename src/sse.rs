@@ -188,8 +188,10 @@ pub async fn supervise(
         tokio::select! {
             _ = tokio::time::sleep(until_keepalive.min(until_idle)) => {
                 if let Some((every, comment)) = setting {
-                    if ex.since_progress() >= every {
-                        // Outside the water marks: a keepalive never waits.
+                    // Outside the water marks: a keepalive never waits.  With
+                    // bytes still queued the connection is not idle, and a
+                    // client that stopped reading must not pile comments up.
+                    if ex.since_progress() >= every && ex.buffered_amount() == 0 {
                         let _ = ex.body(&comment, true);
                     }
                 }
