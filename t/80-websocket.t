@@ -821,8 +821,9 @@ subtest 'backpressure: sends wait while the client does not read' => sub {
     ok $stalled->{after} < $n, "not all sends resolved ($stalled->{after} of $n)";
     my @ev = records('flood.events');
     my ($high) = grep { $_->{event} eq 'high' } @ev;
+    # (What buffered_amount says inside the callback is a live figure: the
+    # writer thread may already have moved the message into the kernel.)
     ok $high, 'on_high_water fired';
-    ok $high && $high->{buffered} >= 65536, 'with buffered_amount at or above the high-water mark';
 
     # Now read everything.
     my @got;
