@@ -421,6 +421,10 @@ subtest 'not an upgrade => http; no version check' => sub {
     ok $ws->upgraded, 'Sec-WebSocket-Version 8 still upgrades (no version check)';
     $ws->close(1000);
     $ws->wait_close(2);
+    # RFC 6455 needs HTTP/1.1; hyper cannot hand over an HTTP/1.0 socket.
+    $ws = PagiRS::WS->connect( $port, path => '/scope', protocol => 'HTTP/1.0' );
+    ok !$ws->upgraded, 'an HTTP/1.0 upgrade request is not upgraded';
+    is $ws->body, 'http:http', 'it is an ordinary http request';
 };
 
 # ---------------------------------------------------------------------------

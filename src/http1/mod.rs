@@ -58,7 +58,7 @@ pub async fn handle(
         return Ok(plain_response(status, text));
     }
 
-    if crate::websocket::handshake::is_upgrade(req.headers()) {
+    if crate::websocket::handshake::is_upgrade(req.version(), req.headers()) {
         return crate::websocket::handshake::handle(req, conn, server, started).await;
     }
 

@@ -26,11 +26,14 @@ fn has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &[u8]) 
     })
 }
 
-/// A WebSocket upgrade request: `Upgrade: websocket`, `Connection: upgrade`
-/// and a `Sec-WebSocket-Key` (the reference server's test).  Anything else
-/// is an ordinary request, so an http app can still answer it.
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    has_token(headers, UPGRADE, b"websocket")
+/// A WebSocket upgrade request: HTTP/1.1 (RFC 6455 needs it, and hyper
+/// hands over only HTTP/1.1 sockets) with `Upgrade: websocket`,
+/// `Connection: upgrade` and a `Sec-WebSocket-Key` (the reference server's
+/// test).  Anything else is an ordinary request, so an http app can still
+/// answer it.
+pub fn is_upgrade(version: http::Version, headers: &HeaderMap) -> bool {
+    version == http::Version::HTTP_11
+        && has_token(headers, UPGRADE, b"websocket")
         && has_token(headers, CONNECTION, b"upgrade")
         && headers.contains_key(SEC_WEBSOCKET_KEY)
 }
@@ -125,7 +128,8 @@ mod tests {
             ("connection", "keep-alive, Upgrade"),
             ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ];
-        assert!(is_upgrade(&headers(&full)));
+        assert!(is_upgrade(http::Version::HTTP_11, &headers(&full)));
+        assert!(!is_upgrade(http::Version::HTTP_10, &headers(&full)));
         for skip in 0..full.len() {
             let partial: Vec<_> = full
                 .iter()
@@ -133,13 +137,20 @@ mod tests {
                 .filter(|(i, _)| *i != skip)
                 .map(|(_, p)| *p)
                 .collect();
-            assert!(!is_upgrade(&headers(&partial)), "without {}", full[skip].0);
+            assert!(
+                !is_upgrade(http::Version::HTTP_11, &headers(&partial)),
+                "without {}",
+                full[skip].0
+            );
         }
-        assert!(!is_upgrade(&headers(&[
-            ("upgrade", "h2c"),
-            ("connection", "upgrade"),
-            ("sec-websocket-key", "x"),
-        ])));
+        assert!(!is_upgrade(
+            http::Version::HTTP_11,
+            &headers(&[
+                ("upgrade", "h2c"),
+                ("connection", "upgrade"),
+                ("sec-websocket-key", "x"),
+            ])
+        ));
     }
 
     #[test]
