@@ -15,6 +15,7 @@ use Encode ();
 use Errno ();
 use Time::HiRes qw(time);
 use Carp qw(croak);
+use PagiRS::Test ();
 
 # PagiRS::SSE->open($port, $path, %o).  Options: method ('GET'), headers
 # ([[k, v], ...]; a name matching a default -- Host, Accept -- replaces it),
@@ -88,27 +89,14 @@ sub _write {
 sub _read {
     my ( $self, $deadline, $what, $soft ) = @_;
     return 0 if $self->{eof};
-    my $sel = IO::Select->new( $self->{sock} );
-    while (1) {
-        # Poll once more even at the deadline, so a timeout of 0 still reads
-        # what is already there.
-        my $left = $deadline - time;
-        $left = 0 if $left < 0;
-        if ( !$sel->can_read($left) ) {
-            next if time < $deadline;
-            return undef if $soft;
-            croak sprintf "PagiRS::SSE: timeout waiting for %s (%d body bytes so far)", $what, length $self->{body};
-        }
-        my $n = sysread( $self->{sock}, $self->{in}, 65536, length $self->{in} );
-        if ( !defined $n ) {
-            next if $!{EINTR} || $!{EAGAIN} || $!{EWOULDBLOCK};
-            $self->{read_error} = "$!";
-            $n = 0;
-        }
-        $self->{eof} = 1 if $n == 0;
-        $self->{wire} .= substr( $self->{in}, -$n ) if $n && defined $self->{framing};    # after the head
-        return $n;
+    my $n = PagiRS::Test::read_some( $self->{sock}, \$self->{in}, $deadline, \$self->{read_error} );
+    if ( !defined $n ) {
+        return undef if $soft;
+        croak sprintf "PagiRS::SSE: timeout waiting for %s (%d body bytes so far)", $what, length $self->{body};
     }
+    $self->{eof} = 1 if $n == 0;
+    $self->{wire} .= substr( $self->{in}, -$n ) if $n && defined $self->{framing};    # after the head
+    return $n;
 }
 
 sub _read_head {

@@ -19,7 +19,7 @@ our @EXPORT = (
     # running the server
     qw(pagi_bin write_app start_server run_pagi spawn_pagi start_on_port free_port port_listening),
     # talking to it
-    qw(raw_request parse_response http_request connect_port read_sock),
+    qw(raw_request parse_response http_request connect_port read_sock read_some),
     # files the server or the app wrote, and the server's memory
     qw(slurp file_lines wait_file_line vmrss_kb),
 );
@@ -174,6 +174,28 @@ sub connect_port {
     my $s = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 5 )
       or die "connect: $!";
     return $s;
+}
+
+# One sysread from $sock appended to $$buf, waiting until $deadline (an
+# epoch time).  Returns the byte count, 0 at EOF or on a read error (the
+# error goes to $$error), or undef on timeout.  It polls once even at the
+# deadline, so a timeout of 0 still reads what is already there.
+sub read_some {
+    my ( $sock, $buf, $deadline, $error ) = @_;
+    my $sel = IO::Select->new($sock);
+    while (1) {
+        my $left = $deadline - time;
+        $left = 0 if $left < 0;
+        if ( !$sel->can_read($left) ) {
+            next if time < $deadline;
+            return undef;
+        }
+        my $n = sysread( $sock, $$buf, 65536, length $$buf );
+        return $n if defined $n;
+        next if $!{EINTR} || $!{EAGAIN} || $!{EWOULDBLOCK};
+        $$error = "$!" if $error;
+        return 0;
+    }
 }
 
 # Read from $sock onto $buf until $re (if given) matches, the peer closes, or

@@ -22,6 +22,7 @@ use Encode ();
 use Errno ();
 use Time::HiRes qw(time);
 use Carp qw(croak);
+use PagiRS::Test ();
 
 my $GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
 our %OPCODE = ( continuation => 0, cont => 0, text => 1, binary => 2, close => 8, ping => 9, pong => 10 );
@@ -181,26 +182,13 @@ sub _read_http_body {
 sub _fill {
     my ( $self, $deadline, $what, $soft ) = @_;
     return 0 if $self->{eof};
-    my $sel = IO::Select->new( $self->{sock} );
-    while (1) {
-        # Poll once more even at the deadline, so a timeout of 0 still reads
-        # what is already there.
-        my $left = $deadline - time;
-        $left = 0 if $left < 0;
-        if ( !$sel->can_read($left) ) {
-            next if time < $deadline;
-            return undef if $soft;
-            croak sprintf "PagiRS::WS: timeout waiting for %s (%d bytes buffered)", $what, length $self->{buf};
-        }
-        my $n = sysread( $self->{sock}, $self->{buf}, 65536, length $self->{buf} );
-        if ( !defined $n ) {
-            next if $!{EINTR} || $!{EAGAIN} || $!{EWOULDBLOCK};
-            $self->{read_error} = "$!";
-            $n = 0;
-        }
-        $self->{eof} = 1 if $n == 0;
-        return $n;
+    my $n = PagiRS::Test::read_some( $self->{sock}, \$self->{buf}, $deadline, \$self->{read_error} );
+    if ( !defined $n ) {
+        return undef if $soft;
+        croak sprintf "PagiRS::WS: timeout waiting for %s (%d bytes buffered)", $what, length $self->{buf};
     }
+    $self->{eof} = 1 if $n == 0;
+    return $n;
 }
 
 # Write all of $bytes.  Returns the byte count, or undef if the peer is gone
