@@ -4,7 +4,6 @@
 //! interpreter and the PAGI protocol cost on top of the network core.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
@@ -15,9 +14,11 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
 const BODY: &[u8] = b"Hello, World!";
+
+#[path = "common/listen.rs"]
+mod listen;
 
 #[derive(Parser, Debug)]
 #[command(about = "Plain hyper hello-world server (benchmark baseline)")]
@@ -42,31 +43,17 @@ async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let listener = TcpListener::bind((args.host.as_str(), args.port)).await?;
-    // The benchmark scripts parse this line to learn the ephemeral port.
-    eprintln!(
-        "hyper-baseline: listening on http://{}/",
-        listener.local_addr()?
-    );
-
-    loop {
-        let (stream, _peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Typically EMFILE under heavy load: back off instead of spinning.
-                eprintln!("hyper-baseline: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // Same as pagi-rs: small responses should not wait for Nagle.
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let conn = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service_fn(hello));
+    listen::serve(
+        "hyper-baseline",
+        &args.host,
+        args.port,
+        |stream| async move {
             // Client resets and aborted requests are normal during a benchmark.
-            let _ = conn.await;
-        });
-    }
+            let _ = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service_fn(hello))
+                .await;
+        },
+    )
+    .await
 }

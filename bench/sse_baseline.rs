@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
@@ -20,10 +19,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
 /// Events sent when the query string names no `n`.
 const DEFAULT_EVENTS: u64 = 1000;
+
+#[path = "common/listen.rs"]
+mod listen;
 
 #[derive(Parser, Debug)]
 #[command(about = "Plain hyper Server-Sent Events server (benchmark baseline)")]
@@ -113,31 +114,12 @@ async fn handle(req: Request<Incoming>) -> Result<Response<ResBody>, Infallible>
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let listener = TcpListener::bind((args.host.as_str(), args.port)).await?;
-    // The benchmark scripts parse this line to learn the ephemeral port.
-    eprintln!(
-        "sse-baseline: listening on http://{}/",
-        listener.local_addr()?
-    );
-
-    loop {
-        let (stream, _peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Typically EMFILE under heavy load: back off instead of spinning.
-                eprintln!("sse-baseline: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // Same as pagi-rs: small events should not wait for Nagle.
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let conn = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service_fn(handle));
-            // Client resets and aborted streams are normal during a benchmark.
-            let _ = conn.await;
-        });
-    }
+    listen::serve("sse-baseline", &args.host, args.port, |stream| async move {
+        // Client resets and aborted streams are normal during a benchmark.
+        let _ = http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service_fn(handle))
+            .await;
+    })
+    .await
 }

@@ -4,12 +4,13 @@
 //! back unchanged, on a multi-thread tokio runtime with no Perl at all, so the
 //! ratio shows what the interpreter and the PAGI protocol cost per message.
 
-use std::time::Duration;
-
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+
+#[path = "common/listen.rs"]
+mod listen;
 
 #[derive(Parser, Debug)]
 #[command(about = "Plain tokio-tungstenite WebSocket echo server (benchmark baseline)")]
@@ -47,25 +48,5 @@ async fn echo(stream: TcpStream) {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let listener = TcpListener::bind((args.host.as_str(), args.port)).await?;
-    // The benchmark scripts parse this line to learn the ephemeral port.
-    eprintln!(
-        "ws-baseline: listening on http://{}/",
-        listener.local_addr()?
-    );
-
-    loop {
-        let (stream, _peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Typically EMFILE under heavy load: back off instead of spinning.
-                eprintln!("ws-baseline: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // Same as pagi-rs: small messages should not wait for Nagle.
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(echo(stream));
-    }
+    listen::serve("ws-baseline", &args.host, args.port, echo).await
 }
