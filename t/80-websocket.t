@@ -299,13 +299,7 @@ sub records {
 # Poll until the app has written at least $n records to $name.
 sub wait_records {
     my ( $name, $n, $timeout ) = @_;
-    $n //= 1;
-    my $deadline = time + ( $timeout // 5 );
-    while (1) {
-        my @r = records($name);
-        return @r if @r >= $n || time > $deadline;
-        sleep 0.02;
-    }
+    return map { $J->decode($_) } wait_file_lines( "$dir/$name", $n // 1, $timeout );
 }
 
 # Read text messages until one matches; dies on timeout.

@@ -142,13 +142,7 @@ sub records {
 
 sub wait_records {
     my ( $name, $n, $timeout ) = @_;
-    $n //= 1;
-    my $deadline = time + ( $timeout // 5 );
-    while (1) {
-        my @r = records($name);
-        return @r if @r >= $n || time > $deadline;
-        sleep 0.02;
-    }
+    return map { $J->decode($_) } wait_file_lines( "$dir/$name", $n // 1, $timeout );
 }
 
 # The disconnect event the app recorded for connection $name.

@@ -21,7 +21,7 @@ our @EXPORT = (
     # talking to it
     qw(raw_request parse_response http_request connect_port read_sock read_some),
     # files the server or the app wrote, and the server's memory
-    qw(slurp file_lines wait_file_line vmrss_kb),
+    qw(slurp file_lines wait_file_line wait_file_lines vmrss_kb),
 );
 
 my $ROOT = File::Spec->rel2abs( File::Spec->catdir( $FindBin::Bin, '..' ) );
@@ -296,6 +296,18 @@ sub file_lines {
     open my $fh, '<', $file or return ();
     chomp( my @l = <$fh> );
     return @l;
+}
+
+# Poll $file until it has at least $n lines (up to $timeout, default 5 s);
+# returns its lines, however many there are by then.
+sub wait_file_lines {
+    my ( $file, $n, $timeout ) = @_;
+    my $deadline = time + ( $timeout // 5 );
+    while (1) {
+        my @l = file_lines($file);
+        return @l if @l >= $n || time > $deadline;
+        sleep 0.02;
+    }
 }
 
 # Poll $file until a line matches $re (up to $timeout, default 5 s); returns
