@@ -108,18 +108,10 @@ sub _read_head {
     }
     my $head = substr( $self->{in}, 0, $i + 4, '' );
     $self->{raw_head} = $head;
-    my ( $line, @lines ) = split /\r\n/, $head;
-    my ( $proto, $status, $reason ) = $line =~ m{^(HTTP/\d\.\d) (\d{3})(?: (.*))?$}
-      or croak "PagiRS::SSE: bad status line '$line'";
-    @$self{qw(protocol status reason)} = ( $proto, $status, $reason // '' );
-    my ( %h, @pairs );
-    for (@lines) {
-        my ( $n, $v ) = /^([^:]+):[ \t]*(.*?)[ \t]*$/ or next;
-        push @pairs, [ lc $n, $v ];
-        $h{ lc $n } = exists $h{ lc $n } ? "$h{lc $n}, $v" : $v;
-    }
-    $self->{headers}     = \%h;
-    $self->{header_list} = \@pairs;
+    my ( $proto, $status, $reason, $h, $pairs ) = PagiRS::Test::parse_head($head)
+      or croak "PagiRS::SSE: bad status line in '$head'";
+    @$self{qw(protocol status reason headers header_list)} = ( $proto, $status, $reason, $h, $pairs );
+    my %h = %$h;
     my $method = ( $self->{request} =~ /^(\S+)/ )[0];
     if ( $method eq 'HEAD' || $status < 200 || $status == 204 || $status == 304 ) {
         $self->{framing} = 'none';

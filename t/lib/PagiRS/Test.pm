@@ -176,6 +176,23 @@ sub connect_port {
     return $s;
 }
 
+# A response head (status line and header lines, CRLF-separated) as
+# (protocol, status, reason, {lc name => value, repeats joined by ", "},
+# [[lc name, value], ...] in order); the empty list if the status line is bad.
+sub parse_head {
+    my ($head) = @_;
+    my ( $line, @lines ) = split /\r\n/, $head;
+    my ( $proto, $status, $reason ) = ( $line // '' ) =~ m{^(HTTP/\d\.\d) (\d{3})(?: (.*))?$}
+      or return;
+    my ( %h, @pairs );
+    for (@lines) {
+        my ( $n, $v ) = /^([^:]+):[ \t]*(.*?)[ \t]*$/ or next;
+        push @pairs, [ lc $n, $v ];
+        $h{ lc $n } = exists $h{ lc $n } ? "$h{lc $n}, $v" : $v;
+    }
+    return ( $proto, $status, $reason // '', \%h, \@pairs );
+}
+
 # One sysread from $sock appended to $$buf, waiting until $deadline (an
 # epoch time).  Returns the byte count, 0 at EOF or on a read error (the
 # error goes to $$error), or undef on timeout.  It polls once even at the

@@ -105,18 +105,10 @@ sub _read_response {
     }
     my $head = substr( $self->{buf}, 0, $i + 4, '' );
     $self->{raw_head} = $head;
-    my ( $line, @lines ) = split /\r\n/, $head;
-    my ( $proto, $status, $reason ) = $line =~ m{^(HTTP/\d\.\d) (\d{3})(?: (.*))?$}
-      or croak "PagiRS::WS: bad status line '$line'";
-    @$self{qw(http_protocol status reason)} = ( $proto, $status, $reason // '' );
-    my ( %h, @pairs );
-    for (@lines) {
-        my ( $n, $v ) = /^([^:]+):[ \t]*(.*?)[ \t]*$/ or next;
-        push @pairs, [ lc $n, $v ];
-        $h{ lc $n } = exists $h{ lc $n } ? "$h{lc $n}, $v" : $v;
-    }
-    $self->{headers}     = \%h;
-    $self->{header_list} = \@pairs;
+    my ( $proto, $status, $reason, $h, $pairs ) = PagiRS::Test::parse_head($head)
+      or croak "PagiRS::WS: bad status line in '$head'";
+    @$self{qw(http_protocol status reason headers header_list)} = ( $proto, $status, $reason, $h, $pairs );
+    my %h = %$h;
 
     if ( $status == 101 ) {
         my $want = encode_base64( sha1( $self->{key} . $GUID ), '' );
