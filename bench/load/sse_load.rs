@@ -20,6 +20,9 @@ use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[path = "common.rs"]
+mod common;
+
 #[derive(Parser, Debug)]
 #[command(about = "Server-Sent Events load generator (events/s over many subscribers)")]
 struct Args {
@@ -441,14 +444,6 @@ async fn read_stream(stream: &mut TcpStream, want: u64, st: &mut SubStats) -> Re
 
 // ---- main -------------------------------------------------------------------
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 async fn run(args: &'static Args, target: &'static Target) -> Result<bool, String> {
     // Connect everyone first, so the requests go out together.
     let connecting: Vec<_> = (0..args.subscribers)
@@ -528,11 +523,11 @@ async fn run(args: &'static Args, target: &'static Target) -> Result<bool, Strin
     );
     println!(
         "First event p50:  {:.3} ms",
-        percentile(&ttfe, 50.0).as_secs_f64() * 1e3
+        common::percentile(&ttfe, 50.0).as_secs_f64() * 1e3
     );
     println!(
         "First event p99:  {:.3} ms",
-        percentile(&ttfe, 99.0).as_secs_f64() * 1e3
+        common::percentile(&ttfe, 99.0).as_secs_f64() * 1e3
     );
     println!(
         "Complete:         {complete}/{} subscribers got all {} events",
@@ -558,16 +553,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(args.threads);
-        b
-    }
-    .enable_all()
-    .build()
-    .expect("tokio runtime");
+    let rt = match common::runtime(args.threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match rt.block_on(run(args, target)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),

@@ -24,6 +24,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+#[path = "common.rs"]
+mod common;
+
 #[derive(Parser, Debug)]
 #[command(about = "WebSocket echo load generator (messages/s and round-trip percentiles)")]
 struct Args {
@@ -181,15 +184,6 @@ async fn run_connection(mut ws: Ws, id: usize, args: &Args, deadline: Instant) -
     st
 }
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -233,8 +227,14 @@ async fn bench(args: &'static Args) -> Result<bool, String> {
             0.0
         }
     );
-    println!("RTT p50:       {:.3} ms", ms(percentile(&rtts, 50.0)));
-    println!("RTT p99:       {:.3} ms", ms(percentile(&rtts, 99.0)));
+    println!(
+        "RTT p50:       {:.3} ms",
+        ms(common::percentile(&rtts, 50.0))
+    );
+    println!(
+        "RTT p99:       {:.3} ms",
+        ms(common::percentile(&rtts, 99.0))
+    );
     println!(
         "RTT max:       {:.3} ms",
         ms(rtts.last().copied().unwrap_or(0))
@@ -350,16 +350,13 @@ fn main() -> ExitCode {
         eprintln!("ws-load: --connections, --threads and --duration must be positive");
         return ExitCode::from(2);
     }
-    let rt = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(args.threads);
-        b
-    }
-    .enable_all()
-    .build()
-    .expect("tokio runtime");
+    let rt = match common::runtime(args.threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = rt.block_on(async {
         if args.check {
             check(args).await
