@@ -173,6 +173,9 @@ pub struct Exchange {
     state: Mutex<State>,
     /// Wakes Rust-side producers (file streaming) when the queue drains or the exchange ends.
     pub progress: Notify,
+    /// Wakes whoever waits for the exchange to end (sse.rs's supervisor),
+    /// without the per-frame wake-ups of `progress`.
+    ended: Notify,
     /// Credit for the request-body pump: one permit per chunk the app may have.
     pub body_credit: tokio::sync::Semaphore,
     interest: AtomicU8,
@@ -220,6 +223,7 @@ impl Exchange {
                 end_reason: None,
             }),
             progress: Notify::new(),
+            ended: Notify::new(),
             body_credit: tokio::sync::Semaphore::new(0),
             interest: AtomicU8::new(0),
             last_progress_ms: AtomicU64::new(0),
@@ -363,9 +367,9 @@ impl Exchange {
         }
     }
 
-    /// Resolves at the next progress or at the end; re-check `has_ended`.
-    pub fn progress_signal(&self) -> tokio::sync::futures::Notified<'_> {
-        self.progress.notified()
+    /// Resolves when the exchange ends (create it, then check `has_ended`).
+    pub fn end_signal(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ended.notified()
     }
 
     /// Release a held-back head to the network task (call after unlocking).
@@ -671,6 +675,7 @@ impl Exchange {
                     w.wake();
                 }
                 self.progress.notify_waiters();
+                self.ended.notify_waiters();
                 self.write_access_log();
                 FinishOutcome::Truncated
             }
@@ -744,6 +749,7 @@ impl Exchange {
             w.wake();
         }
         self.progress.notify_waiters();
+        self.ended.notify_waiters();
         self.body_credit.close();
         if notify_perl {
             self.mailbox.push(ToPerl::Disconnect {
@@ -802,8 +808,7 @@ impl Exchange {
                 st.delivered = true;
                 let notify_perl = self.interest.load(Ordering::Acquire) & WANTS_TERMINAL != 0;
                 drop(st);
-                // Supervisors (sse.rs) wait on progress to see the end.
-                self.progress.notify_waiters();
+                self.ended.notify_waiters();
                 if notify_perl {
                     self.mailbox.push(ToPerl::Complete { id: self.id });
                 }
@@ -856,6 +861,7 @@ impl Exchange {
         let notify_perl = self.interest.load(Ordering::Acquire) & WANTS_TERMINAL != 0;
         drop(st);
         self.progress.notify_waiters();
+        self.ended.notify_waiters();
         if notify_perl {
             self.mailbox.push(ToPerl::Complete { id: self.id });
         }

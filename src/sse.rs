@@ -153,7 +153,9 @@ pub struct StreamSettings {
 
 /// Watches one event stream until it ends: sends keepalive comments when
 /// nothing else went out for an interval, applies the idle timeout, and
-/// closes the stream when the server shuts down.
+/// closes the stream when the server shuts down.  It sleeps until the next
+/// deadline rather than waking for every event: when a deadline comes, the
+/// time since the last progress says whether anything is due.
 pub async fn supervise(
     ex: Arc<Exchange>,
     mut keepalive: watch::Receiver<KeepaliveSetting>,
@@ -161,8 +163,8 @@ pub async fn supervise(
 ) {
     const FAR: Duration = Duration::from_secs(86_400 * 365);
     loop {
-        // Registered before the checks, so no progress in between is missed.
-        let progressed = ex.progress_signal();
+        // Registered before the check, so an end in between is not missed.
+        let ended = ex.end_signal();
         if ex.has_ended() {
             return;
         }
@@ -205,7 +207,7 @@ pub async fn supervise(
                 ex.server_abort("server_shutdown", None);
                 return;
             }
-            _ = progressed => {}
+            _ = ended => return,
         }
     }
 }
