@@ -113,13 +113,13 @@ async fn read_loop(
         // Past --max-receive-queue messages in transit to the interpreter,
         // stop reading: TCP pushes back instead of memory growing.
         let may_read = session.may_read();
-        if let Some(forced) = session.forced_ending() {
+        let view = session.reader_view();
+        if let Some(forced) = view.forced {
             return forced;
         }
         // websocket.keepalive changed: start its schedule again.
-        let current = session.keepalive();
-        if current != keepalive {
-            keepalive = current;
+        if view.keepalive != keepalive {
+            keepalive = view.keepalive;
             next_ping = keepalive.map(|k| Instant::now() + k.interval);
             if keepalive.and_then(|k| k.timeout).is_none() {
                 pong_deadline = None;
@@ -129,7 +129,7 @@ async fn read_loop(
         let idle_in = settings
             .idle_timeout
             .map_or(FAR, |limit| limit.saturating_sub(session.idle_for()));
-        let close_in = session.app_closed_at().map_or(FAR, |at| {
+        let close_in = view.app_closed_at.map_or(FAR, |at| {
             (at + settings.close_timeout).saturating_duration_since(now)
         });
         let ping_in = next_ping.map_or(FAR, |t| t.saturating_duration_since(now));
@@ -196,7 +196,7 @@ async fn read_loop(
                         return Ending::abnormal("idle_timeout");
                     }
                 }
-                if session.app_closed_at().is_some_and(|at| at + settings.close_timeout <= now) {
+                if view.app_closed_at.is_some_and(|at| at + settings.close_timeout <= now) {
                     return peer_close.unwrap_or_else(|| Ending::abnormal("close_timeout"));
                 }
                 if let (Some(k), Some(t)) = (keepalive, next_ping) {

@@ -79,6 +79,13 @@ pub struct Keepalive {
     pub timeout: Option<Duration>,
 }
 
+/// See [`Session::reader_view`].
+pub struct ReaderView {
+    pub forced: Option<Ending>,
+    pub keepalive: Option<Keepalive>,
+    pub app_closed_at: Option<Instant>,
+}
+
 struct State {
     phase: Phase,
     buffered: usize,
@@ -441,16 +448,15 @@ impl Session {
         self.created.elapsed().saturating_sub(last)
     }
 
-    pub fn keepalive(&self) -> Option<Keepalive> {
-        self.lock().keepalive
-    }
-
-    pub fn app_closed_at(&self) -> Option<Instant> {
-        self.lock().app_closed_at
-    }
-
-    pub fn forced_ending(&self) -> Option<Ending> {
-        self.lock().forced.clone()
+    /// What the reader needs each turn, under one lock: an ending the server
+    /// decided, the keepalive setting, and when the application closed.
+    pub fn reader_view(&self) -> ReaderView {
+        let st = self.lock();
+        ReaderView {
+            forced: st.forced.clone(),
+            keepalive: st.keepalive,
+            app_closed_at: st.app_closed_at,
+        }
     }
 
     /// A received message for the application.
