@@ -1022,7 +1022,9 @@ pub(crate) mod tests {
         Exchange::new(1, mailbox, config, facts)
     }
 
-    fn poll(ex: &Exchange) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+    pub(crate) fn poll(
+        ex: &Exchange,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
         let waker = futures_noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
         ex.poll_frame(&mut cx)

@@ -203,7 +203,8 @@ pub async fn supervise(
                     return;
                 }
             }
-            _ = settings.shutdown.wait_for(|down| *down) => {
+            // Err (the server dropped its sender) is no shutdown: branch off.
+            Ok(_) = settings.shutdown.wait_for(|down| *down) => {
                 ex.server_abort("server_shutdown", None);
                 return;
             }
@@ -276,6 +277,41 @@ mod tests {
         assert_eq!(format_comment(b"a\nb"), b":a\n:b\n\n");
         assert_eq!(&keepalive_comment(b"")[..], b":\n\n");
         assert_eq!(&keepalive_comment(b"ping")[..], b":ping\n\n");
+    }
+
+    /// A stream whose client took every queued byte, and one whose client
+    /// took nothing: keepalive comments go to the first only.
+    #[tokio::test]
+    async fn keepalive_comments_only_when_nothing_is_queued() {
+        let settings = || StreamSettings {
+            idle_timeout: None,
+            shutdown: watch::channel(false).1,
+        };
+        let every = Duration::from_millis(20);
+        let comment = keepalive_comment(b"ka");
+        let runtime = tokio::runtime::Handle::current();
+        let mut streams = Vec::new();
+        for client_reads in [true, false] {
+            let (ex, _head) = crate::exchange::tests::exchange(false);
+            ex.start_event_stream(200, &[]).unwrap();
+            ex.body(b"data: 1\n\n", true).unwrap();
+            if client_reads {
+                assert!(crate::exchange::tests::poll(&ex).is_ready());
+            }
+            let control = start_supervisor(&ex, settings(), &runtime);
+            control
+                .keepalive
+                .send_replace(Some((every, comment.clone())));
+            streams.push((ex, control));
+        }
+        tokio::time::sleep(every * 5).await;
+        let (reading, _) = &streams[0];
+        let (stalled, _) = &streams[1];
+        assert!(
+            reading.buffered_amount() >= comment.len(),
+            "an idle stream gets comments"
+        );
+        assert_eq!(stalled.buffered_amount(), 9, "a stalled one gets none");
     }
 
     #[test]

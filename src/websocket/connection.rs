@@ -210,11 +210,11 @@ async fn read_loop(
                 }
             }
             _ = wake => {}
-            _ = shutdown.wait_for(|down| *down) => {
+            Ok(_) = shutdown.wait_for(|down| *down) => {
                 session.close_frame(1001, "Server shutting down");
                 return Ending::abnormal("server_shutdown");
             }
-            _ = write_failed.wait_for(|failed| *failed) => {
+            Ok(_) = write_failed.wait_for(|failed| *failed) => {
                 return Ending::abnormal("write_error");
             }
         }
