@@ -67,11 +67,14 @@ impl Drop for ResponseBody {
         // hyper drops the body when the connection fails or closes before the
         // body was fully written; tell the application.
         if let ResponseBody::Stream(ex) = self {
-            ex.body_dropped(if crate::server::is_force_closing() {
-                "server_shutdown"
+            if crate::server::is_force_closing() {
+                ex.body_dropped("server_shutdown", "the shutdown timeout expired");
             } else {
-                "client_closed"
-            });
+                ex.body_dropped(
+                    "client_closed",
+                    "the connection ended before the response was complete",
+                );
+            }
         }
     }
 }
@@ -106,7 +109,7 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
                     } else {
                         "read_error"
                     };
-                    exchange.server_abort(reason, None);
+                    exchange.server_abort(reason, Some(error_chain(&e)), None);
                     return;
                 }
                 None => break (Bytes::new(), false),
@@ -116,6 +119,9 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
         if max > 0 && total > max {
             exchange.server_abort(
                 "body_too_large",
+                Some(format!(
+                    "request body exceeds --max-body-size ({max} bytes)"
+                )),
                 Some((http::StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large")),
             );
             return;
@@ -133,4 +139,17 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
             return;
         }
     }
+}
+
+/// An error and its sources, one line: hyper's own text says little ("error
+/// reading a body from connection"); the OS error behind it is the detail.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

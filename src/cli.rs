@@ -149,6 +149,21 @@ pub struct Options {
     #[arg(long, value_name = "BYTES", default_value_t = 16384)]
     pub write_low_watermark: usize,
 
+    /// Which PAGI to speak: 0.6 (Www 0.6, core 0.5) or 0.3 for apps written
+    /// against Www 0.3 (see README).
+    #[arg(long, value_enum, value_name = "VERSION", default_value = "0.6")]
+    pub spec_version: crate::spec::SpecVersion,
+
+    /// Bound on each closing phase of a WebSocket: waiting for the peer's
+    /// Close, then for the connection to close.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub ws_close_timeout: u64,
+
+    /// Receives answered with the disconnect event again after a scope has
+    /// ended; the next one fails (an app that never checks would spin).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub max_disconnect_receives: u32,
+
     /// Number of Perl interpreter threads (experimental above 1: see README).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub interpreters: usize,
@@ -217,6 +232,13 @@ impl Options {
         }
         if self.max_header_count == 0 || self.max_header_size == 0 {
             return Err("--max-header-count and --max-header-size must be positive".into());
+        }
+        // A closing phase is a deadline (Instant + this); a year is plenty.
+        if self.ws_close_timeout == 0 || self.ws_close_timeout > 365 * 86_400 {
+            return Err(format!(
+                "--ws-close-timeout must be between 1 and {} seconds",
+                365 * 86_400
+            ));
         }
         Ok(())
     }

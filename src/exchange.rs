@@ -33,6 +33,8 @@ pub struct ExchangeConfig {
     pub access_log: Option<AccessLog>,
     /// Limits and signals for SSE streams.
     pub streams: crate::sse::StreamSettings,
+    /// Which PAGI the server speaks (`--spec-version`).
+    pub spec: crate::spec::SpecVersion,
 }
 
 /// What the network task receives for the response head.
@@ -71,6 +73,21 @@ pub enum Streamed {
     Ended,
     /// The chunk would pass the app's declared Content-Length.
     OverLength(u64),
+}
+
+/// How far an exchange has got, as `pagi.connection` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndState {
+    /// Still running.
+    Active,
+    /// The response reached its terminal event and the network took it.
+    Clean,
+    /// Ended abnormally with a standard reason token and, maybe, a detail
+    /// saying what the token cannot (a limit, an OS error, an exception).
+    Abnormal {
+        reason: String,
+        detail: Option<String>,
+    },
 }
 
 /// What `finish` did, reported back to Perl.
@@ -126,6 +143,8 @@ struct State {
     high: bool,
     waker: Option<Waker>,
     disconnected: Option<&'static str>,
+    /// `disconnect_detail`: never bodies, headers or credentials.
+    detail: Option<String>,
     status: Option<u16>,
     flush_pending: bool,
     delivered: bool,
@@ -143,6 +162,13 @@ struct State {
     long_lived: bool,
     /// The app's own ending (`sse.close` reason); a disconnect reason otherwise.
     end_reason: Option<String>,
+    /// An inline body event was accepted: a file/fh body may not follow
+    /// (Www 0.5, "Payload kinds do not mix").
+    inline_body: bool,
+    /// The terminal event was accepted before any abnormal end: the scope
+    /// ended cleanly (as in the reference server, whether or not the client
+    /// reads what is still queued).  It stays clean whatever happens next.
+    clean_end: bool,
 }
 
 /// The verdict on a send that leaves `buffered` bytes queued.  `high`
@@ -183,6 +209,9 @@ pub struct Exchange {
     last_progress_ms: AtomicU64,
     /// Set when the response became an SSE event stream.
     pub event_stream: std::sync::OnceLock<crate::sse::StreamControl>,
+    /// Closes the exchange's connection at once (`abort`): nothing queued
+    /// is written, and on HTTP/1.1 nothing else can use the connection.
+    close_connection: Option<Arc<Notify>>,
 }
 
 impl Exchange {
@@ -191,6 +220,7 @@ impl Exchange {
         mailbox: Arc<Mailbox>,
         config: Arc<ExchangeConfig>,
         facts: RequestFacts,
+        close_connection: Option<Arc<Notify>>,
     ) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
         let (tx, rx) = oneshot::channel();
         let ex = Arc::new(Exchange {
@@ -211,6 +241,7 @@ impl Exchange {
                 high: false,
                 waker: None,
                 disconnected: None,
+                detail: None,
                 status: None,
                 flush_pending: false,
                 delivered: false,
@@ -221,6 +252,8 @@ impl Exchange {
                 continue_unanswered: false,
                 long_lived: false,
                 end_reason: None,
+                inline_body: false,
+                clean_end: false,
             }),
             progress: Notify::new(),
             ended: Notify::new(),
@@ -228,6 +261,7 @@ impl Exchange {
             interest: AtomicU8::new(0),
             last_progress_ms: AtomicU64::new(0),
             event_stream: std::sync::OnceLock::new(),
+            close_connection,
         });
         (ex, rx)
     }
@@ -353,6 +387,7 @@ impl Exchange {
         }
         let Some(tx) = st.head_tx.take() else { return };
         st.phase = Phase::Finished;
+        st.clean_end = true;
         st.status = Some(status.as_u16());
         drop(st);
         let _ = tx.send(Head::Generated(status, text));
@@ -373,7 +408,24 @@ impl Exchange {
     }
 
     /// Release a held-back head to the network task (call after unlocking).
+    ///
+    /// hyper writes only the trailer fields a `Trailer` header announced.  So
+    /// a head that promised trailers without one waits, once its body is
+    /// complete, for the trailers event, which names them (see `trailers`).
+    /// A head whose body streams before the trailers cannot wait: the app
+    /// must announce them itself (README).
     fn take_head(st: &mut State) -> Option<(oneshot::Sender<Head>, Head)> {
+        let awaiting_trailer_names = st.trailers_promised
+            && st.body_done
+            && st.phase == Phase::Streaming
+            && st.declared_length.is_none()
+            && st
+                .pending_head
+                .as_ref()
+                .is_some_and(|(_, map)| !map.contains_key(http::header::TRAILER));
+        if awaiting_trailer_names {
+            return None;
+        }
         let (status, mut map) = st.pending_head.take()?;
         if st.continue_unanswered {
             map.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -418,6 +470,7 @@ impl Exchange {
             }
         }
         st.body_bytes += len;
+        st.inline_body = true;
         if !data.is_empty() && !self.facts.is_head {
             // hyper takes a whole frame into its own buffer at once; small
             // frames keep buffered_amount (and the water marks) truthful.
@@ -432,6 +485,7 @@ impl Exchange {
             st.body_done = true;
             if !st.trailers_promised {
                 st.phase = Phase::Finished;
+                st.clean_end = true;
             }
         }
         if st.network_done {
@@ -476,11 +530,20 @@ impl Exchange {
             ));
         }
         let (map, _) = build_headers(headers, false)?;
+        if let Some((_, head)) = st.pending_head.as_mut() {
+            if !head.contains_key(http::header::TRAILER) && !map.is_empty() {
+                let names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+                if let Ok(v) = HeaderValue::from_str(&names.join(", ")) {
+                    head.insert(http::header::TRAILER, v);
+                }
+            }
+        }
         if !self.facts.is_head {
             st.queue.push_back(Frame::trailers(map));
         }
         st.body_done = true;
         st.phase = Phase::Finished;
+        st.clean_end = true;
         let head = Self::take_head(&mut st);
         let waker = st.waker.take();
         self.deliver_if_done(st);
@@ -508,6 +571,11 @@ impl Exchange {
                 }
                 Phase::Streaming if !st.body_done => {}
                 _ => return Err(SendError::Sequence("the response is already complete")),
+            }
+            if st.inline_body && self.config.spec.is_current() {
+                return Err(SendError::Sequence(
+                    "a file or fh body cannot follow inline body events; send the whole body inline",
+                ));
             }
         }
         if self.facts.is_head {
@@ -565,6 +633,7 @@ impl Exchange {
         st.body_done = true;
         if !st.trailers_promised {
             st.phase = Phase::Finished;
+            st.clean_end = true;
         }
         let head = Self::take_head(&mut st);
         let waker = st.waker.take();
@@ -620,13 +689,19 @@ impl Exchange {
             }
             Phase::Aborted => FinishOutcome::AlreadyDisconnected,
             Phase::AwaitingStart => {
-                match err {
-                    Some(e) => tracing::error!("PAGI application error: {e}"),
-                    None => {
-                        tracing::error!("PAGI application returned without starting a response")
+                let detail = match err {
+                    Some(e) => {
+                        tracing::error!("PAGI application error: {e}");
+                        e.to_string()
                     }
-                }
+                    None => {
+                        let what = "application returned without starting a response";
+                        tracing::error!("PAGI {what}");
+                        what.to_string()
+                    }
+                };
                 st.disconnected = Some("server_error");
+                st.detail = Some(detail);
                 st.status = Some(500);
                 st.phase = Phase::Finished;
                 let tx = st.head_tx.take();
@@ -640,11 +715,15 @@ impl Exchange {
                 self.write_access_log();
                 FinishOutcome::Backstop500
             }
-            Phase::Streaming if st.long_lived && err.is_none() => {
-                // An SSE app that returns after its last event ends the stream
-                // as sse.close would (Spec/Www.pod, "Return vs sse.close").
+            Phase::Streaming
+                if st.long_lived && err.is_none() && !self.config.spec.is_current() =>
+            {
+                // Www 0.3: an SSE app that returns after its last event ends
+                // the stream as sse.close would.  From 0.6 on, sse.close is
+                // the only clean end and a return is an incomplete response.
                 st.body_done = true;
                 st.phase = Phase::Finished;
+                st.clean_end = true;
                 if st.end_reason.is_none() {
                     st.end_reason = Some("app_returned".into());
                 }
@@ -656,15 +735,29 @@ impl Exchange {
                 FinishOutcome::Clean
             }
             Phase::Streaming => {
-                match err {
-                    Some(e) if st.long_lived => tracing::error!("PAGI application error (SSE): {e}"),
-                    Some(e) => tracing::error!("PAGI application error (after response started): {e}"),
-                    None if st.body_done => tracing::error!(
-                        "PAGI application returned with an incomplete response (trailers were declared but never sent)"
-                    ),
-                    None => tracing::error!("PAGI application returned with an incomplete response"),
-                }
+                let detail = match err {
+                    Some(e) => {
+                        if st.long_lived {
+                            tracing::error!("PAGI application error (SSE): {e}");
+                        } else {
+                            tracing::error!("PAGI application error (after response started): {e}");
+                        }
+                        e.to_string()
+                    }
+                    None => {
+                        let what = if st.long_lived {
+                            "application returned after sse.start without sse.close"
+                        } else if st.body_done {
+                            "application returned with an incomplete response (trailers were declared but never sent)"
+                        } else {
+                            "application returned with an incomplete response"
+                        };
+                        tracing::error!("PAGI {what}");
+                        what.to_string()
+                    }
+                };
                 st.disconnected = Some("server_error");
+                st.detail = Some(detail);
                 st.phase = Phase::Aborted;
                 // The head goes out so the client sees a started, then cut, response.
                 let head = Self::take_head(&mut st);
@@ -701,7 +794,7 @@ impl Exchange {
 
     /// The client or the network ended the exchange before the response was
     /// delivered.  Idempotent; the first reason wins.
-    pub fn network_gone(&self, reason: &'static str) {
+    pub fn network_gone(&self, reason: &'static str, detail: Option<String>) {
         let mut st = self.lock();
         if st.disconnected.is_some() || st.delivered {
             return;
@@ -711,13 +804,74 @@ impl Exchange {
         }
         st.head_tx = None;
         st.pending_head = None;
-        self.end_abnormally(st, reason);
+        self.end_abnormally(st, reason, detail);
+    }
+
+    /// `pagi.connection->abort`: end the exchange now, with no response if
+    /// none has started, without writing what is queued, and close its
+    /// connection.  False when the exchange had already ended (the first
+    /// outcome stands).  Perl, which asked, tells the application itself.
+    pub fn app_abort(&self, detail: Option<String>) -> bool {
+        let mut st = self.lock();
+        if st.disconnected.is_some() || st.clean_end {
+            return false;
+        }
+        st.phase = Phase::Aborted;
+        // No flush turn: abort must not wait for writes the peer may block.
+        st.abort_flushed = true;
+        st.queue.clear();
+        st.buffered = 0;
+        st.pending_head = None;
+        let head_tx = st.head_tx.take();
+        st.disconnected = Some("app_abort");
+        st.detail = detail;
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(tx) = head_tx {
+            let _ = tx.send(Head::Abort);
+        }
+        if let Some(close) = &self.close_connection {
+            close.notify_one();
+        }
+        if let Some(w) = waker {
+            w.wake();
+        }
+        self.progress.notify_waiters();
+        self.ended.notify_waiters();
+        self.body_credit.close();
+        self.write_access_log();
+        true
+    }
+
+    /// How far the exchange has got (`pagi.connection` reads this, so its
+    /// facts are current even before the message saying so is dispatched).
+    pub fn end_state(&self) -> EndState {
+        let st = self.lock();
+        match st.disconnected {
+            _ if st.clean_end => EndState::Clean,
+            Some(reason) => EndState::Abnormal {
+                reason: reason.to_string(),
+                detail: st.detail.clone(),
+            },
+            None => EndState::Active,
+        }
+    }
+
+    /// An SSE response that became an event stream (`sse.start`), as
+    /// opposed to one refused with an ordinary response.
+    pub fn is_event_stream(&self) -> bool {
+        self.lock().long_lived
     }
 
     /// Stop the exchange from the server side.  With no response started yet
     /// the server answers `status` (e.g. 413); otherwise the response is cut
     /// off.  Either way the connection closes and the app hears `reason`.
-    pub fn server_abort(&self, reason: &'static str, response: Option<(StatusCode, &'static str)>) {
+    pub fn server_abort(
+        &self,
+        reason: &'static str,
+        detail: Option<String>,
+        response: Option<(StatusCode, &'static str)>,
+    ) {
         let mut st = self.lock();
         if st.disconnected.is_some() || st.delivered {
             return;
@@ -735,13 +889,19 @@ impl Exchange {
             }
             (None, _) => st.phase = Phase::Aborted,
         }
-        self.end_abnormally(st, reason);
+        self.end_abnormally(st, reason, detail);
     }
 
     /// Record an abnormal end and tell everyone waiting: the network task,
     /// Rust-side producers, the body pump, and the application.
-    fn end_abnormally(&self, mut st: MutexGuard<'_, State>, reason: &'static str) {
+    fn end_abnormally(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        reason: &'static str,
+        detail: Option<String>,
+    ) {
         st.disconnected = Some(reason);
+        st.detail = detail.clone();
         let notify_perl = self.wants_terminal(&st);
         let waker = st.waker.take();
         drop(st);
@@ -755,6 +915,7 @@ impl Exchange {
             self.mailbox.push(ToPerl::Disconnect {
                 id: self.id,
                 reason,
+                detail,
             });
         }
         self.write_access_log();
@@ -825,7 +986,7 @@ impl Exchange {
 
     /// hyper dropped the response body.  That is a disconnect, unless hyper
     /// simply had nothing more to write (see `network_done`).
-    pub fn body_dropped(&self, reason: &'static str) {
+    pub fn body_dropped(&self, reason: &'static str, detail: &'static str) {
         let mut st = self.lock();
         let no_body_on_wire = self.facts.is_head || matches!(st.status, Some(204) | Some(304));
         let length_satisfied =
@@ -845,7 +1006,7 @@ impl Exchange {
             return;
         }
         drop(st);
-        self.network_gone(reason);
+        self.network_gone(reason, Some(detail.to_string()));
     }
 
     /// With the network done, reaching the terminal event completes the response.
@@ -997,6 +1158,13 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn exchange(is_head: bool) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
+        exchange_speaking(is_head, crate::spec::SpecVersion::Www06)
+    }
+
+    pub(crate) fn exchange_speaking(
+        is_head: bool,
+        spec: crate::spec::SpecVersion,
+    ) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
         let mailbox = Arc::new(Mailbox::new().unwrap());
         mailbox.in_flight.fetch_add(1, Ordering::AcqRel);
         let config = Arc::new(ExchangeConfig {
@@ -1008,6 +1176,7 @@ pub(crate) mod tests {
                 idle_timeout: None,
                 shutdown: tokio::sync::watch::channel(false).1,
             },
+            spec,
         });
         let facts = RequestFacts {
             method: "GET".into(),
@@ -1019,7 +1188,7 @@ pub(crate) mod tests {
             is_head,
             started: Instant::now(),
         };
-        Exchange::new(1, mailbox, config, facts)
+        Exchange::new(1, mailbox, config, facts, None)
     }
 
     pub(crate) fn poll(
@@ -1194,7 +1363,7 @@ pub(crate) mod tests {
     #[test]
     fn finish_after_disconnect_sends_nothing() {
         let (ex, mut rx) = exchange(false);
-        ex.network_gone("client_closed");
+        ex.network_gone("client_closed", None);
         assert_eq!(
             ex.finish(Some("boom"), false),
             FinishOutcome::AlreadyDisconnected
@@ -1227,6 +1396,7 @@ pub(crate) mod tests {
         let (ex, mut rx) = exchange(false);
         ex.server_abort(
             "body_too_large",
+            None,
             Some((StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large")),
         );
         assert!(

@@ -70,7 +70,11 @@ pub async fn stream(
                 error: Some(format!("cannot send file: {e}")),
             });
             if sent_any {
-                ex.server_abort("server_error", None);
+                ex.server_abort(
+                    "server_error",
+                    Some("a file body failed after part of it was sent".into()),
+                    None,
+                );
             }
         }
     }

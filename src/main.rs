@@ -17,6 +17,7 @@ mod interp;
 mod logging;
 mod scope;
 mod server;
+mod spec;
 mod sse;
 mod websocket;
 
@@ -94,6 +95,8 @@ fn main() -> ExitCode {
         low_water: opts.write_low_watermark,
         max_receive_queue: opts.max_receive_queue,
         max_ws_frame_size: opts.max_ws_frame_size,
+        spec: opts.spec_version,
+        max_disconnect_receives: opts.max_disconnect_receives,
     };
     match run(&opts, spec, format, &runtime) {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,11 +157,12 @@ fn run(
                 idle_timeout: Options::timeout_opt(opts.sse_idle_timeout),
                 shutdown: shutdown_seen,
             },
+            spec: opts.spec_version,
         }),
         websocket: Arc::new(websocket::Settings {
             max_frame_size: (opts.max_ws_frame_size > 0).then_some(opts.max_ws_frame_size),
             idle_timeout: Options::timeout_opt(opts.ws_idle_timeout),
-            close_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(opts.ws_close_timeout),
             max_in_transit: opts.max_receive_queue.max(1),
         }),
         shutting_down,

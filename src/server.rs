@@ -130,6 +130,7 @@ pub async fn serve(
             .or(local)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let info = Arc::new(ConnInfo::new(client, server_addr));
+        let close = info.close.clone();
         let svc_server = server.clone();
         let service = service_fn(move |req| handle(req, info.clone(), svc_server.clone()));
         let io = TokioIo::new(Gate::new(stream, server.gate_limits));
@@ -141,10 +142,13 @@ pub async fn serve(
         tokio::spawn(async move {
             let _alive = alive;
             tokio::pin!(conn);
+            // An application's abort drops the connection where it stands:
+            // queued writes are abandoned and nothing else is served on it.
             let result = tokio::select! {
                 result = conn.as_mut() => Some(result),
                 _ = drain.wait_for(|d| *d) => None,
                 _ = force.wait_for(|f| *f) => return,
+                _ = close.notified() => return,
             };
             let result = match result {
                 Some(r) => r,
@@ -154,6 +158,7 @@ pub async fn serve(
                     tokio::select! {
                         r = conn.as_mut() => r,
                         _ = force.wait_for(|f| *f) => return,
+                        _ = close.notified() => return,
                     }
                 }
             };

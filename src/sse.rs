@@ -176,7 +176,14 @@ pub async fn supervise(
                     limit.as_secs()
                 );
                 ex.set_end_reason("idle_timeout");
-                ex.server_abort("idle_timeout", None);
+                ex.server_abort(
+                    "idle_timeout",
+                    Some(format!(
+                        "nothing sent for {}s (--sse-idle-timeout)",
+                        limit.as_secs()
+                    )),
+                    None,
+                );
                 return;
             }
         }
@@ -205,7 +212,7 @@ pub async fn supervise(
             }
             // Err (the server dropped its sender) is no shutdown: branch off.
             Ok(_) = settings.shutdown.wait_for(|down| *down) => {
-                ex.server_abort("server_shutdown", None);
+                ex.server_abort("server_shutdown", Some("the server is shutting down".into()), None);
                 return;
             }
             _ = ended => return,

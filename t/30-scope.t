@@ -85,7 +85,7 @@ subtest 'basic GET: every key' => sub {
         ok $keys{$k}, "scope has '$k'";
     }
     is $d->{type}, 'http', 'type http';
-    is_deeply $d->{pagi}, { version => '0.4', spec_version => '0.3' }, "pagi => {version '0.4', spec_version '0.3'}";
+    is_deeply $d->{pagi}, { version => '0.5', spec_version => '0.6' }, "pagi => {version '0.5', spec_version '0.6'}";
     is $d->{http_version}, '1.1', "http_version '1.1'";
     is $d->{method}, 'GET', 'method GET';
     is $d->{scheme}, 'http', "scheme 'http'";

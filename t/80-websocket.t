@@ -311,6 +311,10 @@ sub next_text {
 
 my $s    = start_server( '--write-high-watermark', 65536, '--write-low-watermark', 16384, $app );
 my $port = $s->port;
+# The refusals of Www 0.3 (403s and the denial extension) under
+# --spec-version 0.3; their Www 0.6 counterparts are in t/86-www06.t.
+my $legacy      = start_server( '--spec-version', '0.3', $app );
+my $legacy_port = $legacy->port;
 
 # ---------------------------------------------------------------------------
 subtest 'scope keys' => sub {
@@ -344,7 +348,7 @@ subtest 'scope keys' => sub {
     is $sc->{client}[1], $ws->sock->sockport, 'client port is the socket\'s';
     is_deeply $sc->{server}, [ '127.0.0.1', $port ], 'server';
     is $sc->{state_ref}, 'HASH', 'state is a hash';
-    is_deeply $sc->{extensions}, { 'websocket.http.response' => {} }, "extensions has 'websocket.http.response' => {}";
+    is_deeply $sc->{extensions}, {}, 'extensions {}: no websocket.http.response in Www 0.6';
     is $sc->{max_receive_queue}, 1000,  'max_receive_queue (default)';
     is $sc->{max_frame_size},    65536, 'max_frame_size (default)';
     is_deeply $sc->{connection_can}, [qw(is_connected disconnect_reason on_disconnect)], 'pagi.connection object';
@@ -352,6 +356,17 @@ subtest 'scope keys' => sub {
     is_deeply $sc->{first_receive}, { type => 'websocket.connect' }, 'first receive is websocket.connect';
     $ws->close(1000);
     $ws->wait_close(2);
+};
+
+subtest '0.3: the scope has the websocket.http.response extension' => sub {
+    unlink "$dir/scope";
+    my $ws = PagiRS::WS->connect( $legacy_port, path => '/scope' );
+    is next_text($ws), 'scope-recorded', 'recorded';
+    my ($sc) = wait_records('scope');
+    is_deeply $sc->{extensions}, { 'websocket.http.response' => {} }, "extensions has 'websocket.http.response' => {}";
+    $ws->close(1000);
+    $ws->wait_close(2);
+    unlink "$dir/scope";
 };
 
 subtest 'scope: decoded path, options reflected' => sub {
@@ -487,16 +502,16 @@ subtest 'accept headers with CR/LF/NUL or a bad name: the send fails, nothing wr
     $ws->wait_close(2);
 };
 
-subtest 'denial start with a bad header fails and changes nothing' => sub {
-    my $ws = PagiRS::WS->connect( $port, path => '/deny-bad-header' );
+subtest '0.3: denial start with a bad header fails and changes nothing' => sub {
+    my $ws = PagiRS::WS->connect( $legacy_port, path => '/deny-bad-header' );
     is $ws->status, 403, 'the later websocket.close still refuses with 403';
     unlike $ws->raw_head, qr/Injected/, 'no injected header';
     my ($r) = wait_records('deny-bad-header');
     like $r->{result}, qr/^fail: .*invalid header/, 'the denial start failed';
 };
 
-subtest 'after a denial no websocket.disconnect is delivered' => sub {
-    my $ws = PagiRS::WS->connect( $port, path => '/deny-then-receive' );
+subtest '0.3: after a denial no websocket.disconnect is delivered' => sub {
+    my $ws = PagiRS::WS->connect( $legacy_port, path => '/deny-then-receive' );
     is $ws->status, 429, 'the denial response';
     is $ws->header('retry-after'), '1', 'its header';
     is $ws->body, 'slow down', 'its body (single body event, more defaults to 0)';
@@ -504,8 +519,8 @@ subtest 'after a denial no websocket.disconnect is delivered' => sub {
     is $r->{ready}, 0, 'receive stays pending (Spec: the WebSocket never existed)' or diag explain $r;
 };
 
-subtest 'close before accept => 403' => sub {
-    my $ws = PagiRS::WS->connect( $port, path => '/close-before-accept' );
+subtest '0.3: close before accept => 403' => sub {
+    my $ws = PagiRS::WS->connect( $legacy_port, path => '/close-before-accept' );
     ok !$ws->upgraded, 'not upgraded';
     is $ws->status, 403, 'status 403';
     like $ws->header('content-type'), qr{^text/plain}, 'text/plain';
@@ -514,21 +529,21 @@ subtest 'close before accept => 403' => sub {
     is $r->{result}, 'ok', 'the close send resolved';
 };
 
-subtest 'app returns without deciding => 403; dies => 500' => sub {
+subtest '0.3: app returns without deciding => 403; dies => 500' => sub {
     for my $p ( '/return', '/return-at-once' ) {
-        my $ws = PagiRS::WS->connect( $port, path => $p );
+        my $ws = PagiRS::WS->connect( $legacy_port, path => $p );
         is $ws->status, 403, "$p: 403";
         is $ws->body, 'Forbidden', "$p: Forbidden";
     }
-    my $ws = PagiRS::WS->connect( $port, path => '/die' );
+    my $ws = PagiRS::WS->connect( $legacy_port, path => '/die' );
     is $ws->status, 500, 'die: 500';
     is $ws->body, 'Internal Server Error', 'die: body';
-    ok $s->wait_output( qr/ws-die-marker-5150/, 3 ), 'die: the error is logged';
+    ok $legacy->wait_output( qr/ws-die-marker-5150/, 3 ), 'die: the error is logged';
 };
 
-subtest 'denial response (streamed body)' => sub {
+subtest '0.3: denial response (streamed body)' => sub {
     my $t0 = time;
-    my $ws = PagiRS::WS->connect( $port, path => '/deny' );
+    my $ws = PagiRS::WS->connect( $legacy_port, path => '/deny' );
     ok !$ws->upgraded, 'not upgraded';
     is $ws->status, 401, 'the app\'s status';
     is $ws->header('x-deny'), 'yes', 'the app\'s header';
@@ -541,8 +556,8 @@ subtest 'denial response (streamed body)' => sub {
     is_deeply $r->{results}, [qw(ok ok ok)], 'all denial sends resolved';
 };
 
-subtest 'denial after accept is ignored' => sub {
-    my $ws = PagiRS::WS->connect( $port, path => '/deny-after-accept' );
+subtest '0.3: denial after accept is ignored' => sub {
+    my $ws = PagiRS::WS->connect( $legacy_port, path => '/deny-after-accept' );
     ok $ws->upgraded, 'upgraded';
     my $f = $ws->recv_frame(3);
     ok $f, 'a frame';

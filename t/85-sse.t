@@ -299,8 +299,10 @@ my \$app = async sub {
         rec('bp', { stage => 'done', high => \$high, drain => \$drain, buffered => \$t->buffered_amount });
         return;
     }
-    await \$send->({ type => 'sse.http.response.start', status => 404, headers => \$plain });
-    await \$send->({ type => 'sse.http.response.body', body => 'not found', more => 0 });
+    # Refuse: Www 0.6 with an ordinary response, 0.3 with its sse.http.response.*.
+    my \$refusal = \$scope->{pagi}{spec_version} eq '0.3' ? 'sse.http.response' : 'http.response';
+    await \$send->({ type => "\$refusal.start", status => 404, headers => \$plain });
+    await \$send->({ type => "\$refusal.body", body => 'not found', more => 0 });
 };
 \$app;
 APP
@@ -308,6 +310,12 @@ APP
 my $access_log = "$dir/access.log";
 my $server = start_server( '--access-log', $access_log, $app );
 my $port   = $server->port;
+# What Www 0.3 does differently (a returned stream ends cleanly, refusals
+# with sse.http.response.*) under --spec-version 0.3; the Www 0.6 side of
+# each is in t/86-www06.t.
+my $legacy_log  = "$dir/legacy-access.log";
+my $legacy      = start_server( '--spec-version', '0.3', '--access-log', $legacy_log, $app );
+my $legacy_port = $legacy->port;
 
 sub rec_lines {
     my ($name) = @_;
@@ -611,22 +619,22 @@ subtest 'sse.close: terminator, keep-alive, idempotent, later sends fail' => sub
     }
 };
 
-subtest 'app returning after sse.start ends the stream cleanly' => sub {
-    my $c = PagiRS::SSE->open( $port, '/return' );
+subtest '0.3: app returning after sse.start ends the stream cleanly' => sub {
+    my $c = PagiRS::SSE->open( $legacy_port, '/return' );
     ok $c->wait_eof(5), 'body ends';
     ok $c->complete, 'with the last chunk';
     is $c->raw, "data: bye\n\n", 'body';
     $c->sock->syswrite("GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     my ($raw) = read_sock( $c->sock, undef, 5 );
     is( ( parse_response($raw) // {} )->{status}, 200, 'connection reusable' );
-    ok wait_file_line( $access_log, qr{"GET /return" 200 .* reason=app_returned$} ),
-      'access log reason=app_returned' or diag slurp($access_log);
-    unlike slurp($access_log) // '', qr{"GET /ok[^\n]*reason=}, 'plain requests have no reason suffix';
+    ok wait_file_line( $legacy_log, qr{"GET /return" 200 .* reason=app_returned$} ),
+      'access log reason=app_returned' or diag slurp($legacy_log);
+    unlike slurp($legacy_log) // '', qr{"GET /ok[^\n]*reason=}, 'plain requests have no reason suffix';
 };
 
-subtest 'decline with sse.http.response.*' => sub {
+subtest '0.3: decline with sse.http.response.*' => sub {
     unlink "$dir/decline", "$dir/decline204";
-    my $c = PagiRS::SSE->open( $port, '/decline' );
+    my $c = PagiRS::SSE->open( $legacy_port, '/decline' );
     is $c->status, 404, 'status 404';
     is $c->header('content-type'), 'text/plain', 'app content-type';
     ok !defined $c->header('cache-control'), 'no SSE headers added';
@@ -641,11 +649,11 @@ subtest 'decline with sse.http.response.*' => sub {
     like $o->{sse_send},  qr/after sse\.http\.response\.start/, 'sse.send after decline fails';
 
     my $r = HTTP::Tiny->new( timeout => 5 )
-      ->get( "http://127.0.0.1:$port/decline", { headers => { Accept => 'text/event-stream' } } );
+      ->get( "http://127.0.0.1:$legacy_port/decline", { headers => { Accept => 'text/event-stream' } } );
     is $r->{status}, 404, 'HTTP::Tiny: 404';
     is $r->{content}, 'no stream', 'HTTP::Tiny: body';
 
-    my $n = PagiRS::SSE->open( $port, '/decline204' );
+    my $n = PagiRS::SSE->open( $legacy_port, '/decline204' );
     is $n->status, 204, 'status 204';
     ok !defined $n->header('content-type'), 'no content-type';
     ok !defined $n->header('transfer-encoding'), 'no transfer-encoding';
@@ -656,7 +664,7 @@ subtest 'decline with sse.http.response.*' => sub {
     is $o2 && $o2->{body}, '', '204: body send resolves';
     like $o2 && $o2->{sse_start}, qr/after sse\.http\.response\.start/, '204: sse.start after decline fails';
 
-    my $l = PagiRS::SSE->open( $port, '/late-decline' );
+    my $l = PagiRS::SSE->open( $legacy_port, '/late-decline' );
     is $l->status, 200, 'late decline: the stream is already 200';
     my $e = $l->next_event(5) // {};
     my $res = eval { $J->decode( $e->{data} // '' ) } // {};

@@ -112,8 +112,8 @@ subtest 'websocket chat' => sub {
     }
     $browser->switch_to( $tabs[0] );
 
-    # Only /ws is a chat: a handshake elsewhere is refused with 403 (the
-    # app sends websocket.close before websocket.accept).
+    # Only /ws is a chat: a handshake elsewhere is refused with the app's
+    # own 404 (an http.response.* refusal before websocket.accept).
     my $port = $server->port;
     my $raw  = raw_request(
         $port,
@@ -123,7 +123,7 @@ subtest 'websocket chat' => sub {
         timeout => 5,
     );
     my $res = parse_response($raw) // { status => 0 };
-    is $res->{status}, 403, 'handshake on another path is refused with 403';
+    is $res->{status}, 404, 'handshake on another path is refused with the app\'s 404';
 
     explain_failure( $server, unlike $server->output, qr/\b(?:ERROR|WARN)\b/, 'server logged no error or warning' );
     is $server->stop('TERM'), 0, 'server exits 0 on SIGTERM';

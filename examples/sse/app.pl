@@ -84,16 +84,10 @@ async sub job_progress {
     my ( $scope, $receive, $send ) = @_;
 
     # An sse scope is any request that asks for text/event-stream; only
-    # /events has a stream, so elsewhere we answer with a plain 404 (which
-    # also tells an EventSource not to reconnect).
+    # /events has a stream, so elsewhere we refuse it with an ordinary 404
+    # (which also tells an EventSource not to reconnect).
     if ( $scope->{path} ne '/events' ) {
-        await $send->({
-            type    => 'sse.http.response.start',
-            status  => 404,
-            headers => [ [ 'content-type', 'text/plain' ] ],
-        });
-        await $send->({ type => 'sse.http.response.body', body => "Not found\n" });
-        return;
+        return await http_response( $send, 404, 'text/plain', "Not found\n" );
     }
 
     await $send->({ type => 'sse.start', status => 200 });

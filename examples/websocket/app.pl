@@ -114,12 +114,12 @@ async sub chat {
     my ( $scope, $receive, $send ) = @_;
 
     # The handshake is only completed once we answer websocket.connect;
-    # anything but /ws is refused (a close before accept is an HTTP 403).
+    # anything but /ws is refused with an ordinary HTTP response (PAGI Www
+    # 0.6: a refusal is http.response.* before websocket.accept).
     my $connect = await $receive->();
     return unless $connect->{type} eq 'websocket.connect';
     if ( $scope->{path} ne '/ws' ) {
-        await $send->({ type => 'websocket.close' });
-        return;
+        return await http_response( $send, 404, 'text/plain', "No chat here\n" );
     }
     await $send->({ type => 'websocket.accept' });
 

@@ -34,6 +34,9 @@ pub struct ConnInfo {
     /// The addresses as the scope shows them (formatted once, not per request).
     pub client_host: Arc<str>,
     pub server_host: Arc<str>,
+    /// Closes the connection at once (`pagi.connection->abort`); the
+    /// connection task watches it.
+    pub close: Arc<tokio::sync::Notify>,
 }
 
 impl ConnInfo {
@@ -43,6 +46,7 @@ impl ConnInfo {
             server,
             client_host: client.ip().to_string().into(),
             server_host: server.ip().to_string().into(),
+            close: Arc::new(tokio::sync::Notify::new()),
         }
     }
 }
@@ -107,7 +111,15 @@ pub async fn handle(
     let head = head_rx.await;
     guard.0 = None;
     match head {
-        Ok(Head::App(status, headers)) => {
+        Ok(Head::App(status, mut headers)) => {
+            // An SSE request answered with an ordinary response is a refusal
+            // (Www 0.6): the connection closes after it.
+            if kind == ScopeKind::Sse
+                && server.exchange_config.spec.is_current()
+                && !exchange.is_event_stream()
+            {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
             let mut resp = Response::new(ResponseBody::Stream(exchange));
             *resp.status_mut() = status;
             *resp.headers_mut() = headers;
@@ -154,6 +166,7 @@ pub(crate) fn open_exchange<'s>(
         interp.mailbox.clone(),
         server.exchange_config.clone(),
         facts,
+        Some(conn.close.clone()),
     );
     (interp, exchange, head_rx)
 }
@@ -163,11 +176,17 @@ pub(crate) struct PendingHead(pub(crate) Option<Arc<Exchange>>);
 impl Drop for PendingHead {
     fn drop(&mut self) {
         if let Some(ex) = self.0.take() {
-            ex.network_gone(if crate::server::is_force_closing() {
-                "server_shutdown"
+            if crate::server::is_force_closing() {
+                ex.network_gone(
+                    "server_shutdown",
+                    Some("the shutdown timeout expired".into()),
+                );
             } else {
-                "client_closed"
-            });
+                ex.network_gone(
+                    "client_closed",
+                    Some("the client closed the connection before the response started".into()),
+                );
+            }
         }
     }
 }
@@ -187,7 +206,14 @@ async fn watch_stalls(exchange: std::sync::Weak<Exchange>, limit: Duration) {
                 "Request stall timeout ({}s) - closing connection",
                 limit.as_secs()
             );
-            ex.server_abort("client_timeout", None);
+            ex.server_abort(
+                "client_timeout",
+                Some(format!(
+                    "no progress for {}s (--request-timeout)",
+                    limit.as_secs()
+                )),
+                None,
+            );
             return;
         }
         wait = limit - idle;

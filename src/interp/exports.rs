@@ -15,7 +15,7 @@ use super::mailbox::Mailbox;
 use super::messages::{kind, ToPerl};
 use super::Control;
 use crate::error::SendError;
-use crate::exchange::{Exchange, SendOutcome};
+use crate::exchange::{EndState, Exchange, SendOutcome};
 use crate::websocket::session::{Keepalive, Session};
 
 /// Request ids are unique and sequential: they need no hashing.
@@ -53,6 +53,8 @@ pub struct WorkerCtx {
     /// WebSocket sessions, by the id of their handshake exchange.
     sessions: SessionMap,
     last_error: String,
+    /// What `pagi_rs_end_state` last reported; its strings back the pointers.
+    last_end: (EndState, Option<(u16, String)>),
 }
 
 thread_local! {
@@ -75,6 +77,7 @@ pub fn install(
             exchanges: ExchangeMap::default(),
             sessions: SessionMap::default(),
             last_error: String::new(),
+            last_end: (EndState::Active, None),
         })
     });
 }
@@ -219,11 +222,13 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.str[0] = PagiStr::from_bytes(data);
                 m.nstr = 1;
             }
-            ToPerl::Disconnect { id, reason } => {
+            ToPerl::Disconnect { id, reason, detail } => {
                 m.kind = kind::DISCONNECT;
                 m.id = *id;
                 m.str[0] = PagiStr::from_bytes(reason.as_bytes());
-                m.nstr = 1;
+                m.str[1] = optional_str(detail.as_deref());
+                m.nstr = 2;
+                m.utf8_mask = 1 << 1;
             }
             ToPerl::WsReceive { id, text, data } => {
                 if let Some(ws) = ctx.sessions.get(id) {
@@ -236,19 +241,20 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.nstr = 1;
                 m.utf8_mask = u32::from(*text);
             }
-            ToPerl::WsDisconnect {
-                id,
-                code,
-                reason,
-                clean,
-            } => {
+            ToPerl::WsDisconnect { id, ending } => {
                 m.kind = kind::WS_DISCONNECT;
                 m.id = *id;
-                m.num[0] = i64::from(*code);
-                m.num[1] = i64::from(*clean);
-                m.str[0] = PagiStr::from_bytes(reason.as_bytes());
-                m.nstr = 1;
-                m.utf8_mask = 1;
+                m.num[0] = i64::from(ending.code);
+                m.num[1] = i64::from(ending.clean);
+                m.num[2] = ending
+                    .peer
+                    .as_ref()
+                    .map_or(-1, |(code, _)| i64::from(*code));
+                m.str[0] = PagiStr::from_bytes(ending.reason.as_bytes());
+                m.str[1] = optional_str(ending.detail.as_deref());
+                m.str[2] = optional_str(ending.peer.as_ref().map(|(_, r)| r.as_str()));
+                m.nstr = 3;
+                m.utf8_mask = 0b111;
             }
             ToPerl::Drained { id } => {
                 m.kind = kind::DRAINED;
@@ -273,6 +279,64 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
         }
         ctx.current = Some(msg);
         1
+    })
+}
+
+fn optional_str(s: Option<&str>) -> PagiStr {
+    s.map_or(PagiStr::NULL, |s| PagiStr::from_bytes(s.as_bytes()))
+}
+
+/// `pagi.connection`'s facts for request `id`, straight from the core, so
+/// that they are current before the message announcing them is dispatched.
+/// Returns -1 for an id the core has forgotten, 0 while active, 1 after a
+/// clean end, 2 after an abnormal one; `out` then carries the reason
+/// (str 0), the detail (str 1), the peer's Close code (num 0, -1 for none)
+/// and reason (str 2), and a WebSocket's `websocket.disconnect` code (num 1,
+/// -1 for none), valid until the next call.
+#[no_mangle]
+pub extern "C" fn pagi_rs_end_state(id: u64, out: *mut PagiMsg) -> c_int {
+    with_ctx(-1, |ctx| {
+        let (end, peer, code) = if let Some(ws) = ctx.sessions.get(&id) {
+            ws.end_state()
+        } else if let Some(ex) = ctx.exchanges.get(&id) {
+            (ex.end_state(), None, None)
+        } else {
+            return -1;
+        };
+        ctx.last_end = (end, peer);
+        // SAFETY: out points at a zeroed PagiMsg on the XS function's stack.
+        let m = unsafe { &mut *out };
+        let (end, peer) = &ctx.last_end;
+        m.num[0] = peer.as_ref().map_or(-1, |(code, _)| i64::from(*code));
+        m.num[1] = code.map_or(-1, i64::from);
+        m.str[2] = optional_str(peer.as_ref().map(|(_, r)| r.as_str()));
+        match end {
+            EndState::Active => 0,
+            EndState::Clean => 1,
+            EndState::Abnormal { reason, detail } => {
+                m.str[0] = PagiStr::from_bytes(reason.as_bytes());
+                m.str[1] = optional_str(detail.as_deref());
+                2
+            }
+        }
+    })
+}
+
+/// `pagi.connection->abort($detail)`: 1 when it ended the scope, 0 when
+/// the scope had already ended (its outcome stands).
+#[no_mangle]
+pub extern "C" fn pagi_rs_abort(id: u64, ptr: *const c_char, len: usize, has: c_int) -> c_int {
+    guarded(0, || {
+        // SAFETY: ptr/len describe the detail text alive for this XS call.
+        let detail = unsafe { optional_bytes(ptr, len, has) }
+            .map(|d| String::from_utf8_lossy(d).into_owned());
+        if let Some(ws) = session(id) {
+            return c_int::from(ws.abort(detail));
+        }
+        match exchange(id) {
+            Some(ex) => c_int::from(ex.app_abort(detail)),
+            None => 0,
+        }
     })
 }
 
@@ -460,8 +524,13 @@ pub extern "C" fn pagi_rs_finish(
             String::from_utf8_lossy(unsafe { PagiStr { ptr: err, len }.as_bytes() }).into_owned()
         });
         let outcome = ex.finish(text.as_deref(), interested != 0);
-        if interested == 0 {
-            // Perl has forgotten the request; later calls with its id are no-ops.
+        // Perl forgets an uninteresting request, and later calls with its id
+        // are no-ops; after a backstop or a cut-off it first reads why.
+        let perl_reads_why = matches!(
+            outcome,
+            crate::exchange::FinishOutcome::Backstop500 | crate::exchange::FinishOutcome::Truncated
+        );
+        if interested == 0 && !perl_reads_why {
             pagi_rs_release(id);
         }
         outcome as c_int
@@ -773,12 +842,12 @@ pub extern "C" fn pagi_rs_ws_keepalive(
     })
 }
 
-/// The application left --max-receive-queue messages unread.
+/// The application left `limit` (--max-receive-queue) messages unread.
 #[no_mangle]
-pub extern "C" fn pagi_rs_ws_overflow(id: u64) {
+pub extern "C" fn pagi_rs_ws_overflow(id: u64, limit: i64) {
     guarded((), || {
         if let Some(ws) = session(id) {
-            ws.overflow();
+            ws.overflow(usize::try_from(limit).unwrap_or(0));
         }
     })
 }

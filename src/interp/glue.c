@@ -44,15 +44,17 @@ typedef struct {
 #define SLOT_CONNECTED 1
 #define SLOT_STARTED 3
 #define SLOT_COMPLETE 4
-#define SLOT_RECV_WAIT 12
-#define SLOT_BODY 15
-#define SLOT_TRAILERS 19
+#define SLOT_WANTS_END 17
+#define SLOT_RECV_WAIT 19
+#define SLOT_BODY 22
+#define SLOT_TRAILERS 26
+#define SLOT_COUNT 32
 
 static SV *new_sender(pTHX_ AV *req);
 static pagi_str text_arg(pTHX_ SV *sv, int *has);
 
 /* SSE.pm's slot for the stream's state, and its "streaming" value. */
-#define SLOT_SSE_STREAM 21
+#define SLOT_SSE_STREAM 28
 #define SSE_STREAMING 1
 
 /* Scope kinds (ScopeKind in scope.rs). */
@@ -91,7 +93,9 @@ extern int pagi_rs_ws_accept(uint64_t id, const char *sub, size_t sublen, int ha
 extern int pagi_rs_ws_send(uint64_t id, int text, const char *ptr, size_t len, pagi_str *err);
 extern int pagi_rs_ws_close(uint64_t id, int64_t code, const char *ptr, size_t len, pagi_str *err);
 extern int pagi_rs_ws_keepalive(uint64_t id, int64_t interval_ms, int64_t timeout_ms, pagi_str *err);
-extern void pagi_rs_ws_overflow(uint64_t id);
+extern void pagi_rs_ws_overflow(uint64_t id, int64_t limit);
+extern int pagi_rs_end_state(uint64_t id, pagi_msg *out);
+extern int pagi_rs_abort(uint64_t id, const char *detail, size_t len, int has);
 extern int pagi_rs_ws_finish(uint64_t id, const char *err, size_t len, int has_err);
 
 EXTERN_C void boot_DynaLoader(pTHX_ CV *cv);
@@ -246,6 +250,9 @@ static const char *const key_names[K_COUNT] = {
 
 typedef struct {
     PerlInterpreter *owner;
+    SV *core_version; /* $PAGI::RS::Bridge::CORE_VERSION, e.g. "0.5" */
+    SV *www_version;  /* $PAGI::RS::Bridge::SPEC_VERSION, e.g. "0.6" */
+    int legacy_www;   /* Www 0.3: the websocket.http.response extension */
     GV *state_gv;    /* %PAGI::RS::Bridge::STATE */
     GV *requests_gv; /* %PAGI::RS::Bridge::REQUESTS */
     GV *done_gv;     /* $PAGI::RS::HTTP::DONE */
@@ -269,6 +276,10 @@ static interp_lookups *the_lookups(pTHX)
     lookups.http_stash = gv_stashpvs("PAGI::RS::HTTP", GV_ADD);
     lookups.sse_stash = gv_stashpvs("PAGI::RS::SSE", GV_ADD);
     lookups.ws_stash = gv_stashpvs("PAGI::RS::WebSocket", GV_ADD);
+    /* Set once by Bridge::init, before any request exists. */
+    lookups.core_version = newSVsv(get_sv("PAGI::RS::Bridge::CORE_VERSION", GV_ADD));
+    lookups.www_version = newSVsv(get_sv("PAGI::RS::Bridge::SPEC_VERSION", GV_ADD));
+    lookups.legacy_www = strEQ(SvPV_nolen(lookups.www_version), "0.3");
     for (i = 0; i < K_COUNT; i++)
         lookups.keys[i] = newSVpvn_share(key_names[i], (I32)strlen(key_names[i]), 0);
     lookups.owner = aTHX;
@@ -290,15 +301,17 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
     HV *state = GvHVn(L->state_gv);
     /* Sized for its ~20 keys up front: growing splits the table twice. */
     hv_ksplit(scope, 32);
-    STORE(pagi, L, K_VERSION, newSVpvs("0.4"));
-    STORE(pagi, L, K_SPEC_VERSION, newSVpvs("0.3"));
+    STORE(pagi, L, K_VERSION, newSVsv(L->core_version));
+    STORE(pagi, L, K_SPEC_VERSION, newSVsv(L->www_version));
     switch (kind) {
     case SCOPE_SSE:
         STORE(scope, L, K_TYPE, newSVpvs("sse"));
         break;
     case SCOPE_WEBSOCKET:
         STORE(scope, L, K_TYPE, newSVpvs("websocket"));
-        (void)hv_stores(ext, "websocket.http.response", newRV_noinc((SV *)newHV()));
+        /* Gone in Www 0.6: refusals are ordinary http.response.* events. */
+        if (L->legacy_www)
+            (void)hv_stores(ext, "websocket.http.response", newRV_noinc((SV *)newHV()));
         break;
     default:
         STORE(scope, L, K_TYPE, newSVpvs("http"));
@@ -361,7 +374,7 @@ XS(xs_next_message)
         HV *scope_hv, *requests;
         char key[24];
         int klen;
-        av_extend(req, 20);
+        av_extend(req, SLOT_COUNT);
         av_store(req, SLOT_ID, newSVuv((UV)m.id));
         av_store(req, SLOT_CONNECTED, newSViv(1));
         av_store(req, SLOT_BODY, newSViv((IV)m.num[2]));
@@ -704,6 +717,8 @@ static int fast_ws_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
  * to hangs off the CV as magic; it updates that object's SLOT_* fields. */
 #define CODE_SENT 0
 #define CODE_CLOSED 3
+/* Not a core code: CLOSED, news to the Perl side (HTTP.pm's CLOSED_UNSEEN). */
+#define CODE_CLOSED_UNSEEN 5
 
 static MGVTBL sender_vtbl; /* marks our magic; no callbacks */
 
@@ -740,6 +755,10 @@ XS(xs_sender)
         rc = fast_sse_send(aTHX_(uint64_t) SvUV(*idp), req, ev, &kind, &err);
     else
         rc = fast_ws_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err);
+    /* A send the core answers "closed" while this object still believes
+     * the scope open goes to Perl, which brings its facts up to date. */
+    if (rc == CODE_CLOSED && slot_true(aTHX_ req, SLOT_CONNECTED))
+        rc = CODE_CLOSED_UNSEEN;
     if (rc == CODE_SENT || rc == CODE_CLOSED) {
         switch (kind) {
         case SEND_KIND_START:
@@ -758,7 +777,9 @@ XS(xs_sender)
                 break;
             if (rc == CODE_CLOSED || slot_true(aTHX_ req, SLOT_TRAILERS)) {
                 handled = 1;
-            } else {
+            } else if (!slot_true(aTHX_ req, SLOT_WANTS_END)) {
+                /* The scope ends here; with someone waiting to hear it,
+                 * HTTP.pm's _response_complete notifies them. */
                 SV **wait = av_fetch(req, SLOT_RECV_WAIT, 0);
                 if (!wait || !SvOK(*wait)) {
                     av_store(req, SLOT_COMPLETE, newSViv(1));
@@ -1103,10 +1124,59 @@ XS(xs_ws_keepalive)
 XS(xs_ws_overflow)
 {
     dXSARGS;
+    if (items != 2)
+        croak_xs_usage(cv, "id, limit");
+    pagi_rs_ws_overflow((uint64_t)SvUV(ST(0)), (int64_t)SvIV(ST(1)));
+    XSRETURN_EMPTY;
+}
+
+/* _end_state($id): (state, reason, detail, peer_code, peer_reason,
+ * websocket_code); state is
+ * -1 (forgotten), 0 (active), 1 (clean) or 2 (abnormal); the rest undef
+ * where absent.  Text comes as characters. */
+XS(xs_end_state)
+{
+    dXSARGS;
+    pagi_msg m;
+    int state, i;
     if (items != 1)
         croak_xs_usage(cv, "id");
-    pagi_rs_ws_overflow((uint64_t)SvUV(ST(0)));
-    XSRETURN_EMPTY;
+    memset(&m, 0, sizeof m);
+    state = pagi_rs_end_state((uint64_t)SvUV(ST(0)), &m);
+    SP -= items;
+    EXTEND(SP, 6);
+    mPUSHi(state);
+    for (i = 0; i < 2; i++) {
+        if (m.str[i].ptr)
+            mPUSHs(bytes_sv(aTHX_ m.str[i], 1));
+        else
+            PUSHs(&PL_sv_undef);
+    }
+    if (m.num[0] >= 0)
+        mPUSHi((IV)m.num[0]);
+    else
+        PUSHs(&PL_sv_undef);
+    if (m.str[2].ptr)
+        mPUSHs(bytes_sv(aTHX_ m.str[2], 1));
+    else
+        PUSHs(&PL_sv_undef);
+    if (m.num[1] >= 0)
+        mPUSHi((IV)m.num[1]);
+    else
+        PUSHs(&PL_sv_undef);
+    PUTBACK;
+}
+
+/* _abort($id, $detail_or_undef): 1 when it ended the scope. */
+XS(xs_abort)
+{
+    dXSARGS;
+    pagi_str detail;
+    int has;
+    if (items != 2)
+        croak_xs_usage(cv, "id, detail");
+    detail = text_arg(aTHX_ ST(1), &has);
+    XSRETURN_IV(pagi_rs_abort((uint64_t)SvUV(ST(0)), detail.ptr, detail.len, has));
 }
 
 /* _ws_finish($id, $error_or_undef) */
@@ -1157,6 +1227,8 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::_ws_keepalive", xs_ws_keepalive, file);
     newXS("PAGI::RS::_ws_overflow", xs_ws_overflow, file);
     newXS("PAGI::RS::_ws_finish", xs_ws_finish, file);
+    newXS("PAGI::RS::_end_state", xs_end_state, file);
+    newXS("PAGI::RS::_abort", xs_abort, file);
 }
 
 /* ---- interpreter lifecycle (called from Rust) ----------------------------- */

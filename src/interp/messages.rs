@@ -24,13 +24,10 @@ pub enum ToPerl {
         text: bool,
         data: Bytes,
     },
-    /// The WebSocket ended (`websocket.disconnect`).
+    /// The WebSocket ended (`websocket.disconnect`), once its transport closed.
     WsDisconnect {
         id: u64,
-        code: u16,
-        reason: String,
-        /// A completed closing handshake rather than a failure.
-        clean: bool,
+        ending: crate::websocket::session::Ending,
     },
     /// A chunk of request body (`http.request`).
     Body {
@@ -38,10 +35,12 @@ pub enum ToPerl {
         data: Bytes,
         more: bool,
     },
-    /// The request ended abnormally, with a standard reason string.
+    /// The request ended abnormally, with a standard reason string and
+    /// maybe a detail (`disconnect_detail`).
     Disconnect {
         id: u64,
         reason: &'static str,
+        detail: Option<String>,
     },
     /// The outbound buffer fell below the low-water mark after reaching the high one.
     Drained {

@@ -55,6 +55,10 @@ pub struct LoadSpec {
     /// WebSocket limits, shown in the websocket scope; 0 frame size = none.
     pub max_receive_queue: usize,
     pub max_ws_frame_size: usize,
+    /// Which PAGI the scopes report and the Perl side follows.
+    pub spec: crate::spec::SpecVersion,
+    /// Receives answered with the disconnect event after a scope ended.
+    pub max_disconnect_receives: u32,
 }
 
 pub struct Interpreter {

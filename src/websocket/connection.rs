@@ -1,17 +1,27 @@
 //! An accepted WebSocket: tokio-tungstenite frames the upgraded socket.
 //!
 //! The reader (this task) owns the decision of how the socket ends: a peer
-//! Close, a drop, a protocol failure, a keepalive or idle timeout, the
-//! application's close deadline, or server shutdown.  The writer (a task of
-//! its own) sends what the application queued, so a client that stops
-//! reading stalls only the writer, never the detection of its departure.
+//! Close, a drop, a protocol failure, a keepalive or idle timeout, a closing
+//! phase that ran out of time, server shutdown or the application's abort.
+//! The writer (a task of its own) sends what the application queued, so a
+//! client that stops reading stalls only the writer, never the detection of
+//! its departure.
+//!
+//! The application hears `websocket.disconnect` only once the transport is
+//! really closed (Www 0.6).  A closing handshake has two phases, each bounded
+//! by `--ws-close-timeout`: the Close frames are exchanged (a peer that never
+//! answers ends `close_timeout`), then the server closes its side of the TCP
+//! connection and waits for the peer to close its own (one that never does
+//! ends `close_incomplete`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -22,11 +32,25 @@ use tokio_tungstenite::WebSocketStream;
 use super::session::{Ending, Outbound, Session};
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Sink = SplitSink<Socket, Message>;
+type Stream = SplitStream<Socket>;
 
-/// How long the writer may take to flush a final Close frame.
+/// How long the writer may take to flush a final Close frame of a failed
+/// connection (no handshake follows it).
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
 
 const FAR: Duration = Duration::from_secs(86_400 * 365);
+
+/// Why reading stopped, and what is left to do with the transport.
+enum ReadEnd {
+    /// Drop the connection now: the peer is gone, or the app aborted.
+    Drop(Ending),
+    /// A Close frame of ours is queued with nothing to wait for after it
+    /// (a protocol failure, shutdown): let it out, then drop the connection.
+    Flush(Ending),
+    /// The Close frames were exchanged: close the TCP connection cleanly.
+    Handshake(Ending),
+}
 
 pub async fn run(session: Arc<Session>, upgraded: Upgraded, shutdown: watch::Receiver<bool>) {
     let settings = &session.settings;
@@ -38,85 +62,149 @@ pub async fn run(session: Arc<Session>, upgraded: Upgraded, shutdown: watch::Rec
     let Some(outbound) = session.take_outbound() else {
         return;
     };
-    let (sink, stream) = socket.split();
-    let (write_failed_tx, write_failed_rx) = watch::channel(false);
-    let writer = tokio::spawn(write_loop(session.clone(), sink, outbound, write_failed_tx));
+    let (sink, mut stream) = socket.split();
+    let (write_failed_tx, write_failed_rx) = watch::channel(None);
+    let mut writer = tokio::spawn(write_loop(session.clone(), sink, outbound, write_failed_tx));
     session.touch();
 
-    let ending = read_loop(&session, stream, shutdown, write_failed_rx).await;
-    // A drop or a dead peer gets no Close frame; every other ending has one
-    // queued (ours, or tungstenite's reply) that should reach the peer.
-    let flush = ending.clean
-        || !matches!(
-            ending.reason.as_str(),
-            "client_closed" | "keepalive_timeout" | "write_error" | "idle_timeout"
-        );
-    session.end(ending);
-    if flush {
-        // Let a Close frame already queued (ours or the reply) reach the peer.
-        session.finish_writer();
-        let mut writer = writer;
-        if tokio::time::timeout(FINAL_FLUSH, &mut writer)
-            .await
-            .is_err()
-        {
+    let end = read_loop(&session, &mut stream, shutdown, write_failed_rx).await;
+    let close_timeout = session.settings.close_timeout;
+    let ending = match end {
+        ReadEnd::Drop(ending) => {
             writer.abort();
+            let _ = (&mut writer).await;
+            drop(stream);
+            ending
         }
-    } else {
-        writer.abort();
-    }
+        ReadEnd::Flush(ending) => {
+            session.finish_writer();
+            if tokio::time::timeout(FINAL_FLUSH, &mut writer)
+                .await
+                .is_err()
+            {
+                writer.abort();
+                let _ = (&mut writer).await;
+            }
+            drop(stream);
+            ending
+        }
+        ReadEnd::Handshake(ending) => {
+            session.finish_writer();
+            let sink = match tokio::time::timeout(close_timeout, &mut writer).await {
+                Ok(Ok(sink)) => sink,
+                _ => {
+                    writer.abort();
+                    None
+                }
+            };
+            let closed = match sink.map(|sink| sink.reunite(stream)) {
+                Some(Ok(socket)) => close_transport(socket, close_timeout).await,
+                _ => false,
+            };
+            if closed {
+                ending
+            } else {
+                Ending {
+                    peer: ending.peer,
+                    ..Ending::abnormal(
+                        "close_incomplete",
+                        format!(
+                            "the peer did not close the connection within {}s of the closing handshake (--ws-close-timeout)",
+                            close_timeout.as_secs()
+                        ),
+                    )
+                }
+            }
+        }
+    };
+    // The transport is closed (dropped) by now: only then does the app hear.
+    session.end(ending);
 }
 
-/// Why reading stopped, before it becomes an [`Ending`].
-fn error_ending(session: &Session, err: &WsError) -> Ending {
+/// Close our side of the TCP connection and wait for the peer to close its
+/// own (RFC 6455 7.1.1: the server closes first).  True when it did.
+async fn close_transport(mut socket: Socket, limit: Duration) -> bool {
+    let io = socket.get_mut();
+    let closed = async {
+        let _ = io.shutdown().await;
+        let mut sink = [0u8; 512];
+        loop {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    };
+    tokio::time::timeout(limit, closed).await.is_ok()
+}
+
+/// A read error, as an ending: the rule a peer broke is the detail.
+fn error_ending(session: &Session, err: &WsError) -> ReadEnd {
     match err {
         WsError::Utf8(_) => {
             session.close_frame(1007, "Invalid UTF-8");
-            Ending::protocol(1007)
+            ReadEnd::Flush(Ending::protocol(
+                1007,
+                "a text frame or Close reason is not valid UTF-8".into(),
+            ))
         }
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
             tracing::warn!("PAGI connection error: Payload is too big.");
             session.close_frame(1009, "Message too big");
-            Ending::protocol(1009)
+            ReadEnd::Flush(Ending::protocol(
+                1009,
+                format!("a frame or message of {size} bytes exceeds the limit of {max_size} (--max-ws-frame-size)"),
+            ))
         }
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            Ending::abnormal("client_closed")
+            ReadEnd::Drop(Ending::abnormal(
+                "client_closed",
+                "connection reset without a closing handshake".to_string(),
+            ))
         }
         WsError::Protocol(p) => {
             tracing::debug!("WebSocket protocol error: {p}");
             session.close_frame(1002, "Protocol error");
-            Ending::protocol(1002)
+            ReadEnd::Flush(Ending::protocol(1002, p.to_string()))
         }
         WsError::Io(e) => {
             tracing::debug!("WebSocket read error: {e}");
-            Ending::abnormal("client_closed")
+            ReadEnd::Drop(Ending::abnormal("client_closed", e.to_string()))
         }
-        _ => Ending::abnormal("client_closed"),
+        other => ReadEnd::Drop(Ending::abnormal("client_closed", other.to_string())),
     }
 }
 
 async fn read_loop(
     session: &Session,
-    mut stream: futures_util::stream::SplitStream<Socket>,
+    stream: &mut Stream,
     mut shutdown: watch::Receiver<bool>,
-    mut write_failed: watch::Receiver<bool>,
-) -> Ending {
+    mut write_failed: watch::Receiver<Option<String>>,
+) -> ReadEnd {
     let settings = session.settings.clone();
-    // The peer's Close, once seen: reported when the socket finishes.
-    let mut peer_close: Option<Ending> = None;
+    let limit = settings.close_timeout;
+    // The peer's Close, once seen, and when: its handshake ends when
+    // tungstenite has sent the answer.
+    let mut peer_close: Option<(Ending, Instant)> = None;
     let mut next_ping: Option<Instant> = None;
     let mut pong_deadline: Option<Instant> = None;
     let mut keepalive = None;
     loop {
         let wake = session.reader_wake.notified();
         let taken = session.taken.notified();
-        // Past --max-receive-queue messages in transit to the interpreter,
-        // stop reading: TCP pushes back instead of memory growing.
-        let may_read = session.may_read();
         let view = session.reader_view();
-        if let Some(forced) = view.forced {
-            return forced;
+        if let Some(forced) = &view.forced {
+            if forced.immediate {
+                return ReadEnd::Drop(forced.ending.clone());
+            }
         }
+        // A Close of ours is out (the app's, or the server's 1008/1011).
+        let our_close_at = view.app_closed_at.or(view.forced.as_ref().map(|f| f.at));
+        let closing = our_close_at.is_some() || peer_close.is_some();
+        // Past --max-receive-queue messages in transit to the interpreter,
+        // stop reading: TCP pushes back instead of memory growing.  While
+        // closing, read on: the peer's Close must be seen.
+        let may_read = session.may_read();
         // websocket.keepalive changed: start its schedule again.
         if view.keepalive != keepalive {
             keepalive = view.keepalive;
@@ -126,26 +214,37 @@ async fn read_loop(
             }
         }
         let now = Instant::now();
-        let idle_in = settings
-            .idle_timeout
-            .map_or(FAR, |limit| limit.saturating_sub(session.idle_for()));
-        let close_in = view.app_closed_at.map_or(FAR, |at| {
-            (at + settings.close_timeout).saturating_duration_since(now)
-        });
-        let ping_in = next_ping.map_or(FAR, |t| t.saturating_duration_since(now));
+        let closing_deadline = match (&peer_close, our_close_at) {
+            (Some((_, at)), _) => Some(*at + limit),
+            (None, Some(at)) => Some(at + limit),
+            (None, None) => None,
+        };
+        let close_in = closing_deadline.map_or(FAR, |d| d.saturating_duration_since(now));
+        let idle_in = match settings.idle_timeout {
+            Some(idle) if !closing => idle.saturating_sub(session.idle_for()),
+            _ => FAR,
+        };
+        let ping_in = next_ping
+            .filter(|_| !closing)
+            .map_or(FAR, |t| t.saturating_duration_since(now));
         let pong_in = pong_deadline.map_or(FAR, |t| t.saturating_duration_since(now));
         let timer = idle_in.min(close_in).min(ping_in).min(pong_in);
+        // Messages are the app's only while nobody is closing the socket on
+        // the server's side, and until the peer said Close.
+        let deliver = view.forced.is_none() && peer_close.is_none();
 
         tokio::select! {
-            _ = taken, if !may_read => {}
-            frame = stream.next(), if may_read => match frame {
+            _ = taken, if !may_read && !closing => {}
+            frame = stream.next(), if may_read || closing => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    if peer_close.is_none() {
+                    session.touch();
+                    if deliver {
                         session.deliver(true, text.into());
                     }
                 }
                 Some(Ok(Message::Binary(data))) => {
-                    if peer_close.is_none() {
+                    session.touch();
+                    if deliver {
                         session.deliver(false, data);
                     }
                 }
@@ -156,27 +255,46 @@ async fn read_loop(
                 }
                 Some(Ok(Message::Close(frame))) => {
                     session.touch();
-                    peer_close = Some(match frame {
+                    session.peer_closed();
+                    let ending = match frame {
                         // tungstenite replaced an invalid close code with 1002
                         // and answered it: that is our protocol close.
                         Some(f) if f.code == CloseCode::Protocol && f.reason == "Protocol violation" => {
-                            Ending::protocol(1002)
+                            return ReadEnd::Flush(Ending::protocol(
+                                1002,
+                                "the peer's Close frame carried an invalid close code".into(),
+                            ));
                         }
-                        Some(f) => Ending {
-                            code: u16::from(f.code),
-                            reason: f.reason.to_string(),
-                            clean: true,
-                        },
-                        None => Ending { code: 1005, reason: String::new(), clean: true },
-                    });
+                        Some(f) => Ending::handshake(u16::from(f.code), f.reason.to_string()),
+                        None => Ending::handshake(1005, String::new()),
+                    };
+                    peer_close = Some((ending, Instant::now()));
                 }
                 Some(Ok(Message::Frame(_))) => {}
-                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) | None => {
-                    return peer_close.unwrap_or_else(|| Ending::abnormal("client_closed"));
+                // tungstenite's server side reports the handshake complete
+                // once its answer to the peer's Close is flushed.
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                    return match peer_close {
+                        Some((ending, _)) => ReadEnd::Handshake(ending),
+                        None => ReadEnd::Drop(Ending::abnormal(
+                            "client_closed",
+                            "the connection closed without a closing handshake".to_string(),
+                        )),
+                    };
+                }
+                // EOF: the transport is closed, whatever the handshake got to.
+                None => {
+                    return ReadEnd::Drop(match peer_close {
+                        Some((ending, _)) => ending,
+                        None => Ending::abnormal(
+                            "client_closed",
+                            "the peer closed the connection without a Close frame".to_string(),
+                        ),
+                    });
                 }
                 Some(Err(e)) => {
-                    if let Some(closed) = peer_close {
-                        return closed;
+                    if let Some((ending, _)) = peer_close {
+                        return ReadEnd::Drop(ending);
                     }
                     return error_ending(session, &e);
                 }
@@ -185,21 +303,43 @@ async fn read_loop(
                 let now = Instant::now();
                 if pong_deadline.is_some_and(|t| t <= now) {
                     tracing::warn!("WebSocket keepalive timeout - no pong received");
-                    return Ending::abnormal("keepalive_timeout");
+                    let waited = keepalive.and_then(|k| k.timeout).unwrap_or_default();
+                    return ReadEnd::Drop(Ending::abnormal(
+                        "keepalive_timeout",
+                        format!("no pong within {}s of a ping", waited.as_secs_f64()),
+                    ));
                 }
-                if let Some(limit) = settings.idle_timeout {
-                    if session.idle_for() >= limit {
+                if closing_deadline.is_some_and(|d| d <= now) {
+                    return ReadEnd::Drop(match peer_close {
+                        Some((ending, _)) => Ending {
+                            peer: ending.peer,
+                            ..Ending::abnormal(
+                                "close_incomplete",
+                                format!(
+                                    "the answer to the peer's Close could not be sent within {}s (--ws-close-timeout)",
+                                    limit.as_secs()
+                                ),
+                            )
+                        },
+                        None => Ending::abnormal(
+                            "close_timeout",
+                            format!("no Close from the peer within {}s of ours (--ws-close-timeout)", limit.as_secs()),
+                        ),
+                    });
+                }
+                if let (Some(idle), false) = (settings.idle_timeout, closing) {
+                    if session.idle_for() >= idle {
                         tracing::warn!(
                             "WebSocket idle timeout ({}s) - closing connection",
-                            limit.as_secs()
+                            idle.as_secs()
                         );
-                        return Ending::abnormal("idle_timeout");
+                        return ReadEnd::Drop(Ending::abnormal(
+                            "idle_timeout",
+                            format!("no frame either way for {}s (--ws-idle-timeout)", idle.as_secs()),
+                        ));
                     }
                 }
-                if view.app_closed_at.is_some_and(|at| at + settings.close_timeout <= now) {
-                    return peer_close.unwrap_or_else(|| Ending::abnormal("close_timeout"));
-                }
-                if let (Some(k), Some(t)) = (keepalive, next_ping) {
+                if let (Some(k), Some(t), false) = (keepalive, next_ping, closing) {
                     if t <= now {
                         session.queue_control(Message::Ping(Default::default()));
                         next_ping = Some(now + k.interval);
@@ -212,22 +352,28 @@ async fn read_loop(
             _ = wake => {}
             Ok(_) = shutdown.wait_for(|down| *down) => {
                 session.close_frame(1001, "Server shutting down");
-                return Ending::abnormal("server_shutdown");
+                return ReadEnd::Flush(Ending::abnormal(
+                    "server_shutdown",
+                    "the server is shutting down".to_string(),
+                ));
             }
-            Ok(_) = write_failed.wait_for(|failed| *failed) => {
-                return Ending::abnormal("write_error");
+            Ok(failed) = write_failed.wait_for(Option::is_some) => {
+                let error = failed.clone().unwrap_or_default();
+                return ReadEnd::Drop(Ending::abnormal("write_error", error));
             }
         }
     }
 }
 
-/// Sends queued messages, many per flush when they are waiting.
+/// Sends queued messages, many per flush when they are waiting.  Hands its
+/// half of the socket back when told to finish, for the closing handshake's
+/// last step.
 async fn write_loop(
     session: Arc<Session>,
-    mut sink: futures_util::stream::SplitSink<Socket, Message>,
+    mut sink: Sink,
     mut outbound: mpsc::UnboundedReceiver<Outbound>,
-    failed: watch::Sender<bool>,
-) {
+    failed: watch::Sender<Option<String>>,
+) -> Option<Sink> {
     const BATCH: usize = 64;
     while let Some(first) = outbound.recv().await {
         let mut data_bytes = 0;
@@ -254,8 +400,8 @@ async fn write_loop(
                 Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {}
                 Err(e) => {
                     tracing::debug!("WebSocket write error: {e}");
-                    let _ = failed.send(true);
-                    return;
+                    let _ = failed.send(Some(e.to_string()));
+                    return None;
                 }
             }
             batched += 1;
@@ -267,15 +413,16 @@ async fn write_loop(
             Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {}
             Err(e) => {
                 tracing::debug!("WebSocket write error: {e}");
-                let _ = failed.send(true);
-                return;
+                let _ = failed.send(Some(e.to_string()));
+                return None;
             }
         }
         if data_bytes > 0 {
             session.sent(data_bytes);
         }
         if finish {
-            return;
+            return Some(sink);
         }
     }
+    None
 }

@@ -87,7 +87,10 @@ pub async fn handle(
                     Ok(upgraded) => super::connection::run(session, upgraded, shutdown).await,
                     Err(e) => {
                         tracing::debug!("WebSocket upgrade failed: {e}");
-                        session.end(Ending::abnormal("client_closed"));
+                        session.end(Ending::abnormal(
+                            "client_closed",
+                            format!("the upgrade failed: {e}"),
+                        ));
                     }
                 }
             });

@@ -31,32 +31,65 @@ pub enum Outbound {
     Finish,
 }
 
-/// How the socket ended, as `websocket.disconnect` reports it.
+/// How the socket ended, as `websocket.disconnect` and `pagi.connection`
+/// report it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ending {
     pub code: u16,
+    /// The peer's Close reason text after a completed handshake; otherwise
+    /// the standard reason token.
     pub reason: String,
     /// A completed closing handshake (as opposed to a drop, a timeout or a
     /// protocol failure): pagi.connection then reports a clean completion.
     pub clean: bool,
+    /// `disconnect_detail` of an abnormal end: the rule broken, the OS
+    /// error, the interval, the limit.  Never the peer's Close reason.
+    pub detail: Option<String>,
+    /// The peer's Close frame, if one arrived (`close_code`, `close_reason`).
+    pub peer: Option<(u16, String)>,
 }
 
 impl Ending {
-    pub fn abnormal(reason: &str) -> Ending {
+    pub fn abnormal(reason: &str, detail: impl Into<Option<String>>) -> Ending {
         Ending {
             code: 1006,
             reason: reason.to_string(),
             clean: false,
+            detail: detail.into(),
+            peer: None,
         }
     }
 
-    pub fn protocol(code: u16) -> Ending {
+    pub fn protocol(code: u16, detail: String) -> Ending {
         Ending {
             code,
             reason: "protocol_error".into(),
             clean: false,
+            detail: Some(detail),
+            peer: None,
         }
     }
+
+    /// A closing handshake completed: the peer's code and reason text.
+    pub fn handshake(code: u16, reason: String) -> Ending {
+        Ending {
+            code,
+            reason: reason.clone(),
+            clean: true,
+            detail: None,
+            peer: Some((code, reason)),
+        }
+    }
+}
+
+/// An ending the server decided before the socket finished.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forced {
+    pub ending: Ending,
+    /// Drop the socket now, with no Close frame (`abort`).  Otherwise a
+    /// Close frame went out and the closing handshake runs its course.
+    pub immediate: bool,
+    pub at: Instant,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,7 +114,7 @@ pub struct Keepalive {
 
 /// See [`Session::reader_view`].
 pub struct ReaderView {
-    pub forced: Option<Ending>,
+    pub forced: Option<Forced>,
     pub keepalive: Option<Keepalive>,
     pub app_closed_at: Option<Instant>,
 }
@@ -92,9 +125,15 @@ struct State {
     high: bool,
     /// When the application sent websocket.close (it may send nothing after).
     app_closed_at: Option<Instant>,
+    /// The peer's Close arrived and was answered: sends are quiet no-ops,
+    /// since nothing may follow our Close on the wire.
+    peer_closed: bool,
     keepalive: Option<Keepalive>,
-    /// An ending the server decided before the socket finished (queue overflow).
-    forced: Option<Ending>,
+    /// An ending the server decided before the socket finished (queue
+    /// overflow, an app that left without closing, abort).
+    forced: Option<Forced>,
+    /// How it ended, once the transport closed.
+    ending: Option<Ending>,
     app_running: bool,
 }
 
@@ -139,8 +178,10 @@ impl Session {
                 buffered: 0,
                 high: false,
                 app_closed_at: None,
+                peer_closed: false,
                 keepalive: None,
                 forced: None,
+                ending: None,
                 app_running: true,
             }),
             outbound: tx,
@@ -224,6 +265,7 @@ impl Session {
                     "cannot send 'websocket.send' after websocket.close",
                 ))
             }
+            Phase::Open if st.peer_closed || st.forced.is_some() => return Ok(SendOutcome::Closed),
             Phase::Open => {}
             Phase::Ended => return Ok(SendOutcome::Closed),
             Phase::Handshake | Phase::Refused => {
@@ -248,11 +290,17 @@ impl Session {
         Ok(outcome)
     }
 
-    /// `websocket.close`: before accept the handshake is refused with 403;
-    /// after it, a Close frame starts the closing handshake.
+    /// `websocket.close`: after accept, a Close frame starts the closing
+    /// handshake.  Before it, Www 0.6 refuses with an HTTP response instead,
+    /// so the send fails; Www 0.3 refuses the handshake with 403.
     pub fn close(&self, code: u16, reason: &[u8]) -> Result<SendOutcome, SendError> {
         let mut st = self.lock();
         match st.phase {
+            Phase::Handshake if self.exchange.config().spec.is_current() => {
+                Err(SendError::Sequence(
+                    "websocket.close before websocket.accept; refuse the handshake with an http.response.start of status 300 or more",
+                ))
+            }
             Phase::Handshake => {
                 st.phase = Phase::Refused;
                 drop(st);
@@ -263,6 +311,8 @@ impl Session {
             Phase::Open if st.app_closed_at.is_some() => Err(SendError::Sequence(
                 "cannot send 'websocket.close' after websocket.close",
             )),
+            // Our Close already answered the peer's, or the server is closing.
+            Phase::Open if st.peer_closed || st.forced.is_some() => Ok(SendOutcome::Closed),
             Phase::Open => {
                 let reason = Utf8Bytes::try_from(Bytes::copy_from_slice(reason)).map_err(|_| {
                     SendError::Invalid("websocket.close 'reason' is not UTF-8".into())
@@ -301,6 +351,7 @@ impl Session {
     pub fn set_keepalive(&self, keepalive: Option<Keepalive>) -> Result<SendOutcome, SendError> {
         let mut st = self.lock();
         match st.phase {
+            Phase::Open if st.peer_closed || st.forced.is_some() => return Ok(SendOutcome::Closed),
             Phase::Open => {}
             Phase::Ended => return Ok(SendOutcome::Closed),
             _ => {
@@ -317,24 +368,93 @@ impl Session {
 
     /// The application left its messages unread past --max-receive-queue:
     /// close with 1008 and report `queue_overflow`.
-    pub fn overflow(&self) {
+    pub fn overflow(&self, limit: usize) {
         let mut st = self.lock();
         if st.phase != Phase::Open || st.forced.is_some() {
             return;
         }
-        st.forced = Some(Ending {
-            code: 1008,
-            reason: "queue_overflow".into(),
-            clean: false,
+        let closing = st.app_closed_at.is_some() || st.peer_closed;
+        st.forced = Some(Forced {
+            ending: Ending {
+                code: 1008,
+                reason: "queue_overflow".into(),
+                clean: false,
+                detail: Some(format!(
+                    "more than {limit} received messages left unread (--max-receive-queue)"
+                )),
+                peer: None,
+            },
+            immediate: false,
+            at: Instant::now(),
         });
         drop(st);
-        self.close_frame(1008, "Message queue overflow");
+        if !closing {
+            self.close_frame(1008, "Message queue overflow");
+        }
         self.reader_wake.notify_one();
     }
 
-    /// The application's Future settled.  Before any decision the handshake
-    /// is refused (403, or 500 after an error); an accepted socket the app
-    /// did not close is closed with 1011.
+    /// `pagi.connection->abort` on an accepted socket: end it now, with no
+    /// Close frame.  False when it had already ended.
+    pub fn abort(&self, detail: Option<String>) -> bool {
+        let mut st = self.lock();
+        match st.phase {
+            Phase::Ended => return false,
+            Phase::Open => {}
+            // Before accept the handshake's exchange is what ends.
+            Phase::Handshake | Phase::Refused => {
+                drop(st);
+                return self.exchange.app_abort(detail);
+            }
+        }
+        st.forced = Some(Forced {
+            ending: Ending::abnormal("app_abort", detail),
+            immediate: true,
+            at: Instant::now(),
+        });
+        drop(st);
+        self.reader_wake.notify_one();
+        true
+    }
+
+    /// How far the socket has got, for `pagi.connection`: before accept
+    /// (or after a refusal) the handshake's exchange says.
+    /// Also gives the peer's Close, and the `websocket.disconnect` code.
+    pub fn end_state(
+        &self,
+    ) -> (
+        crate::exchange::EndState,
+        Option<(u16, String)>,
+        Option<u16>,
+    ) {
+        use crate::exchange::EndState;
+        let st = self.lock();
+        match (&st.ending, st.phase) {
+            (Some(e), _) if e.clean => (EndState::Clean, e.peer.clone(), Some(e.code)),
+            (Some(e), _) => (
+                EndState::Abnormal {
+                    reason: e.reason.clone(),
+                    detail: e.detail.clone(),
+                },
+                e.peer.clone(),
+                Some(e.code),
+            ),
+            (None, Phase::Handshake | Phase::Refused) => {
+                drop(st);
+                (self.exchange.end_state(), None, None)
+            }
+            (None, _) => (EndState::Active, None, None),
+        }
+    }
+
+    /// The peer's Close arrived (and tungstenite answered it).
+    pub fn peer_closed(&self) {
+        self.lock().peer_closed = true;
+    }
+
+    /// The application's Future settled.  With no decision, Www 0.6 answers
+    /// the 500 backstop (0.3: 403); an accepted socket the app did not close
+    /// is closed with 1011 and ends `server_error`.
     pub fn app_finished(&self, error: Option<&str>) -> FinishOutcome {
         let mut st = self.lock();
         st.app_running = false;
@@ -342,32 +462,48 @@ impl Session {
             Phase::Handshake => {
                 st.phase = Phase::Refused;
                 drop(st);
-                match error {
-                    Some(_) => self.exchange.finish(error, false),
-                    None => {
-                        self.exchange
-                            .refuse(http::StatusCode::FORBIDDEN, "Forbidden");
-                        self.exchange.finish(None, false)
-                    }
+                if error.is_none() && !self.exchange.config().spec.is_current() {
+                    self.exchange
+                        .refuse(http::StatusCode::FORBIDDEN, "Forbidden");
                 }
+                self.exchange.finish(error, false)
             }
             Phase::Refused => {
                 drop(st);
                 self.exchange.finish(error, false)
             }
             Phase::Open => {
-                let unclosed = st.app_closed_at.is_none();
+                // Sending websocket.close, or hearing the peer's Close, is
+                // the app's terminal act; without either the session is
+                // incomplete (Www 0.6): Close 1011, and it ends server_error.
+                let unclosed = st.app_closed_at.is_none() && !st.peer_closed && st.forced.is_none();
+                let detail = match (error, unclosed) {
+                    (Some(e), _) => {
+                        tracing::error!("PAGI application error (WebSocket): {}", e.trim_end());
+                        e.trim_end().to_string()
+                    }
+                    (None, _) => {
+                        "application returned from an accepted WebSocket without a closing handshake"
+                            .to_string()
+                    }
+                };
                 if unclosed {
-                    st.app_closed_at = Some(Instant::now());
+                    if error.is_none() {
+                        tracing::error!("PAGI {detail}");
+                    }
+                    st.forced = Some(Forced {
+                        ending: Ending {
+                            code: 1011,
+                            reason: "server_error".into(),
+                            clean: false,
+                            detail: Some(detail),
+                            peer: None,
+                        },
+                        immediate: false,
+                        at: Instant::now(),
+                    });
                 }
                 drop(st);
-                match (error, unclosed) {
-                    (Some(e), _) => tracing::error!("PAGI application error (WebSocket): {}", e.trim_end()),
-                    (None, true) => tracing::error!(
-                        "PAGI application returned from an accepted WebSocket without a closing handshake"
-                    ),
-                    (None, false) => {}
-                }
                 if unclosed {
                     self.close_frame(1011, "");
                     self.reader_wake.notify_one();
@@ -484,7 +620,9 @@ impl Session {
         self.in_transit.load(Ordering::Acquire) < self.settings.max_in_transit
     }
 
-    /// The socket ended: tell the application (once) and log the line.
+    /// The socket ended and its transport is closed: record how, tell the
+    /// application (once) and log the line.  An ending the server decided
+    /// earlier wins, keeping the peer's Close if one came.
     pub fn end(&self, ending: Ending) {
         let ending = {
             let mut st = self.lock();
@@ -493,7 +631,15 @@ impl Session {
             }
             st.phase = Phase::Ended;
             st.buffered = 0;
-            st.forced.take().unwrap_or(ending)
+            let ending = match st.forced.take() {
+                Some(forced) => Ending {
+                    peer: ending.peer,
+                    ..forced.ending
+                },
+                None => ending,
+            };
+            st.ending = Some(ending.clone());
+            ending
         };
         let log_reason = if ending.clean {
             format!("close_{}", ending.code)
@@ -504,9 +650,7 @@ impl Session {
         self.exchange.write_access_log();
         self.mailbox.push(ToPerl::WsDisconnect {
             id: self.id,
-            code: ending.code,
-            reason: ending.reason,
-            clean: ending.clean,
+            ending,
         });
     }
 }
@@ -518,7 +662,13 @@ mod tests {
     use std::collections::VecDeque;
 
     fn session() -> (Arc<Session>, tokio::sync::oneshot::Receiver<Head>) {
-        let (ex, head) = crate::exchange::tests::exchange(false);
+        session_speaking(crate::spec::SpecVersion::Www06)
+    }
+
+    fn session_speaking(
+        spec: crate::spec::SpecVersion,
+    ) -> (Arc<Session>, tokio::sync::oneshot::Receiver<Head>) {
+        let (ex, head) = crate::exchange::tests::exchange_speaking(false, spec);
         let mailbox = Arc::new(Mailbox::new().unwrap());
         let settings = Arc::new(Settings {
             max_frame_size: None,
@@ -571,14 +721,93 @@ mod tests {
     }
 
     #[test]
-    fn close_before_accept_is_a_403() {
+    fn close_before_accept_fails_in_www_0_6_and_changes_nothing() {
         let (ws, mut head) = session();
+        assert!(matches!(ws.close(1000, b""), Err(SendError::Sequence(_))));
+        assert!(head.try_recv().is_err(), "nothing was answered");
+        assert_eq!(ws.accept(None, &[]), Ok(SendOutcome::Ready));
+    }
+
+    #[test]
+    fn close_before_accept_is_a_403_in_www_0_3() {
+        let (ws, mut head) = session_speaking(crate::spec::SpecVersion::Www03);
         assert_eq!(ws.close(1000, b""), Ok(SendOutcome::Ready));
         assert!(matches!(
             head.try_recv(),
             Ok(Head::Generated(StatusCode::FORBIDDEN, _))
         ));
         assert!(matches!(ws.accept(None, &[]), Err(SendError::Sequence(_))));
+    }
+
+    #[test]
+    fn returning_without_a_decision_is_the_500_backstop_in_www_0_6() {
+        let (ws, mut head) = session();
+        assert_eq!(ws.app_finished(None), FinishOutcome::Backstop500);
+        assert!(matches!(
+            head.try_recv(),
+            Ok(Head::Generated(StatusCode::INTERNAL_SERVER_ERROR, _))
+        ));
+        let (ws, mut head) = session_speaking(crate::spec::SpecVersion::Www03);
+        ws.app_finished(None);
+        assert!(matches!(
+            head.try_recv(),
+            Ok(Head::Generated(StatusCode::FORBIDDEN, _))
+        ));
+    }
+
+    #[test]
+    fn leaving_an_accepted_socket_unclosed_ends_it_1011_server_error() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        ws.app_finished(None);
+        let view = ws.reader_view();
+        let forced = view.forced.expect("an ending decided by the server");
+        assert!(!forced.immediate, "the closing handshake still runs");
+        assert_eq!(
+            (forced.ending.code, forced.ending.reason.as_str()),
+            (1011, "server_error")
+        );
+        // The peer's answer is kept as close_code, the outcome stays 1011.
+        ws.end(Ending::handshake(1011, String::new()));
+        let (state, peer, code) = ws.end_state();
+        assert!(
+            matches!(state, crate::exchange::EndState::Abnormal { ref reason, .. } if reason == "server_error")
+        );
+        assert_eq!(peer, Some((1011, String::new())));
+        assert_eq!(code, Some(1011));
+    }
+
+    #[test]
+    fn after_the_peers_close_sends_are_quiet_no_ops() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        ws.peer_closed();
+        assert_eq!(ws.send(true, b"late"), Ok(SendOutcome::Closed));
+        assert_eq!(ws.close(1000, b""), Ok(SendOutcome::Closed));
+        assert_eq!(ws.buffered_amount(), 0, "nothing was queued");
+        ws.app_finished(None);
+        assert!(
+            ws.reader_view().forced.is_none(),
+            "hearing the peer's Close was the app's terminal act"
+        );
+    }
+
+    #[test]
+    fn abort_ends_an_accepted_socket_at_once_and_only_once() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        assert!(ws.abort(Some("quota".into())));
+        let forced = ws.reader_view().forced.unwrap();
+        assert!(forced.immediate);
+        assert_eq!(forced.ending.code, 1006);
+        assert_eq!(forced.ending.reason, "app_abort");
+        assert_eq!(forced.ending.detail.as_deref(), Some("quota"));
+        ws.end(Ending::abnormal("client_closed", None));
+        assert!(!ws.abort(None), "a second abort changes nothing");
+        let (state, _, _) = ws.end_state();
+        assert!(
+            matches!(state, crate::exchange::EndState::Abnormal { ref reason, .. } if reason == "app_abort")
+        );
     }
 
     #[test]
@@ -604,7 +833,7 @@ mod tests {
         ws.close(1000, b"bye").unwrap();
         assert!(matches!(ws.send(true, b"x"), Err(SendError::Sequence(_))));
         assert!(matches!(ws.close(1000, b""), Err(SendError::Sequence(_))));
-        ws.end(Ending::abnormal("client_closed"));
+        ws.end(Ending::abnormal("client_closed", None));
         assert_eq!(ws.send(true, b"x"), Ok(SendOutcome::Closed));
     }
 
@@ -612,13 +841,13 @@ mod tests {
     fn the_end_is_reported_once_and_a_forced_ending_wins() {
         let (ws, _head) = session();
         ws.accept(None, &[]).unwrap();
-        ws.overflow();
-        ws.end(Ending::abnormal("client_closed"));
-        ws.end(Ending::abnormal("write_error"));
+        ws.overflow(2);
+        ws.end(Ending::abnormal("client_closed", None));
+        ws.end(Ending::abnormal("write_error", None));
         let ends: Vec<_> = perl_messages(&ws)
             .into_iter()
             .filter_map(|m| match m {
-                ToPerl::WsDisconnect { code, reason, .. } => Some((code, reason)),
+                ToPerl::WsDisconnect { ending, .. } => Some((ending.code, ending.reason)),
                 _ => None,
             })
             .collect();

@@ -34,6 +34,9 @@ our %STATE;           # lifespan state; each request scope gets a shallow copy
 our %REQUESTS;        # id => PAGI::RS::HTTP, while events may still arrive for it
 our ($HIGH_WATER, $LOW_WATER);
 our ( $MAX_RECEIVE_QUEUE, $MAX_WS_FRAME_SIZE );    # WebSocket limits
+our ( $SPEC_VERSION, $CORE_VERSION );              # --spec-version: "0.6" and "0.5", or "0.3" and "0.4"
+our $CURRENT_SPEC;                                 # true unless --spec-version 0.3
+our $MAX_DISCONNECT_RECEIVES;
 my $stopping;
 
 # Debian package for each module the bridge cannot run without.
@@ -59,10 +62,13 @@ sub _require_dependencies {
 }
 
 sub init {
-    my ( $wake_fd, $high, $low, $max_queue, $max_frame ) = @_;
+    my ( $wake_fd, $high, $low, $max_queue, $max_frame, $spec, $core, $max_disconnect_receives ) = @_;
     _require_dependencies();
     ( $HIGH_WATER, $LOW_WATER ) = ( $high, $low );
     ( $MAX_RECEIVE_QUEUE, $MAX_WS_FRAME_SIZE ) = ( $max_queue, $max_frame );
+    ( $SPEC_VERSION, $CORE_VERSION ) = ( $spec, $core );
+    $CURRENT_SPEC            = $spec ne '0.3';
+    $MAX_DISCONNECT_RECEIVES = $max_disconnect_receives;
     require IO::Async::Handle;
     $LOOP = IO::Async::Loop->new;
     require PAGI::RS::FutureIO;
@@ -126,8 +132,9 @@ sub _dispatch_messages {
             $r->_on_message( $m[2], $m[7] ) if $r;
         }
         elsif ( $kind == MSG_WS_DISCONNECT ) {
+            # (code, clean, peer code or -1) and (reason, detail, peer reason)
             my $r = $REQUESTS{ $m[1] };
-            $r->_on_closed( $m[2], $m[7], $m[3] ) if $r;
+            $r->_on_closed( $m[2], $m[3], $m[7], $m[8], $m[4] >= 0 ? $m[4] : undef, $m[9] ) if $r;
         }
         elsif ( $kind == MSG_BODY ) {
             my $r = $REQUESTS{ $m[1] };
@@ -135,7 +142,7 @@ sub _dispatch_messages {
         }
         elsif ( $kind == MSG_DISCONNECT ) {
             my $r = $REQUESTS{ $m[1] };
-            $r->_on_network_gone( $m[7] ) if $r;
+            $r->_on_network_gone( $m[7], $m[8] ) if $r;
         }
         elsif ( $kind == MSG_DRAINED ) {
             my $r = $REQUESTS{ $m[1] };

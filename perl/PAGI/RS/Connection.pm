@@ -1,102 +1,248 @@
 package PAGI::RS::Connection;
 
-# The `pagi.connection` interface (Spec/Www.pod, "Connection State"):
-# per-request, non-destructive disconnect detection and response progress.
+# The `pagi.connection` interface (Spec/Www.pod 0.6, "Connection State"):
+# one object per http, websocket and sse scope, reporting how the scope
+# ends: cleanly (on_complete) or abnormally (on_disconnect, with a reason
+# token and a detail), and on_end / end_future for either.
 #
-# The methods work on the per-request object (PAGI::RS::HTTP), which also
-# provides pagi.transport: one array per request instead of three objects,
-# because every request creates it.  The slots below belong to this file
-# (glue.c's $send writes ID/STARTED/COMPLETE by number: keep them in step).
+# The network core decides the outcome (the first end wins, there); this
+# object caches it once it is known.  Until then every fact is read from the
+# core, so facts are current even while the message announcing the end is
+# still queued.  Notifications (futures, callbacks, and the settlement of a
+# pending receive or send) always run from the event loop, never inside the
+# application's own call into $send, $receive or abort, and always after
+# the facts are set.
+#
+# The methods work on the per-request object (PAGI::RS::HTTP and its
+# subclasses), which also provides pagi.transport: one array per request
+# instead of three objects.  The slots below belong to this file (glue.c's
+# $send writes ID, CONNECTED, STARTED and COMPLETE by number: keep them in
+# step).
 
 use strict;
 use warnings;
 
 use constant {
     ID                => 0,
-    CONNECTED         => 1,
+    CONNECTED         => 1,     # 1 until the end is known here
     REASON            => 2,
     STARTED           => 3,
-    COMPLETE          => 4,
+    COMPLETE          => 4,     # the terminal response event was accepted
     ON_DISCONNECT     => 5,
     ON_COMPLETE       => 6,
-    FUTURE            => 7,
+    FUTURE            => 7,     # disconnect_future's private master
     COMPLETED_CLEANLY => 8,
+    # 9 and 10 belong to Transport.pm
+    DETAIL            => 11,
+    ON_END            => 12,
+    END_FUTURE        => 13,    # end_future's private master
+    CLOSE_CODE        => 14,
+    CLOSE_REASON      => 15,
+    NOTIFIED          => 16,    # 1: delivery scheduled, 2: delivered
+    WANTS_END         => 17,    # someone waits to hear how it ends (glue.c reads it)
 };
 
 # pagi-rs query code: "tell me how this request ends" (exports.rs).
 use constant WANT_TERMINAL => 10;
 
-sub is_connected      { $_[0][CONNECTED] ? 1 : 0 }
-sub disconnect_reason { $_[0][REASON] }
-sub response_started  { $_[0][STARTED]  ? 1 : 0 }
-sub response_complete { $_[0][COMPLETE] ? 1 : 0 }
+# _end_state codes (exports.rs).
+use constant { END_FORGOTTEN => -1, END_ACTIVE => 0, END_CLEAN => 1, END_ABNORMAL => 2 };
+
+sub is_connected {
+    my ($self) = @_;
+    _sync($self) if $self->[CONNECTED];
+    return $self->[CONNECTED] ? 1 : 0;
+}
+
+sub disconnect_reason {
+    _sync( $_[0] ) if $_[0][CONNECTED];
+    return $_[0][REASON];
+}
+
+sub disconnect_detail {
+    _sync( $_[0] ) if $_[0][CONNECTED];
+    return $_[0][DETAIL];
+}
+
+sub response_started { $_[0][STARTED] ? 1 : 0 }
+
+# True only after a clean end (false while active and after an abnormal one).
+sub response_complete {
+    _sync( $_[0] ) if $_[0][CONNECTED];
+    return $_[0][COMPLETED_CLEANLY] ? 1 : 0;
+}
+
+# The peer's WebSocket Close (undef on http and sse, and until it came).
+sub close_code {
+    _sync( $_[0] ) if $_[0][CONNECTED];
+    return $_[0][CLOSE_CODE];
+}
+
+sub close_reason {
+    _sync( $_[0] ) if $_[0][CONNECTED];
+    return $_[0][CLOSE_REASON];
+}
 
 sub on_disconnect {
     my ( $self, $cb ) = @_;
-    if ( defined $self->[REASON] ) {
-        _call( 'on_disconnect', $cb, $self->[REASON] );
+    _sync($self) if $self->[CONNECTED];
+    if ( !$self->[CONNECTED] ) {
+        # After the end: now, if it was abnormal; never, if clean.
+        _call( 'on_disconnect', $cb, $self->[REASON], $self->[DETAIL] )
+          unless $self->[COMPLETED_CLEANLY];
         return;
     }
-    return if $self->[COMPLETED_CLEANLY];
     push @{ $self->[ON_DISCONNECT] }, $cb;
-    PAGI::RS::_query( $self->[ID], WANT_TERMINAL );
+    $self->_want_terminal;
     return;
 }
 
 sub on_complete {
     my ( $self, $cb ) = @_;
-    if ( $self->[COMPLETED_CLEANLY] ) {
-        _call( 'on_complete', $cb );
+    _sync($self) if $self->[CONNECTED];
+    if ( !$self->[CONNECTED] ) {
+        _call( 'on_complete', $cb ) if $self->[COMPLETED_CLEANLY];
         return;
     }
-    return if defined $self->[REASON];
     push @{ $self->[ON_COMPLETE] }, $cb;
-    PAGI::RS::_query( $self->[ID], WANT_TERMINAL );
+    $self->_want_terminal;
     return;
 }
 
-sub disconnect_future {
-    my ($self) = @_;
-    my $f = $self->[FUTURE] //= do {
-        my $new = $PAGI::RS::Bridge::LOOP->new_future;
-        if ( defined $self->[REASON] ) {
-            $new->done( $self->[REASON] );
-        }
-        else {
-            PAGI::RS::_query( $self->[ID], WANT_TERMINAL );
-        }
-        $new;
-    };
-    # Each caller gets an observer, so one caller's cancel cannot break another's.
-    return $f->without_cancel;
+# Either end: ($reason, $detail), both undef after a clean one.
+sub on_end {
+    my ( $self, $cb ) = @_;
+    _sync($self) if $self->[CONNECTED];
+    if ( !$self->[CONNECTED] ) {
+        _call( 'on_end', $cb, $self->[REASON], $self->[DETAIL] );
+        return;
+    }
+    push @{ $self->[ON_END] }, $cb;
+    $self->_want_terminal;
+    return;
 }
 
-# The abnormal end, in the order the spec fixes: is_connected, reason,
-# future, callbacks.  (The caller then delivers http.disconnect.)
-sub _mark_disconnected {
-    my ( $self, $reason ) = @_;
-    return 0 if defined $self->[REASON] || $self->[COMPLETED_CLEANLY];
+# A new Future per call (cancelling one touches no other), resolving with
+# the reason on an abnormal end and staying pending after a clean one.
+sub disconnect_future {
+    my ($self) = @_;
+    _sync($self) if $self->[CONNECTED];
+    my $master = $self->[FUTURE] //= do {
+        $self->_want_terminal if $self->[CONNECTED];
+        $PAGI::RS::Bridge::LOOP->new_future;
+    };
+    $master->done( $self->[REASON] )
+      if !$self->[CONNECTED] && defined $self->[REASON] && !$master->is_ready && ( $self->[NOTIFIED] // 0 ) != 1;
+    return $master->without_cancel;
+}
+
+# Resolves on either end: with the reason token, or undef after a clean one.
+sub end_future {
+    my ($self) = @_;
+    _sync($self) if $self->[CONNECTED];
+    my $master = $self->[END_FUTURE] //= do {
+        $self->_want_terminal if $self->[CONNECTED];
+        $PAGI::RS::Bridge::LOOP->new_future;
+    };
+    $master->done( $self->[REASON] )
+      if !$self->[CONNECTED] && !$master->is_ready && ( $self->[NOTIFIED] // 0 ) != 1;
+    return $master->without_cancel;
+}
+
+# End the scope now (app_abort): the core closes the connection (or, on an
+# accepted WebSocket, drops it with no Close frame) without waiting for
+# queued writes.  A no-op once the scope has ended.
+sub abort {
+    my ( $self, $detail ) = @_;
+    _sync($self) if $self->[CONNECTED];
+    return unless $self->[CONNECTED];
+    $detail = "$detail" if defined $detail;
+    if ( PAGI::RS::_abort( $self->[ID], $detail ) ) {
+        $self->_notify_later if $self->_terminal( 0, 'app_abort', $detail );
+    }
+    else {
+        _sync($self);
+    }
+    return;
+}
+
+# ---- the server's side ------------------------------------------------------
+
+# Ask the core for the outcome; if it has one this side has not seen, take
+# it (facts now, notifications from the loop).
+sub _sync {
+    my ($self) = @_;
+    my ( $state, $reason, $detail, $peer_code, $peer_reason, $event_code ) = PAGI::RS::_end_state( $self->[ID] );
+    return if $state == END_ACTIVE || $state == END_FORGOTTEN;
+    $self->_terminal( $state == END_CLEAN, $reason, $detail, $peer_code, $peer_reason, $event_code )
+      and $self->_notify_later;
+    return;
+}
+
+# Record the outcome (facts only).  Returns 1 if it is news.
+sub _terminal {
+    my ( $self, $clean, $reason, $detail, $close_code, $close_reason ) = @_;
+    return 0 unless $self->[CONNECTED];
     $self->[CONNECTED] = 0;
-    $self->[REASON]    = $reason;
-    my $f = $self->[FUTURE];
-    $f->done($reason) if $f && !$f->is_ready;
-    my $cbs = $self->[ON_DISCONNECT] // [];
-    $self->[ON_DISCONNECT] = $self->[ON_COMPLETE] = undef;
-    _call( 'on_disconnect', $_, $reason ) for @$cbs;
+    if ($clean) {
+        $self->[COMPLETED_CLEANLY] = 1;
+    }
+    else {
+        $self->[REASON] = $reason // 'unknown';
+        $self->[DETAIL] = $detail;
+    }
+    $self->[CLOSE_CODE]   = $close_code;
+    $self->[CLOSE_REASON] = defined $close_reason && length $close_reason ? $close_reason : undef;
     return 1;
 }
 
-sub _mark_complete {
+sub _notify_later {
     my ($self) = @_;
-    return if defined $self->[REASON] || $self->[COMPLETED_CLEANLY];
-    $self->[COMPLETED_CLEANLY] = 1;
-    my $cbs = $self->[ON_COMPLETE] // [];
-    $self->[ON_COMPLETE] = $self->[ON_DISCONNECT] = undef;
-    _call( 'on_complete', $_ ) for @$cbs;
+    return if $self->[NOTIFIED];
+    $self->[NOTIFIED] = 1;
+    $PAGI::RS::Bridge::LOOP->later( sub { $self->_notify } );
     return;
 }
 
-# Does anyone wait to hear how this request ends?
+# The notifications of the end, in the spec's order: for an abnormal end
+# disconnect_future, on_disconnect, then the either-end pair; then the
+# pending receive and sends settle (the subclass's _settle).  Each callback
+# runs even if another died.  References to callbacks are released.
+sub _notify {
+    my ($self) = @_;
+    return if ( $self->[NOTIFIED] // 0 ) == 2;
+    $self->[NOTIFIED] = 2;
+    my ( $on_disconnect, $on_complete, $on_end ) = @$self[ ON_DISCONNECT, ON_COMPLETE, ON_END ];
+    @$self[ ON_DISCONNECT, ON_COMPLETE, ON_END ] = ( undef, undef, undef );
+    my ( $reason, $detail ) = @$self[ REASON, DETAIL ];
+    if ( $self->[COMPLETED_CLEANLY] ) {
+        _call( 'on_complete', $_ ) for @{ $on_complete // [] };
+    }
+    else {
+        my $f = $self->[FUTURE];
+        $f->done($reason) if $f && !$f->is_ready;
+        _call( 'on_disconnect', $_, $reason, $detail ) for @{ $on_disconnect // [] };
+    }
+    my $end = $self->[END_FUTURE];
+    $end->done($reason) if $end && !$end->is_ready;
+    _call( 'on_end', $_, $reason, $detail ) for @{ $on_end // [] };
+    $self->_settle( $self->[COMPLETED_CLEANLY] );
+    return;
+}
+
+# Settle what the application is waiting on after the end ($clean: a clean
+# one); subclasses know what that is.
+sub _settle { return }
+
+# Someone waits to hear how the scope ends, maybe after the app returned:
+# the core will say so, and $send's fast path leaves terminal events to
+# Perl, which notifies.
+sub _want_terminal {
+    return if $_[0][WANTS_END]++;
+    PAGI::RS::_query( $_[0][ID], WANT_TERMINAL );
+    return;
+}
+
 # No more events are needed for this request: leave the registry Bridge.pm
 # routes the core's messages through, and let the core forget it too.
 sub _forget {
@@ -106,17 +252,22 @@ sub _forget {
     return;
 }
 
+# Does anyone wait to hear how this request ends?
 sub _has_callbacks {
     my ($self) = @_;
-    return ( $self->[ON_COMPLETE] && @{ $self->[ON_COMPLETE] } )
-      || ( $self->[ON_DISCONNECT] && @{ $self->[ON_DISCONNECT] } )
-      || ( $self->[FUTURE] && !$self->[FUTURE]->is_ready );
+    for my $slot ( ON_COMPLETE, ON_DISCONNECT, ON_END ) {
+        return 1 if $self->[$slot] && @{ $self->[$slot] };
+    }
+    for my $slot ( FUTURE, END_FUTURE ) {
+        return 1 if $self->[$slot] && !$self->[$slot]->is_ready;
+    }
+    return 0;
 }
 
 sub _call {
     my ( $what, $cb, @args ) = @_;
     return if eval { $cb->(@args); 1 };
-    PAGI::RS::_log( 3, "$what callback error: $@" );
+    PAGI::RS::_log( 3, "pagi.connection $what callback error: $@" );
 }
 
 1;

@@ -16,7 +16,7 @@ use PAGI::RS::Transport;
 our @ISA = ( 'PAGI::RS::Connection', 'PAGI::RS::Transport' );
 
 BEGIN {
-    # Slots 0-10 belong to Connection.pm and Transport.pm.
+    # Slots 0-17 belong to Connection.pm and Transport.pm.
     *ID                = \&PAGI::RS::Connection::ID;
     *CONNECTED         = \&PAGI::RS::Connection::CONNECTED;
     *STARTED           = \&PAGI::RS::Connection::STARTED;
@@ -25,25 +25,23 @@ BEGIN {
 }
 
 # glue.c's $send updates STARTED, COMPLETE and TRAILERS itself and reads
-# RECV_WAIT: keep its SLOT_* numbers in step with these.
+# RECV_WAIT: keep its SLOT_* numbers in step with these.  SSE.pm and
+# WebSocket.pm share this layout and add theirs from slot 28.
 use constant {
-    QUEUE => 11, RECV_WAIT => 12, SEND_WAIT => 13, DEFER_WAIT => 14, BODY => 15,
-    APP_FUTURE => 16, APP_DONE => 17, DISCONNECT_RECEIVES => 18, TRAILERS => 19,
-    DEFER_COMPLETES => 20,
+    QUEUE => 18, RECV_WAIT => 19, SEND_WAIT => 20, DEFER_WAIT => 21, BODY => 22,
+    APP_FUTURE => 23, APP_DONE => 24, DISCONNECT_RECEIVES => 25, TRAILERS => 26,
+    DEFER_COMPLETES => 27,
 };
 
 # Body delivery states.
 use constant { BODY_EMPTY => 0, BODY_STREAMING => 1, BODY_AWAIT_CONTINUE => 2, BODY_DONE => 3 };
 
-# Send outcome codes from the core (SendOutcome in exchange.rs).
-use constant { SENT => 0, HIGH_WATER => 1, STILL_HIGH => 2, CLOSED => 3, DEFERRED => 4 };
+# Send outcome codes from the core (SendOutcome in exchange.rs), and
+# glue.c's CLOSED_UNSEEN: closed, and news to this side.
+use constant { SENT => 0, HIGH_WATER => 1, STILL_HIGH => 2, CLOSED => 3, DEFERRED => 4, CLOSED_UNSEEN => 5 };
 
 # finish() outcomes (FinishOutcome in exchange.rs).
 use constant { FIN_CLEAN => 0, FIN_BACKSTOP => 1, FIN_TRUNCATED => 2 };
-
-# Receives answered with a synthesized http.disconnect before they fail:
-# an app polling $receive in a loop without checking the type would spin.
-use constant MAX_DISCONNECT_RECEIVES => 100;
 
 # The Future every send that completes at once returns (glue.c returns it
 # too).  It is always done, so its class answers Future::AsyncAwait's
@@ -118,17 +116,17 @@ sub _app_done {
     my ( $self, $err ) = @_;
     return if $self->[APP_DONE]++;
     # Keep listening only if someone registered for the request's end.
-    my $keep = $self->[CONNECTED]
-      && !$self->[COMPLETED_CLEANLY]
-      && PAGI::RS::Connection::_has_callbacks($self) ? 1 : 0;
+    my $keep = $self->[CONNECTED] && PAGI::RS::Connection::_has_callbacks($self) ? 1 : 0;
     my $rc = PAGI::RS::_finish( $self->[ID], $err, $keep );
-    delete $PAGI::RS::Bridge::REQUESTS{ $self->[ID] } unless $keep;
-    if ( $rc == FIN_BACKSTOP ) {
-        $self->[STARTED] = 1;
-        $self->_on_network_gone('server_error');
+    if ( $rc == FIN_BACKSTOP || $rc == FIN_TRUNCATED ) {
+        # The core ended the scope server_error (it keeps it until we have
+        # read why): the backstop 500 counts as a started response.
+        $self->[STARTED] = 1 if $rc == FIN_BACKSTOP;
+        $self->_sync;
+        $self->_forget unless $keep;
     }
-    elsif ( $rc == FIN_TRUNCATED ) {
-        $self->_on_network_gone('server_error');
+    elsif ( !$keep ) {
+        delete $PAGI::RS::Bridge::REQUESTS{ $self->[ID] };
     }
     return;
 }
@@ -168,14 +166,23 @@ sub _receive {
 
 sub _disconnect_event {
     my ($self) = @_;
-    if ( ++$self->[DISCONNECT_RECEIVES] > MAX_DISCONNECT_RECEIVES ) {
-        my $n = $self->[DISCONNECT_RECEIVES];
-        PAGI::RS::_log( 3, "http scope on HTTP/1.1: receive() called $n times after the scope ended" )
-          if $n == MAX_DISCONNECT_RECEIVES + 1;
-        return Future->fail( "receive() called $n times after the scope ended; "
-              . "the application is not checking for http.disconnect\n" );
-    }
+    my $refused = _past_disconnect_receives( $self, 'http' );
+    return $refused if $refused;
     return Future->done( { type => 'http.disconnect' } );
+}
+
+# Receives after the end get the disconnect event again, up to
+# --max-disconnect-receives; then they fail, so that an app polling $receive
+# without checking the type does not spin for ever.
+sub _past_disconnect_receives {
+    my ( $self, $type ) = @_;
+    my $n   = ++$self->[DISCONNECT_RECEIVES];
+    my $max = $PAGI::RS::Bridge::MAX_DISCONNECT_RECEIVES;
+    return if $n <= $max;
+    PAGI::RS::_log( 3, "$type scope: receive() called $n times after the scope ended" )
+      if $n == $max + 1;
+    return Future->fail( "receive() called $n times after the scope ended; "
+          . "the application is not checking for $type.disconnect\n" );
 }
 
 sub _on_body {
@@ -204,6 +211,10 @@ use constant { SENT_START => 1, SENT_START_TRAILERS => 2, SENT_BODY_MORE => 3, S
 # other events (-2).
 sub _after_send {
     my ( $self, $ev, $rc, $what ) = @_;
+    if ( $rc == CLOSED_UNSEEN ) {
+        $self->_sync;
+        $rc = CLOSED;
+    }
     if ( $rc >= 0 ) {
         if ( $what == SENT_BODY_END ) {
             _response_complete($self) unless $rc == CLOSED || $self->[TRAILERS];
@@ -263,9 +274,13 @@ sub _send_slow {
     return Future->fail("Unrecognised event type '$type' for an http scope\n");
 }
 
+# The terminal response event was accepted: the scope ends cleanly here
+# (whether or not the client reads what is queued, or the app read the
+# request body), and anyone waiting hears it from the loop.
 sub _response_complete {
     my ($self) = @_;
     $self->[COMPLETE] = 1;
+    $self->_notify_later if $self->_terminal(1);
     # A receive parked after the body was read now learns the request is over.
     my $wait = $self->[RECV_WAIT];
     if ( $wait && !$wait->is_ready && $self->[BODY] == BODY_DONE ) {
@@ -382,30 +397,46 @@ sub _on_send_done {
     return;
 }
 
+# The core says the response reached the network whole: a clean end.
 sub _on_delivered {
     my ($self) = @_;
-    $self->_mark_complete;
+    $self->_notify if $self->_terminal(1);
     $self->_forget if $self->[APP_DONE];
     return;
 }
 
-# The abnormal end: connection state first, then pending Futures settle
-# (successfully: a disconnect never fails a send), then http.disconnect.
+# The core says the connection is gone.  The scope may have ended cleanly
+# before (its terminal event was out): the core knows, so ask it.  Either
+# way nothing will drain now, so whatever the app waits on settles.
 sub _on_network_gone {
-    my ( $self, $reason ) = @_;
-    $self->_mark_disconnected($reason);
+    my ( $self, $reason, $detail ) = @_;
+    $self->_sync if $self->[CONNECTED];
+    $self->_terminal( 0, $reason, $detail );    # the core had forgotten it
+    $self->_notify;
+    $self->_settle(0);
+    $self->_forget if $self->[APP_DONE];
+    return;
+}
+
+# After the notifications: a pending receive gets the disconnect event; and
+# after an abnormal end pending sends resolve (a disconnect never fails a
+# send).  After a clean end they resolve as the buffer drains.
+sub _settle {
+    my ( $self, $clean ) = @_;
+    my $wait = $self->[RECV_WAIT];
+    if ( $wait && !$wait->is_ready ) {
+        $self->[RECV_WAIT] = undef;
+        $wait->done( $self->_end_event );
+    }
+    return if $clean;
     for my $slot ( SEND_WAIT, DEFER_WAIT ) {
         my $f = $self->[$slot] or next;
         $self->[$slot] = undef;
         $f->done unless $f->is_ready;
     }
-    my $wait = $self->[RECV_WAIT];
-    if ( $wait && !$wait->is_ready ) {
-        $self->[RECV_WAIT] = undef;
-        $wait->done( { type => 'http.disconnect' } );
-    }
-    $self->_forget if $self->[APP_DONE];
     return;
 }
+
+sub _end_event { return { type => 'http.disconnect' } }
 
 1;

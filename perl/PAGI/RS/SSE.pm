@@ -14,20 +14,24 @@ use PAGI::RS::HTTP;
 our @ISA = ('PAGI::RS::HTTP');
 
 BEGIN {
-    *ID       = \&PAGI::RS::HTTP::ID;
-    *REASON   = \&PAGI::RS::Connection::REASON;
-    *STARTED  = \&PAGI::RS::HTTP::STARTED;
-    *SENT     = \&PAGI::RS::HTTP::SENT;
-    *CLOSED   = \&PAGI::RS::HTTP::CLOSED;
+    *ID                = \&PAGI::RS::HTTP::ID;
+    *REASON            = \&PAGI::RS::Connection::REASON;
+    *COMPLETED_CLEANLY = \&PAGI::RS::Connection::COMPLETED_CLEANLY;
+    *STARTED           = \&PAGI::RS::HTTP::STARTED;
+    *SENT              = \&PAGI::RS::HTTP::SENT;
+    *CLOSED            = \&PAGI::RS::HTTP::CLOSED;
+    *CLOSED_UNSEEN     = \&PAGI::RS::HTTP::CLOSED_UNSEEN;
 }
 
-# Slot 21: where the stream is in its life (slots up to 20 are HTTP.pm's).
-use constant STREAM => 21;
+# Where the stream is in its life, and (Www 0.3) an sse.keepalive sent
+# before sse.start, applied when it starts.  Slots up to 27 are HTTP.pm's;
+# glue.c reads STREAM (SLOT_SSE_STREAM).
+use constant { STREAM => 28, EARLY_KEEPALIVE => 29 };
 use constant {
     NOT_STARTED      => 0,
     STREAMING        => 1,
     STREAM_CLOSED    => 2,
-    DECLINING        => 3,    # sse.http.response.start sent
+    DECLINING        => 3,    # refused with an HTTP response (0.3: sse.http.response.start)
     DECLINE_COMPLETE => 4,
 };
 
@@ -46,13 +50,19 @@ sub start {
 # must wait ($rc >= 0), failed (-1, $what the message) or was not taken (-2).
 sub _after_send {
     my ( $self, $ev, $rc, $what ) = @_;
+    if ( $rc == CLOSED_UNSEEN ) {
+        $self->_sync;
+        $rc = CLOSED;
+    }
     return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc) if $rc >= 0;
     return _fail("sse.send: $what") if $rc == -1;
     return _send( $self, $ev );
 }
 
 # The http events, renamed: sse.request for the body, sse.disconnect with
-# the reason at the end (none after the app's own sse.close).
+# the reason at the end (none after the app's own sse.close).  A refusal
+# that completed is an HTTP exchange that ended cleanly: no sse.disconnect
+# (Www 0.6), a receive after it hears http.disconnect.
 sub _receive {
     my ($self) = @_;
     return PAGI::RS::HTTP::_receive($self)->then(
@@ -61,6 +71,9 @@ sub _receive {
             if ( $ev->{type} eq 'http.request' ) {
                 return Future->done( { type => 'sse.request', body => $ev->{body}, more => $ev->{more} } );
             }
+            my $state = $self->[STREAM];
+            return Future->done($ev)
+              if $self->[COMPLETED_CLEANLY] && ( $state == DECLINING || $state == DECLINE_COMPLETE );
             my %end = ( type => 'sse.disconnect' );
             $end{reason} = $self->[REASON] if defined $self->[REASON];
             return Future->done( \%end );
@@ -84,8 +97,11 @@ sub _send {
 
     if ( $type eq 'sse.send' || $type eq 'sse.comment' || $type eq 'sse.keepalive' ) {
         return _fail("cannot send '$type' after sse.close") if $state == STREAM_CLOSED;
-        return _fail("cannot send '$type' after sse.http.response.start")
+        return _fail( "cannot send '$type' after "
+              . ( $PAGI::RS::Bridge::CURRENT_SPEC ? 'refusing the stream with an HTTP response' : 'sse.http.response.start' ) )
           if $state == DECLINING || $state == DECLINE_COMPLETE;
+        return $self->_early_keepalive($ev)
+          if $type eq 'sse.keepalive' && $state == NOT_STARTED && !$PAGI::RS::Bridge::CURRENT_SPEC;
         return _fail("cannot send '$type' before sse.start") if $state != STREAMING;
         my ( $rc, $err );
         if ( $type eq 'sse.send' ) {
@@ -126,6 +142,9 @@ sub _send {
         return _fail("sse.start: $err") if $rc < 0;
         $self->[STREAM]  = STREAMING;
         $self->[STARTED] = 1;
+        if ( my $early = delete $self->[EARLY_KEEPALIVE] ) {
+            PAGI::RS::_sse_keepalive( $id, @$early );
+        }
         return $DONE;
     }
     if ( $type eq 'sse.close' ) {
@@ -138,7 +157,10 @@ sub _send {
         $self->_response_complete unless $rc == CLOSED;
         return $DONE;
     }
-    if ( $type eq 'sse.http.response.start' ) {
+    if ( $type =~ /\Ahttp\.response\.(?:start|body|trailers)\z/ && $PAGI::RS::Bridge::CURRENT_SPEC ) {
+        return $self->_refuse($ev);
+    }
+    if ( $type eq 'sse.http.response.start' && !$PAGI::RS::Bridge::CURRENT_SPEC ) {
         return _fail("cannot decline with sse.http.response.start after sse.start")
           if $state == STREAMING || $state == STREAM_CLOSED;
         return _fail("sse.http.response.start was already sent") if $state != NOT_STARTED;
@@ -148,7 +170,7 @@ sub _send {
         $self->[STARTED] = 1 unless $rc == CLOSED;
         return $DONE;
     }
-    if ( $type eq 'sse.http.response.body' ) {
+    if ( $type eq 'sse.http.response.body' && !$PAGI::RS::Bridge::CURRENT_SPEC ) {
         return _fail("cannot send 'sse.http.response.body': decline response already complete")
           if $state == DECLINE_COMPLETE;
         return _fail("cannot send 'sse.http.response.body' without sse.http.response.start")
@@ -163,6 +185,32 @@ sub _send {
         return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
     }
     return _fail("Unrecognized event type '$type' for sse protocol");
+}
+
+# Www 0.6: an ordinary HTTP response before sse.start refuses the stream
+# (a 404, a 401, a 204 that tells EventSource to stop reconnecting).  It
+# has the http scope's semantics, and the connection closes after it.
+sub _refuse {
+    my ( $self, $ev ) = @_;
+    my $state = $self->[STREAM];
+    return _fail("cannot send '$ev->{type}' after sse.start")
+      if $state == STREAMING || $state == STREAM_CLOSED;
+    my $f = PAGI::RS::HTTP::_send_slow( $self, $ev );
+    $self->[STREAM] = DECLINING if $ev->{type} eq 'http.response.start' && !$f->is_failed;
+    return $f;
+}
+
+# Www 0.3: an sse.keepalive before sse.start takes effect when it starts
+# (the 0.3 reference does this, and 0.3-era helpers send it first).
+sub _early_keepalive {
+    my ( $self, $ev ) = @_;
+    my $interval = $ev->{interval};
+    return _fail("sse.keepalive requires 'interval' field") unless defined $interval;
+    return _fail("sse.keepalive 'interval' must be a non-negative number")
+      unless _non_negative_number($interval);
+    my $ms = $interval > 0 ? int( $interval * 1000 + 0.5 ) || 1 : 0;
+    $self->[EARLY_KEEPALIVE] = [ $ms, $ev->{comment} // '' ];
+    return $DONE;
 }
 
 1;

@@ -10,9 +10,9 @@ use warnings;
 
 use constant { ON_HIGH => 9, ON_DRAIN => 10 };
 
-# The pending send waiting for the buffer to drain: slot 13 in both request
-# classes (HTTP.pm and WebSocket.pm name it SEND_WAIT).
-use constant SEND_WAIT => 13;
+# The pending send waiting for the buffer to drain: HTTP.pm's SEND_WAIT slot
+# (its subclasses, SSE.pm and WebSocket.pm, share the layout).
+use constant SEND_WAIT => 20;
 use constant Q_BUFFERED => 0;    # pagi-rs query code (exports.rs)
 
 sub buffered_amount { PAGI::RS::_query( $_[0][0], Q_BUFFERED ) // 0 }

@@ -5,43 +5,45 @@ package PAGI::RS::WebSocket;
 # core's session (src/websocket/session.rs), which owns sequencing, the
 # handshake and the socket.  The object is also the scope's pagi.connection
 # and pagi.transport.
+#
+# Until websocket.accept the scope is an HTTP exchange: under Www 0.6 the
+# app refuses the handshake with an ordinary http.response.* response, so
+# this class is an HTTP request object underneath and shares its layout.
 
 use strict;
 use warnings;
 use Future;
-use PAGI::RS::Connection;
-use PAGI::RS::Transport;
-use PAGI::RS::HTTP ();
+use PAGI::RS::HTTP;
 
-our @ISA = ( 'PAGI::RS::Connection', 'PAGI::RS::Transport' );
+our @ISA = ('PAGI::RS::HTTP');
 
 BEGIN {
-    *ID        = \&PAGI::RS::Connection::ID;
-    *CONNECTED = \&PAGI::RS::Connection::CONNECTED;
-    *STARTED   = \&PAGI::RS::Connection::STARTED;
-    *COMPLETE  = \&PAGI::RS::Connection::COMPLETE;
+    *ID                = \&PAGI::RS::Connection::ID;
+    *CONNECTED         = \&PAGI::RS::Connection::CONNECTED;
+    *REASON            = \&PAGI::RS::Connection::REASON;
+    *DETAIL            = \&PAGI::RS::Connection::DETAIL;
+    *STARTED           = \&PAGI::RS::Connection::STARTED;
+    *COMPLETED_CLEANLY = \&PAGI::RS::Connection::COMPLETED_CLEANLY;
+    *CLOSE_CODE        = \&PAGI::RS::Connection::CLOSE_CODE;
+    *QUEUE             = \&PAGI::RS::HTTP::QUEUE;
+    *RECV_WAIT         = \&PAGI::RS::HTTP::RECV_WAIT;
+    *SEND_WAIT         = \&PAGI::RS::HTTP::SEND_WAIT;
+    *APP_DONE          = \&PAGI::RS::HTTP::APP_DONE;
+    *SENT              = \&PAGI::RS::HTTP::SENT;
+    *CLOSED            = \&PAGI::RS::HTTP::CLOSED;
+    *CLOSED_UNSEEN     = \&PAGI::RS::HTTP::CLOSED_UNSEEN;
+    *HIGH_WATER        = \&PAGI::RS::HTTP::HIGH_WATER;
 }
 
-# Slots 0-10 belong to Connection.pm and Transport.pm.
+# Slots up to 27 are HTTP.pm's and its parents'.
 use constant {
-    QUEUE               => 11,    # received messages the app has not taken
-    RECV_WAIT           => 12,
-    SEND_WAIT           => 13,
-    PHASE               => 14,
-    ENDED               => 15,    # the websocket.disconnect event, once known
-    APP_FUTURE          => 16,
-    APP_DONE            => 17,
-    DISCONNECT_RECEIVES => 18,
-    CONNECT_DELIVERED   => 19,
-    END_DELIVERED       => 20,
+    PHASE             => 28,
+    ENDED             => 29,    # the websocket.disconnect event, once known
+    CONNECT_DELIVERED => 30,
+    END_DELIVERED     => 31,
 };
 
 use constant { CONNECTING => 0, OPEN => 1, REFUSED => 2 };
-
-# Send outcome codes from the core (SendOutcome in exchange.rs).
-use constant { SENT => 0, HIGH_WATER => 1, STILL_HIGH => 2, CLOSED => 3 };
-
-use constant MAX_DISCONNECT_RECEIVES => 100;
 
 my $DONE = $PAGI::RS::HTTP::DONE;
 
@@ -77,6 +79,10 @@ sub start {
 # message) or was not taken (-2).
 sub _after_send {
     my ( $self, $ev, $rc, $what ) = @_;
+    if ( $rc == CLOSED_UNSEEN ) {
+        $self->_sync;
+        $rc = CLOSED;
+    }
     return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc) if $rc >= 0;
     return _fail("websocket.send: $what") if $rc == -1;
     return _send( $self, $ev );
@@ -86,11 +92,16 @@ sub _app_done {
     my ( $self, $err ) = @_;
     return if $self->[APP_DONE]++;
     PAGI::RS::_ws_finish( $self->[ID], $err );
-    # Events still come for an open socket until it ends.
-    $self->_forget if $self->[ENDED] || $self->[PHASE] != OPEN;
+    # The core ends an accepted socket the app left without closing (1011),
+    # and answers an undecided handshake (500; 0.3: 403): read the outcome.
+    $self->_sync if $self->[CONNECTED];
+    # Events still come for an open socket until it ends, and for a refusal
+    # until its response is out if someone waits to hear how it ended.
+    $self->_forget
+      if !$self->[CONNECTED]
+      || ( $self->[PHASE] != OPEN && !PAGI::RS::Connection::_has_callbacks($self) );
     return;
 }
-
 
 # ---- $receive -------------------------------------------------------------
 
@@ -99,21 +110,31 @@ sub _receive {
     return Future->done( { type => 'websocket.connect' } ) unless $self->[CONNECT_DELIVERED]++;
     my $q = $self->[QUEUE];
     return Future->done( shift @$q ) if $q && @$q;
-    if ( my $end = $self->[ENDED] ) {
-        # The end is told once; later receives get copies, up to a bound, so
-        # that an app that never checks for it does not spin forever.
-        if ( $self->[END_DELIVERED]++ && ++$self->[DISCONNECT_RECEIVES] > MAX_DISCONNECT_RECEIVES ) {
-            my $n = $self->[DISCONNECT_RECEIVES];
-            PAGI::RS::_log( 3, "websocket scope on HTTP/1.1: receive() called $n times after the scope ended" )
-              if $n == MAX_DISCONNECT_RECEIVES + 1;
-            return _fail( "receive() called $n times after the scope ended; "
-                  . "the application is not checking for websocket.disconnect" );
+    if ( !$self->[CONNECTED] ) {
+        # The end is told once; later receives get copies, up to a bound.
+        if ( $self->[END_DELIVERED]++ ) {
+            my $refused = PAGI::RS::HTTP::_past_disconnect_receives( $self, 'websocket' );
+            return $refused if $refused;
         }
-        return Future->done( {%$end} );
+        return Future->done( $self->_end_event );
     }
     my $wait = $self->[RECV_WAIT];
     return $wait if $wait && !$wait->is_ready;
     return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+}
+
+# The event a receive gets once the scope ended: websocket.disconnect,
+# except after a refusal that completed (an HTTP exchange that ended
+# cleanly delivers none; a receive hears http.disconnect).
+sub _end_event {
+    my ($self) = @_;
+    return { type => 'http.disconnect' } if $self->[COMPLETED_CLEANLY] && $self->[PHASE] != OPEN;
+    my $end = $self->[ENDED] //= {
+        type   => 'websocket.disconnect',
+        code   => 1006,
+        reason => $self->[REASON] // '',
+    };
+    return {%$end};
 }
 
 # A message from the peer.  Past --max-receive-queue unread messages the
@@ -131,59 +152,83 @@ sub _on_message {
     }
     my $q = $self->[QUEUE] //= [];
     if ( @$q >= $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE ) {
-        PAGI::RS::_ws_overflow( $self->[ID] );
+        PAGI::RS::_ws_overflow( $self->[ID], $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE );
         return;
     }
     push @$q, $ev;
     return;
 }
 
-# The socket ended (core: session.end).  A completed closing handshake is a
-# clean completion for pagi.connection; anything else a disconnect.
+# The socket ended and its transport closed (core: session.end).  A
+# completed closing handshake is a clean end; the event carries the peer's
+# code and reason then, and the standard token otherwise.
 sub _on_closed {
-    my ( $self, $code, $reason, $clean ) = @_;
-    return if $self->[ENDED];
-    my $end = { type => 'websocket.disconnect', code => $code + 0, reason => $reason // '' };
-    $self->[ENDED] = $end;
-    if ($clean) {
-        $self->_mark_complete;
-    }
-    else {
-        $self->_mark_disconnected($reason);
-    }
-    $self->[CONNECTED] = 0;
-    # The pending receive first: resolving the send resumes the app at once,
-    # and an app that sends in a loop until its receive is ready would spin.
+    my ( $self, $code, $clean, $reason, $detail, $peer_code, $peer_reason ) = @_;
+    $self->[ENDED] //= { type => 'websocket.disconnect', code => $code + 0, reason => $reason // '' };
+    $self->_notify if $self->_terminal( $clean, $reason, $detail, $peer_code, $peer_reason );
+    $self->_forget if $self->[APP_DONE];
+    return;
+}
+
+# The client left during the handshake (before any accept), or while a
+# refusal was being written (after a completed one this changes nothing).
+sub _on_network_gone {
+    my ( $self, $reason, $detail ) = @_;
+    $self->_sync if $self->[CONNECTED];
+    $self->_terminal( 0, $reason, $detail );    # the core had forgotten it
+    $self->_notify;
+    $self->_settle(0);
+    $self->_forget if $self->[APP_DONE];
+    return;
+}
+
+# A refusal that completed is a clean end (no websocket.disconnect).
+sub _on_delivered {
+    my ($self) = @_;
+    $self->_notify if $self->_terminal(1);
+    $self->_forget if $self->[APP_DONE];
+    return;
+}
+
+# The pending receive first: resolving the send resumes the app at once,
+# and an app that sends in a loop until its receive is ready would spin.
+sub _settle {
+    my ($self) = @_;
     my $wait = $self->[RECV_WAIT];
     if ( $wait && !$wait->is_ready ) {
         $self->[RECV_WAIT] = undef;
-        $self->[END_DELIVERED] = 1;
-        $wait->done( {%$end} );
+        $self->[END_DELIVERED] = 1 unless $self->[COMPLETED_CLEANLY] && $self->[PHASE] != OPEN;
+        $wait->done( $self->_end_event );
     }
     if ( my $f = $self->[SEND_WAIT] ) {
         $self->[SEND_WAIT] = undef;
         $f->done unless $f->is_ready;
     }
-    $self->_forget if $self->[APP_DONE];
+    $self->SUPER::_settle;
     return;
 }
 
-# The client left during the handshake (before any accept).
-sub _on_network_gone {
-    my ( $self, $reason ) = @_;
-    $self->_on_closed( 1006, $reason, 0 );
-    return;
+# The facts of the end also make the websocket.disconnect event, when they
+# are known before its message (read from the core, or an abort): a
+# completed handshake carries the peer's code and reason text, an abnormal
+# end its code (1006 unless the server sent another) and reason token.  An
+# abnormal end without a peer Close reports close_code 1006.
+sub _terminal {
+    my ( $self, $clean, $reason, $detail, $close_code, $close_reason, $event_code ) = @_;
+    return 0 unless $self->SUPER::_terminal( $clean, $reason, $detail, $close_code, $close_reason );
+    $self->[CLOSE_CODE] //= 1006 unless $clean;
+    if ( $self->[PHASE] == OPEN ) {
+        $self->[ENDED] //= $clean
+          ? { type => 'websocket.disconnect', code => $close_code // 1005, reason => $close_reason // '' }
+          : { type => 'websocket.disconnect', code => $event_code // 1006, reason => $reason // '' };
+    }
+    return 1;
 }
-
-
-# Not sent for websockets; present so a stray message is harmless.
-sub _on_delivered { return }
-sub _on_send_done { return }
 
 sub _wait_drain {
     my ( $self, $rc ) = @_;
     $self->_fire_high if $rc == HIGH_WATER;
-    return $DONE if $self->[ENDED];
+    return $DONE unless $self->[CONNECTED];
     my $wait = $self->[SEND_WAIT];
     return $wait if $wait && !$wait->is_ready;
     return $self->[SEND_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
@@ -214,6 +259,8 @@ sub _send {
         return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
     }
     if ( $type eq 'websocket.accept' ) {
+        return _fail("websocket.accept after refusing the handshake with an HTTP response")
+          if $self->[PHASE] == REFUSED;
         return _fail("websocket.accept 'subprotocol' must be a string") if ref $ev->{subprotocol};
         ( $rc, $err ) = PAGI::RS::_ws_accept( $id, $ev->{subprotocol}, $ev->{headers} );
         return _fail("websocket.accept: $err") if $rc < 0;
@@ -230,7 +277,11 @@ sub _send {
         return _fail("websocket.close 'reason' must be a string") if ref $ev->{reason};
         ( $rc, $err ) = PAGI::RS::_ws_close( $id, $code, $ev->{reason} // '' );
         return _fail("websocket.close: $err") if $rc < 0;
-        $self->[PHASE] = REFUSED if $self->[PHASE] == CONNECTING;
+        # Www 0.3: a close before accept refused the handshake with 403.
+        if ( $self->[PHASE] == CONNECTING ) {
+            $self->[PHASE]   = REFUSED;
+            $self->[STARTED] = 1;
+        }
         return $DONE;
     }
     if ( $type eq 'websocket.keepalive' ) {
@@ -244,23 +295,54 @@ sub _send {
         return _fail("websocket.keepalive: $err") if $rc < 0;
         return $DONE;
     }
-    if ( $type eq 'websocket.http.response.start' || $type eq 'websocket.http.response.body' ) {
-        # After accept the denial extension no longer applies: ignored.
-        return $DONE if $self->[PHASE] == OPEN;
-        if ( $type eq 'websocket.http.response.start' ) {
-            ( $rc, $err ) = PAGI::RS::_start( $id, $ev->{status}, $ev->{headers}, 0 );
-            return _fail("$type: $err") if $rc < 0;
-            $self->[PHASE]   = REFUSED;
-            $self->[STARTED] = 1;
-            return $DONE;
-        }
-        my $more = $ev->{more} ? 1 : 0;
-        ( $rc, $err ) = PAGI::RS::_body( $id, $ev->{body}, $more );
-        return _fail("$type: $err") if $rc < 0;
-        $self->[COMPLETE] = 1 unless $more;
-        return $DONE;
+    if ( $PAGI::RS::Bridge::CURRENT_SPEC && $type =~ /\Ahttp\.response\.(?:start|body|trailers)\z/ ) {
+        return $self->_refuse($ev);
+    }
+    if ( !$PAGI::RS::Bridge::CURRENT_SPEC
+        && ( $type eq 'websocket.http.response.start' || $type eq 'websocket.http.response.body' ) )
+    {
+        return $self->_legacy_denial($ev);
     }
     return _fail("Unrecognized event type '$type' for websocket protocol");
+}
+
+# Www 0.6: until websocket.accept the scope is an HTTP exchange, and an
+# ordinary response refuses the handshake.  It needs a status of 300 or
+# more (a 2xx would claim the upgrade happened); the connection closes
+# after it.  After accept these events fail and send nothing.
+sub _refuse {
+    my ( $self, $ev ) = @_;
+    my $type = $ev->{type};
+    return _fail("cannot send '$type' after websocket.accept") if $self->[PHASE] == OPEN;
+    if ( $type eq 'http.response.start' && $self->[PHASE] == CONNECTING ) {
+        my $status = $ev->{status};
+        return _fail("http.response.start refusing a WebSocket handshake needs a status of 300 or more")
+          if defined $status && !ref $status && $status =~ /\A[0-9]+\z/ && $status < 300;
+    }
+    my $f = PAGI::RS::HTTP::_send_slow( $self, $ev );
+    $self->[PHASE] = REFUSED if $type eq 'http.response.start' && !$f->is_failed;
+    return $f;
+}
+
+# Www 0.3's denial extension (websocket.http.response.start/.body); after
+# accept it no longer applies and its events are ignored.
+sub _legacy_denial {
+    my ( $self, $ev ) = @_;
+    my $type = $ev->{type};
+    return $DONE if $self->[PHASE] == OPEN;
+    my ( $rc, $err );
+    if ( $type eq 'websocket.http.response.start' ) {
+        ( $rc, $err ) = PAGI::RS::_start( $self->[ID], $ev->{status}, $ev->{headers}, 0 );
+        return _fail("$type: $err") if $rc < 0;
+        $self->[PHASE]   = REFUSED;
+        $self->[STARTED] = 1;
+        return $DONE;
+    }
+    my $more = $ev->{more} ? 1 : 0;
+    ( $rc, $err ) = PAGI::RS::_body( $self->[ID], $ev->{body}, $more );
+    return _fail("$type: $err") if $rc < 0;
+    $self->[PAGI::RS::HTTP::COMPLETE] = 1 unless $more;
+    return $DONE;
 }
 
 1;
