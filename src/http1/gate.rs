@@ -245,7 +245,16 @@ impl<S> Gate<S> {
 
     fn refuse(&mut self, status: StatusCode, line: Option<RequestLine>) {
         let (method, target) = match line {
-            Some(l) if l.target.len() <= MAX_REQUEST_LINE => (l.method, l.target),
+            // The stand-in must parse, or hyper answers it with its own
+            // empty-bodied 400: a target hyper would reject becomes "/".
+            Some(l) if l.target.len() <= MAX_REQUEST_LINE => {
+                let target = if l.target.parse::<http::Uri>().is_ok() {
+                    l.target
+                } else {
+                    "/".to_string()
+                };
+                (l.method, target)
+            }
             _ => ("GET".to_string(), "/".to_string()),
         };
         let standin = format!(
@@ -292,6 +301,7 @@ fn check_head(
     }
     let http11 = req.version == Some(1);
     let mut hosts = 0;
+    let mut host: Option<&[u8]> = None;
     let mut content_length: Option<u64> = None;
     let mut cl_count = 0;
     let mut te: Option<Vec<u8>> = None;
@@ -302,6 +312,7 @@ fn check_head(
             return Err(StatusCode::BAD_REQUEST);
         } else if name.eq_ignore_ascii_case("host") {
             hosts += 1;
+            host = Some(h.value);
         } else if name.eq_ignore_ascii_case("content-length") {
             cl_count += 1;
             let v = h.value;
@@ -328,6 +339,7 @@ fn check_head(
     if (http11 && hosts == 0) || hosts > 1 {
         return Err(StatusCode::BAD_REQUEST);
     }
+    check_target(req.method.unwrap_or(""), req.path.unwrap_or(""), host)?;
     if cl_count > 1 {
         return Err(StatusCode::BAD_REQUEST);
     }
@@ -371,6 +383,66 @@ fn check_head(
         Some(n) if n > 0 => Framing::Fixed(n),
         _ => Framing::Head,
     })
+}
+
+/// The request-target forms of RFC 9112 §3.2, each only where it belongs.
+/// hyper takes any target `http::Uri` parses ("foo" becomes an authority
+/// with an empty path), so the reference's refusals are made here.
+fn check_target(method: &str, target: &str, host: Option<&[u8]>) -> Result<(), StatusCode> {
+    if target.starts_with('/') {
+        return Ok(());
+    }
+    if target == "*" {
+        return if method == "OPTIONS" {
+            Ok(())
+        } else {
+            Err(StatusCode::BAD_REQUEST)
+        };
+    }
+    // CONNECT's authority-form is hyper's business (it treats CONNECT as an
+    // upgrade); what such a request gets is unchanged.
+    if method == "CONNECT" {
+        return Ok(());
+    }
+    let uri: http::Uri = target.parse().map_err(|_| StatusCode::BAD_REQUEST)?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        // authority-form outside CONNECT, or not a target at all.
+        return Err(StatusCode::BAD_REQUEST);
+    };
+    // The scope shows only the path and query, so the app routes by the Host
+    // header; a target naming another authority must not slip past it.
+    // userinfo in a target is an error (RFC 9110 §4.2.4).
+    if authority.as_str().contains('@') {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    match host {
+        // HTTP/1.0 may omit Host: the target is all there is.
+        None => Ok(()),
+        Some(host) if same_authority(scheme, authority, host) => Ok(()),
+        Some(_) => Err(StatusCode::BAD_REQUEST),
+    }
+}
+
+/// Whether a Host header value names the target's authority: host compared
+/// case-insensitively, an omitted port taken as the scheme's default.
+fn same_authority(scheme: &str, target: &http::uri::Authority, host: &[u8]) -> bool {
+    let host = host.trim_ascii();
+    if host.contains(&b'@') {
+        return false;
+    }
+    let Ok(host) = http::uri::Authority::try_from(host) else {
+        return false;
+    };
+    let is = |name: &str| scheme.eq_ignore_ascii_case(name);
+    let default_port = if is("http") || is("ws") {
+        Some(80)
+    } else if is("https") || is("wss") {
+        Some(443)
+    } else {
+        None
+    };
+    target.host().eq_ignore_ascii_case(host.host())
+        && target.port_u16().or(default_port) == host.port_u16().or(default_port)
 }
 
 /// The reason text of each refusal, sent as the text/plain body.
@@ -566,6 +638,88 @@ POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r
             verdict(b"GET / HTTP/1.1\r\nHost: x\r\nx-pagi-rs-refusal: 200\r\n\r\n"),
             Some(400),
             "no forging"
+        );
+    }
+
+    #[test]
+    fn request_target_forms_only_where_they_belong() {
+        let with_host = |line: &str, host: &str| {
+            verdict(format!("{line} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        };
+        assert_eq!(with_host("GET /p?q=1", "x"), None, "origin-form");
+        assert_eq!(
+            with_host("OPTIONS *", "x"),
+            None,
+            "asterisk-form on OPTIONS"
+        );
+        assert_eq!(
+            with_host("GET *", "x"),
+            Some(400),
+            "asterisk-form elsewhere"
+        );
+        assert_eq!(with_host("OPTIONS *?x", "x"), Some(400), "'*' is all of it");
+        assert_eq!(with_host("GET example.com:80", "example.com"), Some(400));
+        assert_eq!(with_host("POST example.com", "example.com"), Some(400));
+        assert_eq!(with_host("GET foo", "x"), Some(400), "not a target at all");
+        assert_eq!(with_host("GET ?x=1", "x"), Some(400));
+        assert_eq!(
+            with_host("CONNECT example.com:443", "example.com:443"),
+            None,
+            "authority-form is CONNECT's"
+        );
+
+        let absolute = "GET http://example.com/path?q=1";
+        assert_eq!(with_host(absolute, "example.com"), None);
+        assert_eq!(
+            with_host(absolute, "EXAMPLE.com:80"),
+            None,
+            "80 is http's default"
+        );
+        assert_eq!(with_host("GET http://example.com:80/", "example.com"), None);
+        assert_eq!(
+            with_host("GET https://example.com/", "example.com:443"),
+            None
+        );
+        assert_eq!(
+            with_host("GET http://example.com", "example.com"),
+            None,
+            "no path"
+        );
+        assert_eq!(with_host("GET http://[::1]:8080/", "[::1]:8080"), None);
+        assert_eq!(with_host(absolute, "other.com"), Some(400));
+        assert_eq!(with_host(absolute, "example.com:8080"), Some(400));
+        assert_eq!(
+            with_host("GET https://example.com/", "example.com:80"),
+            Some(400)
+        );
+        assert_eq!(
+            with_host("GET http://u@example.com/", "example.com"),
+            Some(400),
+            "userinfo"
+        );
+        assert_eq!(with_host(absolute, "u@example.com"), Some(400));
+        assert_eq!(with_host(absolute, ""), Some(400));
+        assert_eq!(with_host("GET http:///path", "example.com"), Some(400));
+        assert_eq!(
+            verdict(format!("{absolute} HTTP/1.0\r\n\r\n").as_bytes()),
+            None,
+            "HTTP/1.0 without Host: the target stands alone"
+        );
+    }
+
+    #[test]
+    fn a_refused_target_hyper_cannot_parse_becomes_slash_in_the_stand_in() {
+        let (seen, closed) = through(b"GET http:///path HTTP/1.1\r\nHost: x\r\n\r\n", usize::MAX);
+        assert!(closed);
+        assert!(
+            seen.starts_with(b"GET / HTTP/1.1\r\n"),
+            "{}",
+            String::from_utf8_lossy(&seen)
+        );
+        let (seen, _) = through(b"GET foo HTTP/1.1\r\nHost: x\r\n\r\n", usize::MAX);
+        assert!(
+            seen.starts_with(b"GET foo HTTP/1.1\r\n"),
+            "kept where it parses"
         );
     }
 
