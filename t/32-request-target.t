@@ -7,9 +7,10 @@ use PagiRS::Test;
 use File::Temp qw(tempdir);
 use JSON::PP;
 
-# The request-target forms of RFC 9112 §3.2, as PAGI::Server 0.003000
-# treats them: each only where it belongs, the others refused before the
-# app is called.
+# The request head as the app sees it, as PAGI::Server 0.003000 shows it:
+# headers in wire order even when names interleave (hyper groups them by
+# name), and the request-target forms of RFC 9112 §3.2 each only where it
+# belongs, the others refused before the app is called.
 
 $SIG{PIPE} = 'IGNORE';
 my $dir   = tempdir( CLEANUP => 1 );
@@ -67,6 +68,61 @@ sub dump_for {
     my ($d) = dumps( raw_request( $port, $req, timeout => 5 ) );
     return $d // {};
 }
+
+# The header pairs other than Host and Connection (which every request here carries).
+sub own_headers {
+    my ($d) = @_;
+    return [ grep { $_->[0] ne 'host' && $_->[0] ne 'connection' } @{ $d->{headers} || [] } ];
+}
+
+# ---------------------------------------------------------------------------
+# Header order
+
+subtest 'interleaved names keep their wire order' => sub {
+    my $d = dump_for("GET /order HTTP/1.1\r\n${H}X-A: 1\r\nX-B: 2\r\nX-A: 3\r\nConnection: close\r\n\r\n");
+    is_deeply own_headers($d), [ [ 'x-a', '1' ], [ 'x-b', '2' ], [ 'x-a', '3' ] ], 'X-A, X-B, X-A as sent'
+      or diag explain $d;
+    is_deeply $d->{headers}[0], [ 'host', "127.0.0.1:$port" ], 'Host stays first, where it was sent';
+    is_deeply $d->{headers}[-1], [ 'connection', 'close' ], 'Connection stays last';
+
+    $d = dump_for("GET /order HTTP/1.1\r\nX-Late: a\r\n${H}x-late: b\r\nX-LATE: c\r\nConnection: close\r\n\r\n");
+    is_deeply [ map { $_->[0] } @{ $d->{headers} || [] } ], [qw(x-late host x-late x-late connection)],
+      'names compared whatever their case; Host in its place between them';
+};
+
+subtest 'cookies still merge into one header at the first one\'s place' => sub {
+    my $d = dump_for( "GET /cookies HTTP/1.1\r\n${H}X-A: 1\r\nCookie: a=1\r\nX-B: 2\r\nCookie: b=2; c=3\r\nX-A: 3\r\n"
+          . "Cookie: d=4\r\nX-B: 4\r\nConnection: close\r\n\r\n" );
+    is_deeply own_headers($d),
+      [ [ 'x-a', '1' ], [ 'cookie', 'a=1; b=2; c=3; d=4' ], [ 'x-b', '2' ], [ 'x-a', '3' ], [ 'x-b', '4' ] ],
+      'one cookie header, where the first Cookie was, the rest in wire order'
+      or diag explain $d;
+};
+
+subtest 'many headers, in order' => sub {
+    my @sent = map { [ 'x-h' . ( $_ * 7 % 5 ), "v$_" ] } 1 .. 60;
+    my $d = dump_for( "GET /many HTTP/1.1\r\n$H" . join( '', map {"$_->[0]: $_->[1]\r\n"} @sent ) . "Connection: close\r\n\r\n" );
+    is_deeply own_headers($d), \@sent, '60 headers over 5 interleaved names come back as sent' or diag explain $d;
+
+    # Thirty distinct names, then one of the early ones again.
+    @sent = ( ( map { [ "x-distinct-$_", "v$_" ] } 1 .. 30 ), [ 'x-distinct-2', 'again' ] );
+    $d = dump_for( "GET /many HTTP/1.1\r\n$H" . join( '', map {"$_->[0]: $_->[1]\r\n"} @sent ) . "Connection: close\r\n\r\n" );
+    is_deeply own_headers($d), \@sent, 'a name coming back after thirty others is seen' or diag explain $d;
+};
+
+subtest 'pipelined: each request gets its own order' => sub {
+    my $req = "GET /p1 HTTP/1.1\r\n${H}X-A: 1\r\nX-A: 2\r\nX-B: 3\r\n\r\n"
+      . "GET /p2 HTTP/1.1\r\n${H}X-A: 1\r\nX-B: 2\r\nX-A: 3\r\n\r\n"
+      . "GET /p3 HTTP/1.1\r\n${H}X-B: 1\r\nX-A: 2\r\nX-A: 3\r\n\r\n"
+      . "GET /p2 HTTP/1.1\r\n${H}X-C: 1\r\nX-C: 2\r\nConnection: close\r\n\r\n";
+    my @d = dumps( raw_request( $port, $req, timeout => 5 ) );
+    is scalar(@d), 4, 'four responses' or diag explain \@d;
+    is_deeply [ map { $_->{path} } @d ], [qw(/p1 /p2 /p3 /p2)], 'in request order';
+    is_deeply own_headers( $d[0] ), [ [ 'x-a', '1' ], [ 'x-a', '2' ], [ 'x-b', '3' ] ], 'first: no interleaving';
+    is_deeply own_headers( $d[1] ), [ [ 'x-a', '1' ], [ 'x-b', '2' ], [ 'x-a', '3' ] ], 'second: interleaved, as sent';
+    is_deeply own_headers( $d[2] ), [ [ 'x-b', '1' ], [ 'x-a', '2' ], [ 'x-a', '3' ] ], 'third: its own headers';
+    is_deeply own_headers( $d[3] ), [ [ 'x-c', '1' ], [ 'x-c', '2' ] ], 'fourth (same target as the second): its own';
+};
 
 # ---------------------------------------------------------------------------
 # Request-target forms
