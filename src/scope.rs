@@ -7,8 +7,11 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
-use http::Version;
+use http::{HeaderMap, Version};
+
+use crate::http1::gate::WireOrder;
 
 /// Whether and how the request has a body for `$receive` to deliver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +89,9 @@ pub struct RequestScope {
     /// The request headers as hyper parsed them (names already lower-case);
     /// handed to Perl without copying each one.
     pub headers: http::HeaderMap,
+    /// The same headers in wire order, for the rare request whose order
+    /// `headers` (grouped by name) loses; None otherwise.
+    pub headers_in_wire_order: Option<Vec<(HeaderName, HeaderValue)>>,
     /// All Cookie headers joined by "; ", when there was more than one: the
     /// scope shows this single value at the first cookie's place.
     pub merged_cookie: Option<Bytes>,
@@ -117,6 +123,10 @@ impl RequestScope {
         let query_string = Bytes::copy_from_slice(parts.uri.query().unwrap_or("").as_bytes());
         let path = percent_decode(&raw_path);
         let path_is_utf8 = std::str::from_utf8(&path).is_ok();
+        let headers_in_wire_order = parts
+            .extensions
+            .remove::<WireOrder>()
+            .and_then(|order| in_wire_order(&parts.headers, &order));
         RequestScope {
             kind,
             http_version: http_version_str(parts.version),
@@ -133,6 +143,7 @@ impl RequestScope {
             root_path: root_path.to_string(),
             merged_cookie: merged_cookie(&parts.headers),
             headers: std::mem::take(&mut parts.headers),
+            headers_in_wire_order,
             client: conn.client,
             server: conn.server,
             client_host: conn.client_host.clone(),
@@ -161,22 +172,62 @@ fn merged_cookie(map: &http::HeaderMap) -> Option<Bytes> {
     Some(Bytes::from(merged))
 }
 
+/// `map`'s values in the order `order` names them, each name taking its next
+/// value.  None unless the names account for exactly the map's values: the
+/// gate and hyper parsed the same head, but if they ever disagree, grouped
+/// order is better than a wrong one.
+fn in_wire_order(map: &HeaderMap, order: &WireOrder) -> Option<Vec<(HeaderName, HeaderValue)>> {
+    if order.0.len() != map.len() {
+        return None;
+    }
+    // One cursor per distinct name; a head has few, and this is the rare case.
+    let mut cursors: Vec<(&HeaderName, http::header::ValueIter<'_, HeaderValue>)> = Vec::new();
+    let mut ordered = Vec::with_capacity(order.0.len());
+    for name in &order.0 {
+        let at = match cursors.iter().position(|(n, _)| *n == name) {
+            Some(at) => at,
+            None => {
+                cursors.push((name, map.get_all(name).iter()));
+                cursors.len() - 1
+            }
+        };
+        // Running out means more names than values for it; with the totals
+        // equal, never running out means every value is used exactly once.
+        let value = cursors[at].1.next()?;
+        ordered.push((name.clone(), value.clone()));
+    }
+    Some(ordered)
+}
+
 /// The scope's header list: (name, value) pairs with Cookie merged, in the
 /// order received, borrowing from the scope.
 pub fn scope_headers(scope: &RequestScope) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let grouped = match &scope.headers_in_wire_order {
+        None => Some(scope.headers.iter()),
+        Some(_) => None,
+    };
+    let wire = scope
+        .headers_in_wire_order
+        .iter()
+        .flatten()
+        .map(|(name, value)| (name, value));
     let mut cookie_seen = false;
-    scope.headers.iter().filter_map(move |(name, value)| {
-        if name == http::header::COOKIE {
-            if let Some(merged) = &scope.merged_cookie {
-                if cookie_seen {
-                    return None;
+    grouped
+        .into_iter()
+        .flatten()
+        .chain(wire)
+        .filter_map(move |(name, value)| {
+            if name == http::header::COOKIE {
+                if let Some(merged) = &scope.merged_cookie {
+                    if cookie_seen {
+                        return None;
+                    }
+                    cookie_seen = true;
+                    return Some((name.as_str().as_bytes(), &merged[..]));
                 }
-                cookie_seen = true;
-                return Some((name.as_str().as_bytes(), &merged[..]));
             }
-        }
-        Some((name.as_str().as_bytes(), value.as_bytes()))
-    })
+            Some((name.as_str().as_bytes(), value.as_bytes()))
+        })
 }
 
 /// Lower-case names (hyper already stores them so), values as bytes, and all
@@ -246,6 +297,79 @@ mod tests {
         assert_eq!(h.iter().filter(|(n, _)| *n == b"cookie").count(), 1);
         assert!(h.contains(&(&b"cookie"[..], &b"a=1; b=2"[..])));
         assert!(h.contains(&(&b"x-y"[..], &b"z"[..])));
+    }
+
+    fn scope_of(req: http::Request<()>) -> RequestScope {
+        let (mut parts, _) = req.into_parts();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let conn = crate::http1::ConnInfo::new(addr, addr);
+        RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty, ScopeKind::Http)
+    }
+
+    fn wire(names: &[&str]) -> WireOrder {
+        WireOrder(
+            names
+                .iter()
+                .map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap())
+                .collect(),
+        )
+    }
+
+    fn interleaved(order: Option<WireOrder>) -> http::Request<()> {
+        let mut req = http::Request::get("/")
+            .header("x-a", "1")
+            .header("cookie", "c=1")
+            .header("x-b", "2")
+            .header("x-a", "3")
+            .header("cookie", "d=2")
+            .body(())
+            .unwrap();
+        if let Some(order) = order {
+            req.extensions_mut().insert(order);
+        }
+        req
+    }
+
+    #[test]
+    fn a_wire_order_interleaves_names_and_keeps_the_cookie_merge() {
+        let s = scope_of(interleaved(Some(wire(&[
+            "x-a", "cookie", "x-b", "x-a", "cookie",
+        ]))));
+        let h: Vec<_> = scope_headers(&s).collect();
+        let want: Vec<(&[u8], &[u8])> = vec![
+            (b"x-a", b"1"),
+            (b"cookie", b"c=1; d=2"),
+            (b"x-b", b"2"),
+            (b"x-a", b"3"),
+        ];
+        assert_eq!(h, want);
+
+        let without = scope_of(interleaved(None));
+        assert!(without.headers_in_wire_order.is_none());
+        let grouped: Vec<_> = scope_headers(&without).collect();
+        assert_eq!(
+            grouped[..2],
+            [(&b"x-a"[..], &b"1"[..]), (b"x-a", b"3")],
+            "HeaderMap order"
+        );
+    }
+
+    #[test]
+    fn a_wire_order_that_does_not_account_for_every_value_is_ignored() {
+        for names in [
+            &["x-a", "cookie", "x-b", "x-a"][..],              // one short
+            &["x-a", "cookie", "x-b", "x-a", "cookie", "x-b"], // one extra
+            &["x-a", "cookie", "x-b", "x-b", "cookie"],        // x-b twice, x-a once
+            &["x-a", "cookie", "x-b", "x-a", "x-c"],           // a name not in the map
+        ] {
+            let s = scope_of(interleaved(Some(wire(names))));
+            assert!(s.headers_in_wire_order.is_none(), "{names:?}");
+            assert_eq!(
+                scope_headers(&s).count(),
+                4,
+                "{names:?}: grouped, cookie merged"
+            );
+        }
     }
 
     #[test]

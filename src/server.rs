@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::exchange::ExchangeConfig;
-use crate::http1::gate::{Gate, Limits};
+use crate::http1::gate::{Gate, Limits, WireOrders};
 use crate::http1::{handle, ConnInfo};
 use crate::interp::Pool;
 
@@ -132,8 +132,20 @@ pub async fn serve(
         let info = Arc::new(ConnInfo::new(client, server_addr));
         let close = info.close.clone();
         let svc_server = server.clone();
-        let service = service_fn(move |req| handle(req, info.clone(), svc_server.clone()));
-        let io = TokioIo::new(Gate::new(stream, server.gate_limits));
+        let orders = Arc::new(WireOrders::default());
+        let svc_orders = orders.clone();
+        // Counted as the gate counts heads, to match its records to requests.
+        // hyper calls the service through `&self`, one request at a time.
+        let requests_served = std::cell::Cell::new(0u64);
+        let service = service_fn(move |mut req| {
+            let seq = requests_served.get() + 1;
+            requests_served.set(seq);
+            if let Some(order) = svc_orders.claim(seq, req.uri()) {
+                req.extensions_mut().insert(order);
+            }
+            handle(req, info.clone(), svc_server.clone())
+        });
+        let io = TokioIo::new(Gate::new(stream, server.gate_limits, orders));
         // with_upgrades: a WebSocket handshake hands the socket over after the 101.
         let conn = builder.serve_connection(io, service).with_upgrades();
         let mut force = force_rx.clone();

@@ -12,12 +12,21 @@
 //!
 //! To find the next head the gate follows body framing (Content-Length or
 //! chunked).  After an `Upgrade` request it steps aside for good.
+//!
+//! hyper's HeaderMap groups values by name, losing the wire order when a name
+//! comes back after another (`X-A, X-B, X-A`); hyper keeps its own record of
+//! the order private.  The gate notices that rare case and leaves the names
+//! in wire order in [`WireOrders`] for the service to claim.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
+use http::header::HeaderName;
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -53,9 +62,77 @@ enum Chunk {
     Trailers,
 }
 
+/// A request's header names in wire order (lower-case), for the requests
+/// whose order hyper's HeaderMap cannot show.  The service puts it in the
+/// request's extensions; `RequestScope::from_parts` takes it from there.
+#[derive(Clone, Debug)]
+pub struct WireOrder(pub Vec<HeaderName>);
+
+/// Orders the gate has seen and the service has not yet claimed, for one
+/// connection.  The gate scans ahead of hyper (pipelined heads), so several
+/// may wait; they are claimed in request order.
+#[derive(Default)]
+pub struct WireOrders {
+    /// Whether `queue` may hold anything: the service's whole cost when no
+    /// request on the connection interleaves its headers.
+    pending: AtomicBool,
+    queue: Mutex<VecDeque<OrderRecord>>,
+}
+
+struct OrderRecord {
+    /// Which request on the connection (from 1), as the service counts them.
+    seq: u64,
+    /// The request-target as sent: a check that the record is this request's.
+    target: Box<str>,
+    order: WireOrder,
+}
+
+/// More unclaimed records than this means something is off; the requests
+/// beyond it keep HeaderMap order rather than grow the queue.
+const MAX_UNCLAIMED_ORDERS: usize = 64;
+
+impl WireOrders {
+    fn record(&self, seq: u64, target: &str, order: WireOrder) {
+        // A poisoned lock only means another holder panicked; the queue is
+        // still a plain list.
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.len() < MAX_UNCLAIMED_ORDERS {
+            queue.push_back(OrderRecord {
+                seq,
+                target: target.into(),
+                order,
+            });
+            self.pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// The wire order of request number `seq` (counted from 1), if the gate
+    /// recorded one for it.
+    pub fn claim(&self, seq: u64, uri: &http::Uri) -> Option<WireOrder> {
+        if !self.pending.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        // Records for requests hyper never delivered (it failed them) are stale.
+        while queue.front().is_some_and(|r| r.seq < seq) {
+            queue.pop_front();
+        }
+        let claimed = match queue.front() {
+            Some(r) if r.seq == seq => queue.pop_front().filter(|r| *uri == *r.target),
+            _ => None,
+        };
+        self.pending.store(!queue.is_empty(), Ordering::Release);
+        claimed.map(|r| r.order)
+    }
+}
+
 pub struct Gate<S> {
     inner: S,
     limits: Limits,
+    orders: Arc<WireOrders>,
+    /// Heads handed to hyper so far, stand-ins included: each becomes one
+    /// call of the service, which counts them the same way.
+    heads: u64,
     framing: Framing,
     /// Bytes read from the socket, not yet classified.
     raw: BytesMut,
@@ -67,10 +144,12 @@ pub struct Gate<S> {
 }
 
 impl<S> Gate<S> {
-    pub fn new(inner: S, limits: Limits) -> Gate<S> {
+    pub fn new(inner: S, limits: Limits, orders: Arc<WireOrders>) -> Gate<S> {
         Gate {
             inner,
             limits,
+            orders,
+            heads: 0,
             framing: Framing::Head,
             raw: BytesMut::with_capacity(8192),
             out: BytesMut::new(),
@@ -158,21 +237,26 @@ impl<S> Gate<S> {
                 self.refuse(StatusCode::BAD_REQUEST, None);
                 false
             }
-            Ok(httparse::Status::Complete(len)) => {
-                let line = RequestLine::of(&req);
-                match check_head(&req, len, &self.limits) {
-                    Ok(framing) => {
-                        let head = self.raw.split_to(len);
-                        self.out.unsplit(head);
-                        self.framing = framing;
-                        true
+            Ok(httparse::Status::Complete(len)) => match check_head(&req, len, &self.limits) {
+                Ok(framing) => {
+                    self.heads += 1;
+                    if names_interleave(req.headers) {
+                        if let Some(order) = wire_order(req.headers) {
+                            let target = req.path.unwrap_or("");
+                            self.orders.record(self.heads, target, order);
+                        }
                     }
-                    Err(status) => {
-                        self.refuse(status, Some(line));
-                        false
-                    }
+                    let head = self.raw.split_to(len);
+                    self.out.unsplit(head);
+                    self.framing = framing;
+                    true
                 }
-            }
+                Err(status) => {
+                    let line = RequestLine::of(&req);
+                    self.refuse(status, Some(line));
+                    false
+                }
+            },
         }
     }
 
@@ -245,7 +329,16 @@ impl<S> Gate<S> {
 
     fn refuse(&mut self, status: StatusCode, line: Option<RequestLine>) {
         let (method, target) = match line {
-            Some(l) if l.target.len() <= MAX_REQUEST_LINE => (l.method, l.target),
+            // The stand-in must parse, or hyper answers it with its own
+            // empty-bodied 400: a target hyper would reject becomes "/".
+            Some(l) if l.target.len() <= MAX_REQUEST_LINE => {
+                let target = if l.target.parse::<http::Uri>().is_ok() {
+                    l.target
+                } else {
+                    "/".to_string()
+                };
+                (l.method, target)
+            }
             _ => ("GET".to_string(), "/".to_string()),
         };
         let standin = format!(
@@ -255,7 +348,54 @@ impl<S> Gate<S> {
         self.out.extend_from_slice(standin.as_bytes());
         self.raw.clear();
         self.closed = true;
+        self.heads += 1;
     }
+}
+
+/// Whether some header name comes back after a different one, so that
+/// grouping by name would reorder the head.  Cookie does not count: the scope
+/// merges all its values at the first one's place, which grouping keeps.
+fn names_interleave(headers: &[httparse::Header<'_>]) -> bool {
+    // A 64-bit filter of the names seen keeps the usual head linear; only a
+    // "maybe seen" looks back for certain.
+    let mut seen = 0u64;
+    let mut previous = "";
+    for (i, h) in headers.iter().enumerate() {
+        if h.name.eq_ignore_ascii_case(previous) {
+            continue;
+        }
+        let bit = name_bit(h.name);
+        if seen & bit != 0
+            && !h.name.eq_ignore_ascii_case("cookie")
+            && headers[..i]
+                .iter()
+                .any(|earlier| earlier.name.eq_ignore_ascii_case(h.name))
+        {
+            return true;
+        }
+        seen |= bit;
+        previous = h.name;
+    }
+    false
+}
+
+/// One of 64 bits for a header name, the same whatever its case.
+fn name_bit(name: &str) -> u64 {
+    let b = name.as_bytes();
+    let first = b.first().map_or(0, u8::to_ascii_lowercase);
+    let last = b.last().map_or(0, u8::to_ascii_lowercase);
+    let mix = b.len() * 31 + usize::from(first) * 7 + usize::from(last);
+    1 << (mix % 64)
+}
+
+/// The names as the scope shows them.  None if one is not a name http
+/// accepts (hyper would refuse the head then anyway).
+fn wire_order(headers: &[httparse::Header<'_>]) -> Option<WireOrder> {
+    headers
+        .iter()
+        .map(|h| HeaderName::from_bytes(h.name.as_bytes()).ok())
+        .collect::<Option<Vec<_>>>()
+        .map(WireOrder)
 }
 
 struct RequestLine {
@@ -292,6 +432,7 @@ fn check_head(
     }
     let http11 = req.version == Some(1);
     let mut hosts = 0;
+    let mut host: Option<&[u8]> = None;
     let mut content_length: Option<u64> = None;
     let mut cl_count = 0;
     let mut te: Option<Vec<u8>> = None;
@@ -302,6 +443,7 @@ fn check_head(
             return Err(StatusCode::BAD_REQUEST);
         } else if name.eq_ignore_ascii_case("host") {
             hosts += 1;
+            host = Some(h.value);
         } else if name.eq_ignore_ascii_case("content-length") {
             cl_count += 1;
             let v = h.value;
@@ -328,6 +470,7 @@ fn check_head(
     if (http11 && hosts == 0) || hosts > 1 {
         return Err(StatusCode::BAD_REQUEST);
     }
+    check_target(req.method.unwrap_or(""), req.path.unwrap_or(""), host)?;
     if cl_count > 1 {
         return Err(StatusCode::BAD_REQUEST);
     }
@@ -371,6 +514,66 @@ fn check_head(
         Some(n) if n > 0 => Framing::Fixed(n),
         _ => Framing::Head,
     })
+}
+
+/// The request-target forms of RFC 9112 §3.2, each only where it belongs.
+/// hyper takes any target `http::Uri` parses ("foo" becomes an authority
+/// with an empty path), so the reference's refusals are made here.
+fn check_target(method: &str, target: &str, host: Option<&[u8]>) -> Result<(), StatusCode> {
+    if target.starts_with('/') {
+        return Ok(());
+    }
+    if target == "*" {
+        return if method == "OPTIONS" {
+            Ok(())
+        } else {
+            Err(StatusCode::BAD_REQUEST)
+        };
+    }
+    // CONNECT's authority-form is hyper's business (it treats CONNECT as an
+    // upgrade); what such a request gets is unchanged.
+    if method == "CONNECT" {
+        return Ok(());
+    }
+    let uri: http::Uri = target.parse().map_err(|_| StatusCode::BAD_REQUEST)?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        // authority-form outside CONNECT, or not a target at all.
+        return Err(StatusCode::BAD_REQUEST);
+    };
+    // The scope shows only the path and query, so the app routes by the Host
+    // header; a target naming another authority must not slip past it.
+    // userinfo in a target is an error (RFC 9110 §4.2.4).
+    if authority.as_str().contains('@') {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    match host {
+        // HTTP/1.0 may omit Host: the target is all there is.
+        None => Ok(()),
+        Some(host) if same_authority(scheme, authority, host) => Ok(()),
+        Some(_) => Err(StatusCode::BAD_REQUEST),
+    }
+}
+
+/// Whether a Host header value names the target's authority: host compared
+/// case-insensitively, an omitted port taken as the scheme's default.
+fn same_authority(scheme: &str, target: &http::uri::Authority, host: &[u8]) -> bool {
+    let host = host.trim_ascii();
+    if host.contains(&b'@') {
+        return false;
+    }
+    let Ok(host) = http::uri::Authority::try_from(host) else {
+        return false;
+    };
+    let is = |name: &str| scheme.eq_ignore_ascii_case(name);
+    let default_port = if is("http") || is("ws") {
+        Some(80)
+    } else if is("https") || is("wss") {
+        Some(443)
+    } else {
+        None
+    };
+    target.host().eq_ignore_ascii_case(host.host())
+        && target.port_u16().or(default_port) == host.port_u16().or(default_port)
 }
 
 /// The reason text of each refusal, sent as the text/plain body.
@@ -479,7 +682,7 @@ mod tests {
 
     /// Feed `input` in pieces of `step` bytes; return what hyper would see.
     fn through(input: &[u8], step: usize) -> (Vec<u8>, bool) {
-        let mut g = Gate::new((), LIMITS);
+        let mut g = Gate::new((), LIMITS, Arc::default());
         for piece in input.chunks(step.max(1)) {
             g.raw.extend_from_slice(piece);
             g.scan();
@@ -567,6 +770,194 @@ POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r
             Some(400),
             "no forging"
         );
+    }
+
+    #[test]
+    fn request_target_forms_only_where_they_belong() {
+        let with_host = |line: &str, host: &str| {
+            verdict(format!("{line} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        };
+        assert_eq!(with_host("GET /p?q=1", "x"), None, "origin-form");
+        assert_eq!(
+            with_host("OPTIONS *", "x"),
+            None,
+            "asterisk-form on OPTIONS"
+        );
+        assert_eq!(
+            with_host("GET *", "x"),
+            Some(400),
+            "asterisk-form elsewhere"
+        );
+        assert_eq!(with_host("OPTIONS *?x", "x"), Some(400), "'*' is all of it");
+        assert_eq!(with_host("GET example.com:80", "example.com"), Some(400));
+        assert_eq!(with_host("POST example.com", "example.com"), Some(400));
+        assert_eq!(with_host("GET foo", "x"), Some(400), "not a target at all");
+        assert_eq!(with_host("GET ?x=1", "x"), Some(400));
+        assert_eq!(
+            with_host("CONNECT example.com:443", "example.com:443"),
+            None,
+            "authority-form is CONNECT's"
+        );
+
+        let absolute = "GET http://example.com/path?q=1";
+        assert_eq!(with_host(absolute, "example.com"), None);
+        assert_eq!(
+            with_host(absolute, "EXAMPLE.com:80"),
+            None,
+            "80 is http's default"
+        );
+        assert_eq!(with_host("GET http://example.com:80/", "example.com"), None);
+        assert_eq!(
+            with_host("GET https://example.com/", "example.com:443"),
+            None
+        );
+        assert_eq!(
+            with_host("GET http://example.com", "example.com"),
+            None,
+            "no path"
+        );
+        assert_eq!(with_host("GET http://[::1]:8080/", "[::1]:8080"), None);
+        assert_eq!(with_host(absolute, "other.com"), Some(400));
+        assert_eq!(with_host(absolute, "example.com:8080"), Some(400));
+        assert_eq!(
+            with_host("GET https://example.com/", "example.com:80"),
+            Some(400)
+        );
+        assert_eq!(
+            with_host("GET http://u@example.com/", "example.com"),
+            Some(400),
+            "userinfo"
+        );
+        assert_eq!(with_host(absolute, "u@example.com"), Some(400));
+        assert_eq!(with_host(absolute, ""), Some(400));
+        assert_eq!(with_host("GET http:///path", "example.com"), Some(400));
+        assert_eq!(
+            verdict(format!("{absolute} HTTP/1.0\r\n\r\n").as_bytes()),
+            None,
+            "HTTP/1.0 without Host: the target stands alone"
+        );
+    }
+
+    #[test]
+    fn a_refused_target_hyper_cannot_parse_becomes_slash_in_the_stand_in() {
+        let (seen, closed) = through(b"GET http:///path HTTP/1.1\r\nHost: x\r\n\r\n", usize::MAX);
+        assert!(closed);
+        assert!(
+            seen.starts_with(b"GET / HTTP/1.1\r\n"),
+            "{}",
+            String::from_utf8_lossy(&seen)
+        );
+        let (seen, _) = through(b"GET foo HTTP/1.1\r\nHost: x\r\n\r\n", usize::MAX);
+        assert!(
+            seen.starts_with(b"GET foo HTTP/1.1\r\n"),
+            "kept where it parses"
+        );
+    }
+
+    fn names(head: &str) -> Vec<String> {
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(head.as_bytes()).unwrap().is_complete());
+        let interleave = names_interleave(req.headers);
+        let order = wire_order(req.headers).unwrap();
+        assert_eq!(order.0.len(), req.headers.len());
+        let mut v: Vec<String> = order.0.iter().map(|n| n.to_string()).collect();
+        v.insert(0, interleave.to_string());
+        v
+    }
+
+    #[test]
+    fn only_a_name_that_comes_back_after_another_interleaves() {
+        let head = |lines: &str| format!("GET / HTTP/1.1\r\n{lines}\r\n");
+        assert_eq!(
+            names(&head("X-A: 1\r\nX-B: 2\r\nx-a: 3\r\n")),
+            ["true", "x-a", "x-b", "x-a"],
+            "case does not matter; names are lower-cased"
+        );
+        assert_eq!(names(&head("X-A: 1\r\nX-A: 2\r\nX-B: 3\r\n"))[0], "false");
+        assert_eq!(
+            names(&head("Cookie: a\r\nX-B: 2\r\nCookie: b\r\n"))[0],
+            "false",
+            "cookies merge at the first one's place anyway"
+        );
+        assert_eq!(
+            names(&head("Cookie: a\r\nX-B: 2\r\nCookie: b\r\nX-B: 3\r\n"))[0],
+            "true"
+        );
+        // Many distinct names fill the filter; none repeats.
+        let many: String = (0..30).map(|i| format!("x-header-{i}: v\r\n")).collect();
+        assert_eq!(names(&head(&many))[0], "false");
+        let many_then_repeat = format!("{many}x-header-3: again\r\n");
+        assert_eq!(names(&head(&many_then_repeat))[0], "true");
+    }
+
+    fn claimed(g: &Gate<()>, seq: u64, target: &str) -> Option<Vec<String>> {
+        g.orders
+            .claim(seq, &target.parse().unwrap())
+            .map(|o| o.0.iter().map(|n| n.to_string()).collect())
+    }
+
+    #[test]
+    fn each_pipelined_request_gets_its_own_order() {
+        let mut g = Gate::new((), LIMITS, Arc::default());
+        g.raw.extend_from_slice(
+            b"GET /1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n\r\n\
+POST /2 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nContent-Length: 3\r\nX-A: 2\r\n\r\nabc\
+GET /3 HTTP/1.1\r\nHost: x\r\n\r\n\
+GET /4 HTTP/1.1\r\nX-B: 1\r\nHost: x\r\nX-B: 2\r\n\r\n",
+        );
+        g.scan();
+        assert!(!g.closed);
+        assert_eq!(g.heads, 4);
+        assert!(g.orders.pending.load(Ordering::Acquire));
+        assert_eq!(claimed(&g, 1, "/1"), None, "nothing recorded for the first");
+        assert_eq!(
+            claimed(&g, 2, "/2"),
+            Some(vec![
+                "host".into(),
+                "x-a".into(),
+                "content-length".into(),
+                "x-a".into()
+            ])
+        );
+        assert_eq!(claimed(&g, 3, "/3"), None);
+        assert_eq!(
+            claimed(&g, 4, "/4"),
+            Some(vec!["x-b".into(), "host".into(), "x-b".into()])
+        );
+        assert!(!g.orders.pending.load(Ordering::Acquire), "all claimed");
+    }
+
+    #[test]
+    fn an_order_goes_only_to_its_own_request() {
+        let mut g = Gate::new((), LIMITS, Arc::default());
+        g.raw.extend_from_slice(
+            b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 1\r\nX-A: 2\r\n\r\n\
+GET /b HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 1\r\nX-A: 2\r\n\r\n",
+        );
+        g.scan();
+        assert_eq!(claimed(&g, 1, "/other"), None, "same number, other target");
+        // A record left behind (hyper never delivered its request) is dropped
+        // when a later request claims.
+        g.raw
+            .extend_from_slice(b"GET /c HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 1\r\nX-A: 2\r\n\r\n");
+        g.scan();
+        assert_eq!(claimed(&g, 3, "/c").map(|n| n.len()), Some(4));
+        assert!(!g.orders.pending.load(Ordering::Acquire));
+        assert_eq!(claimed(&g, 2, "/b"), None, "stale by now");
+    }
+
+    #[test]
+    fn after_an_upgrade_nothing_more_is_recorded() {
+        let mut g = Gate::new((), LIMITS, Arc::default());
+        g.raw.extend_from_slice(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\
+GET /after HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 1\r\nX-A: 2\r\n\r\n",
+        );
+        g.scan();
+        assert_eq!(g.framing, Framing::PassThrough);
+        assert_eq!(g.heads, 1);
+        assert!(!g.orders.pending.load(Ordering::Acquire));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::{Body, Incoming};
@@ -154,7 +155,10 @@ pub(crate) fn open_exchange<'s>(
         http_version: scope.http_version,
         client: conn.client,
         headers: if server.access_log_needs_headers {
-            normalise_headers(&scope.headers)
+            // What the app is shown, so %{..}i atoms agree with it.
+            crate::scope::scope_headers(scope)
+                .map(|(n, v)| (Bytes::copy_from_slice(n), Bytes::copy_from_slice(v)))
+                .collect()
         } else {
             Vec::new()
         },
