@@ -272,8 +272,11 @@ async fn read_loop(
                 }
                 Some(Ok(Message::Frame(_))) => {}
                 // tungstenite's server side reports the handshake complete
-                // once its answer to the peer's Close is flushed.
-                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                // (ConnectionClosed, which tokio-tungstenite turns into the
+                // end of the stream) once its answer to the peer's Close is
+                // flushed; then the TCP connection is closed in order.  The
+                // end of the stream without a Close is the peer gone.
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) | None => {
                     return match peer_close {
                         Some((ending, _)) => ReadEnd::Handshake(ending),
                         None => ReadEnd::Drop(Ending::abnormal(
@@ -281,16 +284,6 @@ async fn read_loop(
                             "the connection closed without a closing handshake".to_string(),
                         )),
                     };
-                }
-                // EOF: the transport is closed, whatever the handshake got to.
-                None => {
-                    return ReadEnd::Drop(match peer_close {
-                        Some((ending, _)) => ending,
-                        None => Ending::abnormal(
-                            "client_closed",
-                            "the peer closed the connection without a Close frame".to_string(),
-                        ),
-                    });
                 }
                 Some(Err(e)) => {
                     if let Some((ending, _)) = peer_close {

@@ -38,7 +38,9 @@ $OPNAME{0} = 'continuation';
 # omit ([names] of default headers to leave out), subprotocols ([...]),
 # key, version (13), method ('GET'), protocol ('HTTP/1.1'), timeout (5),
 # check_accept (1: die on a wrong Sec-WebSocket-Accept), auto_pong (1),
-# auto_close_reply (1), mask (1: default for outgoing frames).
+# auto_close_reply (1), mask (1: default for outgoing frames), hold_open (0:
+# like a browser, half-close TCP once Close frames went both ways, so the
+# server sees the transport close; 1: keep it open until ->disconnect).
 # Returns the client.  A non-101 answer is not an error: ->upgraded is 0 and
 # ->status/->headers/->body describe the response (status 0 if the server
 # closed before sending a response head).
@@ -56,6 +58,7 @@ sub connect {
         timeout          => $timeout,
         auto_pong        => $o{auto_pong} // 1,
         auto_close_reply => $o{auto_close_reply} // 1,
+        hold_open        => $o{hold_open} // 0,
         mask             => $o{mask} // 1,
         eof              => 0,
         close_sent       => 0,
@@ -306,7 +309,19 @@ sub close {
 sub close_raw {
     my ( $self, $payload ) = @_;
     $self->{close_sent} = 1;
-    return $self->send_frame( opcode => 8, payload => $payload );
+    my $n = $self->send_frame( opcode => 8, payload => $payload );
+    $self->_closing_handshake_done;
+    return $n;
+}
+
+# Close frames went both ways: the client's part of the TCP close is a FIN
+# (reading goes on, for anything a faulty server sends after its Close).
+sub _closing_handshake_done {
+    my ($self) = @_;
+    return if $self->{hold_open} || $self->{half_closed} || !$self->{sock};
+    return unless $self->{close_sent} && $self->{close_received};
+    $self->{half_closed} = 1;
+    shutdown( $self->{sock}, 1 );
 }
 
 # Drop the TCP connection without a close frame (abort by default: RST).
@@ -445,6 +460,7 @@ sub _got_close {
     if ( $self->{auto_close_reply} && !$self->{close_sent} ) {
         $self->close_raw( length $p >= 2 ? substr( $p, 0, 2 ) : '' );
     }
+    $self->_closing_handshake_done;
     return \%m;
 }
 
