@@ -170,25 +170,10 @@ sub _on_closed {
     return;
 }
 
-# The client left during the handshake (before any accept), or while a
-# refusal was being written (after a completed one this changes nothing).
-sub _on_network_gone {
-    my ( $self, $reason, $detail ) = @_;
-    $self->_sync if $self->[CONNECTED];
-    $self->_terminal( 0, $reason, $detail );    # the core had forgotten it
-    $self->_notify;
-    $self->_settle(0);
-    $self->_forget if $self->[APP_DONE];
-    return;
-}
-
-# A refusal that completed is a clean end (no websocket.disconnect).
-sub _on_delivered {
-    my ($self) = @_;
-    $self->_notify if $self->_terminal(1);
-    $self->_forget if $self->[APP_DONE];
-    return;
-}
+# Before accept the core reports the handshake's exchange like any http
+# request's (HTTP.pm's _on_network_gone, _on_delivered, _on_send_done): the
+# client leaving during the handshake, a refusal completing (a clean end,
+# with no websocket.disconnect) or being cut short.
 
 # The pending receive first: resolving the send resumes the app at once,
 # and an app that sends in a loop until its receive is ready would spin.
