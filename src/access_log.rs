@@ -254,17 +254,24 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// Lines waiting for the writer thread.  Past this the log is not keeping
+/// up (a full disk, a stderr nobody reads): lines are dropped, counted, and
+/// the count is written once the log catches up, rather than letting the
+/// backlog grow the server's memory or stall its network threads.
+const QUEUED_LINES: usize = 16_384;
+
 /// Where finished lines go.  Cloning shares the writer thread.
 #[derive(Clone)]
 pub struct AccessLog {
     format: Format,
-    tx: mpsc::Sender<String>,
+    tx: mpsc::SyncSender<String>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AccessLog {
     /// Spawn the writer thread for `dest` (stderr when None).
     pub fn start(format: Format, dest: Option<std::path::PathBuf>) -> std::io::Result<AccessLog> {
-        let mut sink: Box<dyn Write + Send> = match dest {
+        let sink: Box<dyn Write + Send> = match dest {
             Some(path) => Box::new(
                 std::fs::OpenOptions::new()
                     .create(true)
@@ -279,12 +286,28 @@ impl AccessLog {
             ),
             None => Box::new(std::io::stderr()),
         };
-        let (tx, rx) = mpsc::channel::<String>();
+        Self::start_writing_to(format, sink)
+    }
+
+    fn start_writing_to(
+        format: Format,
+        mut sink: Box<dyn Write + Send>,
+    ) -> std::io::Result<AccessLog> {
+        let (tx, rx) = mpsc::sync_channel::<String>(QUEUED_LINES);
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let dropped_seen = dropped.clone();
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
                 let mut buf = Vec::with_capacity(64 * 1024);
                 while let Ok(line) = rx.recv() {
+                    let lost = dropped_seen.swap(0, std::sync::atomic::Ordering::AcqRel);
+                    if lost > 0 {
+                        buf.extend_from_slice(
+                            format!("pagi-rs: {lost} access log lines dropped: the log could not keep up\n")
+                                .as_bytes(),
+                        );
+                    }
                     buf.extend_from_slice(line.as_bytes());
                     // Batch whatever else is already waiting into one write.
                     while let Ok(more) = rx.try_recv() {
@@ -298,11 +321,19 @@ impl AccessLog {
                     buf.clear();
                 }
             })?;
-        Ok(AccessLog { format, tx })
+        Ok(AccessLog {
+            format,
+            tx,
+            dropped,
+        })
     }
 
     pub fn write(&self, record: &Record<'_>) {
-        let _ = self.tx.send(self.format.render(record, SystemTime::now()));
+        let line = self.format.render(record, SystemTime::now());
+        if let Err(mpsc::TrySendError::Full(_)) = self.tx.try_send(line) {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 }
 
@@ -322,6 +353,69 @@ mod tests {
             duration: Duration::from_micros(2500),
             headers,
             end_reason: None,
+        }
+    }
+
+    /// A sink that holds every write until released, like a stderr
+    /// nobody reads.
+    struct Stalled {
+        release: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+        out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let (lock, cv) = &*self.release;
+            let mut go = lock.lock().unwrap();
+            while !*go {
+                go = cv.wait(go).unwrap();
+            }
+            self.out.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_log_drops_and_counts_lines_instead_of_queueing_them() {
+        let release =
+            std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Stalled {
+            release: release.clone(),
+            out: out.clone(),
+        };
+        let log =
+            AccessLog::start_writing_to(Format::parse("tiny").unwrap(), Box::new(sink)).unwrap();
+        let headers = [];
+        let started = std::time::Instant::now();
+        for _ in 0..(QUEUED_LINES * 2) {
+            log.write(&record(&headers));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "writes never block"
+        );
+        assert!(log.dropped.load(std::sync::atomic::Ordering::Acquire) > 0);
+        {
+            let (lock, cv) = &*release;
+            *lock.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        log.write(&record(&headers));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+            if text.contains("access log lines dropped") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no notice of the dropped lines"
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

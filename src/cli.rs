@@ -120,6 +120,18 @@ pub struct Options {
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub sse_idle_timeout: u64,
 
+    /// Most connections open at once (WebSockets included); past it a new
+    /// connection is answered 503 with Retry-After and closed.  0: from the
+    /// open-file limit (ulimit -n), less a reserve for files and the
+    /// interpreter's own descriptors.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Most requests waiting for a busy interpreter to take them; past it a
+    /// new request is answered 503 with Retry-After instead of queueing.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_queued_requests: usize,
+
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -182,6 +194,27 @@ pub enum AppSpec {
 }
 
 impl Options {
+    /// `--max-connections`, with 0 resolved from the open-file limit: what
+    /// it leaves after a reserve for request bodies sent from files, the
+    /// access log, and the descriptors the interpreter and its app open.
+    pub fn connection_limit(&self) -> usize {
+        if self.max_connections > 0 {
+            return self.max_connections;
+        }
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the struct we own.
+        let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+        let nofile = if ok && lim.rlim_cur != libc::RLIM_INFINITY {
+            usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+        } else {
+            65_536
+        };
+        (nofile.saturating_sub(128) * 9 / 10).max(16)
+    }
+
     /// The app to load and its key=value arguments, resolved the way the
     /// reference runner does it: `-e` wins, then `--app`, then the first
     /// positional argument that is not key=value.
@@ -218,6 +251,48 @@ impl Options {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        // Every duration becomes a deadline (now + value) somewhere; a year
+        // is far beyond any sensible setting and far from overflowing one.
+        for (flag, secs) in [
+            ("--timeout", self.timeout),
+            ("--request-timeout", self.request_timeout),
+            ("--shutdown-timeout", self.shutdown_timeout),
+            ("--lifespan-startup-timeout", self.lifespan_startup_timeout),
+            ("--ws-idle-timeout", self.ws_idle_timeout),
+            ("--sse-idle-timeout", self.sse_idle_timeout),
+        ] {
+            if secs > MAX_SECONDS {
+                return Err(format!(
+                    "{flag} {secs} is too large: at most {MAX_SECONDS} seconds (a year)"
+                ));
+            }
+        }
+        // Sizes that the server adds to, or allocates per request, are
+        // bounded so that no arithmetic on them can overflow.
+        for (flag, value, max) in [
+            ("--max-header-size", self.max_header_size, MAX_HEADER_SIZE),
+            (
+                "--max-header-count",
+                self.max_header_count,
+                MAX_HEADER_COUNT,
+            ),
+            ("--interpreters", self.interpreters, MAX_INTERPRETERS),
+            (
+                "--write-high-watermark",
+                self.write_high_watermark,
+                MAX_WATERMARK,
+            ),
+            ("--max-ws-frame-size", self.max_ws_frame_size, MAX_WATERMARK),
+            (
+                "--max-receive-queue",
+                self.max_receive_queue,
+                MAX_RECEIVE_QUEUE,
+            ),
+        ] {
+            if value > max {
+                return Err(format!("{flag} {value} is too large: at most {max}"));
+            }
+        }
         if self.write_low_watermark > self.write_high_watermark {
             return Err(format!(
                 "--write-low-watermark ({}) must not exceed --write-high-watermark ({})",
@@ -230,14 +305,15 @@ impl Options {
         if self.interpreters == 0 {
             return Err("--interpreters must be at least 1".into());
         }
+        if self.max_queued_requests == 0 {
+            return Err("--max-queued-requests must be at least 1".into());
+        }
         if self.max_header_count == 0 || self.max_header_size == 0 {
             return Err("--max-header-count and --max-header-size must be positive".into());
         }
-        // A closing phase is a deadline (Instant + this); a year is plenty.
-        if self.ws_close_timeout == 0 || self.ws_close_timeout > 365 * 86_400 {
+        if self.ws_close_timeout == 0 || self.ws_close_timeout > MAX_SECONDS {
             return Err(format!(
-                "--ws-close-timeout must be between 1 and {} seconds",
-                365 * 86_400
+                "--ws-close-timeout must be between 1 and {MAX_SECONDS} seconds"
             ));
         }
         Ok(())
@@ -247,6 +323,15 @@ impl Options {
         (secs > 0).then(|| Duration::from_secs(secs))
     }
 }
+
+/// Upper bounds of numeric options (see `Options::validate`).
+pub const MAX_SECONDS: u64 = 365 * 86_400;
+pub const MAX_HEADER_SIZE: usize = 1 << 30;
+/// The request gate parses heads into this many header slots.
+pub const MAX_HEADER_COUNT: usize = 10_000;
+pub const MAX_INTERPRETERS: usize = 256;
+pub const MAX_WATERMARK: usize = 1 << 40;
+pub const MAX_RECEIVE_QUEUE: usize = 1 << 30;
 
 /// A name with `::` is a module; one with a slash or a .pl/.psgi suffix is a
 /// file; otherwise it is a file if one exists by that name, else a module.
@@ -333,6 +418,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--bogus"), "{err}");
+    }
+
+    #[test]
+    fn values_that_would_overflow_are_refused_with_the_option_named() {
+        for flag in [
+            "--timeout",
+            "--request-timeout",
+            "--shutdown-timeout",
+            "--lifespan-startup-timeout",
+            "--ws-idle-timeout",
+            "--sse-idle-timeout",
+            "--ws-close-timeout",
+            "--max-header-size",
+            "--max-header-count",
+            "--interpreters",
+            "--write-high-watermark",
+            "--max-ws-frame-size",
+            "--max-receive-queue",
+        ] {
+            let err = parse(&[flag, "18446744073709551615", "a.pl"])
+                .validate()
+                .unwrap_err();
+            assert!(err.contains(flag), "{flag}: {err}");
+        }
+        let ok = parse(&["--timeout", "31536000", "--shutdown-timeout", "0", "a.pl"]);
+        assert!(ok.validate().is_ok());
     }
 
     #[test]

@@ -167,6 +167,8 @@ fn run(
         }),
         shutting_down,
         detached: Default::default(),
+        max_connections: opts.connection_limit(),
+        max_queued_requests: opts.max_queued_requests,
         root_path: opts.root_path.clone(),
         max_header_size: opts.max_header_size,
         max_header_count: opts.max_header_count,

@@ -33,6 +33,11 @@ pub struct Server {
     /// WebSockets) close at once rather than hold up the drain.
     pub shutting_down: watch::Sender<bool>,
     pub detached: Arc<DetachedTasks>,
+    /// `--max-connections` (resolved): open connections, WebSockets
+    /// included, past which a new one is answered 503 and closed.
+    pub max_connections: usize,
+    /// `--max-queued-requests`: requests waiting for an interpreter.
+    pub max_queued_requests: usize,
 }
 
 /// Counts tasks that outlive their HTTP connection (accepted WebSockets),
@@ -49,6 +54,10 @@ impl DetachedTasks {
     pub fn enter(self: &Arc<Self>) -> DetachedGuard {
         self.live.fetch_add(1, Ordering::AcqRel);
         DetachedGuard(self.clone())
+    }
+
+    fn count(&self) -> usize {
+        self.live.load(Ordering::Acquire)
     }
 
     async fn wait_idle(&self) {
@@ -94,6 +103,44 @@ impl Server {
     }
 }
 
+/// Open HTTP connections; each connection task holds one.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(count: &Arc<AtomicUsize>) -> OpenConnection {
+        count.fetch_add(1, Ordering::AcqRel);
+        OpenConnection(count.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The answer at `--max-connections`, written before anything is read.
+const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: text/plain\r\ncontent-length: 20\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
+Service Unavailable\n";
+
+/// Answer a connection over the limit with 503 and close it, without
+/// involving an interpreter.  Bounded in time: a client that does not read
+/// cannot hold the task.
+async fn refuse_busy(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = async {
+        stream.write_all(BUSY_RESPONSE).await?;
+        stream.shutdown().await?;
+        // Read what the client sent until it closes, so that closing does
+        // not reset the connection before it has read the answer.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
+}
+
 /// Accept and serve until `shutdown` resolves, then let in-flight requests
 /// finish for up to `grace` before dropping what is left.
 pub async fn serve(
@@ -108,6 +155,8 @@ pub async fn serve(
     // Each connection task holds a clone; when all are gone, so are the connections.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let local = listener.local_addr().ok();
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut at_capacity = false;
     tokio::pin!(shutdown);
 
     loop {
@@ -124,6 +173,19 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let live = open.load(Ordering::Acquire) + server.detached.count();
+        if live >= server.max_connections {
+            if !at_capacity {
+                tracing::warn!(
+                    "{live} connections open (--max-connections {}): answering new ones 503",
+                    server.max_connections
+                );
+                at_capacity = true;
+            }
+            tokio::spawn(refuse_busy(stream));
+            continue;
+        }
+        at_capacity = false;
         let server_addr = stream
             .local_addr()
             .ok()
@@ -151,8 +213,10 @@ pub async fn serve(
         let mut force = force_rx.clone();
         let mut drain = draining.clone();
         let alive = alive_tx.clone();
+        let counted = OpenConnection::new(&open);
         tokio::spawn(async move {
             let _alive = alive;
+            let _counted = counted;
             tokio::pin!(conn);
             // An application's abort drops the connection where it stands:
             // queued writes are abandoned and nothing else is served on it.

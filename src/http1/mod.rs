@@ -63,6 +63,22 @@ pub async fn handle(
         return Ok(plain_response(status, text));
     }
 
+    // A busy interpreter's mailbox is bounded: past --max-queued-requests
+    // new requests are turned away rather than queued without end.
+    if server.pool.pick().mailbox.waiting_requests() >= server.max_queued_requests {
+        log_refusal(
+            &server,
+            &req,
+            &conn,
+            StatusCode::SERVICE_UNAVAILABLE,
+            started,
+        );
+        let mut resp = plain_response(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable");
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(resp);
+    }
+
     if crate::websocket::handshake::is_upgrade(req.version(), req.headers()) {
         return crate::websocket::handshake::handle(req, conn, server, started).await;
     }

@@ -177,6 +177,7 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 scope,
                 session,
             } => {
+                ctx.mailbox.request_taken();
                 ctx.exchanges.insert(exchange.id, exchange.clone());
                 if let Some(session) = session {
                     ctx.sessions.insert(exchange.id, session.clone());

@@ -21,6 +21,9 @@ pub struct Mailbox {
     /// Requests dispatched to this interpreter and not yet finished; the pool
     /// uses it to pick the least busy interpreter.
     pub in_flight: AtomicUsize,
+    /// New requests posted and not yet handed to Perl: what a busy
+    /// interpreter has let pile up (`--max-queued-requests` bounds it).
+    waiting: AtomicUsize,
 }
 
 impl Mailbox {
@@ -36,10 +39,14 @@ impl Mailbox {
             // SAFETY: fd was just returned by eventfd and is owned by nobody else.
             wake_fd: unsafe { OwnedFd::from_raw_fd(fd) },
             in_flight: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
         })
     }
 
     pub fn push(&self, msg: ToPerl) {
+        if matches!(msg, ToPerl::Request { .. }) {
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+        }
         self.queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -78,6 +85,16 @@ impl Mailbox {
             into.extend(q.drain(..));
         }
         n
+    }
+
+    /// New requests not yet handed to Perl.
+    pub fn waiting_requests(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Perl took a new request (see `waiting_requests`).
+    pub fn request_taken(&self) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// A duplicate of the eventfd for Perl, which closes what it opens.

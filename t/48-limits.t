@@ -1,0 +1,120 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use PagiRS::Test;
+use PagiRS::WS;
+use Time::HiRes qw(time sleep);
+
+# Limits set by configuration, not by the client: option values that would
+# overflow are refused at startup (never a panic), --max-connections answers
+# 503 once full, and --max-queued-requests bounds what piles up for a busy
+# interpreter.
+
+my $app = write_app( <<'PERL', 'limits_app.pl' );
+use strict; use warnings; use Future::AsyncAwait; use Time::HiRes ();
+my $app = async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} eq 'lifespan';
+    if ($scope->{type} eq 'websocket') {
+        await $receive->();
+        await $send->({ type => 'websocket.accept' });
+        while (1) {
+            my $ev = await $receive->();
+            return if $ev->{type} eq 'websocket.disconnect';
+        }
+    }
+    # /block: keep the interpreter busy, so that new requests queue up.
+    if ($scope->{path} eq '/block') {
+        my $until = Time::HiRes::time() + 1.5;
+        1 while Time::HiRes::time() < $until;
+    }
+    my $body = "ok $scope->{path}";
+    await $send->({ type => 'http.response.start', status => 200,
+        headers => [['content-type', 'text/plain'], ['content-length', length $body]] });
+    await $send->({ type => 'http.response.body', body => $body, more => 0 });
+};
+$app;
+PERL
+
+subtest 'option values that cannot be represented are refused, never a panic' => sub {
+    for my $flag (
+        qw(--timeout --shutdown-timeout --lifespan-startup-timeout --request-timeout --ws-idle-timeout
+        --sse-idle-timeout --ws-close-timeout --max-header-size --max-header-count --interpreters
+        --write-high-watermark --max-ws-frame-size --max-receive-queue)
+      )
+    {
+        my ( $code, $err ) = run_pagi( $flag, '18446744073709551615', $app );
+        is $code, 2, "$flag 18446744073709551615: exit 2";
+        like $err, qr/\Q$flag\E.*too large|\Q$flag\E must be/, "$flag: the message names the option";
+        unlike $err, qr/panicked/, "$flag: no panic";
+    }
+};
+
+subtest 'the largest accepted timeout serves requests (no overflow at run time)' => sub {
+    my $s = start_server( '--timeout', 31536000, '--shutdown-timeout', 31536000, '--request-timeout', 31536000, $app );
+    my $res = http_request( $s->port, 'GET', '/x' );
+    is $res->{status}, 200, 'served';
+    is $s->stop('TERM'), 0, 'stops cleanly';
+    unlike $s->output, qr/panicked/, 'no panic';
+};
+
+subtest '--max-connections: past the limit a connection gets 503 with Retry-After' => sub {
+    my $s    = start_server( '--max-connections', 2, $app );
+    my $port = $s->port;
+    # Two connections held open: one keep-alive HTTP, one WebSocket.
+    my ( $raw, $keep ) = raw_request( $port, "GET /one HTTP/1.1\r\nHost: x\r\n\r\n", until => qr/ok \/one/ );
+    like $raw, qr{\AHTTP/1\.1 200}, 'first connection served (and kept open)';
+    my $ws = PagiRS::WS->connect( $port, path => '/ws' );
+    ok $ws->upgraded, 'a WebSocket is the second';
+    my ($busy) = raw_request( $port, "GET /three HTTP/1.1\r\nHost: x\r\n\r\n" );
+    my $r = parse_response($busy) // {};
+    is $r->{status}, 503, 'the third gets 503';
+    is $r->{headers}{'retry-after'}[0], '1', 'with Retry-After';
+    is lc $r->{headers}{connection}[0], 'close', 'and Connection: close';
+    ok $s->wait_output( qr/--max-connections 2/, 3 ), 'the limit is logged';
+    # Freeing a place lets the next one in.
+    $ws->close(1000);
+    $ws->wait_close(3);
+    $ws->eof_within(3);
+    undef $ws;
+    my $served;
+    for ( 1 .. 40 ) {
+        my $res = http_request( $port, 'GET', '/four' );
+        if ( $res->{status} == 200 ) { $served = 1; last }
+        sleep 0.05;
+    }
+    ok $served, 'after the WebSocket closed, a new connection is served';
+    close $keep;
+    $s->stop;
+};
+
+subtest '--max-queued-requests: a busy interpreter does not queue without bound' => sub {
+    my $s    = start_server( '--max-queued-requests', 3, $app );
+    my $port = $s->port;
+    my $blocker = connect_port($port);
+    $blocker->syswrite("GET /block HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    sleep 0.3;    # the interpreter is inside /block now
+    my @waiting = map {
+        my $c = connect_port($port);
+        $c->syswrite("GET /q$_ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        sleep 0.05;
+        $c;
+    } 1 .. 3;
+    my $t0  = time;
+    my $res = http_request( $port, 'GET', '/over' );
+    is $res->{status}, 503, 'the fourth waiting request gets 503';
+    ok time - $t0 < 1, 'at once, not after the interpreter frees up';
+    is $res->{headers}{'retry-after'}[0], '1', 'with Retry-After';
+    my ($b) = read_sock( $blocker, qr/ok \/block/, 5 );
+    like $b, qr/ok \/block/, 'the busy request finishes';
+    for my $i ( 1 .. 3 ) {
+        my ($raw) = read_sock( $waiting[ $i - 1 ], qr/ok \/q$i/, 5 );
+        like $raw, qr{\AHTTP/1\.1 200.*ok /q$i}s, "queued request $i is served";
+    }
+    is http_request( $port, 'GET', '/after' )->{status}, 200, 'then new requests are served again';
+    $s->stop;
+};
+
+done_testing;
