@@ -142,20 +142,20 @@ impl Format {
                 Atom::RequestLine => {
                     out.push_str(r.method);
                     out.push(' ');
-                    push_lossy(&mut out, r.raw_path);
+                    push_escaped(&mut out, r.raw_path);
                     if !r.query.is_empty() {
                         out.push('?');
-                        push_lossy(&mut out, r.query);
+                        push_escaped(&mut out, r.query);
                     }
                     out.push_str(" HTTP/");
                     out.push_str(r.http_version);
                 }
                 Atom::Method => out.push_str(if r.method.is_empty() { "-" } else { r.method }),
-                Atom::Path => push_lossy(&mut out, r.raw_path),
+                Atom::Path => push_escaped(&mut out, r.raw_path),
                 Atom::Query => {
                     if !r.query.is_empty() {
                         out.push('?');
-                        push_lossy(&mut out, r.query);
+                        push_escaped(&mut out, r.query);
                     }
                 }
                 Atom::Protocol => {
@@ -187,14 +187,17 @@ impl Format {
                 Atom::Seconds => {
                     let _ = write!(out, "{}", r.duration.as_secs());
                 }
-                Atom::EndReason => out.push_str(r.end_reason.unwrap_or("-")),
+                Atom::EndReason => match r.end_reason {
+                    Some(reason) => push_escaped(&mut out, reason.as_bytes()),
+                    None => out.push('-'),
+                },
                 Atom::RequestHeader(name) => {
                     match r
                         .headers
                         .iter()
                         .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
                     {
-                        Some((_, v)) => push_lossy(&mut out, v),
+                        Some((_, v)) => push_escaped(&mut out, v),
                         None => out.push('-'),
                     }
                 }
@@ -205,7 +208,7 @@ impl Format {
         if let Some(reason) = r.end_reason {
             if !self.0.contains(&Atom::EndReason) {
                 out.push_str(" reason=");
-                out.push_str(reason);
+                push_escaped(&mut out, reason.as_bytes());
             }
         }
         out.push('\n');
@@ -213,8 +216,30 @@ impl Format {
     }
 }
 
-fn push_lossy(out: &mut String, bytes: &[u8]) {
-    out.push_str(&String::from_utf8_lossy(bytes));
+/// Bytes from the request or the app, written so that a line stays one
+/// line and says exactly what was sent: as Apache does, `"` and `\` are
+/// backslash-escaped, and control characters, DEL and bytes that are not
+/// UTF-8 become `\xhh`.  (An `sse.close` reason with a newline cannot forge
+/// a second log line.)
+fn push_escaped(out: &mut String, bytes: &[u8]) {
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        let _ = write!(out, "\\x{b:02x}");
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
 }
 
 /// `DD/Mon/YYYY:HH:MM:SS +0000`, always UTC.
@@ -475,5 +500,69 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_494), (2026, 2, 10));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Undo `push_escaped`.
+    fn unescape(s: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut it = s.bytes();
+        while let Some(b) = it.next() {
+            if b != b'\\' {
+                out.push(b);
+                continue;
+            }
+            match it.next() {
+                Some(b'x') => {
+                    let hex = [it.next().unwrap(), it.next().unwrap()];
+                    out.push(u8::from_str_radix(std::str::from_utf8(&hex).unwrap(), 16).unwrap());
+                }
+                Some(other) => out.push(other),
+                None => panic!("dangling backslash"),
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// Whatever bytes a client or an app put in a path, a query, a
+        /// header or an sse.close reason, the record is one line with no
+        /// control characters, and the path can be read back exactly.
+        #[test]
+        fn a_record_is_one_line_that_says_exactly_what_was_sent(
+            path in proptest::collection::vec(any::<u8>(), 0..64),
+            query in proptest::collection::vec(any::<u8>(), 0..32),
+            agent in proptest::collection::vec(any::<u8>(), 0..32),
+            reason in ".{0,16}",
+        ) {
+            let headers = [(bytes::Bytes::from_static(b"user-agent"), bytes::Bytes::from(agent))];
+            let record = Record {
+                client: None,
+                method: "GET",
+                raw_path: &path,
+                query: &query,
+                http_version: "1.1",
+                status: Some(200),
+                body_bytes: 1,
+                duration: Duration::from_millis(1),
+                headers: &headers,
+                end_reason: Some(&reason),
+            };
+            for spec in ["combined", "clf", "%U|%{User-Agent}i|%R"] {
+                let line = Format::parse(spec).unwrap().render(&record, SystemTime::UNIX_EPOCH);
+                prop_assert!(line.ends_with('\n'));
+                let body = &line[..line.len() - 1];
+                prop_assert!(!body.chars().any(char::is_control), "{spec}: {line:?}");
+            }
+            let line = Format::parse("%U").unwrap().render(&record, SystemTime::UNIX_EPOCH);
+            let shown = line.strip_suffix('\n').unwrap();
+            let shown = shown.split(" reason=").next().unwrap();
+            prop_assert_eq!(unescape(shown), path);
+        }
     }
 }

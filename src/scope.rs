@@ -403,3 +403,29 @@ mod tests {
         assert_eq!(s.http_version, "1.1");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes, percent-encoded, decode back to themselves.
+        #[test]
+        fn encoded_bytes_decode_back(raw in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let encoded = percent_encoding::percent_encode(&raw, percent_encoding::NON_ALPHANUMERIC).to_string();
+            prop_assert_eq!(percent_decode(encoded.as_bytes()), raw);
+        }
+
+        /// Whatever a client sends as a path (stray or broken escapes
+        /// included), decoding never fails and never grows it.
+        #[test]
+        fn any_path_decodes_without_growing(raw in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let decoded = percent_decode(&raw);
+            prop_assert!(decoded.len() <= raw.len());
+            if !raw.contains(&b'%') {
+                prop_assert_eq!(decoded, raw);
+            }
+        }
+    }
+}

@@ -337,3 +337,77 @@ mod tests {
         assert!(!old.contains_key("connection"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What an EventSource makes of one dispatch (WHATWG "Interpreting an
+    /// event stream"): lines end at CRLF, LF or CR; `data` lines are joined
+    /// with LF; the blank line dispatches.  Returns (event, data, id, events).
+    fn interpret(wire: &[u8]) -> (String, String, String, usize) {
+        let text = String::from_utf8(wire.to_vec()).unwrap();
+        let (mut event, mut data, mut id, mut dispatched) =
+            (String::new(), Vec::new(), String::new(), 0);
+        let normalised = text.replace("\r\n", "\n").replace('\r', "\n");
+        for line in normalised.split('\n') {
+            if line.is_empty() {
+                dispatched += 1;
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => event = value.to_string(),
+                "data" => data.push(value.to_string()),
+                "id" => id = value.to_string(),
+                _ => {}
+            }
+        }
+        // The text ends with "\n\n": the split leaves one more empty piece.
+        (event, data.join("\n"), id, dispatched - 1)
+    }
+
+    proptest! {
+        /// Any data and any field values without line breaks reach the
+        /// client as exactly one event carrying them (data's CRLF and CR
+        /// read as LF, as EventSource reads them).
+        #[test]
+        fn one_send_is_one_event_with_its_fields(
+            data in "(?s:.{0,40})",
+            event in "[^\r\n]{0,12}",
+            id in "[^\r\n]{0,12}",
+        ) {
+            let ev = Event { event: Some(event.as_bytes()), data: data.as_bytes(), id: Some(id.as_bytes()), retry: None };
+            let wire = format_event(&ev).unwrap();
+            let (e, d, i, n) = interpret(&wire);
+            prop_assert_eq!(n, 1, "{:?}", String::from_utf8_lossy(&wire));
+            prop_assert_eq!(d, data.replace("\r\n", "\n").replace('\r', "\n"));
+            prop_assert_eq!(e, event);
+            prop_assert_eq!(i, id);
+        }
+
+        /// A line break in `event` or `id` would forge a field: refused.
+        #[test]
+        fn a_line_break_in_event_or_id_is_refused(
+            before in "[a-z]{0,5}", brk in "\r|\n|\r\n", after in "[a-z]{0,5}", in_id in any::<bool>(),
+        ) {
+            let bad = format!("{before}{brk}{after}");
+            let ev = if in_id {
+                Event { event: None, data: b"x", id: Some(bad.as_bytes()), retry: None }
+            } else {
+                Event { event: Some(bad.as_bytes()), data: b"x", id: None, retry: None }
+            };
+            prop_assert!(format_event(&ev).is_err());
+        }
+
+        /// A comment never becomes an event, whatever it says.
+        #[test]
+        fn a_comment_dispatches_nothing(comment in "(?s:.{0,40})") {
+            let (_, data, _, n) = interpret(&format_comment(comment.as_bytes()));
+            prop_assert_eq!(data, "");
+            prop_assert_eq!(n, 1, "only the closing blank line");
+        }
+    }
+}
