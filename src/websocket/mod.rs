@@ -1,9 +1,11 @@
 //! WebSocket over HTTP/1.1 (RFC 6455; Spec/Www.pod, "WebSocket").
 //!
 //! The path of one WebSocket:
-//! - [`handshake`]: hyper hands over an upgrade request; the scope goes to an
-//!   interpreter and the application's first send decides: accept (101),
-//!   close (403), or a denial response of its own.
+//! - [`handshake`]: hyper hands over an upgrade request; a malformed one is
+//!   answered by the server (400, or 426 for another version) without the
+//!   application; otherwise the scope goes to an interpreter and the
+//!   application's first send decides: accept (101), close (403), or a
+//!   denial response of its own.
 //! - [`session`]: the state both threads share: sends from the application,
 //!   backpressure, and how the socket ended.
 //! - [`connection`]: after the 101, tokio-tungstenite frames the upgraded
