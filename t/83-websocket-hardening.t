@@ -6,14 +6,20 @@ use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use PagiRS::WS;
 use File::Temp qw(tempdir);
+use IO::Select;
 use JSON::PP;
 use Time::HiRes qw(time sleep);
 
 # WebSocket hardening: the opening handshake is held to RFC 6455 4.2.1
-# (answered by the server, the app never called).
+# (answered by the server, the app never called), a reassembled message is
+# bounded by --max-ws-message-size, and a socket's memory is bounded by the
+# configuration rather than by the client or by an app that does not read:
+# received bytes in transit to a busy interpreter are bounded (1 MiB plus
+# one message), and those the app leaves unread by --max-ws-message-size.
 
 my $dir = tempdir( CLEANUP => 1 );
 my $J   = JSON::PP->new->canonical->utf8->allow_nonref;
+my $MiB = 1024 * 1024;
 
 my $app = write_app( <<"APP" );
 use strict; use warnings; use Future::AsyncAwait; use JSON::PP;
@@ -54,6 +60,37 @@ async sub {
                 return;
             }
             await \$send->({ type => 'websocket.send', text => 'len:' . length(\$ev->{bytes} // \$ev->{text}) });
+        }
+    }
+    if (\$path eq '/unread') {
+        # Never reads until the server ends the socket.
+        await \$c->disconnect_future;
+        my \$facts = facts(\$c);
+        my \$queued = 0;
+        while (1) {
+            my \$ev = await \$receive->();
+            last if \$ev->{type} eq 'websocket.disconnect';
+            \$queued++;
+        }
+        rec('unread.end', { facts => \$facts, queued => \$queued });
+        return;
+    }
+    if (\$path eq '/busy') {
+        # Holds the interpreter thread itself, as a CPU-bound or blocking app
+        # would, then reads everything.
+        await \$receive->();
+        rec('busy.ready', {});
+        select(undef, undef, undef, \$q->{hold});
+        my (\$count, \$bytes) = (0, 0);
+        while (1) {
+            my \$ev = await \$receive->();
+            return if \$ev->{type} eq 'websocket.disconnect';
+            if (defined \$ev->{text} && \$ev->{text} eq 'done') {
+                await \$send->({ type => 'websocket.send', text => "received \$count \$bytes" });
+                next;
+            }
+            \$count++;
+            \$bytes += length \$ev->{bytes};
         }
     }
     await \$send->({ type => 'websocket.close' });
@@ -131,6 +168,157 @@ subtest 'a well-formed handshake still upgrades; a request that is not an attemp
     # No Upgrade/Connection pair: no handshake attempt, no key needed.
     my $r = http_request( $hs->port, 'GET', '/plain', headers => [ [ 'Sec-WebSocket-Version', '8' ] ] );
     is $r->{status}, 200, 'a plain request with a stray WebSocket header is http';
+};
+
+# ---------------------------------------------------------------------------
+# Memory: inbound
+# ---------------------------------------------------------------------------
+
+# The defaults: messages up to M = 16 MiB, of which the app may leave
+# U = M unread; T = 1 MiB may wait in transit to the interpreter (plus one
+# message); frames of 64 KiB.  Growth is bounded by what may wait (U, T),
+# the server's working copies of the messages on their way (one being
+# reassembled, up to 1.5 messages while its buffer grows; one in transit;
+# the one handed to Perl), and freed memory the allocator has not yet given
+# back to the system (mimalloc purges after a delay; with
+# MIMALLOC_PURGE_DELAY=0 the growth here is about 10 MiB smaller).
+my $M        = 16 * $MiB;
+my $U        = $M;
+my $T        = 1 * $MiB;
+my $message  = 4 * $MiB;
+my $working  = 4 * $message;
+my $slack    = 24 * $MiB;
+my $fragment = 65536;
+my @frames   = map {
+    PagiRS::WS->build_frame(
+        opcode  => $_ == 0 ? 'binary' : 'continuation',
+        fin     => $_ == $message / $fragment - 1 ? 1 : 0,
+        payload => 'z' x $fragment,
+    )
+} 0 .. $message / $fragment - 1;
+my $one_message = join '', @frames;
+
+# Write $count messages as fast as the server takes them, for at most $for
+# seconds or until it closes; samples the server's RSS meanwhile.  Returns
+# (whole messages written, bytes of the next one written, largest RSS seen
+# in KiB).
+sub flood {
+    my ( $ws, $server, $count, $for ) = @_;
+    my $sock = $ws->sock;
+    my $sel  = IO::Select->new($sock);
+    my ( $sent, $off, $peak, $closed ) = ( 0, 0, 0, 0 );
+    my $deadline = time + $for;
+    local $SIG{PIPE} = 'IGNORE';
+    while ( $sent < $count && time < $deadline ) {
+        my $rss = vmrss_kb( $server->pid ) // 0;
+        $peak = $rss if $rss > $peak;
+        next unless $sel->can_write(0.05);
+        my $n = syswrite( $sock, $one_message, length($one_message) - $off, $off );
+        if ( !defined $n ) {
+            next if $!{EAGAIN} || $!{EWOULDBLOCK} || $!{EINTR};
+            $closed = 1;
+            last;
+        }
+        $off += $n;
+        if ( $off == length $one_message ) { $sent++; $off = 0 }
+    }
+    my $rss = vmrss_kb( $server->pid ) // 0;
+    $peak = $rss if $rss > $peak;
+    return ( $sent, $off, $peak );
+}
+
+subtest 'an app that does not read: unread bytes are bounded, then 1008' => sub {
+    my $fs = start_server( '--no-access-log', '--max-receive-queue', 50, $app );
+    my $ws = PagiRS::WS->connect( $fs->port, path => '/unread' );
+    ok $ws->upgraded, 'connected';
+    my $before = vmrss_kb( $fs->pid );
+    my ( $sent, undef, $peak ) = flood( $ws, $fs, 20, 10 );
+    my $grew = $peak - $before;
+    my $bound = ( $U + $T + $working + $slack ) / 1024;
+    note sprintf 'sent %d messages; RSS grew by %d KiB (bound %d KiB)', $sent, $grew, $bound;
+    ok $grew < $bound, sprintf( 'server RSS grew by %.1f MiB, under U + T + working copies + slack = %d MiB', $grew / 1024, $bound / 1024 );
+    my ( $code, $reason ) = $ws->wait_close(5);
+    is $code, 1008, 'Close 1008';
+    my $end = wait_record('unread.end');
+    is $end->{facts}{reason}, 'queue_overflow', 'the app hears queue_overflow';
+    like $end->{facts}{detail}, qr/16777216 bytes.*--max-ws-message-size/, "the detail names the limit: $end->{facts}{detail}";
+    is $end->{queued}, 4, 'the 4 messages that fit in 16 MiB were kept for the app';
+};
+
+subtest 'a busy interpreter: bytes in transit are bounded, TCP holds the client back' => sub {
+    my $fs = start_server( '--no-access-log', '--max-receive-queue', 50, $app );
+    my $ws = PagiRS::WS->connect( $fs->port, path => '/busy?hold=2' );
+    $ws->send_text('first');
+    wait_record('busy.ready') or die 'the app did not start';
+    my $before = vmrss_kb( $fs->pid );
+    my ( $sent, $off, $peak ) = flood( $ws, $fs, 20, 1.5 );
+    my $grew = $peak - $before;
+    # Nothing is left unread here: the interpreter is not taking anything.
+    my $bound = ( $T + $working + $slack ) / 1024;
+    note sprintf 'sent %d messages and %d bytes; RSS grew by %d KiB (bound %d KiB)', $sent, $off, $grew, $bound;
+    ok $sent < 20, "the client was held back: $sent of 20 messages went out in 1.5 s";
+    ok $grew < $bound, sprintf( 'server RSS grew by %.1f MiB, under T + working copies + slack = %d MiB', $grew / 1024, $bound / 1024 );
+    # The app catches up: everything arrives, in full.
+    if ( $sent < 20 ) {
+        $ws->send_raw( substr( $one_message, $off ), 20 );
+        $ws->send_raw( $one_message, 20 ) for $sent + 2 .. 20;
+    }
+    $ws->send_text('done');
+    my $reply = $ws->recv_message(20);
+    is $reply && $reply->{data}, 'received 20 ' . 20 * $message, 'the app received all 20 messages once it caught up';
+    $ws->close(1000);
+    $ws->wait_close(3);
+};
+
+# ---------------------------------------------------------------------------
+# --max-ws-message-size
+# ---------------------------------------------------------------------------
+
+# 100 000-byte messages, 65 536-byte frames (the default).
+my $ms = start_server( '--max-ws-message-size', 100_000, $app );
+
+subtest '--max-ws-message-size: a larger reassembled message closes 1009' => sub {
+    my $ws = PagiRS::WS->connect( $ms->port, path => '/sizes?name=m1' );
+    $ws->send_fragmented( 'binary', ( 'a' x 50_000 ) x 2 );
+    is $ws->recv_message(3)->{data}, 'len:100000', 'a message of exactly the limit is delivered';
+    $ws->send_fragmented( 'binary', ( 'b' x 40_000 ) x 3 );
+    my ($code) = $ws->wait_close(3);
+    is $code, 1009, 'a 120 000-byte message in 40 000-byte frames: Close 1009';
+    ok $ws->eof_within(3), 'and the connection closes';
+    my $end = wait_record('m1.end');
+    is_deeply $end->{event}, { type => 'websocket.disconnect', code => 1009, reason => 'protocol_error' },
+      'the app hears 1009 / protocol_error';
+    like $end->{facts}{detail}, qr/message .*100000 bytes.*--max-ws-message-size/,
+      "the detail names the limit: $end->{facts}{detail}";
+
+    # A frame over the frame limit still names the frame limit.
+    $ws = PagiRS::WS->connect( $ms->port, path => '/sizes?name=m2' );
+    $ws->send_binary( 'c' x 70_000 );
+    is scalar( $ws->wait_close(3) ), 1009, 'a 70 000-byte frame: Close 1009';
+    like wait_record('m2.end')->{facts}{detail}, qr/frame .*65536 bytes.*--max-ws-frame-size/, 'detail: the frame limit';
+};
+
+subtest '--max-ws-frame-size 0: no frame may still be larger than a message' => sub {
+    my $zs = start_server( '--max-ws-frame-size', 0, '--max-ws-message-size', 100_000, $app );
+    my $ws = PagiRS::WS->connect( $zs->port, path => '/sizes?name=z1' );
+    $ws->send_binary( 'a' x 100_000 );
+    is $ws->recv_message(3)->{data}, 'len:100000', 'a 100 000-byte frame is a message of the limit';
+    # The declared length alone is refused: the payload is never buffered.
+    $ws->send_raw( PagiRS::WS->build_frame( opcode => 'binary', payload => '', length => 2**40 ) );
+    is scalar( $ws->wait_close(3) ), 1009, 'a frame declaring 1 TiB: Close 1009 at once';
+    like wait_record('z1.end')->{facts}{detail}, qr/--max-ws-message-size/, 'detail: the message limit';
+    ok $zs->is_running, 'the server is fine';
+};
+
+subtest '--max-ws-message-size 0: no limit on a message' => sub {
+    my $ns = start_server( '--max-ws-message-size', 0, $app );
+    my $ws = PagiRS::WS->connect( $ns->port, path => '/sizes?name=n1' );
+    my $size = 17 * $MiB;    # over the default of 16 MiB
+    $ws->send_fragmented( 'binary', ( 'n' x 65536 ) x ( $size / 65536 ) );
+    my $m = $ws->recv_message(10);
+    is $m && $m->{data}, "len:$size", 'a 17 MiB message is delivered';
+    $ws->close(1000);
+    $ws->wait_close(3);
 };
 
 done_testing;

@@ -21,6 +21,15 @@ use crate::exchange::{water_mark, Exchange, FinishOutcome, SendOutcome};
 use crate::interp::mailbox::Mailbox;
 use crate::interp::messages::ToPerl;
 
+/// Which bound on what the application leaves unread it broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnreadLimit {
+    /// `--max-receive-queue` messages.
+    Messages(usize),
+    /// The inbound byte budget (`--max-ws-message-size`).
+    Bytes(usize),
+}
+
 /// What the writer task sends, in order.
 pub enum Outbound {
     /// An application message; counts toward the water marks.
@@ -154,6 +163,8 @@ pub struct Session {
     last_activity_ms: AtomicU64,
     /// Received messages posted to the interpreter and not yet taken.
     in_transit: AtomicUsize,
+    /// Their payload bytes.
+    in_transit_bytes: AtomicUsize,
     /// The interpreter took one (the reader may read again).
     pub taken: Notify,
     created: Instant,
@@ -189,6 +200,7 @@ impl Session {
             reader_wake: Notify::new(),
             last_activity_ms: AtomicU64::new(0),
             in_transit: AtomicUsize::new(0),
+            in_transit_bytes: AtomicUsize::new(0),
             taken: Notify::new(),
             created: Instant::now(),
         })
@@ -366,9 +378,9 @@ impl Session {
         Ok(SendOutcome::Ready)
     }
 
-    /// The application left its messages unread past --max-receive-queue:
-    /// close with 1008 and report `queue_overflow`.
-    pub fn overflow(&self, limit: usize) {
+    /// The application left more unread than `limit` allows: close with
+    /// 1008 and report `queue_overflow`.
+    pub fn overflow(&self, limit: UnreadLimit) {
         let mut st = self.lock();
         if st.phase != Phase::Open || st.forced.is_some() {
             return;
@@ -379,9 +391,14 @@ impl Session {
                 code: 1008,
                 reason: "queue_overflow".into(),
                 clean: false,
-                detail: Some(format!(
-                    "more than {limit} received messages left unread (--max-receive-queue)"
-                )),
+                detail: Some(match limit {
+                    UnreadLimit::Messages(n) => format!(
+                        "more than {n} received messages left unread (--max-receive-queue)"
+                    ),
+                    UnreadLimit::Bytes(n) => format!(
+                        "received messages left unread would exceed {n} bytes (--max-ws-message-size)"
+                    ),
+                }),
                 peer: None,
             },
             immediate: false,
@@ -599,6 +616,8 @@ impl Session {
     pub fn deliver(&self, text: bool, data: Bytes) {
         self.touch();
         self.in_transit.fetch_add(1, Ordering::AcqRel);
+        self.in_transit_bytes
+            .fetch_add(data.len(), Ordering::AcqRel);
         self.mailbox.push(ToPerl::WsReceive {
             id: self.id,
             text,
@@ -606,18 +625,22 @@ impl Session {
         });
     }
 
-    /// The interpreter took a message posted by `deliver`.
-    pub fn taken_by_interpreter(&self) {
-        let before = self.in_transit.fetch_sub(1, Ordering::AcqRel);
-        if before >= self.settings.max_in_transit {
+    /// The interpreter took a message of `len` bytes posted by `deliver`.
+    pub fn taken_by_interpreter(&self, len: usize) {
+        let messages = self.in_transit.fetch_sub(1, Ordering::AcqRel);
+        let bytes = self.in_transit_bytes.fetch_sub(len, Ordering::AcqRel);
+        if messages >= self.settings.max_in_transit || bytes >= self.settings.max_in_transit_bytes {
             self.taken.notify_one();
         }
     }
 
     /// Whether the reader may read another message: the interpreter is not
-    /// too far behind this socket.
+    /// too far behind this socket, in messages or in bytes.  One message
+    /// always passes, so what is in transit stays under the byte bound plus
+    /// one message.
     pub fn may_read(&self) -> bool {
         self.in_transit.load(Ordering::Acquire) < self.settings.max_in_transit
+            && self.in_transit_bytes.load(Ordering::Acquire) < self.settings.max_in_transit_bytes
     }
 
     /// The socket ended and its transport is closed: record how, tell the
@@ -672,9 +695,11 @@ mod tests {
         let mailbox = Arc::new(Mailbox::new().unwrap());
         let settings = Arc::new(Settings {
             max_frame_size: None,
+            max_message_size: None,
             idle_timeout: None,
             close_timeout: Duration::from_secs(1),
             max_in_transit: 2,
+            max_in_transit_bytes: 10,
         });
         (Session::new(ex, mailbox, settings, "key=".into()), head)
     }
@@ -841,7 +866,7 @@ mod tests {
     fn the_end_is_reported_once_and_a_forced_ending_wins() {
         let (ws, _head) = session();
         ws.accept(None, &[]).unwrap();
-        ws.overflow(2);
+        ws.overflow(UnreadLimit::Messages(2));
         ws.end(Ending::abnormal("client_closed", None));
         ws.end(Ending::abnormal("write_error", None));
         let ends: Vec<_> = perl_messages(&ws)
@@ -862,8 +887,51 @@ mod tests {
         assert!(ws.may_read());
         ws.deliver(true, Bytes::from_static(b"b"));
         assert!(!ws.may_read(), "two in transit with a limit of two");
-        ws.taken_by_interpreter();
+        ws.taken_by_interpreter(1);
         assert!(ws.may_read());
+    }
+
+    #[test]
+    fn reading_pauses_while_too_many_bytes_are_in_transit() {
+        use futures_util::FutureExt;
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        // The test settings: 10 bytes in transit.
+        ws.deliver(false, Bytes::from_static(b"1234"));
+        assert!(ws.may_read(), "4 of 10 bytes");
+        ws.deliver(false, Bytes::from_static(b"123456"));
+        assert!(!ws.may_read(), "10 of 10 bytes");
+        assert!(
+            ws.taken.notified().now_or_never().is_none(),
+            "nothing taken yet"
+        );
+        ws.taken_by_interpreter(4);
+        assert!(
+            ws.taken.notified().now_or_never().is_some(),
+            "taking one wakes the paused reader"
+        );
+        assert!(ws.may_read(), "6 of 10 bytes");
+        ws.taken_by_interpreter(6);
+        // One message always passes, whatever its size; then reading pauses.
+        ws.deliver(false, Bytes::from(vec![0; 1000]));
+        assert!(!ws.may_read(), "a message over the budget pauses reading");
+        ws.taken_by_interpreter(1000);
+        assert!(ws.may_read());
+    }
+
+    #[test]
+    fn overflowing_the_unread_bytes_names_the_limit() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        ws.overflow(UnreadLimit::Bytes(4096));
+        let forced = ws.reader_view().forced.unwrap();
+        assert_eq!(
+            (forced.ending.code, forced.ending.reason.as_str()),
+            (1008, "queue_overflow")
+        );
+        let detail = forced.ending.detail.unwrap();
+        assert!(detail.contains("4096 bytes"), "{detail}");
+        assert!(detail.contains("--max-ws-message-size"), "{detail}");
     }
 
     #[test]
