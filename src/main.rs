@@ -167,6 +167,10 @@ fn run(
             close_timeout: Duration::from_secs(opts.ws_close_timeout),
             max_in_transit: opts.max_receive_queue.max(1),
             max_in_transit_bytes: websocket::Settings::transit_budget(opts.ws_message_limit()),
+            max_send_backlog: opts
+                .write_high_watermark
+                .saturating_mul(websocket::SEND_BACKLOG_HIGH_WATERS),
+            queued_message_cost: websocket::QUEUED_MESSAGE_COST,
         }),
         shutting_down,
         detached: Default::default(),

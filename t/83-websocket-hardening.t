@@ -13,9 +13,12 @@ use Time::HiRes qw(time sleep);
 # WebSocket hardening: the opening handshake is held to RFC 6455 4.2.1
 # (answered by the server, the app never called), a reassembled message is
 # bounded by --max-ws-message-size, and a socket's memory is bounded by the
-# configuration rather than by the client or by an app that does not read:
-# received bytes in transit to a busy interpreter are bounded (1 MiB plus
-# one message), and those the app leaves unread by --max-ws-message-size.
+# configuration rather than by the client or by an app that neither reads
+# nor awaits its sends:
+# - received bytes in transit to a busy interpreter, and those the app
+#   leaves unread, are bounded by the inbound budget (--max-ws-message-size);
+# - unsent bytes are bounded by 16 x --write-high-watermark, past which
+#   websocket.send fails.
 
 my $dir = tempdir( CLEANUP => 1 );
 my $J   = JSON::PP->new->canonical->utf8->allow_nonref;
@@ -91,6 +94,44 @@ async sub {
             }
             \$count++;
             \$bytes += length \$ev->{bytes};
+        }
+    }
+    if (\$path eq '/blast') {
+        # Fires sends without awaiting them at a client that does not read.
+        my \$t = \$scope->{'pagi.transport'};
+        my \$chunk = 'x' x \$q->{size};
+        my (\$ok, \$failed, \$error, \$most) = (0, 0, undef, 0);
+        for (1 .. \$q->{n}) {
+            my \$f = \$send->({ type => 'websocket.send', bytes => \$chunk });
+            if (\$f->is_failed) { \$failed++; \$error //= (\$f->failure)[0] }
+            else                { \$ok++ }
+            \$most = \$t->buffered_amount if \$t->buffered_amount > \$most;
+        }
+        rec('blast.sent', { ok => \$ok, failed => \$failed, error => \$error, most_buffered => \$most });
+        my \$go = await \$receive->();
+        # What was queued has gone out: an awaited send is taken again.
+        my \$f = \$send->({ type => 'websocket.send', text => 'after' });
+        my \$r = eval { await \$f; 'ok' } // 'failed: ' . \$@;
+        rec('blast.after', { send => \$r });
+        while (1) {
+            my \$ev = await \$receive->();
+            return if \$ev->{type} eq 'websocket.disconnect';
+        }
+    }
+    if (\$path eq '/paced') {
+        # Awaits each of many empty sends: they are paced by the water
+        # marks like any others, and never fail.
+        my (\$parked, \$failed) = (0, 0);
+        for my \$i (1 .. \$q->{n}) {
+            my \$f = \$send->({ type => 'websocket.send', bytes => '' });
+            \$parked++ unless \$f->is_ready;
+            \$failed++ unless eval { await \$f; 1 };
+        }
+        await \$send->({ type => 'websocket.send', text => 'done' });
+        rec('paced.end', { parked => \$parked, failed => \$failed });
+        while (1) {
+            my \$ev = await \$receive->();
+            return if \$ev->{type} eq 'websocket.disconnect';
         }
     }
     await \$send->({ type => 'websocket.close' });
@@ -266,6 +307,63 @@ subtest 'a busy interpreter: bytes in transit are bounded, TCP holds the client 
     $ws->send_text('done');
     my $reply = $ws->recv_message(20);
     is $reply && $reply->{data}, 'received 20 ' . 20 * $message, 'the app received all 20 messages once it caught up';
+    $ws->close(1000);
+    $ws->wait_close(3);
+};
+
+# ---------------------------------------------------------------------------
+# Memory: outbound
+# ---------------------------------------------------------------------------
+
+subtest 'sends not awaited, to a client that does not read: bounded, then they fail' => sub {
+    my $os    = start_server( '--no-access-log', $app );
+    my $H     = 16 * 65536;    # 16 x --write-high-watermark
+    my $size  = 65536;
+    my $n     = 2000;          # 125 MiB if nothing stopped them
+    my $before = vmrss_kb( $os->pid );
+    my $ws    = PagiRS::WS->connect( $os->port, path => "/blast?size=$size&n=$n" );
+    my $sent  = wait_record( 'blast.sent', 10 );
+    my $grew  = vmrss_kb( $os->pid ) - $before;
+    note sprintf 'accepted %d, failed %d, most buffered %d; RSS grew by %d KiB', @$sent{qw(ok failed most_buffered)}, $grew;
+    ok $sent->{failed} > 0, "sends past the limit failed ($sent->{failed} of $n)";
+    like $sent->{error} // '', qr/websocket\.send: send queue full: .*await each send/, "clearly: $sent->{error}";
+    ok $sent->{most_buffered} < $H + $size, "buffered_amount stayed under the limit plus one message ($sent->{most_buffered})";
+    # What waits is under H plus one message; the rest is the Perl side's
+    # 2000 Futures and the allocators' slack.
+    ok $grew < ( $H + 16 * $MiB ) / 1024, sprintf( 'server RSS grew by %.1f MiB, under H + 16 MiB', $grew / 1024 );
+
+    # The client reads at last: what was taken arrives; then sends work again.
+    my $got = 0;
+    while ( $got < $sent->{ok} ) {
+        my $m = $ws->recv_message(5) or last;
+        $got++ if $m->{type} eq 'binary' && length $m->{data} == $size;
+    }
+    is $got, $sent->{ok}, 'every accepted send arrived';
+    $ws->send_text('go');
+    my $m = $ws->recv_message(5);
+    is $m && $m->{data}, 'after', 'a send after the backlog drained goes out';
+    is wait_record('blast.after')->{send}, 'ok', 'and resolves';
+    $ws->close(1000);
+    $ws->wait_close(3);
+};
+
+subtest 'awaited sends, even empty ones, are paced and never reach the limit' => sub {
+    # Water marks of 64 and 16 bytes: each queued message counts 64 bytes
+    # beyond its payload, so an empty one reaches the high-water mark, and
+    # the limit on unsent data is 16 x 64 = 1024 bytes.
+    my $os = start_server( '--no-access-log', '--write-high-watermark', 64, '--write-low-watermark', 16, $app );
+    my $n  = 2000;
+    my $ws = PagiRS::WS->connect( $os->port, path => "/paced?n=$n" );
+    my ( $empty, $m ) = ( 0, undef );
+    while ( $m = $ws->recv_message(5) ) {
+        last if $m->{type} eq 'text';
+        $empty++ if $m->{type} eq 'binary' && $m->{data} eq '';
+    }
+    is $m && $m->{data}, 'done', 'the app finished its sends';
+    is $empty, $n, "all $n empty messages arrived";
+    my $end = wait_record('paced.end');
+    is $end->{parked}, $n, 'every empty send waited for the queue to drain';
+    is $end->{failed}, 0, 'none failed: an app that awaits never reaches the limit';
     $ws->close(1000);
     $ws->wait_close(3);
 };

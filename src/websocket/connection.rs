@@ -387,6 +387,7 @@ async fn write_loop(
     const BATCH: usize = 64;
     while let Some(first) = outbound.recv().await {
         let mut data_bytes = 0;
+        let mut data_messages = 0;
         let mut finish = false;
         let mut next = Some(first);
         let mut batched = 0;
@@ -394,6 +395,7 @@ async fn write_loop(
             let message = match item {
                 Outbound::Data(m, len) => {
                     data_bytes += len;
+                    data_messages += 1;
                     m
                 }
                 Outbound::Control(m) => m,
@@ -427,8 +429,8 @@ async fn write_loop(
                 return None;
             }
         }
-        if data_bytes > 0 {
-            session.sent(data_bytes);
+        if data_messages > 0 {
+            session.sent(data_messages, data_bytes);
         }
         if finish {
             return Some(sink);

@@ -27,6 +27,15 @@ pub const UNLIMITED_MESSAGE_BUDGET: usize = 16 << 20;
 /// so a small figure costs nothing; when it is busy, this is what piles up.
 pub const TRANSIT_BUDGET: usize = 1 << 20;
 
+/// How many `--write-high-watermark`s of unsent application data a socket
+/// may hold before `websocket.send` fails instead of queueing more.
+pub const SEND_BACKLOG_HIGH_WATERS: usize = 16;
+
+/// What a queued application message costs beyond its payload (its queue
+/// slot, the message and its buffer's header), so that a flood of empty
+/// messages is paced and bounded too.
+pub const QUEUED_MESSAGE_COST: usize = 64;
+
 /// Server-wide WebSocket settings (command-line options).
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -48,6 +57,13 @@ pub struct Settings {
     /// message always passes, so what is in transit stays under this plus
     /// one message.
     pub max_in_transit_bytes: usize,
+    /// Unsent application data past which `websocket.send` fails (an app
+    /// that awaits its sends never gets there: it waits above the
+    /// high-water mark).  A send made below it is queued whatever its size.
+    pub max_send_backlog: usize,
+    /// [`QUEUED_MESSAGE_COST`], counted per queued message toward the
+    /// water marks and `max_send_backlog`.
+    pub queued_message_cost: usize,
 }
 
 impl Settings {
@@ -88,6 +104,8 @@ mod tests {
             close_timeout: Duration::from_secs(1),
             max_in_transit: 1,
             max_in_transit_bytes: 1,
+            max_send_backlog: 1,
+            queued_message_cost: 0,
         }
     }
 
