@@ -110,6 +110,14 @@ pub struct Options {
     #[arg(long, value_name = "BYTES", default_value_t = 65536)]
     pub max_ws_frame_size: usize,
 
+    /// Largest WebSocket message accepted, in bytes, once its frames are
+    /// reassembled; a larger one fails the connection with 1009.  It also
+    /// bounds the bytes of received messages an application leaves unread:
+    /// past it the socket closes with 1008 (one message always fits).
+    /// 0 = no limit on a message (the unread bound is then 16 MiB).
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
+    pub max_ws_message_size: usize,
+
     /// Close a WebSocket with no frame in either direction for this many
     /// seconds; 0 disables.
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
@@ -319,6 +327,11 @@ impl Options {
         Ok(())
     }
 
+    /// `--max-ws-message-size`, with 0 meaning no limit.
+    pub fn ws_message_limit(&self) -> Option<usize> {
+        (self.max_ws_message_size > 0).then_some(self.max_ws_message_size)
+    }
+
     pub fn timeout_opt(secs: u64) -> Option<Duration> {
         (secs > 0).then(|| Duration::from_secs(secs))
     }
@@ -370,6 +383,8 @@ mod tests {
         assert_eq!(o.shutdown_timeout, 30);
         assert_eq!(o.write_high_watermark, 65536);
         assert_eq!(o.write_low_watermark, 16384);
+        assert_eq!(o.max_ws_frame_size, 65536);
+        assert_eq!(o.max_ws_message_size, 16 << 20);
         assert_eq!(o.lifespan, LifespanMode::Auto);
         assert_eq!(o.effective_log_level(), LogLevel::Info);
     }

@@ -15,6 +15,9 @@ pub enum SendError {
     Sequence(&'static str),
     #[error("cannot send file: {0}")]
     File(String),
+    /// Too much is already queued toward a peer that is not reading.
+    #[error("send queue full: {0}")]
+    Backlog(String),
 }
 
 /// Startup failures, reported at the edge with context.

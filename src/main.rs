@@ -95,6 +95,7 @@ fn main() -> ExitCode {
         low_water: opts.write_low_watermark,
         max_receive_queue: opts.max_receive_queue,
         max_ws_frame_size: opts.max_ws_frame_size,
+        max_unread_bytes: websocket::Settings::unread_budget(opts.ws_message_limit()),
         spec: opts.spec_version,
         max_disconnect_receives: opts.max_disconnect_receives,
     };
@@ -161,9 +162,15 @@ fn run(
         }),
         websocket: Arc::new(websocket::Settings {
             max_frame_size: (opts.max_ws_frame_size > 0).then_some(opts.max_ws_frame_size),
+            max_message_size: opts.ws_message_limit(),
             idle_timeout: Options::timeout_opt(opts.ws_idle_timeout),
             close_timeout: Duration::from_secs(opts.ws_close_timeout),
             max_in_transit: opts.max_receive_queue.max(1),
+            max_in_transit_bytes: websocket::Settings::transit_budget(opts.ws_message_limit()),
+            max_send_backlog: opts
+                .write_high_watermark
+                .saturating_mul(websocket::SEND_BACKLOG_HIGH_WATERS),
+            queued_message_cost: websocket::QUEUED_MESSAGE_COST,
         }),
         shutting_down,
         detached: Default::default(),

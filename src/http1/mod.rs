@@ -20,6 +20,7 @@ use crate::exchange::{Exchange, Head, RequestFacts};
 use crate::interp::messages::ToPerl;
 use crate::scope::{http_version_str, normalise_headers, BodyState, RequestScope, ScopeKind};
 use crate::server::Server;
+use crate::websocket::handshake::{self, Handshake};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -79,8 +80,13 @@ pub async fn handle(
         return Ok(resp);
     }
 
-    if crate::websocket::handshake::is_upgrade(req.version(), req.headers()) {
-        return crate::websocket::handshake::handle(req, conn, server, started).await;
+    match handshake::classify(req.method(), req.version(), req.headers()) {
+        Handshake::NotAttempted => {}
+        Handshake::Valid => return handshake::handle(req, conn, server, started).await,
+        Handshake::Invalid(refusal) => {
+            log_refusal(&server, &req, &conn, refusal.status, started);
+            return Ok(handshake::refusal_response(&refusal));
+        }
     }
 
     let (mut parts, body) = req.into_parts();

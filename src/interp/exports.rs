@@ -16,7 +16,7 @@ use super::messages::{kind, ToPerl};
 use super::Control;
 use crate::error::SendError;
 use crate::exchange::{EndState, Exchange, SendOutcome};
-use crate::websocket::session::{Keepalive, Session};
+use crate::websocket::session::{Keepalive, Session, UnreadLimit};
 
 /// Request ids are unique and sequential: they need no hashing.
 #[derive(Default)]
@@ -233,7 +233,7 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
             }
             ToPerl::WsReceive { id, text, data } => {
                 if let Some(ws) = ctx.sessions.get(id) {
-                    ws.taken_by_interpreter();
+                    ws.taken_by_interpreter(data.len());
                 }
                 m.kind = kind::WS_RECEIVE;
                 m.id = *id;
@@ -843,12 +843,18 @@ pub extern "C" fn pagi_rs_ws_keepalive(
     })
 }
 
-/// The application left `limit` (--max-receive-queue) messages unread.
+/// The application left more unread than `limit` allows: that many
+/// messages (--max-receive-queue), or with `in_bytes` that many bytes.
 #[no_mangle]
-pub extern "C" fn pagi_rs_ws_overflow(id: u64, limit: i64) {
+pub extern "C" fn pagi_rs_ws_overflow(id: u64, limit: i64, in_bytes: c_int) {
     guarded((), || {
         if let Some(ws) = session(id) {
-            ws.overflow(usize::try_from(limit).unwrap_or(0));
+            let limit = usize::try_from(limit).unwrap_or(0);
+            ws.overflow(if in_bytes != 0 {
+                UnreadLimit::Bytes(limit)
+            } else {
+                UnreadLimit::Messages(limit)
+            });
         }
     })
 }

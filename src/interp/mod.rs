@@ -55,6 +55,9 @@ pub struct LoadSpec {
     /// WebSocket limits, shown in the websocket scope; 0 frame size = none.
     pub max_receive_queue: usize,
     pub max_ws_frame_size: usize,
+    /// Bytes of received messages an app may leave unread (one message
+    /// always fits); past it the socket closes with 1008.
+    pub max_unread_bytes: usize,
     /// Which PAGI the scopes report and the Perl side follows.
     pub spec: crate::spec::SpecVersion,
     /// Receives answered with the disconnect event after a scope ended.

@@ -137,6 +137,7 @@ fn load(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<(), Strin
             spec.low_water.to_string().as_bytes(),
             spec.max_receive_queue.to_string().as_bytes(),
             spec.max_ws_frame_size.to_string().as_bytes(),
+            spec.max_unread_bytes.to_string().as_bytes(),
             spec.spec.www().as_bytes(),
             spec.spec.core().as_bytes(),
             spec.max_disconnect_receives.to_string().as_bytes(),

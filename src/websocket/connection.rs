@@ -55,9 +55,8 @@ enum ReadEnd {
 pub async fn run(session: Arc<Session>, upgraded: Upgraded, shutdown: watch::Receiver<bool>) {
     let settings = &session.settings;
     let config = WebSocketConfig::default()
-        .max_frame_size(settings.max_frame_size)
-        // A message may span frames; bound it too, generously.
-        .max_message_size(settings.max_frame_size.map(|f| f.max(16 << 20)));
+        .max_frame_size(settings.effective_frame_limit())
+        .max_message_size(settings.max_message_size);
     let socket = Socket::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
     let Some(outbound) = session.take_outbound() else {
         return;
@@ -153,7 +152,7 @@ fn error_ending(session: &Session, err: &WsError) -> ReadEnd {
             session.close_frame(1009, "Message too big");
             ReadEnd::Flush(Ending::protocol(
                 1009,
-                format!("a frame or message of {size} bytes exceeds the limit of {max_size} (--max-ws-frame-size)"),
+                too_big_detail(&session.settings, *size, *max_size),
             ))
         }
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
@@ -172,6 +171,24 @@ fn error_ending(session: &Session, err: &WsError) -> ReadEnd {
             ReadEnd::Drop(Ending::abnormal("client_closed", e.to_string()))
         }
         other => ReadEnd::Drop(Ending::abnormal("client_closed", other.to_string())),
+    }
+}
+
+/// Which limit a too-big frame or message broke.  tungstenite reports both
+/// alike, with the limit it applied: the frame limit is the smaller of the
+/// two (see Settings::effective_frame_limit), so a limit other than the
+/// message's is the frame's.  When the two are equal a frame over it is a
+/// message over it too.
+fn too_big_detail(settings: &super::Settings, size: usize, max_size: usize) -> String {
+    if settings.max_message_size == Some(max_size) {
+        // For a fragmented message `size` is what had arrived when it broke the limit.
+        format!(
+            "a message of {size} bytes or more exceeds the limit of {max_size} bytes (--max-ws-message-size)"
+        )
+    } else {
+        format!(
+            "a frame of {size} bytes exceeds the limit of {max_size} bytes (--max-ws-frame-size)"
+        )
     }
 }
 
@@ -370,6 +387,7 @@ async fn write_loop(
     const BATCH: usize = 64;
     while let Some(first) = outbound.recv().await {
         let mut data_bytes = 0;
+        let mut data_messages = 0;
         let mut finish = false;
         let mut next = Some(first);
         let mut batched = 0;
@@ -377,6 +395,7 @@ async fn write_loop(
             let message = match item {
                 Outbound::Data(m, len) => {
                     data_bytes += len;
+                    data_messages += 1;
                     m
                 }
                 Outbound::Control(m) => m,
@@ -410,8 +429,8 @@ async fn write_loop(
                 return None;
             }
         }
-        if data_bytes > 0 {
-            session.sent(data_bytes);
+        if data_messages > 0 {
+            session.sent(data_messages, data_bytes);
         }
         if finish {
             return Some(sink);

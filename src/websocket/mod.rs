@@ -1,9 +1,11 @@
 //! WebSocket over HTTP/1.1 (RFC 6455; Spec/Www.pod, "WebSocket").
 //!
 //! The path of one WebSocket:
-//! - [`handshake`]: hyper hands over an upgrade request; the scope goes to an
-//!   interpreter and the application's first send decides: accept (101),
-//!   close (403), or a denial response of its own.
+//! - [`handshake`]: hyper hands over an upgrade request; a malformed one is
+//!   answered by the server (400, or 426 for another version) without the
+//!   application; otherwise the scope goes to an interpreter and the
+//!   application's first send decides: accept (101), close (403), or a
+//!   denial response of its own.
 //! - [`session`]: the state both threads share: sends from the application,
 //!   backpressure, and how the socket ended.
 //! - [`connection`]: after the 101, tokio-tungstenite frames the upgraded
@@ -16,11 +18,32 @@ pub mod session;
 
 use std::time::Duration;
 
+/// What the application may leave unread when `--max-ws-message-size` is 0
+/// (no limit on one message): it still has a bound.
+pub const UNLIMITED_MESSAGE_BUDGET: usize = 16 << 20;
+
+/// Bytes of received messages on their way to the interpreter past which a
+/// socket is not read.  They are only latency when the interpreter keeps up,
+/// so a small figure costs nothing; when it is busy, this is what piles up.
+pub const TRANSIT_BUDGET: usize = 1 << 20;
+
+/// How many `--write-high-watermark`s of unsent application data a socket
+/// may hold before `websocket.send` fails instead of queueing more.
+pub const SEND_BACKLOG_HIGH_WATERS: usize = 16;
+
+/// What a queued application message costs beyond its payload (its queue
+/// slot, the message and its buffer's header), so that a flood of empty
+/// messages is paced and bounded too.
+pub const QUEUED_MESSAGE_COST: usize = 64;
+
 /// Server-wide WebSocket settings (command-line options).
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// `--max-ws-frame-size`: larger frames fail the connection with 1009.
     pub max_frame_size: Option<usize>,
+    /// `--max-ws-message-size`: a larger reassembled message fails the
+    /// connection with 1009.
+    pub max_message_size: Option<usize>,
     /// `--ws-idle-timeout`: no frame either way for this long closes it.
     pub idle_timeout: Option<Duration>,
     /// How long to wait for the peer's reply to our Close frame.
@@ -30,4 +53,93 @@ pub struct Settings {
     /// interpreter catches up.  `--max-receive-queue` bounds what the app
     /// leaves unread on top of this.
     pub max_in_transit: usize,
+    /// The same bound in bytes (see [`Settings::transit_budget`]): one
+    /// message always passes, so what is in transit stays under this plus
+    /// one message.
+    pub max_in_transit_bytes: usize,
+    /// Unsent application data past which `websocket.send` fails (an app
+    /// that awaits its sends never gets there: it waits above the
+    /// high-water mark).  A send made below it is queued whatever its size.
+    pub max_send_backlog: usize,
+    /// [`QUEUED_MESSAGE_COST`], counted per queued message toward the
+    /// water marks and `max_send_backlog`.
+    pub queued_message_cost: usize,
+}
+
+impl Settings {
+    /// Bytes of received messages the application may leave unread:
+    /// `--max-ws-message-size`, or [`UNLIMITED_MESSAGE_BUDGET`] when that
+    /// is 0.  A message always fits in an empty queue.
+    pub fn unread_budget(max_message_size: Option<usize>) -> usize {
+        max_message_size.unwrap_or(UNLIMITED_MESSAGE_BUDGET)
+    }
+
+    /// Bytes in transit to the interpreter past which a socket is not read:
+    /// [`TRANSIT_BUDGET`], or less when a whole message may be no larger.
+    pub fn transit_budget(max_message_size: Option<usize>) -> usize {
+        Self::unread_budget(max_message_size).min(TRANSIT_BUDGET)
+    }
+
+    /// The frame limit tungstenite enforces: a frame larger than a whole
+    /// message may be is refused as soon as its header is read, so its
+    /// payload is never buffered (with neither limit set, tungstenite would
+    /// reserve whatever length a frame header claims).
+    pub fn effective_frame_limit(&self) -> Option<usize> {
+        match (self.max_frame_size, self.max_message_size) {
+            (Some(f), Some(m)) => Some(f.min(m)),
+            (f, m) => f.or(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_limits(frame: Option<usize>, message: Option<usize>) -> Settings {
+        Settings {
+            max_frame_size: frame,
+            max_message_size: message,
+            idle_timeout: None,
+            close_timeout: Duration::from_secs(1),
+            max_in_transit: 1,
+            max_in_transit_bytes: 1,
+            max_send_backlog: 1,
+            queued_message_cost: 0,
+        }
+    }
+
+    #[test]
+    fn no_frame_may_be_larger_than_a_message() {
+        assert_eq!(
+            with_limits(Some(64), Some(1000)).effective_frame_limit(),
+            Some(64)
+        );
+        assert_eq!(
+            with_limits(Some(5000), Some(1000)).effective_frame_limit(),
+            Some(1000)
+        );
+        assert_eq!(
+            with_limits(None, Some(1000)).effective_frame_limit(),
+            Some(1000)
+        );
+        assert_eq!(
+            with_limits(Some(64), None).effective_frame_limit(),
+            Some(64)
+        );
+        assert_eq!(with_limits(None, None).effective_frame_limit(), None);
+    }
+
+    #[test]
+    fn the_unread_budget_is_the_message_limit_or_16_mib() {
+        assert_eq!(Settings::unread_budget(Some(4096)), 4096);
+        assert_eq!(Settings::unread_budget(None), 16 << 20);
+    }
+
+    #[test]
+    fn the_transit_budget_is_1_mib_or_the_message_limit_if_smaller() {
+        assert_eq!(Settings::transit_budget(Some(4096)), 4096);
+        assert_eq!(Settings::transit_budget(Some(16 << 20)), 1 << 20);
+        assert_eq!(Settings::transit_budget(None), 1 << 20);
+    }
 }

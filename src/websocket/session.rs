@@ -21,6 +21,15 @@ use crate::exchange::{water_mark, Exchange, FinishOutcome, SendOutcome};
 use crate::interp::mailbox::Mailbox;
 use crate::interp::messages::ToPerl;
 
+/// Which bound on what the application leaves unread it broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnreadLimit {
+    /// `--max-receive-queue` messages.
+    Messages(usize),
+    /// The inbound byte budget (`--max-ws-message-size`).
+    Bytes(usize),
+}
+
 /// What the writer task sends, in order.
 pub enum Outbound {
     /// An application message; counts toward the water marks.
@@ -121,7 +130,11 @@ pub struct ReaderView {
 
 struct State {
     phase: Phase,
+    /// Application data queued for the writer and not yet written: what
+    /// `buffered_amount` reports and the water marks watch.
     buffered: usize,
+    /// How many application messages that is (see Settings::queued_message_cost).
+    queued_messages: usize,
     high: bool,
     /// When the application sent websocket.close (it may send nothing after).
     app_closed_at: Option<Instant>,
@@ -145,6 +158,9 @@ pub struct Session {
     pub settings: Arc<Settings>,
     accept_key: String,
     state: Mutex<State>,
+    /// Unbounded as a channel, but what the application puts in is bounded
+    /// by `max_send_backlog` (see `send`); the server's own control frames
+    /// are a Close or two and a ping per keepalive interval.
     outbound: mpsc::UnboundedSender<Outbound>,
     outbound_rx: Mutex<Option<mpsc::UnboundedReceiver<Outbound>>>,
     /// Wakes the reader to re-read its timers (keepalive, close deadline,
@@ -154,6 +170,8 @@ pub struct Session {
     last_activity_ms: AtomicU64,
     /// Received messages posted to the interpreter and not yet taken.
     in_transit: AtomicUsize,
+    /// Their payload bytes.
+    in_transit_bytes: AtomicUsize,
     /// The interpreter took one (the reader may read again).
     pub taken: Notify,
     created: Instant,
@@ -176,6 +194,7 @@ impl Session {
             state: Mutex::new(State {
                 phase: Phase::Handshake,
                 buffered: 0,
+                queued_messages: 0,
                 high: false,
                 app_closed_at: None,
                 peer_closed: false,
@@ -189,6 +208,7 @@ impl Session {
             reader_wake: Notify::new(),
             last_activity_ms: AtomicU64::new(0),
             in_transit: AtomicUsize::new(0),
+            in_transit_bytes: AtomicUsize::new(0),
             taken: Notify::new(),
             created: Instant::now(),
         })
@@ -274,6 +294,20 @@ impl Session {
                 ))
             }
         }
+        // An app that does not await its sends would otherwise queue without
+        // bound toward a peer that is not reading.  One that awaits them
+        // never gets here: it waits above the high-water mark, which watches
+        // the same backlog.
+        if self.backlog(&st) >= self.settings.max_send_backlog {
+            return Err(SendError::Backlog(format!(
+                "{} messages ({} bytes) are already queued for a peer that is not reading them, \
+                 over the limit of {} bytes ({} x --write-high-watermark); await each send",
+                st.queued_messages,
+                st.buffered,
+                self.settings.max_send_backlog,
+                super::SEND_BACKLOG_HIGH_WATERS,
+            )));
+        }
         let bytes = Bytes::copy_from_slice(data);
         let message = if text {
             let text = Utf8Bytes::try_from(bytes)
@@ -283,8 +317,9 @@ impl Session {
             Message::Binary(bytes)
         };
         st.buffered += data.len();
-        let st = &mut *st;
-        let outcome = water_mark(st.buffered, self.exchange.config().high_water, &mut st.high);
+        st.queued_messages += 1;
+        let backlog = self.backlog(&st);
+        let outcome = water_mark(backlog, self.exchange.config().high_water, &mut st.high);
         // Sent under the lock so that sends keep their order across threads.
         let _ = self.outbound.send(Outbound::Data(message, data.len()));
         Ok(outcome)
@@ -366,9 +401,9 @@ impl Session {
         Ok(SendOutcome::Ready)
     }
 
-    /// The application left its messages unread past --max-receive-queue:
-    /// close with 1008 and report `queue_overflow`.
-    pub fn overflow(&self, limit: usize) {
+    /// The application left more unread than `limit` allows: close with
+    /// 1008 and report `queue_overflow`.
+    pub fn overflow(&self, limit: UnreadLimit) {
         let mut st = self.lock();
         if st.phase != Phase::Open || st.forced.is_some() {
             return;
@@ -379,9 +414,14 @@ impl Session {
                 code: 1008,
                 reason: "queue_overflow".into(),
                 clean: false,
-                detail: Some(format!(
-                    "more than {limit} received messages left unread (--max-receive-queue)"
-                )),
+                detail: Some(match limit {
+                    UnreadLimit::Messages(n) => format!(
+                        "more than {n} received messages left unread (--max-receive-queue)"
+                    ),
+                    UnreadLimit::Bytes(n) => format!(
+                        "received messages left unread would exceed {n} bytes (--max-ws-message-size)"
+                    ),
+                }),
                 peer: None,
             },
             immediate: false,
@@ -520,6 +560,14 @@ impl Session {
         }
     }
 
+    /// What the queued application messages cost: their payload, plus a
+    /// fixed cost per message so that empty ones are paced and bounded too.
+    /// The water marks and the send backlog limit watch this;
+    /// `buffered_amount` reports the payload.
+    fn backlog(&self, st: &State) -> usize {
+        st.buffered + st.queued_messages * self.settings.queued_message_cost
+    }
+
     pub fn buffered_amount(&self) -> usize {
         let st = self.lock();
         if st.phase == Phase::Ended {
@@ -555,12 +603,14 @@ impl Session {
         let _ = self.outbound.send(Outbound::Finish);
     }
 
-    /// The writer handed `len` bytes of application data to the socket.
-    pub fn sent(&self, len: usize) {
+    /// The writer handed `messages` application messages of `len` bytes in
+    /// all to the socket.
+    pub fn sent(&self, messages: usize, len: usize) {
         let drained = {
             let mut st = self.lock();
             st.buffered = st.buffered.saturating_sub(len);
-            if st.high && st.buffered < self.exchange.config().low_water {
+            st.queued_messages = st.queued_messages.saturating_sub(messages);
+            if st.high && self.backlog(&st) < self.exchange.config().low_water {
                 st.high = false;
                 true
             } else {
@@ -599,6 +649,8 @@ impl Session {
     pub fn deliver(&self, text: bool, data: Bytes) {
         self.touch();
         self.in_transit.fetch_add(1, Ordering::AcqRel);
+        self.in_transit_bytes
+            .fetch_add(data.len(), Ordering::AcqRel);
         self.mailbox.push(ToPerl::WsReceive {
             id: self.id,
             text,
@@ -606,18 +658,22 @@ impl Session {
         });
     }
 
-    /// The interpreter took a message posted by `deliver`.
-    pub fn taken_by_interpreter(&self) {
-        let before = self.in_transit.fetch_sub(1, Ordering::AcqRel);
-        if before >= self.settings.max_in_transit {
+    /// The interpreter took a message of `len` bytes posted by `deliver`.
+    pub fn taken_by_interpreter(&self, len: usize) {
+        let messages = self.in_transit.fetch_sub(1, Ordering::AcqRel);
+        let bytes = self.in_transit_bytes.fetch_sub(len, Ordering::AcqRel);
+        if messages >= self.settings.max_in_transit || bytes >= self.settings.max_in_transit_bytes {
             self.taken.notify_one();
         }
     }
 
     /// Whether the reader may read another message: the interpreter is not
-    /// too far behind this socket.
+    /// too far behind this socket, in messages or in bytes.  One message
+    /// always passes, so what is in transit stays under the byte bound plus
+    /// one message.
     pub fn may_read(&self) -> bool {
         self.in_transit.load(Ordering::Acquire) < self.settings.max_in_transit
+            && self.in_transit_bytes.load(Ordering::Acquire) < self.settings.max_in_transit_bytes
     }
 
     /// The socket ended and its transport is closed: record how, tell the
@@ -631,6 +687,7 @@ impl Session {
             }
             st.phase = Phase::Ended;
             st.buffered = 0;
+            st.queued_messages = 0;
             let ending = match st.forced.take() {
                 Some(forced) => Ending {
                     peer: ending.peer,
@@ -668,13 +725,33 @@ mod tests {
     fn session_speaking(
         spec: crate::spec::SpecVersion,
     ) -> (Arc<Session>, tokio::sync::oneshot::Receiver<Head>) {
+        // No cost per message, so that the water-mark arithmetic is the payload's.
+        session_with(spec, 0)
+    }
+
+    /// A session whose queued messages cost QUEUED_MESSAGE_COST each.
+    fn session_costing_messages() -> (Arc<Session>, tokio::sync::oneshot::Receiver<Head>) {
+        session_with(
+            crate::spec::SpecVersion::Www06,
+            super::super::QUEUED_MESSAGE_COST,
+        )
+    }
+
+    fn session_with(
+        spec: crate::spec::SpecVersion,
+        queued_message_cost: usize,
+    ) -> (Arc<Session>, tokio::sync::oneshot::Receiver<Head>) {
         let (ex, head) = crate::exchange::tests::exchange_speaking(false, spec);
         let mailbox = Arc::new(Mailbox::new().unwrap());
         let settings = Arc::new(Settings {
             max_frame_size: None,
+            max_message_size: None,
             idle_timeout: None,
             close_timeout: Duration::from_secs(1),
             max_in_transit: 2,
+            max_in_transit_bytes: 10,
+            max_send_backlog: 200,
+            queued_message_cost,
         });
         (Session::new(ex, mailbox, settings, "key=".into()), head)
     }
@@ -819,9 +896,9 @@ mod tests {
         assert_eq!(ws.send(false, b"123456"), Ok(SendOutcome::HighWater));
         assert_eq!(ws.send(false, b"1"), Ok(SendOutcome::StillHigh));
         assert_eq!(ws.buffered_amount(), 13);
-        ws.sent(6);
+        ws.sent(1, 6);
         assert!(perl_messages(&ws).is_empty(), "still above the low mark");
-        ws.sent(6);
+        ws.sent(1, 6);
         assert!(matches!(perl_messages(&ws)[..], [ToPerl::Drained { .. }]));
         assert_eq!(ws.buffered_amount(), 1);
     }
@@ -841,7 +918,7 @@ mod tests {
     fn the_end_is_reported_once_and_a_forced_ending_wins() {
         let (ws, _head) = session();
         ws.accept(None, &[]).unwrap();
-        ws.overflow(2);
+        ws.overflow(UnreadLimit::Messages(2));
         ws.end(Ending::abnormal("client_closed", None));
         ws.end(Ending::abnormal("write_error", None));
         let ends: Vec<_> = perl_messages(&ws)
@@ -862,8 +939,104 @@ mod tests {
         assert!(ws.may_read());
         ws.deliver(true, Bytes::from_static(b"b"));
         assert!(!ws.may_read(), "two in transit with a limit of two");
-        ws.taken_by_interpreter();
+        ws.taken_by_interpreter(1);
         assert!(ws.may_read());
+    }
+
+    #[test]
+    fn reading_pauses_while_too_many_bytes_are_in_transit() {
+        use futures_util::FutureExt;
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        // The test settings: 10 bytes in transit.
+        ws.deliver(false, Bytes::from_static(b"1234"));
+        assert!(ws.may_read(), "4 of 10 bytes");
+        ws.deliver(false, Bytes::from_static(b"123456"));
+        assert!(!ws.may_read(), "10 of 10 bytes");
+        assert!(
+            ws.taken.notified().now_or_never().is_none(),
+            "nothing taken yet"
+        );
+        ws.taken_by_interpreter(4);
+        assert!(
+            ws.taken.notified().now_or_never().is_some(),
+            "taking one wakes the paused reader"
+        );
+        assert!(ws.may_read(), "6 of 10 bytes");
+        ws.taken_by_interpreter(6);
+        // One message always passes, whatever its size; then reading pauses.
+        ws.deliver(false, Bytes::from(vec![0; 1000]));
+        assert!(!ws.may_read(), "a message over the budget pauses reading");
+        ws.taken_by_interpreter(1000);
+        assert!(ws.may_read());
+    }
+
+    #[test]
+    fn a_send_past_the_backlog_limit_fails_and_queues_nothing() {
+        let (ws, _head) = session_costing_messages();
+        ws.accept(None, &[]).unwrap();
+        let mut outbound = ws.take_outbound().unwrap();
+        // The test settings: a backlog of 200, each message costing 64 more.
+        // A send made below it is queued whatever its size.
+        assert!(ws.send(false, &[7; 500]).is_ok());
+        let refused = ws.send(false, b"x");
+        let Err(SendError::Backlog(why)) = refused else {
+            panic!("queued past the backlog: {refused:?}")
+        };
+        assert!(why.contains("await each send"), "{why}");
+        assert!(why.contains("--write-high-watermark"), "{why}");
+        assert_eq!(ws.buffered_amount(), 500, "the refused send queued nothing");
+        assert!(matches!(outbound.try_recv(), Ok(Outbound::Data(_, 500))));
+        assert!(outbound.try_recv().is_err(), "one message in the channel");
+        // Once written, sends are taken again.
+        ws.sent(1, 500);
+        assert!(ws.send(true, b"again").is_ok());
+    }
+
+    #[test]
+    fn empty_messages_count_toward_the_backlog() {
+        let (ws, _head) = session_costing_messages();
+        ws.accept(None, &[]).unwrap();
+        for queued in 0..4 {
+            assert!(ws.send(false, b"").is_ok(), "{} of 200", queued * 64);
+        }
+        assert!(
+            matches!(ws.send(false, b""), Err(SendError::Backlog(_))),
+            "256 of 200: a flood of empty messages is bounded too"
+        );
+        ws.sent(2, 0);
+        assert!(ws.send(false, b"").is_ok());
+    }
+
+    #[test]
+    fn the_water_marks_watch_the_backlog_so_an_awaiting_app_never_reaches_its_limit() {
+        let (ws, _head) = session_costing_messages();
+        ws.accept(None, &[]).unwrap();
+        // The test exchange's marks: high 10, low 4.  An empty message costs
+        // 64: the send waits, as one of 10 bytes would.
+        assert_eq!(ws.send(false, b""), Ok(SendOutcome::HighWater));
+        assert_eq!(ws.buffered_amount(), 0, "buffered_amount is the payload");
+        ws.sent(1, 0);
+        assert!(
+            matches!(perl_messages(&ws)[..], [ToPerl::Drained { .. }]),
+            "drained once the message is out"
+        );
+        assert_eq!(ws.send(false, b""), Ok(SendOutcome::HighWater));
+    }
+
+    #[test]
+    fn overflowing_the_unread_bytes_names_the_limit() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        ws.overflow(UnreadLimit::Bytes(4096));
+        let forced = ws.reader_view().forced.unwrap();
+        assert_eq!(
+            (forced.ending.code, forced.ending.reason.as_str()),
+            (1008, "queue_overflow")
+        );
+        let detail = forced.ending.detail.unwrap();
+        assert!(detail.contains("4096 bytes"), "{detail}");
+        assert!(detail.contains("--max-ws-message-size"), "{detail}");
     }
 
     #[test]

@@ -34,6 +34,7 @@ our %STATE;           # lifespan state; each request scope gets a shallow copy
 our %REQUESTS;        # id => PAGI::RS::HTTP, while events may still arrive for it
 our ($HIGH_WATER, $LOW_WATER);
 our ( $MAX_RECEIVE_QUEUE, $MAX_WS_FRAME_SIZE );    # WebSocket limits
+our $MAX_UNREAD_BYTES;                             # bytes an app may leave unread (one message always fits)
 our ( $SPEC_VERSION, $CORE_VERSION );              # --spec-version: "0.6" and "0.5", or "0.3" and "0.4"
 our $CURRENT_SPEC;                                 # true unless --spec-version 0.3
 our $MAX_DISCONNECT_RECEIVES;
@@ -62,10 +63,11 @@ sub _require_dependencies {
 }
 
 sub init {
-    my ( $wake_fd, $high, $low, $max_queue, $max_frame, $spec, $core, $max_disconnect_receives ) = @_;
+    my ( $wake_fd, $high, $low, $max_queue, $max_frame, $max_unread_bytes, $spec, $core, $max_disconnect_receives ) = @_;
     _require_dependencies();
     ( $HIGH_WATER, $LOW_WATER ) = ( $high, $low );
     ( $MAX_RECEIVE_QUEUE, $MAX_WS_FRAME_SIZE ) = ( $max_queue, $max_frame );
+    $MAX_UNREAD_BYTES = $max_unread_bytes;
     ( $SPEC_VERSION, $CORE_VERSION ) = ( $spec, $core );
     $CURRENT_SPEC            = $spec ne '0.3';
     $MAX_DISCONNECT_RECEIVES = $max_disconnect_receives;

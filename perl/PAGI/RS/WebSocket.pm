@@ -13,6 +13,7 @@ package PAGI::RS::WebSocket;
 use strict;
 use warnings;
 use Future;
+use bytes ();
 use PAGI::RS::HTTP;
 
 our @ISA = ('PAGI::RS::HTTP');
@@ -41,6 +42,7 @@ use constant {
     ENDED             => 29,    # the websocket.disconnect event, once known
     CONNECT_DELIVERED => 30,
     END_DELIVERED     => 31,
+    QUEUE_BYTES       => 32,    # payload bytes of the messages in QUEUE
 };
 
 use constant { CONNECTING => 0, OPEN => 1, REFUSED => 2 };
@@ -109,7 +111,11 @@ sub _receive {
     my ($self) = @_;
     return Future->done( { type => 'websocket.connect' } ) unless $self->[CONNECT_DELIVERED]++;
     my $q = $self->[QUEUE];
-    return Future->done( shift @$q ) if $q && @$q;
+    if ( $q && @$q ) {
+        my $ev = shift @$q;
+        $self->[QUEUE_BYTES] -= bytes::length( $ev->{text} // $ev->{bytes} // "" );
+        return Future->done($ev);
+    }
     if ( !$self->[CONNECTED] ) {
         # The end is told once; later receives get copies, up to a bound.
         if ( $self->[END_DELIVERED]++ ) {
@@ -137,8 +143,9 @@ sub _end_event {
     return {%$end};
 }
 
-# A message from the peer.  Past --max-receive-queue unread messages the
-# core closes the socket with 1008 (queue_overflow); this one is dropped.
+# A message from the peer.  Past --max-receive-queue unread messages, or
+# past $MAX_UNREAD_BYTES of them (one message always fits), the core closes
+# the socket with 1008 (queue_overflow); this one is dropped.
 sub _on_message {
     my ( $self, $is_text, $data ) = @_;
     my $ev = $is_text
@@ -152,10 +159,17 @@ sub _on_message {
     }
     my $q = $self->[QUEUE] //= [];
     if ( @$q >= $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE ) {
-        PAGI::RS::_ws_overflow( $self->[ID], $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE );
+        PAGI::RS::_ws_overflow( $self->[ID], $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE, 0 );
+        return;
+    }
+    # Bytes as received (a text string's internal UTF-8), in constant time.
+    my $len = bytes::length($data);
+    if ( @$q && $self->[QUEUE_BYTES] + $len > $PAGI::RS::Bridge::MAX_UNREAD_BYTES ) {
+        PAGI::RS::_ws_overflow( $self->[ID], $PAGI::RS::Bridge::MAX_UNREAD_BYTES, 1 );
         return;
     }
     push @$q, $ev;
+    $self->[QUEUE_BYTES] += $len;
     return;
 }
 
