@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::exchange::{BodyAborted, Exchange};
+use crate::http1::gate::{Answers, BodyRefusal};
 use crate::interp::messages::ToPerl;
 
 pub enum ResponseBody {
@@ -79,6 +80,45 @@ impl Drop for ResponseBody {
     }
 }
 
+/// A response body that tells the connection's gate when hyper is done with
+/// it (see `gate::Answers`: a half-closed client is served until then).
+pub struct AnsweredBody {
+    body: ResponseBody,
+    answers: Arc<Answers>,
+}
+
+impl AnsweredBody {
+    pub fn new(body: ResponseBody, answers: Arc<Answers>) -> AnsweredBody {
+        AnsweredBody { body, answers }
+    }
+}
+
+impl Body for AnsweredBody {
+    type Data = Bytes;
+    type Error = BodyAborted;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for AnsweredBody {
+    fn drop(&mut self) {
+        self.answers.response_finished();
+    }
+}
+
 /// Read the request body on behalf of the application.  Each permit on
 /// `exchange.body_credit` lets one chunk through to the interpreter.
 pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
@@ -91,7 +131,8 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
         };
         permit.forget();
         let (data, more) = loop {
-            match body.frame().await {
+            let next = body.frame().await;
+            match next {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         if data.is_empty() && !body.is_end_stream() {
@@ -104,7 +145,11 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
                 },
                 Some(Err(e)) => {
                     tracing::debug!("request body read failed: {e}");
-                    let reason = if e.is_incomplete_message() {
+                    if let Some(refusal) = BodyRefusal::find(&e) {
+                        refuse_body(&exchange, refusal);
+                        return;
+                    }
+                    let reason = if e.is_incomplete_message() || ends_early(&e) {
                         "client_closed"
                     } else {
                         "read_error"
@@ -139,6 +184,35 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
             return;
         }
     }
+}
+
+/// Whether a body read failed because the stream ended before the body
+/// did: the client closed its side mid-body.
+fn ends_early(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The gate stopped the body (broken chunked framing, a limit): the client
+/// gets the status if no response started, the application the rule.
+fn refuse_body(exchange: &Exchange, refusal: &BodyRefusal) {
+    let status = refusal.status;
+    let reason = if status == http::StatusCode::PAYLOAD_TOO_LARGE {
+        "body_too_large"
+    } else {
+        "protocol_error"
+    };
+    tracing::debug!("request body refused ({status}): {}", refusal.detail);
+    let (status, text) = crate::http1::gate::refusal_text(status.as_u16());
+    exchange.server_abort(reason, Some(refusal.detail.clone()), Some((status, text)));
 }
 
 /// An error and its sources, one line: hyper's own text says little ("error
