@@ -30,6 +30,9 @@ pub struct ExchangeConfig {
     pub low_water: usize,
     /// 0 = unlimited.
     pub max_body: u64,
+    /// `--body-min-rate` / `--body-rate-grace`: the pace a request body must
+    /// keep once the server has waited the grace for it.
+    pub body_rate: crate::body::MinRate,
     pub access_log: Option<AccessLog>,
     /// Limits and signals for SSE streams.
     pub streams: crate::sse::StreamSettings,
@@ -1168,6 +1171,7 @@ pub(crate) mod tests {
         let mailbox = Arc::new(Mailbox::new().unwrap());
         mailbox.in_flight.fetch_add(1, Ordering::AcqRel);
         let config = Arc::new(ExchangeConfig {
+            body_rate: crate::body::MinRate::OFF,
             high_water: 10,
             low_water: 4,
             max_body: 0,

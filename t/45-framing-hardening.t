@@ -298,7 +298,7 @@ subtest 'CONNECT gets 501, and nothing after it is read' => sub {
       raw_request( $port, "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nGET /after-connect HTTP/1.1\r\n$host\r\n" );
     my @r = responses($raw);
     is scalar @r, 1, 'one response';
-    is $r[0] && $r[0]{status}, 501, '501';
+    is $r[0] && $r[0]{status}, 501, 'status 501';
     is $r[0] && $r[0]{body}, 'Not Implemented', 'Not Implemented';
     is_deeply $r[0] && $r[0]{headers}{'content-type'}, ['text/plain'], 'text/plain';
     is_deeply $r[0] && $r[0]{headers}{connection}, ['close'], 'Connection: close';
