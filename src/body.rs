@@ -142,7 +142,8 @@ impl MinRate {
             return None;
         }
         // received / t >= rate  <=>  t <= received / rate; never before the grace.
-        let earned = Duration::from_secs_f64(received as f64 / self.bytes_per_sec as f64);
+        let earned = Duration::try_from_secs_f64(received as f64 / self.bytes_per_sec as f64)
+            .unwrap_or(Duration::MAX);
         Some(earned.max(self.grace).saturating_sub(waited))
     }
 }
@@ -328,6 +329,15 @@ mod tests {
         assert_eq!(
             rate.allowance(15_000, Duration::from_secs(40)),
             Some(Duration::ZERO)
+        );
+        let one = MinRate {
+            bytes_per_sec: 1,
+            grace: Duration::ZERO,
+        };
+        assert_eq!(
+            one.allowance(u64::MAX, Duration::ZERO),
+            Some(Duration::MAX),
+            "no overflow, whatever the count"
         );
     }
 }
