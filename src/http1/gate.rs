@@ -67,6 +67,9 @@ pub const MAX_CHUNK_LINE: usize = 4096;
 /// gate refuses the same body first, so the two agree.
 const MAX_CHUNK_EXTENSIONS: u64 = 16 * 1024;
 
+/// Most bytes read ahead of hyper in one go.
+const MAX_READ_AHEAD: usize = 64 * 1024;
+
 /// Bytes held after an Upgrade request while its answer is pending; beyond
 /// this the socket is not read until the answer is known.
 const MAX_HELD_AFTER_UPGRADE: usize = 64 * 1024;
@@ -322,10 +325,14 @@ pub struct Gate<S> {
     closed: bool,
     /// A body was refused: after `out` drains, hyper's read fails with it.
     failed: Option<BodyRefusal>,
+    /// The socket failed after bytes that hyper has yet to read.
+    read_error: Option<io::Error>,
     peer_eof: bool,
     /// The client half-closed with requests unanswered: hyper hears the end
     /// of stream once they all are.
     half_closed: bool,
+    /// Responses whose bytes have begun to go out (see `before_write`).
+    begun: u64,
     /// The number of the last Upgrade request whose answer is not known yet:
     /// the bytes after it are held until then.
     upgrade_at: Option<u64>,
@@ -352,8 +359,10 @@ impl<S> Gate<S> {
             out: BytesMut::new(),
             closed: false,
             failed: None,
+            read_error: None,
             peer_eof: false,
             half_closed: false,
+            begun: 0,
             upgrade_at: None,
             chunked_body: 0,
             chunk_extensions: 0,
@@ -946,11 +955,18 @@ impl<S> Gate<S> {
     /// The client ended its side.  Decide whether hyper hears it now.
     fn on_peer_eof(&mut self) {
         self.peer_eof = true;
+        if self.upgrade_at.is_some() {
+            // The bytes held after an Upgrade request are checked once its
+            // answer is known, like any others (see poll_read).
+            self.half_closed = true;
+            return;
+        }
         let between_requests = self.framing == Framing::Head && self.raw.is_empty();
-        let answers = &self.answers;
-        // A request is still unanswered (not merely unfinished: a client
-        // that leaves while its response streams has left).
-        if between_requests && self.heads > 0 && answers.started() < self.heads {
+        // A request whose response has not begun to go out: its client
+        // cannot have seen anything of it, so it is waiting for it.  Once
+        // response bytes are on the wire, a FIN may answer them: the client
+        // is leaving.
+        if between_requests && self.heads > 0 && self.begun < self.heads {
             self.half_closed = true;
             return;
         }
@@ -964,6 +980,76 @@ impl<S> Gate<S> {
     fn half_close_done(&self, cx: &Context<'_>) -> bool {
         self.answers.register(cx.waker());
         self.answers.finished() >= self.heads
+    }
+}
+
+impl<S: AsyncRead + Unpin> Gate<S> {
+    /// Read all the socket has now into `raw`, not one buffer: an end of
+    /// stream sent right behind a request must be seen before its response
+    /// goes out, or a half-close would look like the client leaving.
+    /// Ready(Ok(eof)) once something was read or the stream ended; an error
+    /// after some bytes waits in `read_error` until hyper has them.
+    fn read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut got_bytes = false;
+        loop {
+            if got_bytes && self.raw.len() >= MAX_READ_AHEAD {
+                return Poll::Ready(Ok(false));
+            }
+            self.raw.reserve(8192);
+            let n = {
+                let spare = self.raw.spare_capacity_mut();
+                let mut rb = ReadBuf::uninit(spare);
+                match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => rb.filled().len(),
+                    Poll::Ready(Err(e)) if got_bytes => {
+                        self.read_error = Some(e);
+                        return Poll::Ready(Ok(false));
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending if got_bytes => return Poll::Ready(Ok(false)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            };
+            if n == 0 {
+                return Poll::Ready(Ok(true));
+            }
+            // SAFETY: poll_read initialised exactly `n` bytes of the spare capacity.
+            unsafe { self.raw.set_len(self.raw.len() + n) };
+            got_bytes = true;
+        }
+    }
+
+    /// Called before each write: when it begins a new response, first look
+    /// for an end of stream that is already there, so that a FIN sent
+    /// before the response is taken for the half-close it is.
+    fn before_write(&mut self, cx: &mut Context<'_>) {
+        let started = self.answers.started();
+        if started <= self.begun {
+            return;
+        }
+        let quiet = self.peer_eof
+            || self.closed
+            || self.failed.is_some()
+            || self.read_error.is_some()
+            || self.framing == Framing::PassThrough;
+        if !quiet {
+            match self.read_ahead(cx) {
+                Poll::Ready(Ok(eof)) => {
+                    self.scan();
+                    if eof {
+                        self.on_peer_eof();
+                    }
+                    // hyper's next read has bytes (or the end) waiting.
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Ready(Err(e)) => {
+                    self.read_error = Some(e);
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending => {}
+            }
+        }
+        self.begun = started;
     }
 }
 
@@ -987,7 +1073,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
                     refusal.clone(),
                 )));
             }
+            if let Some(e) = this.read_error.take() {
+                return Poll::Ready(Err(e));
+            }
             if this.peer_eof {
+                if !this.raw.is_empty() && !this.closed {
+                    // Held after an Upgrade request: scan once it is answered.
+                    this.answers.register(cx.waker());
+                    this.scan();
+                    if !this.out.is_empty() {
+                        continue;
+                    }
+                    if this.upgrade_at.is_some() {
+                        return Poll::Pending;
+                    }
+                    // A partial head: hyper's to reject.
+                    let rest = this.raw.split();
+                    this.out.unsplit(rest);
+                    continue;
+                }
                 if this.half_closed && !this.half_close_done(cx) {
                     return Poll::Pending;
                 }
@@ -1014,33 +1118,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
             if this.framing == Framing::PassThrough && this.raw.is_empty() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            this.raw.reserve(8192);
-            let n = {
-                let spare = this.raw.spare_capacity_mut();
-                let mut rb = ReadBuf::uninit(spare);
-                match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => rb.filled().len(),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
+            let eof = match this.read_ahead(cx) {
+                Poll::Ready(Ok(eof)) => eof,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             };
-            if n == 0 {
-                this.on_peer_eof();
-                continue;
-            }
-            // SAFETY: poll_read initialised exactly `n` bytes of the spare capacity.
-            unsafe { this.raw.set_len(this.raw.len() + n) };
             this.scan();
+            if eof {
+                this.on_peer_eof();
+            }
         }
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Gate<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.before_write(cx);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -1049,6 +1146,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.before_write(cx);
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -1533,6 +1631,26 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
     }
 
     #[test]
+    fn what_follows_an_upgrade_request_is_checked_even_after_the_end_of_stream() {
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw.extend_from_slice(
+            b"GET /one HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n\
+POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+        );
+        g.scan();
+        g.on_peer_eof();
+        assert!(g.half_closed);
+        assert!(
+            !g.out.ends_with(b"x"),
+            "nothing held is handed over unchecked"
+        );
+        g.answers.response_started(StatusCode::OK);
+        g.answers.response_finished();
+        g.scan();
+        assert!(g.closed, "the second request is refused");
+    }
+
+    #[test]
     fn a_half_close_waits_for_unanswered_requests_only() {
         let input = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
         let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
@@ -1546,7 +1664,15 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
         g.scan();
         g.answers.response_started(StatusCode::OK);
         g.on_peer_eof();
-        assert!(!g.half_closed, "the response is under way: the client left");
+        assert!(g.half_closed, "a response decided but not yet written");
+
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw.extend_from_slice(input);
+        g.scan();
+        g.answers.response_started(StatusCode::OK);
+        g.begun = 1;
+        g.on_peer_eof();
+        assert!(!g.half_closed, "response bytes are out: the client left");
 
         let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
         g.raw
