@@ -984,15 +984,15 @@ impl<S> Gate<S> {
 }
 
 impl<S: AsyncRead + Unpin> Gate<S> {
-    /// Read all the socket has now into `raw`, not one buffer: an end of
-    /// stream sent right behind a request must be seen before its response
-    /// goes out, or a half-close would look like the client leaving.
-    /// Ready(Ok(eof)) once something was read or the stream ended; an error
-    /// after some bytes waits in `read_error` until hyper has them.
-    fn read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+    /// Read from the socket into `raw`: one buffer, or with `all` everything
+    /// it has now (up to MAX_READ_AHEAD), so that an end of stream sent right
+    /// behind a request is seen.  Ready(Ok(eof)) once something was read or
+    /// the stream ended; an error after some bytes waits in `read_error`
+    /// until hyper has them.
+    fn read_ahead(&mut self, cx: &mut Context<'_>, all: bool) -> Poll<io::Result<bool>> {
         let mut got_bytes = false;
         loop {
-            if got_bytes && self.raw.len() >= MAX_READ_AHEAD {
+            if got_bytes && (!all || self.raw.len() >= MAX_READ_AHEAD) {
                 return Poll::Ready(Ok(false));
             }
             self.raw.reserve(8192);
@@ -1033,7 +1033,7 @@ impl<S: AsyncRead + Unpin> Gate<S> {
             || self.read_error.is_some()
             || self.framing == Framing::PassThrough;
         if !quiet {
-            match self.read_ahead(cx) {
+            match self.read_ahead(cx, true) {
                 Poll::Ready(Ok(eof)) => {
                     self.scan();
                     if eof {
@@ -1118,7 +1118,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
             if this.framing == Framing::PassThrough && this.raw.is_empty() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            let eof = match this.read_ahead(cx) {
+            // One buffer: before_write looks for a FIN that came along.
+            let eof = match this.read_ahead(cx, false) {
                 Poll::Ready(Ok(eof)) => eof,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
