@@ -149,9 +149,21 @@ pub struct Options {
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub request_timeout: u64,
 
-    /// Keep-alive idle timeout: seconds to wait for the next request head; 0 disables.
+    /// Keep-alive idle timeout, and the deadline for a request head: seconds
+    /// to wait for the next head to be complete (trickled bytes do not
+    /// extend it); 0 disables.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub timeout: u64,
+
+    /// Request body bytes per second a client must average once the server
+    /// has waited --body-rate-grace seconds for its body; slower gets 408.
+    /// Only time spent waiting for the client counts.  0 disables.
+    #[arg(long, value_name = "BYTES", default_value_t = 500)]
+    pub body_min_rate: u64,
+
+    /// Seconds of waiting for a request body before --body-min-rate applies.
+    #[arg(long, value_name = "SECONDS", default_value_t = 20)]
+    pub body_rate_grace: u64,
 
     /// Lifespan protocol handling.
     #[arg(long, value_enum, default_value = "auto")]
@@ -319,6 +331,12 @@ impl Options {
         if self.max_header_count == 0 || self.max_header_size == 0 {
             return Err("--max-header-count and --max-header-size must be positive".into());
         }
+        if self.body_rate_grace > MAX_SECONDS {
+            return Err(format!(
+                "--body-rate-grace {} is too large: at most {MAX_SECONDS} seconds (a year)",
+                self.body_rate_grace
+            ));
+        }
         if self.ws_close_timeout == 0 || self.ws_close_timeout > MAX_SECONDS {
             return Err(format!(
                 "--ws-close-timeout must be between 1 and {MAX_SECONDS} seconds"
@@ -330,6 +348,17 @@ impl Options {
     /// `--max-ws-message-size`, with 0 meaning no limit.
     pub fn ws_message_limit(&self) -> Option<usize> {
         (self.max_ws_message_size > 0).then_some(self.max_ws_message_size)
+    }
+
+    /// The request-body pace (`--body-min-rate`, `--body-rate-grace`).
+    pub fn body_min_rate(&self) -> crate::body::MinRate {
+        if self.body_min_rate == 0 {
+            return crate::body::MinRate::OFF;
+        }
+        crate::body::MinRate {
+            bytes_per_sec: self.body_min_rate,
+            grace: Duration::from_secs(self.body_rate_grace),
+        }
     }
 
     pub fn timeout_opt(secs: u64) -> Option<Duration> {
@@ -387,6 +416,25 @@ mod tests {
         assert_eq!(o.max_ws_message_size, 16 << 20);
         assert_eq!(o.lifespan, LifespanMode::Auto);
         assert_eq!(o.effective_log_level(), LogLevel::Info);
+        assert_eq!(o.body_min_rate, 500);
+        assert_eq!(o.body_rate_grace, 20);
+        assert_eq!(
+            o.body_min_rate(),
+            crate::body::MinRate {
+                bytes_per_sec: 500,
+                grace: Duration::from_secs(20)
+            }
+        );
+    }
+
+    #[test]
+    fn body_min_rate_zero_turns_it_off() {
+        let o = parse(&["--body-min-rate", "0", "--body-rate-grace", "5", "a.pl"]);
+        assert_eq!(o.body_min_rate(), crate::body::MinRate::OFF);
+        let o = parse(&["--body-min-rate", "100", "--body-rate-grace", "0", "a.pl"]);
+        assert_eq!(o.body_min_rate().bytes_per_sec, 100);
+        assert_eq!(o.body_min_rate().grace, Duration::ZERO);
+        assert!(o.validate().is_ok());
     }
 
     #[test]

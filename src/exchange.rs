@@ -30,6 +30,9 @@ pub struct ExchangeConfig {
     pub low_water: usize,
     /// 0 = unlimited.
     pub max_body: u64,
+    /// `--body-min-rate` / `--body-rate-grace`: the pace a request body must
+    /// keep once the server has waited the grace for it.
+    pub body_rate: crate::body::MinRate,
     pub access_log: Option<AccessLog>,
     /// Limits and signals for SSE streams.
     pub streams: crate::sse::StreamSettings,
@@ -1168,6 +1171,7 @@ pub(crate) mod tests {
         let mailbox = Arc::new(Mailbox::new().unwrap());
         mailbox.in_flight.fetch_add(1, Ordering::AcqRel);
         let config = Arc::new(ExchangeConfig {
+            body_rate: crate::body::MinRate::OFF,
             high_water: 10,
             low_water: 4,
             max_body: 0,
@@ -1412,5 +1416,97 @@ pub(crate) mod tests {
             }
         )));
         assert_eq!(ex.start(200, &[], false).unwrap(), SendOutcome::Closed);
+    }
+
+    mod header_properties {
+        use super::super::build_headers;
+        use proptest::prelude::*;
+
+        /// RFC 9110 tchar: the bytes a header name may be made of.
+        const TCHAR: &[u8] =
+            b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+        fn is_control(b: u8) -> bool {
+            (b < 0x20 && b != b'\t') || b == 0x7f
+        }
+
+        fn token() -> impl Strategy<Value = Vec<u8>> {
+            prop::collection::vec(prop::sample::select(TCHAR.to_vec()), 1..24)
+        }
+
+        /// Field content: visible ASCII, spaces and tabs inside, obs-text.
+        fn field_value() -> impl Strategy<Value = Vec<u8>> {
+            prop::collection::vec(
+                prop_oneof![0x21u8..=0x7e, Just(b' '), Just(b'\t'), 0x80u8..=0xff],
+                0..40,
+            )
+            .prop_map(|mut v| {
+                // Leading or trailing whitespace is not field content.
+                while v.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+                    v.remove(0);
+                }
+                while v.last().is_some_and(|b| *b == b' ' || *b == b'\t') {
+                    v.pop();
+                }
+                v
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn never_panics_on_any_bytes(
+                name in prop::collection::vec(any::<u8>(), 0..16),
+                value in prop::collection::vec(any::<u8>(), 0..32),
+                response in any::<bool>(),
+            ) {
+                let _ = build_headers(&[(&name, &value)], response);
+            }
+
+            #[test]
+            fn valid_tokens_and_values_pass(name in token(), value in field_value()) {
+                // content-length has its own rule; connection headers are stripped.
+                prop_assume!(!name.eq_ignore_ascii_case(b"content-length"));
+                let (map, _) = build_headers(&[(&name, &value)], false)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(map.len(), 1);
+                prop_assert_eq!(map.iter().next().unwrap().1.as_bytes(), &value[..]);
+            }
+
+            #[test]
+            fn a_control_in_the_value_is_refused(
+                name in token(),
+                before in field_value(),
+                after in field_value(),
+                control in prop_oneof![0u8..0x09, 0x0au8..0x20, Just(0x7fu8)],
+            ) {
+                let value = [&before[..], &[control], &after[..]].concat();
+                prop_assert!(build_headers(&[(&name, &value)], true).is_err());
+                prop_assert!(build_headers(&[(&name, &value)], false).is_err());
+            }
+
+            #[test]
+            fn a_name_that_is_not_a_token_is_refused(
+                before in token(),
+                after in token(),
+                bad in any::<u8>().prop_filter("not a tchar", |b| !TCHAR.contains(b)),
+            ) {
+                let name = [&before[..], &[bad], &after[..]].concat();
+                prop_assert!(build_headers(&[(&name, b"v")], true).is_err());
+                prop_assert!(build_headers(&[(&name, b"v")], false).is_err());
+            }
+
+            #[test]
+            fn cr_lf_and_nul_never_get_through(
+                name in prop::collection::vec(any::<u8>(), 1..16),
+                value in prop::collection::vec(any::<u8>(), 0..32),
+            ) {
+                if let Ok((map, _)) = build_headers(&[(&name, &value)], false) {
+                    for (n, v) in map.iter() {
+                        prop_assert!(!n.as_str().bytes().any(is_control));
+                        prop_assert!(!v.as_bytes().iter().any(|&b| is_control(b)));
+                    }
+                }
+            }
+        }
     }
 }

@@ -153,6 +153,7 @@ fn run(
             high_water: opts.write_high_watermark,
             low_water: opts.write_low_watermark,
             max_body: opts.max_body_size,
+            body_rate: opts.body_min_rate(),
             access_log,
             streams: sse::StreamSettings {
                 idle_timeout: Options::timeout_opt(opts.sse_idle_timeout),

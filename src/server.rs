@@ -12,8 +12,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::body::AnsweredBody;
 use crate::exchange::ExchangeConfig;
-use crate::http1::gate::{Gate, Limits, WireOrders};
+use crate::http1::gate::{Answers, Gate, Limits, WireOrders};
 use crate::http1::{handle, ConnInfo};
 use crate::interp::Pool;
 
@@ -196,6 +197,8 @@ pub async fn serve(
         let svc_server = server.clone();
         let orders = Arc::new(WireOrders::default());
         let svc_orders = orders.clone();
+        let answers = Arc::new(Answers::default());
+        let svc_answers = answers.clone();
         // Counted as the gate counts heads, to match its records to requests.
         // hyper calls the service through `&self`, one request at a time.
         let requests_served = std::cell::Cell::new(0u64);
@@ -205,9 +208,17 @@ pub async fn serve(
             if let Some(order) = svc_orders.claim(seq, req.uri()) {
                 req.extensions_mut().insert(order);
             }
-            handle(req, info.clone(), svc_server.clone())
+            let answering = handle(req, info.clone(), svc_server.clone());
+            let answers = svc_answers.clone();
+            async move {
+                let resp = answering.await?;
+                answers.response_started(resp.status());
+                Ok::<_, crate::http1::ServiceError>(
+                    resp.map(|body| AnsweredBody::new(body, answers)),
+                )
+            }
         });
-        let io = TokioIo::new(Gate::new(stream, server.gate_limits, orders));
+        let io = TokioIo::new(Gate::new(stream, server.gate_limits, orders, answers));
         // with_upgrades: a WebSocket handshake hands the socket over after the 101.
         let conn = builder.serve_connection(io, service).with_upgrades();
         let mut force = force_rx.clone();

@@ -125,13 +125,17 @@ pub fn add_stream_headers(map: &mut HeaderMap, http_version: &str) {
             map.insert(name, HeaderValue::from_static(value));
         }
     }
-    // HTTP/1.0 has no chunked framing: the stream ends with the connection.
-    if http_version == "1.1" {
-        map.insert(
-            http::header::CONNECTION,
-            HeaderValue::from_static("keep-alive"),
-        );
-    }
+    // HTTP/1.0 has no chunked framing: the stream ends with the connection,
+    // and says so.
+    let connection = if http_version == "1.1" {
+        "keep-alive"
+    } else {
+        "close"
+    };
+    map.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static(connection),
+    );
 }
 
 /// What the application asked of keepalive comments; `None` = off.
@@ -334,7 +338,7 @@ mod tests {
         assert_eq!(map["connection"], "keep-alive");
         let mut old = HeaderMap::new();
         add_stream_headers(&mut old, "1.0");
-        assert!(!old.contains_key("connection"));
+        assert_eq!(old["connection"], "close");
     }
 }
 

@@ -11,7 +11,22 @@
 //! the connection after it.
 //!
 //! To find the next head the gate follows body framing (Content-Length or
-//! chunked).  After an `Upgrade` request it steps aside for good.
+//! chunked), and it is the stricter of the two parsers: a chunk-size line,
+//! chunk delimiter or trailer section it does not accept stops the body
+//! with a [`BodyRefusal`] (400, 413 or 431) before hyper sees the bytes, so
+//! the two can never disagree about where a request ends.  After an
+//! `Upgrade` request it holds what follows until the response is known: a
+//! 101 makes it step aside for good, anything else resumes the checks.
+//! CONNECT is refused with 501 (the server does not tunnel).
+//!
+//! A client may shut down its sending side once its requests are out
+//! (half-close).  An end of stream that comes after complete requests, while
+//! one of them is still unanswered, is therefore held back from hyper until
+//! every answer is written (see [`Answers`]).  An end of stream in the middle
+//! of a request, or while the last response is already streaming, is the
+//! client leaving, as before.  A client that closes completely while its
+//! request is unanswered looks the same on the wire (a FIN); it is noticed
+//! when a write to it fails, or at once if it resets the connection.
 //!
 //! hyper's HeaderMap groups values by name, losing the wire order when a name
 //! comes back after another (`X-A, X-B, X-A`); hyper keeps its own record of
@@ -21,9 +36,9 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, BytesMut};
 use http::header::HeaderName;
@@ -45,12 +60,26 @@ pub struct Limits {
     pub max_body: u64,
 }
 
+/// Longest chunk-size line (size and extensions) accepted; longer gets 400.
+pub const MAX_CHUNK_LINE: usize = 4096;
+
+/// hyper fails a body whose chunk extensions add up to this many bytes; the
+/// gate refuses the same body first, so the two agree.
+const MAX_CHUNK_EXTENSIONS: u64 = 16 * 1024;
+
+/// Most bytes read ahead of hyper in one go.
+const MAX_READ_AHEAD: usize = 64 * 1024;
+
+/// Bytes held after an Upgrade request while its answer is pending; beyond
+/// this the socket is not read until the answer is known.
+const MAX_HELD_AFTER_UPGRADE: usize = 64 * 1024;
+
 #[derive(Debug, PartialEq, Eq)]
 enum Framing {
     Head,
     Fixed(u64),
     Chunked(Chunk),
-    /// The stream is no longer (checkable) HTTP/1: pass everything through.
+    /// The connection was upgraded (101): it is no longer HTTP/1.
     PassThrough,
 }
 
@@ -59,7 +88,160 @@ enum Chunk {
     Size,
     Data(u64),
     DataEnd,
-    Trailers,
+    Trailers { bytes: usize, fields: usize },
+}
+
+/// Why the gate stopped a request body: its chunked framing broke a rule or
+/// it grew over a limit.  hyper gets it as the read error, so the body fails;
+/// the body pump finds it in the error chain and answers with `status`
+/// (before any response started) and the rule as the disconnect detail.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{detail}")]
+pub struct BodyRefusal {
+    pub status: StatusCode,
+    pub detail: String,
+}
+
+impl BodyRefusal {
+    fn bad(detail: &str) -> BodyRefusal {
+        BodyRefusal {
+            status: StatusCode::BAD_REQUEST,
+            detail: detail.to_string(),
+        }
+    }
+
+    /// The refusal behind a failed body read, if the gate made it.
+    pub fn find<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e BodyRefusal> {
+        let mut next: Option<&'e (dyn std::error::Error + 'static)> = Some(error);
+        while let Some(e) = next {
+            if let Some(r) = e.downcast_ref::<BodyRefusal>() {
+                return Some(r);
+            }
+            // io::Error's source() skips its own payload; look at it directly.
+            if let Some(r) = e
+                .downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<BodyRefusal>())
+            {
+                return Some(r);
+            }
+            next = e.source();
+        }
+        None
+    }
+}
+
+/// Why a chunk-size line is not one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkSizeError {
+    /// Not 1*HEXDIG followed by nothing or by `;` extensions, or a control
+    /// character in the line.
+    Invalid,
+    /// The size does not fit in 64 bits.
+    Overflow,
+}
+
+/// A chunk-size line (without its CRLF): `1*HEXDIG [ ";" chunk-ext ]`.
+/// Returns the size and the byte count of the extensions (after the `;`).
+/// Stricter than hyper's parser (no whitespace, no sign, no `0x`), so a line
+/// the gate accepts is one hyper reads the same way.
+pub fn parse_chunk_size(line: &[u8]) -> Result<(u64, u64), ChunkSizeError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(ChunkSizeError::Invalid);
+    }
+    let rest = &line[digits..];
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(ChunkSizeError::Invalid);
+    }
+    // hyper stops at the first CR of an extension and refuses LF; NUL and
+    // the other controls have no business there either.
+    if rest.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(ChunkSizeError::Invalid);
+    }
+    let mut size: u64 = 0;
+    for &b in &line[..digits] {
+        let v = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => b - b'A' + 10,
+        };
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(v)))
+            .ok_or(ChunkSizeError::Overflow)?;
+    }
+    Ok((size, rest.len().saturating_sub(1) as u64))
+}
+
+/// Whether a trailer line (without its CRLF) is a header field: a token
+/// name, a colon, and a value without controls other than HTAB.
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let (name, value) = (&line[..colon], &line[colon + 1..]);
+    !name.is_empty()
+        && HeaderName::from_bytes(name).is_ok()
+        && value
+            .iter()
+            .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+/// What the service did with the requests the gate handed to hyper, for one
+/// connection.  The gate needs it to serve a half-closed client and to know
+/// whether an Upgrade request was taken up.
+#[derive(Default)]
+pub struct Answers {
+    /// Responses the service returned (hyper writes their heads).
+    started: AtomicU64,
+    /// Responses hyper is done with (their bodies dropped: written, or
+    /// abandoned with the connection).
+    finished: AtomicU64,
+    /// A 101 went out: what follows is no longer HTTP/1.
+    upgraded: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Answers {
+    pub fn response_started(&self, status: StatusCode) {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            self.upgraded.store(true, Ordering::Release);
+        }
+        self.started.fetch_add(1, Ordering::AcqRel);
+        self.wake();
+    }
+
+    pub fn response_finished(&self) {
+        self.finished.fetch_add(1, Ordering::AcqRel);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn register(&self, waker: &Waker) {
+        let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    fn started(&self) -> u64 {
+        self.started.load(Ordering::Acquire)
+    }
+
+    fn finished(&self) -> u64 {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    fn upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Acquire)
+    }
 }
 
 /// A request's header names in wire order (lower-case), for the requests
@@ -130,6 +312,7 @@ pub struct Gate<S> {
     inner: S,
     limits: Limits,
     orders: Arc<WireOrders>,
+    answers: Arc<Answers>,
     /// Heads handed to hyper so far, stand-ins included: each becomes one
     /// call of the service, which counts them the same way.
     heads: u64,
@@ -140,21 +323,68 @@ pub struct Gate<S> {
     out: BytesMut,
     /// A refusal was issued: after `out` drains, hyper reads nothing more.
     closed: bool,
+    /// A body was refused: after `out` drains, hyper's read fails with it.
+    failed: Option<BodyRefusal>,
+    /// The socket failed after bytes that hyper has yet to read.
+    read_error: Option<io::Error>,
     peer_eof: bool,
+    /// The client half-closed with requests unanswered: hyper hears the end
+    /// of stream once they all are.
+    half_closed: bool,
+    /// Responses whose bytes have begun to go out (see `before_write`).
+    begun: u64,
+    /// The number of the last Upgrade request whose answer is not known yet:
+    /// the bytes after it are held until then.
+    upgrade_at: Option<u64>,
+    /// Body bytes and chunk-extension bytes of the chunked body being read.
+    chunked_body: u64,
+    chunk_extensions: u64,
 }
 
 impl<S> Gate<S> {
-    pub fn new(inner: S, limits: Limits, orders: Arc<WireOrders>) -> Gate<S> {
+    pub fn new(
+        inner: S,
+        limits: Limits,
+        orders: Arc<WireOrders>,
+        answers: Arc<Answers>,
+    ) -> Gate<S> {
         Gate {
             inner,
             limits,
             orders,
+            answers,
             heads: 0,
             framing: Framing::Head,
             raw: BytesMut::with_capacity(8192),
             out: BytesMut::new(),
             closed: false,
+            failed: None,
+            read_error: None,
             peer_eof: false,
+            half_closed: false,
+            begun: 0,
+            upgrade_at: None,
+            chunked_body: 0,
+            chunk_extensions: 0,
+        }
+    }
+
+    /// Whether an Upgrade request's answer is still unknown (and the bytes
+    /// after it are held).  Settles it when the answer is in.
+    fn upgrade_undecided(&mut self) -> bool {
+        let Some(at) = self.upgrade_at else {
+            return false;
+        };
+        if self.answers.upgraded() {
+            self.upgrade_at = None;
+            self.framing = Framing::PassThrough;
+            false
+        } else if self.answers.finished() >= at {
+            // Answered without a 101: still HTTP/1, checked as before.
+            self.upgrade_at = None;
+            false
+        } else {
+            true
         }
     }
 
@@ -162,6 +392,9 @@ impl<S> Gate<S> {
     fn scan(&mut self) {
         loop {
             if self.raw.is_empty() || self.closed {
+                return;
+            }
+            if self.framing == Framing::Head && self.upgrade_undecided() {
                 return;
             }
             match &mut self.framing {
@@ -218,28 +451,36 @@ impl<S> Gate<S> {
             Ok(httparse::Status::Partial) => {
                 let line_done = self.raw.windows(2).any(|w| w == b"\r\n");
                 if !line_done && self.raw.len() > MAX_REQUEST_LINE {
-                    self.refuse(StatusCode::URI_TOO_LONG, None);
+                    self.refuse(Verdict::Status(StatusCode::URI_TOO_LONG), None);
                 } else if self.raw.len() > self.limits.max_header_size.max(MAX_REQUEST_LINE) + 4 {
                     let status = if line_done {
                         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
                     } else {
                         StatusCode::URI_TOO_LONG
                     };
-                    self.refuse(status, None);
+                    self.refuse(Verdict::Status(status), None);
                 }
                 false
             }
             Err(httparse::Error::TooManyHeaders) => {
-                self.refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None);
+                self.refuse(
+                    Verdict::Status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+                    None,
+                );
                 false
             }
             Err(_) => {
-                self.refuse(StatusCode::BAD_REQUEST, None);
+                self.refuse(Verdict::Status(StatusCode::BAD_REQUEST), None);
                 false
             }
             Ok(httparse::Status::Complete(len)) => match check_head(&req, len, &self.limits) {
-                Ok(framing) => {
+                Ok((framing, upgrade)) => {
                     self.heads += 1;
+                    if upgrade {
+                        self.upgrade_at = Some(self.heads);
+                    }
+                    self.chunked_body = 0;
+                    self.chunk_extensions = 0;
                     if names_interleave(req.headers) {
                         if let Some(order) = wire_order(req.headers) {
                             let target = req.path.unwrap_or("");
@@ -251,43 +492,69 @@ impl<S> Gate<S> {
                     self.framing = framing;
                     true
                 }
-                Err(status) => {
+                Err(verdict) => {
                     let line = RequestLine::of(&req);
-                    self.refuse(status, Some(line));
+                    self.refuse(verdict, Some(line));
                     false
                 }
             },
         }
     }
 
-    /// Follow chunked framing; returns false when more bytes are needed.
+    /// Follow chunked framing; returns false when more bytes are needed or
+    /// the body was refused.
     fn scan_chunked(&mut self) -> bool {
         let Framing::Chunked(state) = &mut self.framing else {
             return true;
         };
         match state {
             Chunk::Size => {
-                let Some(end) = find_crlf(&self.raw) else {
-                    if self.raw.len() > 4096 {
-                        self.framing = Framing::PassThrough; // hyper will reject it
+                let line_end = match line_end(&self.raw, MAX_CHUNK_LINE) {
+                    LineEnd::Crlf(end) => end,
+                    LineEnd::Partial => return false,
+                    LineEnd::TooLong => {
+                        self.refuse_body(BodyRefusal::bad("chunk size line too long"));
+                        return false;
                     }
-                    return false;
+                    LineEnd::BareLf => {
+                        self.refuse_body(BodyRefusal::bad("invalid chunk size line (bare LF)"));
+                        return false;
+                    }
                 };
-                let line = &self.raw[..end];
-                let digits = line.split(|b| *b == b';').next().unwrap_or(b"");
-                let size = std::str::from_utf8(digits)
-                    .ok()
-                    .map(str::trim)
-                    .and_then(|s| u64::from_str_radix(s, 16).ok());
-                match size {
-                    Some(0) => *state = Chunk::Trailers,
-                    Some(n) => *state = Chunk::Data(n),
-                    None => {
-                        self.framing = Framing::PassThrough;
-                        return true;
+                let (size, extensions) = match parse_chunk_size(&self.raw[..line_end]) {
+                    Ok(parsed) => parsed,
+                    Err(ChunkSizeError::Invalid) => {
+                        self.refuse_body(BodyRefusal::bad("invalid chunk size line"));
+                        return false;
                     }
+                    Err(ChunkSizeError::Overflow) => {
+                        self.refuse_body(BodyRefusal::bad("chunk size overflows 64 bits"));
+                        return false;
+                    }
+                };
+                self.chunk_extensions += extensions;
+                if self.chunk_extensions >= MAX_CHUNK_EXTENSIONS {
+                    self.refuse_body(BodyRefusal::bad("chunk extensions over 16 KiB"));
+                    return false;
                 }
-                let part = self.raw.split_to(end + 2);
+                self.chunked_body = self.chunked_body.saturating_add(size);
+                let max = self.limits.max_body;
+                if max > 0 && self.chunked_body > max {
+                    self.refuse_body(BodyRefusal {
+                        status: StatusCode::PAYLOAD_TOO_LARGE,
+                        detail: format!("request body exceeds --max-body-size ({max} bytes)"),
+                    });
+                    return false;
+                }
+                *state = if size == 0 {
+                    Chunk::Trailers {
+                        bytes: 0,
+                        fields: 0,
+                    }
+                } else {
+                    Chunk::Data(size)
+                };
+                let part = self.raw.split_to(line_end + 2);
                 self.out.unsplit(part);
                 true
             }
@@ -303,6 +570,13 @@ impl<S> Gate<S> {
             }
             Chunk::DataEnd => {
                 if self.raw.len() < 2 {
+                    if self.raw.first().is_some_and(|b| *b != b'\r') {
+                        self.refuse_body(BodyRefusal::bad("chunk data not followed by CRLF"));
+                    }
+                    return false;
+                }
+                if &self.raw[..2] != b"\r\n" {
+                    self.refuse_body(BodyRefusal::bad("chunk data not followed by CRLF"));
                     return false;
                 }
                 *state = Chunk::Size;
@@ -310,15 +584,37 @@ impl<S> Gate<S> {
                 self.out.unsplit(part);
                 true
             }
-            Chunk::Trailers => {
-                let Some(end) = find_crlf(&self.raw) else {
-                    if self.raw.len() > self.limits.max_header_size {
-                        self.framing = Framing::PassThrough;
+            Chunk::Trailers { bytes, fields } => {
+                let room = self.limits.max_header_size.saturating_sub(*bytes);
+                let end = match line_end(&self.raw, room) {
+                    LineEnd::Crlf(end) => end,
+                    LineEnd::Partial => return false,
+                    LineEnd::TooLong => {
+                        self.refuse_body(BodyRefusal {
+                            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            detail: "trailer section over --max-header-size".into(),
+                        });
+                        return false;
                     }
-                    return false;
+                    LineEnd::BareLf => {
+                        self.refuse_body(BodyRefusal::bad("invalid trailer field (bare LF)"));
+                        return false;
+                    }
                 };
                 if end == 0 {
                     self.framing = Framing::Head;
+                } else if !is_field_line(&self.raw[..end]) {
+                    self.refuse_body(BodyRefusal::bad("invalid trailer field"));
+                    return false;
+                } else if *fields >= self.limits.max_header_count {
+                    self.refuse_body(BodyRefusal {
+                        status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        detail: "more trailer fields than --max-header-count".into(),
+                    });
+                    return false;
+                } else {
+                    *bytes += end + 2;
+                    *fields += 1;
                 }
                 let part = self.raw.split_to(end + 2);
                 self.out.unsplit(part);
@@ -327,8 +623,18 @@ impl<S> Gate<S> {
         }
     }
 
-    fn refuse(&mut self, status: StatusCode, line: Option<RequestLine>) {
+    /// Stop the body being read: hyper gets what came before, then `refusal`
+    /// as its read error, and nothing after it.
+    fn refuse_body(&mut self, refusal: BodyRefusal) {
+        self.raw.clear();
+        self.closed = true;
+        self.failed = Some(refusal);
+    }
+
+    fn refuse(&mut self, verdict: Verdict, line: Option<RequestLine>) {
         let (method, target) = match line {
+            // hyper takes any CONNECT for a tunnel; the stand-in must not be one.
+            _ if verdict == Verdict::Connect => ("GET".to_string(), "/".to_string()),
             // The stand-in must parse, or hyper answers it with its own
             // empty-bodied 400: a target hyper would reject becomes "/".
             Some(l) if l.target.len() <= MAX_REQUEST_LINE => {
@@ -343,7 +649,7 @@ impl<S> Gate<S> {
         };
         let standin = format!(
             "{method} {target} HTTP/1.1\r\nhost: pagi-rs\r\n{REFUSAL_HEADER}: {}\r\n\r\n",
-            status.as_u16()
+            verdict.header_value()
         );
         self.out.extend_from_slice(standin.as_bytes());
         self.raw.clear();
@@ -412,23 +718,83 @@ impl RequestLine {
     }
 }
 
-fn find_crlf(b: &[u8]) -> Option<usize> {
-    b.windows(2).position(|w| w == b"\r\n")
+enum LineEnd {
+    /// The line ends at this index with CRLF.
+    Crlf(usize),
+    /// No line end yet, within the limit.
+    Partial,
+    /// No line end within `max` bytes.
+    TooLong,
+    /// An LF without its CR: the line is malformed.
+    BareLf,
+}
+
+/// Where the line at the start of `b` ends, looking no further than `max`
+/// bytes (plus its CRLF).
+fn line_end(b: &[u8], max: usize) -> LineEnd {
+    let window = &b[..b.len().min(max + 2)];
+    match window.iter().position(|&c| c == b'\n') {
+        Some(0) => LineEnd::BareLf,
+        Some(i) if window[i - 1] != b'\r' => LineEnd::BareLf,
+        Some(i) => LineEnd::Crlf(i - 1),
+        None if b.len() > max + 1 => LineEnd::TooLong,
+        None => LineEnd::Partial,
+    }
+}
+
+/// A head's refusal, carried to the service in [`REFUSAL_HEADER`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Status(StatusCode),
+    /// CONNECT: the server does not open tunnels (501).
+    Connect,
+}
+
+impl Verdict {
+    fn header_value(self) -> String {
+        match self {
+            Verdict::Status(s) => s.as_u16().to_string(),
+            Verdict::Connect => "501 connect".to_string(),
+        }
+    }
+
+    /// The verdict a stand-in request carries; an unreadable one is a 400.
+    pub fn from_header(value: &[u8]) -> Verdict {
+        let text = std::str::from_utf8(value).unwrap_or("");
+        if text == "501 connect" {
+            return Verdict::Connect;
+        }
+        Verdict::Status(
+            text.parse::<u16>()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST),
+        )
+    }
+
+    /// The status and the text/plain body that answer it.
+    pub fn answer(self) -> (StatusCode, &'static str) {
+        match self {
+            Verdict::Connect => (StatusCode::NOT_IMPLEMENTED, "Not Implemented"),
+            Verdict::Status(s) => refusal_text(s.as_u16()),
+        }
+    }
 }
 
 /// The checks hyper does not make (or makes silently), in the reference
-/// server's order.  Ok gives the body framing that follows the head.
+/// server's order.  Ok gives the body framing that follows the head, and
+/// whether the request asks for an Upgrade.
 fn check_head(
     req: &httparse::Request<'_, '_>,
     head_len: usize,
     limits: &Limits,
-) -> Result<Framing, StatusCode> {
+) -> Result<(Framing, bool), Verdict> {
     let target_len = req.path.map(str::len).unwrap_or(0);
     if target_len > MAX_REQUEST_LINE {
-        return Err(StatusCode::URI_TOO_LONG);
+        return Err(Verdict::Status(StatusCode::URI_TOO_LONG));
     }
     if head_len > limits.max_header_size || req.headers.len() > limits.max_header_count {
-        return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        return Err(Verdict::Status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
     }
     let http11 = req.version == Some(1);
     let mut hosts = 0;
@@ -440,7 +806,7 @@ fn check_head(
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case(REFUSAL_HEADER) {
-            return Err(StatusCode::BAD_REQUEST);
+            return Err(Verdict::Status(StatusCode::BAD_REQUEST));
         } else if name.eq_ignore_ascii_case("host") {
             hosts += 1;
             host = Some(h.value);
@@ -448,7 +814,7 @@ fn check_head(
             cl_count += 1;
             let v = h.value;
             if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
-                return Err(StatusCode::BAD_REQUEST);
+                return Err(Verdict::Status(StatusCode::BAD_REQUEST));
             }
             // More than 19 digits cannot be a length we would accept.
             let n = std::str::from_utf8(v)
@@ -467,19 +833,25 @@ fn check_head(
             upgrade = true;
         }
     }
-    if (http11 && hosts == 0) || hosts > 1 {
-        return Err(StatusCode::BAD_REQUEST);
+    if req.method == Some("CONNECT") {
+        // Tunnels are not implemented: 501, and nothing after the request
+        // is read.
+        return Err(Verdict::Connect);
     }
-    check_target(req.method.unwrap_or(""), req.path.unwrap_or(""), host)?;
+    if (http11 && hosts == 0) || hosts > 1 {
+        return Err(Verdict::Status(StatusCode::BAD_REQUEST));
+    }
+    check_target(req.method.unwrap_or(""), req.path.unwrap_or(""), host)
+        .map_err(Verdict::Status)?;
     if cl_count > 1 {
-        return Err(StatusCode::BAD_REQUEST);
+        return Err(Verdict::Status(StatusCode::BAD_REQUEST));
     }
     if let Some(te) = &te {
         if content_length.is_some() {
-            return Err(StatusCode::BAD_REQUEST);
+            return Err(Verdict::Status(StatusCode::BAD_REQUEST));
         }
         if !http11 {
-            return Err(StatusCode::BAD_REQUEST);
+            return Err(Verdict::Status(StatusCode::BAD_REQUEST));
         }
         let codings: Vec<&[u8]> = te
             .split(|b| *b == b',')
@@ -491,29 +863,23 @@ fn check_head(
             .position(|c| c.eq_ignore_ascii_case(b"chunked"));
         return match chunked_at {
             // chunked, but not last: the body length cannot be known.
-            Some(i) if i + 1 != codings.len() => Err(StatusCode::BAD_REQUEST),
+            Some(i) if i + 1 != codings.len() => Err(Verdict::Status(StatusCode::BAD_REQUEST)),
             // A coding before chunked that we would have to decode.
-            Some(_) if codings.len() > 1 => Err(StatusCode::NOT_IMPLEMENTED),
-            Some(_) => Ok(if upgrade {
-                Framing::PassThrough
-            } else {
-                Framing::Chunked(Chunk::Size)
-            }),
-            None => Err(StatusCode::NOT_IMPLEMENTED),
+            Some(_) if codings.len() > 1 => Err(Verdict::Status(StatusCode::NOT_IMPLEMENTED)),
+            Some(_) => Ok((Framing::Chunked(Chunk::Size), upgrade)),
+            None => Err(Verdict::Status(StatusCode::NOT_IMPLEMENTED)),
         };
     }
     if let Some(n) = content_length {
         if limits.max_body > 0 && n > limits.max_body {
-            return Err(StatusCode::PAYLOAD_TOO_LARGE);
+            return Err(Verdict::Status(StatusCode::PAYLOAD_TOO_LARGE));
         }
     }
-    if upgrade {
-        return Ok(Framing::PassThrough);
-    }
-    Ok(match content_length {
+    let framing = match content_length {
         Some(n) if n > 0 => Framing::Fixed(n),
         _ => Framing::Head,
-    })
+    };
+    Ok((framing, upgrade))
 }
 
 /// The request-target forms of RFC 9112 §3.2, each only where it belongs.
@@ -529,11 +895,6 @@ fn check_target(method: &str, target: &str, host: Option<&[u8]>) -> Result<(), S
         } else {
             Err(StatusCode::BAD_REQUEST)
         };
-    }
-    // CONNECT's authority-form is hyper's business (it treats CONNECT as an
-    // upgrade); what such a request gets is unchanged.
-    if method == "CONNECT" {
-        return Ok(());
     }
     let uri: http::Uri = target.parse().map_err(|_| StatusCode::BAD_REQUEST)?;
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
@@ -590,6 +951,108 @@ pub fn refusal_text(status: u16) -> (StatusCode, &'static str) {
     }
 }
 
+impl<S> Gate<S> {
+    /// The client ended its side.  Decide whether hyper hears it now.
+    fn on_peer_eof(&mut self) {
+        self.peer_eof = true;
+        if self.upgrade_at.is_some() {
+            // The bytes held after an Upgrade request are checked once its
+            // answer is known, like any others (see poll_read).
+            self.half_closed = true;
+            return;
+        }
+        let between_requests = self.framing == Framing::Head && self.raw.is_empty();
+        // A request whose response has not begun to go out: its client
+        // cannot have seen anything of it, so it is waiting for it.  Once
+        // response bytes are on the wire, a FIN may answer them: the client
+        // is leaving.
+        if between_requests && self.heads > 0 && self.begun < self.heads {
+            self.half_closed = true;
+            return;
+        }
+        // Hand hyper what is left (a partial head it will reject), then EOF.
+        let rest = self.raw.split();
+        self.out.unsplit(rest);
+        self.upgrade_at = None;
+    }
+
+    /// A half-closed client is done once every request it sent is answered.
+    fn half_close_done(&self, cx: &Context<'_>) -> bool {
+        self.answers.register(cx.waker());
+        self.answers.finished() >= self.heads
+    }
+}
+
+impl<S: AsyncRead + Unpin> Gate<S> {
+    /// Read from the socket into `raw`: one buffer, or with `all` everything
+    /// it has now (up to MAX_READ_AHEAD), so that an end of stream sent right
+    /// behind a request is seen.  Ready(Ok(eof)) once something was read or
+    /// the stream ended; an error after some bytes waits in `read_error`
+    /// until hyper has them.
+    fn read_ahead(&mut self, cx: &mut Context<'_>, all: bool) -> Poll<io::Result<bool>> {
+        let mut got_bytes = false;
+        loop {
+            if got_bytes && (!all || self.raw.len() >= MAX_READ_AHEAD) {
+                return Poll::Ready(Ok(false));
+            }
+            self.raw.reserve(8192);
+            let n = {
+                let spare = self.raw.spare_capacity_mut();
+                let mut rb = ReadBuf::uninit(spare);
+                match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => rb.filled().len(),
+                    Poll::Ready(Err(e)) if got_bytes => {
+                        self.read_error = Some(e);
+                        return Poll::Ready(Ok(false));
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending if got_bytes => return Poll::Ready(Ok(false)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            };
+            if n == 0 {
+                return Poll::Ready(Ok(true));
+            }
+            // SAFETY: poll_read initialised exactly `n` bytes of the spare capacity.
+            unsafe { self.raw.set_len(self.raw.len() + n) };
+            got_bytes = true;
+        }
+    }
+
+    /// Called before each write: when it begins a new response, first look
+    /// for an end of stream that is already there, so that a FIN sent
+    /// before the response is taken for the half-close it is.
+    fn before_write(&mut self, cx: &mut Context<'_>) {
+        let started = self.answers.started();
+        if started <= self.begun {
+            return;
+        }
+        let quiet = self.peer_eof
+            || self.closed
+            || self.failed.is_some()
+            || self.read_error.is_some()
+            || self.framing == Framing::PassThrough;
+        if !quiet {
+            match self.read_ahead(cx, true) {
+                Poll::Ready(Ok(eof)) => {
+                    self.scan();
+                    if eof {
+                        self.on_peer_eof();
+                    }
+                    // hyper's next read has bytes (or the end) waiting.
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Ready(Err(e)) => {
+                    self.read_error = Some(e);
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending => {}
+            }
+        }
+        self.begun = started;
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -604,7 +1067,34 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
                 this.out.advance(n);
                 return Poll::Ready(Ok(()));
             }
+            if let Some(refusal) = &this.failed {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    refusal.clone(),
+                )));
+            }
+            if let Some(e) = this.read_error.take() {
+                return Poll::Ready(Err(e));
+            }
             if this.peer_eof {
+                if !this.raw.is_empty() && !this.closed {
+                    // Held after an Upgrade request: scan once it is answered.
+                    this.answers.register(cx.waker());
+                    this.scan();
+                    if !this.out.is_empty() {
+                        continue;
+                    }
+                    if this.upgrade_at.is_some() {
+                        return Poll::Pending;
+                    }
+                    // A partial head: hyper's to reject.
+                    let rest = this.raw.split();
+                    this.out.unsplit(rest);
+                    continue;
+                }
+                if this.half_closed && !this.half_close_done(cx) {
+                    return Poll::Pending;
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.closed {
@@ -613,39 +1103,42 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
                 // connection once written.
                 return Poll::Pending;
             }
+            if this.upgrade_at.is_some() {
+                // Held bytes wait for the Upgrade request's answer, which
+                // wakes this task through `answers`.
+                this.answers.register(cx.waker());
+                this.scan();
+                if !this.out.is_empty() {
+                    continue;
+                }
+                if this.upgrade_at.is_some() && this.raw.len() >= MAX_HELD_AFTER_UPGRADE {
+                    return Poll::Pending;
+                }
+            }
             if this.framing == Framing::PassThrough && this.raw.is_empty() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            this.raw.reserve(8192);
-            let n = {
-                let spare = this.raw.spare_capacity_mut();
-                let mut rb = ReadBuf::uninit(spare);
-                match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => rb.filled().len(),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
+            // One buffer: before_write looks for a FIN that came along.
+            let eof = match this.read_ahead(cx, false) {
+                Poll::Ready(Ok(eof)) => eof,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             };
-            if n == 0 {
-                // Hand hyper what is left (a partial head it will reject), then EOF.
-                this.peer_eof = true;
-                let rest = this.raw.split();
-                this.out.unsplit(rest);
-                continue;
-            }
-            // SAFETY: poll_read initialised exactly `n` bytes of the spare capacity.
-            unsafe { this.raw.set_len(this.raw.len() + n) };
             this.scan();
+            if eof {
+                this.on_peer_eof();
+            }
         }
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Gate<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.before_write(cx);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -654,6 +1147,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.before_write(cx);
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -682,7 +1176,7 @@ mod tests {
 
     /// Feed `input` in pieces of `step` bytes; return what hyper would see.
     fn through(input: &[u8], step: usize) -> (Vec<u8>, bool) {
-        let mut g = Gate::new((), LIMITS, Arc::default());
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
         for piece in input.chunks(step.max(1)) {
             g.raw.extend_from_slice(piece);
             g.scan();
@@ -795,8 +1289,8 @@ POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r
         assert_eq!(with_host("GET ?x=1", "x"), Some(400));
         assert_eq!(
             with_host("CONNECT example.com:443", "example.com:443"),
-            None,
-            "authority-form is CONNECT's"
+            Some(501),
+            "authority-form is CONNECT's, and CONNECT is not implemented"
         );
 
         let absolute = "GET http://example.com/path?q=1";
@@ -899,7 +1393,7 @@ POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r
 
     #[test]
     fn each_pipelined_request_gets_its_own_order() {
-        let mut g = Gate::new((), LIMITS, Arc::default());
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
         g.raw.extend_from_slice(
             b"GET /1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n\r\n\
 POST /2 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nContent-Length: 3\r\nX-A: 2\r\n\r\nabc\
@@ -930,7 +1424,7 @@ GET /4 HTTP/1.1\r\nX-B: 1\r\nHost: x\r\nX-B: 2\r\n\r\n",
 
     #[test]
     fn an_order_goes_only_to_its_own_request() {
-        let mut g = Gate::new((), LIMITS, Arc::default());
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
         g.raw.extend_from_slice(
             b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 1\r\nX-A: 2\r\n\r\n\
 GET /b HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 1\r\nX-A: 2\r\n\r\n",
@@ -949,17 +1443,334 @@ GET /b HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 1\r\nX-A: 2\r\n\r\n",
 
     #[test]
     fn after_an_upgrade_nothing_more_is_recorded() {
-        let mut g = Gate::new((), LIMITS, Arc::default());
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
         g.raw.extend_from_slice(
             b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\
 GET /after HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 1\r\nX-A: 2\r\n\r\n",
         );
         g.scan();
+        assert_eq!(
+            g.heads, 1,
+            "what follows an Upgrade request waits for its answer"
+        );
+        g.answers.response_started(StatusCode::SWITCHING_PROTOCOLS);
+        g.scan();
         assert_eq!(g.framing, Framing::PassThrough);
         assert_eq!(g.heads, 1);
         assert!(!g.orders.pending.load(Ordering::Acquire));
+        assert!(
+            g.out.ends_with(b"X-A: 2\r\n\r\n"),
+            "passed through as it is"
+        );
     }
 
+    #[test]
+    fn an_upgrade_answered_without_101_keeps_every_later_request_checked() {
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw.extend_from_slice(
+            b"GET /one HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n\
+POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+        );
+        g.scan();
+        assert_eq!(g.heads, 1);
+        assert!(!g.closed);
+        g.answers.response_started(StatusCode::OK);
+        g.scan();
+        assert!(!g.closed, "held until the answer is written");
+        g.answers.response_finished();
+        g.scan();
+        assert!(g.closed, "the second request is checked and refused");
+        assert_eq!(g.heads, 2);
+    }
+
+    #[test]
+    fn connect_gets_501_and_nothing_after_it_is_read() {
+        let (seen, closed) = through(
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nGET /never HTTP/1.1\r\nHost: x\r\n\r\n",
+            usize::MAX,
+        );
+        assert!(closed);
+        let s = String::from_utf8(seen).unwrap();
+        assert!(
+            s.starts_with("GET / HTTP/1.1\r\n"),
+            "the stand-in is no tunnel: {s}"
+        );
+        assert!(s.contains("x-pagi-rs-refusal: 501 connect\r\n"), "{s}");
+        assert!(!s.contains("/never"));
+        assert_eq!(
+            Verdict::from_header(b"501 connect").answer(),
+            (StatusCode::NOT_IMPLEMENTED, "Not Implemented")
+        );
+        assert_eq!(
+            Verdict::from_header(b"413"),
+            Verdict::Status(StatusCode::PAYLOAD_TOO_LARGE)
+        );
+        assert_eq!(
+            Verdict::from_header(b"junk"),
+            Verdict::Status(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            verdict(b"CONNECT example.com:443 HTTP/1.0\r\n\r\n"),
+            Some(501),
+            "on 1.0 too"
+        );
+    }
+
+    /// Feed a chunked POST with `body` after its head; the refusal, if any,
+    /// and what hyper would see.
+    fn chunked(body: &[u8]) -> (Option<BodyRefusal>, Vec<u8>) {
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw.extend_from_slice(
+            b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        g.raw.extend_from_slice(body);
+        g.scan();
+        (g.failed.clone(), g.out.to_vec())
+    }
+
+    fn refused(body: &[u8]) -> Option<(u16, String)> {
+        chunked(body).0.map(|r| (r.status.as_u16(), r.detail))
+    }
+
+    #[test]
+    fn malformed_chunk_size_lines_are_refused_not_passed_through() {
+        for bad in [
+            &b"3x\r\nabc\r\n0\r\n\r\n"[..],
+            b" 3\r\nabc\r\n0\r\n\r\n",
+            b"0x3\r\nabc\r\n0\r\n\r\n",
+            b"+5\r\nhello\r\n0\r\n\r\n",
+            b"-1\r\n",
+            b"3 \r\nabc\r\n0\r\n\r\n",
+            b"\r\n",
+            b"3;a\rb\r\nabc\r\n",
+            b"3;a\x00\r\nabc\r\n",
+        ] {
+            let (status, detail) = refused(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert_eq!(status, 400, "{bad:?}");
+            assert_eq!(detail, "invalid chunk size line", "{bad:?}");
+        }
+        assert_eq!(
+            refused(b"ffffffffffffffffff\r\n"),
+            Some((400, "chunk size overflows 64 bits".into()))
+        );
+        assert_eq!(
+            refused(b"3\nabc\r\n0\r\n\r\n"),
+            Some((400, "invalid chunk size line (bare LF)".into()))
+        );
+        assert_eq!(
+            refused(b"3\r\nabcXY0\r\n\r\n"),
+            Some((400, "chunk data not followed by CRLF".into()))
+        );
+        let long = format!("1;{}", "e".repeat(MAX_CHUNK_LINE));
+        assert_eq!(
+            refused(long.as_bytes()),
+            Some((400, "chunk size line too long".into())),
+            "refused before the line ends"
+        );
+        // Within the line limit each, over hyper's total for a body.
+        let ext = format!("1;{}\r\nx\r\n", "e".repeat(4000));
+        assert_eq!(
+            refused(ext.repeat(5).as_bytes()),
+            Some((400, "chunk extensions over 16 KiB".into()))
+        );
+        let (refusal, seen) = chunked(b"5\r\nhello\r\nzz\r\n");
+        assert!(refusal.is_some());
+        assert!(
+            seen.ends_with(b"5\r\nhello\r\n"),
+            "hyper gets what came before"
+        );
+    }
+
+    #[test]
+    fn a_chunked_body_over_the_limit_is_413() {
+        assert_eq!(
+            refused(b"200\r\n").map(|r| r.0),
+            None,
+            "512 bytes are within 1000"
+        );
+        let (status, detail) =
+            refused(&[&b"200\r\n"[..], &[b'a'; 512], b"\r\n200\r\n"].concat()).unwrap();
+        assert_eq!(status, 413);
+        assert!(detail.contains("--max-body-size (1000 bytes)"), "{detail}");
+    }
+
+    #[test]
+    fn trailers_are_checked_and_bounded() {
+        assert_eq!(refused(b"0\r\nx-t: 1\r\n\r\n"), None);
+        assert_eq!(
+            refused(b"0\r\nno colon\r\n\r\n"),
+            Some((400, "invalid trailer field".into()))
+        );
+        assert_eq!(
+            refused(b"0\r\nx-t: 1\nx-u: 2\r\n\r\n"),
+            Some((400, "invalid trailer field (bare LF)".into()))
+        );
+        let big = format!("0\r\nx-big: {}\r\n\r\n", "b".repeat(9000));
+        assert_eq!(refused(big.as_bytes()).map(|r| r.0), Some(431));
+        let many: String = (0..101).map(|i| format!("x-t{i}: v\r\n")).collect();
+        assert_eq!(
+            refused(format!("0\r\n{many}\r\n").as_bytes()).map(|r| r.0),
+            Some(431)
+        );
+    }
+
+    #[test]
+    fn every_pipelined_request_is_checked_after_long_extensions_and_trailers() {
+        let ext = "e".repeat(3000);
+        let trailers: String = (0..50).map(|i| format!("x-t{i}: v\r\n")).collect();
+        let input = format!(
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+             3;{ext}\r\nabc\r\n0\r\n{trailers}\r\n\
+             POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx"
+        );
+        for step in [1, 7, 100, usize::MAX] {
+            let (seen, closed) = through(input.as_bytes(), step);
+            assert!(closed, "step {step}: the second request is refused");
+            let s = String::from_utf8(seen).unwrap();
+            assert!(s.contains("x-pagi-rs-refusal: 400"), "step {step}");
+        }
+    }
+
+    #[test]
+    fn what_follows_an_upgrade_request_is_checked_even_after_the_end_of_stream() {
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw.extend_from_slice(
+            b"GET /one HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n\
+POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+        );
+        g.scan();
+        g.on_peer_eof();
+        assert!(g.half_closed);
+        assert!(
+            !g.out.ends_with(b"x"),
+            "nothing held is handed over unchecked"
+        );
+        g.answers.response_started(StatusCode::OK);
+        g.answers.response_finished();
+        g.scan();
+        assert!(g.closed, "the second request is refused");
+    }
+
+    #[test]
+    fn a_half_close_waits_for_unanswered_requests_only() {
+        let input = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw.extend_from_slice(input);
+        g.scan();
+        g.on_peer_eof();
+        assert!(g.half_closed, "EOF after a complete, unanswered request");
+
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw.extend_from_slice(input);
+        g.scan();
+        g.answers.response_started(StatusCode::OK);
+        g.on_peer_eof();
+        assert!(g.half_closed, "a response decided but not yet written");
+
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw.extend_from_slice(input);
+        g.scan();
+        g.answers.response_started(StatusCode::OK);
+        g.begun = 1;
+        g.on_peer_eof();
+        assert!(!g.half_closed, "response bytes are out: the client left");
+
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw
+            .extend_from_slice(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab");
+        g.scan();
+        g.on_peer_eof();
+        assert!(!g.half_closed, "EOF in the middle of a body");
+
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw.extend_from_slice(b"GET /a HTTP/1.1\r\nHo");
+        g.scan();
+        g.on_peer_eof();
+        assert!(!g.half_closed, "EOF in the middle of a head");
+        assert_eq!(
+            g.out.as_ref(),
+            b"GET /a HTTP/1.1\r\nHo",
+            "handed to hyper to reject"
+        );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// The grammar, written the plain way: 1*HEXDIG, then nothing or
+        /// ";" and bytes without controls (HTAB allowed); the value in 64 bits.
+        fn model(line: &[u8]) -> Result<u64, ChunkSizeError> {
+            let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+            let (hex, rest) = line.split_at(digits);
+            let ext_ok = rest.is_empty()
+                || (rest[0] == b';'
+                    && rest.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f)));
+            if digits == 0 || !ext_ok {
+                return Err(ChunkSizeError::Invalid);
+            }
+            let hex = std::str::from_utf8(hex).unwrap().trim_start_matches('0');
+            if hex.len() > 16 {
+                return Err(ChunkSizeError::Overflow);
+            }
+            Ok(if hex.is_empty() {
+                0
+            } else {
+                u64::from_str_radix(hex, 16).unwrap()
+            })
+        }
+
+        fn line_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let alphabet =
+                prop::sample::select(b"0123456789abcdefABCDEFxX+- ;=\t\r\n\x00\x7f\"g".to_vec());
+            prop_oneof![
+                prop::collection::vec(alphabet, 0..24),
+                prop::collection::vec(any::<u8>(), 0..24),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn chunk_size_parser_agrees_with_the_grammar(line in line_bytes()) {
+                let parsed = parse_chunk_size(&line).map(|(size, _)| size);
+                prop_assert_eq!(parsed, model(&line));
+            }
+
+            #[test]
+            fn a_well_formed_size_line_reads_back(
+                size in any::<u64>(),
+                upper in any::<bool>(),
+                zeros in 0usize..4,
+                ext in prop::collection::vec(prop::sample::select(b"az=;\" \t".to_vec()), 0..20),
+            ) {
+                let hex = if upper { format!("{size:X}") } else { format!("{size:x}") };
+                let ext = if ext.is_empty() {
+                    String::new()
+                } else {
+                    format!(";{}", String::from_utf8(ext).unwrap())
+                };
+                let line = format!("{}{hex}{ext}", "0".repeat(zeros));
+                prop_assert_eq!(parse_chunk_size(line.as_bytes()).map(|(s, _)| s), Ok(size));
+            }
+
+            #[test]
+            fn a_valid_chunked_body_passes_the_gate_untouched(
+                chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..40), 0..6),
+                step in 1usize..50,
+            ) {
+                let mut input = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                for c in &chunks {
+                    input.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                    input.extend_from_slice(c);
+                    input.extend_from_slice(b"\r\n");
+                }
+                input.extend_from_slice(b"0\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n");
+                let (seen, closed) = through(&input, step);
+                prop_assert!(!closed);
+                prop_assert_eq!(seen, input);
+            }
+        }
+    }
     #[test]
     fn size_limits_answer_while_the_head_is_still_arriving() {
         let long_target = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9000));

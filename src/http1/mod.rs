@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Incoming};
 
 use crate::access_log::Record;
@@ -59,8 +59,11 @@ pub async fn handle(
     server: Arc<Server>,
 ) -> Result<Response<ResponseBody>, ServiceError> {
     let started = Instant::now();
-    if let Some((status, text)) = refusal(&req) {
-        log_refusal(&server, &req, &conn, status, started);
+    if let Some(verdict) = refusal(&req) {
+        let (status, text) = verdict.answer();
+        // The gate's stand-in for a CONNECT is a GET (see gate.rs).
+        let method = (verdict == gate::Verdict::Connect).then_some("CONNECT");
+        log_refusal(&server, &req, &conn, method, status, started);
         return Ok(plain_response(status, text));
     }
 
@@ -71,6 +74,7 @@ pub async fn handle(
             &server,
             &req,
             &conn,
+            None,
             StatusCode::SERVICE_UNAVAILABLE,
             started,
         );
@@ -84,7 +88,7 @@ pub async fn handle(
         Handshake::NotAttempted => {}
         Handshake::Valid => return handshake::handle(req, conn, server, started).await,
         Handshake::Invalid(refusal) => {
-            log_refusal(&server, &req, &conn, refusal.status, started);
+            log_refusal(&server, &req, &conn, None, refusal.status, started);
             return Ok(handshake::refusal_response(&refusal));
         }
     }
@@ -102,6 +106,7 @@ pub async fn handle(
         BodyState::Streaming
     };
     let is_head = parts.method == Method::HEAD;
+    let http10 = parts.version == Version::HTTP_10;
     let kind = ScopeKind::of_request(&parts.headers);
     let scope = RequestScope::from_parts(&mut parts, &conn, &server.root_path, body_state, kind);
 
@@ -143,7 +148,19 @@ pub async fn handle(
             {
                 headers.insert(CONNECTION, HeaderValue::from_static("close"));
             }
+            // HTTP/1.0 has no chunked framing: a body of unknown length ends
+            // with the connection, and the head must say so.  hyper would
+            // answer a 1.0 keep-alive request with `connection: keep-alive`
+            // whatever the body; a 1.0 head that says `close` stops it.
+            let close_delimited = http10
+                && !is_head
+                && !matches!(status.as_u16(), 100..=199 | 204 | 304)
+                && exchange.declared_length().is_none();
             let mut resp = Response::new(ResponseBody::Stream(exchange));
+            if close_delimited {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+                *resp.version_mut() = Version::HTTP_10;
+            }
             *resp.status_mut() = status;
             *resp.headers_mut() = headers;
             Ok(resp)
@@ -247,14 +264,9 @@ async fn watch_stalls(exchange: std::sync::Weak<Exchange>, limit: Duration) {
 }
 
 /// The gate's verdict on this request, if it refused it (see gate.rs).
-fn refusal(req: &Request<Incoming>) -> Option<(StatusCode, &'static str)> {
+fn refusal(req: &Request<Incoming>) -> Option<gate::Verdict> {
     let verdict = req.headers().get(gate::REFUSAL_HEADER)?;
-    let code = verdict
-        .to_str()
-        .ok()
-        .and_then(|s| s.parse::<u16>().ok())
-        .unwrap_or(400);
-    Some(gate::refusal_text(code))
+    Some(gate::Verdict::from_header(verdict.as_bytes()))
 }
 
 /// A server-generated response: short text/plain body, connection closed.
@@ -272,6 +284,7 @@ fn log_refusal(
     server: &Server,
     req: &Request<Incoming>,
     conn: &ConnInfo,
+    method: Option<&str>,
     status: StatusCode,
     started: Instant,
 ) {
@@ -285,7 +298,7 @@ fn log_refusal(
     };
     log.write(&Record {
         client: Some(conn.client),
-        method: req.method().as_str(),
+        method: method.unwrap_or(req.method().as_str()),
         raw_path: req.uri().path().as_bytes(),
         query: req.uri().query().unwrap_or("").as_bytes(),
         http_version: http_version_str(req.version()),

@@ -11,6 +11,7 @@ use File::Spec;
 use FindBin;
 use IO::Socket::INET;
 use IO::Select;
+use Socket qw(SOL_SOCKET SO_LINGER);
 use POSIX qw(WNOHANG);
 use Time::HiRes qw(time sleep);
 use Test::More ();
@@ -19,7 +20,7 @@ our @EXPORT = (
     # running the server
     qw(pagi_bin write_app start_server run_pagi spawn_pagi start_on_port free_port port_listening),
     # talking to it
-    qw(raw_request parse_response http_request connect_port read_sock read_some),
+    qw(raw_request parse_response http_request connect_port read_sock read_some abort_close),
     # files the server or the app wrote, and the server's memory
     qw(slurp file_lines wait_file_line wait_file_lines vmrss_kb),
 );
@@ -292,6 +293,16 @@ sub http_request {
     $req .= "\r\n$body";
     my $raw = raw_request( $port, $req, timeout => $o{timeout} // 10 );
     return parse_response($raw) // { status => 0, raw => $raw };
+}
+
+# Close $sock the way a client that vanishes does, with a reset (SO_LINGER
+# 0).  A plain close sends a FIN, which after a complete request the server
+# takes for a half-close: it still answers, and notices a client that has
+# really gone only when a write fails.
+sub abort_close {
+    my ($sock) = @_;
+    setsockopt( $sock, SOL_SOCKET, SO_LINGER, pack( 'ii', 1, 0 ) ) or die "SO_LINGER: $!";
+    close $sock;
 }
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,34 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use PagiRS::Test;
+
+# The bounded wire fuzzer (bench/bin/wire-fuzz) against the real binary:
+# mutated requests on fresh half-closed connections, and after each case the
+# server still answers, closed the case, never served a request that was
+# inside a body, and kept its RSS within 64 MiB of the start.  It runs for
+# 15 s here to keep this file under 20 s; by hand (or in a soak) give it
+# --duration 60 or more.  A failure prints the seed and the case to replay.
+
+my $fuzz = "$FindBin::Bin/../bench/bin/wire-fuzz";
+$ENV{PAGI_RS_BIN} = pagi_bin();
+
+my $self = `$^X $fuzz --self-check 2>&1`;
+is $? >> 8, 0, 'the reference parser gives the known verdicts' or diag $self;
+like $self, qr/^ok - inside a Content-Length body: forbidden \[\/SMUGGLED-7-0\]$/m,
+  'a marker inside a body is one the app must never see';
+
+my $out = `$^X $fuzz --duration 15 2>&1`;
+my $exit = $? >> 8;
+is $exit, 0, 'no violation' or diag $out;
+like $out, qr/^wire-fuzz: PASS$/m, 'the summary says PASS';
+my ($seed) = $out =~ /seed (\d+)/;
+ok defined $seed, 'the seed is printed' and note "seed $seed";
+my ( $cases, $judged ) = $out =~ /(\d+) cases in [\d.]+ s \(seed \d+\); (\d+) markers judged/;
+ok $cases && $cases >= 200, 'it ran a fair number of cases (' . ( $cases // 0 ) . ')';
+ok $judged && $judged > 0, 'and judged markers inside bodies (' . ( $judged // 0 ) . ')';
+like $out, qr/responses: .*400 x\d+/, 'among them refusals';
+note $out;
+done_testing;
