@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::access_log::{AccessLog, Record};
 use crate::error::SendError;
+use crate::interp::constants::{finish as finish_codes, send as codes};
 use crate::interp::mailbox::Mailbox;
 use crate::interp::messages::ToPerl;
 
@@ -49,20 +50,21 @@ pub enum Head {
     Upgrade(HeaderMap),
 }
 
-/// How a `$send` went, as a small code for Perl (see HTTP.pm and glue.c).
+/// How a `$send` went, as a small code for Perl (see HTTP.pm and glue.c;
+/// the numbers come from constants.def, group send).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendOutcome {
     /// Accepted; resolve the Future now.
-    Ready = 0,
+    Ready = codes::SENT as isize,
     /// Accepted and the buffer just reached the high-water mark: fire
     /// on_high_water and resolve when Drained arrives.
-    HighWater = 1,
+    HighWater = codes::HIGH_WATER as isize,
     /// Accepted, buffer still above the mark: resolve when Drained arrives.
-    StillHigh = 2,
+    StillHigh = codes::STILL_HIGH as isize,
     /// The exchange has ended; the send is a successful no-op.
-    Closed = 3,
+    Closed = codes::CLOSED as isize,
     /// Accepted; a SendDone message will settle the Future.
-    Deferred = 4,
+    Deferred = codes::DEFERRED as isize,
 }
 
 /// What became of a chunk a Rust-side producer offered.
@@ -90,17 +92,17 @@ pub enum EndState {
     },
 }
 
-/// What `finish` did, reported back to Perl.
+/// What `finish` did, reported back to Perl (constants.def, group finish).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishOutcome {
     /// The response was complete; nothing to do.
-    Clean = 0,
+    Clean = finish_codes::CLEAN as isize,
     /// No response had started: the server sent its 500 backstop.
-    Backstop500 = 1,
+    Backstop500 = finish_codes::BACKSTOP as isize,
     /// The response was left incomplete and has been cut off.
-    Truncated = 2,
+    Truncated = finish_codes::TRUNCATED as isize,
     /// The client had already gone; nothing was sent and nothing logged.
-    AlreadyDisconnected = 3,
+    AlreadyDisconnected = finish_codes::ALREADY_DISCONNECTED as isize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

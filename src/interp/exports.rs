@@ -295,13 +295,13 @@ fn optional_str(s: Option<&str>) -> PagiStr {
 /// -1 for none), valid until the next call.
 #[no_mangle]
 pub extern "C" fn pagi_rs_end_state(id: u64, out: *mut PagiMsg) -> c_int {
-    with_ctx(-1, |ctx| {
+    with_ctx(end_state::FORGOTTEN, |ctx| {
         let (end, peer, code) = if let Some(ws) = ctx.sessions.get(&id) {
             ws.end_state()
         } else if let Some(ex) = ctx.exchanges.get(&id) {
             (ex.end_state(), None, None)
         } else {
-            return -1;
+            return end_state::FORGOTTEN;
         };
         ctx.last_end = (end, peer);
         // SAFETY: out points at a zeroed PagiMsg on the XS function's stack.
@@ -311,12 +311,12 @@ pub extern "C" fn pagi_rs_end_state(id: u64, out: *mut PagiMsg) -> c_int {
         m.num[1] = code.map_or(-1, i64::from);
         m.str[2] = optional_str(peer.as_ref().map(|(_, r)| r.as_str()));
         match end {
-            EndState::Active => 0,
-            EndState::Clean => 1,
+            EndState::Active => end_state::ACTIVE,
+            EndState::Clean => end_state::CLEAN,
             EndState::Abnormal { reason, detail } => {
                 m.str[0] = PagiStr::from_bytes(reason.as_bytes());
                 m.str[1] = optional_str(detail.as_deref());
-                2
+                end_state::ABNORMAL
             }
         }
     })
@@ -545,13 +545,7 @@ pub extern "C" fn pagi_rs_release(id: u64) {
     });
 }
 
-/// Codes for `_query`; mirrored in Bridge.pm.
-pub mod query {
-    pub const BUFFERED: i32 = 0;
-    pub const HIGH_WATER: i32 = 1;
-    pub const LOW_WATER: i32 = 2;
-    pub const WANT_TERMINAL: i32 = 10;
-}
+use super::constants::{end_state, query};
 
 #[no_mangle]
 pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {

@@ -3,6 +3,7 @@
 //! it answers through direct calls into [`exports`].  The pool is built for N
 //! interpreters and picks the least busy one for each request.
 
+pub mod constants;
 pub mod embedded;
 pub mod exports;
 pub mod ffi;
@@ -30,17 +31,10 @@ pub enum Control {
     Exited,
 }
 
-/// Lifespan event kinds sent by perl/PAGI/RS/Lifespan.pm.
-pub mod lifespan_kind {
-    pub const STARTUP_COMPLETE: i32 = 1;
-    pub const STARTUP_FAILED: i32 = 2;
-    pub const SHUTDOWN_COMPLETE: i32 = 3;
-    pub const SHUTDOWN_FAILED: i32 = 4;
-    /// The app returned or raised before answering lifespan.startup.
-    pub const DECLINED_STARTUP: i32 = 5;
-    /// The lifespan coroutine ended after startup (with an error, if any).
-    pub const ENDED: i32 = 6;
-}
+/// Lifespan event kinds sent by perl/PAGI/RS/Lifespan.pm.  DECLINED_STARTUP:
+/// the app returned or raised before answering lifespan.startup; ENDED: the
+/// lifespan coroutine ended after startup (with an error, if any).
+pub use constants::lifespan as lifespan_kind;
 
 /// How each interpreter loads the application.
 #[derive(Clone, Debug)]

@@ -9,24 +9,10 @@ use warnings;
 
 our $VERSION = '0.1.0';
 
-# Message kinds; mirrored in src/interp/messages.rs.
-use constant {
-    MSG_REQUEST           => 1,
-    MSG_BODY              => 2,
-    MSG_DISCONNECT        => 3,
-    MSG_DRAINED           => 4,
-    MSG_SEND_DONE         => 5,
-    MSG_COMPLETE          => 6,
-    MSG_LIFESPAN_STARTUP  => 7,
-    MSG_LIFESPAN_SHUTDOWN => 8,
-    MSG_STOP              => 9,
-    MSG_WS_RECEIVE        => 10,
-    MSG_WS_DISCONNECT     => 11,
-    MSG_STREAM_REQUEST    => 12,    # an sse or websocket REQUEST (glue.c)
-};
-
-# Log levels understood by PAGI::RS::_log.
-use constant { LOG_DEBUG => 0, LOG_INFO => 1, LOG_WARN => 2, LOG_ERROR => 3 };
+# Message kinds (MSG_STREAM_REQUEST: an sse or websocket REQUEST, as glue.c
+# hands it over) and the levels of PAGI::RS::_log, shared with Rust and C
+# through src/interp/constants.def.
+use PAGI::RS::Constants qw(msg log);
 
 our $LOOP;            # the interpreter's IO::Async loop (IO::Async::Loop->new returns it)
 our $APP;             # the application coderef, set by PAGI::RS::Loader

@@ -15,33 +15,12 @@ use PAGI::RS::Transport;
 # The request object is also the scope's pagi.connection and pagi.transport.
 our @ISA = ( 'PAGI::RS::Connection', 'PAGI::RS::Transport' );
 
-BEGIN {
-    # Slots 0-17 belong to Connection.pm and Transport.pm.
-    *ID                = \&PAGI::RS::Connection::ID;
-    *CONNECTED         = \&PAGI::RS::Connection::CONNECTED;
-    *STARTED           = \&PAGI::RS::Connection::STARTED;
-    *COMPLETE          = \&PAGI::RS::Connection::COMPLETE;
-    *COMPLETED_CLEANLY = \&PAGI::RS::Connection::COMPLETED_CLEANLY;
-}
-
-# glue.c's $send updates STARTED, COMPLETE and TRAILERS itself and reads
-# RECV_WAIT: keep its SLOT_* numbers in step with these.  SSE.pm and
-# WebSocket.pm share this layout and add theirs from slot 28.
-use constant {
-    QUEUE => 18, RECV_WAIT => 19, SEND_WAIT => 20, DEFER_WAIT => 21, BODY => 22,
-    APP_FUTURE => 23, APP_DONE => 24, DISCONNECT_RECEIVES => 25, TRAILERS => 26,
-    DEFER_COMPLETES => 27,
-};
-
-# Body delivery states.
-use constant { BODY_EMPTY => 0, BODY_STREAMING => 1, BODY_AWAIT_CONTINUE => 2, BODY_DONE => 3 };
-
-# Send outcome codes from the core (SendOutcome in exchange.rs), and
-# glue.c's CLOSED_UNSEEN: closed, and news to this side.
-use constant { SENT => 0, HIGH_WATER => 1, STILL_HIGH => 2, CLOSED => 3, DEFERRED => 4, CLOSED_UNSEEN => 5 };
-
-# finish() outcomes (FinishOutcome in exchange.rs).
-use constant { FIN_CLEAN => 0, FIN_BACKSTOP => 1, FIN_TRUNCATED => 2 };
+# Slot numbers (Connection.pm's and Transport.pm's, then this file's from
+# QUEUE to SEND_BUSY; SSE.pm and WebSocket.pm add theirs after), the core's
+# send and finish codes, what glue.c's fast path sent (SENT_*), and body
+# delivery states (BODY_*): shared with Rust and glue.c, whose $send updates
+# STARTED, COMPLETE and TRAILERS itself and reads RECV_WAIT and SEND_BUSY.
+use PAGI::RS::Constants qw(slot send finish send_kind body query log);
 
 # The Future every send that completes at once returns (glue.c returns it
 # too).  It is always done, so its class answers Future::AsyncAwait's
@@ -179,7 +158,7 @@ sub _past_disconnect_receives {
     my $n   = ++$self->[DISCONNECT_RECEIVES];
     my $max = $PAGI::RS::Bridge::MAX_DISCONNECT_RECEIVES;
     return if $n <= $max;
-    PAGI::RS::_log( 3, "$type scope: receive() called $n times after the scope ended" )
+    PAGI::RS::_log( LOG_ERROR, "$type scope: receive() called $n times after the scope ended" )
       if $n == $max + 1;
     return Future->fail( "receive() called $n times after the scope ended; "
           . "the application is not checking for $type.disconnect\n" );
@@ -203,9 +182,6 @@ sub _on_body {
 
 # ---- $send ------------------------------------------------------------------
 
-# What glue.c's fast path reports it sent.
-use constant { SENT_START => 1, SENT_START_TRAILERS => 2, SENT_BODY_MORE => 3, SENT_BODY_END => 4 };
-
 # $send's Perl half: glue.c's sender has tried the fast path (code $rc,
 # kind $what) and hands over whatever needs Perl: waits, failures and the
 # other events (-2).
@@ -228,7 +204,7 @@ sub _after_send {
         }
         return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
     }
-    if ( $rc == -1 ) {
+    if ( $rc == FAILED ) {
         my $type = $ev->{type};
         return Future->fail("$type: $what\n");
     }

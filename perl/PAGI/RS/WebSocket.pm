@@ -17,31 +17,10 @@ use PAGI::RS::HTTP;
 
 our @ISA = ('PAGI::RS::HTTP');
 
-BEGIN {
-    *ID                = \&PAGI::RS::Connection::ID;
-    *CONNECTED         = \&PAGI::RS::Connection::CONNECTED;
-    *REASON            = \&PAGI::RS::Connection::REASON;
-    *DETAIL            = \&PAGI::RS::Connection::DETAIL;
-    *STARTED           = \&PAGI::RS::Connection::STARTED;
-    *COMPLETED_CLEANLY = \&PAGI::RS::Connection::COMPLETED_CLEANLY;
-    *CLOSE_CODE        = \&PAGI::RS::Connection::CLOSE_CODE;
-    *QUEUE             = \&PAGI::RS::HTTP::QUEUE;
-    *RECV_WAIT         = \&PAGI::RS::HTTP::RECV_WAIT;
-    *SEND_WAIT         = \&PAGI::RS::HTTP::SEND_WAIT;
-    *APP_DONE          = \&PAGI::RS::HTTP::APP_DONE;
-    *SENT              = \&PAGI::RS::HTTP::SENT;
-    *CLOSED            = \&PAGI::RS::HTTP::CLOSED;
-    *CLOSED_UNSEEN     = \&PAGI::RS::HTTP::CLOSED_UNSEEN;
-    *HIGH_WATER        = \&PAGI::RS::HTTP::HIGH_WATER;
-}
-
-# Slots up to 27 are HTTP.pm's and its parents'.
-use constant {
-    PHASE             => 28,
-    ENDED             => 29,    # the websocket.disconnect event, once known
-    CONNECT_DELIVERED => 30,
-    END_DELIVERED     => 31,
-};
+# HTTP.pm's slots and send codes, and this file's slots (after HTTP.pm's):
+# PHASE, ENDED (the websocket.disconnect event, once known),
+# CONNECT_DELIVERED and END_DELIVERED.
+use PAGI::RS::Constants qw(slot send ws_slot);
 
 use constant { CONNECTING => 0, OPEN => 1, REFUSED => 2 };
 
@@ -84,7 +63,7 @@ sub _after_send {
         $rc = CLOSED;
     }
     return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc) if $rc >= 0;
-    return _fail("websocket.send: $what") if $rc == -1;
+    return _fail("websocket.send: $what") if $rc == FAILED;
     return _send( $self, $ev );
 }
 
@@ -326,7 +305,7 @@ sub _legacy_denial {
     my $more = $ev->{more} ? 1 : 0;
     ( $rc, $err ) = PAGI::RS::_body( $self->[ID], $ev->{body}, $more );
     return _fail("$type: $err") if $rc < 0;
-    $self->[PAGI::RS::HTTP::COMPLETE] = 1 unless $more;
+    $self->[COMPLETE] = 1 unless $more;
     return $DONE;
 }
 
