@@ -702,6 +702,12 @@ static int slot_true(pTHX_ AV *req, SSize_t slot)
     return v && SvTRUE(*v);
 }
 
+static int slot_defined(pTHX_ AV *req, SSize_t slot)
+{
+    SV **v = av_fetch(req, slot, 0);
+    return v && SvOK(*v);
+}
+
 XS(xs_sender)
 {
     dXSARGS;
@@ -722,7 +728,11 @@ XS(xs_sender)
     ev = items > 0 ? ST(0) : &PL_sv_undef;
     idp = av_fetch(req, SLOT_ID, 0);
     if (!idp)
-        rc = -2;
+        rc = CODE_NEEDS_PERL;
+    else if (slot_defined(aTHX_ req, SLOT_SEND_BUSY))
+        /* Another send of this scope is in flight: sends are sequential,
+         * so this one waits its turn in Perl (HTTP.pm _send_in_turn). */
+        rc = CODE_IN_TURN;
     else if (is_http)
         rc = fast_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err);
     else if (stash == L->sse_stash)

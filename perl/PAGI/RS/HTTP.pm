@@ -8,7 +8,7 @@ package PAGI::RS::HTTP;
 use strict;
 use warnings;
 use Future;
-use Scalar::Util qw(blessed);
+use Scalar::Util qw(blessed refaddr);
 use PAGI::RS::Connection;
 use PAGI::RS::Transport;
 
@@ -182,10 +182,61 @@ sub _on_body {
 
 # ---- $send ------------------------------------------------------------------
 
+# Sends on one scope are sequential.  A send made while an earlier one is
+# still in flight (its Future pending: a file or fh body streaming, a body
+# waiting for the buffer to drain, a fullflush) waits its turn, as with the
+# reference helpers: it is made when the earlier one settles, so bytes never
+# interleave and every Future settles.  SEND_BUSY holds the Future of the
+# last send in flight; glue.c's $send skips its fast path while it is set
+# (IN_TURN).  The application gets a copy of each pending Future: cancelling
+# it does not make the next send jump the queue.
+
 # $send's Perl half: glue.c's sender has tried the fast path (code $rc,
-# kind $what) and hands over whatever needs Perl: waits, failures and the
-# other events (-2).
+# kind $what) and hands over whatever needs Perl: waits, failures, the other
+# events (NEEDS_PERL), and sends that must wait their turn (IN_TURN).
 sub _after_send {
+    my ( $self, $ev, $rc, $what ) = @_;
+    return _send_in_turn( $self, $ev ) if $rc == IN_TURN;
+    return _in_flight( $self, _send_outcome( $self, $ev, $rc, $what ) );
+}
+
+# A send that is still pending is in flight until it settles.
+sub _in_flight {
+    my ( $self, $f ) = @_;
+    return $f if $f->is_ready;
+    $self->[SEND_BUSY] = $f;
+    # Registered first, so the slot is clear before whoever awaits $f resumes.
+    $f->on_ready( sub { _not_busy( $self, $f ) } );
+    return $f->without_cancel;
+}
+
+sub _not_busy {
+    my ( $self, $f ) = @_;
+    my $busy = $self->[SEND_BUSY];
+    $self->[SEND_BUSY] = undef if $busy && refaddr($busy) == refaddr($f);
+    return;
+}
+
+# Queue $ev behind the send in flight; it takes the Perl path when its turn
+# comes (the class's _send_now), and its own Future is in flight until then.
+sub _send_in_turn {
+    my ( $self, $ev ) = @_;
+    my $before = $self->[SEND_BUSY];
+    my $turn   = $PAGI::RS::Bridge::LOOP->new_future;
+    $self->[SEND_BUSY] = $turn;
+    $turn->on_ready( sub { _not_busy( $self, $turn ) } );
+    $before->on_ready(
+        sub {
+            my $f = eval { $self->_send_now($ev) } // Future->fail( $@ || "send failed\n" );
+            $f->on_ready($turn);
+        }
+    );
+    return $turn->without_cancel;
+}
+
+sub _send_now { return _send_slow(@_) }
+
+sub _send_outcome {
     my ( $self, $ev, $rc, $what ) = @_;
     if ( $rc == CLOSED_UNSEEN ) {
         $self->_sync;

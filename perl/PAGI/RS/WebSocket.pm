@@ -56,7 +56,16 @@ sub start {
 # The Perl half of $send (see glue.c's xs_sender): a fast-path
 # websocket.send that must wait ($rc >= 0), failed (-1, $what the
 # message) or was not taken (-2).
+# A send made while another is in flight waits its turn (IN_TURN; see HTTP.pm).
 sub _after_send {
+    my ( $self, $ev, $rc, $what ) = @_;
+    return PAGI::RS::HTTP::_send_in_turn( $self, $ev ) if $rc == IN_TURN;
+    return PAGI::RS::HTTP::_in_flight( $self, _send_outcome( $self, $ev, $rc, $what ) );
+}
+
+sub _send_now { return _send(@_) }
+
+sub _send_outcome {
     my ( $self, $ev, $rc, $what ) = @_;
     if ( $rc == CLOSED_UNSEEN ) {
         $self->_sync;
