@@ -402,10 +402,14 @@ fn runtime() -> Option<tokio::runtime::Handle> {
     CTX.with(|c| c.borrow().as_ref().map(|ctx| ctx.runtime.clone()))
 }
 
+/// What a `file` or `fh` body streams: the file, the offset asked for (None:
+/// where it is), the length (None: to EOF), and bytes that go first.
+type FileBody = (std::fs::File, Option<u64>, Option<u64>, bytes::Bytes);
+
 fn start_file_stream(
     id: u64,
     err: *mut PagiStr,
-    open: impl FnOnce() -> Result<(std::fs::File, Option<u64>, Option<u64>), String>,
+    open: impl FnOnce() -> Result<FileBody, String>,
 ) -> c_int {
     guarded(-1, || {
         let Some(ex) = exchange(id) else {
@@ -416,14 +420,18 @@ fn start_file_stream(
             Ok(Some(done)) => return done as c_int,
             Ok(None) => {}
         }
-        let (file, offset, length) = match open() {
+        let opened = open().and_then(|(file, offset, length, first)| {
+            let source = crate::file::Source::of(&file, offset)?;
+            Ok((file, source, length, first))
+        });
+        let (file, source, length, first) = match opened {
             Ok(v) => v,
             Err(e) => return report(err, SendError::File(e).to_string()),
         };
         let Some(rt) = runtime() else {
             return report(err, "no runtime".into());
         };
-        rt.spawn(crate::file::stream(ex, file, offset, length));
+        rt.spawn(crate::file::stream(ex, file, source, length, first));
         SendOutcome::Deferred as c_int
     })
 }
@@ -437,39 +445,53 @@ pub extern "C" fn pagi_rs_response_file(
     length: i64,
     err: *mut PagiStr,
 ) -> c_int {
-    // SAFETY: path/plen describe the path string alive for this XS call.
-    let path_bytes = unsafe {
-        PagiStr {
-            ptr: path,
-            len: plen,
-        }
-        .as_bytes()
-    }
-    .to_vec();
     start_file_stream(id, err, move || {
+        // SAFETY: path/plen describe the path string alive for this XS call
+        // (the stream is opened before it returns).
+        let path_bytes = unsafe {
+            PagiStr {
+                ptr: path,
+                len: plen,
+            }
+            .as_bytes()
+        };
         use std::os::unix::ffi::OsStrExt;
-        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&path_bytes));
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(path_bytes));
         let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
             return Err(format!("{}: is a directory", path.display()));
         }
         Ok((
             file,
-            Some(offset.max(0) as u64),
+            (offset >= 0).then_some(offset as u64),
             (length >= 0).then_some(length as u64),
+            bytes::Bytes::new(),
         ))
     })
 }
 
+/// An `fh` body: `fd` is the application's descriptor (dup'ed here);
+/// `first` holds the bytes Perl had already read ahead from it.
 #[no_mangle]
 pub extern "C" fn pagi_rs_response_fd(
     id: u64,
     fd: c_int,
     offset: i64,
     length: i64,
+    first: *const c_char,
+    first_len: usize,
     err: *mut PagiStr,
 ) -> c_int {
     start_file_stream(id, err, move || {
+        // SAFETY: first/first_len describe a Perl string alive for this XS
+        // call (the stream is opened before it returns).
+        let first = bytes::Bytes::copy_from_slice(unsafe {
+            PagiStr {
+                ptr: first,
+                len: first_len,
+            }
+            .as_bytes()
+        });
         // Our own descriptor: the application may close its handle as soon
         // as the send settles, and we must not close theirs.
         // SAFETY: fcntl on a caller-supplied fd; failure is checked.
@@ -486,6 +508,7 @@ pub extern "C" fn pagi_rs_response_fd(
             file,
             (offset >= 0).then_some(offset as u64),
             (length >= 0).then_some(length as u64),
+            first,
         ))
     })
 }

@@ -55,7 +55,8 @@ extern int pagi_rs_response_start(uint64_t id, int64_t status, const pagi_str *h
 extern int pagi_rs_response_body(uint64_t id, const char *ptr, size_t len, int more, pagi_str *err);
 extern int pagi_rs_response_file(uint64_t id, const char *path, size_t plen, int64_t offset,
                                  int64_t length, pagi_str *err);
-extern int pagi_rs_response_fd(uint64_t id, int fd, int64_t offset, int64_t length, pagi_str *err);
+extern int pagi_rs_response_fd(uint64_t id, int fd, int64_t offset, int64_t length,
+                               const char *first, size_t first_len, pagi_str *err);
 extern int pagi_rs_response_trailers(uint64_t id, const pagi_str *hdrs, size_t nhdrs, pagi_str *err);
 extern int pagi_rs_fullflush(uint64_t id, pagi_str *err);
 extern void pagi_rs_want_body(uint64_t id);
@@ -498,25 +499,55 @@ XS(xs_response_file)
     PUTBACK;
 }
 
-/* _fd($id, $fd, $offset_or_-1, $length_or_-1) */
+/* _fd($id, $fd, $offset_or_-1, $length_or_-1, $first_bytes_or_undef):
+ * $first_bytes go before what is read from $fd (see _fh_buffered). */
 XS(xs_response_fd)
 {
     dXSARGS;
     uint64_t id;
     pagi_str err = {0, 0};
+    pagi_str first = {"", 0};
     int rc;
-    if (items != 4)
-        croak_xs_usage(cv, "id, fd, offset, length");
+    if (items != 4 && items != 5)
+        croak_xs_usage(cv, "id, fd, offset, length[, first_bytes]");
     id = (uint64_t)SvUV(ST(0));
+    if (items == 5)
+        (void)sv_to_bytes(aTHX_ ST(4), &first); /* _fh_buffered's bytes: never wide */
     {
         int fd = (int)SvIV(ST(1));
         int64_t offset = (int64_t)SvIV(ST(2));
         int64_t length = (int64_t)SvIV(ST(3));
         SP -= items;
-        rc = pagi_rs_response_fd(id, fd, offset, length, &err);
+        rc = pagi_rs_response_fd(id, fd, offset, length, first.ptr, first.len, &err);
     }
     PUSH_RESULT(rc, err);
     PUTBACK;
+}
+
+/* _fh_buffered($fh): the bytes Perl has read ahead into $fh's buffer (a
+ * readline on a pipe reads more than the line), taken out of it.  The core
+ * streams the descriptor, which is past them: they go first. */
+XS(xs_fh_buffered)
+{
+    dXSARGS;
+    IO *io;
+    PerlIO *fp;
+    SV *out;
+    if (items != 1)
+        croak_xs_usage(cv, "fh");
+    io = sv_2io(ST(0));
+    fp = io ? IoIFP(io) : NULL;
+    out = sv_2mortal(newSVpvs(""));
+    if (fp && PerlIO_fast_gets(fp)) {
+        SSize_t cnt = PerlIO_get_cnt(fp);
+        if (cnt > 0) {
+            STDCHAR *ptr = PerlIO_get_ptr(fp);
+            sv_setpvn(out, (const char *)ptr, (STRLEN)cnt);
+            PerlIO_set_ptrcnt(fp, ptr + cnt, 0);
+        }
+    }
+    ST(0) = out;
+    XSRETURN(1);
 }
 
 /* _trailers($id, $headers) */
@@ -1191,6 +1222,7 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::_body", xs_response_body, file);
     newXS("PAGI::RS::_file", xs_response_file, file);
     newXS("PAGI::RS::_fd", xs_response_fd, file);
+    newXS("PAGI::RS::_fh_buffered", xs_fh_buffered, file);
     newXS("PAGI::RS::_trailers", xs_response_trailers, file);
     newXS("PAGI::RS::_fullflush", xs_fullflush, file);
     newXS("PAGI::RS::_want_body", xs_want_body, file);

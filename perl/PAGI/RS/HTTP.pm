@@ -330,7 +330,7 @@ sub _send_file {
         return Future->fail("http.response.body: '$key' must be a non-negative integer\n")
           unless _valid_count( $ev, $key );
     }
-    my ( $rc, $err ) = PAGI::RS::_file( $self->[ID], $ev->{file}, $ev->{offset} // 0, $ev->{length} // -1 );
+    my ( $rc, $err ) = PAGI::RS::_file( $self->[ID], $ev->{file}, $ev->{offset} // -1, $ev->{length} // -1 );
     return Future->fail("http.response.body: $err\n") if $rc < 0;
     return $self->_wait_deferred(1) if $rc == DEFERRED;
     $self->_response_complete if $rc == SENT;
@@ -346,13 +346,28 @@ sub _send_fh {
     }
     my $fd = eval { fileno($fh) };
     if ( defined $fd && $fd >= 0 ) {
-        # Start where Perl's buffered view of the handle is, unless told.
+        # The core streams the descriptor.  A regular file is read by
+        # position (pread), from `offset` or else from where Perl's buffered
+        # view of the handle is, and the handle does not move.  Anything
+        # else (a pipe, a socket, a device) is read where it is until EOF or
+        # `length`, so it is consumed; what Perl had already buffered for it
+        # goes first.
         my $offset = $ev->{offset};
-        if ( !defined $offset ) {
-            my $pos = eval { tell($fh) };
-            $offset = defined $pos && $pos >= 0 ? $pos : -1;
+        my $buffered;
+        if ( -f $fh ) {
+            if ( !defined $offset ) {
+                my $pos = eval { tell($fh) };
+                $offset = defined $pos && $pos >= 0 ? $pos : -1;
+            }
         }
-        my ( $rc, $err ) = PAGI::RS::_fd( $self->[ID], $fd, $offset, $ev->{length} // -1 );
+        else {
+            return Future->fail( "http.response.body: 'offset' needs a regular file; "
+                  . "this fh (a pipe, socket or device) is read from where it is\n" )
+              if defined $offset;
+            $offset   = -1;
+            $buffered = PAGI::RS::_fh_buffered($fh);
+        }
+        my ( $rc, $err ) = PAGI::RS::_fd( $self->[ID], $fd, $offset, $ev->{length} // -1, $buffered );
         return Future->fail("http.response.body: $err\n") if $rc < 0;
         return $self->_wait_deferred(1) if $rc == DEFERRED;
         $self->_response_complete if $rc == SENT;
