@@ -1,6 +1,8 @@
 //! The Rust functions that glue.c's XS subs call.  They run on an
 //! interpreter thread, inside a call from Perl, and never call back into
-//! Perl.  Each catches panics: unwinding into C frames is undefined behaviour.
+//! Perl.  Each catches panics (its whole body runs inside `guarded` or
+//! `with_ctx`, or a helper built on them; a unit test below checks): a
+//! panic must not unwind into C frames, and must not abort the server.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -216,6 +218,9 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.has_headers = 1;
             }
             ToPerl::Body { id, data, more } => {
+                if let Some(ex) = ctx.exchanges.get(id) {
+                    ex.body_taken();
+                }
                 m.kind = kind::BODY;
                 m.id = *id;
                 m.num[0] = i64::from(*more);
@@ -568,7 +573,7 @@ pub extern "C" fn pagi_rs_release(id: u64) {
     });
 }
 
-use super::constants::{end_state, query};
+use super::constants::{end_state, log, query};
 
 #[no_mangle]
 pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
@@ -589,6 +594,7 @@ pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
                 ex.register_interest(crate::exchange::WANTS_TERMINAL);
                 0
             }
+            query::BODY_PENDING => ex.bodies_in_mailbox() as i64,
             _ => -1,
         }
     })
@@ -596,10 +602,10 @@ pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
 
 #[no_mangle]
 pub extern "C" fn pagi_rs_lifespan_event(kind: c_int, msg: *const c_char, len: usize) -> c_int {
-    // SAFETY: msg/len describe the message text alive for this XS call.
-    let text =
-        String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() }).into_owned();
     with_ctx(0, |ctx| {
+        // SAFETY: msg/len describe the message text alive for this XS call.
+        let text =
+            String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() }).into_owned();
         let _ = ctx.control.send(Control::Lifespan(kind, text));
         1
     })
@@ -607,15 +613,17 @@ pub extern "C" fn pagi_rs_lifespan_event(kind: c_int, msg: *const c_char, len: u
 
 #[no_mangle]
 pub extern "C" fn pagi_rs_log(level: c_int, msg: *const c_char, len: usize) {
-    // SAFETY: msg/len describe the message text alive for this XS call.
-    let text = String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() });
-    let text = text.trim_end();
-    match level {
-        0 => tracing::debug!("{text}"),
-        1 => tracing::info!("{text}"),
-        2 => tracing::warn!("{text}"),
-        _ => tracing::error!("{text}"),
-    }
+    guarded((), || {
+        // SAFETY: msg/len describe the message text alive for this XS call.
+        let text = String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() });
+        let text = text.trim_end();
+        match level {
+            log::DEBUG => tracing::debug!("{text}"),
+            log::INFO => tracing::info!("{text}"),
+            log::WARN => tracing::warn!("{text}"),
+            _ => tracing::error!("{text}"),
+        }
+    })
 }
 
 #[no_mangle]
@@ -624,17 +632,19 @@ pub extern "C" fn pagi_rs_embedded_source(
     len: usize,
     out: *mut PagiStr,
 ) -> c_int {
-    // SAFETY: name/len describe the module path string alive for this call.
-    let name = unsafe { PagiStr { ptr: name, len }.as_bytes() };
-    match super::embedded::source(name) {
-        Some(src) => {
-            // SAFETY: out points at a PagiStr on the XS function's stack; the
-            // source is 'static.
-            unsafe { *out = PagiStr::from_bytes(src.as_bytes()) };
-            1
+    guarded(0, || {
+        // SAFETY: name/len describe the module path string alive for this call.
+        let name = unsafe { PagiStr { ptr: name, len }.as_bytes() };
+        match super::embedded::source(name) {
+            Some(src) => {
+                // SAFETY: out points at a PagiStr on the XS function's stack;
+                // the source is 'static.
+                unsafe { *out = PagiStr::from_bytes(src.as_bytes()) };
+                1
+            }
+            None => 0,
         }
-        None => 0,
-    }
+    })
 }
 
 // ---- Server-Sent Events ------------------------------------------------------
@@ -655,10 +665,10 @@ pub extern "C" fn pagi_rs_sse_start(
     n: usize,
     err: *mut PagiStr,
 ) -> c_int {
-    let Some(rt) = runtime() else {
-        return report(err, "no runtime".into());
-    };
     guarded(-1, || {
+        let Some(rt) = runtime() else {
+            return report(err, "no runtime".into());
+        };
         let Some(ex) = exchange(id) else {
             return SendOutcome::Closed as c_int;
         };
@@ -887,4 +897,42 @@ pub extern "C" fn pagi_rs_ws_finish(
         });
         ws.app_finished(text.as_deref()) as c_int
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every function C calls runs its whole body under a panic guard: the
+    /// body's first statement is one of the guards (or a helper that runs
+    /// its work under one).  A new export that forgets fails here.
+    #[test]
+    fn every_export_catches_panics() {
+        const GUARDS: &[&str] = &[
+            "guarded(",
+            "with_ctx(",
+            "send_to(",
+            "ws_send_to(",
+            "start_file_stream(",
+        ];
+        let src = include_str!("exports.rs");
+        let mut checked = 0;
+        for (at, _) in src.match_indices("pub extern \"C\" fn ") {
+            let rest = &src[at..];
+            let name = rest["pub extern \"C\" fn ".len()..]
+                .split('(')
+                .next()
+                .unwrap_or("?");
+            let body_start = rest.find("{\n").expect("a body") + 2;
+            let first = rest[body_start..]
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with("//"))
+                .unwrap_or("");
+            assert!(
+                GUARDS.iter().any(|g| first.starts_with(g)),
+                "{name} starts with `{first}`, outside any panic guard"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 28, "found only {checked} exports");
+    }
 }

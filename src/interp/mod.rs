@@ -234,6 +234,8 @@ impl Pool {
             loop {
                 match interp.recv(Some(deadline)) {
                     Some(Control::Exited) => {
+                        // Only ever `take`n under this lock, which cannot
+                        // panic half-way: recovering from poison is sound.
                         if let Some(t) = interp
                             .thread
                             .lock()
@@ -259,6 +261,8 @@ impl Pool {
 
 impl Interpreter {
     fn recv(&self, deadline: Option<Instant>) -> Option<Control> {
+        // The lock only serialises readers of a channel, which stays valid
+        // whatever a panicking reader did: recovering from poison is sound.
         let rx = self.control.lock().unwrap_or_else(|p| p.into_inner());
         match deadline {
             None => rx.recv().ok(),

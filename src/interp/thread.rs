@@ -83,6 +83,8 @@ fn run(
     runtime: tokio::runtime::Handle,
     spec: LoadSpec,
 ) {
+    // The lock guards no data, only the order of constructions: a thread
+    // that panicked holding it leaves nothing to repair.
     let guard = CONSTRUCTION.lock().unwrap_or_else(|p| p.into_inner());
     // perl_parse may write to argv ($0): give it leaked, writable storage that
     // outlives the interpreter.

@@ -122,7 +122,13 @@ sub _receive {
         return Future->done($ev);
     }
     if ( !$self->[CONNECTED] || $self->[COMPLETED_CLEANLY] ) {
-        return $self->_disconnect_event;
+        return $self->_disconnect_event unless _body_on_its_way($self);
+        # The end is known (read from the core), but body chunks that
+        # arrived before it are still queued for this interpreter: they come
+        # first, and _on_body hands the next one to this receive.
+        my $pending = $self->[RECV_WAIT];
+        return $pending if $pending && !$pending->is_ready;
+        return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
     }
     my $body = $self->[BODY];
     if ( $body == BODY_EMPTY ) {
@@ -141,6 +147,15 @@ sub _receive {
         return $pending unless $pending->is_ready;
     }
     return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+}
+
+# Body chunks the core has queued for this interpreter and it has not yet
+# dispatched: the end may be known here before they are (pagi.connection
+# reads the core's facts directly), but it must not overtake them.
+sub _body_on_its_way {
+    my ($self) = @_;
+    return 0 if $self->[BODY] == BODY_DONE || $self->[BODY] == BODY_EMPTY;
+    return ( PAGI::RS::_query( $self->[ID], Q_BODY_PENDING ) // 0 ) > 0;
 }
 
 sub _disconnect_event {
@@ -466,7 +481,8 @@ sub _on_network_gone {
 sub _settle {
     my ( $self, $clean ) = @_;
     my $wait = $self->[RECV_WAIT];
-    if ( $wait && !$wait->is_ready ) {
+    # With body chunks still on their way, the first of them settles it.
+    if ( $wait && !$wait->is_ready && !_body_on_its_way($self) ) {
         $self->[RECV_WAIT] = undef;
         $wait->done( $self->_end_event );
     }
