@@ -138,6 +138,13 @@ fn run(
         let _enter = runtime.enter();
         bind(addr)?
     };
+    // A process the app forks must not keep the server's port after the
+    // server stops: glue.c's fork handler closes this descriptor in it.
+    // SAFETY: only records a descriptor number; the handler closes it in
+    // forked children, never in this process.
+    unsafe {
+        interp::ffi::pagi_close_in_forked_children(std::os::fd::AsRawFd::as_raw_fd(&listener))
+    };
     let local = listener.local_addr().unwrap_or(addr);
 
     pool.lifespan_startup(

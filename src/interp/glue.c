@@ -405,6 +405,7 @@ XS(xs_wake_ack)
 {
     dXSARGS;
     PERL_UNUSED_VAR(items);
+    adopt_signal_handlers(aTHX);
     XSRETURN_IV(pagi_rs_wake_ack());
 }
 
@@ -752,6 +753,7 @@ XS(xs_sender)
     HV *stash;
     if (!mg || !mg->mg_obj || !SvROK(mg->mg_obj))
         croak("pagi-rs: this send() no longer belongs to a request");
+    adopt_signal_handlers(aTHX);
     self = mg->mg_obj;
     req = (AV *)SvRV(self);
     stash = SvSTASH((SV *)req);
@@ -949,9 +951,6 @@ XS(xs_embedded_source)
     XSRETURN(1);
 }
 
-/* exit() inside an application would end the whole server (or longjmp across
- * Rust frames).  Every OP_EXIT compiled after install_exit_guard() croaks
- * instead, which the bridge turns into an ordinary application error. */
 /* ---- SSE and WebSocket sends ------------------------------------------------
  * Sequencing and type checks live in Perl (SSE.pm, WebSocket.pm); these only
  * carry the values over.  Text fields are characters: they are UTF-8 encoded
@@ -1206,10 +1205,60 @@ XS(xs_ws_finish)
     XSRETURN_IV(pagi_rs_ws_finish((uint64_t)SvUV(ST(0)), e.ptr, e.len, has_err));
 }
 
+/* ---- exit and fork ------------------------------------------------------------
+ * exit() inside an application would end the whole server (or longjmp across
+ * Rust frames).  Every OP_EXIT (CORE::exit too) croaks instead, which the
+ * bridge turns into an ordinary application error.  The guard protects the
+ * server's own process only: in a process the application forked, exit is
+ * Perl's, and the child ends as a forked perl would (see
+ * exit_forked_child).  Any descendant counts: a daemon's grandchild too. */
+#include <unistd.h>
+#include <pthread.h>
+
+static pid_t server_pid;
+static Perl_ppaddr_t perl_pp_exit; /* Perl's own pp_exit */
+
 static OP *pagi_pp_exit(pTHX)
 {
+    if (getpid() != server_pid)
+        return perl_pp_exit(aTHX);
     Perl_croak(aTHX_ "exit() called by the application; pagi-rs does not let an app end the server\n");
     return NULL; /* not reached */
+}
+
+/* Perl's my_exit in a forked child unwinds every Perl frame and lands at the
+ * outermost JMPENV, which pagi_call/pagi_eval push for this.  End the child
+ * as perl ends after exit: END blocks, object destruction and flushing of
+ * Perl's handles (perl_destruct), then the status.  _exit, because this
+ * process is a fork of a multi-threaded one: the Rust runtime's other
+ * threads do not exist here, and C atexit handlers must not run. */
+static void exit_forked_child(pTHX)
+{
+    int status = perl_destruct(my_perl);
+    _exit(status & 0xff);
+}
+
+/* Listening sockets of the server, closed in every forked child: a child
+ * that outlives the server must not keep its port. */
+#define MAX_SERVER_FDS 16
+static int server_fds[MAX_SERVER_FDS];
+static _Atomic int server_fd_count; /* interpreters may fork meanwhile */
+
+static void close_server_fds_in_child(void)
+{
+    int i, n = server_fd_count;
+    for (i = 0; i < n && i < MAX_SERVER_FDS; i++)
+        close(server_fds[i]);
+}
+
+/* Called on the main thread (only) once a listening socket is bound. */
+void pagi_close_in_forked_children(int fd)
+{
+    int n = server_fd_count;
+    if (n < MAX_SERVER_FDS) {
+        server_fds[n] = fd;
+        server_fd_count = n + 1; /* seq_cst: the fd is stored first */
+    }
 }
 
 static void xs_init(pTHX)
@@ -1274,14 +1323,10 @@ PerlInterpreter *pagi_interp_new(int argc, char **argv)
     perl_construct(my_perl);
     PL_exit_flags |= PERL_EXIT_DESTRUCT_END;
     /* NULL env: a custom array would replace the whole process environment. */
-    if (perl_parse(my_perl, xs_init, argc, argv, NULL) != 0) {
+    if (perl_parse(my_perl, xs_init, argc, argv, NULL) != 0 || perl_run(my_perl) != 0) {
         perl_destruct(my_perl);
         perl_free(my_perl);
-        return NULL;
-    }
-    if (perl_run(my_perl) != 0) {
-        perl_destruct(my_perl);
-        perl_free(my_perl);
+        PERL_SET_CONTEXT(NULL);
         return NULL;
     }
     return my_perl;
@@ -1292,44 +1337,137 @@ void pagi_interp_set_context(PerlInterpreter *my_perl)
     PERL_SET_CONTEXT(my_perl);
 }
 
+static void signal_target_remove(PerlInterpreter *my_perl);
+
 void pagi_interp_free(PerlInterpreter *my_perl)
 {
+    /* No signal may be forwarded to it from now on. */
+    signal_target_remove(my_perl);
     PERL_SET_CONTEXT(my_perl);
     PL_perl_destruct_level = 0;
     perl_destruct(my_perl);
     perl_free(my_perl);
+    /* This thread has no interpreter any more: a signal landing here must
+     * see none, not the freed one. */
+    PERL_SET_CONTEXT(NULL);
 }
 
 /* ---- signals --------------------------------------------------------------
- * Perl's C signal handler needs an interpreter on the current thread.  Once
- * an app sets $SIG{USR1} (say), the process-wide handler is Perl's, and the
- * kernel may run it on a tokio thread, which has none: it would crash.  Our
- * replacement forwards such a signal to an interpreter thread, where Perl's
- * own handler queues it for the app as usual. */
-#include <pthread.h>
+ * Perl's C signal handler needs an interpreter on the current thread, and
+ * that interpreter must be one whose app set a handler for the signal
+ * (Perl exits on a signal it has no handler for).  Once an app sets
+ * $SIG{USR1} (say), the process-wide handler is Perl's, and the kernel may
+ * run it on any thread: a tokio thread, which has no interpreter, or
+ * another interpreter's.  Our replacement delivers the signal on this
+ * thread when its interpreter has a handler, and otherwise forwards it
+ * (tgkill) to the thread of an interpreter that has one, where Perl's own
+ * handler queues it for the app as usual.
+ *
+ * Interpreters are registered here while they may receive signals.  A
+ * thread is addressed by its kernel thread id, not a pthread_t: a signal
+ * for a thread that has just exited then fails with ESRCH instead of being
+ * undefined behaviour.  An interpreter is removed before it is destroyed,
+ * and the removal waits until no handler is reading the table, so a handler
+ * never reads a freed interpreter. */
 #include <signal.h>
+#include <stdatomic.h>
+#include <sched.h>
+#include <sys/syscall.h>
 
-static pthread_t signal_target;
-static volatile sig_atomic_t have_signal_target = 0;
+#define MAX_SIGNAL_TARGETS 64
+
+typedef struct {
+    atomic_int live; /* 1 while it may receive signals */
+    pid_t tid;
+    PerlInterpreter *perl;
+} signal_target;
+
+static signal_target signal_targets[MAX_SIGNAL_TARGETS];
+static atomic_int signal_target_count;
+static atomic_int signal_handlers_reading;
+
+/* How well `perl` can take signal `sig`: 2 with a code or glob handler,
+ * 1 with a handler named by a string, 0 with none ('DEFAULT' and 'IGNORE'
+ * are none).  Only reads: a pointer in its %SIG table, the flags of an SV
+ * head (arena memory, valid while the interpreter lives) and a name. */
+static int handler_rank(PerlInterpreter *my_perl, int sig)
+{
+    SV **handlers = PL_psig_ptr;
+    SV *h;
+    if (!handlers || sig <= 0 || sig >= SIG_SIZE)
+        return 0;
+    h = handlers[sig];
+    if (!h)
+        return 0;
+    if (SvROK(h) || isGV_with_GP(h))
+        return 2;
+    if (SvPOK(h) && SvCUR(h) > 0) {
+        const char *name = SvPVX(h);
+        if (strEQ(name, "DEFAULT") || strEQ(name, "IGNORE"))
+            return 0;
+        return 1;
+    }
+    return 0;
+}
+
+/* The target for `sig` received on a thread running `here` (NULL: none).
+ * Returns 0 to deliver here, a thread id to forward to, or -1 for nobody
+ * (no live interpreter has a handler: the signal is dropped). */
+static pid_t choose_signal_target(int sig, PerlInterpreter *here)
+{
+    int i, n, best_rank = 0, here_rank = -1;
+    pid_t best = -1;
+    atomic_fetch_add(&signal_handlers_reading, 1);
+    n = atomic_load(&signal_target_count);
+    if (n > MAX_SIGNAL_TARGETS)
+        n = MAX_SIGNAL_TARGETS;
+    for (i = 0; i < n; i++) {
+        signal_target *t = &signal_targets[i];
+        int rank;
+        if (!atomic_load(&t->live))
+            continue;
+        rank = handler_rank(t->perl, sig);
+        if (t->perl == here)
+            here_rank = rank;
+        if (rank > best_rank) {
+            best_rank = rank;
+            best = t->tid;
+        }
+    }
+    atomic_fetch_sub(&signal_handlers_reading, 1);
+    if (here_rank > 0 && here_rank >= best_rank)
+        return 0;
+    return best;
+}
+
+static void forward_signal(pid_t tid, int sig)
+{
+    if (tid > 0)
+        (void)syscall(SYS_tgkill, (long)getpid(), (long)tid, (long)sig);
+}
 
 static Signal_t pagi_csighandler3(int sig, Siginfo_t *info, void *uap)
 {
-    if (PERL_GET_THX == NULL) {
-        if (have_signal_target)
-            pthread_kill(signal_target, sig);
-        return;
-    }
-    Perl_csighandler3(sig, info, uap);
+    int saved_errno = errno;
+    pid_t target = choose_signal_target(sig, (PerlInterpreter *)PERL_GET_THX);
+    errno = saved_errno;
+    if (target == 0)
+        Perl_csighandler3(sig, info, uap);
+    else
+        forward_signal(target, sig);
+    errno = saved_errno;
 }
 
 static Signal_t pagi_csighandler1(int sig)
 {
-    if (PERL_GET_THX == NULL) {
-        if (have_signal_target)
-            pthread_kill(signal_target, sig);
-        return;
-    }
-    Perl_csighandler1(sig);
+    int saved_errno = errno;
+    pid_t target = choose_signal_target(sig, (PerlInterpreter *)PERL_GET_THX);
+    errno = saved_errno;
+    if (target == 0)
+        Perl_csighandler1(sig);
+    else
+        forward_signal(target, sig);
+    errno = saved_errno;
 }
 
 /* Called on the main thread before any interpreter exists. */
@@ -1340,19 +1478,80 @@ void pagi_install_signal_forwarding(void)
     PL_csighandler1p = pagi_csighandler1;
 }
 
-/* Called on the interpreter thread that should receive forwarded signals. */
-void pagi_set_signal_target(void)
+/* Called on an interpreter's own thread once it is built: signals for
+ * which its app sets a handler may now be delivered to it. */
+void pagi_add_signal_target(PerlInterpreter *my_perl)
 {
-    if (!have_signal_target) {
-        signal_target = pthread_self();
-        have_signal_target = 1;
+    int i = atomic_fetch_add(&signal_target_count, 1);
+    if (i >= MAX_SIGNAL_TARGETS)
+        return; /* signals then reach only the first MAX_SIGNAL_TARGETS */
+    signal_targets[i].tid = (pid_t)syscall(SYS_gettid);
+    signal_targets[i].perl = my_perl;
+    atomic_store(&signal_targets[i].live, 1);
+}
+
+static void signal_target_remove(PerlInterpreter *my_perl)
+{
+    int i, n = atomic_load(&signal_target_count);
+    if (n > MAX_SIGNAL_TARGETS)
+        n = MAX_SIGNAL_TARGETS;
+    for (i = 0; i < n; i++)
+        if (signal_targets[i].perl == my_perl)
+            atomic_store(&signal_targets[i].live, 0);
+    /* A handler that saw it live is still reading: let it finish. */
+    while (atomic_load(&signal_handlers_reading) != 0)
+        sched_yield();
+}
+
+/* Perl installs the process's handler for a signal only when the first
+ * ("parent") interpreter sets $SIG{...}: with ithreads, Perl_rsignal
+ * refuses every other interpreter.  When the app of another interpreter
+ * sets a handler, install ours here, as Perl would have, so that the signal
+ * reaches it.  Called where the app has just run: before each $send goes
+ * to the core (so a handler set while answering a request is in place
+ * before the answer leaves) and on each wake-up of the loop.  Once
+ * installed it stays: %SIG is process-wide, and a signal no interpreter
+ * has a handler for is dropped (choose_signal_target). */
+static __thread unsigned char signals_adopted[SIG_SIZE];
+
+static void adopt_signal_handlers(pTHX)
+{
+    int sig;
+    SV **handlers = PL_psig_ptr;
+    if (PL_curinterp == aTHX || !handlers)
+        return;
+    for (sig = 1; sig < SIG_SIZE; sig++) {
+        if (handlers[sig] && !signals_adopted[sig] && handler_rank(aTHX, sig) > 0) {
+            struct sigaction act;
+            memset(&act, 0, sizeof act);
+            act.sa_handler = (void (*)(int))PL_csighandlerp; /* as Perl_rsignal does */
+            sigemptyset(&act.sa_mask);
+            if (sigaction(sig, &act, NULL) == 0)
+                signals_adopted[sig] = 1;
+        }
     }
 }
 
-/* PL_ppaddr is shared by every interpreter in the process; install once. */
+/* For tests: where a signal received on a thread without an interpreter
+ * would go (a thread id, or -1), and this thread's interpreter context. */
+int pagi_signal_target_for(int sig)
+{
+    return (int)choose_signal_target(sig, NULL);
+}
+
+void *pagi_current_context(void)
+{
+    return PERL_GET_THX;
+}
+
+/* PL_ppaddr is shared by every interpreter in the process; install once,
+ * on the main thread: the process it is called in is the server's. */
 void pagi_install_exit_guard(void)
 {
+    server_pid = getpid();
+    perl_pp_exit = PL_ppaddr[OP_EXIT];
     PL_ppaddr[OP_EXIT] = pagi_pp_exit;
+    pthread_atfork(NULL, NULL, close_server_fds_in_child);
 }
 
 /* Call the Perl sub `name` with string arguments in list context, under
@@ -1376,12 +1575,29 @@ static void keep_result(pTHX_ SV *sv, pagi_str *result)
     result->len = len;
 }
 
+/* The outermost frame of every entry from Rust into Perl: Perl's exit
+ * (my_exit) unwinds to the outermost JMPENV, and that is only reached in a
+ * process the application forked (in the server the exit guard croaks
+ * first, and nothing else calls my_exit).  The child ends there; anything
+ * else goes on unwinding, as it did without this frame. */
+#define EXIT_FRAME_PUSH                                                        \
+    dJMPENV;                                                                   \
+    int exit_frame_ret;                                                        \
+    JMPENV_PUSH(exit_frame_ret);                                               \
+    if (exit_frame_ret != 0) {                                                 \
+        JMPENV_POP;                                                            \
+        if (getpid() != server_pid)                                            \
+            exit_forked_child(aTHX);                                           \
+        JMPENV_JUMP(exit_frame_ret);                                           \
+    }
+
 int pagi_call(PerlInterpreter *my_perl, const char *name, const pagi_str *args, size_t nargs,
               pagi_str *result)
 {
     int count, ok;
     size_t i;
     dSP;
+    EXIT_FRAME_PUSH;
 
     ENTER;
     SAVETMPS;
@@ -1400,6 +1616,7 @@ int pagi_call(PerlInterpreter *my_perl, const char *name, const pagi_str *args, 
     PUTBACK;
     FREETMPS;
     LEAVE;
+    JMPENV_POP;
     return ok;
 }
 
@@ -1409,6 +1626,7 @@ int pagi_eval(PerlInterpreter *my_perl, const char *code, pagi_str *result)
     SV *ret;
     int ok;
     dSP;
+    EXIT_FRAME_PUSH;
     PERL_UNUSED_VAR(sp);
     ENTER;
     SAVETMPS;
@@ -1418,5 +1636,6 @@ int pagi_eval(PerlInterpreter *my_perl, const char *code, pagi_str *result)
     keep_result(aTHX_ ok ? ret : ERRSV, result);
     FREETMPS;
     LEAVE;
+    JMPENV_POP;
     return ok;
 }
