@@ -18,7 +18,6 @@ use hyper::body::Incoming;
 
 use crate::exchange::{BodyAborted, Exchange};
 use crate::http1::gate::{Answers, BodyRefusal};
-use crate::interp::messages::ToPerl;
 
 pub enum ResponseBody {
     Full(Option<Bytes>),
@@ -226,15 +225,7 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
             return;
         }
         exchange.mark_progress();
-        if exchange.has_ended() {
-            return;
-        }
-        exchange.mailbox_push(ToPerl::Body {
-            id: exchange.id,
-            data,
-            more,
-        });
-        if !more {
+        if !exchange.deliver_body(data, more) || !more {
             return;
         }
     }

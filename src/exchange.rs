@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::access_log::{AccessLog, Record};
 use crate::error::SendError;
+use crate::interp::constants::{finish as finish_codes, send as codes};
 use crate::interp::mailbox::Mailbox;
 use crate::interp::messages::ToPerl;
 
@@ -52,20 +53,21 @@ pub enum Head {
     Upgrade(HeaderMap),
 }
 
-/// How a `$send` went, as a small code for Perl (see HTTP.pm and glue.c).
+/// How a `$send` went, as a small code for Perl (see HTTP.pm and glue.c;
+/// the numbers come from constants.def, group send).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendOutcome {
     /// Accepted; resolve the Future now.
-    Ready = 0,
+    Ready = codes::SENT as isize,
     /// Accepted and the buffer just reached the high-water mark: fire
     /// on_high_water and resolve when Drained arrives.
-    HighWater = 1,
+    HighWater = codes::HIGH_WATER as isize,
     /// Accepted, buffer still above the mark: resolve when Drained arrives.
-    StillHigh = 2,
+    StillHigh = codes::STILL_HIGH as isize,
     /// The exchange has ended; the send is a successful no-op.
-    Closed = 3,
+    Closed = codes::CLOSED as isize,
     /// Accepted; a SendDone message will settle the Future.
-    Deferred = 4,
+    Deferred = codes::DEFERRED as isize,
 }
 
 /// What became of a chunk a Rust-side producer offered.
@@ -93,17 +95,17 @@ pub enum EndState {
     },
 }
 
-/// What `finish` did, reported back to Perl.
+/// What `finish` did, reported back to Perl (constants.def, group finish).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishOutcome {
     /// The response was complete; nothing to do.
-    Clean = 0,
+    Clean = finish_codes::CLEAN as isize,
     /// No response had started: the server sent its 500 backstop.
-    Backstop500 = 1,
+    Backstop500 = finish_codes::BACKSTOP as isize,
     /// The response was left incomplete and has been cut off.
-    Truncated = 2,
+    Truncated = finish_codes::TRUNCATED as isize,
     /// The client had already gone; nothing was sent and nothing logged.
-    AlreadyDisconnected = 3,
+    AlreadyDisconnected = finish_codes::ALREADY_DISCONNECTED as isize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +190,22 @@ pub(crate) fn water_mark(buffered: usize, high_water: usize, high: &mut bool) ->
     }
 }
 
+/// A response status the application may send: a final status, 200-599.
+/// 1xx are interim responses (the server sends 100 Continue itself, and 101
+/// belongs to websocket.accept); anything outside 100-599 is no HTTP status.
+fn final_status(status: i64) -> Result<StatusCode, SendError> {
+    match status {
+        200..=599 => StatusCode::from_u16(status as u16)
+            .map_err(|_| SendError::Invalid(format!("status {status} is not a valid HTTP status"))),
+        100..=199 => Err(SendError::Invalid(format!(
+            "status {status} is informational (1xx), not a final response status (200-599)"
+        ))),
+        _ => Err(SendError::Invalid(format!(
+            "status {status} is outside 100-599; a response status must be 200-599"
+        ))),
+    }
+}
+
 /// Largest data frame handed to hyper.
 const MAX_FRAME: usize = 64 * 1024;
 
@@ -215,6 +233,9 @@ pub struct Exchange {
     /// Closes the exchange's connection at once (`abort`): nothing queued
     /// is written, and on HTTP/1.1 nothing else can use the connection.
     close_connection: Option<Arc<Notify>>,
+    /// Request-body chunks in the mailbox that Perl has not taken yet: an
+    /// end Perl learns of early must not overtake them.
+    bodies_in_mailbox: AtomicUsize,
 }
 
 impl Exchange {
@@ -265,14 +286,95 @@ impl Exchange {
             last_progress_ms: AtomicU64::new(0),
             event_stream: std::sync::OnceLock::new(),
             close_connection,
+            bodies_in_mailbox: AtomicUsize::new(0),
         });
         (ex, rx)
     }
 
+    /// The state, locked.  A poisoned lock means a panic (a bug) while it
+    /// was held, which may have left the state half-updated: it is not
+    /// trusted to go on.  The exchange ends there as a server error (the
+    /// connection closes, the application hears `server_error`) and the
+    /// poison is cleared, so every later call sees a plain ended exchange.
+    /// The rest of the server is unaffected.
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave State inconsistent in a
-        // way that matters more than serving the next event.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        match self.state.lock() {
+            Ok(st) => st,
+            Err(poisoned) => {
+                let mut st = poisoned.into_inner();
+                self.state.clear_poison();
+                self.end_after_panic(&mut st);
+                st
+            }
+        }
+    }
+
+    fn end_after_panic(&self, st: &mut State) {
+        tracing::error!(
+            "internal error: a panic left request {} in an unknown state; ending it",
+            self.id
+        );
+        if st.disconnected.is_some() || st.delivered {
+            return;
+        }
+        let detail = "internal error while handling the request".to_string();
+        st.disconnected = Some("server_error");
+        st.detail = Some(detail.clone());
+        st.phase = Phase::Aborted;
+        st.abort_flushed = true;
+        st.queue.clear();
+        st.buffered = 0;
+        st.pending_head = None;
+        if let Some(tx) = st.head_tx.take() {
+            let _ = tx.send(Head::Abort);
+        }
+        if let Some(w) = st.waker.take() {
+            w.wake();
+        }
+        if let Some(close) = &self.close_connection {
+            close.notify_one();
+        }
+        self.progress.notify_waiters();
+        self.ended.notify_waiters();
+        self.body_credit.close();
+        // The mailbox lock is only ever taken after this one.
+        self.mailbox.push(ToPerl::Disconnect {
+            id: self.id,
+            reason: "server_error",
+            detail: Some(detail),
+        });
+    }
+
+    /// Hand a request-body chunk to the interpreter; false (and nothing
+    /// sent) once the exchange has ended.  Decided under the state lock, so
+    /// that the chunk cannot overtake the Disconnect message of an end
+    /// recorded meanwhile: an end recorded first drops it, one recorded
+    /// after queues its message behind it.
+    pub fn deliver_body(&self, data: Bytes, more: bool) -> bool {
+        let st = self.lock();
+        if st.delivered || st.disconnected.is_some() {
+            return false;
+        }
+        self.bodies_in_mailbox.fetch_add(1, Ordering::AcqRel);
+        self.mailbox.push(ToPerl::Body {
+            id: self.id,
+            data,
+            more,
+        });
+        drop(st);
+        true
+    }
+
+    /// Perl took one request-body chunk out of the mailbox.
+    pub fn body_taken(&self) {
+        let _ = self
+            .bodies_in_mailbox
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Request-body chunks queued for Perl that it has not taken yet.
+    pub fn bodies_in_mailbox(&self) -> usize {
+        self.bodies_in_mailbox.load(Ordering::Acquire)
     }
 
     pub fn config(&self) -> &ExchangeConfig {
@@ -321,13 +423,7 @@ impl Exchange {
         if st.phase != Phase::AwaitingStart {
             return Err(SendError::Sequence("http.response.start was already sent"));
         }
-        let status = u16::try_from(status)
-            .ok()
-            .filter(|s| (200..=999).contains(s))
-            .and_then(|s| StatusCode::from_u16(s).ok())
-            .ok_or_else(|| {
-                SendError::Invalid(format!("status {status} is not a valid final HTTP status"))
-            })?;
+        let status = final_status(status)?;
         let (map, declared) = build_headers(headers, true)?;
         st.declared_length = declared;
         st.trailers_promised = trailers;
@@ -1246,19 +1342,83 @@ pub(crate) mod tests {
 
     #[test]
     fn invalid_status_is_refused() {
+        let (ex, mut rx) = exchange(false);
+        for status in [42, 99, 600, 999, 1000, -200, i64::MAX] {
+            match ex.start(status, &[], false) {
+                Err(SendError::Invalid(msg)) => assert!(msg.contains("100-599"), "{status}: {msg}"),
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+        match ex.start(101, &[], false) {
+            Err(SendError::Invalid(msg)) => assert!(msg.contains("informational"), "{msg}"),
+            other => panic!("101: {other:?}"),
+        }
+        assert!(rx.try_recv().is_err(), "nothing reached the network");
+        for status in [200, 404, 599] {
+            let (ex, _rx) = exchange(false);
+            assert_eq!(ex.start(status, &[], false).unwrap(), SendOutcome::Ready);
+        }
+    }
+
+    #[test]
+    fn a_body_chunk_never_follows_the_disconnect() {
         let (ex, _rx) = exchange(false);
-        assert!(matches!(
-            ex.start(42, &[], false),
-            Err(SendError::Invalid(_))
-        ));
-        assert!(matches!(
-            ex.start(1000, &[], false),
-            Err(SendError::Invalid(_))
-        ));
-        assert!(matches!(
-            ex.start(101, &[], false),
-            Err(SendError::Invalid(_))
-        ));
+        assert!(ex.deliver_body(Bytes::from_static(b"one"), true));
+        assert_eq!(ex.bodies_in_mailbox(), 1);
+        ex.network_gone("client_closed", None);
+        assert!(
+            !ex.deliver_body(Bytes::from_static(b"two"), false),
+            "a chunk offered after the end is dropped"
+        );
+        let mut q = VecDeque::new();
+        ex.mailbox.take_all(&mut q);
+        let kinds: Vec<&str> = q
+            .iter()
+            .map(|m| match m {
+                ToPerl::Body { .. } => "body",
+                ToPerl::Disconnect { .. } => "disconnect",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["body", "disconnect"]);
+        ex.body_taken();
+        assert_eq!(ex.bodies_in_mailbox(), 0);
+        ex.body_taken();
+        assert_eq!(ex.bodies_in_mailbox(), 0, "never below zero");
+    }
+
+    #[test]
+    fn a_poisoned_exchange_ends_as_a_server_error() {
+        let (ex, mut rx) = exchange(false);
+        let ex2 = ex.clone();
+        let _ = std::thread::spawn(move || {
+            let _st = ex2.state.lock().unwrap();
+            panic!("a bug while the state is locked");
+        })
+        .join();
+        assert!(ex.state.is_poisoned());
+        assert_eq!(
+            ex.start(200, &[], false).unwrap(),
+            SendOutcome::Closed,
+            "sends are no-ops on the ended exchange"
+        );
+        assert!(
+            !ex.state.is_poisoned(),
+            "the poison is cleared once handled"
+        );
+        assert!(
+            matches!(ex.end_state(), EndState::Abnormal { reason, .. } if reason == "server_error")
+        );
+        assert!(matches!(rx.try_recv(), Ok(Head::Abort)));
+        let mut q = VecDeque::new();
+        ex.mailbox.take_all(&mut q);
+        assert!(q.iter().any(|m| matches!(
+            m,
+            ToPerl::Disconnect {
+                reason: "server_error",
+                ..
+            }
+        )));
     }
 
     #[test]

@@ -96,6 +96,10 @@ fn main() -> ExitCode {
         max_receive_queue: opts.max_receive_queue,
         max_ws_frame_size: opts.max_ws_frame_size,
         max_unread_bytes: websocket::Settings::unread_budget(opts.ws_message_limit()),
+        send_backlog: opts
+            .write_high_watermark
+            .saturating_mul(websocket::SEND_BACKLOG_HIGH_WATERS),
+        queued_message_cost: websocket::QUEUED_MESSAGE_COST,
         spec: opts.spec_version,
         max_disconnect_receives: opts.max_disconnect_receives,
     };
@@ -139,6 +143,13 @@ fn run(
         let _enter = runtime.enter();
         bind(addr)?
     };
+    // A process the app forks must not keep the server's port after the
+    // server stops: glue.c's fork handler closes this descriptor in it.
+    // SAFETY: only records a descriptor number; the handler closes it in
+    // forked children, never in this process.
+    unsafe {
+        interp::ffi::pagi_close_in_forked_children(std::os::fd::AsRawFd::as_raw_fd(&listener))
+    };
     let local = listener.local_addr().unwrap_or(addr);
 
     pool.lifespan_startup(
@@ -168,9 +179,7 @@ fn run(
             close_timeout: Duration::from_secs(opts.ws_close_timeout),
             max_in_transit: opts.max_receive_queue.max(1),
             max_in_transit_bytes: websocket::Settings::transit_budget(opts.ws_message_limit()),
-            max_send_backlog: opts
-                .write_high_watermark
-                .saturating_mul(websocket::SEND_BACKLOG_HIGH_WATERS),
+            max_send_backlog: spec.send_backlog,
             queued_message_cost: websocket::QUEUED_MESSAGE_COST,
         }),
         shutting_down,

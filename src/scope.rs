@@ -12,28 +12,30 @@ use http::request::Parts;
 use http::{HeaderMap, Version};
 
 use crate::http1::gate::WireOrder;
+use crate::interp::constants::{body, scope};
 
-/// Whether and how the request has a body for `$receive` to deliver.
+/// Whether and how the request has a body for `$receive` to deliver
+/// (numbered as HTTP.pm sees it: constants.def, group body).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BodyState {
     /// No body: the first receive returns an empty final `http.request` at once.
-    Empty = 0,
+    Empty = body::EMPTY as isize,
     /// A body streamed by the pump, one chunk read ahead.
-    Streaming = 1,
+    Streaming = body::STREAMING as isize,
     /// A body behind `Expect: 100-continue`: nothing is read (and no 100 sent)
     /// until the application first receives.
-    AwaitingContinue = 2,
+    AwaitingContinue = body::AWAIT_CONTINUE as isize,
 }
 
 /// Which PAGI scope a request opens (the `type` key); numbered as glue.c
-/// and Bridge.pm see it.
+/// and Bridge.pm see it (constants.def, group scope).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScopeKind {
-    Http = 0,
+    Http = scope::HTTP as isize,
     /// `Accept: text/event-stream`, not a WebSocket upgrade (any method).
-    Sse = 1,
+    Sse = scope::SSE as isize,
     /// A WebSocket handshake (see websocket/handshake.rs).
-    WebSocket = 2,
+    WebSocket = scope::WEBSOCKET as isize,
 }
 
 impl ScopeKind {

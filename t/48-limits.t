@@ -6,6 +6,7 @@ use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use PagiRS::WS;
 use Time::HiRes qw(time sleep);
+use File::Temp ();
 
 # Limits set by configuration, not by the client: option values that would
 # overflow are refused at startup (never a panic), --max-connections answers
@@ -24,6 +25,19 @@ my $app = async sub {
             my $ev = await $receive->();
             return if $ev->{type} eq 'websocket.disconnect';
         }
+    }
+    # /flood: 2000 body sends of 64 KiB, none awaited, to a client that
+    # does not read; report how many failed and with what.
+    if ($scope->{path} eq '/flood') {
+        await $send->({ type => 'http.response.start', status => 200, headers => [] });
+        my $chunk = 'z' x 65536;
+        my @f = map { $send->({ type => 'http.response.body', body => $chunk, more => 1 }) } 1 .. 2000;
+        my @failed = grep { $_->is_ready && $_->is_failed } @f;
+        my $why = @failed ? ($failed[0]->failure)[0] : '';
+        open my $fh, '>', $ENV{PAGI_LIMITS_OUT} or die;
+        print $fh scalar(@failed), "\n", $why;
+        close $fh;
+        return;
     }
     # /block: keep the interpreter busy, so that new requests queue up.
     if ($scope->{path} eq '/block') {
@@ -87,6 +101,28 @@ subtest '--max-connections: past the limit a connection gets 503 with Retry-Afte
     }
     ok $served, 'after the WebSocket closed, a new connection is served';
     close $keep;
+    $s->stop;
+};
+
+subtest 'an http app that does not await its sends cannot queue without bound' => sub {
+    my $out = File::Temp->new;
+    local $ENV{PAGI_LIMITS_OUT} = $out->filename;
+    my $s    = start_server($app);
+    my $rss0 = vmrss_kb( $s->pid );
+    my $sock = connect_port( $s->port );
+    $sock->syswrite("GET /flood HTTP/1.1\r\nHost: x\r\n\r\n");    # and never read
+    my $report;
+    for ( 1 .. 100 ) {
+        $report = slurp( $out->filename );
+        last if length $report;
+        sleep 0.05;
+    }
+    my ( $failed, $why ) = split /\n/, $report // '', 2;
+    ok $failed > 1900, "most sends failed at once ($failed of 2000)";
+    like $why, qr/send queue full: .*await each send/, 'saying why';
+    my $grew = ( vmrss_kb( $s->pid ) - $rss0 ) / 1024;
+    ok $grew < 48, sprintf( 'server RSS grew by %.1f MiB (the 2000 chunks are 125 MiB)', $grew );
+    close $sock;
     $s->stop;
 };
 

@@ -294,6 +294,7 @@ impl WireOrders {
         if !self.pending.load(Ordering::Acquire) {
             return None;
         }
+        // Poison is harmless here, as in `record`.
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         // Records for requests hyper never delivered (it failed them) are stale.
         while queue.front().is_some_and(|r| r.seq < seq) {

@@ -1,6 +1,8 @@
 //! The Rust functions that glue.c's XS subs call.  They run on an
 //! interpreter thread, inside a call from Perl, and never call back into
-//! Perl.  Each catches panics: unwinding into C frames is undefined behaviour.
+//! Perl.  Each catches panics (its whole body runs inside `guarded` or
+//! `with_ctx`, or a helper built on them; a unit test below checks): a
+//! panic must not unwind into C frames, and must not abort the server.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -217,6 +219,9 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.has_headers = 1;
             }
             ToPerl::Body { id, data, more } => {
+                if let Some(ex) = ctx.exchanges.get(id) {
+                    ex.body_taken();
+                }
                 m.kind = kind::BODY;
                 m.id = *id;
                 m.num[0] = i64::from(*more);
@@ -296,13 +301,13 @@ fn optional_str(s: Option<&str>) -> PagiStr {
 /// -1 for none), valid until the next call.
 #[no_mangle]
 pub extern "C" fn pagi_rs_end_state(id: u64, out: *mut PagiMsg) -> c_int {
-    with_ctx(-1, |ctx| {
+    with_ctx(end_state::FORGOTTEN, |ctx| {
         let (end, peer, code) = if let Some(ws) = ctx.sessions.get(&id) {
             ws.end_state()
         } else if let Some(ex) = ctx.exchanges.get(&id) {
             (ex.end_state(), None, None)
         } else {
-            return -1;
+            return end_state::FORGOTTEN;
         };
         ctx.last_end = (end, peer);
         // SAFETY: out points at a zeroed PagiMsg on the XS function's stack.
@@ -312,12 +317,12 @@ pub extern "C" fn pagi_rs_end_state(id: u64, out: *mut PagiMsg) -> c_int {
         m.num[1] = code.map_or(-1, i64::from);
         m.str[2] = optional_str(peer.as_ref().map(|(_, r)| r.as_str()));
         match end {
-            EndState::Active => 0,
-            EndState::Clean => 1,
+            EndState::Active => end_state::ACTIVE,
+            EndState::Clean => end_state::CLEAN,
             EndState::Abnormal { reason, detail } => {
                 m.str[0] = PagiStr::from_bytes(reason.as_bytes());
                 m.str[1] = optional_str(detail.as_deref());
-                2
+                end_state::ABNORMAL
             }
         }
     })
@@ -403,10 +408,14 @@ fn runtime() -> Option<tokio::runtime::Handle> {
     CTX.with(|c| c.borrow().as_ref().map(|ctx| ctx.runtime.clone()))
 }
 
+/// What a `file` or `fh` body streams: the file, the offset asked for (None:
+/// where it is), the length (None: to EOF), and bytes that go first.
+type FileBody = (std::fs::File, Option<u64>, Option<u64>, bytes::Bytes);
+
 fn start_file_stream(
     id: u64,
     err: *mut PagiStr,
-    open: impl FnOnce() -> Result<(std::fs::File, Option<u64>, Option<u64>), String>,
+    open: impl FnOnce() -> Result<FileBody, String>,
 ) -> c_int {
     guarded(-1, || {
         let Some(ex) = exchange(id) else {
@@ -417,14 +426,18 @@ fn start_file_stream(
             Ok(Some(done)) => return done as c_int,
             Ok(None) => {}
         }
-        let (file, offset, length) = match open() {
+        let opened = open().and_then(|(file, offset, length, first)| {
+            let source = crate::file::Source::of(&file, offset)?;
+            Ok((file, source, length, first))
+        });
+        let (file, source, length, first) = match opened {
             Ok(v) => v,
             Err(e) => return report(err, SendError::File(e).to_string()),
         };
         let Some(rt) = runtime() else {
             return report(err, "no runtime".into());
         };
-        rt.spawn(crate::file::stream(ex, file, offset, length));
+        rt.spawn(crate::file::stream(ex, file, source, length, first));
         SendOutcome::Deferred as c_int
     })
 }
@@ -438,39 +451,53 @@ pub extern "C" fn pagi_rs_response_file(
     length: i64,
     err: *mut PagiStr,
 ) -> c_int {
-    // SAFETY: path/plen describe the path string alive for this XS call.
-    let path_bytes = unsafe {
-        PagiStr {
-            ptr: path,
-            len: plen,
-        }
-        .as_bytes()
-    }
-    .to_vec();
     start_file_stream(id, err, move || {
+        // SAFETY: path/plen describe the path string alive for this XS call
+        // (the stream is opened before it returns).
+        let path_bytes = unsafe {
+            PagiStr {
+                ptr: path,
+                len: plen,
+            }
+            .as_bytes()
+        };
         use std::os::unix::ffi::OsStrExt;
-        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&path_bytes));
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(path_bytes));
         let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
             return Err(format!("{}: is a directory", path.display()));
         }
         Ok((
             file,
-            Some(offset.max(0) as u64),
+            (offset >= 0).then_some(offset as u64),
             (length >= 0).then_some(length as u64),
+            bytes::Bytes::new(),
         ))
     })
 }
 
+/// An `fh` body: `fd` is the application's descriptor (dup'ed here);
+/// `first` holds the bytes Perl had already read ahead from it.
 #[no_mangle]
 pub extern "C" fn pagi_rs_response_fd(
     id: u64,
     fd: c_int,
     offset: i64,
     length: i64,
+    first: *const c_char,
+    first_len: usize,
     err: *mut PagiStr,
 ) -> c_int {
     start_file_stream(id, err, move || {
+        // SAFETY: first/first_len describe a Perl string alive for this XS
+        // call (the stream is opened before it returns).
+        let first = bytes::Bytes::copy_from_slice(unsafe {
+            PagiStr {
+                ptr: first,
+                len: first_len,
+            }
+            .as_bytes()
+        });
         // Our own descriptor: the application may close its handle as soon
         // as the send settles, and we must not close theirs.
         // SAFETY: fcntl on a caller-supplied fd; failure is checked.
@@ -487,6 +514,7 @@ pub extern "C" fn pagi_rs_response_fd(
             file,
             (offset >= 0).then_some(offset as u64),
             (length >= 0).then_some(length as u64),
+            first,
         ))
     })
 }
@@ -546,13 +574,7 @@ pub extern "C" fn pagi_rs_release(id: u64) {
     });
 }
 
-/// Codes for `_query`; mirrored in Bridge.pm.
-pub mod query {
-    pub const BUFFERED: i32 = 0;
-    pub const HIGH_WATER: i32 = 1;
-    pub const LOW_WATER: i32 = 2;
-    pub const WANT_TERMINAL: i32 = 10;
-}
+use super::constants::{end_state, log, query};
 
 #[no_mangle]
 pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
@@ -573,6 +595,7 @@ pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
                 ex.register_interest(crate::exchange::WANTS_TERMINAL);
                 0
             }
+            query::BODY_PENDING => ex.bodies_in_mailbox() as i64,
             _ => -1,
         }
     })
@@ -580,10 +603,10 @@ pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
 
 #[no_mangle]
 pub extern "C" fn pagi_rs_lifespan_event(kind: c_int, msg: *const c_char, len: usize) -> c_int {
-    // SAFETY: msg/len describe the message text alive for this XS call.
-    let text =
-        String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() }).into_owned();
     with_ctx(0, |ctx| {
+        // SAFETY: msg/len describe the message text alive for this XS call.
+        let text =
+            String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() }).into_owned();
         let _ = ctx.control.send(Control::Lifespan(kind, text));
         1
     })
@@ -591,15 +614,17 @@ pub extern "C" fn pagi_rs_lifespan_event(kind: c_int, msg: *const c_char, len: u
 
 #[no_mangle]
 pub extern "C" fn pagi_rs_log(level: c_int, msg: *const c_char, len: usize) {
-    // SAFETY: msg/len describe the message text alive for this XS call.
-    let text = String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() });
-    let text = text.trim_end();
-    match level {
-        0 => tracing::debug!("{text}"),
-        1 => tracing::info!("{text}"),
-        2 => tracing::warn!("{text}"),
-        _ => tracing::error!("{text}"),
-    }
+    guarded((), || {
+        // SAFETY: msg/len describe the message text alive for this XS call.
+        let text = String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() });
+        let text = text.trim_end();
+        match level {
+            log::DEBUG => tracing::debug!("{text}"),
+            log::INFO => tracing::info!("{text}"),
+            log::WARN => tracing::warn!("{text}"),
+            _ => tracing::error!("{text}"),
+        }
+    })
 }
 
 #[no_mangle]
@@ -608,17 +633,19 @@ pub extern "C" fn pagi_rs_embedded_source(
     len: usize,
     out: *mut PagiStr,
 ) -> c_int {
-    // SAFETY: name/len describe the module path string alive for this call.
-    let name = unsafe { PagiStr { ptr: name, len }.as_bytes() };
-    match super::embedded::source(name) {
-        Some(src) => {
-            // SAFETY: out points at a PagiStr on the XS function's stack; the
-            // source is 'static.
-            unsafe { *out = PagiStr::from_bytes(src.as_bytes()) };
-            1
+    guarded(0, || {
+        // SAFETY: name/len describe the module path string alive for this call.
+        let name = unsafe { PagiStr { ptr: name, len }.as_bytes() };
+        match super::embedded::source(name) {
+            Some(src) => {
+                // SAFETY: out points at a PagiStr on the XS function's stack;
+                // the source is 'static.
+                unsafe { *out = PagiStr::from_bytes(src.as_bytes()) };
+                1
+            }
+            None => 0,
         }
-        None => 0,
-    }
+    })
 }
 
 // ---- Server-Sent Events ------------------------------------------------------
@@ -639,10 +666,10 @@ pub extern "C" fn pagi_rs_sse_start(
     n: usize,
     err: *mut PagiStr,
 ) -> c_int {
-    let Some(rt) = runtime() else {
-        return report(err, "no runtime".into());
-    };
     guarded(-1, || {
+        let Some(rt) = runtime() else {
+            return report(err, "no runtime".into());
+        };
         let Some(ex) = exchange(id) else {
             return SendOutcome::Closed as c_int;
         };
@@ -877,4 +904,42 @@ pub extern "C" fn pagi_rs_ws_finish(
         });
         ws.app_finished(text.as_deref()) as c_int
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every function C calls runs its whole body under a panic guard: the
+    /// body's first statement is one of the guards (or a helper that runs
+    /// its work under one).  A new export that forgets fails here.
+    #[test]
+    fn every_export_catches_panics() {
+        const GUARDS: &[&str] = &[
+            "guarded(",
+            "with_ctx(",
+            "send_to(",
+            "ws_send_to(",
+            "start_file_stream(",
+        ];
+        let src = include_str!("exports.rs");
+        let mut checked = 0;
+        for (at, _) in src.match_indices("pub extern \"C\" fn ") {
+            let rest = &src[at..];
+            let name = rest["pub extern \"C\" fn ".len()..]
+                .split('(')
+                .next()
+                .unwrap_or("?");
+            let body_start = rest.find("{\n").expect("a body") + 2;
+            let first = rest[body_start..]
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with("//"))
+                .unwrap_or("");
+            assert!(
+                GUARDS.iter().any(|g| first.starts_with(g)),
+                "{name} starts with `{first}`, outside any panic guard"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 28, "found only {checked} exports");
+    }
 }

@@ -62,7 +62,12 @@ extern "C" {
     pub fn pagi_interp_free(interp: *mut PerlInterpreter);
     pub fn pagi_install_exit_guard();
     pub fn pagi_install_signal_forwarding();
-    pub fn pagi_set_signal_target();
+    pub fn pagi_add_signal_target(interp: *mut PerlInterpreter);
+    pub fn pagi_close_in_forked_children(fd: c_int);
+    #[cfg(test)]
+    pub fn pagi_signal_target_for(sig: c_int) -> c_int;
+    #[cfg(test)]
+    pub fn pagi_current_context() -> *mut PerlInterpreter;
     pub fn pagi_call(
         interp: *mut PerlInterpreter,
         name: *const c_char,

@@ -3,8 +3,13 @@
 //!
 //! The eventfd is written only when the interpreter is not already notified,
 //! so under load one wake-up carries a whole batch of messages.  The consumer
-//! clears the flag with an atomic swap *before* draining; clearing it after
-//! could lose a wake-up for a message pushed in between.
+//! resets the eventfd, *then* clears the flag with an atomic swap, *then*
+//! drains the queue.  Each order matters on its own, without relying on the
+//! caller to call again: clearing the flag after draining would lose a
+//! wake-up for a message pushed in between; resetting the eventfd after
+//! clearing the flag would swallow the wake-up of a push made in between,
+//! leaving the flag set and the eventfd silent, so that no later push would
+//! write it again.
 
 use std::collections::VecDeque;
 use std::io;
@@ -43,14 +48,31 @@ impl Mailbox {
         })
     }
 
+    /// The queue is a plain VecDeque whose operations leave it valid even if
+    /// they panic, and a panic while it is locked can only come from one of
+    /// them: recovering from a poisoned lock is sound.
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<ToPerl>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reset_wake_fd(&self) {
+        let mut counter: u64 = 0;
+        // SAFETY: reading 8 bytes into a live u64 from our own non-blocking
+        // eventfd; EAGAIN (nothing written) is harmless.
+        unsafe {
+            libc::read(
+                self.wake_fd.as_raw_fd(),
+                (&mut counter as *mut u64).cast(),
+                8,
+            );
+        }
+    }
+
     pub fn push(&self, msg: ToPerl) {
         if matches!(msg, ToPerl::Request { .. }) {
             self.waiting.fetch_add(1, Ordering::AcqRel);
         }
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(msg);
+        self.lock_queue().push_back(msg);
         if !self.notified.swap(true, Ordering::AcqRel) {
             let one: u64 = 1;
             // SAFETY: writing 8 bytes from a live u64 to our own eventfd.  A
@@ -61,23 +83,17 @@ impl Mailbox {
         }
     }
 
-    /// Called by the interpreter: re-arms notification, resets the eventfd
-    /// if it was written, and moves every queued message into `into` (one
-    /// lock for the whole batch).  Returns how many messages were moved.
+    /// Called by the interpreter: resets the eventfd, re-arms notification,
+    /// and moves every queued message into `into` (one lock for the whole
+    /// batch).  Returns how many messages were moved.
     pub fn take_all(&self, into: &mut VecDeque<ToPerl>) -> usize {
-        if self.notified.swap(false, Ordering::AcqRel) {
-            let mut counter: u64 = 0;
-            // SAFETY: reading 8 bytes into a live u64 from our own
-            // non-blocking eventfd; EAGAIN is harmless.
-            unsafe {
-                libc::read(
-                    self.wake_fd.as_raw_fd(),
-                    (&mut counter as *mut u64).cast(),
-                    8,
-                );
-            }
-        }
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        // Reset first: a push after the swap finds the flag clear and writes
+        // again, so its wake-up survives.  Unconditionally: a push's write
+        // can land after the flag it set was cleared (one spurious wake-up),
+        // and an eventfd left readable would keep the loop spinning.
+        self.reset_wake_fd();
+        self.notified.swap(false, Ordering::AcqRel);
+        let mut q = self.lock_queue();
         let n = q.len();
         if into.is_empty() {
             std::mem::swap(into, &mut q);
@@ -128,5 +144,49 @@ mod tests {
         mb.push(ToPerl::Stop);
         let n = unsafe { libc::read(mb.wake_fd.as_raw_fd(), (&mut counter as *mut u64).cast(), 8) };
         assert_eq!(n, 8, "a push after take_all wakes again");
+    }
+
+    fn eventfd_readable(mb: &Mailbox) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: mb.wake_fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    /// Whatever the interleaving of a push with take_all, a message left in
+    /// the queue after a take has its wake-up pending: a single take_all is
+    /// correct without the caller calling it again.
+    #[test]
+    fn no_push_is_left_without_a_wakeup() {
+        for _ in 0..200 {
+            let mb = std::sync::Arc::new(Mailbox::new().unwrap());
+            let producer = {
+                let mb = mb.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..500 {
+                        mb.push(ToPerl::Stop);
+                    }
+                })
+            };
+            let mut got = VecDeque::new();
+            let mut taken = 0;
+            while taken < 500 {
+                // Consume only on a wake-up, as the interpreter's loop does;
+                // a lost wake-up would stall here (bounded for the test).
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while !eventfd_readable(&mb) {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "stalled: {taken} of 500 taken, no wake-up pending"
+                    );
+                    std::thread::yield_now();
+                }
+                taken += mb.take_all(&mut got);
+                got.clear();
+            }
+            producer.join().unwrap();
+        }
     }
 }

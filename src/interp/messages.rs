@@ -1,6 +1,6 @@
 //! Messages from the network core to an interpreter.  Each is turned into a
 //! flat list for Perl by exports::pagi_rs_next_message; the numeric kinds
-//! are mirrored in perl/PAGI/RS/Bridge.pm.
+//! come from constants.def, as Bridge.pm's do.
 
 use std::sync::Arc;
 
@@ -61,17 +61,5 @@ pub enum ToPerl {
     Stop,
 }
 
-/// Numeric kinds, as seen by Perl.
-pub mod kind {
-    pub const REQUEST: i32 = 1;
-    pub const BODY: i32 = 2;
-    pub const DISCONNECT: i32 = 3;
-    pub const DRAINED: i32 = 4;
-    pub const SEND_DONE: i32 = 5;
-    pub const COMPLETE: i32 = 6;
-    pub const LIFESPAN_STARTUP: i32 = 7;
-    pub const LIFESPAN_SHUTDOWN: i32 = 8;
-    pub const STOP: i32 = 9;
-    pub const WS_RECEIVE: i32 = 10;
-    pub const WS_DISCONNECT: i32 = 11;
-}
+/// Numeric kinds, as seen by Perl (constants.def, group msg).
+pub use super::constants::msg as kind;

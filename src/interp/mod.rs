@@ -3,6 +3,7 @@
 //! it answers through direct calls into [`exports`].  The pool is built for N
 //! interpreters and picks the least busy one for each request.
 
+pub mod constants;
 pub mod embedded;
 pub mod exports;
 pub mod ffi;
@@ -30,17 +31,10 @@ pub enum Control {
     Exited,
 }
 
-/// Lifespan event kinds sent by perl/PAGI/RS/Lifespan.pm.
-pub mod lifespan_kind {
-    pub const STARTUP_COMPLETE: i32 = 1;
-    pub const STARTUP_FAILED: i32 = 2;
-    pub const SHUTDOWN_COMPLETE: i32 = 3;
-    pub const SHUTDOWN_FAILED: i32 = 4;
-    /// The app returned or raised before answering lifespan.startup.
-    pub const DECLINED_STARTUP: i32 = 5;
-    /// The lifespan coroutine ended after startup (with an error, if any).
-    pub const ENDED: i32 = 6;
-}
+/// Lifespan event kinds sent by perl/PAGI/RS/Lifespan.pm.  DECLINED_STARTUP:
+/// the app returned or raised before answering lifespan.startup; ENDED: the
+/// lifespan coroutine ended after startup (with an error, if any).
+pub use constants::lifespan as lifespan_kind;
 
 /// How each interpreter loads the application.
 #[derive(Clone, Debug)]
@@ -58,6 +52,10 @@ pub struct LoadSpec {
     /// Bytes of received messages an app may leave unread (one message
     /// always fits); past it the socket closes with 1008.
     pub max_unread_bytes: usize,
+    /// What sends an app made without awaiting may hold back, in bytes
+    /// (each counting `queued_message_cost` more): past it a send fails.
+    pub send_backlog: usize,
+    pub queued_message_cost: usize,
     /// Which PAGI the scopes report and the Perl side follows.
     pub spec: crate::spec::SpecVersion,
     /// Receives answered with the disconnect event after a scope ended.
@@ -243,6 +241,8 @@ impl Pool {
             loop {
                 match interp.recv(Some(deadline)) {
                     Some(Control::Exited) => {
+                        // Only ever `take`n under this lock, which cannot
+                        // panic half-way: recovering from poison is sound.
                         if let Some(t) = interp
                             .thread
                             .lock()
@@ -268,6 +268,8 @@ impl Pool {
 
 impl Interpreter {
     fn recv(&self, deadline: Option<Instant>) -> Option<Control> {
+        // The lock only serialises readers of a channel, which stays valid
+        // whatever a panicking reader did: recovering from poison is sound.
         let rx = self.control.lock().unwrap_or_else(|p| p.into_inner());
         match deadline {
             None => rx.recv().ok(),

@@ -83,6 +83,8 @@ fn run(
     runtime: tokio::runtime::Handle,
     spec: LoadSpec,
 ) {
+    // The lock guards no data, only the order of constructions: a thread
+    // that panicked holding it leaves nothing to repair.
     let guard = CONSTRUCTION.lock().unwrap_or_else(|p| p.into_inner());
     // perl_parse may write to argv ($0): give it leaked, writable storage that
     // outlives the interpreter.
@@ -103,9 +105,9 @@ fn run(
         return;
     }
     let interp = Interp(raw);
-    // SAFETY: records this thread as the one that receives signals caught
-    // on threads without an interpreter; the first interpreter wins.
-    unsafe { ffi::pagi_set_signal_target() };
+    // SAFETY: called on the interpreter's own thread, which it stays on
+    // until pagi_interp_free (which removes it again).
+    unsafe { ffi::pagi_add_signal_target(interp.0) };
     exports::install(mailbox.clone(), control.clone(), runtime);
 
     let loaded = load(&interp, &mailbox, &spec);
@@ -141,6 +143,8 @@ fn load(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<(), Strin
             spec.spec.www().as_bytes(),
             spec.spec.core().as_bytes(),
             spec.max_disconnect_receives.to_string().as_bytes(),
+            spec.send_backlog.to_string().as_bytes(),
+            spec.queued_message_cost.to_string().as_bytes(),
         ],
     )?;
     let (kind, what) = match &spec.app {
@@ -160,4 +164,66 @@ fn load(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<(), Strin
     }
     let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
     interp.call("PAGI::RS::Loader::load", &refs).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn perl_once() {
+        static INIT: std::sync::Once = std::sync::Once::new();
+        // SAFETY: once per process, before any interpreter; the forwarding
+        // is what pagi-rs installs at startup.
+        INIT.call_once(|| unsafe {
+            ffi::pagi_sys_init();
+            ffi::pagi_install_signal_forwarding();
+        });
+    }
+
+    /// A signal for which the app set a handler goes to that interpreter's
+    /// thread while it lives, and to no thread once it is freed; and the
+    /// freed interpreter is no longer this thread's context.
+    #[test]
+    fn a_freed_interpreter_gets_no_signal_and_is_no_context() {
+        perl_once();
+        std::thread::Builder::new()
+            .stack_size(STACK_SIZE)
+            .spawn(|| {
+                let argv: &'static mut [*mut c_char; 4] = Box::leak(Box::new([
+                    CString::new("pagi-rs-test").unwrap().into_raw(),
+                    CString::new("-e").unwrap().into_raw(),
+                    CString::new("0").unwrap().into_raw(),
+                    std::ptr::null_mut(),
+                ]));
+                let _guard = CONSTRUCTION.lock().unwrap_or_else(|p| p.into_inner());
+                // SAFETY: as in `run`: argv outlives the interpreter, which
+                // stays on this thread until freed below.
+                let raw = unsafe { ffi::pagi_interp_new(3, argv.as_mut_ptr()) };
+                assert!(!raw.is_null());
+                let interp = Interp(raw);
+                // SAFETY: on the interpreter's own thread.
+                unsafe { ffi::pagi_add_signal_target(raw) };
+                // SAFETY: the test only queries the choice; nothing is sent.
+                let before = unsafe { ffi::pagi_signal_target_for(libc::SIGUSR2) };
+                assert_eq!(before, -1, "no handler yet: nobody to send it to");
+                interp.eval("$SIG{USR2} = sub {}; 1").unwrap();
+                // SAFETY: as above.
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+                assert_eq!(unsafe { ffi::pagi_signal_target_for(libc::SIGUSR2) }, tid);
+                // SAFETY: the interpreter is current on this thread and unused after.
+                unsafe { ffi::pagi_interp_free(raw) };
+                assert_eq!(
+                    unsafe { ffi::pagi_signal_target_for(libc::SIGUSR2) },
+                    -1,
+                    "a freed interpreter is no target"
+                );
+                assert!(
+                    unsafe { ffi::pagi_current_context() }.is_null(),
+                    "the context is cleared"
+                );
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, UPGRADE};
-#[cfg(test)]
 use http::StatusCode;
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -214,8 +213,42 @@ impl Session {
         })
     }
 
+    /// The state, locked.  A poisoned lock means a panic (a bug) while it
+    /// was held, which may have left the state half-updated: the socket is
+    /// not trusted to go on.  An open socket is dropped at once, as by
+    /// `abort` but ending `server_error`; a handshake is answered 500 (the
+    /// handshake's exchange ends it).  The poison is cleared, so this is
+    /// done once; the rest of the server is unaffected.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        match self.state.lock() {
+            Ok(st) => st,
+            Err(poisoned) => {
+                let mut st = poisoned.into_inner();
+                self.state.clear_poison();
+                tracing::error!(
+                    "internal error: a panic left WebSocket {} in an unknown state; ending it",
+                    self.id
+                );
+                let detail = "internal error while handling the WebSocket".to_string();
+                match st.phase {
+                    Phase::Open => {
+                        st.forced = Some(Forced {
+                            ending: Ending::abnormal("server_error", detail),
+                            immediate: true,
+                            at: Instant::now(),
+                        });
+                        self.reader_wake.notify_one();
+                    }
+                    Phase::Handshake | Phase::Refused => self.exchange.server_abort(
+                        "server_error",
+                        Some(detail),
+                        Some((StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")),
+                    ),
+                    Phase::Ended => {}
+                }
+                st
+            }
+        }
     }
 
     // ---- interpreter side: the application's $send -------------------------
@@ -579,7 +612,9 @@ impl Session {
 
     // ---- network side -------------------------------------------------------
 
-    /// The writer's queue; taken once, by the connection task.
+    /// The writer's queue; taken once, by the connection task.  Only ever
+    /// `take`n under this lock, which cannot panic half-way: recovering from
+    /// a poisoned lock is sound.
     pub fn take_outbound(&self) -> Option<mpsc::UnboundedReceiver<Outbound>> {
         self.outbound_rx
             .lock()
@@ -760,6 +795,26 @@ mod tests {
         let mut out = VecDeque::new();
         ws.mailbox.take_all(&mut out);
         out.into_iter().collect()
+    }
+
+    #[test]
+    fn a_poisoned_open_socket_is_dropped_as_a_server_error() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        let ws2 = ws.clone();
+        let _ = std::thread::spawn(move || {
+            let _st = ws2.state.lock().unwrap();
+            panic!("a bug while the state is locked");
+        })
+        .join();
+        let view = ws.reader_view();
+        let forced = view.forced.expect("the socket is ended");
+        assert!(forced.immediate);
+        assert_eq!(forced.ending.reason, "server_error");
+        assert!(
+            !ws.state.is_poisoned(),
+            "the poison is cleared once handled"
+        );
     }
 
     #[test]

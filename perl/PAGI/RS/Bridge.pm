@@ -9,24 +9,10 @@ use warnings;
 
 our $VERSION = '0.1.0';
 
-# Message kinds; mirrored in src/interp/messages.rs.
-use constant {
-    MSG_REQUEST           => 1,
-    MSG_BODY              => 2,
-    MSG_DISCONNECT        => 3,
-    MSG_DRAINED           => 4,
-    MSG_SEND_DONE         => 5,
-    MSG_COMPLETE          => 6,
-    MSG_LIFESPAN_STARTUP  => 7,
-    MSG_LIFESPAN_SHUTDOWN => 8,
-    MSG_STOP              => 9,
-    MSG_WS_RECEIVE        => 10,
-    MSG_WS_DISCONNECT     => 11,
-    MSG_STREAM_REQUEST    => 12,    # an sse or websocket REQUEST (glue.c)
-};
-
-# Log levels understood by PAGI::RS::_log.
-use constant { LOG_DEBUG => 0, LOG_INFO => 1, LOG_WARN => 2, LOG_ERROR => 3 };
+# Message kinds (MSG_STREAM_REQUEST: an sse or websocket REQUEST, as glue.c
+# hands it over) and the levels of PAGI::RS::_log, shared with Rust and C
+# through src/interp/constants.def.
+use PAGI::RS::Constants qw(msg log);
 
 our $LOOP;            # the interpreter's IO::Async loop (IO::Async::Loop->new returns it)
 our $APP;             # the application coderef, set by PAGI::RS::Loader
@@ -38,6 +24,9 @@ our $MAX_UNREAD_BYTES;                             # bytes an app may leave unre
 our ( $SPEC_VERSION, $CORE_VERSION );              # --spec-version: "0.6" and "0.5", or "0.3" and "0.4"
 our $CURRENT_SPEC;                                 # true unless --spec-version 0.3
 our $MAX_DISCONNECT_RECEIVES;
+# Bytes of sends waiting their turn (HTTP.pm) past which a send fails, and
+# what each counts beyond its payload: the WebSocket writer's limit too.
+our ( $SEND_BACKLOG, $QUEUED_MESSAGE_COST );
 my $stopping;
 
 # Debian package for each module the bridge cannot run without.
@@ -63,7 +52,9 @@ sub _require_dependencies {
 }
 
 sub init {
-    my ( $wake_fd, $high, $low, $max_queue, $max_frame, $max_unread_bytes, $spec, $core, $max_disconnect_receives ) = @_;
+    my ( $wake_fd, $high, $low, $max_queue, $max_frame, $max_unread_bytes, $spec, $core, $max_disconnect_receives,
+        $send_backlog, $queued_message_cost )
+      = @_;
     _require_dependencies();
     ( $HIGH_WATER, $LOW_WATER ) = ( $high, $low );
     ( $MAX_RECEIVE_QUEUE, $MAX_WS_FRAME_SIZE ) = ( $max_queue, $max_frame );
@@ -71,6 +62,7 @@ sub init {
     ( $SPEC_VERSION, $CORE_VERSION ) = ( $spec, $core );
     $CURRENT_SPEC            = $spec ne '0.3';
     $MAX_DISCONNECT_RECEIVES = $max_disconnect_receives;
+    ( $SEND_BACKLOG, $QUEUED_MESSAGE_COST ) = ( $send_backlog, $queued_message_cost );
     require IO::Async::Handle;
     $LOOP = IO::Async::Loop->new;
     require PAGI::RS::FutureIO;

@@ -15,38 +15,20 @@ package PAGI::RS::Connection;
 #
 # The methods work on the per-request object (PAGI::RS::HTTP and its
 # subclasses), which also provides pagi.transport: one array per request
-# instead of three objects.  The slots below belong to this file (glue.c's
-# $send writes ID, CONNECTED, STARTED and COMPLETE by number: keep them in
-# step).
+# instead of three objects.  Its slot numbers (ID to WANTS_END belong to this
+# file) are shared with glue.c, which builds the array and whose $send writes
+# some of them: they come from src/interp/constants.def, as do the codes of
+# _query and _end_state.
+#
+# Slots of this file: CONNECTED is 1 until the end is known here; COMPLETE,
+# the terminal response event was accepted; FUTURE and END_FUTURE hold
+# disconnect_future's and end_future's private masters; NOTIFIED is 1 once
+# delivery is scheduled, 2 once delivered; WANTS_END, someone waits to hear
+# how it ends (glue.c reads it).
 
 use strict;
 use warnings;
-
-use constant {
-    ID                => 0,
-    CONNECTED         => 1,     # 1 until the end is known here
-    REASON            => 2,
-    STARTED           => 3,
-    COMPLETE          => 4,     # the terminal response event was accepted
-    ON_DISCONNECT     => 5,
-    ON_COMPLETE       => 6,
-    FUTURE            => 7,     # disconnect_future's private master
-    COMPLETED_CLEANLY => 8,
-    # 9 and 10 belong to Transport.pm
-    DETAIL            => 11,
-    ON_END            => 12,
-    END_FUTURE        => 13,    # end_future's private master
-    CLOSE_CODE        => 14,
-    CLOSE_REASON      => 15,
-    NOTIFIED          => 16,    # 1: delivery scheduled, 2: delivered
-    WANTS_END         => 17,    # someone waits to hear how it ends (glue.c reads it)
-};
-
-# pagi-rs query code: "tell me how this request ends" (exports.rs).
-use constant WANT_TERMINAL => 10;
-
-# _end_state codes (exports.rs).
-use constant { END_FORGOTTEN => -1, END_ACTIVE => 0, END_CLEAN => 1, END_ABNORMAL => 2 };
+use PAGI::RS::Constants qw(slot end_state query log);
 
 sub is_connected {
     my ($self) = @_;
@@ -239,7 +221,7 @@ sub _settle { return }
 # Perl, which notifies.
 sub _want_terminal {
     return if $_[0][WANTS_END]++;
-    PAGI::RS::_query( $_[0][ID], WANT_TERMINAL );
+    PAGI::RS::_query( $_[0][ID], Q_WANT_TERMINAL );
     return;
 }
 
@@ -267,7 +249,7 @@ sub _has_callbacks {
 sub _call {
     my ( $what, $cb, @args ) = @_;
     return if eval { $cb->(@args); 1 };
-    PAGI::RS::_log( 3, "pagi.connection $what callback error: $@" );
+    PAGI::RS::_log( LOG_ERROR, "pagi.connection $what callback error: $@" );
 }
 
 1;

@@ -8,40 +8,19 @@ package PAGI::RS::HTTP;
 use strict;
 use warnings;
 use Future;
-use Scalar::Util qw(blessed);
+use Scalar::Util qw(blessed refaddr);
 use PAGI::RS::Connection;
 use PAGI::RS::Transport;
 
 # The request object is also the scope's pagi.connection and pagi.transport.
 our @ISA = ( 'PAGI::RS::Connection', 'PAGI::RS::Transport' );
 
-BEGIN {
-    # Slots 0-17 belong to Connection.pm and Transport.pm.
-    *ID                = \&PAGI::RS::Connection::ID;
-    *CONNECTED         = \&PAGI::RS::Connection::CONNECTED;
-    *STARTED           = \&PAGI::RS::Connection::STARTED;
-    *COMPLETE          = \&PAGI::RS::Connection::COMPLETE;
-    *COMPLETED_CLEANLY = \&PAGI::RS::Connection::COMPLETED_CLEANLY;
-}
-
-# glue.c's $send updates STARTED, COMPLETE and TRAILERS itself and reads
-# RECV_WAIT: keep its SLOT_* numbers in step with these.  SSE.pm and
-# WebSocket.pm share this layout and add theirs from slot 28.
-use constant {
-    QUEUE => 18, RECV_WAIT => 19, SEND_WAIT => 20, DEFER_WAIT => 21, BODY => 22,
-    APP_FUTURE => 23, APP_DONE => 24, DISCONNECT_RECEIVES => 25, TRAILERS => 26,
-    DEFER_COMPLETES => 27,
-};
-
-# Body delivery states.
-use constant { BODY_EMPTY => 0, BODY_STREAMING => 1, BODY_AWAIT_CONTINUE => 2, BODY_DONE => 3 };
-
-# Send outcome codes from the core (SendOutcome in exchange.rs), and
-# glue.c's CLOSED_UNSEEN: closed, and news to this side.
-use constant { SENT => 0, HIGH_WATER => 1, STILL_HIGH => 2, CLOSED => 3, DEFERRED => 4, CLOSED_UNSEEN => 5 };
-
-# finish() outcomes (FinishOutcome in exchange.rs).
-use constant { FIN_CLEAN => 0, FIN_BACKSTOP => 1, FIN_TRUNCATED => 2 };
+# Slot numbers (Connection.pm's and Transport.pm's, then this file's from
+# QUEUE to SEND_BUSY; SSE.pm and WebSocket.pm add theirs after), the core's
+# send and finish codes, what glue.c's fast path sent (SENT_*), and body
+# delivery states (BODY_*): shared with Rust and glue.c, whose $send updates
+# STARTED, COMPLETE and TRAILERS itself and reads RECV_WAIT and SEND_BUSY.
+use PAGI::RS::Constants qw(slot send finish send_kind body query log);
 
 # The Future every send that completes at once returns (glue.c returns it
 # too).  It is always done, so its class answers Future::AsyncAwait's
@@ -143,7 +122,13 @@ sub _receive {
         return Future->done($ev);
     }
     if ( !$self->[CONNECTED] || $self->[COMPLETED_CLEANLY] ) {
-        return $self->_disconnect_event;
+        return $self->_disconnect_event unless _body_on_its_way($self);
+        # The end is known (read from the core), but body chunks that
+        # arrived before it are still queued for this interpreter: they come
+        # first, and _on_body hands the next one to this receive.
+        my $pending = $self->[RECV_WAIT];
+        return $pending if $pending && !$pending->is_ready;
+        return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
     }
     my $body = $self->[BODY];
     if ( $body == BODY_EMPTY ) {
@@ -164,6 +149,15 @@ sub _receive {
     return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
 }
 
+# Body chunks the core has queued for this interpreter and it has not yet
+# dispatched: the end may be known here before they are (pagi.connection
+# reads the core's facts directly), but it must not overtake them.
+sub _body_on_its_way {
+    my ($self) = @_;
+    return 0 if $self->[BODY] == BODY_DONE || $self->[BODY] == BODY_EMPTY;
+    return ( PAGI::RS::_query( $self->[ID], Q_BODY_PENDING ) // 0 ) > 0;
+}
+
 sub _disconnect_event {
     my ($self) = @_;
     my $refused = _past_disconnect_receives( $self, 'http' );
@@ -179,7 +173,7 @@ sub _past_disconnect_receives {
     my $n   = ++$self->[DISCONNECT_RECEIVES];
     my $max = $PAGI::RS::Bridge::MAX_DISCONNECT_RECEIVES;
     return if $n <= $max;
-    PAGI::RS::_log( 3, "$type scope: receive() called $n times after the scope ended" )
+    PAGI::RS::_log( LOG_ERROR, "$type scope: receive() called $n times after the scope ended" )
       if $n == $max + 1;
     return Future->fail( "receive() called $n times after the scope ended; "
           . "the application is not checking for $type.disconnect\n" );
@@ -203,13 +197,86 @@ sub _on_body {
 
 # ---- $send ------------------------------------------------------------------
 
-# What glue.c's fast path reports it sent.
-use constant { SENT_START => 1, SENT_START_TRAILERS => 2, SENT_BODY_MORE => 3, SENT_BODY_END => 4 };
+# Sends on one scope are sequential.  A send made while an earlier one is
+# still in flight (its Future pending: a file or fh body streaming, a body
+# waiting for the buffer to drain, a fullflush) waits its turn, as with the
+# reference helpers: it is made when the earlier one settles, so bytes never
+# interleave and every Future settles.  SEND_BUSY holds the Future of the
+# last send in flight; glue.c's $send skips its fast path while it is set
+# (IN_TURN).  The application gets a copy of each pending Future: cancelling
+# it does not make the next send jump the queue.
 
 # $send's Perl half: glue.c's sender has tried the fast path (code $rc,
-# kind $what) and hands over whatever needs Perl: waits, failures and the
-# other events (-2).
+# kind $what) and hands over whatever needs Perl: waits, failures, the other
+# events (NEEDS_PERL), and sends that must wait their turn (IN_TURN).
 sub _after_send {
+    my ( $self, $ev, $rc, $what ) = @_;
+    return _send_in_turn( $self, $ev ) if $rc == IN_TURN;
+    return _in_flight( $self, _send_outcome( $self, $ev, $rc, $what ) );
+}
+
+# A send that is still pending is in flight until it settles.
+sub _in_flight {
+    my ( $self, $f ) = @_;
+    return $f if $f->is_ready;
+    $self->[SEND_BUSY] = $f;
+    # Registered first, so the slot is clear before whoever awaits $f resumes.
+    $f->on_ready( sub { _not_busy( $self, $f ) } );
+    return $f->without_cancel;
+}
+
+sub _not_busy {
+    my ( $self, $f ) = @_;
+    my $busy = $self->[SEND_BUSY];
+    $self->[SEND_BUSY] = undef if $busy && refaddr($busy) == refaddr($f);
+    return;
+}
+
+# Queue $ev behind the send in flight; it takes the Perl path when its turn
+# comes (the class's _send_now), and its own Future is in flight until then.
+# What waits is bounded: an app that fires sends without awaiting them
+# would otherwise hold its whole output here.  Past the limit a send fails
+# at once, with the advice to await each send.
+sub _send_in_turn {
+    my ( $self, $ev ) = @_;
+    my $waiting = $self->[TURN_BYTES] // 0;
+    if ( $waiting >= $PAGI::RS::Bridge::SEND_BACKLOG ) {
+        my $type = ref $ev eq 'HASH' ? $ev->{type} // 'send' : 'send';
+        return Future->fail( "$type: send queue full: $waiting bytes of sends are already waiting their turn, "
+              . "over the limit of $PAGI::RS::Bridge::SEND_BACKLOG (16 x --write-high-watermark); await each send\n" );
+    }
+    my $size = _event_size($ev);
+    $self->[TURN_BYTES] = $waiting + $size;
+    my $before = $self->[SEND_BUSY];
+    my $turn   = $PAGI::RS::Bridge::LOOP->new_future;
+    $self->[SEND_BUSY] = $turn;
+    $turn->on_ready( sub { _not_busy( $self, $turn ) } );
+    $before->on_ready(
+        sub {
+            $self->[TURN_BYTES] -= $size;
+            my $f = eval { $self->_send_now($ev) } // Future->fail( $@ || "send failed\n" );
+            $f->on_ready($turn);
+        }
+    );
+    return $turn->without_cancel;
+}
+
+# What a waiting send holds: its payload, and a fixed cost per event (so a
+# flood of empty events is bounded too).
+sub _event_size {
+    my ($ev) = @_;
+    my $size = $PAGI::RS::Bridge::QUEUED_MESSAGE_COST;
+    return $size unless ref $ev eq 'HASH';
+    for my $key (qw(body text bytes data comment)) {
+        my $v = $ev->{$key};
+        $size += length $v if defined $v && !ref $v;
+    }
+    return $size;
+}
+
+sub _send_now { return _send_slow(@_) }
+
+sub _send_outcome {
     my ( $self, $ev, $rc, $what ) = @_;
     if ( $rc == CLOSED_UNSEEN ) {
         $self->_sync;
@@ -228,7 +295,7 @@ sub _after_send {
         }
         return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc);
     }
-    if ( $rc == -1 ) {
+    if ( $rc == FAILED ) {
         my $type = $ev->{type};
         return Future->fail("$type: $what\n");
     }
@@ -303,7 +370,7 @@ sub _send_file {
         return Future->fail("http.response.body: '$key' must be a non-negative integer\n")
           unless _valid_count( $ev, $key );
     }
-    my ( $rc, $err ) = PAGI::RS::_file( $self->[ID], $ev->{file}, $ev->{offset} // 0, $ev->{length} // -1 );
+    my ( $rc, $err ) = PAGI::RS::_file( $self->[ID], $ev->{file}, $ev->{offset} // -1, $ev->{length} // -1 );
     return Future->fail("http.response.body: $err\n") if $rc < 0;
     return $self->_wait_deferred(1) if $rc == DEFERRED;
     $self->_response_complete if $rc == SENT;
@@ -319,13 +386,28 @@ sub _send_fh {
     }
     my $fd = eval { fileno($fh) };
     if ( defined $fd && $fd >= 0 ) {
-        # Start where Perl's buffered view of the handle is, unless told.
+        # The core streams the descriptor.  A regular file is read by
+        # position (pread), from `offset` or else from where Perl's buffered
+        # view of the handle is, and the handle does not move.  Anything
+        # else (a pipe, a socket, a device) is read where it is until EOF or
+        # `length`, so it is consumed; what Perl had already buffered for it
+        # goes first.
         my $offset = $ev->{offset};
-        if ( !defined $offset ) {
-            my $pos = eval { tell($fh) };
-            $offset = defined $pos && $pos >= 0 ? $pos : -1;
+        my $buffered;
+        if ( -f $fh ) {
+            if ( !defined $offset ) {
+                my $pos = eval { tell($fh) };
+                $offset = defined $pos && $pos >= 0 ? $pos : -1;
+            }
         }
-        my ( $rc, $err ) = PAGI::RS::_fd( $self->[ID], $fd, $offset, $ev->{length} // -1 );
+        else {
+            return Future->fail( "http.response.body: 'offset' needs a regular file; "
+                  . "this fh (a pipe, socket or device) is read from where it is\n" )
+              if defined $offset;
+            $offset   = -1;
+            $buffered = PAGI::RS::_fh_buffered($fh);
+        }
+        my ( $rc, $err ) = PAGI::RS::_fd( $self->[ID], $fd, $offset, $ev->{length} // -1, $buffered );
         return Future->fail("http.response.body: $err\n") if $rc < 0;
         return $self->_wait_deferred(1) if $rc == DEFERRED;
         $self->_response_complete if $rc == SENT;
@@ -424,7 +506,8 @@ sub _on_network_gone {
 sub _settle {
     my ( $self, $clean ) = @_;
     my $wait = $self->[RECV_WAIT];
-    if ( $wait && !$wait->is_ready ) {
+    # With body chunks still on their way, the first of them settles it.
+    if ( $wait && !$wait->is_ready && !_body_on_its_way($self) ) {
         $self->[RECV_WAIT] = undef;
         $wait->done( $self->_end_event );
     }

@@ -9,10 +9,7 @@ use Future;
 use Scalar::Util qw(blessed);
 
 # Event kinds for PAGI::RS::_lifespan_event (lifespan_kind in interp/mod.rs).
-use constant {
-    STARTUP_COMPLETE => 1, STARTUP_FAILED => 2, SHUTDOWN_COMPLETE => 3,
-    SHUTDOWN_FAILED  => 4, DECLINED       => 5, ENDED             => 6,
-};
+use PAGI::RS::Constants qw(lifespan log);
 
 my ( @queue, $waiting, $startup_answered, $shutdown_answered, $app_future, $ended );
 
@@ -79,10 +76,10 @@ sub _ended {
     my ($err) = @_;
     return if $ended++;
     if ( !$startup_answered ) {
-        PAGI::RS::_lifespan_event( DECLINED, $err // '' );
+        PAGI::RS::_lifespan_event( DECLINED_STARTUP, $err // '' );
         return;
     }
-    PAGI::RS::_log( 3, "PAGI lifespan application error: $err" ) if defined $err;
+    PAGI::RS::_log( LOG_ERROR, "PAGI lifespan application error: $err" ) if defined $err;
     PAGI::RS::_lifespan_event( ENDED, $err // '' ) unless $shutdown_answered;
     return;
 }

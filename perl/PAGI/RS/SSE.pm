@@ -13,27 +13,12 @@ use PAGI::RS::HTTP;
 
 our @ISA = ('PAGI::RS::HTTP');
 
-BEGIN {
-    *ID                = \&PAGI::RS::HTTP::ID;
-    *REASON            = \&PAGI::RS::Connection::REASON;
-    *COMPLETED_CLEANLY = \&PAGI::RS::Connection::COMPLETED_CLEANLY;
-    *STARTED           = \&PAGI::RS::HTTP::STARTED;
-    *SENT              = \&PAGI::RS::HTTP::SENT;
-    *CLOSED            = \&PAGI::RS::HTTP::CLOSED;
-    *CLOSED_UNSEEN     = \&PAGI::RS::HTTP::CLOSED_UNSEEN;
-}
-
-# Where the stream is in its life, and (Www 0.3) an sse.keepalive sent
-# before sse.start, applied when it starts.  Slots up to 27 are HTTP.pm's;
-# glue.c reads STREAM (SLOT_SSE_STREAM).
-use constant { STREAM => 28, EARLY_KEEPALIVE => 29 };
-use constant {
-    NOT_STARTED      => 0,
-    STREAMING        => 1,
-    STREAM_CLOSED    => 2,
-    DECLINING        => 3,    # refused with an HTTP response (0.3: sse.http.response.start)
-    DECLINE_COMPLETE => 4,
-};
+# HTTP.pm's slots and send codes; this file's slots, STREAM (where the
+# stream is in its life: NOT_STARTED to DECLINE_COMPLETE; DECLINING is a
+# refusal with an HTTP response, 0.3: sse.http.response.start) and
+# EARLY_KEEPALIVE (Www 0.3: an sse.keepalive sent before sse.start, applied
+# when it starts).  glue.c reads STREAM.
+use PAGI::RS::Constants qw(slot send sse_slot sse_stream);
 
 my $DONE = $PAGI::RS::HTTP::DONE;
 
@@ -48,14 +33,23 @@ sub start {
 
 # The Perl half of $send (see glue.c's xs_sender): a fast-path sse.send that
 # must wait ($rc >= 0), failed (-1, $what the message) or was not taken (-2).
+# A send made while another is in flight waits its turn (IN_TURN; see HTTP.pm).
 sub _after_send {
+    my ( $self, $ev, $rc, $what ) = @_;
+    return PAGI::RS::HTTP::_send_in_turn( $self, $ev ) if $rc == IN_TURN;
+    return PAGI::RS::HTTP::_in_flight( $self, _send_outcome( $self, $ev, $rc, $what ) );
+}
+
+sub _send_now { return _send(@_) }
+
+sub _send_outcome {
     my ( $self, $ev, $rc, $what ) = @_;
     if ( $rc == CLOSED_UNSEEN ) {
         $self->_sync;
         $rc = CLOSED;
     }
     return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc) if $rc >= 0;
-    return _fail("sse.send: $what") if $rc == -1;
+    return _fail("sse.send: $what") if $rc == FAILED;
     return _send( $self, $ev );
 }
 

@@ -3,19 +3,15 @@ package PAGI::RS::Transport;
 # The `pagi.transport` interface (Spec/Www.pod, "Transport Flow Control"):
 # live outbound figures read from the network core, and edge-triggered
 # high-water / drain callbacks.  Like PAGI::RS::Connection, it works on the
-# per-request object; these slots belong to this file.
+# per-request object; its slots ON_HIGH and ON_DRAIN belong to this file,
+# and it settles HTTP.pm's SEND_WAIT (the pending send waiting for the
+# buffer to drain; SSE.pm and WebSocket.pm share the layout).
 
 use strict;
 use warnings;
+use PAGI::RS::Constants qw(slot query log);
 
-use constant { ON_HIGH => 9, ON_DRAIN => 10 };
-
-# The pending send waiting for the buffer to drain: HTTP.pm's SEND_WAIT slot
-# (its subclasses, SSE.pm and WebSocket.pm, share the layout).
-use constant SEND_WAIT => 20;
-use constant Q_BUFFERED => 0;    # pagi-rs query code (exports.rs)
-
-sub buffered_amount { PAGI::RS::_query( $_[0][0], Q_BUFFERED ) // 0 }
+sub buffered_amount { PAGI::RS::_query( $_[0][ID], Q_BUFFERED ) // 0 }
 sub high_water_mark { $PAGI::RS::Bridge::HIGH_WATER }
 sub low_water_mark  { $PAGI::RS::Bridge::LOW_WATER }
 
@@ -51,7 +47,7 @@ sub _fire_drain { _call($_) for @{ $_[0][ON_DRAIN] // [] } }
 sub _call {
     my ($cb) = @_;
     return if eval { $cb->(); 1 };
-    PAGI::RS::_log( 3, "transport callback error: $@" );
+    PAGI::RS::_log( LOG_ERROR, "transport callback error: $@" );
 }
 
 1;

@@ -18,32 +18,11 @@ use PAGI::RS::HTTP;
 
 our @ISA = ('PAGI::RS::HTTP');
 
-BEGIN {
-    *ID                = \&PAGI::RS::Connection::ID;
-    *CONNECTED         = \&PAGI::RS::Connection::CONNECTED;
-    *REASON            = \&PAGI::RS::Connection::REASON;
-    *DETAIL            = \&PAGI::RS::Connection::DETAIL;
-    *STARTED           = \&PAGI::RS::Connection::STARTED;
-    *COMPLETED_CLEANLY = \&PAGI::RS::Connection::COMPLETED_CLEANLY;
-    *CLOSE_CODE        = \&PAGI::RS::Connection::CLOSE_CODE;
-    *QUEUE             = \&PAGI::RS::HTTP::QUEUE;
-    *RECV_WAIT         = \&PAGI::RS::HTTP::RECV_WAIT;
-    *SEND_WAIT         = \&PAGI::RS::HTTP::SEND_WAIT;
-    *APP_DONE          = \&PAGI::RS::HTTP::APP_DONE;
-    *SENT              = \&PAGI::RS::HTTP::SENT;
-    *CLOSED            = \&PAGI::RS::HTTP::CLOSED;
-    *CLOSED_UNSEEN     = \&PAGI::RS::HTTP::CLOSED_UNSEEN;
-    *HIGH_WATER        = \&PAGI::RS::HTTP::HIGH_WATER;
-}
-
-# Slots up to 27 are HTTP.pm's and its parents'.
-use constant {
-    PHASE             => 28,
-    ENDED             => 29,    # the websocket.disconnect event, once known
-    CONNECT_DELIVERED => 30,
-    END_DELIVERED     => 31,
-    QUEUE_BYTES       => 32,    # payload bytes of the messages in QUEUE
-};
+# HTTP.pm's slots and send codes, and this file's slots (after HTTP.pm's):
+# PHASE, ENDED (the websocket.disconnect event, once known),
+# CONNECT_DELIVERED, END_DELIVERED and QUEUE_BYTES (payload bytes of the
+# messages in QUEUE).
+use PAGI::RS::Constants qw(slot send ws_slot);
 
 use constant { CONNECTING => 0, OPEN => 1, REFUSED => 2 };
 
@@ -79,14 +58,23 @@ sub start {
 # The Perl half of $send (see glue.c's xs_sender): a fast-path
 # websocket.send that must wait ($rc >= 0), failed (-1, $what the
 # message) or was not taken (-2).
+# A send made while another is in flight waits its turn (IN_TURN; see HTTP.pm).
 sub _after_send {
+    my ( $self, $ev, $rc, $what ) = @_;
+    return PAGI::RS::HTTP::_send_in_turn( $self, $ev ) if $rc == IN_TURN;
+    return PAGI::RS::HTTP::_in_flight( $self, _send_outcome( $self, $ev, $rc, $what ) );
+}
+
+sub _send_now { return _send(@_) }
+
+sub _send_outcome {
     my ( $self, $ev, $rc, $what ) = @_;
     if ( $rc == CLOSED_UNSEEN ) {
         $self->_sync;
         $rc = CLOSED;
     }
     return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc) if $rc >= 0;
-    return _fail("websocket.send: $what") if $rc == -1;
+    return _fail("websocket.send: $what") if $rc == FAILED;
     return _send( $self, $ev );
 }
 
@@ -340,7 +328,7 @@ sub _legacy_denial {
     my $more = $ev->{more} ? 1 : 0;
     ( $rc, $err ) = PAGI::RS::_body( $self->[ID], $ev->{body}, $more );
     return _fail("$type: $err") if $rc < 0;
-    $self->[PAGI::RS::HTTP::COMPLETE] = 1 unless $more;
+    $self->[COMPLETE] = 1 unless $more;
     return $DONE;
 }
 

@@ -1,0 +1,85 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use PagiRS::Test;
+use File::Temp qw(tempdir);
+use POSIX ();
+use Time::HiRes qw(time sleep);
+
+# Signals for which an app set %SIG: a signal reaches an interpreter whose
+# app set the handler (with several interpreters, whichever thread the
+# kernel picked), and none is sent to an interpreter thread that has been
+# torn down (signals arriving while the server shuts down).
+
+my $dir = tempdir( CLEANUP => 1 );
+
+my $app_src = <<'APP';
+use strict; use warnings; use Future::AsyncAwait; use Future::IO;
+my $dir = '__DIR__';
+# This interpreter, as distinct from the others in the process.
+my $me = sprintf '%x', 0 + \%main::;
+my $count = 0;
+sub spit { my ($file, $text) = @_; open my $fh, '>', "$dir/$file" or return; print $fh $text; close $fh }
+$SIG{USR1} = sub { $count++ } if $ENV{PAGI_TEST_SIG_AT_LOAD};
+my %h;
+$h{'/hold'} = async sub { spit('holding', $me); await Future::IO->sleep(4); $me };
+$h{'/arm'} = async sub {
+    $SIG{USR1} = sub { $count++; spit('usr1', "$count $me") };
+    $me;
+};
+$h{'/'} = async sub { "$me count=$count" };
+my $app = async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} eq 'lifespan';
+    my $handler = $h{$scope->{path}} or die "no route";
+    my $body = await $handler->();
+    await $send->({ type => 'http.response.start', status => 200,
+        headers => [['content-type', 'text/plain'], ['content-length', length $body]] });
+    await $send->({ type => 'http.response.body', body => $body });
+};
+$app;
+APP
+$app_src =~ s/__DIR__/$dir/g;
+my $app = write_app($app_src);
+
+subtest 'a signal reaches the interpreter whose app set the handler' => sub {
+    my $s = start_server( '--interpreters', 2, $app );
+    # Keep the first interpreter busy, so that /arm goes to the second.
+    my $hold = connect_port( $s->port );
+    $hold->syswrite("GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    my $holder = wait_file_line( "$dir/holding", qr/\w/, 5 );
+    my $armed  = http_request( $s->port, 'GET', '/arm' )->{body} // '';
+    ok $holder && $armed && $holder ne $armed, "the handler is set in one interpreter only ($armed, not $holder)"
+      or return;
+    for my $n ( 1 .. 10 ) {
+        kill 'USR1', $s->pid;
+        my $line = wait_file_line( "$dir/usr1", qr/^\Q$n\E /, 5 );
+        is $line, "$n $armed", "signal $n ran the handler of the interpreter that set it"
+          or last;
+    }
+    ok $s->is_running, 'the server survived';
+    is $s->stop('TERM'), 0, 'and exits 0';
+};
+
+subtest 'signals during shutdown reach no interpreter that is gone' => sub {
+    local $ENV{PAGI_TEST_SIG_AT_LOAD} = 1;
+    for my $round ( 1 .. 5 ) {
+        my $s = start_server( '--no-access-log', $app );
+        my $pid = $s->pid;
+        my $flooder = fork // die "fork: $!";
+        if ( !$flooder ) {
+            while ( kill 'USR1', $pid ) { sleep 0.0002 }
+            POSIX::_exit(0);
+        }
+        is http_request( $s->port, 'GET', '/' )->{status}, 200, "round $round: serving under a flood of USR1";
+        my $code = $s->stop('TERM');
+        kill 'KILL', $flooder;
+        waitpid $flooder, 0;
+        is $s->{exit_signal}, 0, "round $round: not killed by a signal";
+        is $code, 0, "round $round: exits 0";
+    }
+};
+
+done_testing;
