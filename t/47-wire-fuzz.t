@@ -9,8 +9,8 @@ use PagiRS::Test;
 # mutated requests on fresh half-closed connections, and after each case the
 # server still answers, closed the case, never served a request that was
 # inside a body, and kept its RSS within 64 MiB of the start.  It runs for
-# 15 s here to keep this file under 20 s; by hand (or in a soak) give it
-# --duration 60 or more.  A failure prints the seed and the case to replay.
+# 60 s here, as the hardening issue asks of CI; by hand (or in a soak) give
+# it longer.  A failure prints the seed and the case to replay.
 
 my $fuzz = "$FindBin::Bin/../bench/bin/wire-fuzz";
 $ENV{PAGI_RS_BIN} = pagi_bin();
@@ -20,7 +20,7 @@ is $? >> 8, 0, 'the reference parser gives the known verdicts' or diag $self;
 like $self, qr/^ok - inside a Content-Length body: forbidden \[\/SMUGGLED-7-0\]$/m,
   'a marker inside a body is one the app must never see';
 
-my $out = `$^X $fuzz --duration 15 2>&1`;
+my $out = `$^X $fuzz --duration 60 2>&1`;
 my $exit = $? >> 8;
 is $exit, 0, 'no violation' or diag $out;
 like $out, qr/^wire-fuzz: PASS$/m, 'the summary says PASS';

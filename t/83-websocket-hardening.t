@@ -419,4 +419,13 @@ subtest '--max-ws-message-size 0: no limit on a message' => sub {
     $ws->wait_close(3);
 };
 
+subtest 'both limits 0: a frame header still cannot claim any length' => sub {
+    my $ns = start_server( '--max-ws-message-size', 0, '--max-ws-frame-size', 0, $app );
+    my $ws = PagiRS::WS->connect( $ns->port, path => '/sizes?name=h1' );
+    $ws->send_raw( PagiRS::WS->build_frame( opcode => 'binary', payload => '', length => 2**40 ) );
+    is scalar( $ws->wait_close(3) ), 1009, 'a frame declaring 1 TiB: Close 1009';
+    like wait_record('h1.end')->{facts}{detail}, qr/server's own limit of 1073741824 bytes/, 'detail: the server\'s own limit';
+    ok $ns->is_running, 'the server did not abort';
+};
+
 done_testing;

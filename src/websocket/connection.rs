@@ -55,8 +55,8 @@ enum ReadEnd {
 pub async fn run(session: Arc<Session>, upgraded: Upgraded, shutdown: watch::Receiver<bool>) {
     let settings = &session.settings;
     let config = WebSocketConfig::default()
-        .max_frame_size(settings.effective_frame_limit())
-        .max_message_size(settings.max_message_size);
+        .max_frame_size(Some(settings.effective_frame_limit()))
+        .max_message_size(Some(settings.effective_message_limit()));
     let socket = Socket::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
     let Some(outbound) = session.take_outbound() else {
         return;
@@ -180,7 +180,9 @@ fn error_ending(session: &Session, err: &WsError) -> ReadEnd {
 /// message's is the frame's.  When the two are equal a frame over it is a
 /// message over it too.
 fn too_big_detail(settings: &super::Settings, size: usize, max_size: usize) -> String {
-    if settings.max_message_size == Some(max_size) {
+    if settings.max_frame_size.is_none() && settings.max_message_size.is_none() {
+        format!("a frame or message of {size} bytes exceeds the server's own limit of {max_size} bytes")
+    } else if settings.max_message_size == Some(max_size) {
         // For a fragmented message `size` is what had arrived when it broke the limit.
         format!(
             "a message of {size} bytes or more exceeds the limit of {max_size} bytes (--max-ws-message-size)"

@@ -31,6 +31,11 @@ pub const TRANSIT_BUDGET: usize = 1 << 20;
 /// may hold before `websocket.send` fails instead of queueing more.
 pub const SEND_BACKLOG_HIGH_WATERS: usize = 16;
 
+/// The largest frame or message accepted even with both limits off (0):
+/// tungstenite reserves the length a frame header claims, so without any
+/// limit one header claiming a terabyte would abort the process.
+pub const HARD_FRAME_LIMIT: usize = 1 << 30;
+
 /// What a queued application message costs beyond its payload (its queue
 /// slot, the message and its buffer's header), so that a flood of empty
 /// messages is paced and bounded too.
@@ -82,13 +87,17 @@ impl Settings {
 
     /// The frame limit tungstenite enforces: a frame larger than a whole
     /// message may be is refused as soon as its header is read, so its
-    /// payload is never buffered (with neither limit set, tungstenite would
-    /// reserve whatever length a frame header claims).
-    pub fn effective_frame_limit(&self) -> Option<usize> {
+    /// payload is never buffered; with neither limit set, the hard limit.
+    pub fn effective_frame_limit(&self) -> usize {
         match (self.max_frame_size, self.max_message_size) {
-            (Some(f), Some(m)) => Some(f.min(m)),
-            (f, m) => f.or(m),
+            (Some(f), Some(m)) => f.min(m),
+            (f, m) => f.or(m).unwrap_or(HARD_FRAME_LIMIT),
         }
+    }
+
+    /// The message limit tungstenite enforces: the hard limit when off.
+    pub fn effective_message_limit(&self) -> usize {
+        self.max_message_size.unwrap_or(HARD_FRAME_LIMIT)
     }
 }
 
@@ -111,23 +120,16 @@ mod tests {
 
     #[test]
     fn no_frame_may_be_larger_than_a_message() {
+        assert_eq!(with_limits(Some(64), Some(1000)).effective_frame_limit(), 64);
+        assert_eq!(with_limits(Some(5000), Some(1000)).effective_frame_limit(), 1000);
+        assert_eq!(with_limits(None, Some(1000)).effective_frame_limit(), 1000);
+        assert_eq!(with_limits(Some(64), None).effective_frame_limit(), 64);
         assert_eq!(
-            with_limits(Some(64), Some(1000)).effective_frame_limit(),
-            Some(64)
+            with_limits(None, None).effective_frame_limit(),
+            HARD_FRAME_LIMIT,
+            "with both limits off a frame header still cannot claim any length"
         );
-        assert_eq!(
-            with_limits(Some(5000), Some(1000)).effective_frame_limit(),
-            Some(1000)
-        );
-        assert_eq!(
-            with_limits(None, Some(1000)).effective_frame_limit(),
-            Some(1000)
-        );
-        assert_eq!(
-            with_limits(Some(64), None).effective_frame_limit(),
-            Some(64)
-        );
-        assert_eq!(with_limits(None, None).effective_frame_limit(), None);
+        assert_eq!(with_limits(None, None).effective_message_limit(), HARD_FRAME_LIMIT);
     }
 
     #[test]
