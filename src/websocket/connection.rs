@@ -181,7 +181,9 @@ fn error_ending(session: &Session, err: &WsError) -> ReadEnd {
 /// message over it too.
 fn too_big_detail(settings: &super::Settings, size: usize, max_size: usize) -> String {
     if settings.max_frame_size.is_none() && settings.max_message_size.is_none() {
-        format!("a frame or message of {size} bytes exceeds the server's own limit of {max_size} bytes")
+        format!(
+            "a frame or message of {size} bytes exceeds the server's own limit of {max_size} bytes"
+        )
     } else if settings.max_message_size == Some(max_size) {
         // For a fragmented message `size` is what had arrived when it broke the limit.
         format!(

@@ -120,8 +120,14 @@ mod tests {
 
     #[test]
     fn no_frame_may_be_larger_than_a_message() {
-        assert_eq!(with_limits(Some(64), Some(1000)).effective_frame_limit(), 64);
-        assert_eq!(with_limits(Some(5000), Some(1000)).effective_frame_limit(), 1000);
+        assert_eq!(
+            with_limits(Some(64), Some(1000)).effective_frame_limit(),
+            64
+        );
+        assert_eq!(
+            with_limits(Some(5000), Some(1000)).effective_frame_limit(),
+            1000
+        );
         assert_eq!(with_limits(None, Some(1000)).effective_frame_limit(), 1000);
         assert_eq!(with_limits(Some(64), None).effective_frame_limit(), 64);
         assert_eq!(
@@ -129,7 +135,10 @@ mod tests {
             HARD_FRAME_LIMIT,
             "with both limits off a frame header still cannot claim any length"
         );
-        assert_eq!(with_limits(None, None).effective_message_limit(), HARD_FRAME_LIMIT);
+        assert_eq!(
+            with_limits(None, None).effective_message_limit(),
+            HARD_FRAME_LIMIT
+        );
     }
 
     #[test]
