@@ -825,9 +825,9 @@ XS(xs_sender)
         else
             mPUSHi(kind);
         PUTBACK;
-        count = call_pv(is_http                 ? "PAGI::RS::HTTP::_after_send"
-                        : stash == L->sse_stash ? "PAGI::RS::SSE::_after_send"
-                                                : "PAGI::RS::WebSocket::_after_send",
+        /* One Perl half for every class: it asks the object's class what
+         * its fast path's outcome means. */
+        count = call_pv("PAGI::RS::HTTP::_after_send",
                         G_SCALAR);
         SPAGAIN;
         ret = count > 0 ? POPs : &PL_sv_undef;

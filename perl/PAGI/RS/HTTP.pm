@@ -209,10 +209,27 @@ sub _on_body {
 # $send's Perl half: glue.c's sender has tried the fast path (code $rc,
 # kind $what) and hands over whatever needs Perl: waits, failures, the other
 # events (NEEDS_PERL), and sends that must wait their turn (IN_TURN).
+# (The same for sse and websocket scopes: their classes say what their
+# fast path's outcome means, in _send_outcome.)
 sub _after_send {
     my ( $self, $ev, $rc, $what ) = @_;
     return _send_in_turn( $self, $ev ) if $rc == IN_TURN;
-    return _in_flight( $self, _send_outcome( $self, $ev, $rc, $what ) );
+    return _in_flight( $self, $self->_send_outcome( $ev, $rc, $what ) );
+}
+
+# SSE.pm's and WebSocket.pm's _send_outcome: their fast path sends one kind
+# of message ($type: sse.send, websocket.send), which may have to wait for
+# the buffer to drain or may have failed; anything it did not take is the
+# class's _send_now.
+sub _message_send_outcome {
+    my ( $self, $ev, $rc, $what, $type ) = @_;
+    if ( $rc == CLOSED_UNSEEN ) {
+        $self->_sync;
+        $rc = CLOSED;
+    }
+    return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc) if $rc >= 0;
+    return Future->fail("$type: $what\n") if $rc == FAILED;
+    return $self->_send_now($ev);
 }
 
 # A send that is still pending is in flight until it settles.

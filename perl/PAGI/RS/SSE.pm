@@ -31,27 +31,11 @@ sub start {
     return;
 }
 
-# The Perl half of $send (see glue.c's xs_sender): a fast-path sse.send that
-# must wait ($rc >= 0), failed (-1, $what the message) or was not taken (-2).
-# A send made while another is in flight waits its turn (IN_TURN; see HTTP.pm).
-sub _after_send {
-    my ( $self, $ev, $rc, $what ) = @_;
-    return PAGI::RS::HTTP::_send_in_turn( $self, $ev ) if $rc == IN_TURN;
-    return PAGI::RS::HTTP::_in_flight( $self, _send_outcome( $self, $ev, $rc, $what ) );
-}
+# The Perl half of $send is HTTP.pm's _after_send; glue.c's fast path took
+# only a plain sse.send, whose outcome is this.
+sub _send_outcome { return PAGI::RS::HTTP::_message_send_outcome( @_, 'sse.send' ) }
 
 sub _send_now { return _send(@_) }
-
-sub _send_outcome {
-    my ( $self, $ev, $rc, $what ) = @_;
-    if ( $rc == CLOSED_UNSEEN ) {
-        $self->_sync;
-        $rc = CLOSED;
-    }
-    return $rc == SENT || $rc == CLOSED ? $DONE : $self->_wait_drain($rc) if $rc >= 0;
-    return _fail("sse.send: $what") if $rc == FAILED;
-    return _send( $self, $ev );
-}
 
 # The http events, renamed: sse.request for the body, sse.disconnect with
 # the reason at the end (none after the app's own sse.close).  A refusal
