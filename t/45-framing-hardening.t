@@ -5,7 +5,6 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use File::Temp qw(tempdir);
-use JSON::PP ();
 use Time::HiRes qw(time sleep);
 
 # HTTP/1.1 framing at the edges: a client that half-closes after its
@@ -16,7 +15,6 @@ use Time::HiRes qw(time sleep);
 
 $SIG{PIPE} = 'IGNORE';
 my $dir = tempdir( CLEANUP => 1 );
-my $J   = JSON::PP->new->canonical;
 
 my $app = write_app(<<"APP");
 use strict; use warnings;
@@ -100,25 +98,6 @@ APP
 my $server = start_server( '--max-body-size', 1000, $app );
 my $port   = $server->port;
 
-sub read_lines {
-    my ($name) = @_;
-    open my $fh, '<', "$dir/$name" or return ();
-    my @r;
-    while ( my $l = <$fh> ) { chomp $l; push @r, $J->decode($l) }
-    return @r;
-}
-
-sub wait_rec {
-    my ( $name, $pred, $timeout ) = @_;
-    my $deadline = time + ( $timeout // 5 );
-    while (1) {
-        my @hits = grep { $pred->($_) } read_lines($name);
-        return $hits[-1] if @hits;
-        return undef if time > $deadline;
-        sleep 0.05;
-    }
-}
-
 # Send, shut down the sending side, read until the server closes.
 sub half_closed_exchange {
     my ( $bytes, $timeout ) = @_;
@@ -177,7 +156,7 @@ subtest 'an end of stream in the middle of a request is the client leaving' => s
     my ( $raw, $closed ) = half_closed_exchange("POST /read-cut HTTP/1.1\r\n${host}Content-Length: 10\r\n\r\nabc");
     is $raw, '', 'no response';
     ok $closed, 'closed';
-    my $r = wait_rec( 'read', sub { $_[0]{path} eq '/read-cut' } );
+    my $r = wait_json_record( "$dir/read", sub { $_[0]{path} eq '/read-cut' } );
     is $r && $r->{last}, 'http.disconnect', 'the app reading the body hears http.disconnect';
     is $r && $r->{reason}, 'client_closed', 'client_closed';
 };
@@ -185,9 +164,9 @@ subtest 'an end of stream in the middle of a request is the client leaving' => s
 subtest 'a client that closed completely is noticed when a write fails' => sub {
     my $s = connect_port($port);
     $s->syswrite("GET /big-late HTTP/1.1\r\n$host\r\n");
-    wait_rec( 'seen', sub { $_[0]{path} eq '/big-late' } ) or fail('the app started');
+    wait_json_record( "$dir/seen", sub { $_[0]{path} eq '/big-late' } ) or fail('the app started');
     close $s;    # a FIN, like a half-close; the socket is gone though
-    my $r = wait_rec( 'big-late', sub { 1 }, 10 );
+    my $r = wait_json_record( "$dir/big-late", sub { 1 }, 10 );
     is $r && $r->{reason}, 'client_closed', 'the app hears client_closed once writing fails';
     ok $r && $r->{sent} < 400, "it stopped sending ($r->{sent} of 400 chunks went out)" if $r;
     like $r && $r->{detail}, qr/\S/, 'with a detail';
@@ -246,12 +225,12 @@ subtest 'a malformed chunked body gets 400 and the app hears protocol_error' => 
         is_deeply $r->{headers}{'content-type'}, ['text/plain'], "$name: text/plain";
         is_deeply $r->{headers}{connection}, ['close'], "$name: Connection: close";
         ok $closed, "$name: the connection is closed";
-        my $rec = wait_rec( 'read', sub { $_[0]{path} eq $path } );
+        my $rec = wait_json_record( "$dir/read", sub { $_[0]{path} eq $path } );
         is $rec && $rec->{last}, 'http.disconnect', "$name: the pending receive gets http.disconnect";
         is $rec && $rec->{reason}, 'protocol_error', "$name: disconnect_reason protocol_error";
         like $rec && $rec->{detail}, qr/chunk/, "$name: the detail names the rule (" . ( $rec ? $rec->{detail} // 'undef' : '' ) . ')';
     }
-    my $rec = wait_rec( 'read', sub { $_[0]{path} eq '/read-3x' } );
+    my $rec = wait_json_record( "$dir/read", sub { $_[0]{path} eq '/read-3x' } );
     is $rec && $rec->{detail}, 'invalid chunk size line', 'e.g. "invalid chunk size line"';
 };
 
@@ -261,14 +240,14 @@ subtest 'limits on a chunked body: 413 over the body limit, 400/431 for long lin
     is $r->{status}, 413, 'over --max-body-size: 413';
     is_deeply $r->{headers}{connection}, ['close'], 'Connection: close';
     ok $closed, 'closed';
-    my $rec = wait_rec( 'read', sub { $_[0]{path} eq '/read-big' } );
+    my $rec = wait_json_record( "$dir/read", sub { $_[0]{path} eq '/read-big' } );
     is $rec && $rec->{reason}, 'body_too_large', 'the app hears body_too_large';
     like $rec && $rec->{detail}, qr/max-body-size \(1000 bytes\)/, 'with the limit';
 
     ( $raw, $closed ) = raw_request( $port, chunked_post( '/read-longline', '1;' . ( 'e' x 5000 ) . "\r\nx\r\n0\r\n\r\n" ) );
     $r = parse_response($raw) // {};
     is $r->{status}, 400, 'a chunk-size line over 4096 bytes: 400';
-    $rec = wait_rec( 'read', sub { $_[0]{path} eq '/read-longline' } );
+    $rec = wait_json_record( "$dir/read", sub { $_[0]{path} eq '/read-longline' } );
     is $rec && $rec->{detail}, 'chunk size line too long', 'detail';
 
     ( $raw, $closed ) =
@@ -292,7 +271,7 @@ subtest 'the gate checks every request on the connection' => sub {
         is $r[1] && $r[1]{status}, 400, "$what: the second (two Content-Lengths) is refused";
         ok $closed, "$what: and the connection closed";
     }
-    ok !wait_rec( 'seen', sub { $_[0]{path} eq '/second' }, 0 ), 'the app never saw a refused request';
+    ok !wait_json_record( "$dir/seen", sub { $_[0]{path} eq '/second' }, 0 ), 'the app never saw a refused request';
 
     my ( $raw, $closed ) = raw_request( $port, chunked_post( '/plus', "+5\r\nhello\r\n0\r\n\r\n" ) );
     is( ( parse_response($raw) // {} )->{status}, 400, 'a chunk size of "+5" is refused' );
@@ -308,7 +287,7 @@ subtest 'CONNECT gets 501, and nothing after it is read' => sub {
     is_deeply $r[0] && $r[0]{headers}{'content-type'}, ['text/plain'], 'text/plain';
     is_deeply $r[0] && $r[0]{headers}{connection}, ['close'], 'Connection: close';
     ok $closed, 'closed';
-    ok !wait_rec( 'seen', sub { $_[0]{path} eq '/after-connect' }, 0.3 ), 'the request after it never reached the app';
+    ok !wait_json_record( "$dir/seen", sub { $_[0]{path} eq '/after-connect' }, 0.3 ), 'the request after it never reached the app';
     like $server->output, qr/"CONNECT \/?\S*" 501/, 'access-logged as a CONNECT';
 };
 

@@ -6,7 +6,6 @@ use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use File::Temp qw(tempdir);
 use IO::Select;
-use JSON::PP ();
 use Time::HiRes qw(time sleep);
 
 # Slow clients: a request head trickled in a byte at a time is cut off by
@@ -16,7 +15,6 @@ use Time::HiRes qw(time sleep);
 
 $SIG{PIPE} = 'IGNORE';
 my $dir = tempdir( CLEANUP => 1 );
-my $J   = JSON::PP->new->canonical;
 
 my $app = write_app(<<"APP");
 use strict; use warnings;
@@ -56,25 +54,6 @@ my \$app = async sub {
 \$app;
 APP
 
-sub read_lines {
-    my ($name) = @_;
-    open my $fh, '<', "$dir/$name" or return ();
-    my @r;
-    while ( my $l = <$fh> ) { chomp $l; push @r, $J->decode($l) }
-    return @r;
-}
-
-sub wait_rec {
-    my ( $name, $pred, $timeout ) = @_;
-    my $deadline = time + ( $timeout // 5 );
-    while (1) {
-        my @hits = grep { $pred->($_) } read_lines($name);
-        return $hits[-1] if @hits;
-        return undef if time > $deadline;
-        sleep 0.05;
-    }
-}
-
 # Write $bytes in pieces of $step bytes every $every seconds, stopping early
 # when the server closes or what came back matches $done; at most $max
 # seconds.  Returns (what came back, whether the server closed, seconds from
@@ -109,7 +88,7 @@ subtest 'a request head trickled a byte at a time is closed by the --timeout dea
     ok $closed, 'the server closed the connection';
     ok $dt >= 1.7 && $dt < 3.5, sprintf( 'after about 2 s although a byte came every 0.3 s (%.2fs)', $dt );
     unlike $buf, qr/^HTTP\/1\.1 200/, 'the request was not served';
-    ok !wait_rec( 'body', sub { $_[0]{path} eq '/trickle' }, 0 ), 'the app never saw it';
+    ok !wait_json_record( "$dir/body", sub { $_[0]{path} eq '/trickle' }, 0 ), 'the app never saw it';
 };
 
 subtest 'a head sent slowly but complete within the deadline is served, each head on its own clock' => sub {
@@ -136,7 +115,7 @@ subtest 'a body slower than --body-min-rate gets 408 and the app hears client_ti
     is_deeply $r->{headers}{connection}, ['close'], 'Connection: close';
     ok $closed, 'the connection is closed';
     ok $dt >= 0.9 && $dt < 3, sprintf( 'once the 1 s grace is over (%.2fs)', $dt );
-    my $rec = wait_rec( 'body', sub { $_[0]{path} eq '/slow-body' } );
+    my $rec = wait_json_record( "$dir/body", sub { $_[0]{path} eq '/slow-body' } );
     is $rec && $rec->{last}, 'http.disconnect', 'the pending receive gets http.disconnect';
     is $rec && $rec->{reason}, 'client_timeout', 'client_timeout';
     like $rec && $rec->{detail}, qr{bytes/s .*below --body-min-rate 100 bytes/s}, 'the detail names the rate'
@@ -153,7 +132,7 @@ subtest 'a body that keeps up the rate is served' => sub {
 subtest 'an app that does not read does not count against the client' => sub {
     my $s = connect_port($port);
     $s->syswrite( "POST /lazy HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 300\r\n\r\n" . ( 'c' x 150 ) );
-    ok wait_rec( 'lazy', sub { 1 }, 5 ), 'the app starts reading after 2.5 s';
+    ok wait_json_record( "$dir/lazy", sub { 1 }, 5 ), 'the app starts reading after 2.5 s';
     sleep 0.2;
     $s->syswrite( 'c' x 150 );
     my ( $buf, $closed ) = read_sock( $s, qr{/lazy \d+\z}, 5 );

@@ -15,6 +15,7 @@ use Socket qw(SOL_SOCKET SO_LINGER);
 use POSIX qw(WNOHANG);
 use Time::HiRes qw(time sleep);
 use Test::More ();
+use JSON::PP ();
 
 our @EXPORT = (
     # running the server
@@ -22,7 +23,7 @@ our @EXPORT = (
     # talking to it
     qw(raw_request parse_response http_request connect_port read_sock read_some abort_close),
     # files the server or the app wrote, and the server's memory
-    qw(slurp file_lines wait_file_line wait_file_lines vmrss_kb),
+    qw(slurp file_lines wait_file_line wait_file_lines json_records wait_json_record vmrss_kb),
 );
 
 my $ROOT = File::Spec->rel2abs( File::Spec->catdir( $FindBin::Bin, '..' ) );
@@ -349,6 +350,31 @@ sub wait_file_line {
         sleep 0.05;
     }
     return undef;
+}
+
+# The JSON records (one per line) an app wrote to $file; () if unreadable.
+sub json_records {
+    my ($file) = @_;
+    open my $fh, '<', $file or return ();
+    my @r;
+    while ( my $l = <$fh> ) {
+        chomp $l;
+        push @r, JSON::PP->new->decode($l);
+    }
+    return @r;
+}
+
+# Poll $file until a record satisfies $pred (up to $timeout, default 5 s);
+# returns the last such record, or undef.
+sub wait_json_record {
+    my ( $file, $pred, $timeout ) = @_;
+    my $deadline = time + ( $timeout // 5 );
+    while (1) {
+        my @hits = grep { $pred->($_) } json_records($file);
+        return $hits[-1] if @hits;
+        return undef if time > $deadline;
+        sleep 0.05;
+    }
 }
 
 # Resident set size of process $pid in kB (from /proc), or undef.
