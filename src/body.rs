@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::exchange::{BodyAborted, Exchange};
-use crate::http1::gate::{Answers, BodyRefusal};
+use crate::http1::gate::BodyRefusal;
 
 pub enum ResponseBody {
     Full(Option<Bytes>),
@@ -80,45 +79,6 @@ impl Drop for ResponseBody {
     }
 }
 
-/// A response body that tells the connection's gate when hyper is done with
-/// it (see `gate::Answers`: a half-closed client is served until then).
-pub struct AnsweredBody {
-    body: ResponseBody,
-    answers: Arc<Answers>,
-}
-
-impl AnsweredBody {
-    pub fn new(body: ResponseBody, answers: Arc<Answers>) -> AnsweredBody {
-        AnsweredBody { body, answers }
-    }
-}
-
-impl Body for AnsweredBody {
-    type Data = Bytes;
-    type Error = BodyAborted;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for AnsweredBody {
-    fn drop(&mut self) {
-        self.answers.response_finished();
-    }
-}
-
 /// `--body-min-rate` bytes per second, enforced once the server has waited
 /// `grace` for the body.  A rate of 0 turns it off.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -156,7 +116,11 @@ struct BodyClock {
 
 /// Read the request body on behalf of the application.  Each permit on
 /// `exchange.body_credit` lets one chunk through to the interpreter.
-pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
+pub async fn pump_request_body<B>(exchange: Arc<Exchange>, mut body: B)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let max = exchange.config().max_body;
     let rate = exchange.config().body_rate;
     let mut total: u64 = 0;
@@ -197,17 +161,20 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
                     Err(_) => continue,
                 },
                 Some(Err(e)) => {
+                    let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+                    let e: &(dyn std::error::Error + 'static) = &*e;
                     tracing::debug!("request body read failed: {e}");
-                    if let Some(refusal) = BodyRefusal::find(&e) {
+                    if let Some(refusal) = BodyRefusal::find(e) {
                         refuse_body(&exchange, refusal);
                         return;
                     }
-                    let reason = if e.is_incomplete_message() || ends_early(&e) {
-                        "client_closed"
-                    } else {
-                        "read_error"
+                    let (reason, detail) = match crate::http2::io::stream_reset(e) {
+                        // HTTP/2: the client reset this stream mid-body.
+                        Some(code) => ("client_closed", crate::http2::io::reset_detail(code)),
+                        None if ends_early(e) => ("client_closed", error_chain(e)),
+                        None => ("read_error", error_chain(e)),
                     };
-                    exchange.server_abort(reason, Some(error_chain(&e)), None);
+                    exchange.server_abort(reason, Some(detail), None);
                     return;
                 }
                 None => break (Bytes::new(), false),
@@ -236,6 +203,11 @@ pub async fn pump_request_body(exchange: Arc<Exchange>, mut body: Incoming) {
 fn ends_early(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(e);
     while let Some(e) = next {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message())
+        {
+            return true;
+        }
         if e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
         {

@@ -196,6 +196,43 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub max_disconnect_receives: u32,
 
+    /// Serve cleartext HTTP/2 (h2c) to clients that open with the HTTP/2
+    /// preface (prior knowledge), beside HTTP/1.1 on the same port.  Over
+    /// TLS, h2 is always offered by ALPN.
+    #[arg(long)]
+    pub http2: bool,
+
+    /// HTTP/2: most streams open at once on one connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub h2_max_concurrent_streams: u32,
+
+    /// HTTP/2: each stream's receive window, in bytes
+    /// (SETTINGS_INITIAL_WINDOW_SIZE): how much of a request body a client
+    /// may send before the application reads it.
+    #[arg(long, value_name = "BYTES", default_value_t = 65_535)]
+    pub h2_initial_window_size: u32,
+
+    /// HTTP/2: the largest frame payload accepted (SETTINGS_MAX_FRAME_SIZE,
+    /// 16384 to 16777215).
+    #[arg(long, value_name = "BYTES", default_value_t = 16_384)]
+    pub h2_max_frame_size: u32,
+
+    /// HTTP/2: the largest request header list, in bytes
+    /// (SETTINGS_MAX_HEADER_LIST_SIZE); larger is refused with 431.
+    #[arg(long, value_name = "BYTES", default_value_t = 65_536)]
+    pub h2_max_header_list_size: u32,
+
+    /// HTTP/2 Rapid Reset defence (CVE-2023-44487): streams a client may
+    /// reset in a burst, refilled at --h2-rst-rate per second; past it the
+    /// connection gets GOAWAY (ENHANCE_YOUR_CALM).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub h2_rst_burst: u32,
+
+    /// HTTP/2: client stream resets per second allowed after the burst.
+    #[arg(long, value_name = "N", default_value_t = 33)]
+    pub h2_rst_rate: u32,
+
     /// Number of Perl interpreter threads (experimental above 1: see README).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub interpreters: usize,
@@ -286,6 +323,21 @@ impl Options {
                     "{flag} {secs} is too large: at most {MAX_SECONDS} seconds (a year)"
                 ));
             }
+        }
+        if !(16_384..=16_777_215).contains(&self.h2_max_frame_size) {
+            return Err(format!(
+                "--h2-max-frame-size {} is out of range: 16384 to 16777215 (RFC 9113 6.5.2)",
+                self.h2_max_frame_size
+            ));
+        }
+        if self.h2_initial_window_size > (1 << 31) - 1 {
+            return Err(format!(
+                "--h2-initial-window-size {} is too large: at most 2147483647 (RFC 9113 6.5.2)",
+                self.h2_initial_window_size
+            ));
+        }
+        if self.h2_max_concurrent_streams == 0 {
+            return Err("--h2-max-concurrent-streams must be at least 1".into());
         }
         // Sizes that the server adds to, or allocates per request, are
         // bounded so that no arithmetic on them can overflow.

@@ -43,8 +43,14 @@ pub struct ExchangeConfig {
 
 /// What the network task receives for the response head.
 pub enum Head {
-    /// The application started a response.
-    App(StatusCode, HeaderMap),
+    /// The application started a response.  `close_after`: the
+    /// connection cannot be reused after it (a request body was left
+    /// unread behind `Expect: 100-continue`); HTTP/1.1 says so on the wire.
+    App {
+        status: StatusCode,
+        headers: HeaderMap,
+        close_after: bool,
+    },
     /// The server answers in place of the application (413, 500 ...).
     Generated(StatusCode, &'static str),
     /// Close the connection without any response (request timeout).
@@ -446,7 +452,7 @@ impl Exchange {
         let outcome = self.start(status, headers, false)?;
         let mut st = self.lock();
         if let Some((_, map)) = st.pending_head.as_mut() {
-            crate::sse::add_stream_headers(map, self.facts.http_version);
+            crate::sse::add_stream_headers(map);
             // An event stream has no length; one would end it early.
             map.remove(http::header::CONTENT_LENGTH);
         }
@@ -470,7 +476,13 @@ impl Exchange {
             return false;
         };
         st.phase = Phase::Finished;
-        st.status = Some(101);
+        // The access log shows what went on the wire: HTTP/2 accepts with
+        // 200 (RFC 8441), HTTP/1.1 with 101.
+        st.status = Some(if self.facts.http_version == "2" {
+            200
+        } else {
+            101
+        });
         st.long_lived = true;
         drop(st);
         self.mark_progress();
@@ -525,11 +537,18 @@ impl Exchange {
         if awaiting_trailer_names {
             return None;
         }
-        let (status, mut map) = st.pending_head.take()?;
-        if st.continue_unanswered {
-            map.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        st.head_tx.take().map(|tx| (tx, Head::App(status, map)))
+        let (status, headers) = st.pending_head.take()?;
+        let close_after = st.continue_unanswered;
+        st.head_tx.take().map(|tx| {
+            (
+                tx,
+                Head::App {
+                    status,
+                    headers,
+                    close_after,
+                },
+            )
+        })
     }
 
     fn send_head(head: Option<(oneshot::Sender<Head>, Head)>) {
@@ -1444,7 +1463,7 @@ pub(crate) mod tests {
         ));
         assert_eq!(ex.body(b"abc", false).unwrap(), SendOutcome::Ready);
         match rx.try_recv() {
-            Ok(Head::App(_, map)) => {
+            Ok(Head::App { headers: map, .. }) => {
                 assert!(map.get("transfer-encoding").is_none());
                 assert!(map.get("connection").is_none());
                 assert_eq!(map.get("content-length").unwrap(), "3");
@@ -1506,7 +1525,7 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(ex.begin_stream_body().unwrap(), Some(SendOutcome::Ready));
         assert!(
-            matches!(rx.try_recv(), Ok(Head::App(..))),
+            matches!(rx.try_recv(), Ok(Head::App { .. })),
             "the head goes out"
         );
         assert_eq!(ex.finish(None, false), FinishOutcome::Clean);

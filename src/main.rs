@@ -1,10 +1,12 @@
 //! pagi-rs: serve a PAGI application from a Rust network core.
 //!
-//! The path of one request: `server` accepts the connection and hyper parses
-//! it; `http1::handle` checks it and builds the scope (`scope`); an
-//! `interp::Pool` thread runs the app (perl/PAGI/RS/*.pm through
-//! `interp::exports`); the app's events drive the shared `exchange`, whose
-//! queue hyper drains through `body::ResponseBody` onto the wire.
+//! The path of one request: `server` accepts the connection and picks its
+//! protocol; `http1::connection` (hyper) or `http2::connection` and
+//! `http2::stream` (h2) parse it and hand it to `service`, which builds the
+//! scope (`scope`) and the `exchange`; an `interp::Pool` thread runs the app
+//! (perl/PAGI/RS/*.pm through `interp::exports`); the app's events drive
+//! the exchange, whose queue the protocol drains through
+//! `body::ResponseBody` onto the wire.
 
 mod access_log;
 mod body;
@@ -13,10 +15,12 @@ mod error;
 mod exchange;
 mod file;
 mod http1;
+mod http2;
 mod interp;
 mod logging;
 mod scope;
 mod server;
+mod service;
 mod spec;
 mod sse;
 mod websocket;
@@ -182,6 +186,16 @@ fn run(
             max_send_backlog: spec.send_backlog,
             queued_message_cost: websocket::QUEUED_MESSAGE_COST,
         }),
+        http2: http2::Settings {
+            cleartext: opts.http2,
+            max_concurrent_streams: opts.h2_max_concurrent_streams,
+            initial_window_size: opts.h2_initial_window_size,
+            max_frame_size: opts.h2_max_frame_size,
+            max_header_list_size: opts.h2_max_header_list_size,
+            rst_burst: opts.h2_rst_burst,
+            rst_per_second: opts.h2_rst_rate,
+            idle_timeout: Options::timeout_opt(opts.timeout),
+        },
         shutting_down,
         detached: Default::default(),
         max_connections: opts.connection_limit(),

@@ -116,7 +116,7 @@ pub fn http_version_str(v: Version) -> &'static str {
 impl RequestScope {
     pub fn from_parts(
         parts: &mut Parts,
-        conn: &crate::http1::ConnInfo,
+        conn: &crate::service::ConnInfo,
         root_path: &str,
         body: BodyState,
         kind: ScopeKind,
@@ -293,7 +293,7 @@ mod tests {
             .unwrap();
         let (mut parts, _) = req.into_parts();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let conn = crate::http1::ConnInfo::new(addr, addr);
+        let conn = crate::service::ConnInfo::new(addr, addr);
         let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty, ScopeKind::Http);
         let h: Vec<_> = scope_headers(&s).collect();
         assert_eq!(h.iter().filter(|(n, _)| *n == b"cookie").count(), 1);
@@ -304,7 +304,7 @@ mod tests {
     fn scope_of(req: http::Request<()>) -> RequestScope {
         let (mut parts, _) = req.into_parts();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let conn = crate::http1::ConnInfo::new(addr, addr);
+        let conn = crate::service::ConnInfo::new(addr, addr);
         RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty, ScopeKind::Http)
     }
 
@@ -397,7 +397,7 @@ mod tests {
         let req = http::Request::get("/a%2Fb?x=1&y=%20").body(()).unwrap();
         let (mut parts, _) = req.into_parts();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let conn = crate::http1::ConnInfo::new(addr, addr);
+        let conn = crate::service::ConnInfo::new(addr, addr);
         let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty, ScopeKind::Http);
         assert_eq!(&s.raw_path[..], b"/a%2Fb");
         assert_eq!(s.path, b"/a/b");

@@ -6,17 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::body::AnsweredBody;
 use crate::exchange::ExchangeConfig;
-use crate::http1::gate::{Answers, Gate, Limits, WireOrders};
-use crate::http1::{handle, ConnInfo};
+use crate::http1::gate::Limits;
+use crate::http2::Sniffed;
 use crate::interp::Pool;
+use crate::service::ConnInfo;
 
 /// Everything a connection task needs, shared.
 pub struct Server {
@@ -30,6 +27,7 @@ pub struct Server {
     pub access_log_needs_headers: bool,
     pub gate_limits: Limits,
     pub websocket: Arc<crate::websocket::Settings>,
+    pub http2: crate::http2::Settings,
     /// Becomes true when shutdown begins: long-lived streams (SSE,
     /// WebSockets) close at once rather than hold up the drain.
     pub shutting_down: watch::Sender<bool>,
@@ -80,28 +78,21 @@ impl Drop for DetachedGuard {
     }
 }
 
+/// What a connection task watches besides its socket.
+#[derive(Clone)]
+pub struct ConnectionSignals {
+    /// Shutdown began: finish what is in flight, take nothing new.
+    pub drain: watch::Receiver<bool>,
+    /// The shutdown timeout expired: drop everything now.
+    pub force: watch::Receiver<bool>,
+}
+
 /// Set when the shutdown timeout expired and the remaining connections are
 /// being dropped: their applications hear `server_shutdown`.
 static FORCE_CLOSING: AtomicBool = AtomicBool::new(false);
 
 pub fn is_force_closing() -> bool {
     FORCE_CLOSING.load(Ordering::Acquire)
-}
-
-impl Server {
-    fn http1_builder(&self) -> http1::Builder {
-        let mut b = http1::Builder::new();
-        // The gate enforces the head limits (414/431) before hyper parses;
-        // hyper's own limits sit above them as a backstop.
-        let head_allowance = self.max_header_size + crate::http1::gate::MAX_REQUEST_LINE + 1024;
-        b.timer(TokioTimer::new())
-            .header_read_timeout(self.keepalive_timeout)
-            .max_headers(self.max_header_count + 2)
-            .max_header_size(head_allowance)
-            .max_buf_size(head_allowance.max(64 * 1024))
-            .keep_alive(true);
-        b
-    }
 }
 
 /// Open HTTP connections; each connection task holds one.
@@ -150,7 +141,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) {
-    let builder = server.http1_builder();
+    let http1 = Arc::new(crate::http1::connection::builder(&server));
     let (force_tx, force_rx) = watch::channel(false);
     let mut draining = server.shutting_down.subscribe();
     // Each connection task holds a clone; when all are gone, so are the connections.
@@ -193,65 +184,17 @@ pub async fn serve(
             .or(local)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let info = Arc::new(ConnInfo::new(client, server_addr));
-        let close = info.close.clone();
-        let svc_server = server.clone();
-        let orders = Arc::new(WireOrders::default());
-        let svc_orders = orders.clone();
-        let answers = Arc::new(Answers::default());
-        let svc_answers = answers.clone();
-        // Counted as the gate counts heads, to match its records to requests.
-        // hyper calls the service through `&self`, one request at a time.
-        let requests_served = std::cell::Cell::new(0u64);
-        let service = service_fn(move |mut req| {
-            let seq = requests_served.get() + 1;
-            requests_served.set(seq);
-            if let Some(order) = svc_orders.claim(seq, req.uri()) {
-                req.extensions_mut().insert(order);
-            }
-            let answering = handle(req, info.clone(), svc_server.clone());
-            let answers = svc_answers.clone();
-            async move {
-                let resp = answering.await?;
-                answers.response_started(resp.status());
-                Ok::<_, crate::http1::ServiceError>(
-                    resp.map(|body| AnsweredBody::new(body, answers)),
-                )
-            }
-        });
-        let io = TokioIo::new(Gate::new(stream, server.gate_limits, orders, answers));
-        // with_upgrades: a WebSocket handshake hands the socket over after the 101.
-        let conn = builder.serve_connection(io, service).with_upgrades();
-        let mut force = force_rx.clone();
-        let mut drain = draining.clone();
+        let signals = ConnectionSignals {
+            drain: draining.clone(),
+            force: force_rx.clone(),
+        };
         let alive = alive_tx.clone();
         let counted = OpenConnection::new(&open);
+        let (server, http1) = (server.clone(), http1.clone());
         tokio::spawn(async move {
             let _alive = alive;
             let _counted = counted;
-            tokio::pin!(conn);
-            // An application's abort drops the connection where it stands:
-            // queued writes are abandoned and nothing else is served on it.
-            let result = tokio::select! {
-                result = conn.as_mut() => Some(result),
-                _ = drain.wait_for(|d| *d) => None,
-                _ = force.wait_for(|f| *f) => return,
-                _ = close.notified() => return,
-            };
-            let result = match result {
-                Some(r) => r,
-                None => {
-                    // Finish the request in flight, then close.
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = force.wait_for(|f| *f) => return,
-                        _ = close.notified() => return,
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!("connection from {client} ended: {e}");
-            }
+            serve_connection(stream, info, server, &http1, signals).await;
         });
     }
     drop(listener);
@@ -270,4 +213,52 @@ pub async fn serve(
         // Let the connection tasks run their drops (which notify the apps).
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Serve one accepted connection in the protocol it speaks.
+async fn serve_connection(
+    stream: TcpStream,
+    info: Arc<ConnInfo>,
+    server: Arc<Server>,
+    http1: &hyper::server::conn::http1::Builder,
+    signals: ConnectionSignals,
+) {
+    if server.http2.cleartext && speaks_http2(&stream, &server).await {
+        crate::http2::connection::serve(stream, info, server, signals).await;
+    } else {
+        crate::http1::connection::serve(stream, info, server, http1, signals).await;
+    }
+}
+
+/// `--http2` on a cleartext connection: whether the client opens with the
+/// HTTP/2 preface.  Peeked, so an HTTP/1.1 client's bytes stay for hyper.
+/// A client that sends nothing is left to HTTP/1.1 and its head timeout.
+async fn speaks_http2(stream: &TcpStream, server: &Server) -> bool {
+    let mut prefix = [0u8; crate::http2::PREFACE.len()];
+    let decide = async {
+        let mut seen = 0;
+        loop {
+            if stream.readable().await.is_err() {
+                return false;
+            }
+            let n = match stream.peek(&mut prefix).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            match crate::http2::sniff(&prefix[..n]) {
+                Sniffed::Http2 => return true,
+                Sniffed::Http1 => return false,
+                // Part of the preface: wait for more.  peek does not
+                // consume, so readiness stays set; pace the retries.
+                Sniffed::Undecided => {
+                    if n == seen {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    seen = n;
+                }
+            }
+        }
+    };
+    let limit = server.keepalive_timeout.unwrap_or(Duration::from_secs(10));
+    tokio::time::timeout(limit, decide).await.unwrap_or(false)
 }

@@ -115,7 +115,7 @@ pub fn keepalive_comment(comment: &[u8]) -> Bytes {
 }
 
 /// Headers `sse.start` adds when the application did not set them.
-pub fn add_stream_headers(map: &mut HeaderMap, http_version: &str) {
+pub fn add_stream_headers(map: &mut HeaderMap) {
     let defaults: [(HeaderName, &'static str); 2] = [
         (http::header::CONTENT_TYPE, "text/event-stream"),
         (http::header::CACHE_CONTROL, "no-cache"),
@@ -125,17 +125,6 @@ pub fn add_stream_headers(map: &mut HeaderMap, http_version: &str) {
             map.insert(name, HeaderValue::from_static(value));
         }
     }
-    // HTTP/1.0 has no chunked framing: the stream ends with the connection,
-    // and says so.
-    let connection = if http_version == "1.1" {
-        "keep-alive"
-    } else {
-        "close"
-    };
-    map.insert(
-        http::header::CONNECTION,
-        HeaderValue::from_static(connection),
-    );
 }
 
 /// What the application asked of keepalive comments; `None` = off.
@@ -332,13 +321,13 @@ mod tests {
             "content-type",
             "text/event-stream; charset=utf-8".parse().unwrap(),
         );
-        add_stream_headers(&mut map, "1.1");
+        add_stream_headers(&mut map);
         assert_eq!(map["content-type"], "text/event-stream; charset=utf-8");
         assert_eq!(map["cache-control"], "no-cache");
-        assert_eq!(map["connection"], "keep-alive");
-        let mut old = HeaderMap::new();
-        add_stream_headers(&mut old, "1.0");
-        assert_eq!(old["connection"], "close");
+        assert!(
+            map.get("connection").is_none(),
+            "connection headers belong to http1/, not to every protocol"
+        );
     }
 }
 

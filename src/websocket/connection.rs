@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -31,7 +29,14 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::session::{Ending, Outbound, Session};
 
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
+/// The byte stream under an accepted WebSocket: hyper's upgraded socket on
+/// HTTP/1.1, one stream on HTTP/2 (http2::io).  Boxed: one virtual call per
+/// read or write costs nothing next to framing, and keeps one `run`.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+pub type Transport = Box<dyn Io>;
+
+type Socket = WebSocketStream<Transport>;
 type Sink = SplitSink<Socket, Message>;
 type Stream = SplitStream<Socket>;
 
@@ -52,12 +57,12 @@ enum ReadEnd {
     Handshake(Ending),
 }
 
-pub async fn run(session: Arc<Session>, upgraded: Upgraded, shutdown: watch::Receiver<bool>) {
+pub async fn run(session: Arc<Session>, transport: Transport, shutdown: watch::Receiver<bool>) {
     let settings = &session.settings;
     let config = WebSocketConfig::default()
         .max_frame_size(Some(settings.effective_frame_limit()))
         .max_message_size(Some(settings.effective_message_limit()));
-    let socket = Socket::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let socket = Socket::from_raw_socket(transport, Role::Server, Some(config)).await;
     let Some(outbound) = session.take_outbound() else {
         return;
     };

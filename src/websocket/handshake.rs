@@ -1,23 +1,30 @@
-//! The WebSocket opening handshake over HTTP/1.1: recognise the upgrade,
-//! give the application its `websocket` scope and `websocket.connect`, and
-//! answer with what it decides.
+//! The WebSocket opening handshake: recognise it (RFC 6455's upgrade on
+//! HTTP/1.1, RFC 8441's extended CONNECT on HTTP/2), give the application
+//! its `websocket` scope and `websocket.connect`, and answer with what it
+//! decides.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use data_encoding::BASE64;
-use http::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use http::header::{
+    HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
+    UPGRADE,
+};
+use http::request::Parts;
+use http::{HeaderMap, Method, Response, StatusCode};
+pub use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use super::connection::Transport;
 use super::session::{Ending, Session};
 use crate::body::ResponseBody;
 use crate::exchange::Head;
-use crate::http1::{open_exchange, plain_response, ConnInfo, PendingHead, ServiceError};
 use crate::interp::messages::ToPerl;
 use crate::scope::{BodyState, RequestScope, ScopeKind};
 use crate::server::Server;
+use crate::service::{
+    open_exchange, plain_response, refuse_when_queue_full, CloseAfter, PendingHead, RequestContext,
+    ServiceError,
+};
 
 fn has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &[u8]) -> bool {
     headers.get_all(name).iter().any(|v| {
@@ -103,47 +110,81 @@ fn speaks_version_13(headers: &HeaderMap) -> bool {
 /// The answer to a malformed handshake: text/plain, connection closed
 /// (like the gate's refusals); a 426 names the version this server speaks
 /// (RFC 6455 4.4) and, as RFC 9110 15.5.22 asks, the protocol to upgrade to.
-pub fn refusal_response(refusal: &Refusal) -> Response<ResponseBody> {
+pub fn refusal_response(refusal: &Refusal, version: http::Version) -> Response<ResponseBody> {
     let mut resp = plain_response(refusal.status, refusal.text);
     if refusal.status == StatusCode::UPGRADE_REQUIRED {
         let h = resp.headers_mut();
         h.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        // An Upgrade header needs the upgrade token in Connection (RFC 9110 7.8).
-        h.insert(CONNECTION, HeaderValue::from_static("upgrade, close"));
+        // HTTP/2 has no Upgrade (RFC 9113 8.2.2); the version header is the answer.
+        if version != http::Version::HTTP_2 {
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            // An Upgrade header needs the upgrade token in Connection (RFC 9110 7.8).
+            h.insert(CONNECTION, HeaderValue::from_static("upgrade, close"));
+        }
     }
     resp
 }
 
-/// Serve one upgrade request: the application decides, then either the
-/// socket is handed to [`super::connection::run`] after the 101, or the
-/// refusal goes out as an ordinary response.
+/// Classify an HTTP/2 request (RFC 8441 4-5): an extended CONNECT whose
+/// `:protocol` is `websocket` is an attempt; it needs
+/// `Sec-WebSocket-Version: 13` (else 426).  RFC 8441 has no key.
+pub fn classify_extended_connect(
+    method: &Method,
+    protocol: Option<&str>,
+    headers: &HeaderMap,
+) -> Handshake {
+    if method != Method::CONNECT || !protocol.is_some_and(|p| p.eq_ignore_ascii_case("websocket")) {
+        return Handshake::NotAttempted;
+    }
+    if !speaks_version_13(headers) {
+        return Handshake::Invalid(Refusal {
+            status: StatusCode::UPGRADE_REQUIRED,
+            text: "Upgrade Required: this server speaks WebSocket version 13",
+        });
+    }
+    Handshake::Valid
+}
+
+/// How the handshake travels, and how the accepted stream is reached.
+pub enum Carrier {
+    /// RFC 6455 over HTTP/1.1: a 101 carrying `Sec-WebSocket-Accept`, after
+    /// which hyper hands over the socket.
+    Http1 {
+        accept_key: String,
+        upgrade: hyper::upgrade::OnUpgrade,
+    },
+    /// RFC 8441 over HTTP/2: a 200 on the extended CONNECT stream, which
+    /// then carries the frames; http2/ sends the stream here once the head
+    /// is out.
+    Http2 {
+        stream: tokio::sync::oneshot::Receiver<Transport>,
+    },
+}
+
+/// Serve one WebSocket handshake: the application decides, then either the
+/// stream goes to [`super::connection::run`] after the accepting head, or
+/// the refusal goes out as an ordinary response.
 pub async fn handle(
-    mut req: Request<Incoming>,
-    conn: Arc<ConnInfo>,
+    mut parts: Parts,
+    ctx: RequestContext,
     server: Arc<Server>,
-    started: Instant,
+    carrier: Carrier,
 ) -> Result<Response<ResponseBody>, ServiceError> {
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let (mut parts, _body) = req.into_parts();
-    let accept_key = parts
-        .headers
-        .get(SEC_WEBSOCKET_KEY)
-        .map(|k| derive_accept_key(k.as_bytes()))
-        .unwrap_or_default();
+    if let Some(busy) = refuse_when_queue_full(&server, &parts, &ctx) {
+        return Ok(busy);
+    }
     let scope = RequestScope::from_parts(
         &mut parts,
-        &conn,
+        &ctx.conn,
         &server.root_path,
         BodyState::Empty,
         ScopeKind::WebSocket,
     );
-    let (interp, exchange, head_rx) = open_exchange(&server, &conn, &scope, false, started);
+    let (interp, exchange, head_rx) = open_exchange(&server, &ctx, &scope, false);
     let session = Session::new(
         exchange.clone(),
         interp.mailbox.clone(),
         server.websocket.clone(),
-        accept_key,
     );
     interp.mailbox.push(ToPerl::Request {
         exchange: exchange.clone(),
@@ -151,35 +192,69 @@ pub async fn handle(
         session: Some(session.clone()),
     });
 
-    let mut guard = PendingHead(Some(exchange.clone()));
+    let mut guard = PendingHead(Some(exchange.clone()), ctx.departure.clone());
     let head = head_rx.await;
     guard.0 = None;
     match head {
-        Ok(Head::Upgrade(headers)) => {
+        Ok(Head::Upgrade(mut headers)) => {
             let shutdown = server.shutting_down.subscribe();
             let tracked = server.detached.enter();
-            tokio::spawn(async move {
-                let _tracked = tracked;
-                match on_upgrade.await {
-                    Ok(upgraded) => super::connection::run(session, upgraded, shutdown).await,
-                    Err(e) => {
-                        tracing::debug!("WebSocket upgrade failed: {e}");
-                        session.end(Ending::abnormal(
-                            "client_closed",
-                            format!("the upgrade failed: {e}"),
-                        ));
+            let status = match carrier {
+                Carrier::Http1 {
+                    accept_key,
+                    upgrade,
+                } => {
+                    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+                    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+                    if let Ok(key) = HeaderValue::from_str(&accept_key) {
+                        headers.insert(SEC_WEBSOCKET_ACCEPT, key);
                     }
+                    tokio::spawn(async move {
+                        let _tracked = tracked;
+                        match upgrade.await {
+                            Ok(upgraded) => {
+                                let transport: Transport =
+                                    Box::new(hyper_util::rt::TokioIo::new(upgraded));
+                                super::connection::run(session, transport, shutdown).await
+                            }
+                            Err(e) => {
+                                tracing::debug!("WebSocket upgrade failed: {e}");
+                                session.end(Ending::abnormal(
+                                    "client_closed",
+                                    format!("the upgrade failed: {e}"),
+                                ));
+                            }
+                        }
+                    });
+                    StatusCode::SWITCHING_PROTOCOLS
                 }
-            });
+                Carrier::Http2 { stream } => {
+                    tokio::spawn(async move {
+                        let _tracked = tracked;
+                        match stream.await {
+                            Ok(transport) => {
+                                super::connection::run(session, transport, shutdown).await
+                            }
+                            Err(_) => session.end(Ending::abnormal(
+                                "client_closed",
+                                "the stream ended before the WebSocket was accepted".to_string(),
+                            )),
+                        }
+                    });
+                    StatusCode::OK
+                }
+            };
             let mut resp = Response::new(ResponseBody::Full(None));
-            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            *resp.status_mut() = status;
             *resp.headers_mut() = headers;
             Ok(resp)
         }
-        Ok(Head::App(status, mut headers)) => {
+        Ok(Head::App {
+            status, headers, ..
+        }) => {
             // A denial response ends the connection: the client is mid-upgrade.
-            headers.insert(CONNECTION, HeaderValue::from_static("close"));
             let mut resp = Response::new(ResponseBody::Stream(exchange));
+            resp.extensions_mut().insert(CloseAfter);
             *resp.status_mut() = status;
             *resp.headers_mut() = headers;
             Ok(resp)
@@ -314,7 +389,7 @@ mod tests {
                 panic!("version {v:?} was accepted")
             };
             assert_eq!(refusal.status, StatusCode::UPGRADE_REQUIRED, "{v:?}");
-            let resp = refusal_response(&refusal);
+            let resp = refusal_response(&refusal, http::Version::HTTP_11);
             assert_eq!(resp.headers()["sec-websocket-version"], "13");
             assert_eq!(resp.headers()["upgrade"], "websocket");
             assert_eq!(resp.headers()["connection"], "upgrade, close");

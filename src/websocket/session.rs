@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, UPGRADE};
+use http::header::HeaderValue;
 use http::StatusCode;
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -155,7 +155,6 @@ pub struct Session {
     pub exchange: Arc<Exchange>,
     mailbox: Arc<Mailbox>,
     pub settings: Arc<Settings>,
-    accept_key: String,
     state: Mutex<State>,
     /// Unbounded as a channel, but what the application puts in is bounded
     /// by `max_send_backlog` (see `send`); the server's own control frames
@@ -181,7 +180,6 @@ impl Session {
         exchange: Arc<Exchange>,
         mailbox: Arc<Mailbox>,
         settings: Arc<Settings>,
-        accept_key: String,
     ) -> Arc<Session> {
         let (tx, rx) = mpsc::unbounded_channel();
         Arc::new(Session {
@@ -189,7 +187,6 @@ impl Session {
             exchange,
             mailbox,
             settings,
-            accept_key,
             state: Mutex::new(State {
                 phase: Phase::Handshake,
                 buffered: 0,
@@ -253,7 +250,9 @@ impl Session {
 
     // ---- interpreter side: the application's $send -------------------------
 
-    /// `websocket.accept`: answer 101 with the subprotocol and extra headers.
+    /// `websocket.accept`: the application's headers and subprotocol for
+    /// the accepting response; the protocol adds its own (http1/ the
+    /// RFC 6455 upgrade headers, http2/ nothing).
     pub fn accept(
         &self,
         subprotocol: Option<&[u8]>,
@@ -287,11 +286,6 @@ impl Session {
             }
         }
         let (mut map, _) = crate::exchange::build_headers(headers, true)?;
-        map.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        map.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-        let key = HeaderValue::from_str(&self.accept_key)
-            .map_err(|_| SendError::Invalid("bad Sec-WebSocket-Accept".into()))?;
-        map.insert("sec-websocket-accept", key);
         if let Some(sub) = subprotocol {
             // Checked above to be a token, so a valid header value.
             if let Ok(v) = HeaderValue::from_bytes(sub) {
@@ -788,7 +782,7 @@ mod tests {
             max_send_backlog: 200,
             queued_message_cost,
         });
-        (Session::new(ex, mailbox, settings, "key=".into()), head)
+        (Session::new(ex, mailbox, settings), head)
     }
 
     fn perl_messages(ws: &Session) -> Vec<ToPerl> {
@@ -828,7 +822,7 @@ mod tests {
     }
 
     #[test]
-    fn accept_answers_101_with_the_subprotocol() {
+    fn accept_carries_the_subprotocol_and_no_protocol_headers() {
         let (ws, mut head) = session();
         let extra: &[(&[u8], &[u8])] = &[(b"x-extra", b"1")];
         assert_eq!(ws.accept(Some(b"chat.v2"), extra), Ok(SendOutcome::Ready));
@@ -836,8 +830,12 @@ mod tests {
             panic!("no 101 head")
         };
         assert_eq!(map["sec-websocket-protocol"], "chat.v2");
-        assert_eq!(map["sec-websocket-accept"], "key=");
         assert_eq!(map["x-extra"], "1");
+        // RFC 8441 forbids the RFC 6455 upgrade headers on HTTP/2; http1/
+        // adds them to its 101.
+        for name in ["upgrade", "connection", "sec-websocket-accept"] {
+            assert!(map.get(name).is_none(), "{name}");
+        }
         assert!(matches!(ws.accept(None, &[]), Err(SendError::Sequence(_))));
     }
 
