@@ -1,8 +1,27 @@
-//! Compiles the thin C layer (src/interp/glue.c) against the system Perl and
-//! links libperl.  Flags come from ExtUtils::Embed so they always match the
-//! perl that will run the applications.
+//! Compiles the thin C layer (src/interp/c/, one job per file) against the
+//! system Perl and links libperl.  Flags come from ExtUtils::Embed so they
+//! always match the perl that will run the applications.
 
 use std::process::Command;
+
+/// The C layer, listed rather than globbed so that a stray file is not
+/// compiled in unnoticed; see glue.h for what each file shares.
+const GLUE_HEADERS: &[&str] = &["src/interp/c/glue.h"];
+const GLUE_SOURCES: &[&str] = &[
+    "src/interp/c/lifecycle.c",
+    "src/interp/c/calls.c",
+    "src/interp/c/signals.c",
+    "src/interp/c/lookups.c",
+    "src/interp/c/convert.c",
+    "src/interp/c/request.c",
+    "src/interp/c/response.c",
+    "src/interp/c/exchange.c",
+    "src/interp/c/send.c",
+    "src/interp/c/fast_send.c",
+    "src/interp/c/sse.c",
+    "src/interp/c/websocket.c",
+    "src/interp/c/services.c",
+];
 
 fn perl_embed(what: &str) -> String {
     let out = Command::new("perl")
@@ -18,15 +37,17 @@ fn perl_embed(what: &str) -> String {
 }
 
 fn main() {
-    println!("cargo:rerun-if-changed=src/interp/glue.c");
     println!("cargo:rerun-if-changed=build.rs");
+    for path in GLUE_HEADERS.iter().chain(GLUE_SOURCES) {
+        println!("cargo:rerun-if-changed={path}");
+    }
     println!("cargo:rerun-if-changed={CONSTANTS}");
 
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     generate_constants(&out_dir);
 
     let mut build = cc::Build::new();
-    build.file("src/interp/glue.c");
+    build.files(GLUE_SOURCES);
     build.include(&out_dir);
     for flag in perl_embed("ccopts").split_whitespace() {
         if let Some(dir) = flag.strip_prefix("-I") {

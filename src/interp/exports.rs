@@ -1,6 +1,6 @@
-//! The Rust functions that glue.c's XS subs call.  They run on an
-//! interpreter thread, inside a call from Perl, and never call back into
-//! Perl.  Each catches panics (its whole body runs inside `guarded` or
+//! The Rust functions that the C layer's XS subs (src/interp/c/) call.  They
+//! run on an interpreter thread, inside a call from Perl, and never call back
+//! into Perl.  Each catches panics (its whole body runs inside `guarded` or
 //! `with_ctx`, or a helper built on them; a unit test below checks): a
 //! panic must not unwind into C frames, and must not abort the server.
 
@@ -149,7 +149,7 @@ unsafe fn header_pairs<'a>(hdrs: *const PagiStr, n: usize) -> Vec<(&'a [u8], &'a
     if hdrs.is_null() || n == 0 {
         return Vec::new();
     }
-    // SAFETY: guaranteed by the caller (glue.c's headers_from_sv).
+    // SAFETY: guaranteed by the caller (headers_from_sv in src/interp/c/convert.c).
     let flat = unsafe { std::slice::from_raw_parts(hdrs, 2 * n) };
     // SAFETY: each entry points into a Perl string alive for this XS call.
     flat.chunks_exact(2)
@@ -369,7 +369,7 @@ pub extern "C" fn pagi_rs_response_start(
     err: *mut PagiStr,
 ) -> c_int {
     send_to(id, err, |ex| {
-        // SAFETY: glue.c passes 2n entries that live for this call.
+        // SAFETY: the C layer passes 2n entries that live for this call.
         let pairs = unsafe { header_pairs(hdrs, n) };
         ex.start(status, &pairs, trailers != 0)
     })
@@ -398,7 +398,7 @@ pub extern "C" fn pagi_rs_response_trailers(
     err: *mut PagiStr,
 ) -> c_int {
     send_to(id, err, |ex| {
-        // SAFETY: glue.c passes 2n entries that live for this call.
+        // SAFETY: the C layer passes 2n entries that live for this call.
         let pairs = unsafe { header_pairs(hdrs, n) };
         ex.trailers(&pairs)
     })
@@ -673,7 +673,7 @@ pub extern "C" fn pagi_rs_sse_start(
         let Some(ex) = exchange(id) else {
             return SendOutcome::Closed as c_int;
         };
-        // SAFETY: glue.c passes 2n entries that live for this call.
+        // SAFETY: the C layer passes 2n entries that live for this call.
         let pairs = unsafe { header_pairs(hdrs, n) };
         let result = ex.start_event_stream(status, &pairs);
         if result.is_ok() {
@@ -807,7 +807,7 @@ pub extern "C" fn pagi_rs_ws_accept(
     err: *mut PagiStr,
 ) -> c_int {
     ws_send_to(id, err, |ws| {
-        // SAFETY: glue.c passes strings and 2n header entries alive for this call.
+        // SAFETY: the C layer passes strings and 2n header entries alive for this call.
         let (sub, pairs) =
             unsafe { (optional_bytes(sub, sub_len, has_sub), header_pairs(hdrs, n)) };
         ws.accept(sub, &pairs)

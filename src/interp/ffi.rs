@@ -1,5 +1,6 @@
-//! Declarations shared with src/interp/glue.c.  The layouts here must match
-//! the C structs exactly; they are plain data and carry no ownership.
+//! Declarations shared with the C layer (src/interp/c/glue.h).  The layouts
+//! here must match the C structs exactly; they are plain data and carry no
+//! ownership.
 
 use std::os::raw::{c_char, c_int};
 
@@ -36,7 +37,7 @@ impl PagiStr {
     }
 }
 
-/// One message for the interpreter, laid out for glue.c's `_next`.
+/// One message for the interpreter, laid out for `_next` (src/interp/c/request.c).
 #[repr(C)]
 pub struct PagiMsg {
     pub kind: c_int,

@@ -42,7 +42,7 @@ impl Interp {
         let strs: Vec<PagiStr> = args.iter().map(|a| PagiStr::from_bytes(a)).collect();
         let mut result = PagiStr::NULL;
         // SAFETY: the interpreter is live and current on this thread; args
-        // outlive the call; result points into an SV kept by glue.c until
+        // outlive the call; result points into an SV kept by calls.c until
         // the next call, and we copy it out immediately.
         let ok = unsafe {
             ffi::pagi_call(

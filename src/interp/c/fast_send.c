@@ -1,0 +1,148 @@
+/*
+ * The fast paths of $send, one per scope type: the common event (an http
+ * start or byte body, a plain sse.send, a plain websocket.send) goes straight
+ * to the core without Perl code; anything else returns CODE_NEEDS_PERL.
+ */
+#include "glue.h"
+
+/* What fast_send sent (SEND_KIND_*), for the caller's bookkeeping. */
+
+static SV *hv_value(pTHX_ HV *hv, SV *key)
+{
+    HE *he = hv_fetch_ent(hv, key, 0, 0);
+    return he ? HeVAL(he) : NULL;
+}
+
+/* Send an http.response.start or a byte body straight to the core.
+ * Returns the core's code (>= 0) with *kind saying what was sent, -1 with
+ * *err on failure, or -2 when the event needs the Perl path (anything else,
+ * file/fh bodies, malformed or tied events). */
+int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
+{
+    interp_lookups *L = the_lookups(aTHX);
+    HV *ev;
+    SV *type_sv;
+    STRLEN tlen;
+    const char *type;
+    if (!SvROK(ev_sv) || SvTYPE(SvRV(ev_sv)) != SVt_PVHV || SvRMAGICAL(SvRV(ev_sv)))
+        return CODE_NEEDS_PERL;
+    ev = (HV *)SvRV(ev_sv);
+    type_sv = hv_value(aTHX_ ev, KEY(L, K_TYPE));
+    if (!type_sv || !SvPOK(type_sv))
+        return CODE_NEEDS_PERL;
+    type = SvPV(type_sv, tlen);
+    if (tlen == 18 && memEQ(type, "http.response.body", 18)) {
+        SV *body = hv_value(aTHX_ ev, KEY(L, K_BODY));
+        SV *more = hv_value(aTHX_ ev, KEY(L, K_MORE));
+        SV *file = hv_value(aTHX_ ev, KEY(L, K_FILE));
+        SV *fh = hv_value(aTHX_ ev, KEY(L, K_FH));
+        pagi_str b;
+        int more_flag;
+        if ((file && SvOK(file)) || (fh && SvOK(fh)))
+            return CODE_NEEDS_PERL;
+        if (!sv_to_bytes(aTHX_ body ? body : &PL_sv_undef, &b))
+            return CODE_NEEDS_PERL; /* wide characters: the Perl path words the error */
+        more_flag = more && SvTRUE(more) ? 1 : 0;
+        *kind = more_flag ? SEND_KIND_BODY_MORE : SEND_KIND_BODY_END;
+        return pagi_rs_response_body(id, b.ptr, b.len, more_flag, err);
+    }
+    if (tlen == 19 && memEQ(type, "http.response.start", 19)) {
+        SV *status = hv_value(aTHX_ ev, KEY(L, K_STATUS));
+        SV *hdrs = hv_value(aTHX_ ev, KEY(L, K_HEADERS));
+        SV *trailers = hv_value(aTHX_ ev, KEY(L, K_TRAILERS));
+        size_t n = 0;
+        const char *why = NULL;
+        pagi_str *pairs;
+        int want_trailers;
+        if (!status || !SvOK(status) || !looks_like_number(status))
+            return CODE_NEEDS_PERL;
+        pairs = headers_from_sv(aTHX_ hdrs ? hdrs : &PL_sv_undef, &n, &why);
+        if (!pairs)
+            return CODE_NEEDS_PERL;
+        want_trailers = trailers && SvTRUE(trailers) ? 1 : 0;
+        *kind = want_trailers ? SEND_KIND_START_TRAILERS : SEND_KIND_START;
+        return pagi_rs_response_start(id, (int64_t)SvIV(status), pairs, n, want_trailers, err);
+    }
+    return CODE_NEEDS_PERL;
+}
+
+/* sse.send straight to the core, for an SSE request that is streaming and
+ * an event whose fields need no checks beyond these; anything else (and
+ * every error message) is left to SSE.pm (CODE_NEEDS_PERL). */
+int fast_sse_send(pTHX_ uint64_t id, AV *req, SV *ev_sv, int *kind, pagi_str *err)
+{
+    interp_lookups *L = the_lookups(aTHX);
+    HV *ev;
+    SV *type_sv, *data, *event, *eid, *retry, **state;
+    STRLEN tlen;
+    const char *type;
+    pagi_str ev_s, data_s, eid_s;
+    int has_ev, has_data, has_eid;
+    int64_t retry_n = -1;
+    if (!SvROK(ev_sv) || SvTYPE(SvRV(ev_sv)) != SVt_PVHV || SvRMAGICAL(SvRV(ev_sv)))
+        return CODE_NEEDS_PERL;
+    state = av_fetch(req, SLOT_SSE_STREAM, 0);
+    if (!state || !SvIOK(*state) || SvIV(*state) != SSE_STREAMING)
+        return CODE_NEEDS_PERL;
+    ev = (HV *)SvRV(ev_sv);
+    type_sv = hv_value(aTHX_ ev, KEY(L, K_TYPE));
+    if (!type_sv || !SvPOK(type_sv))
+        return CODE_NEEDS_PERL;
+    type = SvPV(type_sv, tlen);
+    if (tlen != 8 || !memEQ(type, "sse.send", 8))
+        return CODE_NEEDS_PERL;
+    data = hv_value(aTHX_ ev, KEY(L, K_DATA));
+    event = hv_value(aTHX_ ev, KEY(L, K_EVENT));
+    eid = hv_value(aTHX_ ev, KEY(L, K_ID));
+    retry = hv_value(aTHX_ ev, KEY(L, K_RETRY));
+    if (!data || !SvOK(data) || SvROK(data) || (event && SvROK(event)) || (eid && SvROK(eid)))
+        return CODE_NEEDS_PERL;
+    if (retry && SvOK(retry)) {
+        if (!SvIOK(retry) || SvIV(retry) < 0)
+            return CODE_NEEDS_PERL;
+        retry_n = (int64_t)SvIV(retry);
+    }
+    ev_s = text_arg(aTHX_ event ? event : &PL_sv_undef, &has_ev);
+    data_s = text_arg(aTHX_ data, &has_data);
+    eid_s = text_arg(aTHX_ eid ? eid : &PL_sv_undef, &has_eid);
+    *kind = SEND_KIND_BODY_MORE;
+    return pagi_rs_sse_event(id, ev_s.ptr, ev_s.len, has_ev, data_s.ptr, data_s.len, eid_s.ptr,
+                             eid_s.len, has_eid, retry_n, err);
+}
+
+/* websocket.send straight to the core: exactly one of text/bytes, plain
+ * scalars.  Everything else, and every error message, is WebSocket.pm's. */
+int fast_ws_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
+{
+    interp_lookups *L = the_lookups(aTHX);
+    HV *ev;
+    SV *type_sv, *text, *bytes;
+    STRLEN tlen;
+    const char *type;
+    pagi_str payload;
+    int has;
+    if (!SvROK(ev_sv) || SvTYPE(SvRV(ev_sv)) != SVt_PVHV || SvRMAGICAL(SvRV(ev_sv)))
+        return CODE_NEEDS_PERL;
+    ev = (HV *)SvRV(ev_sv);
+    type_sv = hv_value(aTHX_ ev, KEY(L, K_TYPE));
+    if (!type_sv || !SvPOK(type_sv))
+        return CODE_NEEDS_PERL;
+    type = SvPV(type_sv, tlen);
+    if (tlen != 14 || !memEQ(type, "websocket.send", 14))
+        return CODE_NEEDS_PERL;
+    text = hv_value(aTHX_ ev, KEY(L, K_TEXT));
+    bytes = hv_value(aTHX_ ev, KEY(L, K_BYTES));
+    if (text && !SvOK(text))
+        text = NULL;
+    if (bytes && !SvOK(bytes))
+        bytes = NULL;
+    if (!text == !bytes || (text && SvROK(text)) || (bytes && SvROK(bytes)))
+        return CODE_NEEDS_PERL;
+    if (text) {
+        payload = text_arg(aTHX_ text, &has);
+    } else if (!sv_to_bytes(aTHX_ bytes, &payload)) {
+        return CODE_NEEDS_PERL;
+    }
+    *kind = SEND_KIND_BODY_MORE;
+    return pagi_rs_ws_send(id, text ? 1 : 0, payload.ptr, payload.len, err);
+}

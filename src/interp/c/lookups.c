@@ -1,0 +1,45 @@
+/*
+ * The per-interpreter cache of the names used on every request: package
+ * variables, stashes and shared hash keys, resolved once per interpreter.
+ */
+#include "glue.h"
+
+/* ---- per-interpreter lookups ---------------------------------------------
+ * Names used on every request: package variables and hash keys.  Looking a
+ * package variable up by name, or hashing a constant key, costs a hash
+ * lookup each time; these are resolved once.  Each interpreter runs on its
+ * own thread for its whole life, so a thread-local cache is a
+ * per-interpreter cache.  The keys are shared-HEK strings, so stores and
+ * fetches with them reuse the precomputed hash and skip the string table. */
+
+static const char *const key_names[K_COUNT] = {
+    "type", "pagi", "version", "spec_version", "fullflush", "http_version",
+    "method", "scheme", "path", "raw_path", "query_string", "root_path",
+    "headers", "client", "server", "state", "extensions", "pagi.connection",
+    "pagi.transport", "body", "more", "file", "fh", "status", "trailers",
+    "data", "event", "id", "retry", "text", "bytes",
+};
+
+static __thread interp_lookups lookups;
+
+interp_lookups *the_lookups(pTHX)
+{
+    size_t i;
+    if (lookups.owner == aTHX)
+        return &lookups;
+    /* GVs rather than their HV/SV: `local %STATE` swaps the slot, not the glob. */
+    lookups.state_gv = gv_fetchpvs("PAGI::RS::Bridge::STATE", GV_ADD, SVt_PVHV);
+    lookups.requests_gv = gv_fetchpvs("PAGI::RS::Bridge::REQUESTS", GV_ADD, SVt_PVHV);
+    lookups.done_gv = gv_fetchpvs("PAGI::RS::HTTP::DONE", GV_ADD, SVt_PV);
+    lookups.http_stash = gv_stashpvs("PAGI::RS::HTTP", GV_ADD);
+    lookups.sse_stash = gv_stashpvs("PAGI::RS::SSE", GV_ADD);
+    lookups.ws_stash = gv_stashpvs("PAGI::RS::WebSocket", GV_ADD);
+    /* Set once by Bridge::init, before any request exists. */
+    lookups.core_version = newSVsv(get_sv("PAGI::RS::Bridge::CORE_VERSION", GV_ADD));
+    lookups.www_version = newSVsv(get_sv("PAGI::RS::Bridge::SPEC_VERSION", GV_ADD));
+    lookups.legacy_www = strEQ(SvPV_nolen(lookups.www_version), "0.3");
+    for (i = 0; i < K_COUNT; i++)
+        lookups.keys[i] = newSVpvn_share(key_names[i], (I32)strlen(key_names[i]), 0);
+    lookups.owner = aTHX;
+    return &lookups;
+}

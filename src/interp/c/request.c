@@ -1,0 +1,165 @@
+/*
+ * The core's messages handed to Perl (_next): a new request becomes its
+ * request object, its entry in the registry, its scope hash and its $send;
+ * every other message a plain list.  With _wake_ack, the loop's side of the
+ * wake-up.
+ */
+#include "glue.h"
+
+static SV *headers_av(pTHX_ const pagi_msg *m)
+{
+    AV *av = newAV();
+    size_t i;
+    av_extend(av, (SSize_t)m->nheaders);
+    for (i = 0; i < m->nheaders; i++) {
+        AV *pair = newAV();
+        av_extend(pair, 1);
+        av_push(pair, bytes_sv(aTHX_ m->headers[2 * i], 0));
+        av_push(pair, bytes_sv(aTHX_ m->headers[2 * i + 1], 0));
+        av_push(av, newRV_noinc((SV *)pair));
+    }
+    return newRV_noinc((SV *)av);
+}
+
+static SV *host_port(pTHX_ pagi_str host, int64_t port)
+{
+    AV *av = newAV();
+    av_extend(av, 1);
+    av_push(av, bytes_sv(aTHX_ host, 0));
+    av_push(av, newSViv((IV)port));
+    return newRV_noinc((SV *)av);
+}
+
+/* The http scope hash for a REQUEST message (see Spec/Www.pod).  Built here
+ * rather than in Perl because it is on every request's path; the Perl side
+ * adds the pagi.connection and pagi.transport objects.  String order is
+ * fixed by exports.rs. */
+static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
+{
+    HV *scope = newHV();
+    HV *pagi = newHV();
+    HV *ext = newHV();
+    HV *state = GvHVn(L->state_gv);
+    /* Sized for its ~20 keys up front: growing splits the table twice. */
+    hv_ksplit(scope, 32);
+    STORE(pagi, L, K_VERSION, newSVsv(L->core_version));
+    STORE(pagi, L, K_SPEC_VERSION, newSVsv(L->www_version));
+    switch (kind) {
+    case SCOPE_SSE:
+        STORE(scope, L, K_TYPE, newSVpvs("sse"));
+        break;
+    case SCOPE_WEBSOCKET:
+        STORE(scope, L, K_TYPE, newSVpvs("websocket"));
+        /* Gone in Www 0.6: refusals are ordinary http.response.* events. */
+        if (L->legacy_www)
+            (void)hv_stores(ext, "websocket.http.response", newRV_noinc((SV *)newHV()));
+        break;
+    default:
+        STORE(scope, L, K_TYPE, newSVpvs("http"));
+        STORE(ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
+    }
+    STORE(scope, L, K_PAGI, newRV_noinc((SV *)pagi));
+    STORE(scope, L, K_HTTP_VERSION, bytes_sv(aTHX_ m->str[0], 0));
+    STORE(scope, L, K_METHOD, bytes_sv(aTHX_ m->str[1], 0));
+    STORE(scope, L, K_SCHEME, bytes_sv(aTHX_ m->str[2], 0));
+    STORE(scope, L, K_PATH, bytes_sv(aTHX_ m->str[3], (m->utf8_mask >> 3) & 1));
+    STORE(scope, L, K_RAW_PATH, bytes_sv(aTHX_ m->str[4], 0));
+    STORE(scope, L, K_QUERY_STRING, bytes_sv(aTHX_ m->str[5], 0));
+    STORE(scope, L, K_ROOT_PATH, bytes_sv(aTHX_ m->str[6], (m->utf8_mask >> 6) & 1));
+    STORE(scope, L, K_HEADERS, headers_av(aTHX_ m));
+    STORE(scope, L, K_CLIENT, host_port(aTHX_ m->str[7], m->num[0]));
+    STORE(scope, L, K_SERVER, host_port(aTHX_ m->str[8], m->num[1]));
+    /* A shallow copy: top-level keys private to the request, values shared. */
+    STORE(scope, L, K_STATE, newRV_noinc((SV *)newHVhv(state)));
+    STORE(scope, L, K_EXTENSIONS, newRV_noinc((SV *)ext));
+    return newRV_noinc((SV *)scope);
+}
+
+/* Writes `n` in decimal at the end of buf; returns the digit count.  The
+ * request registry is keyed this way, as Perl stringifies the id. */
+static int decimal(char *buf, size_t size, uint64_t n)
+{
+    int len = 0;
+    do {
+        buf[size - 1 - (size_t)len++] = (char)('0' + n % 10);
+        n /= 10;
+    } while (n);
+    return len;
+}
+
+/* _next() returns the next message as a list:
+ *   REQUEST: (kind, $request, \%scope, $send)
+ *   others:  (kind, id, num0, num1, num2, num3, headers_or_undef, strings...) */
+
+XS(xs_next_message)
+{
+    dXSARGS;
+    pagi_msg m;
+    size_t i;
+    PERL_UNUSED_VAR(items);
+    SP -= items;
+    memset(&m, 0, sizeof m);
+    if (!pagi_rs_next_message(&m))
+        XSRETURN_EMPTY;
+    if (m.kind == PAGI_MSG_REQUEST) {
+        /* Everything a request needs before the app runs, built here since
+         * every request pays for it: the request object (also the scope's
+         * pagi.connection and pagi.transport), its entry in
+         * %PAGI::RS::Bridge::REQUESTS, the scope, and $send. */
+        interp_lookups *L = the_lookups(aTHX);
+        int kind = (int)m.num[3];
+        AV *req = newAV();
+        SV *self, *scope;
+        HV *scope_hv, *requests;
+        char key[24];
+        int klen;
+        av_extend(req, SLOT_COUNT);
+        av_store(req, SLOT_ID, newSVuv((UV)m.id));
+        av_store(req, SLOT_CONNECTED, newSViv(1));
+        av_store(req, SLOT_BODY, newSViv((IV)m.num[2]));
+        self = newRV_noinc((SV *)req);
+        sv_bless(self, kind == SCOPE_HTTP        ? L->http_stash
+                       : kind == SCOPE_SSE       ? L->sse_stash
+                                                 : L->ws_stash);
+        requests = GvHVn(L->requests_gv);
+        klen = decimal(key, sizeof key, m.id);
+        (void)hv_store(requests, key + sizeof key - klen, klen, newRV_inc((SV *)req), 0);
+        scope = request_scope(aTHX_ L, &m, kind);
+        scope_hv = (HV *)SvRV(scope);
+        STORE(scope_hv, L, K_CONNECTION, newRV_inc((SV *)req));
+        STORE(scope_hv, L, K_TRANSPORT, newRV_inc((SV *)req));
+        EXTEND(SP, 4);
+        /* sse and websocket requests come as their own kind, so that the
+         * dispatch loop need not look at the object's class. */
+        mPUSHi(kind == SCOPE_HTTP ? m.kind : PAGI_MSG_STREAM_REQUEST);
+        mPUSHs(self);
+        mPUSHs(scope);
+        mPUSHs(new_sender(aTHX_ req));
+        PUTBACK;
+        return;
+    }
+    EXTEND(SP, 8 + (SSize_t)m.nstr);
+    mPUSHi(m.kind);
+    mPUSHu((UV)m.id);
+    for (i = 0; i < 4; i++)
+        mPUSHi((IV)m.num[i]);
+    if (m.has_headers)
+        mPUSHs(headers_av(aTHX_ & m));
+    else
+        PUSHs(&PL_sv_undef);
+    for (i = 0; i < m.nstr; i++) {
+        if (m.str[i].ptr == NULL)
+            PUSHs(&PL_sv_undef);
+        else
+            mPUSHs(bytes_sv(aTHX_ m.str[i], (m.utf8_mask >> i) & 1));
+    }
+    PUTBACK;
+}
+
+XS(xs_wake_ack)
+{
+    dXSARGS;
+    PERL_UNUSED_VAR(items);
+    adopt_signal_handlers(aTHX);
+    XSRETURN_IV(pagi_rs_wake_ack());
+}

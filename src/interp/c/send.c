@@ -1,0 +1,133 @@
+/*
+ * The application's $send: an XS closure bound to its request object,
+ * which tries the fast path of the scope's type, keeps the object's SLOT_*
+ * fields up to date, and hands everything else to the Perl half.
+ */
+#include "glue.h"
+
+/* ---- the application's $send ----------------------------------------------
+ * An XS closure rather than a Perl one: it is called for every response
+ * event, and the common case (start, or a body, an SSE event or a
+ * WebSocket message that fits under the high-water mark, with no other
+ * send in flight) needs no Perl code at all.  The request object it belongs
+ * to hangs off the CV as magic; it updates that object's SLOT_* fields. */
+static MGVTBL sender_vtbl; /* marks our magic; no callbacks */
+
+static int slot_true(pTHX_ AV *req, SSize_t slot)
+{
+    SV **v = av_fetch(req, slot, 0);
+    return v && SvTRUE(*v);
+}
+
+static int slot_defined(pTHX_ AV *req, SSize_t slot)
+{
+    SV **v = av_fetch(req, slot, 0);
+    return v && SvOK(*v);
+}
+
+XS(xs_sender)
+{
+    dXSARGS;
+    MAGIC *mg = mg_findext((SV *)cv, PERL_MAGIC_ext, &sender_vtbl);
+    SV *self, *ev;
+    AV *req;
+    SV **idp;
+    pagi_str err = {0, 0};
+    int rc, kind = 0, handled = 0, is_http;
+    interp_lookups *L = the_lookups(aTHX);
+    HV *stash;
+    if (!mg || !mg->mg_obj || !SvROK(mg->mg_obj))
+        croak("pagi-rs: this send() no longer belongs to a request");
+    adopt_signal_handlers(aTHX);
+    self = mg->mg_obj;
+    req = (AV *)SvRV(self);
+    stash = SvSTASH((SV *)req);
+    is_http = stash == L->http_stash;
+    ev = items > 0 ? ST(0) : &PL_sv_undef;
+    idp = av_fetch(req, SLOT_ID, 0);
+    if (!idp)
+        rc = CODE_NEEDS_PERL;
+    else if (slot_defined(aTHX_ req, SLOT_SEND_BUSY))
+        /* Another send of this scope is in flight: sends are sequential,
+         * so this one waits its turn in Perl (HTTP.pm _send_in_turn). */
+        rc = CODE_IN_TURN;
+    else if (is_http)
+        rc = fast_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err);
+    else if (stash == L->sse_stash)
+        rc = fast_sse_send(aTHX_(uint64_t) SvUV(*idp), req, ev, &kind, &err);
+    else
+        rc = fast_ws_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err);
+    /* A send the core answers "closed" while this object still believes
+     * the scope open goes to Perl, which brings its facts up to date. */
+    if (rc == CODE_CLOSED && slot_true(aTHX_ req, SLOT_CONNECTED))
+        rc = CODE_CLOSED_UNSEEN;
+    if (rc == CODE_SENT || rc == CODE_CLOSED) {
+        switch (kind) {
+        case SEND_KIND_START:
+        case SEND_KIND_START_TRAILERS:
+            if (rc == CODE_SENT) {
+                av_store(req, SLOT_STARTED, newSViv(1));
+                av_store(req, SLOT_TRAILERS, newSViv(kind == SEND_KIND_START_TRAILERS));
+            }
+            handled = 1;
+            break;
+        case SEND_KIND_BODY_MORE:
+            handled = 1;
+            break;
+        case SEND_KIND_BODY_END:
+            if (!is_http)
+                break;
+            if (rc == CODE_CLOSED || slot_true(aTHX_ req, SLOT_TRAILERS)) {
+                handled = 1;
+            } else if (!slot_true(aTHX_ req, SLOT_WANTS_END)) {
+                /* The scope ends here; with someone waiting to hear it,
+                 * HTTP.pm's _response_complete notifies them. */
+                SV **wait = av_fetch(req, SLOT_RECV_WAIT, 0);
+                if (!wait || !SvOK(*wait)) {
+                    av_store(req, SLOT_COMPLETE, newSViv(1));
+                    handled = 1;
+                }
+            }
+            break;
+        }
+    }
+    if (handled) {
+        ST(0) = GvSVn(the_lookups(aTHX)->done_gv);
+        XSRETURN(1);
+    }
+    /* Everything else (waits, errors, other events): the Perl side finishes
+     * the job.  No G_EVAL: its exceptions belong to the application. */
+    {
+        int count;
+        SV *ret;
+        PUSHMARK(SP);
+        EXTEND(SP, 4);
+        PUSHs(self);
+        PUSHs(ev);
+        mPUSHi(rc);
+        if (rc == CODE_FAILED)
+            mPUSHs(newSVpvn(err.ptr ? err.ptr : "", err.len));
+        else
+            mPUSHi(kind);
+        PUTBACK;
+        /* One Perl half for every class: it asks the object's class what
+         * its fast path's outcome means. */
+        count = call_pv("PAGI::RS::HTTP::_after_send",
+                        G_SCALAR);
+        SPAGAIN;
+        ret = count > 0 ? POPs : &PL_sv_undef;
+        PUTBACK;
+        ST(0) = ret;
+        XSRETURN(1);
+    }
+}
+
+/* The coderef the application gets as $send, bound to request `req`. */
+SV *new_sender(pTHX_ AV *req)
+{
+    CV *sender = newXS_flags(NULL, xs_sender, __FILE__, NULL, 0);
+    SV *self = sv_2mortal(newRV_inc((SV *)req));
+    /* The magic holds its own reference to the request (MGf_REFCOUNTED). */
+    sv_magicext((SV *)sender, self, PERL_MAGIC_ext, &sender_vtbl, NULL, 0);
+    return newRV_noinc((SV *)sender);
+}
