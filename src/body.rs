@@ -168,9 +168,9 @@ where
                         refuse_body(&exchange, refusal);
                         return;
                     }
-                    let (reason, detail) = match crate::http2::io::stream_reset(e) {
-                        // HTTP/2: the client reset this stream mid-body.
-                        Some(code) => ("client_closed", crate::http2::io::reset_detail(code)),
+                    let (reason, detail) = match crate::http2::io::client_departure(e) {
+                        // HTTP/2: the client reset this stream mid-body, or left.
+                        Some(detail) => ("client_closed", detail),
                         None if ends_early(e) => ("client_closed", error_chain(e)),
                         None => ("read_error", error_chain(e)),
                     };

@@ -39,6 +39,25 @@ pub fn stream_reset(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
     None
 }
 
+/// Why an HTTP/2 request body stopped, when the client is the cause: a
+/// reset of the stream (naming the code) or a lost connection.  None for
+/// other errors, and for errors that are not HTTP/2's.
+pub fn client_departure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(code) = stream_reset(e) {
+        return Some(reset_detail(code));
+    }
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            if h2.is_io() {
+                return Some(format!("the HTTP/2 connection was lost: {h2}"));
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
 /// The `disconnect_detail` for a stream the client reset.
 pub fn reset_detail(code: Reason) -> String {
     format!(
