@@ -256,3 +256,17 @@ async fn run(args: Args) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_paths_take_a_number_and_nothing_else() {
+        assert_eq!(number_after::<u64>("/delay/250", "/delay/"), Some(250));
+        assert_eq!(number_after::<u64>("/delay/", "/delay/"), None);
+        assert_eq!(number_after::<u64>("/delay/1x", "/delay/"), None);
+        assert_eq!(number_after::<usize>("/bytes/-1", "/bytes/"), None);
+        assert_eq!(number_after::<usize>("/other/5", "/bytes/"), None);
+    }
+}

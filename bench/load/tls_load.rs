@@ -504,3 +504,41 @@ fn main() -> ExitCode {
         ExitCode::from(1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_gives_address_host_and_path() {
+        let t = parse_url("https://127.0.0.1:5443/hello?x=1").unwrap();
+        assert_eq!(t.addr, "127.0.0.1:5443");
+        assert_eq!(t.host_header, "127.0.0.1:5443");
+        assert_eq!(t.path, "/hello?x=1");
+        assert_eq!(parse_url("https://localhost:1").unwrap().path, "/");
+    }
+
+    #[test]
+    fn url_without_https_or_port_is_refused() {
+        assert!(parse_url("http://127.0.0.1:5443/").is_err());
+        assert!(parse_url("https://127.0.0.1/").is_err());
+    }
+
+    #[test]
+    fn head_gives_status_and_content_length_in_any_case() {
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nContent-Length:  13 ";
+        assert_eq!(parse_head(head), (Some(200), Some(13)));
+        assert_eq!(parse_head("HTTP/1.1 404 Not Found"), (Some(404), None));
+        assert_eq!(parse_head("garbage"), (None, None));
+    }
+
+    #[test]
+    fn alpn_list_is_split_on_commas_and_may_be_empty() {
+        let config = client_config("h2,http/1.1").unwrap();
+        assert_eq!(
+            config.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        assert!(client_config("").unwrap().alpn_protocols.is_empty());
+    }
+}
