@@ -237,7 +237,7 @@ subtest 'TLS with ALPN' => sub {
     my $r = h2_run( <<'PY', port => $tls->{port}, args => { ca => "$dir/cert.pem" } );
 c = connect(tls=True, cafile=ARGS['ca'])
 s = c.wait_stream(c.request('GET', '/'))
-h1 = connect(tls=True, alpn=['http/1.1'], wait_settings=False)
+h1 = connect(tls=True, alpn=['http/1.1'])
 emit({'alpn': c.alpn_protocol(), 'version': c.tls_version(), 'status': s.status,
       'body': s.data, 'scheme': c.scheme, 'h1_alpn': h1.alpn_protocol()})
 PY

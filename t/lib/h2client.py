@@ -201,7 +201,8 @@ def connect(host=None, port=None, *, tls=False, alpn=('h2',), cafile=None, verif
                    send malformed requests on purpose); inbound headers are
                    always validated
     timeout        connect timeout and the default deadline of every wait
-    wait_settings  wait for the server's SETTINGS before returning
+    wait_settings  wait for the server's SETTINGS before returning (not when
+                   ALPN chose something other than h2)
 
     Under TLS, alpn_protocol() tells what was negotiated; connect() does not
     insist on h2 so that tests can check a server's choice.
@@ -232,7 +233,9 @@ def connect(host=None, port=None, *, tls=False, alpn=('h2',), cafile=None, verif
     sock.setblocking(False)
     client = H2Client(sock, host=host, port=port, tls=tls, settings=settings, window=window,
                       auto_ack=auto_ack, validate=validate, timeout=timeout)
-    if wait_settings and not client.wait(lambda: client.remote_settings_received):
+    # A server that chose http/1.1 by ALPN sends no SETTINGS.
+    speaks_h2 = not tls or client.alpn_protocol() in ('h2', None)
+    if wait_settings and speaks_h2 and not client.wait(lambda: client.remote_settings_received):
         raise TimeoutError('connect: no SETTINGS from the server within %ss (%s)'
                            % (timeout, client.why_not()))
     return client
