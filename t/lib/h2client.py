@@ -19,6 +19,16 @@ passed to emit()>} or {"ok": false, "error": "<traceback>", "result": ...}.
 The script's own prints go to stderr.  Bytes in results are encoded as
 strings of code points 0-255 (latin-1), so that Perl reads them back as the
 same byte strings.
+
+Notes on h2 4.1 (Debian 12):
+- RFC 8441: h2 accepts a `:protocol` pseudo-header on a CONNECT request as
+  it is (no configuration needed); it does not itself check the server's
+  SETTINGS_ENABLE_CONNECT_PROTOCOL, so websocket() does.
+- validate=False in connect() turns off h2's outbound header validation and
+  normalisation, to send malformed requests on purpose; frames h2 would
+  refuse to send at all can be written with send_frame() (hyperframe) or
+  send_raw().
+- A received GOAWAY does not end the client (see _Connection).
 """
 
 import json

@@ -19,6 +19,8 @@ package PagiRS::H2;
 # UTF-8 for Python), or pass UTF-8 bytes.  A script that raises,
 # prints no result or outlives its timeout makes h2_run return undef (and
 # diag why: the Python traceback, its stderr); it never hangs the test.
+# The Python API (connect, H2Client, Stream, WebSocket, ws_frame, ...) is
+# documented in t/lib/h2client.py; t/03-h2-harness.t shows it at work.
 
 use strict;
 use warnings;
