@@ -1,17 +1,19 @@
 package PagiBench;
 
 # What the newer bench/bin scripts share: starting servers on ephemeral
-# ports (and stopping them on any exit), and running wrk.  The older
-# scripts carry their own copies of these.
+# ports (and stopping them on any exit), running wrk and h2load, a
+# throw-away TLS certificate, and the figures and machine facts of a
+# report.  The older scripts carry their own copies of some of these.
 
 use strict;
 use warnings;
 use Exporter 'import';
 use File::Temp ();
-use POSIX qw(WNOHANG);
+use POSIX qw(WNOHANG uname);
 use Time::HiRes qw(time sleep);
 
-our @EXPORT_OK = qw(start_server stop_servers run_wrk rss_kb slurp);
+our @EXPORT_OK = qw(start_server stop_servers run_wrk run_h2load rss_kb slurp
+  make_cert median commify find_in_path first_line_of machine_info);
 
 use constant {
     STARTUP_TIMEOUT => 20,    # seconds for a server to print its port
@@ -29,8 +31,9 @@ sub slurp {
     return <$fh> // '';
 }
 
-# Start a server (argv @cmd, which prints "listening on http://host:port/");
-# its output goes to a temp file.  Returns { name, pid, port, log }.
+# Start a server (argv @cmd, which prints "listening on http://host:port/",
+# or https://); its output goes to a temp file.  Returns { name, pid, port,
+# log }.  Dies with the server's output if it exits or stays silent.
 sub start_server {
     my ( $name, @cmd ) = @_;
     my $log = File::Temp->new( TEMPLATE => "bench-$name-XXXXXX", TMPDIR => 1 );
@@ -47,15 +50,21 @@ sub start_server {
     my $deadline = time + STARTUP_TIMEOUT;
     while (1) {
         my $text = slurp( $log->filename );
-        if ( $text =~ m{listening on http://[^:]+:(\d+)} ) {
+        if ( $text =~ m{listening on https?://[^:]+:(\d+)} ) {
             $server->{port} = $1;
             return $server;
         }
         if ( waitpid( $pid, WNOHANG ) == $pid ) {
             $server->{pid} = 0;
-            die "bench: $name exited (wait status $?) before listening:\n$text";
+            my $how = $? & 127 ? 'was killed by signal ' . ( $? & 127 ) : 'exited with code ' . ( $? >> 8 );
+            die "bench: $name did not start: it $how before listening.  Its output:\n$text";
         }
-        die "bench: $name did not report a port within " . STARTUP_TIMEOUT . " s:\n$text" if time > $deadline;
+        if ( time > $deadline ) {
+            kill 'KILL', $pid;
+            waitpid( $pid, 0 );
+            $server->{pid} = 0;
+            die "bench: $name did not start: no port reported within " . STARTUP_TIMEOUT . " s.  Its output:\n$text";
+        }
         sleep 0.05;
     }
 }
@@ -113,6 +122,144 @@ sub run_wrk {
     push @errors, "$1 non-2xx/3xx" if $out =~ /Non-2xx or 3xx responses:\s*(\d+)/;
     push @errors, "socket errors ($1)" if $out =~ /Socket errors:\s*(.+)/;
     return { rps => $rps, p99_ms => $p99 * $to_ms{$unit}, errors => \@errors, raw => $out };
+}
+
+# h2load -cC -mM -tT -DD against a URL (h2c with prior knowledge for
+# http://, ALPN h2 for https://); returns { rps, p99_ms, mean_ms, errors,
+# protocol, raw }.  p99 comes from h2load's per-request log.
+sub run_h2load {
+    my (%o) = @_;
+    my $log = File::Temp->new( TEMPLATE => 'bench-h2load-XXXXXX', TMPDIR => 1 );
+    my @cmd = ( 'h2load', "-c$o{connections}", "-m$o{streams}", "-t$o{threads}", "-D$o{duration}",
+        "--log-file=" . $log->filename, $o{url} );
+    my $pid = open( my $fh, '-|', @cmd ) // die "bench: cannot run h2load: $!\n";
+    my $out = eval {
+        local $SIG{ALRM} = sub { die "timeout\n" };
+        alarm( $o{duration} + WRK_SLACK );
+        local $/;
+        my $text = <$fh>;
+        alarm 0;
+        $text;
+    };
+    if ( !defined $out ) {
+        kill 'KILL', $pid;
+        close $fh;
+        die "bench: h2load did not finish in time\n";
+    }
+    close $fh;
+    die "bench: h2load failed (status $?):\n$out" if $?;
+    my ($rps) = $out =~ m{^finished in [\d.]+m?s, ([\d.]+) req/s}m
+      or die "bench: no req/s in h2load output:\n$out";
+    my ( $mean, $unit ) = $out =~ m{^time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\s}m;
+    my %to_ms = ( us => 0.001, ms => 1, s => 1000 );
+    my ($protocol) = $out =~ m{^Application protocol: (\S+)}m;
+
+    # Anything but 2xx answers, or requests that failed, make a run suspect.
+    my @errors;
+    if ( $out =~ m{^requests: .*?(\d+) failed, (\d+) errored, (\d+) timeout}m ) {
+        push @errors, "$1 failed"  if $1;
+        push @errors, "$2 errored" if $2;
+        push @errors, "$3 timeout" if $3;
+    }
+    if ( $out =~ m{^status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx}m ) {
+        my $bad = $1 + $2 + $3;
+        push @errors, "$bad non-2xx" if $bad;
+    }
+    push @errors, "negotiated $protocol, not h2" if $protocol && $protocol !~ /^h2c?$/;
+
+    my @times;
+    open my $lf, '<', $log->filename or die "bench: h2load log: $!\n";
+    while (<$lf>) { push @times, $1 if /^\d+\t\d+\t(\d+)/ }
+    close $lf;
+    @times = sort { $a <=> $b } @times;
+    my $p99_us = @times ? $times[ POSIX::ceil( 0.99 * @times ) - 1 ] : 0;
+    return {
+        rps      => $rps,
+        p99_ms   => $p99_us / 1000,
+        mean_ms  => defined $mean ? $mean * $to_ms{$unit} : 0,
+        errors   => \@errors,
+        protocol => $protocol // '?',
+        raw      => $out,
+    };
+}
+
+# A throw-away self-signed certificate for 127.0.0.1 and localhost, made by
+# openssl in $dir: key type 'ec' (P-256, the default) or 'rsa' (2048 bits).
+# Returns (cert path, key path); the key is PKCS#8 PEM.
+sub make_cert {
+    my ( $dir, $type ) = @_;
+    $type //= 'ec';
+    my @key = $type eq 'rsa' ? ( '-newkey', 'rsa:2048' )
+      : $type eq 'ec' ? ( '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1' )
+      : die "bench: unknown key type '$type' (ec or rsa)\n";
+    my ( $cert, $key, $log ) = ( "$dir/cert.pem", "$dir/key.pem", "$dir/openssl.log" );
+    my @cmd = ( 'openssl', 'req', '-x509', @key, '-nodes', '-days', 2, '-subj', '/CN=localhost',
+        '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1', '-keyout', $key, '-out', $cert );
+    my $pid = fork // die "bench: fork: $!\n";
+    if ( $pid == 0 ) {
+        open STDIN,  '<',  '/dev/null';
+        open STDOUT, '>',  $log;
+        open STDERR, '>&', \*STDOUT;
+        exec {'openssl'} @cmd or print STDERR "exec openssl: $!\n";
+        POSIX::_exit(127);
+    }
+    waitpid( $pid, 0 );
+    die "bench: openssl could not make a certificate (is openssl installed?):\n" . slurp($log)
+      if $? || !-s $cert || !-s $key;
+    return ( $cert, $key );
+}
+
+sub median {
+    my @v = sort { $a <=> $b } @_;
+    return 0 unless @v;
+    return $v[ $#v / 2 ] if @v % 2;
+    return ( $v[ @v / 2 - 1 ] + $v[ @v / 2 ] ) / 2;
+}
+
+sub commify {
+    my $n = sprintf '%.0f', shift;
+    1 while $n =~ s/^(\d+)(\d{3})/$1,$2/;
+    return $n;
+}
+
+sub find_in_path {
+    my ($prog) = @_;
+    for my $dir ( split /:/, $ENV{PATH} // '' ) {
+        return "$dir/$prog" if length $dir && -x "$dir/$prog";
+    }
+    return;
+}
+
+# The first line of a command's output (stdout) that matches $re, chomped.
+sub first_line_of {
+    my ( $re, @cmd ) = @_;
+    open( my $fh, '-|', @cmd ) or return;
+    my ($line) = grep { /$re/ } <$fh>;
+    close $fh;
+    return unless defined $line;
+    chomp $line;
+    return $line;
+}
+
+# [ label, value ] rows describing the machine, for a report's table.
+sub machine_info {
+    my $cpuinfo = slurp('/proc/cpuinfo');
+    my $ncpu    = () = $cpuinfo =~ /^processor\s*:/mg;
+    my ($model) = $cpuinfo =~ /^model name\s*:\s*(.+)$/m;
+    my $nproc   = first_line_of( qr/\d/, 'nproc' ) // $ncpu;
+    my ( $sys, undef, $release ) = uname();
+    my $perl = first_line_of( qr/This is perl/, $^X, '-v' ) // "perl $^V";
+    $perl =~ s/^This is //;
+    my $rustc = find_in_path('rustc')
+      // ( -x "$ENV{HOME}/.cargo/bin/rustc" ? "$ENV{HOME}/.cargo/bin/rustc" : undef );
+    my $rustv = $rustc ? first_line_of( qr/rustc/, $rustc, '--version' ) : undef;
+    return (
+        [ 'CPUs (nproc)', $nproc ],
+        [ 'CPU model',    $model // 'unknown' ],
+        [ 'Kernel',       "$sys $release" ],
+        [ 'Perl',         $perl ],
+        [ 'Rust',         $rustv // 'rustc not found' ],
+    );
 }
 
 # Resident set size of a process in kB, from /proc.
