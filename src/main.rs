@@ -148,7 +148,7 @@ fn run(
         bind(addr)?
     };
     // A process the app forks must not keep the server's port after the
-    // server stops: glue.c's fork handler closes this descriptor in it.
+    // server stops: calls.c's fork handler closes this descriptor in it.
     // SAFETY: only records a descriptor number; the handler closes it in
     // forked children, never in this process.
     unsafe {

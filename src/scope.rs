@@ -27,7 +27,7 @@ pub enum BodyState {
     AwaitingContinue = body::AWAIT_CONTINUE as isize,
 }
 
-/// Which PAGI scope a request opens (the `type` key); numbered as glue.c
+/// Which PAGI scope a request opens (the `type` key); numbered as request.c
 /// and Bridge.pm see it (constants.def, group scope).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScopeKind {

@@ -9,7 +9,7 @@ use warnings;
 
 our $VERSION = '0.1.0';
 
-# Message kinds (MSG_STREAM_REQUEST: an sse or websocket REQUEST, as glue.c
+# Message kinds (MSG_STREAM_REQUEST: an sse or websocket REQUEST, as request.c
 # hands it over) and the levels of PAGI::RS::_log, shared with Rust and C
 # through src/interp/constants.def.
 use PAGI::RS::Constants qw(msg log);

@@ -16,15 +16,15 @@ package PAGI::RS::Connection;
 # The methods work on the per-request object (PAGI::RS::HTTP and its
 # subclasses), which also provides pagi.transport: one array per request
 # instead of three objects.  Its slot numbers (ID to WANTS_END belong to this
-# file) are shared with glue.c, which builds the array and whose $send writes
-# some of them: they come from src/interp/constants.def, as do the codes of
-# _query and _end_state.
+# file) are shared with the C layer: request.c builds the array, send.c's
+# $send writes some of them.  They come from src/interp/constants.def, as do
+# the codes of _query and _end_state.
 #
 # Slots of this file: CONNECTED is 1 until the end is known here; COMPLETE,
 # the terminal response event was accepted; FUTURE and END_FUTURE hold
 # disconnect_future's and end_future's private masters; NOTIFIED is 1 once
 # delivery is scheduled, 2 once delivered; WANTS_END, someone waits to hear
-# how it ends (glue.c reads it).
+# how it ends (send.c reads it).
 
 use strict;
 use warnings;

@@ -2,7 +2,7 @@ package PAGI::RS::HTTP;
 
 # One HTTP request on the Perl side: builds the scope, provides $receive and
 # $send, and relays their effects to the network core.  Sequencing rules and
-# header validation live in Rust (src/exchange.rs); this file maps events to
+# header validation live in Rust (src/exchange/); this file maps events to
 # those calls and settles the application's Futures.
 
 use strict;
@@ -17,12 +17,13 @@ our @ISA = ( 'PAGI::RS::Connection', 'PAGI::RS::Transport' );
 
 # Slot numbers (Connection.pm's and Transport.pm's, then this file's from
 # QUEUE to SEND_BUSY; SSE.pm and WebSocket.pm add theirs after), the core's
-# send and finish codes, what glue.c's fast path sent (SENT_*), and body
-# delivery states (BODY_*): shared with Rust and glue.c, whose $send updates
-# STARTED, COMPLETE and TRAILERS itself and reads RECV_WAIT and SEND_BUSY.
+# send and finish codes, what fast_send.c's fast path sent (SENT_*), and body
+# delivery states (BODY_*): shared with Rust and the C layer, whose $send
+# (send.c) updates STARTED, COMPLETE and TRAILERS itself and reads RECV_WAIT
+# and SEND_BUSY.
 use PAGI::RS::Constants qw(slot send finish send_kind body query log);
 
-# The Future every send that completes at once returns (glue.c returns it
+# The Future every send that completes at once returns (send.c returns it
 # too).  It is always done, so its class answers Future::AsyncAwait's
 # questions directly instead of through two method calls per await.
 {
@@ -42,12 +43,12 @@ our $DONE = PAGI::RS::SentFuture->done;
 # a Future or IO::Async::Future): saves an isa() per request.
 my %IS_FUTURE;
 
-# A new request: glue.c has built the request object (registered in
+# A new request: request.c has built the request object (registered in
 # %PAGI::RS::Bridge::REQUESTS, and the scope's pagi.connection and
 # pagi.transport), the scope and $send.  Run the app.
 sub run_app {
     my ( $self, $scope, $send, $receive ) = @_;
-    # $send is an XS closure (glue.c) that handles the common events without
+    # $send is an XS closure (send.c) that handles the common events without
     # Perl code; $receive is a tiny closure (cloning one copies its pad, so
     # the logic lives in a named sub).  SSE and WebSocket pass their own
     # pair, and end the request with their own _app_done.
@@ -202,11 +203,11 @@ sub _on_body {
 # waiting for the buffer to drain, a fullflush) waits its turn, as with the
 # reference helpers: it is made when the earlier one settles, so bytes never
 # interleave and every Future settles.  SEND_BUSY holds the Future of the
-# last send in flight; glue.c's $send skips its fast path while it is set
+# last send in flight; send.c's $send skips its fast path while it is set
 # (IN_TURN).  The application gets a copy of each pending Future: cancelling
 # it does not make the next send jump the queue.
 
-# $send's Perl half: glue.c's sender has tried the fast path (code $rc,
+# $send's Perl half: send.c's sender has tried the fast path (code $rc,
 # kind $what) and hands over whatever needs Perl: waits, failures, the other
 # events (NEEDS_PERL), and sends that must wait their turn (IN_TURN).
 # (The same for sse and websocket scopes: their classes say what their

@@ -17,12 +17,12 @@ our @ISA = ('PAGI::RS::HTTP');
 # stream is in its life: NOT_STARTED to DECLINE_COMPLETE; DECLINING is a
 # refusal with an HTTP response, 0.3: sse.http.response.start) and
 # EARLY_KEEPALIVE (Www 0.3: an sse.keepalive sent before sse.start, applied
-# when it starts).  glue.c reads STREAM.
+# when it starts).  fast_send.c reads STREAM.
 use PAGI::RS::Constants qw(slot send sse_slot sse_stream);
 
 my $DONE = $PAGI::RS::HTTP::DONE;
 
-# $send is glue.c's XS sender: it takes a plain sse.send straight to the
+# $send is send.c's XS sender: it takes a plain sse.send straight to the
 # core and hands everything else to _after_send.
 sub start {
     my ( $self, $scope, $send ) = @_;
@@ -31,7 +31,7 @@ sub start {
     return;
 }
 
-# The Perl half of $send is HTTP.pm's _after_send; glue.c's fast path took
+# The Perl half of $send is HTTP.pm's _after_send; fast_send.c's fast path took
 # only a plain sse.send, whose outcome is this.
 sub _send_outcome { return PAGI::RS::HTTP::_message_send_outcome( @_, 'sse.send' ) }
 

@@ -41,7 +41,7 @@ sub _subprotocols {
     return \@offered;
 }
 
-# $send is glue.c's XS sender: a plain websocket.send goes straight to the
+# $send is send.c's XS sender: a plain websocket.send goes straight to the
 # core, everything else to _after_send.
 sub start {
     my ( $self, $scope, $send ) = @_;
@@ -55,7 +55,7 @@ sub start {
     return;
 }
 
-# The Perl half of $send is HTTP.pm's _after_send; glue.c's fast path took
+# The Perl half of $send is HTTP.pm's _after_send; fast_send.c's fast path took
 # only a plain websocket.send, whose outcome is this.
 sub _send_outcome { return PAGI::RS::HTTP::_message_send_outcome( @_, 'websocket.send' ) }
 

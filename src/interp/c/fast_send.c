@@ -5,8 +5,6 @@
  */
 #include "glue.h"
 
-/* What fast_send sent (SEND_KIND_*), for the caller's bookkeeping. */
-
 static SV *hv_value(pTHX_ HV *hv, SV *key)
 {
     HE *he = hv_fetch_ent(hv, key, 0, 0);
@@ -14,7 +12,8 @@ static SV *hv_value(pTHX_ HV *hv, SV *key)
 }
 
 /* Send an http.response.start or a byte body straight to the core.
- * Returns the core's code (>= 0) with *kind saying what was sent, -1 with
+ * Returns the core's code (>= 0) with *kind saying what was sent
+ * (SEND_KIND_*, for the caller's bookkeeping), -1 with
  * *err on failure, or -2 when the event needs the Perl path (anything else,
  * file/fh bodies, malformed or tied events). */
 int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)

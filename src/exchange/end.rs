@@ -1,0 +1,287 @@
+//! How an exchange ends, the single source of truth for `pagi.connection`:
+//! delivered, or cut off by the client, the network, the server or the
+//! application, and who hears of it.
+
+use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
+
+use http::StatusCode;
+
+use super::{EndState, Exchange, Head, Phase, State, WANTS_TERMINAL};
+use crate::interp::messages::ToPerl;
+
+impl Exchange {
+    pub(super) fn end_after_panic(&self, st: &mut State) {
+        tracing::error!(
+            "internal error: a panic left request {} in an unknown state; ending it",
+            self.id
+        );
+        if st.disconnected.is_some() || st.delivered {
+            return;
+        }
+        let detail = "internal error while handling the request".to_string();
+        st.disconnected = Some("server_error");
+        st.detail = Some(detail.clone());
+        st.phase = Phase::Aborted;
+        st.abort_flushed = true;
+        st.queue.clear();
+        st.buffered = 0;
+        st.pending_head = None;
+        if let Some(tx) = st.head_tx.take() {
+            let _ = tx.send(Head::Abort);
+        }
+        if let Some(w) = st.waker.take() {
+            w.wake();
+        }
+        if let Some(close) = &self.close_connection {
+            close.notify_one();
+        }
+        self.progress.notify_waiters();
+        self.ended.notify_waiters();
+        self.body_credit.close();
+        // The mailbox lock is only ever taken after this one.
+        self.mailbox.push(ToPerl::Disconnect {
+            id: self.id,
+            reason: "server_error",
+            detail: Some(detail),
+        });
+    }
+
+    /// Perl wants to hear how the request ends.  If it already ended
+    /// cleanly, say so now (a late on_complete still fires).
+    pub fn register_interest(&self, bits: u8) {
+        self.interest.fetch_or(bits, Ordering::AcqRel);
+        let delivered = {
+            let st = self.lock();
+            st.delivered && st.disconnected.is_none()
+        };
+        if delivered {
+            self.mailbox.push(ToPerl::Complete { id: self.id });
+        }
+    }
+
+    fn wants_terminal(&self, st: &State) -> bool {
+        st.app_running || self.interest.load(Ordering::Acquire) & WANTS_TERMINAL != 0
+    }
+
+    /// Resolves when the exchange ends (create it, then check `has_ended`).
+    pub fn end_signal(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ended.notified()
+    }
+
+    /// The client or the network ended the exchange before the response was
+    /// delivered.  Idempotent; the first reason wins.
+    pub fn network_gone(&self, reason: &'static str, detail: Option<String>) {
+        let mut st = self.lock();
+        if st.disconnected.is_some() || st.delivered {
+            return;
+        }
+        if st.phase != Phase::Finished {
+            st.phase = Phase::Aborted;
+        }
+        st.head_tx = None;
+        st.pending_head = None;
+        self.end_abnormally(st, reason, detail);
+    }
+
+    /// `pagi.connection->abort`: end the exchange now, with no response if
+    /// none has started, without writing what is queued, and close its
+    /// connection.  False when the exchange had already ended (the first
+    /// outcome stands).  Perl, which asked, tells the application itself.
+    pub fn app_abort(&self, detail: Option<String>) -> bool {
+        let mut st = self.lock();
+        if st.disconnected.is_some() || st.clean_end {
+            return false;
+        }
+        st.phase = Phase::Aborted;
+        // No flush turn: abort must not wait for writes the peer may block.
+        st.abort_flushed = true;
+        st.queue.clear();
+        st.buffered = 0;
+        st.pending_head = None;
+        let head_tx = st.head_tx.take();
+        st.disconnected = Some("app_abort");
+        st.detail = detail;
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(tx) = head_tx {
+            let _ = tx.send(Head::Abort);
+        }
+        if let Some(close) = &self.close_connection {
+            close.notify_one();
+        }
+        if let Some(w) = waker {
+            w.wake();
+        }
+        self.progress.notify_waiters();
+        self.ended.notify_waiters();
+        self.body_credit.close();
+        self.write_access_log();
+        true
+    }
+
+    /// How far the exchange has got (`pagi.connection` reads this, so its
+    /// facts are current even before the message saying so is dispatched).
+    pub fn end_state(&self) -> EndState {
+        let st = self.lock();
+        match st.disconnected {
+            _ if st.clean_end => EndState::Clean,
+            Some(reason) => EndState::Abnormal {
+                reason: reason.to_string(),
+                detail: st.detail.clone(),
+            },
+            None => EndState::Active,
+        }
+    }
+
+    /// Stop the exchange from the server side.  With no response started yet
+    /// the server answers `status` (e.g. 413); otherwise the response is cut
+    /// off.  Either way the connection closes and the app hears `reason`.
+    pub fn server_abort(
+        &self,
+        reason: &'static str,
+        detail: Option<String>,
+        response: Option<(StatusCode, &'static str)>,
+    ) {
+        let mut st = self.lock();
+        if st.disconnected.is_some() || st.delivered {
+            return;
+        }
+        st.pending_head = None;
+        match (st.head_tx.take(), response) {
+            (Some(tx), Some((status, text))) => {
+                st.status = Some(status.as_u16());
+                st.phase = Phase::Finished;
+                let _ = tx.send(Head::Generated(status, text));
+            }
+            (Some(tx), None) => {
+                st.phase = Phase::Aborted;
+                let _ = tx.send(Head::Abort);
+            }
+            (None, _) => st.phase = Phase::Aborted,
+        }
+        self.end_abnormally(st, reason, detail);
+    }
+
+    /// Record an abnormal end and tell everyone waiting: the network task,
+    /// Rust-side producers, the body pump, and the application.
+    fn end_abnormally(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        reason: &'static str,
+        detail: Option<String>,
+    ) {
+        st.disconnected = Some(reason);
+        st.detail = detail.clone();
+        let notify_perl = self.wants_terminal(&st);
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        self.progress.notify_waiters();
+        self.ended.notify_waiters();
+        self.body_credit.close();
+        if notify_perl {
+            self.mailbox.push(ToPerl::Disconnect {
+                id: self.id,
+                reason,
+                detail,
+            });
+        }
+        self.write_access_log();
+    }
+
+    /// With the network done, reaching the terminal event completes the response.
+    pub(super) fn deliver_if_done(&self, mut st: MutexGuard<'_, State>) {
+        if !st.network_done
+            || st.phase != Phase::Finished
+            || st.delivered
+            || st.disconnected.is_some()
+        {
+            return;
+        }
+        st.delivered = true;
+        let notify_perl = self.interest.load(Ordering::Acquire) & WANTS_TERMINAL != 0;
+        drop(st);
+        self.progress.notify_waiters();
+        self.ended.notify_waiters();
+        if notify_perl {
+            self.mailbox.push(ToPerl::Complete { id: self.id });
+        }
+        self.write_access_log();
+    }
+
+    pub fn has_ended(&self) -> bool {
+        let st = self.lock();
+        st.delivered || st.disconnected.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http::StatusCode;
+
+    use crate::exchange::tests::exchange;
+    use crate::exchange::{EndState, Head, SendOutcome};
+    use crate::interp::messages::ToPerl;
+
+    #[test]
+    fn a_poisoned_exchange_ends_as_a_server_error() {
+        let (ex, mut rx) = exchange(false);
+        let ex2 = ex.clone();
+        let _ = std::thread::spawn(move || {
+            let _st = ex2.state.lock().unwrap();
+            panic!("a bug while the state is locked");
+        })
+        .join();
+        assert!(ex.state.is_poisoned());
+        assert_eq!(
+            ex.start(200, &[], false).unwrap(),
+            SendOutcome::Closed,
+            "sends are no-ops on the ended exchange"
+        );
+        assert!(
+            !ex.state.is_poisoned(),
+            "the poison is cleared once handled"
+        );
+        assert!(
+            matches!(ex.end_state(), EndState::Abnormal { reason, .. } if reason == "server_error")
+        );
+        assert!(matches!(rx.try_recv(), Ok(Head::Abort)));
+        let mut q = VecDeque::new();
+        ex.mailbox.take_all(&mut q);
+        assert!(q.iter().any(|m| matches!(
+            m,
+            ToPerl::Disconnect {
+                reason: "server_error",
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn server_abort_before_start_sends_generated_status() {
+        let (ex, mut rx) = exchange(false);
+        ex.server_abort(
+            "body_too_large",
+            None,
+            Some((StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large")),
+        );
+        assert!(
+            matches!(rx.try_recv(), Ok(Head::Generated(s, _)) if s == StatusCode::PAYLOAD_TOO_LARGE)
+        );
+        let mut q = VecDeque::new();
+        ex.mailbox.take_all(&mut q);
+        assert!(q.iter().any(|m| matches!(
+            m,
+            ToPerl::Disconnect {
+                reason: "body_too_large",
+                ..
+            }
+        )));
+        assert_eq!(ex.start(200, &[], false).unwrap(), SendOutcome::Closed);
+    }
+}

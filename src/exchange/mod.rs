@@ -1,0 +1,443 @@
+//! One request/response exchange, shared by the network task that owns the
+//! socket and the interpreter thread that runs the application.
+//!
+//! The interpreter side calls the `start`/`body`/`trailers`/`finish` methods
+//! (from the `$send` XS functions); the network side drains the outbound
+//! queue through [`crate::body::ResponseBody`] and reports disconnects.  All
+//! response sequencing rules live here, so they are unit-testable without Perl.
+//!
+//! This file holds the types and the shared state; the rest is split by job.
+
+/// The access-log facts and the line written when the exchange ends.
+mod access;
+/// How the exchange ends, and who hears of it.
+mod end;
+/// Validation and conversion of the application's headers.
+mod headers;
+/// What the protocol side calls: frames to write, the body's end or drop.
+mod network;
+/// The application's `$send`: the response's phases.
+mod send;
+/// File and fh bodies streamed by a Rust-side producer.
+mod stream;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body::Frame;
+use tokio::sync::{oneshot, Notify};
+
+use crate::access_log::AccessLog;
+use crate::interp::constants::{finish as finish_codes, send as codes};
+use crate::interp::mailbox::Mailbox;
+use crate::interp::messages::ToPerl;
+
+pub use access::RequestFacts;
+pub(crate) use headers::build_headers;
+pub use network::BodyAborted;
+
+/// Server-wide settings every exchange needs.
+pub struct ExchangeConfig {
+    pub high_water: usize,
+    pub low_water: usize,
+    /// 0 = unlimited.
+    pub max_body: u64,
+    /// `--body-min-rate` / `--body-rate-grace`: the pace a request body must
+    /// keep once the server has waited the grace for it.
+    pub body_rate: crate::body::MinRate,
+    pub access_log: Option<AccessLog>,
+    /// Limits and signals for SSE streams.
+    pub streams: crate::sse::StreamSettings,
+    /// Which PAGI the server speaks (`--spec-version`).
+    pub spec: crate::spec::SpecVersion,
+}
+
+/// What the network task receives for the response head.
+pub enum Head {
+    /// The application started a response.  `close_after`: the
+    /// connection cannot be reused after it (a request body was left
+    /// unread behind `Expect: 100-continue`); HTTP/1.1 says so on the wire.
+    App {
+        status: StatusCode,
+        headers: HeaderMap,
+        close_after: bool,
+    },
+    /// The server answers in place of the application (413, 500 ...).
+    Generated(StatusCode, &'static str),
+    /// Close the connection without any response (request timeout).
+    Abort,
+    /// `websocket.accept`: answer 101 Switching Protocols with these headers.
+    Upgrade(HeaderMap),
+}
+
+/// How a `$send` went, as a small code for Perl (see HTTP.pm and send.c;
+/// the numbers come from constants.def, group send).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Accepted; resolve the Future now.
+    Ready = codes::SENT as isize,
+    /// Accepted and the buffer just reached the high-water mark: fire
+    /// on_high_water and resolve when Drained arrives.
+    HighWater = codes::HIGH_WATER as isize,
+    /// Accepted, buffer still above the mark: resolve when Drained arrives.
+    StillHigh = codes::STILL_HIGH as isize,
+    /// The exchange has ended; the send is a successful no-op.
+    Closed = codes::CLOSED as isize,
+    /// Accepted; a SendDone message will settle the Future.
+    Deferred = codes::DEFERRED as isize,
+}
+
+/// What became of a chunk a Rust-side producer offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Streamed {
+    Queued,
+    /// The exchange ended; the producer stops and its send settles quietly.
+    Ended,
+    /// The chunk would pass the app's declared Content-Length.
+    OverLength(u64),
+}
+
+/// How far an exchange has got, as `pagi.connection` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndState {
+    /// Still running.
+    Active,
+    /// The response reached its terminal event and the network took it.
+    Clean,
+    /// Ended abnormally with a standard reason token and, maybe, a detail
+    /// saying what the token cannot (a limit, an OS error, an exception).
+    Abnormal {
+        reason: String,
+        detail: Option<String>,
+    },
+}
+
+/// What `finish` did, reported back to Perl (constants.def, group finish).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishOutcome {
+    /// The response was complete; nothing to do.
+    Clean = finish_codes::CLEAN as isize,
+    /// No response had started: the server sent its 500 backstop.
+    Backstop500 = finish_codes::BACKSTOP as isize,
+    /// The response was left incomplete and has been cut off.
+    Truncated = finish_codes::TRUNCATED as isize,
+    /// The client had already gone; nothing was sent and nothing logged.
+    AlreadyDisconnected = finish_codes::ALREADY_DISCONNECTED as isize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for http.response.start.
+    AwaitingStart,
+    /// Started; body (and maybe trailers) still to come.
+    Streaming,
+    /// The terminal event is queued.
+    Finished,
+    /// Cut off: the network side sees an error and closes the connection.
+    Aborted,
+}
+
+struct State {
+    phase: Phase,
+    head_tx: Option<oneshot::Sender<Head>>,
+    /// The application's head, held back until the first body event (the
+    /// spec lets a server defer it), so head and body cost one wake-up of the
+    /// network task and can leave in one write.
+    pending_head: Option<(StatusCode, HeaderMap)>,
+    trailers_promised: bool,
+    body_done: bool,
+    declared_length: Option<u64>,
+    body_bytes: u64,
+    queue: VecDeque<Frame<Bytes>>,
+    buffered: usize,
+    high: bool,
+    waker: Option<Waker>,
+    disconnected: Option<&'static str>,
+    /// `disconnect_detail`: never bodies, headers or credentials.
+    detail: Option<String>,
+    status: Option<u16>,
+    flush_pending: bool,
+    delivered: bool,
+    logged: bool,
+    app_running: bool,
+    /// hyper will not poll the body again (HEAD, 204/304, or a
+    /// Content-Length body fully taken); the response completes when the
+    /// application reaches its terminal event.
+    network_done: bool,
+    abort_flushed: bool,
+    /// `Expect: 100-continue` not yet answered: if the app responds without
+    /// reading, the connection closes rather than wait for a body.
+    continue_unanswered: bool,
+    /// An SSE stream or an accepted WebSocket: its log line says how it ended.
+    long_lived: bool,
+    /// The app's own ending (`sse.close` reason); a disconnect reason otherwise.
+    end_reason: Option<String>,
+    /// An inline body event was accepted: a file/fh body may not follow
+    /// (Www 0.5, "Payload kinds do not mix").
+    inline_body: bool,
+    /// The terminal event was accepted before any abnormal end: the scope
+    /// ended cleanly (as in the reference server, whether or not the client
+    /// reads what is still queued).  It stays clean whatever happens next.
+    clean_end: bool,
+}
+
+/// The verdict on a send that leaves `buffered` bytes queued.  `high`
+/// remembers that the mark was crossed, so that on_high_water fires once
+/// per crossing (the network side clears it below the low mark).
+pub(crate) fn water_mark(buffered: usize, high_water: usize, high: &mut bool) -> SendOutcome {
+    if buffered < high_water {
+        SendOutcome::Ready
+    } else if *high {
+        SendOutcome::StillHigh
+    } else {
+        *high = true;
+        SendOutcome::HighWater
+    }
+}
+
+/// Bits of `interest`: what Perl wants to hear after the app returns.
+pub const WANTS_TERMINAL: u8 = 1;
+
+pub struct Exchange {
+    pub id: u64,
+    mailbox: Arc<Mailbox>,
+    config: Arc<ExchangeConfig>,
+    pub facts: RequestFacts,
+    state: Mutex<State>,
+    /// Wakes Rust-side producers (file streaming) when the queue drains or the exchange ends.
+    pub progress: Notify,
+    /// Wakes whoever waits for the exchange to end (sse.rs's supervisor),
+    /// without the per-frame wake-ups of `progress`.
+    ended: Notify,
+    /// Credit for the request-body pump: one permit per chunk the app may have.
+    pub body_credit: tokio::sync::Semaphore,
+    interest: AtomicU8,
+    /// Milliseconds since `facts.started` of the last read or write progress.
+    last_progress_ms: AtomicU64,
+    /// Set when the response became an SSE event stream.
+    pub event_stream: std::sync::OnceLock<crate::sse::StreamControl>,
+    /// Closes the exchange's connection at once (`abort`): nothing queued
+    /// is written, and on HTTP/1.1 nothing else can use the connection.
+    close_connection: Option<Arc<Notify>>,
+    /// Request-body chunks in the mailbox that Perl has not taken yet: an
+    /// end Perl learns of early must not overtake them.
+    bodies_in_mailbox: AtomicUsize,
+}
+
+impl Exchange {
+    pub fn new(
+        id: u64,
+        mailbox: Arc<Mailbox>,
+        config: Arc<ExchangeConfig>,
+        facts: RequestFacts,
+        close_connection: Option<Arc<Notify>>,
+    ) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
+        let (tx, rx) = oneshot::channel();
+        let ex = Arc::new(Exchange {
+            id,
+            mailbox,
+            config,
+            facts,
+            state: Mutex::new(State {
+                phase: Phase::AwaitingStart,
+                head_tx: Some(tx),
+                pending_head: None,
+                trailers_promised: false,
+                body_done: false,
+                declared_length: None,
+                body_bytes: 0,
+                queue: VecDeque::new(),
+                buffered: 0,
+                high: false,
+                waker: None,
+                disconnected: None,
+                detail: None,
+                status: None,
+                flush_pending: false,
+                delivered: false,
+                logged: false,
+                app_running: true,
+                network_done: false,
+                abort_flushed: false,
+                continue_unanswered: false,
+                long_lived: false,
+                end_reason: None,
+                inline_body: false,
+                clean_end: false,
+            }),
+            progress: Notify::new(),
+            ended: Notify::new(),
+            body_credit: tokio::sync::Semaphore::new(0),
+            interest: AtomicU8::new(0),
+            last_progress_ms: AtomicU64::new(0),
+            event_stream: std::sync::OnceLock::new(),
+            close_connection,
+            bodies_in_mailbox: AtomicUsize::new(0),
+        });
+        (ex, rx)
+    }
+
+    /// The state, locked.  A poisoned lock means a panic (a bug) while it
+    /// was held, which may have left the state half-updated: it is not
+    /// trusted to go on.  The exchange ends there as a server error (the
+    /// connection closes, the application hears `server_error`) and the
+    /// poison is cleared, so every later call sees a plain ended exchange.
+    /// The rest of the server is unaffected.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(st) => st,
+            Err(poisoned) => {
+                let mut st = poisoned.into_inner();
+                self.state.clear_poison();
+                self.end_after_panic(&mut st);
+                st
+            }
+        }
+    }
+
+    /// Hand a request-body chunk to the interpreter; false (and nothing
+    /// sent) once the exchange has ended.  Decided under the state lock, so
+    /// that the chunk cannot overtake the Disconnect message of an end
+    /// recorded meanwhile: an end recorded first drops it, one recorded
+    /// after queues its message behind it.
+    pub fn deliver_body(&self, data: Bytes, more: bool) -> bool {
+        let st = self.lock();
+        if st.delivered || st.disconnected.is_some() {
+            return false;
+        }
+        self.bodies_in_mailbox.fetch_add(1, Ordering::AcqRel);
+        self.mailbox.push(ToPerl::Body {
+            id: self.id,
+            data,
+            more,
+        });
+        drop(st);
+        true
+    }
+
+    /// Perl took one request-body chunk out of the mailbox.
+    pub fn body_taken(&self) {
+        let _ = self
+            .bodies_in_mailbox
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Request-body chunks queued for Perl that it has not taken yet.
+    pub fn bodies_in_mailbox(&self) -> usize {
+        self.bodies_in_mailbox.load(Ordering::Acquire)
+    }
+
+    pub fn config(&self) -> &ExchangeConfig {
+        &self.config
+    }
+
+    pub fn mark_progress(&self) {
+        let ms = self.facts.started.elapsed().as_millis() as u64;
+        self.last_progress_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn since_progress(&self) -> Duration {
+        let last = Duration::from_millis(self.last_progress_ms.load(Ordering::Relaxed));
+        self.facts.started.elapsed().saturating_sub(last)
+    }
+
+    pub fn set_continue_unanswered(&self, v: bool) {
+        self.lock().continue_unanswered = v;
+    }
+
+    /// The application asked for (more of) the request body.
+    pub fn want_body(&self) {
+        self.lock().continue_unanswered = false;
+        self.body_credit.add_permits(1);
+    }
+
+    /// Send a message about this exchange to its interpreter.
+    pub fn mailbox_push(&self, msg: ToPerl) {
+        self.mailbox.push(msg);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    pub(crate) fn exchange(is_head: bool) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
+        exchange_speaking(is_head, crate::spec::SpecVersion::Www06)
+    }
+
+    pub(crate) fn exchange_speaking(
+        is_head: bool,
+        spec: crate::spec::SpecVersion,
+    ) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
+        let mailbox = Arc::new(Mailbox::new().unwrap());
+        mailbox.in_flight.fetch_add(1, Ordering::AcqRel);
+        let config = Arc::new(ExchangeConfig {
+            body_rate: crate::body::MinRate::OFF,
+            high_water: 10,
+            low_water: 4,
+            max_body: 0,
+            access_log: None,
+            streams: crate::sse::StreamSettings {
+                idle_timeout: None,
+                shutdown: tokio::sync::watch::channel(false).1,
+            },
+            spec,
+        });
+        let facts = RequestFacts {
+            method: "GET".into(),
+            raw_path: Bytes::from_static(b"/"),
+            query: Bytes::new(),
+            http_version: "1.1",
+            client: "127.0.0.1:1".parse().unwrap(),
+            headers: vec![],
+            is_head,
+            started: Instant::now(),
+        };
+        Exchange::new(1, mailbox, config, facts, None)
+    }
+
+    pub(crate) fn poll(
+        ex: &Exchange,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        let waker = futures_noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        ex.poll_frame(&mut cx)
+    }
+
+    fn futures_noop_waker() -> Waker {
+        Waker::noop().clone()
+    }
+    #[test]
+    fn a_body_chunk_never_follows_the_disconnect() {
+        let (ex, _rx) = exchange(false);
+        assert!(ex.deliver_body(Bytes::from_static(b"one"), true));
+        assert_eq!(ex.bodies_in_mailbox(), 1);
+        ex.network_gone("client_closed", None);
+        assert!(
+            !ex.deliver_body(Bytes::from_static(b"two"), false),
+            "a chunk offered after the end is dropped"
+        );
+        let mut q = VecDeque::new();
+        ex.mailbox.take_all(&mut q);
+        let kinds: Vec<&str> = q
+            .iter()
+            .map(|m| match m {
+                ToPerl::Body { .. } => "body",
+                ToPerl::Disconnect { .. } => "disconnect",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["body", "disconnect"]);
+        ex.body_taken();
+        assert_eq!(ex.bodies_in_mailbox(), 0);
+        ex.body_taken();
+        assert_eq!(ex.bodies_in_mailbox(), 0, "never below zero");
+    }
+}

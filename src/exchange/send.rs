@@ -1,0 +1,532 @@
+//! The interpreter side: the application's `$send` events drive the response
+//! through its phases (start, body, trailers, the end of the app's Future),
+//! and a held-back head is released to the network task.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use http_body::Frame;
+use tokio::sync::oneshot;
+
+use super::headers::{build_headers, final_status};
+use super::{water_mark, Exchange, FinishOutcome, Head, Phase, SendOutcome, State, WANTS_TERMINAL};
+use crate::error::SendError;
+
+/// Largest data frame handed to hyper.
+const MAX_FRAME: usize = 64 * 1024;
+
+impl Exchange {
+    pub fn start(
+        &self,
+        status: i64,
+        headers: &[(&[u8], &[u8])],
+        trailers: bool,
+    ) -> Result<SendOutcome, SendError> {
+        let mut st = self.lock();
+        if st.disconnected.is_some() {
+            return Ok(SendOutcome::Closed);
+        }
+        if st.phase != Phase::AwaitingStart {
+            return Err(SendError::Sequence("http.response.start was already sent"));
+        }
+        let status = final_status(status)?;
+        let (map, declared) = build_headers(headers, true)?;
+        st.declared_length = declared;
+        st.trailers_promised = trailers;
+        st.phase = Phase::Streaming;
+        st.status = Some(status.as_u16());
+        st.pending_head = Some((status, map));
+        drop(st);
+        self.mark_progress();
+        Ok(SendOutcome::Ready)
+    }
+
+    /// `sse.start`: the head of an event stream.  Unlike an ordinary head it
+    /// leaves at once, so the client's EventSource opens before the first
+    /// event.  Adds the stream headers the application left out.
+    pub fn start_event_stream(
+        &self,
+        status: i64,
+        headers: &[(&[u8], &[u8])],
+    ) -> Result<SendOutcome, SendError> {
+        let outcome = self.start(status, headers, false)?;
+        let mut st = self.lock();
+        if let Some((_, map)) = st.pending_head.as_mut() {
+            crate::sse::add_stream_headers(map);
+            // An event stream has no length; one would end it early.
+            map.remove(http::header::CONTENT_LENGTH);
+        }
+        st.declared_length = None;
+        st.long_lived = true;
+        let head = Self::take_head(&mut st);
+        drop(st);
+        Self::send_head(head);
+        Ok(outcome)
+    }
+
+    /// An SSE response that became an event stream (`sse.start`), as
+    /// opposed to one refused with an ordinary response.
+    pub fn is_event_stream(&self) -> bool {
+        self.lock().long_lived
+    }
+
+    /// `websocket.accept`: the 101 head goes to the network task, which
+    /// hands the socket to the WebSocket connection.  False when it is too
+    /// late (the client left, or a response was already decided).
+    pub fn upgrade(&self, headers: HeaderMap) -> bool {
+        let mut st = self.lock();
+        if st.phase != Phase::AwaitingStart || st.disconnected.is_some() {
+            return false;
+        }
+        let Some(tx) = st.head_tx.take() else {
+            return false;
+        };
+        st.phase = Phase::Finished;
+        // The access log shows what went on the wire: HTTP/2 accepts with
+        // 200 (RFC 8441), HTTP/1.1 with 101.
+        st.status = Some(if self.facts.http_version == "2" {
+            200
+        } else {
+            101
+        });
+        st.long_lived = true;
+        drop(st);
+        self.mark_progress();
+        tx.send(Head::Upgrade(headers)).is_ok()
+    }
+
+    /// The server answers for the application with a short text response
+    /// (a WebSocket handshake refused with 403).  No-op once a response began.
+    pub fn refuse(&self, status: StatusCode, text: &'static str) {
+        let mut st = self.lock();
+        if st.phase != Phase::AwaitingStart || st.disconnected.is_some() {
+            return;
+        }
+        let Some(tx) = st.head_tx.take() else { return };
+        st.phase = Phase::Finished;
+        st.clean_end = true;
+        st.status = Some(status.as_u16());
+        drop(st);
+        let _ = tx.send(Head::Generated(status, text));
+        self.write_access_log();
+    }
+
+    /// How the application itself ended the stream (`sse.close` reason).
+    pub fn set_end_reason(&self, reason: &str) {
+        let mut st = self.lock();
+        if st.end_reason.is_none() {
+            st.end_reason = Some(reason.to_string());
+        }
+    }
+
+    /// Release a held-back head to the network task (call after unlocking).
+    ///
+    /// hyper writes only the trailer fields a `Trailer` header announced.  So
+    /// a head that promised trailers without one waits, once its body is
+    /// complete, for the trailers event, which names them (see `trailers`).
+    /// A head whose body streams before the trailers cannot wait: the app
+    /// must announce them itself (README).
+    pub(super) fn take_head(st: &mut State) -> Option<(oneshot::Sender<Head>, Head)> {
+        let awaiting_trailer_names = st.trailers_promised
+            && st.body_done
+            && st.phase == Phase::Streaming
+            && st.declared_length.is_none()
+            && st
+                .pending_head
+                .as_ref()
+                .is_some_and(|(_, map)| !map.contains_key(http::header::TRAILER));
+        if awaiting_trailer_names {
+            return None;
+        }
+        let (status, headers) = st.pending_head.take()?;
+        let close_after = st.continue_unanswered;
+        st.head_tx.take().map(|tx| {
+            (
+                tx,
+                Head::App {
+                    status,
+                    headers,
+                    close_after,
+                },
+            )
+        })
+    }
+
+    pub(super) fn send_head(head: Option<(oneshot::Sender<Head>, Head)>) {
+        if let Some((tx, head)) = head {
+            let _ = tx.send(head);
+        }
+    }
+
+    pub fn body(&self, data: &[u8], more: bool) -> Result<SendOutcome, SendError> {
+        let mut st = self.lock();
+        if st.disconnected.is_some() {
+            return Ok(SendOutcome::Closed);
+        }
+        match st.phase {
+            Phase::AwaitingStart => {
+                return Err(SendError::Sequence(
+                    "http.response.body before http.response.start",
+                ))
+            }
+            Phase::Finished | Phase::Aborted => {
+                return Err(SendError::Sequence("the response is already complete"))
+            }
+            Phase::Streaming if st.body_done => {
+                return Err(SendError::Sequence(
+                    "the body is complete; only http.response.trailers may follow",
+                ))
+            }
+            Phase::Streaming => {}
+        }
+        let len = data.len() as u64;
+        if let Some(declared) = st.declared_length {
+            if st.body_bytes + len > declared {
+                return Err(SendError::Invalid(format!(
+                    "body of {} bytes exceeds the declared Content-Length of {declared}",
+                    st.body_bytes + len
+                )));
+            }
+        }
+        st.body_bytes += len;
+        st.inline_body = true;
+        if !data.is_empty() && !self.facts.is_head {
+            // hyper takes a whole frame into its own buffer at once; small
+            // frames keep buffered_amount (and the water marks) truthful.
+            let mut bytes = Bytes::copy_from_slice(data);
+            while bytes.len() > MAX_FRAME {
+                st.queue.push_back(Frame::data(bytes.split_to(MAX_FRAME)));
+            }
+            st.queue.push_back(Frame::data(bytes));
+            st.buffered += data.len();
+        }
+        if !more {
+            st.body_done = true;
+            if !st.trailers_promised {
+                st.phase = Phase::Finished;
+                st.clean_end = true;
+            }
+        }
+        if st.network_done {
+            st.queue.clear();
+            st.buffered = 0;
+        }
+        let outcome = self.water_mark_outcome(&mut st);
+        let head = Self::take_head(&mut st);
+        let waker = st.waker.take();
+        self.deliver_if_done(st);
+        self.mark_progress();
+        Self::send_head(head);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(outcome)
+    }
+
+    fn water_mark_outcome(&self, st: &mut State) -> SendOutcome {
+        water_mark(st.buffered, self.config.high_water, &mut st.high)
+    }
+
+    pub fn trailers(&self, headers: &[(&[u8], &[u8])]) -> Result<SendOutcome, SendError> {
+        let mut st = self.lock();
+        if st.disconnected.is_some() {
+            return Ok(SendOutcome::Closed);
+        }
+        if st.phase != Phase::Streaming {
+            return Err(SendError::Sequence(match st.phase {
+                Phase::AwaitingStart => "http.response.trailers before http.response.start",
+                _ => "the response is already complete",
+            }));
+        }
+        if !st.trailers_promised {
+            return Err(SendError::Sequence(
+                "http.response.trailers without trailers => 1 in http.response.start",
+            ));
+        }
+        if st.declared_length.is_some() && !self.facts.is_head {
+            return Err(SendError::Invalid(
+                "trailers need chunked framing, but the response has a Content-Length".into(),
+            ));
+        }
+        let (map, _) = build_headers(headers, false)?;
+        if let Some((_, head)) = st.pending_head.as_mut() {
+            if !head.contains_key(http::header::TRAILER) && !map.is_empty() {
+                let names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+                if let Ok(v) = HeaderValue::from_str(&names.join(", ")) {
+                    head.insert(http::header::TRAILER, v);
+                }
+            }
+        }
+        if !self.facts.is_head {
+            st.queue.push_back(Frame::trailers(map));
+        }
+        st.body_done = true;
+        st.phase = Phase::Finished;
+        st.clean_end = true;
+        let head = Self::take_head(&mut st);
+        let waker = st.waker.take();
+        self.deliver_if_done(st);
+        self.mark_progress();
+        Self::send_head(head);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(SendOutcome::Ready)
+    }
+
+    /// `http.fullflush`: settles once everything queued has been taken by the network.
+    pub fn fullflush(&self) -> SendOutcome {
+        let mut st = self.lock();
+        if st.disconnected.is_some() {
+            return SendOutcome::Closed;
+        }
+        let head = Self::take_head(&mut st);
+        let outcome = if st.buffered == 0 {
+            SendOutcome::Ready
+        } else {
+            st.flush_pending = true;
+            SendOutcome::Deferred
+        };
+        drop(st);
+        Self::send_head(head);
+        outcome
+    }
+
+    /// The application's Future settled (with `error` if it failed).
+    pub fn finish(&self, error: Option<&str>, interested: bool) -> FinishOutcome {
+        if interested {
+            self.register_interest(WANTS_TERMINAL);
+        }
+        // The application can no longer read the request body: let the pump
+        // drop it (hyper then drains or closes).
+        self.body_credit.close();
+        self.mailbox.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let mut st = self.lock();
+        st.app_running = false;
+        if st.disconnected.is_some() {
+            return FinishOutcome::AlreadyDisconnected;
+        }
+        let err = error.map(|e| e.trim_end());
+        match st.phase {
+            Phase::Finished => {
+                let head = Self::take_head(&mut st);
+                drop(st);
+                Self::send_head(head);
+                if let Some(e) = err {
+                    tracing::error!("PAGI application error (after response complete): {e}");
+                }
+                FinishOutcome::Clean
+            }
+            Phase::Aborted => FinishOutcome::AlreadyDisconnected,
+            Phase::AwaitingStart => {
+                let detail = match err {
+                    Some(e) => {
+                        tracing::error!("PAGI application error: {e}");
+                        e.to_string()
+                    }
+                    None => {
+                        let what = "application returned without starting a response";
+                        tracing::error!("PAGI {what}");
+                        what.to_string()
+                    }
+                };
+                st.disconnected = Some("server_error");
+                st.detail = Some(detail);
+                st.status = Some(500);
+                st.phase = Phase::Finished;
+                let tx = st.head_tx.take();
+                drop(st);
+                if let Some(tx) = tx {
+                    let _ = tx.send(Head::Generated(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Internal Server Error",
+                    ));
+                }
+                self.write_access_log();
+                FinishOutcome::Backstop500
+            }
+            Phase::Streaming
+                if st.long_lived && err.is_none() && !self.config.spec.is_current() =>
+            {
+                // Www 0.3: an SSE app that returns after its last event ends
+                // the stream as sse.close would.  From 0.6 on, sse.close is
+                // the only clean end and a return is an incomplete response.
+                st.body_done = true;
+                st.phase = Phase::Finished;
+                st.clean_end = true;
+                if st.end_reason.is_none() {
+                    st.end_reason = Some("app_returned".into());
+                }
+                let waker = st.waker.take();
+                drop(st);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                FinishOutcome::Clean
+            }
+            Phase::Streaming => {
+                let detail = match err {
+                    Some(e) => {
+                        if st.long_lived {
+                            tracing::error!("PAGI application error (SSE): {e}");
+                        } else {
+                            tracing::error!("PAGI application error (after response started): {e}");
+                        }
+                        e.to_string()
+                    }
+                    None => {
+                        let what = if st.long_lived {
+                            "application returned after sse.start without sse.close"
+                        } else if st.body_done {
+                            "application returned with an incomplete response (trailers were declared but never sent)"
+                        } else {
+                            "application returned with an incomplete response"
+                        };
+                        tracing::error!("PAGI {what}");
+                        what.to_string()
+                    }
+                };
+                st.disconnected = Some("server_error");
+                st.detail = Some(detail);
+                st.phase = Phase::Aborted;
+                // The head goes out so the client sees a started, then cut, response.
+                let head = Self::take_head(&mut st);
+                let waker = st.waker.take();
+                drop(st);
+                Self::send_head(head);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                self.progress.notify_waiters();
+                self.ended.notify_waiters();
+                self.write_access_log();
+                FinishOutcome::Truncated
+            }
+        }
+    }
+
+    /// Live figure for pagi.transport.
+    pub fn buffered_amount(&self) -> usize {
+        self.lock().buffered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http::StatusCode;
+
+    use crate::error::SendError;
+    use crate::exchange::tests::{exchange, poll};
+    use crate::exchange::{BodyAborted, FinishOutcome, Head, SendOutcome};
+    use crate::interp::messages::ToPerl;
+
+    #[test]
+    fn sequence_rules() {
+        let (ex, _rx) = exchange(false);
+        assert!(matches!(ex.body(b"x", false), Err(SendError::Sequence(_))));
+        ex.start(200, &[], false).unwrap();
+        assert!(matches!(
+            ex.start(200, &[], false),
+            Err(SendError::Sequence(_))
+        ));
+        assert!(
+            matches!(ex.trailers(&[]), Err(SendError::Sequence(_))),
+            "trailers not promised"
+        );
+        ex.body(b"abc", false).unwrap();
+        assert!(matches!(ex.body(b"x", false), Err(SendError::Sequence(_))));
+    }
+
+    #[test]
+    fn water_marks_are_edge_triggered() {
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[], false).unwrap();
+        assert_eq!(ex.body(b"123456", true).unwrap(), SendOutcome::Ready);
+        assert_eq!(ex.body(b"123456", true).unwrap(), SendOutcome::HighWater);
+        assert_eq!(ex.body(b"1", true).unwrap(), SendOutcome::StillHigh);
+        assert_eq!(ex.buffered_amount(), 13);
+        let _ = poll(&ex); // 7 left: still above low water
+        assert_eq!(ex.buffered_amount(), 7);
+        let _ = poll(&ex); // 1 left: below low water, Drained pushed
+        let mut q = VecDeque::new();
+        ex.mailbox.take_all(&mut q);
+        assert!(q.iter().any(|m| matches!(m, ToPerl::Drained { .. })));
+        assert_eq!(ex.body(b"1", false).unwrap(), SendOutcome::Ready);
+    }
+
+    #[test]
+    fn trailers_rules() {
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[(b"content-length", b"2")], true).unwrap();
+        ex.body(b"ab", false).unwrap();
+        assert!(
+            matches!(ex.trailers(&[(b"x-t", b"1")]), Err(SendError::Invalid(_))),
+            "CL forbids trailers"
+        );
+
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[], true).unwrap();
+        ex.body(b"ab", false).unwrap();
+        assert!(!ex.is_body_end(), "trailers still owed");
+        ex.trailers(&[(b"x-t", b"1")]).unwrap();
+        let _ = poll(&ex);
+        assert!(matches!(poll(&ex), std::task::Poll::Ready(Some(Ok(f))) if f.is_trailers()));
+        assert!(matches!(poll(&ex), std::task::Poll::Ready(None)));
+    }
+
+    #[test]
+    fn head_requests_discard_body_bytes_but_complete() {
+        let (ex, _rx) = exchange(true);
+        ex.start(200, &[], false).unwrap();
+        assert_eq!(ex.body(&[0u8; 100], false).unwrap(), SendOutcome::Ready);
+        assert_eq!(ex.buffered_amount(), 0);
+        assert!(matches!(poll(&ex), std::task::Poll::Ready(None)));
+    }
+
+    #[test]
+    fn finish_without_response_is_a_500_backstop() {
+        let (ex, mut rx) = exchange(false);
+        assert_eq!(
+            ex.finish(Some("boom at app.pl line 3.\n"), false),
+            FinishOutcome::Backstop500
+        );
+        assert!(
+            matches!(rx.try_recv(), Ok(Head::Generated(s, _)) if s == StatusCode::INTERNAL_SERVER_ERROR)
+        );
+    }
+
+    #[test]
+    fn finish_after_disconnect_sends_nothing() {
+        let (ex, mut rx) = exchange(false);
+        ex.network_gone("client_closed", None);
+        assert_eq!(
+            ex.finish(Some("boom"), false),
+            FinishOutcome::AlreadyDisconnected
+        );
+        assert!(rx.try_recv().is_err());
+        // sends after a disconnect are no-ops
+        assert_eq!(ex.start(200, &[], false).unwrap(), SendOutcome::Closed);
+        assert_eq!(ex.body(b"x", false).unwrap(), SendOutcome::Closed);
+    }
+
+    #[test]
+    fn incomplete_response_is_truncated() {
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[], false).unwrap();
+        ex.body(b"partial", true).unwrap();
+        assert_eq!(ex.finish(None, false), FinishOutcome::Truncated);
+        let _ = poll(&ex); // the queued chunk
+        assert!(
+            poll(&ex).is_pending(),
+            "one turn for hyper to flush what it took"
+        );
+        assert!(matches!(
+            poll(&ex),
+            std::task::Poll::Ready(Some(Err(BodyAborted)))
+        ));
+    }
+}

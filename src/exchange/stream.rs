@@ -1,0 +1,118 @@
+//! Bodies a Rust-side producer streams (file and fh bodies, see file.rs):
+//! the checks before the producer starts, its chunks, and its end.
+
+use bytes::Bytes;
+use http_body::Frame;
+
+use super::{Exchange, Phase, SendOutcome, Streamed};
+use crate::error::SendError;
+
+impl Exchange {
+    /// Checks before a file/fh body, so that a refused send changes nothing.
+    /// For a HEAD request the file is not even opened: the body ends here.
+    pub fn begin_stream_body(&self) -> Result<Option<SendOutcome>, SendError> {
+        {
+            let st = self.lock();
+            if st.disconnected.is_some() {
+                return Ok(Some(SendOutcome::Closed));
+            }
+            match st.phase {
+                Phase::AwaitingStart => {
+                    return Err(SendError::Sequence(
+                        "http.response.body before http.response.start",
+                    ))
+                }
+                Phase::Streaming if !st.body_done => {}
+                _ => return Err(SendError::Sequence("the response is already complete")),
+            }
+            if st.inline_body && self.config.spec.is_current() {
+                return Err(SendError::Sequence(
+                    "a file or fh body cannot follow inline body events; send the whole body inline",
+                ));
+            }
+        }
+        if self.facts.is_head {
+            self.end_streamed();
+            return Ok(Some(SendOutcome::Ready));
+        }
+        Ok(None)
+    }
+
+    /// Queue one chunk from a Rust-side producer (file streaming), waiting
+    /// while the buffer is above the high-water mark.
+    pub async fn push_streamed(&self, chunk: Bytes) -> Streamed {
+        loop {
+            let notified = self.progress.notified();
+            {
+                let mut st = self.lock();
+                if st.disconnected.is_some() || st.phase == Phase::Aborted {
+                    return Streamed::Ended;
+                }
+                if let Some(declared) = st.declared_length {
+                    if st.body_bytes + chunk.len() as u64 > declared {
+                        return Streamed::OverLength(declared);
+                    }
+                }
+                if st.network_done {
+                    // hyper writes no body here (204/304): count and drop.
+                    st.body_bytes += chunk.len() as u64;
+                    return Streamed::Queued;
+                }
+                if st.buffered < self.config.high_water {
+                    st.body_bytes += chunk.len() as u64;
+                    st.buffered += chunk.len();
+                    st.queue.push_back(Frame::data(chunk));
+                    let head = Self::take_head(&mut st);
+                    let waker = st.waker.take();
+                    drop(st);
+                    Self::send_head(head);
+                    self.mark_progress();
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                    return Streamed::Queued;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The producer finished a file/fh body: the response is complete.
+    pub fn end_streamed(&self) {
+        let mut st = self.lock();
+        if st.disconnected.is_some() || st.phase != Phase::Streaming {
+            return;
+        }
+        st.body_done = true;
+        if !st.trailers_promised {
+            st.phase = Phase::Finished;
+            st.clean_end = true;
+        }
+        let head = Self::take_head(&mut st);
+        let waker = st.waker.take();
+        self.deliver_if_done(st);
+        Self::send_head(head);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::exchange::tests::exchange;
+    use crate::exchange::{FinishOutcome, Head, SendOutcome};
+
+    #[test]
+    fn head_request_with_a_file_body_completes_without_reading_it() {
+        let (ex, mut rx) = exchange(true);
+        ex.start(200, &[(b"content-length", b"1234")], false)
+            .unwrap();
+        assert_eq!(ex.begin_stream_body().unwrap(), Some(SendOutcome::Ready));
+        assert!(
+            matches!(rx.try_recv(), Ok(Head::App { .. })),
+            "the head goes out"
+        );
+        assert_eq!(ex.finish(None, false), FinishOutcome::Clean);
+    }
+}
