@@ -9,7 +9,8 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::body::AnsweredBody;
@@ -128,7 +129,7 @@ Service Unavailable\n";
 /// Answer a connection over the limit with 503 and close it, without
 /// involving an interpreter.  Bounded in time: a client that does not read
 /// cannot hold the task.
-async fn refuse_busy(mut stream: tokio::net::TcpStream) {
+async fn refuse_busy(mut stream: TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = async {
         stream.write_all(BUSY_RESPONSE).await?;
@@ -140,6 +141,84 @@ async fn refuse_busy(mut stream: tokio::net::TcpStream) {
         Ok::<_, std::io::Error>(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
+}
+
+/// One connection's task: hyper serving it until it ends, the application
+/// aborts it, or shutdown.
+struct ConnectionTask {
+    server: Arc<Server>,
+    builder: http1::Builder,
+    force: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
+    /// Held for the task's life: shutdown waits until every clone is gone.
+    _alive: mpsc::Sender<()>,
+    _counted: OpenConnection,
+}
+
+impl ConnectionTask {
+    async fn run(self, stream: TcpStream, client: SocketAddr, server_addr: SocketAddr) {
+        self.serve(stream, ConnInfo::new(client, server_addr)).await
+    }
+
+    async fn serve<S>(mut self, io: S, info: ConnInfo)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let client = info.client;
+        let info = Arc::new(info);
+        let close = info.close.clone();
+        let svc_server = self.server.clone();
+        let orders = Arc::new(WireOrders::default());
+        let svc_orders = orders.clone();
+        let answers = Arc::new(Answers::default());
+        let svc_answers = answers.clone();
+        // Counted as the gate counts heads, to match its records to requests.
+        // hyper calls the service through `&self`, one request at a time.
+        let requests_served = std::cell::Cell::new(0u64);
+        let service = service_fn(move |mut req| {
+            let seq = requests_served.get() + 1;
+            requests_served.set(seq);
+            if let Some(order) = svc_orders.claim(seq, req.uri()) {
+                req.extensions_mut().insert(order);
+            }
+            let answering = handle(req, info.clone(), svc_server.clone());
+            let answers = svc_answers.clone();
+            async move {
+                let resp = answering.await?;
+                answers.response_started(resp.status());
+                Ok::<_, crate::http1::ServiceError>(
+                    resp.map(|body| AnsweredBody::new(body, answers)),
+                )
+            }
+        });
+        let io = TokioIo::new(Gate::new(io, self.server.gate_limits, orders, answers));
+        // with_upgrades: a WebSocket handshake hands the socket over after the 101.
+        let conn = self.builder.serve_connection(io, service).with_upgrades();
+        tokio::pin!(conn);
+        // An application's abort drops the connection where it stands:
+        // queued writes are abandoned and nothing else is served on it.
+        let result = tokio::select! {
+            result = conn.as_mut() => Some(result),
+            _ = self.drain.wait_for(|d| *d) => None,
+            _ = self.force.wait_for(|f| *f) => return,
+            _ = close.notified() => return,
+        };
+        let result = match result {
+            Some(r) => r,
+            None => {
+                // Finish the request in flight, then close.
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = self.force.wait_for(|f| *f) => return,
+                    _ = close.notified() => return,
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!("connection from {client} ended: {e}");
+        }
+    }
 }
 
 /// Accept and serve until `shutdown` resolves, then let in-flight requests
@@ -192,67 +271,15 @@ pub async fn serve(
             .ok()
             .or(local)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let info = Arc::new(ConnInfo::new(client, server_addr));
-        let close = info.close.clone();
-        let svc_server = server.clone();
-        let orders = Arc::new(WireOrders::default());
-        let svc_orders = orders.clone();
-        let answers = Arc::new(Answers::default());
-        let svc_answers = answers.clone();
-        // Counted as the gate counts heads, to match its records to requests.
-        // hyper calls the service through `&self`, one request at a time.
-        let requests_served = std::cell::Cell::new(0u64);
-        let service = service_fn(move |mut req| {
-            let seq = requests_served.get() + 1;
-            requests_served.set(seq);
-            if let Some(order) = svc_orders.claim(seq, req.uri()) {
-                req.extensions_mut().insert(order);
-            }
-            let answering = handle(req, info.clone(), svc_server.clone());
-            let answers = svc_answers.clone();
-            async move {
-                let resp = answering.await?;
-                answers.response_started(resp.status());
-                Ok::<_, crate::http1::ServiceError>(
-                    resp.map(|body| AnsweredBody::new(body, answers)),
-                )
-            }
-        });
-        let io = TokioIo::new(Gate::new(stream, server.gate_limits, orders, answers));
-        // with_upgrades: a WebSocket handshake hands the socket over after the 101.
-        let conn = builder.serve_connection(io, service).with_upgrades();
-        let mut force = force_rx.clone();
-        let mut drain = draining.clone();
-        let alive = alive_tx.clone();
-        let counted = OpenConnection::new(&open);
-        tokio::spawn(async move {
-            let _alive = alive;
-            let _counted = counted;
-            tokio::pin!(conn);
-            // An application's abort drops the connection where it stands:
-            // queued writes are abandoned and nothing else is served on it.
-            let result = tokio::select! {
-                result = conn.as_mut() => Some(result),
-                _ = drain.wait_for(|d| *d) => None,
-                _ = force.wait_for(|f| *f) => return,
-                _ = close.notified() => return,
-            };
-            let result = match result {
-                Some(r) => r,
-                None => {
-                    // Finish the request in flight, then close.
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = force.wait_for(|f| *f) => return,
-                        _ = close.notified() => return,
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!("connection from {client} ended: {e}");
-            }
-        });
+        let task = ConnectionTask {
+            server: server.clone(),
+            builder: builder.clone(),
+            force: force_rx.clone(),
+            drain: draining.clone(),
+            _alive: alive_tx.clone(),
+            _counted: OpenConnection::new(&open),
+        };
+        tokio::spawn(task.run(stream, client, server_addr));
     }
     drop(listener);
     server.shutting_down.send_replace(true);
