@@ -18,6 +18,7 @@ use crate::exchange::ExchangeConfig;
 use crate::http1::gate::{Answers, Gate, Limits, WireOrders};
 use crate::http1::{handle, ConnInfo};
 use crate::interp::Pool;
+use crate::tls::{self, AppProtocol, Tls};
 
 /// Everything a connection task needs, shared.
 pub struct Server {
@@ -40,6 +41,9 @@ pub struct Server {
     pub max_connections: usize,
     /// `--max-queued-requests`: requests waiting for an interpreter.
     pub max_queued_requests: usize,
+    /// `--ssl-cert`: every connection is TLS, its handshake made in the
+    /// connection's own task.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// Counts tasks that outlive their HTTP connection (accepted WebSockets),
@@ -129,7 +133,7 @@ Service Unavailable\n";
 /// Answer a connection over the limit with 503 and close it, without
 /// involving an interpreter.  Bounded in time: a client that does not read
 /// cannot hold the task.
-async fn refuse_busy(mut stream: TcpStream) {
+async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = async {
         stream.write_all(BUSY_RESPONSE).await?;
@@ -140,11 +144,22 @@ async fn refuse_busy(mut stream: TcpStream) {
         while stream.read(&mut sink).await? > 0 {}
         Ok::<_, std::io::Error>(())
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
+    let _ = tokio::time::timeout(BUSY_ANSWER_BOUND, answer).await;
 }
 
-/// One connection's task: hyper serving it until it ends, the application
-/// aborts it, or shutdown.
+/// How long answering a connection over the limit may take.
+const BUSY_ANSWER_BOUND: Duration = Duration::from_secs(2);
+
+/// The same over TLS: the answer needs the handshake first, itself held
+/// to the same bound.
+async fn refuse_busy_tls(tls: Arc<Tls>, stream: TcpStream) {
+    if let Ok(Ok((stream, _))) = tokio::time::timeout(BUSY_ANSWER_BOUND, tls.accept(stream)).await {
+        refuse_busy(stream).await;
+    }
+}
+
+/// One connection's task: the TLS handshake when there is one, then hyper
+/// serving it until it ends, the application aborts it, or shutdown.
 struct ConnectionTask {
     server: Arc<Server>,
     builder: http1::Builder,
@@ -156,8 +171,29 @@ struct ConnectionTask {
 }
 
 impl ConnectionTask {
-    async fn run(self, stream: TcpStream, client: SocketAddr, server_addr: SocketAddr) {
-        self.serve(stream, ConnInfo::new(client, server_addr)).await
+    async fn run(mut self, stream: TcpStream, client: SocketAddr, server_addr: SocketAddr) {
+        let info = ConnInfo::new(client, server_addr);
+        let Some(tls) = self.server.tls.clone() else {
+            return self.serve(stream, info).await;
+        };
+        // Here, in the connection's own task, so that a slow handshake holds
+        // up nobody else.  Nothing has reached the application yet, so a
+        // shutdown just drops it, and a failure is the client's business:
+        // a debug line, no access-log line, no app call.
+        let accepted = tokio::select! {
+            accepted = tls.accept(stream) => accepted,
+            _ = self.drain.wait_for(|d| *d) => return,
+            _ = self.force.wait_for(|f| *f) => return,
+        };
+        let (stream, facts) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => return tracing::debug!("connection from {client}: {e}"),
+        };
+        match tls::negotiated_protocol(&stream) {
+            AppProtocol::Http1 => self.serve(stream, info.with_tls(facts)).await,
+            // Not offered (tls::OFFERED_PROTOCOLS) until HTTP/2 is served.
+            AppProtocol::Http2 => tracing::debug!("connection from {client}: h2 not served"),
+        }
     }
 
     async fn serve<S>(mut self, io: S, info: ConnInfo)
@@ -262,7 +298,10 @@ pub async fn serve(
                 );
                 at_capacity = true;
             }
-            tokio::spawn(refuse_busy(stream));
+            match &server.tls {
+                None => tokio::spawn(refuse_busy(stream)),
+                Some(tls) => tokio::spawn(refuse_busy_tls(tls.clone(), stream)),
+            };
             continue;
         }
         at_capacity = false;

@@ -39,6 +39,9 @@ pub struct ConnInfo {
     /// Closes the connection at once (`pagi.connection->abort`); the
     /// connection task watches it.
     pub close: Arc<tokio::sync::Notify>,
+    /// What the TLS handshake settled, on a TLS connection: the scopes'
+    /// `https`/`wss` scheme and `tls` extension.
+    pub tls: Option<Arc<crate::tls::TlsFacts>>,
 }
 
 impl ConnInfo {
@@ -49,7 +52,14 @@ impl ConnInfo {
             client_host: client.ip().to_string().into(),
             server_host: server.ip().to_string().into(),
             close: Arc::new(tokio::sync::Notify::new()),
+            tls: None,
         }
+    }
+
+    /// The same connection, made over TLS.
+    pub fn with_tls(mut self, facts: Arc<crate::tls::TlsFacts>) -> ConnInfo {
+        self.tls = Some(facts);
+        self
     }
 }
 
