@@ -31,9 +31,9 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// What a TLS server offers in ALPN today: HTTP/1.1 only.
 pub const OFFERED_PROTOCOLS: &[&[u8]] = &[ALPN_HTTP1];
 
-/// The handshake bound when `--timeout` is 0: the application never sees a
-/// connection that has not finished its handshake, so there is nothing to
-/// wait for it for.
+/// The handshake bound when `--timeout` is 0.  That turns off the deadline
+/// for request heads, but a handshake stays bounded: until it finishes, no
+/// request can exist on the connection, so waiting longer serves no one.
 pub const HANDSHAKE_TIMEOUT_WHEN_UNSET: Duration = Duration::from_secs(60);
 
 /// `--ssl-verify-client`: whether a client certificate is asked for.
@@ -89,6 +89,10 @@ pub enum TlsError {
     KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("--ssl-ca-file {}: {detail}", path.display())]
     BadCa { path: PathBuf, detail: String },
+    /// rustls refused a setting it was built to accept (the protocol
+    /// versions of its own provider).
+    #[error("cannot set up TLS: {0}")]
+    Setup(rustls::Error),
     /// Options that do not go together.
     #[error("{0}")]
     Options(&'static str),
@@ -209,10 +213,7 @@ impl Settings {
         };
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)
-            .map_err(|e| TlsError::BadCertificate {
-                path: self.cert.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(TlsError::Setup)?;
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => builder.with_client_cert_verifier(self.client_verifier(ca, provider)?),
