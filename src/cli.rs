@@ -232,6 +232,32 @@ pub struct Options {
     /// HTTP/2: client stream resets per second allowed after the burst.
     #[arg(long, value_name = "N", default_value_t = 33)]
     pub h2_rst_rate: u32,
+    /// Serve HTTPS: the certificate chain, PEM, leaf first (as the
+    /// reference's --ssl-cert).  Needs --ssl-key.  Default: none (cleartext).
+    #[arg(long, value_name = "FILE")]
+    pub ssl_cert: Option<PathBuf>,
+
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).  Needs
+    /// --ssl-cert.
+    #[arg(long, value_name = "FILE")]
+    pub ssl_key: Option<PathBuf>,
+
+    /// CA certificates, PEM, that client certificates must chain to (the
+    /// reference's ssl ca_file).  Needs --ssl-verify-client optional or
+    /// required.  Default: none.
+    #[arg(long, value_name = "FILE")]
+    pub ssl_ca_file: Option<PathBuf>,
+
+    /// Client certificates: off (not asked for), optional (asked for; one
+    /// that does not verify fails the handshake, none is fine), or required.
+    /// Default: off.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub ssl_verify_client: Option<crate::tls::VerifyClient>,
+
+    /// Oldest TLS version accepted: 1.2 or 1.3 (the newest both sides
+    /// support is used).  Default: 1.2.
+    #[arg(long, value_enum, value_name = "VERSION")]
+    pub ssl_min_version: Option<crate::tls::MinTlsVersion>,
 
     /// Number of Perl interpreter threads (experimental above 1: see README).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -402,6 +428,24 @@ impl Options {
         (self.max_ws_message_size > 0).then_some(self.max_ws_message_size)
     }
 
+    /// The TLS the `--ssl-*` options ask for (None: cleartext), checked for
+    /// options that do not go together; the files are read later.
+    pub fn tls_settings(&self) -> Result<Option<crate::tls::Settings>, crate::tls::TlsError> {
+        crate::tls::Settings::from_options(
+            self.ssl_cert.as_deref(),
+            self.ssl_key.as_deref(),
+            self.ssl_ca_file.as_deref(),
+            self.ssl_verify_client,
+            self.ssl_min_version,
+        )
+    }
+
+    /// The bound on a TLS handshake: `--timeout`, the deadline a request
+    /// head has too, or a fixed bound when that is 0 (none).
+    pub fn handshake_timeout(&self) -> Duration {
+        Self::timeout_opt(self.timeout).unwrap_or(crate::tls::HANDSHAKE_TIMEOUT_WHEN_UNSET)
+    }
+
     /// The request-body pace (`--body-min-rate`, `--body-rate-grace`).
     pub fn body_min_rate(&self) -> crate::body::MinRate {
         if self.body_min_rate == 0 {
@@ -477,6 +521,44 @@ mod tests {
                 grace: Duration::from_secs(20)
             }
         );
+    }
+
+    #[test]
+    fn tls_options_default_to_cleartext_and_take_the_reference_names() {
+        let o = parse(&["a.pl"]);
+        assert!(o.tls_settings().unwrap().is_none());
+        assert_eq!(o.handshake_timeout(), Duration::from_secs(60));
+        let o = parse(&[
+            "--ssl-cert",
+            "c.pem",
+            "--ssl-key",
+            "k.pem",
+            "--ssl-min-version",
+            "TLSv1_3",
+            "--timeout",
+            "0",
+            "a.pl",
+        ]);
+        let s = o.tls_settings().unwrap().unwrap();
+        assert_eq!(s.min_version, crate::tls::MinTlsVersion::Tls13);
+        assert_eq!(s.verify_client, crate::tls::VerifyClient::Off);
+        assert_eq!(
+            o.handshake_timeout(),
+            crate::tls::HANDSHAKE_TIMEOUT_WHEN_UNSET
+        );
+        let o = parse(&[
+            "--ssl-min-version",
+            "1.2",
+            "--ssl-verify-client",
+            "optional",
+            "a.pl",
+        ]);
+        assert_eq!(o.ssl_min_version, Some(crate::tls::MinTlsVersion::Tls12));
+        assert_eq!(
+            o.ssl_verify_client,
+            Some(crate::tls::VerifyClient::Optional)
+        );
+        assert!(Options::try_parse_from(["pagi-rs", "--ssl-min-version", "1.1", "a.pl"]).is_err());
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub enum StartupError {
     LifespanTimeout(u64),
     #[error("interpreter failed: {0}")]
     Interpreter(String),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,

@@ -23,6 +23,7 @@ mod server;
 mod service;
 mod spec;
 mod sse;
+mod tls;
 mod websocket;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -129,6 +130,14 @@ fn run(
     format: access_log::Format,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<(), StartupError> {
+    // Certificates and keys are read before anything else: a bad file is
+    // reported before the app loads and before any port is bound.
+    let tls = match opts.tls_settings()? {
+        Some(settings) => Some(Arc::new(
+            settings.load(tls::OFFERED_PROTOCOLS, opts.handshake_timeout())?,
+        )),
+        None => None,
+    };
     let access_log = if opts.no_access_log {
         None
     } else {
@@ -200,6 +209,7 @@ fn run(
         detached: Default::default(),
         max_connections: opts.connection_limit(),
         max_queued_requests: opts.max_queued_requests,
+        tls,
         root_path: opts.root_path.clone(),
         max_header_size: opts.max_header_size,
         max_header_count: opts.max_header_count,
@@ -218,8 +228,13 @@ fn run(
         SocketAddr::V4(a) => a.to_string(),
     };
     tracing::info!(
-        "pagi-rs {} listening on http://{shown}/ (pid {}, interpreters: {}, loop: IO::Async)",
+        "pagi-rs {} listening on {}://{shown}/ (pid {}, interpreters: {}, loop: IO::Async)",
         env!("CARGO_PKG_VERSION"),
+        if server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         std::process::id(),
         server.pool.len()
     );

@@ -102,6 +102,8 @@ pub struct RequestScope {
     pub client_host: std::sync::Arc<str>,
     pub server_host: std::sync::Arc<str>,
     pub body: BodyState,
+    /// The connection's TLS facts (the `tls` extension); None in cleartext.
+    pub tls: Option<std::sync::Arc<crate::tls::TlsFacts>>,
 }
 
 pub fn http_version_str(v: Version) -> &'static str {
@@ -133,10 +135,11 @@ impl RequestScope {
             kind,
             http_version: http_version_str(parts.version),
             method: parts.method.as_str().to_string(),
-            scheme: if kind == ScopeKind::WebSocket {
-                "ws"
-            } else {
-                "http"
+            scheme: match (kind == ScopeKind::WebSocket, conn.tls.is_some()) {
+                (false, false) => "http",
+                (false, true) => "https",
+                (true, false) => "ws",
+                (true, true) => "wss",
             },
             path,
             path_is_utf8,
@@ -151,6 +154,7 @@ impl RequestScope {
             client_host: conn.client_host.clone(),
             server_host: conn.server_host.clone(),
             body,
+            tls: conn.tls.clone(),
         }
     }
 }

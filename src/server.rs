@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -14,6 +15,7 @@ use crate::http1::gate::Limits;
 use crate::http2::Sniffed;
 use crate::interp::Pool;
 use crate::service::ConnInfo;
+use crate::tls::{self, AppProtocol, Tls};
 
 /// Everything a connection task needs, shared.
 pub struct Server {
@@ -37,6 +39,9 @@ pub struct Server {
     pub max_connections: usize,
     /// `--max-queued-requests`: requests waiting for an interpreter.
     pub max_queued_requests: usize,
+    /// `--ssl-cert`: every connection is TLS, its handshake made in the
+    /// connection's own task.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// Counts tasks that outlive their HTTP connection (accepted WebSockets),
@@ -119,7 +124,7 @@ Service Unavailable\n";
 /// Answer a connection over the limit with 503 and close it, without
 /// involving an interpreter.  Bounded in time: a client that does not read
 /// cannot hold the task.
-async fn refuse_busy(mut stream: tokio::net::TcpStream) {
+async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = async {
         stream.write_all(BUSY_RESPONSE).await?;
@@ -130,7 +135,18 @@ async fn refuse_busy(mut stream: tokio::net::TcpStream) {
         while stream.read(&mut sink).await? > 0 {}
         Ok::<_, std::io::Error>(())
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
+    let _ = tokio::time::timeout(BUSY_ANSWER_BOUND, answer).await;
+}
+
+/// How long answering a connection over the limit may take.
+const BUSY_ANSWER_BOUND: Duration = Duration::from_secs(2);
+
+/// The same over TLS: the answer needs the handshake first, itself held
+/// to the same bound.
+async fn refuse_busy_tls(tls: Arc<Tls>, stream: TcpStream) {
+    if let Ok(Ok((stream, _))) = tokio::time::timeout(BUSY_ANSWER_BOUND, tls.accept(stream)).await {
+        refuse_busy(stream).await;
+    }
 }
 
 /// Accept and serve until `shutdown` resolves, then let in-flight requests
@@ -174,7 +190,10 @@ pub async fn serve(
                 );
                 at_capacity = true;
             }
-            tokio::spawn(refuse_busy(stream));
+            match &server.tls {
+                None => tokio::spawn(refuse_busy(stream)),
+                Some(tls) => tokio::spawn(refuse_busy_tls(tls.clone(), stream)),
+            };
             continue;
         }
         at_capacity = false;
@@ -183,7 +202,7 @@ pub async fn serve(
             .ok()
             .or(local)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let info = Arc::new(ConnInfo::new(client, server_addr));
+        let info = ConnInfo::new(client, server_addr);
         let signals = ConnectionSignals {
             drain: draining.clone(),
             force: force_rx.clone(),
@@ -215,18 +234,45 @@ pub async fn serve(
     }
 }
 
-/// Serve one accepted connection in the protocol it speaks.
+/// Serve one accepted connection in the protocol it speaks: over TLS
+/// after the handshake, as ALPN chose; in cleartext HTTP/1.1, or HTTP/2
+/// under `--http2` when the client opens with its preface.
 async fn serve_connection(
     stream: TcpStream,
-    info: Arc<ConnInfo>,
+    info: ConnInfo,
     server: Arc<Server>,
     http1: &hyper::server::conn::http1::Builder,
-    signals: ConnectionSignals,
+    mut signals: ConnectionSignals,
 ) {
-    if server.http2.cleartext && speaks_http2(&stream, &server).await {
-        crate::http2::connection::serve(stream, info, server, signals).await;
-    } else {
-        crate::http1::connection::serve(stream, info, server, http1, signals).await;
+    let Some(tls) = server.tls.clone() else {
+        let info = Arc::new(info);
+        if server.http2.cleartext && speaks_http2(&stream, &server).await {
+            crate::http2::connection::serve(stream, info, server, signals).await;
+        } else {
+            crate::http1::connection::serve(stream, info, server, http1, signals).await;
+        }
+        return;
+    };
+    // Here, in the connection's own task, so that a slow handshake holds up
+    // nobody else.  Nothing has reached the application yet, so a shutdown
+    // just drops it, and a failure is the client's business: a debug line,
+    // no access-log line, no app call.
+    let client = info.client;
+    let accepted = tokio::select! {
+        accepted = tls.accept(stream) => accepted,
+        _ = signals.drain.wait_for(|d| *d) => return,
+        _ = signals.force.wait_for(|f| *f) => return,
+    };
+    let (stream, facts) = match accepted {
+        Ok(accepted) => accepted,
+        Err(e) => return tracing::debug!("connection from {client}: {e}"),
+    };
+    let info = Arc::new(info.with_tls(facts));
+    match tls::negotiated_protocol(&stream) {
+        AppProtocol::Http1 => {
+            crate::http1::connection::serve(stream, info, server, http1, signals).await
+        }
+        AppProtocol::Http2 => crate::http2::connection::serve(stream, info, server, signals).await,
     }
 }
 

@@ -44,6 +44,9 @@ pub struct ConnInfo {
     /// The addresses as the scope shows them (formatted once, not per request).
     pub client_host: Arc<str>,
     pub server_host: Arc<str>,
+    /// What the TLS handshake settled, on a TLS connection: the scopes'
+    /// `https`/`wss` scheme and `tls` extension.
+    pub tls: Option<Arc<crate::tls::TlsFacts>>,
 }
 
 impl ConnInfo {
@@ -53,7 +56,14 @@ impl ConnInfo {
             server,
             client_host: client.ip().to_string().into(),
             server_host: server.ip().to_string().into(),
+            tls: None,
         }
+    }
+
+    /// The same connection, made over TLS.
+    pub fn with_tls(mut self, facts: Arc<crate::tls::TlsFacts>) -> ConnInfo {
+        self.tls = Some(facts);
+        self
     }
 }
 

@@ -12,7 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use super::ffi::{PagiMsg, PagiStr};
+use super::ffi::{PagiMsg, PagiStr, PagiTls};
 use super::mailbox::Mailbox;
 use super::messages::{kind, ToPerl};
 use super::Control;
@@ -51,6 +51,10 @@ pub struct WorkerCtx {
     /// The message last handed to Perl; its data backs the pointers in PagiMsg.
     current: Option<ToPerl>,
     header_buf: Vec<PagiStr>,
+    /// A TLS request's extension and its certificate chain, pointed at by
+    /// PagiMsg like `header_buf`; the strings are the current message's.
+    tls_buf: Box<PagiTls>,
+    tls_chain_buf: Vec<PagiStr>,
     exchanges: ExchangeMap,
     /// WebSocket sessions, by the id of their handshake exchange.
     sessions: SessionMap,
@@ -76,6 +80,8 @@ pub fn install(
             inbox: VecDeque::new(),
             current: None,
             header_buf: Vec::new(),
+            tls_buf: Box::new(PagiTls::NONE),
+            tls_chain_buf: Vec::new(),
             exchanges: ExchangeMap::default(),
             sessions: SessionMap::default(),
             last_error: String::new(),
@@ -217,6 +223,23 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.headers = ctx.header_buf.as_ptr();
                 m.nheaders = ctx.header_buf.len() / 2;
                 m.has_headers = 1;
+                if let Some(tls) = &scope.tls {
+                    ctx.tls_chain_buf.clear();
+                    ctx.tls_chain_buf.extend(
+                        tls.client_cert_chain
+                            .iter()
+                            .map(|pem| PagiStr::from_bytes(pem.as_bytes())),
+                    );
+                    *ctx.tls_buf = PagiTls {
+                        server_cert: PagiStr::from_bytes(tls.server_cert.as_bytes()),
+                        client_cert_chain: ctx.tls_chain_buf.as_ptr(),
+                        nclient_cert_chain: ctx.tls_chain_buf.len(),
+                        client_cert_name: optional_str(tls.client_cert_name.as_deref()),
+                        tls_version: tls.tls_version.map_or(-1, i32::from),
+                        cipher_suite: tls.cipher_suite.map_or(-1, i32::from),
+                    };
+                    m.tls = &*ctx.tls_buf;
+                }
             }
             ToPerl::Body { id, data, more } => {
                 if let Some(ex) = ctx.exchanges.get(id) {

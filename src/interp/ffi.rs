@@ -49,6 +49,33 @@ pub struct PagiMsg {
     pub headers: *const PagiStr,
     pub nheaders: usize,
     pub has_headers: c_int,
+    /// A request's `tls` extension; null on a cleartext connection.
+    pub tls: *const PagiTls,
+}
+
+/// The `tls` extension of a request's scope (PAGI::Spec::Tls), laid out for
+/// glue.c's `tls_hv`.  A string with a null `ptr` and a number below 0 are
+/// undef.
+#[repr(C)]
+pub struct PagiTls {
+    pub server_cert: PagiStr,
+    /// `nclient_cert_chain` PEM strings, leaf first.
+    pub client_cert_chain: *const PagiStr,
+    pub nclient_cert_chain: usize,
+    pub client_cert_name: PagiStr,
+    pub tls_version: i32,
+    pub cipher_suite: i32,
+}
+
+impl PagiTls {
+    pub const NONE: PagiTls = PagiTls {
+        server_cert: PagiStr::NULL,
+        client_cert_chain: std::ptr::null(),
+        nclient_cert_chain: 0,
+        client_cert_name: PagiStr::NULL,
+        tls_version: -1,
+        cipher_suite: -1,
+    };
 }
 
 /// Opaque `PerlInterpreter`.

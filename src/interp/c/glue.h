@@ -37,6 +37,17 @@ typedef struct {
 } pagi_str;
 
 /* A message from the network core, filled in by Rust; see exports.rs. */
+/* A request's tls extension (PAGI::Spec::Tls), filled in by Rust; a NULL
+ * string and a negative number are undef.  See ffi.rs. */
+typedef struct {
+    pagi_str server_cert;
+    const pagi_str *client_cert_chain; /* PEM, leaf first */
+    size_t nclient_cert_chain;
+    pagi_str client_cert_name;
+    int32_t tls_version;
+    int32_t cipher_suite;
+} pagi_tls;
+
 typedef struct {
     int kind;
     uint64_t id;
@@ -47,6 +58,7 @@ typedef struct {
     const pagi_str *headers; /* 2 * nheaders entries: name, value, ... */
     size_t nheaders;
     int has_headers;
+    const pagi_tls *tls; /* a request on a TLS connection; else NULL */
 } pagi_msg;
 
 /* The per-request object (PAGI::RS::HTTP and its subclasses) is an array

@@ -34,6 +34,36 @@ static SV *host_port(pTHX_ pagi_str host, int64_t port)
  * rather than in Perl because it is on every request's path; the Perl side
  * adds the pagi.connection and pagi.transport objects.  String order is
  * fixed by exports.rs. */
+static SV *undef_or_str(pTHX_ pagi_str s, int utf8)
+{
+    return s.ptr ? bytes_sv(aTHX_ s, utf8) : newSV(0);
+}
+
+static SV *undef_or_number(pTHX_ int32_t n)
+{
+    return n < 0 ? newSV(0) : newSViv((IV)n);
+}
+
+/* The tls extension: only on TLS connections, every key present. */
+static SV *tls_extension(pTHX_ const pagi_tls *t)
+{
+    HV *tls = newHV();
+    AV *chain = newAV();
+    size_t i;
+    av_extend(chain, (SSize_t)t->nclient_cert_chain);
+    for (i = 0; i < t->nclient_cert_chain; i++)
+        av_push(chain, bytes_sv(aTHX_ t->client_cert_chain[i], 0));
+    (void)hv_stores(tls, "server_cert", undef_or_str(aTHX_ t->server_cert, 0));
+    (void)hv_stores(tls, "client_cert_chain", newRV_noinc((SV *)chain));
+    (void)hv_stores(tls, "client_cert_name", undef_or_str(aTHX_ t->client_cert_name, 1));
+    /* A client certificate that does not verify fails the handshake
+     * (tls.rs), so no connection ever carries a verification error. */
+    (void)hv_stores(tls, "client_cert_error", newSV(0));
+    (void)hv_stores(tls, "tls_version", undef_or_number(aTHX_ t->tls_version));
+    (void)hv_stores(tls, "cipher_suite", undef_or_number(aTHX_ t->cipher_suite));
+    return newRV_noinc((SV *)tls);
+}
+
 static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
 {
     HV *scope = newHV();
@@ -58,6 +88,8 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
         STORE(scope, L, K_TYPE, newSVpvs("http"));
         STORE(ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
     }
+    if (m->tls)
+        (void)hv_stores(ext, "tls", tls_extension(aTHX_ m->tls));
     STORE(scope, L, K_PAGI, newRV_noinc((SV *)pagi));
     STORE(scope, L, K_HTTP_VERSION, bytes_sv(aTHX_ m->str[0], 0));
     STORE(scope, L, K_METHOD, bytes_sv(aTHX_ m->str[1], 0));

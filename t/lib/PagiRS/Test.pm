@@ -104,7 +104,7 @@ sub start_server {
     my $deadline = time + 30;
     while ( time < $deadline ) {
         my $err = slurp($err_file);
-        if ( $err =~ m{listening on http://\[?([^\]/]+?)\]?:(\d+)/} ) {
+        if ( $err =~ m{listening on https?://\[?([^\]/]+?)\]?:(\d+)/} ) {
             @$self{qw(host port)} = ( $1, $2 );
             return $self;
         }
