@@ -6,6 +6,8 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use PagiRS::Browser;
+use File::Temp qw(tempdir);
+use JSON::PP ();
 
 # The examples' pages in a real browser (headless Chromium over WebDriver):
 # the page's own WebSocket and EventSource talk to pagi-rs, so this checks
@@ -173,6 +175,79 @@ subtest 'server-sent events' => sub {
 
     explain_failure( $server, unlike $server->output, qr/\b(?:ERROR|WARN)\b/, 'server logged no error or warning' );
     is $server->stop('TERM'), 0, 'server exits 0 on SIGTERM';
+};
+
+# ---------------------------------------------------------------------------
+# The same pages over https:// with a self-signed certificate, in a browser
+# of their own that writes Chromium's net log: the log, Chromium's own record
+# of what it sent, shows the page, the WebSocket (RFC 8441 extended CONNECT)
+# and the EventSource each went over HTTP/2.
+subtest 'over https: HTTP/2, WebSocket over HTTP/2, EventSource over HTTP/2' => sub {
+    my $dir = tempdir( CLEANUP => 1 );
+    my $made = system( 'openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256',
+        '-nodes', '-keyout', "$dir/key.pem", '-out', "$dir/cert.pem", '-days', '2', '-subj', '/CN=localhost',
+        '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1', '-addext', 'basicConstraints=critical,CA:FALSE' )
+      == 0;
+    ok $made, 'self-signed certificate made with openssl' or return;
+    my @tls    = ( '--ssl-cert', "$dir/cert.pem", '--ssl-key', "$dir/key.pem", '--access-log-format', 'combined' );
+    my $netlog = "$dir/netlog.json";
+    my $tls_browser = eval {
+        PagiRS::Browser->new(
+            args => [ @PagiRS::Browser::CHROME_ARGS, '--ignore-certificate-errors', "--log-net-log=$netlog" ] );
+    };
+    ok $tls_browser, 'a second Chromium, writing its net log' or return diag $@;
+    my $https = sub { my $url = $_[0]->url( $_[1] ); $url =~ s{^http:}{https:}; $url };
+
+    my $chat = start_server( @tls, "$EXAMPLES/websocket/app.pl" );
+    $tls_browser->get( $https->( $chat, '/' ) );
+    is $tls_browser->execute('return document.title'), 'PAGI WebSocket chat', 'page served over https';
+    is $tls_browser->execute('return performance.getEntriesByType("navigation")[0].nextHopProtocol'), 'h2',
+      'Chromium reports the page came over h2 (ALPN)';
+    $tls_browser->wait_for( 'window.chat.opened || window.chat.close', timeout => 5 );
+    explain_failure( $chat, ok $tls_browser->execute('return window.chat.opened'), 'wss:// WebSocket opened' );
+    my $msg = 'über HTTP/2 ✓';
+    ok $tls_browser->execute( 'return window.chatSend(arguments[0])', $msg ), 'the page sends a message';
+    explain_failure( $chat, ok $tls_browser->wait_for( 'window.chat.received.length >= 1', timeout => 5 ),
+        'and gets it back through the server' );
+    is_deeply $tls_browser->execute('return window.chat.received'), [$msg], '... unchanged';
+    $tls_browser->execute('window.chat.ws.close(1000, "bye")');
+    $tls_browser->wait_for( 'window.chat.close', timeout => 5 );
+    my $close = $tls_browser->execute('return window.chat.close') // {};
+    is $close->{code},     1000, 'close code 1000';
+    is $close->{wasClean}, 1,    'clean close over the HTTP/2 stream';
+    like $chat->output, qr{"CONNECT /ws HTTP/2" 200 }, 'the server logged the WebSocket as an HTTP/2 CONNECT, 200';
+
+    my $sse = start_server( @tls, "$EXAMPLES/sse/app.pl" );
+    $tls_browser->get( $https->( $sse, '/' ) );
+    $tls_browser->wait_for( 'window.sse.done || window.sse.errors > 0', timeout => 8 );
+    explain_failure( $sse, ok $tls_browser->execute('return window.sse.done'), 'EventSource over https: done arrived' );
+    is scalar @{ $tls_browser->execute('return window.received') // [] }, 6, 'all six events';
+    is $tls_browser->execute('return window.sse.errors'), 0, 'no error event';
+    $tls_browser->quit;    # writes the net log out
+
+    # Chromium's net log: every HTTP/2 HEADERS frame it sent, by path.
+    my %sent_h2;
+    my $log = eval { JSON::PP->new->decode( PagiRS::Test::slurp($netlog) ) };
+    ok $log, 'Chromium wrote a net log' or return diag $@;
+    my %type_name = reverse %{ $log->{constants}{logEventTypes} // {} };
+    for my $event ( @{ $log->{events} // [] } ) {
+        next unless ( $type_name{ $event->{type} } // '' ) eq 'HTTP2_SESSION_SEND_HEADERS';
+        my %h = map { /^(:?[^:]+): (.*)$/ ? ( $1 => $2 ) : () } @{ $event->{params}{headers} // [] };
+        push @{ $sent_h2{ $h{':path'} // '' } }, \%h;
+    }
+    ok $sent_h2{'/'}, 'net log: the page was requested in an HTTP/2 session';
+    my ($ws) = grep { ( $_->{':method'} // '' ) eq 'CONNECT' } @{ $sent_h2{'/ws'} // [] };
+    ok $ws, 'net log: the WebSocket was an HTTP/2 extended CONNECT'
+      or diag explain \%sent_h2;
+    is $ws && $ws->{':protocol'}, 'websocket', '... with :protocol websocket (RFC 8441)';
+    my ($events) = @{ $sent_h2{'/events'} // [] };
+    ok $events, 'net log: the EventSource was requested in an HTTP/2 session';
+    like $events && $events->{accept}, qr{text/event-stream}, '... asking for an event stream';
+
+    explain_failure( $chat, unlike $chat->output, qr/\b(?:ERROR|WARN)\b/, 'chat server logged no error or warning' );
+    explain_failure( $sse,  unlike $sse->output,  qr/\b(?:ERROR|WARN)\b/, 'SSE server logged no error or warning' );
+    is $chat->stop('TERM'), 0, 'chat server exits 0';
+    is $sse->stop('TERM'),  0, 'SSE server exits 0';
 };
 
 $browser->quit;
