@@ -179,7 +179,11 @@ pub async fn serve(
         // never goes on the wire as delivered when it is dropped.
         return;
     }
-    match send_body(&mut send, body, &close, &shared).await {
+    // The body is dropped only after the match: an unfinished body that is
+    // dropped tells the exchange a generic "the connection ended", and the
+    // exchange keeps the first word, which must be the reset code below.
+    let mut body = body;
+    match send_body(&mut send, &mut body, &close, &shared).await {
         Ok(()) => {}
         Err(Cut::Aborted) => send.send_reset(Reason::CANCEL),
         Err(Cut::Gone(detail)) => {
@@ -200,7 +204,7 @@ pub async fn serve(
 /// application's `$send` at the high-water mark.
 async fn send_body(
     send: &mut SendStream<Bytes>,
-    mut body: ResponseBody,
+    body: &mut ResponseBody,
     close: &Notify,
     shared: &ConnShared,
 ) -> Result<(), Cut> {
@@ -215,7 +219,7 @@ async fn send_body(
                 if let Poll::Ready(reset) = send.poll_reset(cx) {
                     return Poll::Ready(Err(departed(reset, shared)));
                 }
-                Pin::new(&mut body).poll_frame(cx).map(Ok)
+                Pin::new(&mut *body).poll_frame(cx).map(Ok)
             })
             .await?
         };
