@@ -344,16 +344,17 @@ for my $case ( [ TLSv1_3 => SSL_ciphersuites => 'TLS_CHACHA20_POLY1305_SHA256' ]
 # answer, nothing is logged above debug, the access log has no line for it,
 # and the next client is served.
 {
-    my $lines_before = scalar file_lines($access);
     my $sock = connect_port($port);
-    print {$sock} "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    print {$sock} "GET /plain-http-probe HTTP/1.1\r\nHost: localhost\r\n\r\n";
     my ( $got, $closed ) = read_sock( $sock, undef, 5 );
     ok( $closed, 'plain HTTP to the TLS port: the connection is closed' );
     unlike( $got, qr/HTTP\/1/, '... without an HTTP answer' );
-    my ($res) = https_get( $port, '/' );
+    my ($res) = https_get( $port, '/after-plain-http' );
     is( facts_of($res)->{scheme}, 'https', '... and the next client is served' );
-    my @lines = wait_file_lines( $access, $lines_before + 1 );
-    is( scalar @lines, $lines_before + 1, '... and only the served request is in the access log' );
+    # Lines of earlier clients (a WebSocket's is written when it ends) may
+    # still be arriving: look for these two requests by path.
+    ok( wait_file_line( $access, qr{/after-plain-http} ), '... whose request is in the access log' );
+    ok( !grep( { m{/plain-http-probe} } file_lines($access) ), '... and the failed one is not' );
     unlike( $opt->output, qr/\b(WARN|ERROR)\b/, 'no warning or error for a failed handshake' );
 }
 
