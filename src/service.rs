@@ -295,7 +295,7 @@ async fn watch_stalls(exchange: std::sync::Weak<Exchange>, limit: Duration) {
         let idle = ex.since_progress();
         if idle >= limit {
             tracing::warn!(
-                "Request stall timeout ({}s) - closing connection",
+                "Request stall timeout ({}s) - closing the request (its connection on HTTP/1.1, its stream on HTTP/2)",
                 limit.as_secs()
             );
             ex.server_abort(

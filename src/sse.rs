@@ -165,7 +165,7 @@ pub async fn supervise(
         if let Some(limit) = settings.idle_timeout {
             if idle >= limit {
                 tracing::warn!(
-                    "SSE idle timeout ({}s) - closing connection",
+                    "SSE idle timeout ({}s) - closing the stream",
                     limit.as_secs()
                 );
                 ex.set_end_reason("idle_timeout");
