@@ -93,15 +93,14 @@ END {
     $? = $status;
 }
 
-# wrk -tT -cC -dD --latency against a port; returns { rps, p99_ms, errors, raw }.
-sub run_wrk {
-    my (%o) = @_;
-    my @cmd = ( 'wrk', "-t$o{threads}", "-c$o{connections}", "-d$o{duration}s", '--latency',
-        "http://127.0.0.1:$o{port}$o{path}" );
-    my $pid = open( my $fh, '-|', @cmd ) // die "bench: cannot run wrk: $!\n";
+# Run a load generator for about $duration seconds and return its output;
+# dies if it cannot start, fails, or outlives the duration by WRK_SLACK.
+sub run_load_tool {
+    my ( $name, $duration, @cmd ) = @_;
+    my $pid = open( my $fh, '-|', @cmd ) // die "bench: cannot run $name: $!\n";
     my $out = eval {
         local $SIG{ALRM} = sub { die "timeout\n" };
-        alarm( $o{duration} + WRK_SLACK );
+        alarm( $duration + WRK_SLACK );
         local $/;
         my $text = <$fh>;
         alarm 0;
@@ -110,10 +109,19 @@ sub run_wrk {
     if ( !defined $out ) {
         kill 'KILL', $pid;
         close $fh;
-        die "bench: wrk did not finish in time\n";
+        die "bench: $name did not finish in time\n";
     }
     close $fh;
-    die "bench: wrk failed (status $?):\n$out" if $?;
+    die "bench: $name failed (status $?):\n$out" if $?;
+    return $out;
+}
+
+# wrk -tT -cC -dD --latency against a port; returns { rps, p99_ms, errors, raw }.
+sub run_wrk {
+    my (%o) = @_;
+    my @cmd = ( 'wrk', "-t$o{threads}", "-c$o{connections}", "-d$o{duration}s", '--latency',
+        "http://127.0.0.1:$o{port}$o{path}" );
+    my $out = run_load_tool( 'wrk', $o{duration}, @cmd );
     my ($rps) = $out =~ m{^Requests/sec:\s*([\d.]+)}m or die "bench: no Requests/sec in wrk output:\n$out";
     my ( $p99, $unit ) = $out =~ m{^\s*99%\s+([\d.]+)(us|ms|s|m|h)\s*$}m
       or die "bench: no 99% latency in wrk output:\n$out";
@@ -132,22 +140,7 @@ sub run_h2load {
     my $log = File::Temp->new( TEMPLATE => 'bench-h2load-XXXXXX', TMPDIR => 1 );
     my @cmd = ( 'h2load', "-c$o{connections}", "-m$o{streams}", "-t$o{threads}", "-D$o{duration}",
         "--log-file=" . $log->filename, $o{url} );
-    my $pid = open( my $fh, '-|', @cmd ) // die "bench: cannot run h2load: $!\n";
-    my $out = eval {
-        local $SIG{ALRM} = sub { die "timeout\n" };
-        alarm( $o{duration} + WRK_SLACK );
-        local $/;
-        my $text = <$fh>;
-        alarm 0;
-        $text;
-    };
-    if ( !defined $out ) {
-        kill 'KILL', $pid;
-        close $fh;
-        die "bench: h2load did not finish in time\n";
-    }
-    close $fh;
-    die "bench: h2load failed (status $?):\n$out" if $?;
+    my $out = run_load_tool( 'h2load', $o{duration}, @cmd );
     my ($rps) = $out =~ m{^finished in [\d.]+m?s, ([\d.]+) req/s}m
       or die "bench: no req/s in h2load output:\n$out";
     my ( $mean, $unit ) = $out =~ m{^time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\s}m;
