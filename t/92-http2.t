@@ -37,15 +37,9 @@ use strict; use warnings;
 use Future; use Future::AsyncAwait; use Future::IO;
 use JSON::PP; use Digest::MD5 qw(md5_hex); use Time::HiRes qw(time);
 my $dir = '__DIR__';
-my $J = JSON::PP->new->canonical->utf8->allow_nonref;
-sub rec {
-    my ($file, $data) = @_;
-    open my $fh, '>>', "$dir/$file" or die "open $dir/$file: $!";
-    print $fh $J->encode($data), "\n";
-    close $fh;
-}
-sub query { my ($s) = @_; return { map { my ($k, $v) = split /=/, $_, 2; ($k, $v // 1) } split /&/, $s->{query_string} // "" } }
-my $plain = [['content-type', 'text/plain']];
+use lib '__LIB__';
+use PagiRS::AppKit;
+PagiRS::AppKit::record_to($dir);
 
 async sub reply {
     my ($send, $body, $status) = @_;
@@ -54,14 +48,6 @@ async sub reply {
     await $send->({ type => 'http.response.body', body => $body, more => 0 });
 }
 
-# The next event, or {type => 'timeout'} after $secs: a test that fails
-# must not leave the app waiting for ever.
-async sub next_event {
-    my ($receive, $secs) = @_;
-    return await Future->wait_any(
-        $receive->(),
-        Future::IO->sleep($secs)->then(sub { Future->done({ type => 'timeout' }) }));
-}
 
 my $app = async sub {
     my ($scope, $receive, $send) = @_;
@@ -162,40 +148,17 @@ my $app = async sub {
 };
 $app;
 APP
+$app_code =~ s{__LIB__}{$FindBin::Bin/lib}g;
 my $app = write_app( $app_code, 'h2app.pl' );
 
 my $access_log = "$dir/access.log";
 my $s = start_server( '--http2', '--access-log', $access_log, '--access-log-format', 'combined', $app );
 my $port = $s->port;
 
-# Python helpers every script gets: waiting for lines an app wrote.
-my $PRELUDE = <<'PY';
-import os, time
-
-def lines(path):
-    try:
-        with open(path) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
-
-def wait_lines(path, n, client=None, timeout=5):
-    """Wait until the file has n lines, reading frames on client meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = lines(path)
-        if len(got) >= n or time.monotonic() > deadline:
-            return got
-        if client is not None:
-            client.read(0.01)
-        else:
-            time.sleep(0.01)
-
-PY
 
 sub h2 {
     my ( $script, %o ) = @_;
-    return h2_run( $PRELUDE . $script, port => $port, args => { dir => $dir }, %o );
+    return h2_run( "import os, time\n" . $script, port => $port, args => { dir => $dir }, %o );
 }
 
 sub records {
@@ -203,12 +166,6 @@ sub records {
     return map { $J->decode($_) } wait_file_lines( "$dir/$name", $n // 1, $timeout );
 }
 
-# A response header of a stream the script emitted.
-sub header {
-    my ( $x, $name ) = @_;
-    my @v = map { $_->[1] } grep { $_->[0] eq $name } @{ $x->{headers} // [] };
-    return @v ? join( ', ', @v ) : undef;
-}
 
 # ---------------------------------------------------------------------------
 subtest 'a stream is a scope: keys, headers, bodies both ways' => sub {
@@ -278,7 +235,7 @@ PY
     is $h->{status}, 200, 'HEAD: 200';
     is $h->{data_frames}, 0, '... no DATA frame';
     is $h->{body_length}, 0, '... no body bytes';
-    is header( $h, 'content-length' ), 11, "... the app's content-length";
+    is h2_header( $h, 'content-length' ), 11, "... the app's content-length";
     ok $h->{ended}, '... END_STREAM on the HEADERS';
     is $r->{get}{body}, 'eleven char', 'the same path with GET has the body';
 
@@ -299,12 +256,12 @@ c = connect()
 neighbour = c.request('GET', '/sleep?name=rst-n&ms=600')
 early = c.request('GET', '/hold?name=rst-early')
 late = c.request('GET', '/hold?name=rst-late&start=1')
-wait_lines(d + '/rst-early.started', 1, c)
+wait_file_lines(d + '/rst-early.started', 1, c)
 c.wait(lambda: c.stream(late).data)     # the head and 'partial' are out
-wait_lines(d + '/rst-late.started', 1, c)
+wait_file_lines(d + '/rst-late.started', 1, c)
 c.reset(early, ErrorCodes.CANCEL)
 c.reset(late, ErrorCodes.INTERNAL_ERROR)
-ends = [wait_lines(d + '/rst-early.end', 1, c), wait_lines(d + '/rst-late.end', 1, c)]
+ends = [wait_file_lines(d + '/rst-early.end', 1, c), wait_file_lines(d + '/rst-late.end', 1, c)]
 n = c.wait_stream(neighbour)
 after = c.wait_stream(c.request('GET', '/ok?after'))
 emit({'neighbour': n, 'after': after, 'late': c.stream(late), 'ends': ends,
@@ -339,7 +296,7 @@ subtest 'pagi.connection->abort resets its own stream (CANCEL) alone' => sub {
 d = ARGS['dir']
 c = connect()
 neighbour = c.request('GET', '/sleep?name=abort-n&ms=400')
-wait_lines(d + '/abort-n.started', 1, c)
+wait_file_lines(d + '/abort-n.started', 1, c)
 before = c.wait_stream(c.request('GET', '/abort?name=abort-before'))
 sid = c.request('POST', '/abort?name=abort-after&start=1', end_stream=False)
 c.wait(lambda: c.stream(sid).data == b'partial')
@@ -412,7 +369,7 @@ subtest "Rapid Reset: pagi-rs' own budget (--h2-rst-burst 5 --h2-rst-rate 1)" =>
 d = ARGS['dir']
 c = connect()
 sids = [c.request('GET', '/hold?name=bucket%d&log=bucket.accepted' % i) for i in range(10)]
-accepted = len(wait_lines(d + '/bucket.accepted', 10, c))
+accepted = len(wait_file_lines(d + '/bucket.accepted', 10, c))
 resets, goaway_after = 0, None
 for sid in sids:
     c.reset(sid, ErrorCodes.CANCEL)
@@ -442,7 +399,7 @@ import signal
 d = ARGS['dir']
 c = connect()
 sid = c.request('GET', '/sleep?name=term&ms=1000')
-wait_lines(d + '/term.started', 1, c)
+wait_file_lines(d + '/term.started', 1, c)
 os.kill(ARGS['pid'], signal.SIGTERM)
 first = c.wait_goaway()
 last = c.wait_goaway(count=2)
@@ -477,14 +434,14 @@ s = c.stream(slow)
 c.wait(lambda: len(s.data) >= 1000)
 neighbour = c.wait_stream(c.request('GET', '/ok?neighbour'))
 c.read(0.3)                              # the app would go on now, if it could
-stalled = {'lines': len(lines(d + '/flow.sent')), 'data': len(s.data), 'done': s.done}
+stalled = {'lines': len(file_lines(d + '/flow.sent')), 'data': len(s.data), 'done': s.done}
 c.open_window(n * 65536, slow)
 c.open_window(n * 65536 + 1000)          # the connection's window as well
 c.wait_stream(slow, 10)
 emit({'stalled': stalled, 'neighbour': neighbour, 'ended': s.ended, 'reset': s.reset,
       'chunks': [len(s.data) // 65536, len(s.data) % 65536],
       'intact': all(s.data[i * 65536:(i + 1) * 65536] == bytes([65 + i]) * 65536 for i in range(n)),
-      'done': wait_lines(d + '/flow.done', 1)})
+      'done': wait_file_lines(d + '/flow.done', 1)})
 PY
     return fail 'the script ran' unless $r;
     my $st = $r->{stalled};

@@ -35,24 +35,10 @@ use strict; use warnings;
 use Future; use Future::AsyncAwait; use Future::IO;
 use JSON::PP; use Time::HiRes qw(time);
 my $dir = '__DIR__';
-my $J = JSON::PP->new->canonical->utf8->allow_nonref;
-sub rec {
-    my ($file, $data) = @_;
-    open my $fh, '>>', "$dir/$file" or die "open $dir/$file: $!";
-    print $fh $J->encode($data), "\n";
-    close $fh;
-}
-sub query { my ($s) = @_; return { map { my ($k, $v) = split /=/, $_, 2; ($k, $v // 1) } split /&/, $s->{query_string} // "" } }
-my $plain = [['content-type', 'text/plain']];
+use lib '__LIB__';
+use PagiRS::AppKit;
+PagiRS::AppKit::record_to($dir);
 
-# The next event, or {type => 'timeout'} after $secs: a test that fails
-# must not leave the app waiting for ever.
-async sub next_event {
-    my ($receive, $secs) = @_;
-    return await Future->wait_any(
-        $receive->(),
-        Future::IO->sleep($secs)->then(sub { Future->done({ type => 'timeout' }) }));
-}
 
 sub ended {
     my ($c, $ev) = @_;
@@ -172,38 +158,16 @@ my $app = async sub {
 };
 $app;
 APP
+$app_code =~ s{__LIB__}{$FindBin::Bin/lib}g;
 my $app = write_app( $app_code, 'h2ws.pl' );
 
 my $access_log = "$dir/access.log";
 my $s = start_server( '--http2', '--access-log', $access_log, '--access-log-format', 'combined', $app );
 
-my $PRELUDE = <<'PY';
-import os, time
-
-def lines(path):
-    try:
-        with open(path) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
-
-def wait_lines(path, n, client=None, timeout=5):
-    """Wait until the file has n lines, reading frames on client meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = lines(path)
-        if len(got) >= n or time.monotonic() > deadline:
-            return got
-        if client is not None:
-            client.read(0.01)
-        else:
-            time.sleep(0.01)
-
-PY
 
 sub h2 {
     my ( $script, %o ) = @_;
-    return h2_run( $PRELUDE . $script, port => $s->port, args => { dir => $dir }, %o );
+    return h2_run( "import os, time\n" . $script, port => $s->port, args => { dir => $dir }, %o );
 }
 
 sub records {
@@ -211,12 +175,6 @@ sub records {
     return map { $J->decode($_) } wait_file_lines( "$dir/$name", $n // 1, $timeout );
 }
 
-# A response header of a stream the script emitted.
-sub header {
-    my ( $x, $name ) = @_;
-    my @v = map { $_->[1] } grep { $_->[0] eq $name } @{ $x->{headers} // [] };
-    return @v ? join( ', ', @v ) : undef;
-}
 
 # ---------------------------------------------------------------------------
 subtest 'RFC 8441: handshake, echo, keepalive, close' => sub {
@@ -239,7 +197,7 @@ out['close'] = ws.close(1000, 'bye')
 c.wait(lambda: ws.stream.ended)
 out['ended'] = ws.stream.ended
 c.end_stream(ws.id)                 # our side of the stream ends too
-wait_lines(d + '/echo.end', 1, c)
+wait_file_lines(d + '/echo.end', 1, c)
 out['errors'] = ws.protocol_errors
 out['reset'] = ws.stream.reset
 out['after'] = c.wait_stream(c.request('GET', '/ok'))
@@ -303,7 +261,7 @@ PY
     return fail 'the script ran' unless $r;
     my $x = $r->{refused};
     is $x->{status}, 403, "Www 0.6, http.response.start before accept: the app's 403";
-    is header( $x, 'x-refused' ), 'yes', "... with the app's headers";
+    is h2_header( $x, 'x-refused' ), 'yes', "... with the app's headers";
     is $x->{body}, 'denied', '... and body';
     ok $x->{ended}, '... a complete response (END_STREAM)';
     # RFC 9113 8.1: the client's half (the CONNECT's) is still open, and
@@ -312,8 +270,8 @@ PY
 
     my $v = $r->{version};
     is $v->{status}, 426, 'sec-websocket-version 8: 426';
-    is header( $v, 'sec-websocket-version' ), '13', '... with sec-websocket-version: 13';
-    ok !defined header( $v, 'upgrade' ) && !defined header( $v, 'connection' ), '... and no Upgrade or Connection';
+    is h2_header( $v, 'sec-websocket-version' ), '13', '... with sec-websocket-version: 13';
+    ok !defined h2_header( $v, 'upgrade' ) && !defined h2_header( $v, 'connection' ), '... and no Upgrade or Connection';
     ok $v->{ended}, '... a complete response';
     ok !defined $v->{reset} || $v->{reset_name} eq 'NO_ERROR', '... no error';
     ok !-e "$dir/v8.scope", '... the app is not called';
@@ -333,14 +291,14 @@ d = ARGS['dir']
 n = 8
 c = connect(window=1000, auto_ack=False)
 ws = c.websocket('/flood?name=flood&n=%d' % n)
-high = wait_lines(d + '/flood.transport', 2, c)
+high = wait_file_lines(d + '/flood.transport', 2, c)
 neighbour = c.wait_stream(c.request('GET', '/ok'))
 c.read(0.3)                             # the app would go on now, if it could
-stalled = {'sent': len(lines(d + '/flood.sent')), 'bytes': len(ws.stream.data), 'transport': lines(d + '/flood.transport')}
+stalled = {'sent': len(file_lines(d + '/flood.sent')), 'bytes': len(ws.stream.data), 'transport': file_lines(d + '/flood.transport')}
 c.open_window(4 * 1024 * 1024, ws.id)
 c.open_window(4 * 1024 * 1024)
 msgs = [ws.recv_data() for _ in range(n + 1)]
-drained = wait_lines(d + '/flood.transport', 3, c)
+drained = wait_file_lines(d + '/flood.transport', 3, c)
 ws.close(1000)
 c.end_stream(ws.id)
 emit({'stalled': stalled, 'neighbour': neighbour, 'drained': drained,

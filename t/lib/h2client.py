@@ -58,6 +58,7 @@ __all__ = [
     'OP_CONT', 'OP_TEXT', 'OP_BINARY', 'OP_CLOSE', 'OP_PING', 'OP_PONG',
     'ws_frame', 'ws_parse',
     'emit', 'jsonable', 'error_name',
+    'file_lines', 'wait_file_lines',
 ]
 
 HOST = os.environ.get('H2_HOST', '127.0.0.1')
@@ -70,6 +71,29 @@ READ_SIZE = 65536
 
 def _latin1(b):
     return b.decode('latin-1') if isinstance(b, (bytes, bytearray)) else b
+
+
+def file_lines(path):
+    """The lines of a file an app writes to (none if it does not exist yet)."""
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def wait_file_lines(path, n, client=None, timeout=5):
+    """Wait until the file has n lines (or timeout); its lines.  Reads
+    frames on client meanwhile, so the connection keeps moving."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = file_lines(path)
+        if len(got) >= n or time.monotonic() > deadline:
+            return got
+        if client is not None:
+            client.read(0.01)
+        else:
+            time.sleep(0.01)
 
 
 def error_name(code):

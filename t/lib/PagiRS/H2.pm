@@ -33,8 +33,8 @@ use JSON::PP ();
 use POSIX qw(WNOHANG);
 use Time::HiRes qw(time sleep);
 
-our @EXPORT    = qw(h2_run);
-our @EXPORT_OK = qw(h2_run h2_python);
+our @EXPORT    = qw(h2_run h2_header);
+our @EXPORT_OK = qw(h2_run h2_header h2_python);
 
 our $APT_LINE = 'apt-get install -y python3-h2 python3-hyperframe';
 
@@ -167,6 +167,14 @@ sub _slurp {
     open my $fh, '<', $f or return '';
     local $/;
     return <$fh> // '';
+}
+
+# A response header of a stream a script emitted (its `headers` pairs):
+# the values joined with ', ', or undef.
+sub h2_header {
+    my ( $stream, $name ) = @_;
+    my @v = map { $_->[1] } grep { $_->[0] eq $name } @{ $stream->{headers} // [] };
+    return @v ? join( ', ', @v ) : undef;
 }
 
 1;
