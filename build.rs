@@ -42,6 +42,7 @@ fn main() {
         println!("cargo:rerun-if-changed={path}");
     }
     println!("cargo:rerun-if-changed={CONSTANTS}");
+    println!("cargo:rerun-if-env-changed=PAGI_RS_SANITIZE");
 
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     generate_constants(&out_dir);
@@ -63,6 +64,15 @@ fn main() {
         }
     }
     build.warnings(false);
+    // `PAGI_RS_SANITIZE=address` builds the C layer with AddressSanitizer
+    // and links its runtime (`make asan-test`).  Only the C layer and the
+    // allocations it makes through malloc are checked: libperl and Rust are
+    // not instrumented, but ASan's malloc/free catch double frees and frees
+    // of memory another interpreter owns.
+    if std::env::var("PAGI_RS_SANITIZE").as_deref() == Ok("address") {
+        build.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
+        println!("cargo:rustc-link-arg=-fsanitize=address");
+    }
     build.compile("pagi_glue");
 
     let mut linked_perl = false;

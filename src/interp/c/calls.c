@@ -74,21 +74,28 @@ void pagi_install_exit_guard(void)
 
 /* Call the Perl sub `name` with string arguments in list context, under
  * G_EVAL, with $@ localised.  On success returns 1 and stores the stringified
- * first return value (if any) in *result (valid until the next call); on a
- * Perl exception returns 0 and stores the error text in *result. */
-static SV *last_result = NULL;
+ * first return value (if any) in *result (valid until the next call into the
+ * same interpreter); on a Perl exception returns 0 and stores the error text
+ * in *result. */
 
 /* Keep a copy of `sv` (a return value or $@) until the next call, and point
- * `result` at its UTF-8 text. */
+ * `result` at its UTF-8 text.  The copy lives in the interpreter's own
+ * PL_modglobal, not in a C static: with several interpreter threads a
+ * process-wide SV would be freed by one interpreter while it belongs to
+ * another's arenas. */
 static void keep_result(pTHX_ SV *sv, pagi_str *result)
 {
     STRLEN len = 0;
     const char *p = "";
-    if (last_result)
-        SvREFCNT_dec(last_result);
-    last_result = newSVsv(sv);
-    if (SvOK(last_result))
-        p = SvPVutf8(last_result, len);
+    SV **slot = hv_fetchs(PL_modglobal, "PAGI::RS::last_result", 1);
+    if (!slot) {
+        result->ptr = p;
+        result->len = 0;
+        return;
+    }
+    sv_setsv(*slot, sv);
+    if (SvOK(*slot))
+        p = SvPVutf8(*slot, len);
     result->ptr = p;
     result->len = len;
 }
