@@ -71,7 +71,10 @@ fn main() {
     // of memory another interpreter owns.
     if std::env::var("PAGI_RS_SANITIZE").as_deref() == Ok("address") {
         build.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
-        println!("cargo:rustc-link-arg=-fsanitize=address");
+        // The linker may be rust-lld, which does not add the runtime for
+        // -fsanitize; name the library.  It then does not come first in
+        // the load order: run with ASAN_OPTIONS=verify_asan_link_order=0.
+        println!("cargo:rustc-link-lib=dylib=asan");
     }
     build.compile("pagi_glue");
 

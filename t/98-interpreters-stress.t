@@ -150,7 +150,7 @@ sub client_loop {
             my $r = http_request( $port, 'GET', '/' );
             my ( $who, $up ) = split ' ', $r->{body} // '';
             $who{$who}++ if $who;
-            $check->( 'hello', $r->{status} == 200 && $up && $up eq "up-$who", "$r->{status} $r->{body}" );
+            $check->( 'hello', $r->{status} == 200 && $up && $up eq "up-$who", "$r->{status} " . ( $r->{body} // "" ) );
         }
         elsif ( $kind == 1 ) {
             my $body = join '', map { chr( ( $_ * 7 + $round ) % 256 ) } 1 .. ( 1000 + $round * 37 % 60000 );
