@@ -4,7 +4,6 @@
 
 use std::fmt::Write as _;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
@@ -44,7 +43,7 @@ enum Atom {
 
 /// Everything one line can mention.
 pub struct Record<'a> {
-    pub client: Option<SocketAddr>,
+    pub client: Option<crate::service::Peer>,
     pub method: &'a str,
     pub raw_path: &'a [u8],
     pub query: &'a [u8],
@@ -132,9 +131,11 @@ impl Format {
             match atom {
                 Atom::Literal(s) => out.push_str(s),
                 Atom::ClientHost => match r.client {
-                    Some(a) => {
+                    Some(crate::service::Peer::Tcp(a)) => {
                         let _ = write!(out, "{}", a.ip());
                     }
+                    // A Unix socket's peer has no address (the reference's word).
+                    Some(crate::service::Peer::Unix) => out.push_str("unix"),
                     None => out.push('-'),
                 },
                 Atom::Dash => out.push('-'),
@@ -368,7 +369,7 @@ mod tests {
 
     fn record<'a>(headers: &'a [(bytes::Bytes, bytes::Bytes)]) -> Record<'a> {
         Record {
-            client: Some("127.0.0.1:4000".parse().unwrap()),
+            client: Some(crate::service::Peer::Tcp("127.0.0.1:4000".parse().unwrap())),
             method: "GET",
             raw_path: b"/a%20b",
             query: b"x=1",
@@ -452,6 +453,21 @@ mod tests {
             line,
             "127.0.0.1 - - [10/Feb/2026:12:34:56 +0000] \"GET /a%20b?x=1\" 200 0.003s\n"
         );
+    }
+
+    #[test]
+    fn a_unix_socket_peer_is_logged_as_unix() {
+        let mut r = record(&[]);
+        r.client = Some(crate::service::Peer::Unix);
+        let line = Format::parse("%h %s")
+            .unwrap()
+            .render(&r, SystemTime::UNIX_EPOCH);
+        assert_eq!(line, "unix 200\n");
+        r.client = None;
+        let line = Format::parse("%h %s")
+            .unwrap()
+            .render(&r, SystemTime::UNIX_EPOCH);
+        assert_eq!(line, "- 200\n");
     }
 
     #[test]

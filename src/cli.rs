@@ -56,13 +56,40 @@ pub struct Options {
     #[arg(short = 'I', long = "lib", value_name = "PATH", action = ArgAction::Append)]
     pub include: Vec<String>,
 
-    /// Bind address.
-    #[arg(short = 'o', long, default_value = "127.0.0.1")]
-    pub host: String,
+    /// Bind address [default: 127.0.0.1].
+    #[arg(short = 'o', long)]
+    pub host: Option<String>,
 
-    /// Bind port (0 picks a free port; the startup line names it).
-    #[arg(short = 'p', long, default_value_t = 5000)]
-    pub port: u16,
+    /// Bind port (0 picks a free port; the startup line names it)
+    /// [default: 5000].
+    #[arg(short = 'p', long)]
+    pub port: Option<u16>,
+
+    /// Listen on a Unix socket at PATH instead of TCP.  A stale socket file
+    /// there is replaced; the file is removed at exit.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["host", "port"])]
+    pub socket: Option<PathBuf>,
+
+    /// Permissions of the Unix socket files, in octal (e.g. 0660).
+    /// Default: from the umask.
+    #[arg(long, value_name = "MODE", value_parser = crate::listen::parse_socket_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Listen on ADDR: HOST:PORT, [IPv6]:PORT or unix:PATH (a path
+    /// starting with / or . also works).  Repeatable; instead of
+    /// --host/--port/--socket.
+    #[arg(long, value_name = "ADDR", action = ArgAction::Append,
+          conflicts_with_all = ["host", "port", "socket"])]
+    pub listen: Vec<crate::listen::ListenAddr>,
+
+    /// Set SO_REUSEPORT on TCP listeners, so that other processes can bind
+    /// the same address (the kernel spreads connections across them).
+    #[arg(long)]
+    pub reuseport: bool,
+
+    /// Length of each listener's queue of connections not yet accepted.
+    #[arg(short = 'b', long, value_name = "N", default_value_t = crate::listen::DEFAULT_BACKLOG)]
+    pub listener_backlog: u32,
 
     /// Application mount path, reported as root_path in every scope.
     #[arg(long, value_name = "PATH", default_value = "")]
@@ -325,6 +352,29 @@ impl Options {
         Ok((classify_app(&name), args))
     }
 
+    /// What to listen on: `--listen`, else `--socket`, else `--host`/`--port`.
+    pub fn listen_config(&self) -> crate::listen::Config {
+        use crate::listen::ListenAddr;
+        let (addrs, explicit) = if !self.listen.is_empty() {
+            (self.listen.clone(), true)
+        } else if let Some(path) = &self.socket {
+            (vec![ListenAddr::Unix(path.clone())], true)
+        } else {
+            let tcp = ListenAddr::Tcp {
+                host: self.host.clone().unwrap_or_else(|| DEFAULT_HOST.into()),
+                port: self.port.unwrap_or(DEFAULT_PORT),
+            };
+            (vec![tcp], self.host.is_some() || self.port.is_some())
+        };
+        crate::listen::Config {
+            addrs,
+            explicit,
+            socket_mode: self.socket_mode,
+            backlog: self.listener_backlog,
+            reuseport: self.reuseport,
+        }
+    }
+
     pub fn effective_log_level(&self) -> LogLevel {
         match (self.log_level, self.quiet) {
             (Some(level), _) => level,
@@ -420,7 +470,7 @@ impl Options {
                 "--ws-close-timeout must be between 1 and {MAX_SECONDS} seconds"
             ));
         }
-        Ok(())
+        self.listen_config().validate()
     }
 
     /// `--max-ws-message-size`, with 0 meaning no limit.
@@ -462,6 +512,10 @@ impl Options {
     }
 }
 
+/// `--host` and `--port` when neither they, `--socket` nor `--listen` is given.
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+pub const DEFAULT_PORT: u16 = 5000;
+
 /// Upper bounds of numeric options (see `Options::validate`).
 pub const MAX_SECONDS: u64 = 365 * 86_400;
 pub const MAX_HEADER_SIZE: usize = 1 << 30;
@@ -499,8 +553,18 @@ mod tests {
     #[test]
     fn defaults_match_the_reference_server() {
         let o = parse(&["app.pl"]);
-        assert_eq!(o.host, "127.0.0.1");
-        assert_eq!(o.port, 5000);
+        let listen = o.listen_config();
+        assert_eq!(
+            listen.addrs,
+            vec![crate::listen::ListenAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port: 5000
+            }]
+        );
+        assert!(!listen.explicit);
+        assert_eq!(listen.backlog, 2048);
+        assert!(!listen.reuseport);
+        assert_eq!(listen.socket_mode, None);
         assert_eq!(o.max_header_size, 8192);
         assert_eq!(o.max_header_count, 100);
         assert_eq!(o.max_body_size, 10_000_000);
@@ -641,6 +705,63 @@ mod tests {
         }
         let ok = parse(&["--timeout", "31536000", "--shutdown-timeout", "0", "a.pl"]);
         assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn listener_options_combine_as_the_reference_says() {
+        use crate::listen::ListenAddr;
+        let o = parse(&["-p", "0", "a.pl"]);
+        assert!(o.listen_config().explicit, "a port named is explicit");
+        let o = parse(&["--socket", "/tmp/a.sock", "--socket-mode", "0660", "a.pl"]);
+        let c = o.listen_config();
+        assert_eq!(c.addrs, vec![ListenAddr::Unix("/tmp/a.sock".into())]);
+        assert_eq!(c.socket_mode, Some(0o660));
+        assert!(o.validate().is_ok());
+        let o = parse(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "[::1]:0",
+            "--listen",
+            "unix:/tmp/b.sock",
+            "--reuseport",
+            "-b",
+            "16",
+            "a.pl",
+        ]);
+        let c = o.listen_config();
+        assert_eq!(c.addrs.len(), 3);
+        assert_eq!((c.backlog, c.reuseport), (16, true));
+        for clash in [
+            &["--listen", "127.0.0.1:1", "--port", "2"][..],
+            &["--listen", "127.0.0.1:1", "--host", "::1"],
+            &["--listen", "127.0.0.1:1", "--socket", "/tmp/x"],
+            &["--socket", "/tmp/x", "-p", "1"],
+            &["--socket", "/tmp/x", "-o", "0.0.0.0"],
+        ] {
+            let args = std::iter::once("pagi-rs")
+                .chain(clash.iter().copied())
+                .chain(["a.pl"]);
+            let err = Options::try_parse_from(args).unwrap_err().to_string();
+            assert!(err.contains("cannot be used with"), "{clash:?}: {err}");
+        }
+        for bad in [
+            &["--listen", "8080"][..],
+            &["--socket-mode", "rw", "--socket", "/tmp/x"],
+            &["-b", "-1"],
+            &["-b", "many"],
+        ] {
+            let args = std::iter::once("pagi-rs")
+                .chain(bad.iter().copied())
+                .chain(["a.pl"]);
+            assert!(Options::try_parse_from(args).is_err(), "{bad:?}");
+        }
+        let err = parse(&["--socket-mode", "0660", "a.pl"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("--socket-mode needs"), "{err}");
+        let err = parse(&["-b", "0", "a.pl"]).validate().unwrap_err();
+        assert!(err.contains("--listener-backlog"), "{err}");
     }
 
     #[test]

@@ -33,9 +33,6 @@ pub enum StartupError {
     Interpreter(String),
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Listen(#[from] crate::listen::ListenError),
 }

@@ -17,6 +17,7 @@ mod file;
 mod http1;
 mod http2;
 mod interp;
+mod listen;
 mod logging;
 mod scope;
 mod server;
@@ -26,7 +27,6 @@ mod sse;
 mod tls;
 mod websocket;
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +66,15 @@ fn main() -> ExitCode {
         }
     };
     logging::init(opts.effective_log_level());
+    // Here, while this is the only thread and before Perl copies the
+    // environment into %ENV: systemd's LISTEN_* variables are removed.
+    let inherited = match listen::take_inherited() {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            eprintln!("pagi-rs: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
 
     // SAFETY: once, on the main thread, before any interpreter exists.  The
     // exit guard must be in place before any application code is compiled;
@@ -108,7 +117,7 @@ fn main() -> ExitCode {
         spec: opts.spec_version,
         max_disconnect_receives: opts.max_disconnect_receives,
     };
-    match run(&opts, spec, format, &runtime) {
+    match run(&opts, spec, format, &runtime, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match &e {
@@ -129,6 +138,7 @@ fn run(
     spec: LoadSpec,
     format: access_log::Format,
     runtime: &tokio::runtime::Runtime,
+    inherited: Vec<listen::BoundListener>,
 ) -> Result<(), StartupError> {
     // Certificates and keys are read before anything else: a bad file is
     // reported before the app loads and before any port is bound.
@@ -151,19 +161,26 @@ fn run(
 
     let pool = Pool::start(opts.interpreters, &spec, runtime.handle().clone())?;
 
-    let addr = resolve(&opts.host, opts.port)?;
-    let listener = {
+    // Dropped at the end of run, successful or not: the Unix socket files
+    // bound here are removed.
+    let listen::Bound {
+        listeners,
+        socket_files: _socket_files,
+    } = listen::bind_all(&opts.listen_config(), inherited)?;
+    let shown = listen::describe_all(&listeners, tls.is_some());
+    for listener in &listeners {
+        // A process the app forks must not keep the server's sockets after
+        // the server stops: calls.c's fork handler closes these in it.
+        // SAFETY: only records a descriptor number; the handler closes it
+        // in forked children, never in this process.
+        if unsafe { interp::ffi::pagi_close_in_forked_children(listener.fd()) } == 0 {
+            tracing::warn!("a process the app forks keeps descriptor {}", listener.fd());
+        }
+    }
+    let listeners = {
         let _enter = runtime.enter();
-        bind(addr)?
+        server::Listener::register_all(listeners)?
     };
-    // A process the app forks must not keep the server's port after the
-    // server stops: calls.c's fork handler closes this descriptor in it.
-    // SAFETY: only records a descriptor number; the handler closes it in
-    // forked children, never in this process.
-    unsafe {
-        interp::ffi::pagi_close_in_forked_children(std::os::fd::AsRawFd::as_raw_fd(&listener))
-    };
-    let local = listener.local_addr().unwrap_or(addr);
 
     pool.lifespan_startup(
         opts.lifespan,
@@ -223,25 +240,17 @@ fn run(
         },
     });
 
-    let shown = match local {
-        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-        SocketAddr::V4(a) => a.to_string(),
-    };
     tracing::info!(
-        "pagi-rs {} listening on {}://{shown}/ (pid {}, interpreters: {}, loop: IO::Async)",
+        "pagi-rs {} listening on {} (pid {}, interpreters: {}, loop: IO::Async)",
         env!("CARGO_PKG_VERSION"),
-        if server.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        },
+        shown.join(", "),
         std::process::id(),
         server.pool.len()
     );
 
     let grace = Duration::from_secs(opts.shutdown_timeout);
     runtime.block_on(server::serve(
-        listener,
+        listeners,
         server.clone(),
         shutdown_signal(),
         grace,
@@ -251,36 +260,6 @@ fn run(
     server.pool.stop(Duration::from_secs(5));
     tracing::info!("Shutdown complete");
     Ok(())
-}
-
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, StartupError> {
-    (host, port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut it| it.next())
-        .ok_or_else(|| StartupError::Bind {
-            addr: format!("{host}:{port}"),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "cannot resolve the host",
-            ),
-        })
-}
-
-fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartupError> {
-    let err = |source| StartupError::Bind {
-        addr: addr.to_string(),
-        source,
-    };
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
-    socket.listen(2048).map_err(err)
 }
 
 async fn shutdown_signal() {

@@ -4,7 +4,6 @@
 //! into the `$scope` hash.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -97,10 +96,12 @@ pub struct RequestScope {
     /// All Cookie headers joined by "; ", when there was more than one: the
     /// scope shows this single value at the first cookie's place.
     pub merged_cookie: Option<Bytes>,
-    pub client: SocketAddr,
-    pub server: SocketAddr,
-    pub client_host: std::sync::Arc<str>,
-    pub server_host: std::sync::Arc<str>,
+    /// The scope's `client` (absent on a Unix socket) and `server` (see
+    /// `service::ConnInfo`).
+    pub client: crate::service::Peer,
+    pub client_host: Option<std::sync::Arc<str>>,
+    pub server_host: std::sync::Arc<[u8]>,
+    pub server_port: Option<u16>,
     pub body: BodyState,
     /// The connection's TLS facts (the `tls` extension); None in cleartext.
     pub tls: Option<std::sync::Arc<crate::tls::TlsFacts>>,
@@ -150,9 +151,9 @@ impl RequestScope {
             headers: std::mem::take(&mut parts.headers),
             headers_in_wire_order,
             client: conn.client,
-            server: conn.server,
             client_host: conn.client_host.clone(),
             server_host: conn.server_host.clone(),
+            server_port: conn.server_port,
             body,
             tls: conn.tls.clone(),
         }
@@ -296,7 +297,7 @@ mod tests {
             .body(())
             .unwrap();
         let (mut parts, _) = req.into_parts();
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
         let conn = crate::service::ConnInfo::new(addr, addr);
         let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty, ScopeKind::Http);
         let h: Vec<_> = scope_headers(&s).collect();
@@ -307,7 +308,7 @@ mod tests {
 
     fn scope_of(req: http::Request<()>) -> RequestScope {
         let (mut parts, _) = req.into_parts();
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
         let conn = crate::service::ConnInfo::new(addr, addr);
         RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty, ScopeKind::Http)
     }
@@ -400,7 +401,7 @@ mod tests {
     fn scope_splits_path_and_query() {
         let req = http::Request::get("/a%2Fb?x=1&y=%20").body(()).unwrap();
         let (mut parts, _) = req.into_parts();
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
         let conn = crate::service::ConnInfo::new(addr, addr);
         let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty, ScopeKind::Http);
         assert_eq!(&s.raw_path[..], b"/a%2Fb");

@@ -1,13 +1,17 @@
-//! The listener: accepts connections, serves each with hyper on its own
-//! task, and drains them on shutdown.
+//! The accept loops: one per listener (TCP or Unix socket), serving each
+//! connection on its own task, with one `--max-connections` count across
+//! them all; and the drain on shutdown.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::exchange::ExchangeConfig;
@@ -143,83 +147,133 @@ const BUSY_ANSWER_BOUND: Duration = Duration::from_secs(2);
 
 /// The same over TLS: the answer needs the handshake first, itself held
 /// to the same bound.
-async fn refuse_busy_tls(tls: Arc<Tls>, stream: TcpStream) {
+async fn refuse_busy_tls<S: AsyncRead + AsyncWrite + Unpin>(tls: Arc<Tls>, stream: S) {
     if let Ok(Ok((stream, _))) = tokio::time::timeout(BUSY_ANSWER_BOUND, tls.accept(stream)).await {
         refuse_busy(stream).await;
     }
 }
 
-/// Accept and serve until `shutdown` resolves, then let in-flight requests
-/// finish for up to `grace` before dropping what is left.
-pub async fn serve(
-    listener: TcpListener,
+/// A listening socket registered with the runtime.
+pub enum Listener {
+    Tcp(TcpListener),
+    /// `path`: what the scopes' `server` shows.
+    Unix {
+        listener: UnixListener,
+        path: Arc<[u8]>,
+    },
+}
+
+impl Listener {
+    /// Register bound sockets with the runtime; call inside it.
+    pub fn register_all(
+        bound: Vec<crate::listen::BoundListener>,
+    ) -> Result<Vec<Listener>, crate::listen::ListenError> {
+        bound
+            .into_iter()
+            .map(|b| {
+                let shown = b.describe(false);
+                Listener::from_bound(b).map_err(|source| crate::listen::ListenError::Bind {
+                    addr: shown,
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    fn from_bound(bound: crate::listen::BoundListener) -> io::Result<Listener> {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(match bound.socket {
+            crate::listen::Listening::Tcp { listener, .. } => {
+                Listener::Tcp(TcpListener::from_std(listener)?)
+            }
+            crate::listen::Listening::Unix { listener, path } => Listener::Unix {
+                listener: UnixListener::from_std(listener)?,
+                path: path.as_os_str().as_bytes().into(),
+            },
+        })
+    }
+
+    /// The next connection and its facts.
+    async fn accept(&self) -> io::Result<(Connection, ConnInfo)> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, client) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                let server = stream
+                    .local_addr()
+                    .or_else(|_| listener.local_addr())
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                Ok((Connection::Tcp(stream), ConnInfo::new(client, server)))
+            }
+            Listener::Unix { listener, path } => {
+                let (stream, _) = listener.accept().await?;
+                Ok((Connection::Unix(stream), ConnInfo::unix(path.clone())))
+            }
+        }
+    }
+}
+
+/// An accepted connection.  TLS (`--ssl-cert`) applies to TCP ones only:
+/// a Unix socket is served in cleartext, as in the reference server (a
+/// proxy on the same host speaks plain HTTP to it).
+enum Connection {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// What every accept loop shares.
+struct AcceptShared {
     server: Arc<Server>,
-    shutdown: impl std::future::Future<Output = ()>,
+    http1: hyper::server::conn::http1::Builder,
+    /// Open connections on every listener, against --max-connections.
+    open: Arc<AtomicUsize>,
+    /// Whether the last connection was turned away: the warning is said
+    /// once per spell at capacity, not once per listener or connection.
+    at_capacity: AtomicBool,
+    signals: ConnectionSignals,
+    /// Never sent on: dropped with the last holder of this struct (the
+    /// accept loops, then each connection task), which ends the drain.
+    _alive: mpsc::Sender<()>,
+}
+
+/// Accept and serve on every listener until `shutdown` resolves, then let
+/// in-flight requests finish for up to `grace` before dropping what is left.
+pub async fn serve(
+    listeners: Vec<Listener>,
+    server: Arc<Server>,
+    shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let http1 = Arc::new(crate::http1::connection::builder(&server));
     let (force_tx, force_rx) = watch::channel(false);
     let mut draining = server.shutting_down.subscribe();
-    // Each connection task holds a clone; when all are gone, so are the connections.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-    let local = listener.local_addr().ok();
-    let open = Arc::new(AtomicUsize::new(0));
-    let mut at_capacity = false;
-    tokio::pin!(shutdown);
-
-    loop {
-        let (stream, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let live = open.load(Ordering::Acquire) + server.detached.count();
-        if live >= server.max_connections {
-            if !at_capacity {
-                tracing::warn!(
-                    "{live} connections open (--max-connections {}): answering new ones 503",
-                    server.max_connections
-                );
-                at_capacity = true;
-            }
-            match &server.tls {
-                None => tokio::spawn(refuse_busy(stream)),
-                Some(tls) => tokio::spawn(refuse_busy_tls(tls.clone(), stream)),
-            };
-            continue;
-        }
-        at_capacity = false;
-        let server_addr = stream
-            .local_addr()
-            .ok()
-            .or(local)
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let info = ConnInfo::new(client, server_addr);
-        let signals = ConnectionSignals {
+    let shared = Arc::new(AcceptShared {
+        http1: crate::http1::connection::builder(&server),
+        server: server.clone(),
+        open: Arc::new(AtomicUsize::new(0)),
+        at_capacity: AtomicBool::new(false),
+        signals: ConnectionSignals {
             drain: draining.clone(),
-            force: force_rx.clone(),
-        };
-        let alive = alive_tx.clone();
-        let counted = OpenConnection::new(&open);
-        let (server, http1) = (server.clone(), http1.clone());
-        tokio::spawn(async move {
-            let _alive = alive;
-            let _counted = counted;
-            serve_connection(stream, info, server, &http1, signals).await;
-        });
+            force: force_rx,
+        },
+        _alive: alive_tx,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| tokio::spawn(accept_loop(listener, shared.clone(), stop_rx.clone())))
+        .collect();
+    drop(shared);
+
+    shutdown.await;
+    // Each loop drops its listener as it ends: no new connection is taken
+    // once the drain begins.
+    let _ = stop_tx.send(true);
+    for accept in loops {
+        let _ = accept.await;
     }
-    drop(listener);
     server.shutting_down.send_replace(true);
     let _ = draining.borrow_and_update();
-    drop(alive_tx);
 
     let drained = async {
         alive_rx.recv().await;
@@ -234,17 +288,126 @@ pub async fn serve(
     }
 }
 
+/// One listener's loop: accept until told to stop, each connection served
+/// on its own task (or answered 503 past --max-connections).
+async fn accept_loop(
+    listener: Listener,
+    shared: Arc<AcceptShared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let server = &shared.server;
+    loop {
+        let (connection, info) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            // The guard wait_for returns is not Send: drop it in here.
+            _ = async { let _ = stop.wait_for(|stop| *stop).await; } => break,
+        };
+        let live = shared.open.load(Ordering::Acquire) + server.detached.count();
+        if live >= server.max_connections {
+            if !shared.at_capacity.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    "{live} connections open (--max-connections {}): answering new ones 503",
+                    server.max_connections
+                );
+            }
+            match (connection, &server.tls) {
+                (Connection::Tcp(stream), Some(tls)) => {
+                    tokio::spawn(refuse_busy_tls(tls.clone(), stream))
+                }
+                (Connection::Tcp(stream), None) => tokio::spawn(refuse_busy(stream)),
+                (Connection::Unix(stream), _) => tokio::spawn(refuse_busy(stream)),
+            };
+            continue;
+        }
+        shared.at_capacity.store(false, Ordering::Release);
+        let counted = OpenConnection::new(&shared.open);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _counted = counted;
+            let signals = shared.signals.clone();
+            let server = shared.server.clone();
+            match connection {
+                Connection::Tcp(stream) => {
+                    let tls = server.tls.clone();
+                    serve_connection(stream, info, tls, server, &shared.http1, signals).await
+                }
+                Connection::Unix(stream) => {
+                    serve_connection(stream, info, None, server, &shared.http1, signals).await
+                }
+            }
+        });
+    }
+}
+
+/// A socket the server can look into before a protocol takes it: the
+/// cleartext HTTP/2 preface check peeks, leaving the bytes in place.
+trait PeekStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Wait for bytes, then copy what is there without taking it.
+    fn peek_into<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+}
+
+impl PeekStream for TcpStream {
+    fn peek_into<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = io::Result<usize>> + Send + 'a {
+        self.peek(buf)
+    }
+}
+
+impl PeekStream for UnixStream {
+    async fn peek_into(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            self.readable().await?;
+            let peeked = self.try_io(Interest::READABLE, || {
+                // SAFETY: recv writes at most buf.len() bytes into buf,
+                // which this function borrows mutably; the descriptor is
+                // the stream's own, open for the borrow's length.
+                let n = unsafe {
+                    libc::recv(
+                        self.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_PEEK,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match peeked {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Serve one accepted connection in the protocol it speaks: over TLS
 /// after the handshake, as ALPN chose; in cleartext HTTP/1.1, or HTTP/2
 /// under `--http2` when the client opens with its preface.
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S: PeekStream>(
+    stream: S,
     info: ConnInfo,
+    tls: Option<Arc<Tls>>,
     server: Arc<Server>,
     http1: &hyper::server::conn::http1::Builder,
     mut signals: ConnectionSignals,
 ) {
-    let Some(tls) = server.tls.clone() else {
+    let Some(tls) = tls else {
         let info = Arc::new(info);
         if server.http2.cleartext && speaks_http2(&stream, &server).await {
             crate::http2::connection::serve(stream, info, server, signals).await;
@@ -279,15 +442,12 @@ async fn serve_connection(
 /// `--http2` on a cleartext connection: whether the client opens with the
 /// HTTP/2 preface.  Peeked, so an HTTP/1.1 client's bytes stay for hyper.
 /// A client that sends nothing is left to HTTP/1.1 and its head timeout.
-async fn speaks_http2(stream: &TcpStream, server: &Server) -> bool {
+async fn speaks_http2<S: PeekStream>(stream: &S, server: &Server) -> bool {
     let mut prefix = [0u8; crate::http2::PREFACE.len()];
     let decide = async {
         let mut seen = 0;
         loop {
-            if stream.readable().await.is_err() {
-                return false;
-            }
-            let n = match stream.peek(&mut prefix).await {
+            let n = match stream.peek_into(&mut prefix).await {
                 Ok(0) | Err(_) => return false,
                 Ok(n) => n,
             };

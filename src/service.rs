@@ -36,26 +36,59 @@ pub enum ServiceError {
     Aborted,
 }
 
+/// The other end of a connection: a TCP peer's address, or a peer on a
+/// Unix socket, which has none.  Logs and the access log show the latter
+/// as `unix`, as the reference server does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    Unix,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => addr.fmt(f),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
 /// Per-connection facts, computed once per connection and shared by every
 /// request (or stream) on it.
 pub struct ConnInfo {
-    pub client: SocketAddr,
-    pub server: SocketAddr,
-    /// The addresses as the scope shows them (formatted once, not per request).
-    pub client_host: Arc<str>,
-    pub server_host: Arc<str>,
+    pub client: Peer,
+    /// The scope's `client` host, formatted once (not per request); None
+    /// on a Unix socket, whose scopes have no `client` (Www: optional).
+    pub client_host: Option<Arc<str>>,
+    /// The scope's `server`: `[host, port]`, or `[path, undef]` on a Unix
+    /// socket (the path's bytes, which need not be UTF-8).
+    pub server_host: Arc<[u8]>,
+    pub server_port: Option<u16>,
     /// What the TLS handshake settled, on a TLS connection: the scopes'
     /// `https`/`wss` scheme and `tls` extension.
     pub tls: Option<Arc<crate::tls::TlsFacts>>,
 }
 
 impl ConnInfo {
+    /// A TCP connection from `client` to `server`.
     pub fn new(client: SocketAddr, server: SocketAddr) -> ConnInfo {
         ConnInfo {
-            client,
-            server,
-            client_host: client.ip().to_string().into(),
-            server_host: server.ip().to_string().into(),
+            client: Peer::Tcp(client),
+            client_host: Some(client.ip().to_string().into()),
+            server_host: server.ip().to_string().into_bytes().into(),
+            server_port: Some(server.port()),
+            tls: None,
+        }
+    }
+
+    /// A connection accepted on the Unix socket at `path`.
+    pub fn unix(path: Arc<[u8]>) -> ConnInfo {
+        ConnInfo {
+            client: Peer::Unix,
+            client_host: None,
+            server_host: path,
+            server_port: None,
             tls: None,
         }
     }

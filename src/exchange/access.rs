@@ -1,7 +1,6 @@
 //! The facts an exchange keeps for its access-log line, and the line itself,
 //! written once when the exchange ends.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -15,7 +14,7 @@ pub struct RequestFacts {
     pub raw_path: Bytes,
     pub query: Bytes,
     pub http_version: &'static str,
-    pub client: SocketAddr,
+    pub client: crate::service::Peer,
     pub headers: Vec<(Bytes, Bytes)>,
     pub is_head: bool,
     pub started: Instant,

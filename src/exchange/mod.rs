@@ -395,7 +395,7 @@ pub(crate) mod tests {
             raw_path: Bytes::from_static(b"/"),
             query: Bytes::new(),
             http_version: "1.1",
-            client: "127.0.0.1:1".parse().unwrap(),
+            client: crate::service::Peer::Tcp("127.0.0.1:1".parse().unwrap()),
             headers: vec![],
             is_head,
             started: Instant::now(),

@@ -192,25 +192,31 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 }
                 m.kind = kind::REQUEST;
                 m.id = exchange.id;
+                // A port of -1 and a NULL host leave `client` out and make
+                // `server`'s port undef (a Unix socket: request.c).
+                let client_port = match scope.client {
+                    crate::service::Peer::Tcp(addr) => i64::from(addr.port()),
+                    crate::service::Peer::Unix => -1,
+                };
                 m.num = [
-                    i64::from(scope.client.port()),
-                    i64::from(scope.server.port()),
+                    client_port,
+                    scope.server_port.map_or(-1, i64::from),
                     scope.body as i64,
                     scope.kind as i64,
                 ];
-                let strs: [&[u8]; 9] = [
-                    scope.http_version.as_bytes(),
-                    scope.method.as_bytes(),
-                    scope.scheme.as_bytes(),
-                    &scope.path,
-                    &scope.raw_path,
-                    &scope.query_string,
-                    scope.root_path.as_bytes(),
-                    scope.client_host.as_bytes(),
-                    scope.server_host.as_bytes(),
+                let strs: [Option<&[u8]>; 9] = [
+                    Some(scope.http_version.as_bytes()),
+                    Some(scope.method.as_bytes()),
+                    Some(scope.scheme.as_bytes()),
+                    Some(&scope.path),
+                    Some(&scope.raw_path),
+                    Some(&scope.query_string),
+                    Some(scope.root_path.as_bytes()),
+                    scope.client_host.as_deref().map(str::as_bytes),
+                    Some(&scope.server_host),
                 ];
                 for (i, s) in strs.iter().enumerate() {
-                    m.str[i] = PagiStr::from_bytes(s);
+                    m.str[i] = s.map_or(PagiStr::NULL, PagiStr::from_bytes);
                 }
                 m.nstr = strs.len();
                 // path (index 3) and root_path (6) are text when they decode.

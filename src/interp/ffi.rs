@@ -91,7 +91,7 @@ extern "C" {
     pub fn pagi_install_exit_guard();
     pub fn pagi_install_signal_forwarding();
     pub fn pagi_add_signal_target(interp: *mut PerlInterpreter);
-    pub fn pagi_close_in_forked_children(fd: c_int);
+    pub fn pagi_close_in_forked_children(fd: c_int) -> c_int;
     #[cfg(test)]
     pub fn pagi_signal_target_for(sig: c_int) -> c_int;
     #[cfg(test)]

@@ -40,8 +40,9 @@ static void exit_forked_child(pTHX)
 }
 
 /* Listening sockets of the server, closed in every forked child: a child
- * that outlives the server must not keep its port. */
-#define MAX_SERVER_FDS 16
+ * that outlives the server must not keep its port.  Room for every
+ * listener (listen.rs MAX_LISTENERS) and then some. */
+#define MAX_SERVER_FDS 80
 static int server_fds[MAX_SERVER_FDS];
 static _Atomic int server_fd_count; /* interpreters may fork meanwhile */
 
@@ -52,14 +53,16 @@ static void close_server_fds_in_child(void)
         close(server_fds[i]);
 }
 
-/* Called on the main thread (only) once a listening socket is bound. */
-void pagi_close_in_forked_children(int fd)
+/* Called on the main thread (only) once a listening socket is bound.
+ * Returns 0 when the table is full (the fd is then not closed in children). */
+int pagi_close_in_forked_children(int fd)
 {
     int n = server_fd_count;
-    if (n < MAX_SERVER_FDS) {
-        server_fds[n] = fd;
-        server_fd_count = n + 1; /* seq_cst: the fd is stored first */
-    }
+    if (n >= MAX_SERVER_FDS)
+        return 0;
+    server_fds[n] = fd;
+    server_fd_count = n + 1; /* seq_cst: the fd is stored first */
+    return 1;
 }
 
 /* PL_ppaddr is shared by every interpreter in the process; install once,

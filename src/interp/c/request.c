@@ -21,12 +21,13 @@ static SV *headers_av(pTHX_ const pagi_msg *m)
     return newRV_noinc((SV *)av);
 }
 
+/* [host, port]; a negative port is undef: [path, undef] for a Unix socket. */
 static SV *host_port(pTHX_ pagi_str host, int64_t port)
 {
     AV *av = newAV();
     av_extend(av, 1);
     av_push(av, bytes_sv(aTHX_ host, 0));
-    av_push(av, newSViv((IV)port));
+    av_push(av, port < 0 ? newSV(0) : newSViv((IV)port));
     return newRV_noinc((SV *)av);
 }
 
@@ -99,7 +100,10 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
     STORE(scope, L, K_QUERY_STRING, bytes_sv(aTHX_ m->str[5], 0));
     STORE(scope, L, K_ROOT_PATH, bytes_sv(aTHX_ m->str[6], (m->utf8_mask >> 6) & 1));
     STORE(scope, L, K_HEADERS, headers_av(aTHX_ m));
-    STORE(scope, L, K_CLIENT, host_port(aTHX_ m->str[7], m->num[0]));
+    /* No client host: a Unix socket's peer has no address, and the key is
+     * left out (Www: client is optional), as the reference server does. */
+    if (m->str[7].ptr)
+        STORE(scope, L, K_CLIENT, host_port(aTHX_ m->str[7], m->num[0]));
     STORE(scope, L, K_SERVER, host_port(aTHX_ m->str[8], m->num[1]));
     /* A shallow copy: top-level keys private to the request, values shared. */
     STORE(scope, L, K_STATE, newRV_noinc((SV *)newHVhv(state)));

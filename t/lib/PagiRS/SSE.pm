@@ -17,7 +17,8 @@ use Time::HiRes qw(time);
 use Carp qw(croak);
 use PagiRS::Test ();
 
-# PagiRS::SSE->open($port, $path, %o).  Options: method ('GET'), headers
+# PagiRS::SSE->open($port, $path, %o), $port a TCP port or 'unix:PATH'.
+# Options: method ('GET'), headers
 # ([[k, v], ...]; a name matching a default -- Host, Accept -- replaces it),
 # body (sent with a Content-Length unless headers carry one), host
 # ('127.0.0.1'), timeout (5).  Returns the client after the response head is
@@ -26,8 +27,10 @@ sub open {
     my ( $class, $port, $path, %o ) = @_;
     my $timeout = $o{timeout} // 5;
     my $host    = $o{host}    // '127.0.0.1';
-    my $sock    = IO::Socket::INET->new( PeerAddr => $host, PeerPort => $port, Proto => 'tcp', Timeout => $timeout )
-      or croak "PagiRS::SSE: cannot connect to $host:$port: $!";
+    my $sock = $port =~ /^unix:/
+      ? eval { PagiRS::Test::connect_port($port) } || croak "PagiRS::SSE: cannot connect to $port: $@"
+      : IO::Socket::INET->new( PeerAddr => $host, PeerPort => $port, Proto => 'tcp', Timeout => $timeout )
+      || croak "PagiRS::SSE: cannot connect to $host:$port: $!";
     binmode $sock;
     $sock->blocking(0);
     my $self = bless {
@@ -49,7 +52,7 @@ sub open {
     }, $class;
 
     my $method = $o{method} // 'GET';
-    my @h = ( [ 'Host', "$host:$port" ], [ 'Accept', 'text/event-stream' ] );
+    my @h = ( [ 'Host', $port =~ /^unix:/ ? 'localhost' : "$host:$port" ], [ 'Accept', 'text/event-stream' ] );
     my $extra = $o{headers} // [];
     my %replace = map { lc $_->[0] => 1 } @$extra;
     @h = grep { !$replace{ lc $_->[0] } } @h;

@@ -10,6 +10,7 @@ use File::Temp qw(tempfile tempdir);
 use File::Spec;
 use FindBin;
 use IO::Socket::INET;
+use IO::Socket::UNIX;
 use IO::Select;
 use Socket qw(SOL_SOCKET SO_LINGER);
 use POSIX qw(WNOHANG);
@@ -19,9 +20,9 @@ use JSON::PP ();
 
 our @EXPORT = (
     # running the server
-    qw(pagi_bin write_app start_server run_pagi spawn_pagi start_on_port free_port port_listening),
+    qw(pagi_bin write_app start_server wait_startup run_pagi spawn_pagi start_on_port free_port port_listening),
     # talking to it
-    qw(raw_request parse_response http_request connect_port read_sock read_some abort_close),
+    qw(raw_request parse_response http_request connect_port host_header read_sock read_some abort_close),
     # files the server or the app wrote, and the server's memory
     qw(slurp file_lines wait_file_line wait_file_lines json_records wait_json_record vmrss_kb),
 );
@@ -96,16 +97,34 @@ sub spawn_pagi {
 }
 
 # Start pagi-rs with @args (the app last); waits for the startup line.
+# Unless @args name their own listeners (--listen, --socket), it listens on
+# a free port.  The server's ->port is the first TCP listener's port,
+# ->socket the first Unix socket's path, ->listeners every listener as the
+# startup line names it (http://127.0.0.1:5000/, unix:/path).
 sub start_server {
     my (@args) = @_;
-    my $self     = spawn_pagi( '-p', 0, @args );
+    my $own_listeners = grep { /^--(?:listen|socket)(?:=|\z)/ } @args;
+    return wait_startup( spawn_pagi( ( $own_listeners ? () : ( '-p', 0 ) ), @args ) );
+}
+
+# Wait for a spawned server's startup line (dies if it exits first or says
+# nothing for 30 s); returns the server with its listeners filled in.
+sub wait_startup {
+    my ($self)   = @_;
     my $pid      = $self->{pid};
     my $err_file = $self->{stderr_file};
     my $deadline = time + 30;
     while ( time < $deadline ) {
         my $err = slurp($err_file);
-        if ( $err =~ m{listening on https?://\[?([^\]/]+?)\]?:(\d+)/} ) {
-            @$self{qw(host port)} = ( $1, $2 );
+        if ( $err =~ m{listening on (.*?) \(pid } ) {
+            my @listeners = split /, /, $1;
+            $self->{listeners} = \@listeners;
+            for (@listeners) {
+                if ( !defined $self->{port} && m{^https?://\[?([^\]/]+?)\]?:(\d+)/$} ) {
+                    @$self{qw(host port)} = ( $1, $2 );
+                }
+                $self->{socket} //= $1 if /^unix:(.+)$/;
+            }
             return $self;
         }
         if ( waitpid( $pid, WNOHANG ) == $pid ) {
@@ -170,12 +189,22 @@ sub raw_request {
     return wantarray ? ( $buf, $sock ) : $buf;
 }
 
-# A TCP connection to 127.0.0.1:$port (dies if it cannot connect).
+# A TCP connection to 127.0.0.1:$port, or with $port 'unix:PATH' a
+# connection to the Unix socket at PATH (dies if it cannot connect).
 sub connect_port {
     my ($port) = @_;
+    if ( $port =~ /^unix:(.+)\z/s ) {
+        return IO::Socket::UNIX->new( Peer => $1, Type => Socket::SOCK_STREAM() ) // die "connect $1: $!";
+    }
     my $s = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 5 )
       or die "connect: $!";
     return $s;
+}
+
+# What a request to $port (a port or 'unix:PATH') says in its Host header.
+sub host_header {
+    my ($port) = @_;
+    return $port =~ /^unix:/ ? 'localhost' : "127.0.0.1:$port";
 }
 
 # A response head (status line and header lines, CRLF-separated) as
@@ -288,7 +317,7 @@ sub http_request {
     my ( $port, $method, $path, %o ) = @_;
     my $headers = $o{headers} // [];
     my $body    = $o{body} // '';
-    my $req = "$method $path HTTP/1.1\r\nHost: 127.0.0.1:$port\r\nConnection: close\r\n";
+    my $req = "$method $path HTTP/1.1\r\nHost: " . host_header($port) . "\r\nConnection: close\r\n";
     $req .= "$_->[0]: $_->[1]\r\n" for @$headers;
     $req .= "Content-Length: " . length($body) . "\r\n" if length $body;
     $req .= "\r\n$body";
@@ -392,6 +421,8 @@ use Time::HiRes qw(time sleep);
 
 sub port { $_[0]{port} }
 sub host { $_[0]{host} }
+sub socket    { $_[0]{socket} }
+sub listeners { @{ $_[0]{listeners} // [] } }
 sub pid  { $_[0]{pid} }
 sub url  { my ( $s, $p ) = @_; "http://127.0.0.1:$s->{port}" . ( $p // '/' ) }
 

@@ -33,7 +33,8 @@ $OPNAME{0} = 'continuation';
 # Handshake
 # ---------------------------------------------------------------------------
 
-# PagiRS::WS->connect($port, %o).  Options: path ('/'), host ('127.0.0.1'),
+# PagiRS::WS->connect($port, %o), $port a TCP port or 'unix:PATH' (a Unix
+# socket).  Options: path ('/'), host ('127.0.0.1'),
 # headers ([[k, v], ...]; a name matching a default header replaces it),
 # omit ([names] of default headers to leave out), subprotocols ([...]),
 # key, version (13), method ('GET'), protocol ('HTTP/1.1'), timeout (5),
@@ -48,8 +49,10 @@ sub connect {
     my ( $class, $port, %o ) = @_;
     my $timeout = $o{timeout} // 5;
     my $host    = $o{host}    // '127.0.0.1';
-    my $sock    = IO::Socket::INET->new( PeerAddr => $host, PeerPort => $port, Proto => 'tcp', Timeout => $timeout )
-      or croak "PagiRS::WS: cannot connect to $host:$port: $!";
+    my $sock = $port =~ /^unix:/
+      ? eval { PagiRS::Test::connect_port($port) } || croak "PagiRS::WS: cannot connect to $port: $@"
+      : IO::Socket::INET->new( PeerAddr => $host, PeerPort => $port, Proto => 'tcp', Timeout => $timeout )
+      || croak "PagiRS::WS: cannot connect to $host:$port: $!";
     binmode $sock;
     $sock->blocking(0);    # reads/writes go through select with deadlines
     my $self = bless {
@@ -70,7 +73,7 @@ sub connect {
     my $key = $o{key} // encode_base64( join( '', map { chr int rand 256 } 1 .. 16 ), '' );
     $self->{key} = $key;
     my @h = (
-        [ 'Host',                  "$host:$port" ],
+        [ 'Host',                  $port =~ /^unix:/ ? 'localhost' : "$host:$port" ],
         [ 'Upgrade',               'websocket' ],
         [ 'Connection',            'Upgrade' ],
         [ 'Sec-WebSocket-Key',     $key ],
