@@ -249,6 +249,9 @@ fn run(
 
     server.pool.lifespan_shutdown(grace);
     server.pool.stop(Duration::from_secs(5));
+    if let Some(log) = &server.exchange_config.access_log {
+        log.close(access_log::CLOSE_WITHIN);
+    }
     tracing::info!("Shutdown complete");
     Ok(())
 }
