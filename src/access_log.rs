@@ -60,10 +60,20 @@ pub struct Record<'a> {
 }
 
 #[derive(Clone, Debug)]
-pub struct Format(Vec<Atom>);
+pub struct Format(Layout);
+
+#[derive(Clone, Debug)]
+enum Layout {
+    Atoms(Vec<Atom>),
+    /// One JSON object per request (the `json` preset).
+    Json,
+}
 
 impl Format {
     pub fn parse(spec: &str) -> Result<Format, FormatError> {
+        if spec == "json" {
+            return Ok(Format(Layout::Json));
+        }
         let expanded = match spec {
             "clf" => "%h - - [%t] \"%m %U%q\" %s %ds",
             "combined" => "%h - - [%t] \"%r\" %s %b \"%{Referer}i\" \"%{User-Agent}i\"",
@@ -124,97 +134,174 @@ impl Format {
         if !lit.is_empty() {
             atoms.push(Atom::Literal(lit));
         }
-        Ok(Format(atoms))
+        Ok(Format(Layout::Atoms(atoms)))
+    }
+
+    /// Whether lines name request headers, which are then kept for them.
+    pub fn needs_headers(&self) -> bool {
+        match &self.0 {
+            Layout::Json => true,
+            Layout::Atoms(atoms) => atoms.iter().any(|a| matches!(a, Atom::RequestHeader(_))),
+        }
     }
 
     pub fn render(&self, r: &Record<'_>, now: SystemTime) -> String {
-        let mut out = String::with_capacity(128);
-        for atom in &self.0 {
-            match atom {
-                Atom::Literal(s) => out.push_str(s),
-                Atom::ClientHost => match r.client {
-                    Some(a) => {
-                        let _ = write!(out, "{}", a.ip());
-                    }
-                    None => out.push('-'),
-                },
-                Atom::Dash => out.push('-'),
-                Atom::Time => clf_time(&mut out, now),
-                Atom::RequestLine => {
-                    out.push_str(r.method);
-                    out.push(' ');
-                    push_escaped(&mut out, r.raw_path);
-                    if !r.query.is_empty() {
-                        out.push('?');
-                        push_escaped(&mut out, r.query);
-                    }
-                    out.push_str(" HTTP/");
-                    out.push_str(r.http_version);
+        match &self.0 {
+            Layout::Atoms(atoms) => render_atoms(atoms, r, now),
+            Layout::Json => render_json(r, now),
+        }
+    }
+}
+
+/// The `json` preset: the facts of the text formats under the reference
+/// server's key names, with `pid` and `worker` (the `logging` module's) and
+/// how a stream ended (`reason`).  Every key is always present; what is
+/// unknown is null.  Wire bytes go through `logging::push_json_bytes`.
+fn render_json(r: &Record<'_>, now: SystemTime) -> String {
+    let header = |name: &str| {
+        r.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    };
+    let mut out = String::with_capacity(256 + r.raw_path.len() + r.query.len());
+    out.push_str("{\"time\":\"");
+    crate::logging::push_rfc3339(&mut out, now);
+    out.push_str("\",\"client\":");
+    match r.client {
+        Some(a) => {
+            let _ = write!(out, "\"{}\"", a.ip());
+        }
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"method\":");
+    if r.method.is_empty() {
+        out.push_str("null");
+    } else {
+        crate::logging::push_json_str(&mut out, r.method);
+    }
+    out.push_str(",\"path\":");
+    crate::logging::push_json_bytes(&mut out, r.raw_path);
+    out.push_str(",\"query\":");
+    crate::logging::push_json_bytes(&mut out, r.query);
+    out.push_str(",\"protocol\":");
+    crate::logging::push_json_str(&mut out, &format!("HTTP/{}", r.http_version));
+    match r.status {
+        Some(s) => {
+            let _ = write!(out, ",\"status\":{s}");
+        }
+        None => out.push_str(",\"status\":null"),
+    }
+    let _ = write!(
+        out,
+        ",\"size\":{},\"duration\":{:.6}",
+        r.body_bytes,
+        r.duration.as_secs_f64()
+    );
+    for (key, name) in [("referer", "referer"), ("user_agent", "user-agent")] {
+        let _ = write!(out, ",\"{key}\":");
+        match header(name) {
+            Some(v) => crate::logging::push_json_bytes(&mut out, v),
+            None => out.push_str("null"),
+        }
+    }
+    out.push_str(",\"reason\":");
+    match r.end_reason {
+        Some(reason) => crate::logging::push_json_str(&mut out, reason),
+        None => out.push_str("null"),
+    }
+    crate::logging::push_pid_and_worker(&mut out);
+    out.push_str("}\n");
+    out
+}
+
+fn render_atoms(atoms: &[Atom], r: &Record<'_>, now: SystemTime) -> String {
+    let mut out = String::with_capacity(128);
+    for atom in atoms {
+        match atom {
+            Atom::Literal(s) => out.push_str(s),
+            Atom::ClientHost => match r.client {
+                Some(a) => {
+                    let _ = write!(out, "{}", a.ip());
                 }
-                Atom::Method => out.push_str(if r.method.is_empty() { "-" } else { r.method }),
-                Atom::Path => push_escaped(&mut out, r.raw_path),
-                Atom::Query => {
-                    if !r.query.is_empty() {
-                        out.push('?');
-                        push_escaped(&mut out, r.query);
-                    }
+                None => out.push('-'),
+            },
+            Atom::Dash => out.push('-'),
+            Atom::Time => clf_time(&mut out, now),
+            Atom::RequestLine => {
+                out.push_str(r.method);
+                out.push(' ');
+                push_escaped(&mut out, r.raw_path);
+                if !r.query.is_empty() {
+                    out.push('?');
+                    push_escaped(&mut out, r.query);
                 }
-                Atom::Protocol => {
-                    out.push_str("HTTP/");
-                    out.push_str(r.http_version);
+                out.push_str(" HTTP/");
+                out.push_str(r.http_version);
+            }
+            Atom::Method => out.push_str(if r.method.is_empty() { "-" } else { r.method }),
+            Atom::Path => push_escaped(&mut out, r.raw_path),
+            Atom::Query => {
+                if !r.query.is_empty() {
+                    out.push('?');
+                    push_escaped(&mut out, r.query);
                 }
-                Atom::Status => match r.status {
-                    Some(s) => {
-                        let _ = write!(out, "{s}");
-                    }
-                    None => out.push('-'),
-                },
-                Atom::BytesDash => {
-                    if r.body_bytes == 0 {
-                        out.push('-');
-                    } else {
-                        let _ = write!(out, "{}", r.body_bytes);
-                    }
+            }
+            Atom::Protocol => {
+                out.push_str("HTTP/");
+                out.push_str(r.http_version);
+            }
+            Atom::Status => match r.status {
+                Some(s) => {
+                    let _ = write!(out, "{s}");
                 }
-                Atom::Bytes => {
+                None => out.push('-'),
+            },
+            Atom::BytesDash => {
+                if r.body_bytes == 0 {
+                    out.push('-');
+                } else {
                     let _ = write!(out, "{}", r.body_bytes);
                 }
-                Atom::SecondsFrac => {
-                    let _ = write!(out, "{:.3}", r.duration.as_secs_f64());
-                }
-                Atom::Micros => {
-                    let _ = write!(out, "{}", r.duration.as_micros());
-                }
-                Atom::Seconds => {
-                    let _ = write!(out, "{}", r.duration.as_secs());
-                }
-                Atom::EndReason => match r.end_reason {
-                    Some(reason) => push_escaped(&mut out, reason.as_bytes()),
+            }
+            Atom::Bytes => {
+                let _ = write!(out, "{}", r.body_bytes);
+            }
+            Atom::SecondsFrac => {
+                let _ = write!(out, "{:.3}", r.duration.as_secs_f64());
+            }
+            Atom::Micros => {
+                let _ = write!(out, "{}", r.duration.as_micros());
+            }
+            Atom::Seconds => {
+                let _ = write!(out, "{}", r.duration.as_secs());
+            }
+            Atom::EndReason => match r.end_reason {
+                Some(reason) => push_escaped(&mut out, reason.as_bytes()),
+                None => out.push('-'),
+            },
+            Atom::RequestHeader(name) => {
+                match r
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                {
+                    Some((_, v)) => push_escaped(&mut out, v),
                     None => out.push('-'),
-                },
-                Atom::RequestHeader(name) => {
-                    match r
-                        .headers
-                        .iter()
-                        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-                    {
-                        Some((_, v)) => push_escaped(&mut out, v),
-                        None => out.push('-'),
-                    }
                 }
             }
         }
-        // A stream's line says how it ended even in formats without %R: an
-        // sse.close reason goes to the log, never to the wire.
-        if let Some(reason) = r.end_reason {
-            if !self.0.contains(&Atom::EndReason) {
-                out.push_str(" reason=");
-                push_escaped(&mut out, reason.as_bytes());
-            }
-        }
-        out.push('\n');
-        out
     }
+    // A stream's line says how it ended even in formats without %R: an
+    // sse.close reason goes to the log, never to the wire.
+    if let Some(reason) = r.end_reason {
+        if !atoms.contains(&Atom::EndReason) {
+            out.push_str(" reason=");
+            push_escaped(&mut out, reason.as_bytes());
+        }
+    }
+    out.push('\n');
+    out
 }
 
 /// Bytes from the request or the app, written so that a line stays one
@@ -267,7 +354,7 @@ fn clf_time(out: &mut String, now: SystemTime) {
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -693,6 +780,49 @@ mod tests {
     }
 
     #[test]
+    fn the_json_preset_says_what_the_text_formats_say() {
+        let _worker = crate::logging::tests::WORKER_LOCK.lock().unwrap();
+        let h = [
+            (
+                bytes::Bytes::from_static(b"user-agent"),
+                bytes::Bytes::from_static(b"curl/8"),
+            ),
+            (
+                bytes::Bytes::from_static(b"Referer"),
+                bytes::Bytes::from_static(b"http://x/"),
+            ),
+        ];
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_770_726_896_042);
+        let line = Format::parse("json").unwrap().render(&record(&h), t);
+        assert_eq!(
+            line,
+            format!(
+                "{{\"time\":\"2026-02-10T12:34:56.042Z\",\"client\":\"127.0.0.1\",\"method\":\"GET\",\
+                 \"path\":\"/a%20b\",\"query\":\"x=1\",\"protocol\":\"HTTP/1.1\",\"status\":200,\
+                 \"size\":13,\"duration\":0.002500,\"referer\":\"http://x/\",\"user_agent\":\"curl/8\",\
+                 \"reason\":null,\"pid\":{},\"worker\":null}}\n",
+                std::process::id()
+            )
+        );
+        let mut r = record(&[]);
+        r.client = None;
+        r.status = None;
+        r.method = "";
+        r.end_reason = Some("close_1000");
+        let line = Format::parse("json").unwrap().render(&r, t);
+        let obj = crate::logging::tests::decode_object(line.trim_end()).unwrap();
+        use crate::logging::tests::{get, Value};
+        assert_eq!(get(&obj, "client"), &Value::Null);
+        assert_eq!(get(&obj, "status"), &Value::Null);
+        assert_eq!(get(&obj, "method"), &Value::Null);
+        assert_eq!(get(&obj, "user_agent"), &Value::Null);
+        assert_eq!(get(&obj, "reason").str(), "close_1000");
+        assert!(Format::parse("json").unwrap().needs_headers());
+        assert!(Format::parse("combined").unwrap().needs_headers());
+        assert!(!Format::parse("clf").unwrap().needs_headers());
+    }
+
+    #[test]
     fn a_stalled_log_drops_and_counts_lines_instead_of_queueing_them() {
         let release =
             std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
@@ -855,6 +985,42 @@ mod properties {
             let shown = line.strip_suffix('\n').unwrap();
             let shown = shown.split(" reason=").next().unwrap();
             prop_assert_eq!(unescape(shown), path);
+        }
+
+        /// The json preset: whatever the bytes, one line that a strict JSON
+        /// decoder accepts, with the path, query, user agent and reason
+        /// reading back exactly.
+        #[test]
+        fn a_json_record_is_one_valid_line_that_reads_back(
+            path in proptest::collection::vec(any::<u8>(), 0..64),
+            query in proptest::collection::vec(any::<u8>(), 0..32),
+            agent in proptest::collection::vec(any::<u8>(), 0..32),
+            reason in proptest::collection::vec(any::<char>(), 0..16),
+        ) {
+            let reason: String = reason.into_iter().collect();
+            use crate::logging::tests::{decode_object, get, unescape_wire};
+            let headers = [(bytes::Bytes::from_static(b"user-agent"), bytes::Bytes::from(agent.clone()))];
+            let record = Record {
+                client: None,
+                method: "GET",
+                raw_path: &path,
+                query: &query,
+                http_version: "1.1",
+                status: Some(200),
+                body_bytes: 1,
+                duration: Duration::from_millis(1),
+                headers: &headers,
+                end_reason: Some(&reason),
+            };
+            let line = Format::parse("json").unwrap().render(&record, SystemTime::UNIX_EPOCH);
+            prop_assert!(line.ends_with('\n'));
+            let body = &line[..line.len() - 1];
+            prop_assert!(!body.contains('\n') && !body.chars().any(char::is_control), "{line:?}");
+            let obj = decode_object(body).map_err(|e| TestCaseError::fail(format!("{e}: {line:?}")))?;
+            prop_assert_eq!(unescape_wire(get(&obj, "path").str()), path);
+            prop_assert_eq!(unescape_wire(get(&obj, "query").str()), query);
+            prop_assert_eq!(unescape_wire(get(&obj, "user_agent").str()), agent);
+            prop_assert_eq!(get(&obj, "reason").str(), reason.as_str());
         }
     }
 }

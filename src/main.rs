@@ -58,14 +58,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let format = match access_log::Format::parse(&opts.access_log_format) {
+    let format = match access_log::Format::parse(opts.effective_access_log_format()) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("pagi-rs: {e}");
             return ExitCode::from(2);
         }
     };
-    logging::init(opts.effective_log_level());
+    logging::init(opts.effective_log_level(), opts.log_format);
 
     // SAFETY: once, on the main thread, before any interpreter exists.  The
     // exit guard must be in place before any application code is compiled;
@@ -87,7 +87,7 @@ fn main() -> ExitCode {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("pagi-rs: cannot start the runtime: {e}");
+            logging::startup_error(&format!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -112,10 +112,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match &e {
-                StartupError::AppLoad(msg) => {
-                    eprintln!("pagi-rs: cannot load the application:\n{}", msg.trim_end())
-                }
-                other => eprintln!("pagi-rs: {other}"),
+                StartupError::AppLoad(msg) => logging::startup_error(&format!(
+                    "cannot load the application:\n{}",
+                    msg.trim_end()
+                )),
+                other => logging::startup_error(&other.to_string()),
             }
             ExitCode::FAILURE
         }
@@ -146,8 +147,7 @@ fn run(
                 .map_err(|e| StartupError::Interpreter(e.to_string()))?,
         )
     };
-    let needs_headers =
-        opts.access_log_format.contains("%{") || opts.access_log_format == "combined";
+    let needs_headers = format.needs_headers();
 
     let pool = Pool::start(opts.interpreters, &spec, runtime.handle().clone())?;
 

@@ -12,8 +12,11 @@ use IO::Select;
 use JSON::PP ();
 use Time::HiRes qw(time sleep);
 
-# Logs for production: whole access-log lines when several processes share
-# one log, and the last lines written before the server exits.
+# Logs for production: --log-format json (every server line one JSON object
+# with time, level, message, pid, worker), the json access-log preset (wire
+# bytes escaped so they read back exactly), whole access-log lines when
+# several processes share one log, and the last lines written before the
+# server exits.
 
 my $dir = tempdir( CLEANUP => 1 );
 umask 022;
@@ -41,8 +44,42 @@ my $app = async sub {
 $app;
 PERL
 
-# A server on a port of its own whose stderr may be empty (--error-log):
-# waits for the port instead of the startup line.  Dies if it does not
+my $dies_at_load = write_app( <<'PERL', 'dies_at_load.pl' );
+warn "warning-before-the-die-3131\n";
+die "load-die-marker-6262\n";
+PERL
+
+# Each line of $text decoded as JSON; a line that is not is reported and
+# given as undef.
+sub json_lines {
+    my ( $text, $what ) = @_;
+    my @out;
+    for my $line ( split /\n/, $text ) {
+        my $obj = eval { $JSON->decode($line) };
+        ok( 0, "$what: a line that is not JSON: $line" ) unless ref $obj eq 'HASH';
+        push @out, $obj;
+    }
+    return @out;
+}
+
+# Undo the json preset's escaping of wire bytes: a byte that is not UTF-8
+# is \xhh and a backslash is doubled.
+sub wire_bytes {
+    my ($s) = @_;
+    utf8::encode($s);
+    $s =~ s/\\(\\|x([0-9a-f]{2}))/defined $2 ? chr hex $2 : '\\'/ge;
+    return $s;
+}
+
+# A request on its own connection; returns the status.
+sub send_raw {
+    my ( $port, $bytes ) = @_;
+    my $res = parse_response( raw_request( $port, $bytes ) );
+    return $res ? $res->{status} : 0;
+}
+
+# A server on a port of its own, waiting for the port rather than the
+# startup line.  Dies if it does not
 # start, as start_server does.
 sub start_quiet {
     my (@args) = @_;
@@ -57,6 +94,88 @@ sub check {
     my ( $name, $body ) = @_;
     subtest $name => sub { eval { $body->(); 1 } or fail("the subtest died: $@") };
 }
+
+check '--log-format json: every server line is an object with the common keys' => sub {
+    my $s    = start_server( '--log-format', 'json', $app );
+    my $port = $s->port;
+    is http_request( $port, 'GET', '/warn' )->{status}, 200, 'a request that warns';
+    is http_request( $port, 'GET', '/die' )->{status},  500, 'a request that dies';
+    is http_request( $port, 'GET', '/ok?a=1', headers => [ [ 'User-Agent', 'ua/1' ] ] )->{status}, 200,
+      'a plain request';
+    ok $s->wait_output( qr{"path":"/ok"}, 5 ), 'its access line is out';
+    is $s->stop('TERM'), 0, 'the server stops cleanly';
+
+    my @all    = json_lines( $s->output, 'stderr' );
+    my @server = grep { $_ && exists $_->{level} } @all;
+    my @access = grep { $_ && exists $_->{method} } @all;
+    is scalar(@server) + scalar(@access), scalar(@all), 'every line is a server line or an access line';
+    ok @server >= 7, scalar(@server) . ' server lines';
+    my @bad = grep {
+        !(     ( $_->{time} // '' ) =~ $TIME
+            && ( $_->{level} // '' ) =~ /\A(?:debug|info|warn|error)\z/
+            && defined $_->{message}
+            && ( $_->{pid} // 0 ) == $s->pid
+            && exists $_->{worker}
+            && !defined $_->{worker} )
+    } @server;
+    is scalar(@bad), 0, 'each has time (RFC 3339 UTC), level, message, pid (the server\'s), worker (null: one process)'
+      or diag explain $bad[0];
+    my %by = map { ( $_->{message} => $_ ) } @server;
+    my ($startup) = grep { /listening on http:\/\/127\.0\.0\.1:\Q$port\E\// } keys %by;
+    ok $startup, 'the startup line';
+    is $by{$startup // ''}{level}, 'info', 'at info';
+    is $by{'load-warning-marker-5150'}{level}, 'warn', 'a warning while the app loads is a warn line';
+    is $by{'runtime-warning-marker-7731'}{level}, 'warn', 'a warning from a request is a warn line';
+    is $by{'PAGI application error: app-die-marker-4242'}{level}, 'error', 'an app error is an error line';
+    ok $by{'Received TERM, shutting down'} && $by{'Shutdown complete'}, 'and the shutdown lines';
+
+    is scalar(@access), 3, 'the access log (json by default with --log-format json): three lines';
+    my ($ok) = grep { $_->{path} eq '/ok' } @access;
+    is_deeply [ @{$ok}{qw(client method query protocol status size user_agent referer reason)} ],
+      [ '127.0.0.1', 'GET', 'a=1', 'HTTP/1.1', 200, 2, 'ua/1', undef, undef ], 'its fields';
+    is $ok->{pid}, $s->pid, 'its pid';
+    ok exists $ok->{worker} && !defined $ok->{worker}, 'its worker (null)';
+};
+
+check '--log-format json: a startup error is a JSON error line' => sub {
+    my ( $code, $err ) = run_pagi( '--log-format', 'json', $dies_at_load );
+    is $code, 1, 'exit 1';
+    my @lines = json_lines( $err, 'stderr' );
+    ok @lines >= 2, 'lines on stderr';
+    my ($fatal) = grep { $_ && $_->{level} eq 'error' } @lines;
+    like $fatal->{message} // '', qr/\Acannot load the application:\n.*load-die-marker-6262/s,
+      'an error line says the app did not load, and why';
+    my ($warning) = grep { $_ && ( $_->{message} // '' ) =~ /warning-before-the-die-3131/ } @lines;
+    is $warning->{level}, 'warn', 'the warning before the die is a warn line';
+};
+
+check 'the json access log: awkward bytes read back exactly' => sub {
+    my $log = "$dir/access.json";
+    my $s   = start_server( '--access-log', $log, '--access-log-format', 'json', $app );
+    my $ua  = "t\tab\xfe\"q\\x41\\";
+    my $ref = "\xc3\xa9t\xe9";
+    is send_raw( $s->port,
+        "GET /a\\b/%ff%00%22?q=%22x%22&y=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: $ua\r\nReferer: $ref\r\n"
+          . "Connection: close\r\n\r\n" ), 200, 'a request with a backslash in its path, control and non-UTF-8 bytes in its headers';
+    my $c = PagiRS::SSE->open( $s->port, '/events' );
+    ok $c->wait_eof(5), 'an SSE stream the app closes with a reason of quotes and control characters';
+    my @lines = wait_file_lines( $log, 2 );
+    is scalar(@lines), 2, 'two lines';
+    my ( $req, $sse ) = json_lines( join( "\n", @lines ), $log );
+    like $req->{time}, $TIME, 'time';
+    is $req->{path},  "/a\\\\b/%ff%00%22", 'the path as sent, its backslash doubled';
+    is wire_bytes( $req->{path} ), "/a\\b/%ff%00%22", '...reading back to the bytes sent';
+    is $req->{query}, 'q=%22x%22&y=1', 'the query as sent';
+    is wire_bytes( $req->{user_agent} ), $ua, 'the user agent reads back to its bytes (tab, \xfe, quote, backslashes)';
+    is $req->{user_agent}, "t\tab\\xfe\"q\\\\x41\\\\", '...a literal \x41 cannot pass for a byte';
+    is wire_bytes( $req->{referer} ), $ref, 'the referer: UTF-8 kept, a stray byte escaped';
+    is_deeply [ @{$req}{qw(method protocol status size client reason)} ], [ 'GET', 'HTTP/1.1', 200, 2, '127.0.0.1', undef ],
+      'method, protocol, status, size, client, no reason';
+    ok $req->{duration} >= 0 && $req->{duration} < 5, "duration in seconds: $req->{duration}";
+    is $sse->{path},   '/events', 'the stream\'s line';
+    is $sse->{reason}, "done\n\"quoted\"\x01", 'its reason, newline, quotes and control character included';
+    is $s->stop, 0, 'stopped';
+};
 
 # ---------------------------------------------------------------------------
 # Several processes, one log; the last lines at exit
@@ -145,9 +264,9 @@ check 'two processes, one pipe: every access line whole' => sub {
     is scalar( keys %seen ), 900, 'all 900 requests logged, once each' or diag scalar(@lines) . " lines";
 };
 
-check 'two processes, one file: every access line whole' => sub {
-    my $log = "$dir/shared.log";
-    my @servers = map { start_quiet( '--access-log', $log, '--access-log-format', 'combined', $app ) } 1 .. 2;
+check 'two processes, one file: every access line a whole JSON object' => sub {
+    my $log = "$dir/shared.json";
+    my @servers = map { start_quiet( '--access-log', $log, '--access-log-format', 'json', $app ) } 1 .. 2;
     my @pids;
     for my $k ( 0, 1 ) {
         my $tag = $k ? 'b' : 'a';
@@ -157,7 +276,7 @@ check 'two processes, one file: every access line whole' => sub {
     $_->stop('TERM') for @servers;
     my @lines = file_lines($log);
     is scalar(@lines), 900, '900 lines';
-    my @bad = grep { $_ !~ $LINE_A } @lines;
+    my @bad = grep { my $o = eval { $JSON->decode($_) }; !( $o && $o->{path} =~ m{\A/[ab]/\d+/\d+/$PAD\z} ) } @lines;
     is scalar(@bad), 0, 'each parses whole' or diag substr( $bad[0], 0, 300 );
 };
 
