@@ -102,6 +102,11 @@ pub struct Options {
     #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Send the server's log and the app's STDERR (Perl warnings, die
+    /// messages) to FILE, appending; opened before the app is loaded.
+    #[arg(long, value_name = "FILE")]
+    pub error_log: Option<PathBuf>,
+
     /// Largest request body accepted, in bytes (0 = unlimited); larger gets 413.
     #[arg(long, value_name = "BYTES", default_value_t = 10_000_000)]
     pub max_body_size: u64,
@@ -627,6 +632,7 @@ mod tests {
         let o = parse(&["a.pl"]);
         assert_eq!(o.log_format, LogFormat::Text);
         assert_eq!(o.effective_access_log_format(), "clf");
+        assert_eq!(o.error_log, None);
         let o = parse(&["--log-format", "json", "a.pl"]);
         assert_eq!(o.effective_access_log_format(), "json");
         let o = parse(&[
@@ -637,6 +643,8 @@ mod tests {
             "a.pl",
         ]);
         assert_eq!(o.effective_access_log_format(), "tiny");
+        let o = parse(&["--error-log", "/var/log/x.log", "a.pl"]);
+        assert_eq!(o.error_log, Some(PathBuf::from("/var/log/x.log")));
         assert!(Options::try_parse_from(["pagi-rs", "--log-format", "xml", "a.pl"]).is_err());
     }
 

@@ -65,7 +65,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The error log takes stderr before anything else can be said there:
+    // the app's load errors and warnings, bind errors, and all that follows.
+    let error_log = opts
+        .error_log
+        .as_deref()
+        .map_or(Ok(()), logging::redirect_stderr_to);
     logging::init(opts.effective_log_level(), opts.log_format);
+    if let Err(e) = error_log {
+        logging::startup_error(&e);
+        return ExitCode::FAILURE;
+    }
 
     // SAFETY: once, on the main thread, before any interpreter exists.  The
     // exit guard must be in place before any application code is compiled;

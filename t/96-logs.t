@@ -14,9 +14,10 @@ use Time::HiRes qw(time sleep);
 
 # Logs for production: --log-format json (every server line one JSON object
 # with time, level, message, pid, worker), the json access-log preset (wire
-# bytes escaped so they read back exactly), whole access-log lines when
-# several processes share one log, and the last lines written before the
-# server exits.
+# bytes escaped so they read back exactly), --error-log (the server's lines
+# and the interpreter's STDERR, from before the app loads), whole access-log
+# lines when several processes share one log, and the last lines written
+# before the server exits.
 
 my $dir = tempdir( CLEANUP => 1 );
 umask 022;
@@ -78,8 +79,8 @@ sub send_raw {
     return $res ? $res->{status} : 0;
 }
 
-# A server on a port of its own, waiting for the port rather than the
-# startup line.  Dies if it does not
+# A server on a port of its own whose stderr may be empty (--error-log):
+# waits for the port instead of the startup line.  Dies if it does not
 # start, as start_server does.
 sub start_quiet {
     my (@args) = @_;
@@ -147,6 +148,12 @@ check '--log-format json: a startup error is a JSON error line' => sub {
       'an error line says the app did not load, and why';
     my ($warning) = grep { $_ && ( $_->{message} // '' ) =~ /warning-before-the-die-3131/ } @lines;
     is $warning->{level}, 'warn', 'the warning before the die is a warn line';
+
+    ( $code, $err ) = run_pagi( '--log-format', 'json', '--error-log', "$dir/no/such/dir/err.log", $app );
+    is $code, 1, 'an error log that cannot be opened: exit 1';
+    ($fatal) = json_lines( $err, 'stderr' );
+    like $fatal->{message} // '', qr{\Acannot open error log \Q$dir\E/no/such/dir/err\.log: No such file or directory},
+      'reported as JSON on stderr';
 };
 
 check 'the json access log: awkward bytes read back exactly' => sub {
@@ -175,6 +182,55 @@ check 'the json access log: awkward bytes read back exactly' => sub {
     is $sse->{path},   '/events', 'the stream\'s line';
     is $sse->{reason}, "done\n\"quoted\"\x01", 'its reason, newline, quotes and control character included';
     is $s->stop, 0, 'stopped';
+};
+
+check '--error-log FILE: the server\'s lines and the interpreter\'s STDERR' => sub {
+    my $elog = "$dir/error.log";
+    open my $fh, '>', $elog or die;
+    print $fh "kept-from-before\n";
+    close $fh;
+    chmod 0600, $elog;
+    my $s    = start_quiet( '--error-log', $elog, $app );
+    my $port = $s->port;
+    is http_request( $port, 'GET', '/warn' )->{status},   200, 'a request that warns';
+    is http_request( $port, 'GET', '/stderr' )->{status}, 200, 'a request that prints to STDERR';
+    ok wait_file_line( $elog, qr/raw-stderr-marker-9090/ ), 'the app\'s STDERR is in the error log';
+    ok wait_file_line( $elog, qr{"GET /stderr" 200} ), 'so is the access log, which follows stderr without --access-log';
+    is $s->stop('TERM'), 0, 'stopped';
+    my $text = slurp($elog);
+    like $text, qr/\Akept-from-before\n/, 'appended: what was there stays';
+    like $text, qr/^load-warning-marker-5150$/m,        'a warning while the app loaded';
+    like $text, qr/^runtime-warning-marker-7731$/m,     'a warning from a request';
+    like $text, qr/\bINFO pagi-rs \S+ listening on http:\/\/127\.0\.0\.1:\Q$port\E\//, 'the startup line';
+    like $text, qr/\bINFO Shutdown complete$/m, 'the last line';
+    is $s->output, '', 'nothing on the terminal';
+    is( ( stat $elog )[2] & 07777, 0600, 'an existing file keeps its mode' );
+
+    my $alog = "$dir/separate-access.log";
+    $s = start_quiet( '--error-log', $elog, '--access-log', $alog, $app );
+    is http_request( $s->port, 'GET', '/apart' )->{status}, 200, 'with --access-log too';
+    ok wait_file_line( $alog, qr{"GET /apart" 200} ), 'the access line is in the access log';
+    $s->stop('TERM');
+    unlike slurp($elog), qr{/apart}, '...and not in the error log';
+};
+
+check '--error-log FILE: created 0644, and the app\'s load error goes there' => sub {
+    my $elog = "$dir/load-error.log";
+    my ( $code, $err ) = run_pagi( '--error-log', $elog, $dies_at_load );
+    is $code, 1, 'exit 1';
+    is $err,  '', 'nothing on the terminal';
+    my $text = slurp($elog);
+    like $text, qr/^warning-before-the-die-3131$/m, 'the warning before the die';
+    like $text, qr/^pagi-rs: cannot load the application:\n.*load-die-marker-6262/ms, 'the load error';
+    is( ( stat $elog )[2] & 07777, 0644, 'created 0644' );
+
+    ( $code, $err ) = run_pagi( '--error-log', "$dir/no/such/dir/err.log", $app );
+    is $code, 1, 'a path that cannot be opened: exit 1';
+    like $err, qr{\Apagi-rs: cannot open error log \Q$dir\E/no/such/dir/err\.log: No such file or directory},
+      'and a message that names it, on stderr';
+    ( $code, $err ) = run_pagi( '--error-log', $dir, $app );
+    is $code, 1, 'a directory: exit 1';
+    like $err, qr{cannot open error log \Q$dir\E: Is a directory}, 'named too';
 };
 
 # ---------------------------------------------------------------------------
