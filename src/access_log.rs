@@ -423,9 +423,11 @@ impl Destination {
 
 /// FILE_BATCH for a regular file, PIPE_BATCH for anything else.
 fn batch_for(fd: std::os::fd::RawFd) -> usize {
-    // SAFETY: fstat writes one stat struct that we own; the descriptor is
-    // open for the duration of the call (a closed one only yields -1).
+    // SAFETY: libc::stat is plain data, for which all-zero bytes are a
+    // valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only writes the stat struct we own; a descriptor that
+    // is not open makes it fail with EBADF, nothing worse.
     let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
     if ok && (st.st_mode & libc::S_IFMT) == libc::S_IFREG {
         FILE_BATCH
