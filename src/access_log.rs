@@ -4,8 +4,9 @@
 
 use std::fmt::Write as _;
 use std::io::Write;
-use std::sync::mpsc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use thiserror::Error;
 
@@ -58,10 +59,20 @@ pub struct Record<'a> {
 }
 
 #[derive(Clone, Debug)]
-pub struct Format(Vec<Atom>);
+pub struct Format(Layout);
+
+#[derive(Clone, Debug)]
+enum Layout {
+    Atoms(Vec<Atom>),
+    /// One JSON object per request (the `json` preset).
+    Json,
+}
 
 impl Format {
     pub fn parse(spec: &str) -> Result<Format, FormatError> {
+        if spec == "json" {
+            return Ok(Format(Layout::Json));
+        }
         let expanded = match spec {
             "clf" => "%h - - [%t] \"%m %U%q\" %s %ds",
             "combined" => "%h - - [%t] \"%r\" %s %b \"%{Referer}i\" \"%{User-Agent}i\"",
@@ -122,99 +133,178 @@ impl Format {
         if !lit.is_empty() {
             atoms.push(Atom::Literal(lit));
         }
-        Ok(Format(atoms))
+        Ok(Format(Layout::Atoms(atoms)))
+    }
+
+    /// Whether lines name request headers, which are then kept for them.
+    pub fn needs_headers(&self) -> bool {
+        match &self.0 {
+            Layout::Json => true,
+            Layout::Atoms(atoms) => atoms.iter().any(|a| matches!(a, Atom::RequestHeader(_))),
+        }
     }
 
     pub fn render(&self, r: &Record<'_>, now: SystemTime) -> String {
-        let mut out = String::with_capacity(128);
-        for atom in &self.0 {
-            match atom {
-                Atom::Literal(s) => out.push_str(s),
-                Atom::ClientHost => match r.client {
-                    Some(crate::service::Peer::Tcp(a)) => {
-                        let _ = write!(out, "{}", a.ip());
-                    }
-                    // A Unix socket's peer has no address (the reference's word).
-                    Some(crate::service::Peer::Unix) => out.push_str("unix"),
-                    None => out.push('-'),
-                },
-                Atom::Dash => out.push('-'),
-                Atom::Time => clf_time(&mut out, now),
-                Atom::RequestLine => {
-                    out.push_str(r.method);
-                    out.push(' ');
-                    push_escaped(&mut out, r.raw_path);
-                    if !r.query.is_empty() {
-                        out.push('?');
-                        push_escaped(&mut out, r.query);
-                    }
-                    out.push_str(" HTTP/");
-                    out.push_str(r.http_version);
+        match &self.0 {
+            Layout::Atoms(atoms) => render_atoms(atoms, r, now),
+            Layout::Json => render_json(r, now),
+        }
+    }
+}
+
+/// The `json` preset: the facts of the text formats under the reference
+/// server's key names, with `pid` and `worker` (the `logging` module's) and
+/// how a stream ended (`reason`).  Every key is always present; what is
+/// unknown is null.  Wire bytes go through `logging::push_json_bytes`.
+fn render_json(r: &Record<'_>, now: SystemTime) -> String {
+    let header = |name: &str| {
+        r.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    };
+    let mut out = String::with_capacity(256 + r.raw_path.len() + r.query.len());
+    out.push_str("{\"time\":\"");
+    crate::logging::push_rfc3339(&mut out, now);
+    out.push_str("\",\"client\":");
+    match r.client {
+        Some(crate::service::Peer::Tcp(a)) => {
+            let _ = write!(out, "\"{}\"", a.ip());
+        }
+        // A Unix socket's peer has no address (the reference's word).
+        Some(crate::service::Peer::Unix) => out.push_str("\"unix\""),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"method\":");
+    if r.method.is_empty() {
+        out.push_str("null");
+    } else {
+        crate::logging::push_json_str(&mut out, r.method);
+    }
+    out.push_str(",\"path\":");
+    crate::logging::push_json_bytes(&mut out, r.raw_path);
+    out.push_str(",\"query\":");
+    crate::logging::push_json_bytes(&mut out, r.query);
+    out.push_str(",\"protocol\":");
+    crate::logging::push_json_str(&mut out, &format!("HTTP/{}", r.http_version));
+    match r.status {
+        Some(s) => {
+            let _ = write!(out, ",\"status\":{s}");
+        }
+        None => out.push_str(",\"status\":null"),
+    }
+    let _ = write!(
+        out,
+        ",\"size\":{},\"duration\":{:.6}",
+        r.body_bytes,
+        r.duration.as_secs_f64()
+    );
+    for (key, name) in [("referer", "referer"), ("user_agent", "user-agent")] {
+        let _ = write!(out, ",\"{key}\":");
+        match header(name) {
+            Some(v) => crate::logging::push_json_bytes(&mut out, v),
+            None => out.push_str("null"),
+        }
+    }
+    out.push_str(",\"reason\":");
+    match r.end_reason {
+        Some(reason) => crate::logging::push_json_str(&mut out, reason),
+        None => out.push_str("null"),
+    }
+    crate::logging::push_pid_and_worker(&mut out);
+    out.push_str("}\n");
+    out
+}
+
+fn render_atoms(atoms: &[Atom], r: &Record<'_>, now: SystemTime) -> String {
+    let mut out = String::with_capacity(128);
+    for atom in atoms {
+        match atom {
+            Atom::Literal(s) => out.push_str(s),
+            Atom::ClientHost => match r.client {
+                Some(crate::service::Peer::Tcp(a)) => {
+                    let _ = write!(out, "{}", a.ip());
                 }
-                Atom::Method => out.push_str(if r.method.is_empty() { "-" } else { r.method }),
-                Atom::Path => push_escaped(&mut out, r.raw_path),
-                Atom::Query => {
-                    if !r.query.is_empty() {
-                        out.push('?');
-                        push_escaped(&mut out, r.query);
-                    }
+                // A Unix socket's peer has no address (the reference's word).
+                Some(crate::service::Peer::Unix) => out.push_str("unix"),
+                None => out.push('-'),
+            },
+            Atom::Dash => out.push('-'),
+            Atom::Time => clf_time(&mut out, now),
+            Atom::RequestLine => {
+                out.push_str(r.method);
+                out.push(' ');
+                push_escaped(&mut out, r.raw_path);
+                if !r.query.is_empty() {
+                    out.push('?');
+                    push_escaped(&mut out, r.query);
                 }
-                Atom::Protocol => {
-                    out.push_str("HTTP/");
-                    out.push_str(r.http_version);
+                out.push_str(" HTTP/");
+                out.push_str(r.http_version);
+            }
+            Atom::Method => out.push_str(if r.method.is_empty() { "-" } else { r.method }),
+            Atom::Path => push_escaped(&mut out, r.raw_path),
+            Atom::Query => {
+                if !r.query.is_empty() {
+                    out.push('?');
+                    push_escaped(&mut out, r.query);
                 }
-                Atom::Status => match r.status {
-                    Some(s) => {
-                        let _ = write!(out, "{s}");
-                    }
-                    None => out.push('-'),
-                },
-                Atom::BytesDash => {
-                    if r.body_bytes == 0 {
-                        out.push('-');
-                    } else {
-                        let _ = write!(out, "{}", r.body_bytes);
-                    }
+            }
+            Atom::Protocol => {
+                out.push_str("HTTP/");
+                out.push_str(r.http_version);
+            }
+            Atom::Status => match r.status {
+                Some(s) => {
+                    let _ = write!(out, "{s}");
                 }
-                Atom::Bytes => {
+                None => out.push('-'),
+            },
+            Atom::BytesDash => {
+                if r.body_bytes == 0 {
+                    out.push('-');
+                } else {
                     let _ = write!(out, "{}", r.body_bytes);
                 }
-                Atom::SecondsFrac => {
-                    let _ = write!(out, "{:.3}", r.duration.as_secs_f64());
-                }
-                Atom::Micros => {
-                    let _ = write!(out, "{}", r.duration.as_micros());
-                }
-                Atom::Seconds => {
-                    let _ = write!(out, "{}", r.duration.as_secs());
-                }
-                Atom::EndReason => match r.end_reason {
-                    Some(reason) => push_escaped(&mut out, reason.as_bytes()),
+            }
+            Atom::Bytes => {
+                let _ = write!(out, "{}", r.body_bytes);
+            }
+            Atom::SecondsFrac => {
+                let _ = write!(out, "{:.3}", r.duration.as_secs_f64());
+            }
+            Atom::Micros => {
+                let _ = write!(out, "{}", r.duration.as_micros());
+            }
+            Atom::Seconds => {
+                let _ = write!(out, "{}", r.duration.as_secs());
+            }
+            Atom::EndReason => match r.end_reason {
+                Some(reason) => push_escaped(&mut out, reason.as_bytes()),
+                None => out.push('-'),
+            },
+            Atom::RequestHeader(name) => {
+                match r
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                {
+                    Some((_, v)) => push_escaped(&mut out, v),
                     None => out.push('-'),
-                },
-                Atom::RequestHeader(name) => {
-                    match r
-                        .headers
-                        .iter()
-                        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-                    {
-                        Some((_, v)) => push_escaped(&mut out, v),
-                        None => out.push('-'),
-                    }
                 }
             }
         }
-        // A stream's line says how it ended even in formats without %R: an
-        // sse.close reason goes to the log, never to the wire.
-        if let Some(reason) = r.end_reason {
-            if !self.0.contains(&Atom::EndReason) {
-                out.push_str(" reason=");
-                push_escaped(&mut out, reason.as_bytes());
-            }
-        }
-        out.push('\n');
-        out
     }
+    // A stream's line says how it ended even in formats without %R: an
+    // sse.close reason goes to the log, never to the wire.
+    if let Some(reason) = r.end_reason {
+        if !atoms.contains(&Atom::EndReason) {
+            out.push_str(" reason=");
+            push_escaped(&mut out, reason.as_bytes());
+        }
+    }
+    out.push('\n');
+    out
 }
 
 /// Bytes from the request or the app, written so that a line stays one
@@ -267,7 +357,7 @@ fn clf_time(out: &mut String, now: SystemTime) {
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -286,80 +376,233 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// backlog grow the server's memory or stall its network threads.
 const QUEUED_LINES: usize = 16_384;
 
-/// Where finished lines go.  Cloning shares the writer thread.
-#[derive(Clone)]
-pub struct AccessLog {
-    format: Format,
-    tx: mpsc::SyncSender<String>,
-    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+/// Most bytes in one write(2) to a regular file.  Each write holds whole
+/// lines only: with O_APPEND the kernel appends it in one piece, so lines
+/// from processes that share the file never interleave.
+const FILE_BATCH: usize = 64 * 1024;
+
+/// A pipe (or a FIFO, a socket, a terminal) keeps a write whole only up to
+/// PIPE_BUF bytes: past that, writers that share it can interleave.  A line
+/// longer than this is written alone, and may then be split.
+const PIPE_BATCH: usize = libc::PIPE_BUF;
+
+/// Where the lines go: a file opened for appending, or stderr.  Opened
+/// early (before the app loads, and before any fork: a worker process
+/// inherits it and starts its own writer with `AccessLog::start_on`).
+pub struct Destination {
+    sink: Box<dyn Write + Send>,
+    /// Most bytes per write(2) for this kind of file.
+    batch: usize,
 }
 
-impl AccessLog {
-    /// Spawn the writer thread for `dest` (stderr when None).
-    pub fn start(format: Format, dest: Option<std::path::PathBuf>) -> std::io::Result<AccessLog> {
-        let sink: Box<dyn Write + Send> = match dest {
-            Some(path) => Box::new(
-                std::fs::OpenOptions::new()
+impl Destination {
+    /// FILE, appending (created if missing), or stderr when None.
+    pub fn open(path: Option<&std::path::Path>) -> std::io::Result<Destination> {
+        match path {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(&path)
+                    .open(path)
                     .map_err(|e| {
                         std::io::Error::new(
                             e.kind(),
                             format!("Cannot open access log {}: {e}", path.display()),
                         )
-                    })?,
-            ),
-            None => Box::new(std::io::stderr()),
-        };
-        Self::start_writing_to(format, sink)
+                    })?;
+                let batch = batch_for(std::os::fd::AsRawFd::as_raw_fd(&file));
+                Ok(Destination {
+                    sink: Box::new(file),
+                    batch,
+                })
+            }
+            None => Ok(Destination {
+                sink: Box::new(std::io::stderr()),
+                batch: batch_for(libc::STDERR_FILENO),
+            }),
+        }
+    }
+}
+
+/// FILE_BATCH for a regular file, PIPE_BATCH for anything else.
+fn batch_for(fd: std::os::fd::RawFd) -> usize {
+    // SAFETY: libc::stat is plain data, for which all-zero bytes are a
+    // valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only writes the stat struct we own; a descriptor that
+    // is not open makes it fail with EBADF, nothing worse.
+    let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
+    if ok && (st.st_mode & libc::S_IFMT) == libc::S_IFREG {
+        FILE_BATCH
+    } else {
+        PIPE_BATCH
+    }
+}
+
+/// How long a stopping server waits for the access log to take its last
+/// lines before it exits without them.
+pub const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+enum Entry {
+    Line(String),
+    /// Everything queued before this is written; then the thread ends.
+    Close,
+}
+
+/// Where finished lines go.  Cloning shares the writer thread.
+#[derive(Clone)]
+pub struct AccessLog {
+    format: Format,
+    tx: mpsc::SyncSender<Entry>,
+    dropped: Arc<AtomicU64>,
+    writer: Arc<Mutex<Option<WriterThread>>>,
+}
+
+struct WriterThread {
+    handle: std::thread::JoinHandle<()>,
+    /// Disconnected when the thread ends (its sender is dropped with it).
+    ended: mpsc::Receiver<()>,
+}
+
+impl AccessLog {
+    /// Open `dest` (stderr when None) and start its writer thread.
+    pub fn start(format: Format, dest: Option<std::path::PathBuf>) -> std::io::Result<AccessLog> {
+        Self::start_on(format, Destination::open(dest.as_deref())?)
     }
 
-    fn start_writing_to(
-        format: Format,
-        mut sink: Box<dyn Write + Send>,
-    ) -> std::io::Result<AccessLog> {
-        let (tx, rx) = mpsc::sync_channel::<String>(QUEUED_LINES);
-        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    /// Start the writer thread for an opened destination.
+    pub fn start_on(format: Format, dest: Destination) -> std::io::Result<AccessLog> {
+        let (tx, rx) = mpsc::sync_channel::<Entry>(QUEUED_LINES);
+        let dropped = Arc::new(AtomicU64::new(0));
         let dropped_seen = dropped.clone();
-        std::thread::Builder::new()
+        let (ended_tx, ended) = mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
-                let mut buf = Vec::with_capacity(64 * 1024);
-                while let Ok(line) = rx.recv() {
-                    let lost = dropped_seen.swap(0, std::sync::atomic::Ordering::AcqRel);
-                    if lost > 0 {
-                        buf.extend_from_slice(
-                            format!("pagi-rs: {lost} access log lines dropped: the log could not keep up\n")
-                                .as_bytes(),
-                        );
-                    }
-                    buf.extend_from_slice(line.as_bytes());
-                    // Batch whatever else is already waiting into one write.
-                    while let Ok(more) = rx.try_recv() {
-                        buf.extend_from_slice(more.as_bytes());
-                        if buf.len() > 60 * 1024 {
-                            break;
-                        }
-                    }
-                    let _ = sink.write_all(&buf);
-                    let _ = sink.flush();
-                    buf.clear();
-                }
+                let _ended = ended_tx;
+                write_lines(rx, dest, &dropped_seen);
             })?;
         Ok(AccessLog {
             format,
             tx,
             dropped,
+            writer: Arc::new(Mutex::new(Some(WriterThread { handle, ended }))),
         })
     }
 
     pub fn write(&self, record: &Record<'_>) {
         let line = self.format.render(record, SystemTime::now());
-        if let Err(mpsc::TrySendError::Full(_)) = self.tx.try_send(line) {
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if let Err(mpsc::TrySendError::Full(_)) = self.tx.try_send(Entry::Line(line)) {
+            self.dropped.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// Write out every line logged so far and end the writer thread,
+    /// waiting at most `within` for a log destination that does not take
+    /// them (then its lines are lost, and this says so).  Lines logged
+    /// after this are dropped.  The first call does the work; later ones
+    /// return at once.
+    pub fn close(&self, within: Duration) {
+        let Some(writer) = self.writer.lock().ok().and_then(|mut w| w.take()) else {
+            return;
+        };
+        let deadline = Instant::now() + within;
+        // A full queue means the thread is busy writing; SyncSender has no
+        // send-with-timeout, so try again until it has room or time is up.
+        let mut entry = Entry::Close;
+        loop {
+            match self.tx.try_send(entry) {
+                Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => break,
+                Err(mpsc::TrySendError::Full(back)) => {
+                    if Instant::now() >= deadline {
+                        return not_drained(within);
+                    }
+                    entry = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match writer.ended.recv_timeout(left) {
+            Err(mpsc::RecvTimeoutError::Timeout) => not_drained(within),
+            _ => {
+                let _ = writer.handle.join();
+            }
+        }
+    }
+}
+
+fn not_drained(within: Duration) {
+    tracing::error!(
+        "the access log did not take its last lines within {}s: they are lost",
+        within.as_secs()
+    );
+}
+
+/// The writer thread: whole lines, batched, each batch one write(2) of at
+/// most `dest.batch` bytes (a longer line alone).
+fn write_lines(rx: mpsc::Receiver<Entry>, dest: Destination, dropped: &AtomicU64) {
+    let mut out = Batcher {
+        buf: Vec::with_capacity(dest.batch),
+        dest,
+    };
+    while let Ok(first) = rx.recv() {
+        // This entry and whatever else is already waiting, in as few
+        // writes as whole lines allow.
+        let mut next = Some(first);
+        let mut closing = false;
+        while let Some(entry) = next.take() {
+            let Entry::Line(line) = entry else {
+                closing = true;
+                break;
+            };
+            // Said where the gap is, as soon as the log takes lines again.
+            let lost = dropped.swap(0, Ordering::AcqRel);
+            if lost > 0 {
+                out.add(
+                    format!(
+                        "pagi-rs: {lost} access log lines dropped: the log could not keep up\n"
+                    )
+                    .as_bytes(),
+                );
+            }
+            out.add(line.as_bytes());
+            next = rx.try_recv().ok();
+        }
+        out.flush();
+        if closing {
+            return;
+        }
+    }
+}
+
+struct Batcher {
+    buf: Vec<u8>,
+    dest: Destination,
+}
+
+impl Batcher {
+    /// Queue a whole line, first writing out the batch if the line would
+    /// take it past the limit.
+    fn add(&mut self, line: &[u8]) {
+        if !self.buf.is_empty() && self.buf.len() + line.len() > self.dest.batch {
+            self.write_out();
+        }
+        self.buf.extend_from_slice(line);
+    }
+
+    fn write_out(&mut self) {
+        // A failed write (a full disk, a closed pipe) loses its lines; the
+        // server goes on serving.
+        let _ = self.dest.sink.write_all(&self.buf);
+        self.buf.clear();
+    }
+
+    fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            self.write_out();
+        }
+        let _ = self.dest.sink.flush();
     }
 }
 
@@ -404,6 +647,186 @@ mod tests {
         }
     }
 
+    /// A sink that records each write(2) it would have made, optionally
+    /// taking its time over each.
+    #[derive(Clone, Default)]
+    struct Recording {
+        writes: Arc<Mutex<Vec<Vec<u8>>>>,
+        delay: Duration,
+    }
+
+    impl Write for Recording {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(self.delay);
+            self.writes.lock().unwrap().push(b.to_vec());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn recording_log(format: &str, batch: usize, delay: Duration) -> (AccessLog, Recording) {
+        let rec = Recording {
+            delay,
+            ..Default::default()
+        };
+        let dest = Destination {
+            sink: Box::new(rec.clone()),
+            batch,
+        };
+        (
+            AccessLog::start_on(Format::parse(format).unwrap(), dest).unwrap(),
+            rec,
+        )
+    }
+
+    #[test]
+    fn each_write_is_whole_lines_within_the_batch_size() {
+        // Lines of many lengths, a few longer than the pipe batch, through
+        // a sink slow enough that they queue up and are batched.
+        let (log, rec) = recording_log("%U", PIPE_BATCH, Duration::from_micros(200));
+        let mut sent = Vec::new();
+        for i in 0..3000usize {
+            let path = format!(
+                "/{i}/{}",
+                "p".repeat((i * 37) % 700 + if i % 500 == 0 { 5000 } else { 0 })
+            );
+            let mut r = record(&[]);
+            r.raw_path = path.as_bytes();
+            log.write(&r);
+            sent.push(path);
+        }
+        log.close(Duration::from_secs(30));
+        let writes = rec.writes.lock().unwrap();
+        assert!(
+            writes.len() < sent.len(),
+            "lines were batched: {} writes",
+            writes.len()
+        );
+        for w in writes.iter() {
+            assert!(w.ends_with(b"\n"), "a write ends a line");
+            assert!(
+                w.len() <= PIPE_BATCH || w.iter().filter(|&&b| b == b'\n').count() == 1,
+                "a write over PIPE_BUF ({}) is one line alone",
+                w.len()
+            );
+        }
+        let all: Vec<u8> = writes.concat();
+        let got: Vec<&str> = std::str::from_utf8(&all).unwrap().lines().collect();
+        assert_eq!(got, sent, "every line, in order, once");
+    }
+
+    #[test]
+    fn close_writes_every_queued_line_and_ends_the_thread() {
+        let (log, rec) = recording_log("%U", FILE_BATCH, Duration::from_millis(2));
+        for i in 0..5000 {
+            let path = format!("/burst/{i}");
+            let mut r = record(&[]);
+            r.raw_path = path.as_bytes();
+            log.write(&r);
+        }
+        log.close(Duration::from_secs(30));
+        let lines = rec.writes.lock().unwrap().concat();
+        assert_eq!(lines.iter().filter(|&&b| b == b'\n').count(), 5000);
+        assert!(
+            log.writer.lock().unwrap().is_none(),
+            "the thread was joined"
+        );
+        log.close(Duration::from_secs(1)); // a second close is a no-op
+        log.write(&record(&[])); // and a late line neither blocks nor panics
+    }
+
+    #[test]
+    fn close_gives_up_on_a_stalled_destination() {
+        let release = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let sink = Stalled {
+            release: release.clone(),
+            out: Default::default(),
+        };
+        let dest = Destination {
+            sink: Box::new(sink),
+            batch: FILE_BATCH,
+        };
+        let log = AccessLog::start_on(Format::parse("tiny").unwrap(), dest).unwrap();
+        log.write(&record(&[]));
+        let started = Instant::now();
+        log.close(Duration::from_millis(300));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+        let (lock, cv) = &*release;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+    }
+
+    #[test]
+    fn a_regular_file_is_batched_larger_than_a_pipe() {
+        let dir = std::env::temp_dir().join(format!("pagi-rs-batch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = std::fs::File::create(dir.join("log")).unwrap();
+        assert_eq!(
+            batch_for(std::os::fd::AsRawFd::as_raw_fd(&file)),
+            FILE_BATCH
+        );
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array we own; both
+        // are closed below.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        assert_eq!(batch_for(fds[1]), PIPE_BATCH);
+        // SAFETY: the two descriptors pipe() just gave us.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_json_preset_says_what_the_text_formats_say() {
+        let _worker = crate::logging::tests::WORKER_LOCK.lock().unwrap();
+        let h = [
+            (
+                bytes::Bytes::from_static(b"user-agent"),
+                bytes::Bytes::from_static(b"curl/8"),
+            ),
+            (
+                bytes::Bytes::from_static(b"Referer"),
+                bytes::Bytes::from_static(b"http://x/"),
+            ),
+        ];
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_770_726_896_042);
+        let line = Format::parse("json").unwrap().render(&record(&h), t);
+        assert_eq!(
+            line,
+            format!(
+                "{{\"time\":\"2026-02-10T12:34:56.042Z\",\"client\":\"127.0.0.1\",\"method\":\"GET\",\
+                 \"path\":\"/a%20b\",\"query\":\"x=1\",\"protocol\":\"HTTP/1.1\",\"status\":200,\
+                 \"size\":13,\"duration\":0.002500,\"referer\":\"http://x/\",\"user_agent\":\"curl/8\",\
+                 \"reason\":null,\"pid\":{},\"worker\":null}}\n",
+                std::process::id()
+            )
+        );
+        let mut r = record(&[]);
+        r.client = None;
+        r.status = None;
+        r.method = "";
+        r.end_reason = Some("close_1000");
+        let line = Format::parse("json").unwrap().render(&r, t);
+        let obj = crate::logging::tests::decode_object(line.trim_end()).unwrap();
+        use crate::logging::tests::{get, Value};
+        assert_eq!(get(&obj, "client"), &Value::Null);
+        assert_eq!(get(&obj, "status"), &Value::Null);
+        assert_eq!(get(&obj, "method"), &Value::Null);
+        assert_eq!(get(&obj, "user_agent"), &Value::Null);
+        assert_eq!(get(&obj, "reason").str(), "close_1000");
+        assert!(Format::parse("json").unwrap().needs_headers());
+        assert!(Format::parse("combined").unwrap().needs_headers());
+        assert!(!Format::parse("clf").unwrap().needs_headers());
+    }
+
     #[test]
     fn a_stalled_log_drops_and_counts_lines_instead_of_queueing_them() {
         let release =
@@ -413,8 +836,11 @@ mod tests {
             release: release.clone(),
             out: out.clone(),
         };
-        let log =
-            AccessLog::start_writing_to(Format::parse("tiny").unwrap(), Box::new(sink)).unwrap();
+        let dest = Destination {
+            sink: Box::new(sink),
+            batch: FILE_BATCH,
+        };
+        let log = AccessLog::start_on(Format::parse("tiny").unwrap(), dest).unwrap();
         let headers = [];
         let started = std::time::Instant::now();
         for _ in 0..(QUEUED_LINES * 2) {
@@ -579,6 +1005,42 @@ mod properties {
             let shown = line.strip_suffix('\n').unwrap();
             let shown = shown.split(" reason=").next().unwrap();
             prop_assert_eq!(unescape(shown), path);
+        }
+
+        /// The json preset: whatever the bytes, one line that a strict JSON
+        /// decoder accepts, with the path, query, user agent and reason
+        /// reading back exactly.
+        #[test]
+        fn a_json_record_is_one_valid_line_that_reads_back(
+            path in proptest::collection::vec(any::<u8>(), 0..64),
+            query in proptest::collection::vec(any::<u8>(), 0..32),
+            agent in proptest::collection::vec(any::<u8>(), 0..32),
+            reason in proptest::collection::vec(any::<char>(), 0..16),
+        ) {
+            let reason: String = reason.into_iter().collect();
+            use crate::logging::tests::{decode_object, get, unescape_wire};
+            let headers = [(bytes::Bytes::from_static(b"user-agent"), bytes::Bytes::from(agent.clone()))];
+            let record = Record {
+                client: None,
+                method: "GET",
+                raw_path: &path,
+                query: &query,
+                http_version: "1.1",
+                status: Some(200),
+                body_bytes: 1,
+                duration: Duration::from_millis(1),
+                headers: &headers,
+                end_reason: Some(&reason),
+            };
+            let line = Format::parse("json").unwrap().render(&record, SystemTime::UNIX_EPOCH);
+            prop_assert!(line.ends_with('\n'));
+            let body = &line[..line.len() - 1];
+            prop_assert!(!body.contains('\n') && !body.chars().any(char::is_control), "{line:?}");
+            let obj = decode_object(body).map_err(|e| TestCaseError::fail(format!("{e}: {line:?}")))?;
+            prop_assert_eq!(unescape_wire(get(&obj, "path").str()), path);
+            prop_assert_eq!(unescape_wire(get(&obj, "query").str()), query);
+            prop_assert_eq!(unescape_wire(get(&obj, "user_agent").str()), agent);
+            prop_assert_eq!(get(&obj, "reason").str(), reason.as_str());
         }
     }
 }

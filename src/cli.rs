@@ -26,6 +26,15 @@ pub enum LogLevel {
     Error,
 }
 
+/// How server log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// For people: `<time> <LEVEL> <message>`.
+    Text,
+    /// For log shippers: one JSON object per line.
+    Json,
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "pagi-rs",
@@ -103,9 +112,10 @@ pub struct Options {
     #[arg(long)]
     pub no_access_log: bool,
 
-    /// Access log format: clf, combined, common, tiny, or a format string of %-atoms.
-    #[arg(long, value_name = "FORMAT", default_value = "clf")]
-    pub access_log_format: String,
+    /// Access log format: clf, combined, common, tiny, json, or a format
+    /// string of %-atoms.  Default: clf (json with --log-format json).
+    #[arg(long, value_name = "FORMAT")]
+    pub access_log_format: Option<String>,
 
     /// Log verbosity.
     #[arg(long, value_enum)]
@@ -114,6 +124,15 @@ pub struct Options {
     /// Report errors only (shorthand for --log-level error; an explicit --log-level wins).
     #[arg(short = 'q', long)]
     pub quiet: bool,
+
+    /// Server log lines: text, or json (one object per line).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Send the server's log and the app's STDERR (Perl warnings, die
+    /// messages) to FILE, appending; opened before the app is loaded.
+    #[arg(long, value_name = "FILE")]
+    pub error_log: Option<PathBuf>,
 
     /// Largest request body accepted, in bytes (0 = unlimited); larger gets 413.
     #[arg(long, value_name = "BYTES", default_value_t = 10_000_000)]
@@ -372,6 +391,17 @@ impl Options {
             socket_mode: self.socket_mode,
             backlog: self.listener_backlog,
             reuseport: self.reuseport,
+        }
+    }
+
+    /// `--access-log-format`, defaulting to the reference's `clf`, or to
+    /// `json` when the server's own lines are JSON: a log stream on stderr
+    /// stays one format that a shipper can parse.
+    pub fn effective_access_log_format(&self) -> &str {
+        match (&self.access_log_format, self.log_format) {
+            (Some(spec), _) => spec,
+            (None, LogFormat::Json) => "json",
+            (None, LogFormat::Text) => "clf",
         }
     }
 
@@ -659,6 +689,27 @@ mod tests {
         let o = parse(&["-Ilib", "-MFoo=bar,baz", "-e", "1"]);
         assert_eq!(o.include, vec!["lib"]);
         assert_eq!(o.modules, vec!["Foo=bar,baz"]);
+    }
+
+    #[test]
+    fn the_access_log_follows_a_json_server_log_unless_told_otherwise() {
+        let o = parse(&["a.pl"]);
+        assert_eq!(o.log_format, LogFormat::Text);
+        assert_eq!(o.effective_access_log_format(), "clf");
+        assert_eq!(o.error_log, None);
+        let o = parse(&["--log-format", "json", "a.pl"]);
+        assert_eq!(o.effective_access_log_format(), "json");
+        let o = parse(&[
+            "--log-format",
+            "json",
+            "--access-log-format",
+            "tiny",
+            "a.pl",
+        ]);
+        assert_eq!(o.effective_access_log_format(), "tiny");
+        let o = parse(&["--error-log", "/var/log/x.log", "a.pl"]);
+        assert_eq!(o.error_log, Some(PathBuf::from("/var/log/x.log")));
+        assert!(Options::try_parse_from(["pagi-rs", "--log-format", "xml", "a.pl"]).is_err());
     }
 
     #[test]

@@ -58,20 +58,30 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let format = match access_log::Format::parse(&opts.access_log_format) {
+    let format = match access_log::Format::parse(opts.effective_access_log_format()) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("pagi-rs: {e}");
             return ExitCode::from(2);
         }
     };
-    logging::init(opts.effective_log_level());
+    // The error log takes stderr before anything else can be said there:
+    // the app's load errors and warnings, bind errors, and all that follows.
+    let error_log = opts
+        .error_log
+        .as_deref()
+        .map_or(Ok(()), logging::redirect_stderr_to);
+    logging::init(opts.effective_log_level(), opts.log_format);
+    if let Err(e) = error_log {
+        logging::startup_error(&e);
+        return ExitCode::FAILURE;
+    }
     // Here, while this is the only thread and before Perl copies the
     // environment into %ENV: systemd's LISTEN_* variables are removed.
     let inherited = match listen::take_inherited() {
         Ok(listeners) => listeners,
         Err(e) => {
-            eprintln!("pagi-rs: {e}");
+            logging::startup_error(&e.to_string());
             return ExitCode::FAILURE;
         }
     };
@@ -96,7 +106,7 @@ fn main() -> ExitCode {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("pagi-rs: cannot start the runtime: {e}");
+            logging::startup_error(&format!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -121,10 +131,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match &e {
-                StartupError::AppLoad(msg) => {
-                    eprintln!("pagi-rs: cannot load the application:\n{}", msg.trim_end())
-                }
-                other => eprintln!("pagi-rs: {other}"),
+                StartupError::AppLoad(msg) => logging::startup_error(&format!(
+                    "cannot load the application:\n{}",
+                    msg.trim_end()
+                )),
+                other => logging::startup_error(&other.to_string()),
             }
             ExitCode::FAILURE
         }
@@ -156,8 +167,7 @@ fn run(
                 .map_err(|e| StartupError::Interpreter(e.to_string()))?,
         )
     };
-    let needs_headers =
-        opts.access_log_format.contains("%{") || opts.access_log_format == "combined";
+    let needs_headers = format.needs_headers();
 
     let pool = Pool::start(opts.interpreters, &spec, runtime.handle().clone())?;
 
@@ -258,6 +268,9 @@ fn run(
 
     server.pool.lifespan_shutdown(grace);
     server.pool.stop(Duration::from_secs(5));
+    if let Some(log) = &server.exchange_config.access_log {
+        log.close(access_log::CLOSE_WITHIN);
+    }
     tracing::info!("Shutdown complete");
     Ok(())
 }

@@ -162,6 +162,9 @@ fn load(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<(), Strin
     for a in &spec.args {
         args.push(format!("A{a}").into_bytes());
     }
+    if crate::logging::is_json() {
+        interp.call("PAGI::RS::Loader::route_warnings_to_log", &[])?;
+    }
     let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
     interp.call("PAGI::RS::Loader::load", &refs).map(|_| ())
 }

@@ -9,6 +9,7 @@ use strict;
 use warnings;
 use File::Spec;
 use Scalar::Util qw(blessed reftype);
+use PAGI::RS::Constants qw(log);
 
 sub load {
     my ( $kind, $what, @options ) = @_;
@@ -45,6 +46,15 @@ sub load {
         $app = _normalize( $result, '-e code' );
     }
     $PAGI::RS::Bridge::APP = $app;
+    return '';
+}
+
+# --log-format json: warnings (the app's, its modules', Perl's own) become
+# lines of the server's log instead of raw text in a stream of JSON.  Set
+# before the app is compiled, so compile-time warnings are caught too; an
+# app that sets its own $SIG{__WARN__} still has the last word.
+sub route_warnings_to_log {
+    $SIG{__WARN__} = sub { PAGI::RS::_log( LOG_WARN, $_[0] ) };
     return '';
 }
 
