@@ -18,6 +18,7 @@ mod http1;
 mod http2;
 mod interp;
 mod logging;
+mod proxy;
 mod scope;
 mod server;
 mod service;
@@ -66,6 +67,9 @@ fn main() -> ExitCode {
         }
     };
     logging::init(opts.effective_log_level());
+    if opts.forwarded_allow_ips.is_some() && !opts.proxy_headers {
+        tracing::warn!("--forwarded-allow-ips has no effect without --proxy-headers");
+    }
 
     // SAFETY: once, on the main thread, before any interpreter exists.  The
     // exit guard must be in place before any application code is compiled;
@@ -211,6 +215,7 @@ fn run(
         max_queued_requests: opts.max_queued_requests,
         tls,
         root_path: opts.root_path.clone(),
+        proxy_headers: opts.trusted_proxies().ok().flatten().map(Arc::new),
         max_header_size: opts.max_header_size,
         max_header_count: opts.max_header_count,
         request_timeout: Options::timeout_opt(opts.request_timeout),
