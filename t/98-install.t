@@ -18,9 +18,10 @@ use File::Temp qw(tempdir);
 # ones, `make test-deps` (which `make test` runs) for the test-only ones.
 #
 # Each case runs the real Makefile.PL in a scratch copy of the distribution
-# whose target/release/pagi-rs is the binary under test; CARGO=true stands
-# in for cargo, so nothing is rebuilt.  dpkg-query and apt-get are stand-ins
-# on PATH that record what they were asked for.
+# whose target/release/pagi-rs is the binary under test; $CARGO names a
+# stand-in for cargo that only records what it was asked to do, so nothing
+# is rebuilt.  dpkg-query and apt-get are stand-ins on PATH that record what
+# they were asked for.
 
 my $ROOT = File::Spec->rel2abs("$FindBin::Bin/..");
 my $BIN  = pagi_bin();
@@ -54,7 +55,21 @@ sub run_in {
 
 # Nothing from the environment may redirect the install or the build.
 delete @ENV{qw(PERL_MM_OPT PERL_MB_OPT DESTDIR INSTALL_BASE PREFIX MAKEFLAGS MFLAGS MAKELEVEL)};
-local $ENV{CARGO} = 'true';
+
+my $fake = "$tmp/fakebin";
+make_path($fake);
+sub write_script {
+    my ( $name, $body ) = @_;
+    open my $fh, '>', "$fake/$name" or die "$name: $!";
+    print $fh "#!/bin/sh\n$body";
+    close $fh;
+    chmod 0755, "$fake/$name" or die "chmod $name: $!";
+}
+my $cargo_log = "$tmp/cargo.log";
+write_script( cargo => qq{echo "\$*" >> '$cargo_log'\n} );
+local $ENV{CARGO} = "$fake/cargo";
+sub cargo_calls { my @l = -f $cargo_log ? lines_of_raw($cargo_log) : (); unlink $cargo_log; join "\n", @l }
+sub lines_of_raw { my ($f) = @_; open my $h, '<', $f or return (); map { chomp; $_ } <$h> }
 
 # Packlists (auto/PAGI/RS/.packlist) under $root.
 sub packlists {
@@ -76,8 +91,10 @@ sub install_case {
         my $dir = scratch();
         my ( $code, $out ) = run_in( $dir, $^X, 'Makefile.PL', @$makepl_args );
         is $code, 0, 'perl Makefile.PL' or return diag $out;
+        cargo_calls();
         ( $code, $out ) = run_in( $dir, 'make' );
         is $code, 0, 'make' or return diag $out;
+        is cargo_calls(), 'build --release --bins', 'make builds with cargo';
         ( $code, $out ) = run_in( $dir, 'make', 'install', @$make_args );
         is $code, 0, 'make install' or return diag $out;
         ok -f $want && -x _, "the binary is at $want";
@@ -120,32 +137,38 @@ subtest 'a private install does not adopt a system-wide packlist' => sub {
     unlike $text, qr{read "?\Q$Config{installsitearch}\E}, 'not with the system one';
 };
 
+subtest 'a changed Makefile.PL does not throw away the compiled crates' => sub {
+    my $dir = scratch();
+    run_in( $dir, $^X, 'Makefile.PL' );
+    my $past = time - 60;                          # as after a pull that changed Makefile.PL
+    utime $past, $past, "$dir/Makefile" or die "utime: $!";
+    cargo_calls();
+    my ( $code, $out ) = run_in( $dir, 'make' );
+    like $out, qr/Makefile out-of-date/, 'MakeMaker rebuilds the Makefile (and runs make clean)';
+    unlike cargo_calls(), qr/^clean/m, 'without cargo clean';
+    run_in( $dir, 'make' );
+    cargo_calls();
+    ( $code, $out ) = run_in( $dir, 'make', 'realclean' );
+    like cargo_calls(), qr/^clean$/m, 'make realclean runs cargo clean' or diag $out;
+};
+
 # --- which packages are asked for when ---------------------------------------
 
 # Stand-ins: dpkg-query answers from $state (one installed package a line),
 # apt-get install adds to it and logs its arguments.
-my $fake  = "$tmp/fakebin";
 my $state = "$tmp/installed";
 my $log   = "$tmp/apt.log";
-make_path($fake);
-open my $fh, '>', "$fake/dpkg-query" or die $!;
-print $fh <<"SH";
-#!/bin/sh
+write_script( 'dpkg-query' => <<"SH" );
 for last; do :; done
 grep -qx "\$last" '$state' && printf 'install ok installed'
 exit 0
 SH
-close $fh;
-open $fh, '>', "$fake/apt-get" or die $!;
-print $fh <<"SH";
-#!/bin/sh
+write_script( 'apt-get' => <<"SH" );
 echo "\$*" >> '$log'
 [ "\$1" = install ] || exit 0
 shift; shift
 for p; do echo "\$p" >> '$state'; done
 SH
-close $fh;
-chmod 0755, "$fake/dpkg-query", "$fake/apt-get";
 local $ENV{PATH} = "$fake:$ENV{PATH}";
 
 my @RUN  = qw(libperl-dev gcc make libfuture-perl libfuture-asyncawait-perl libio-async-perl libfuture-io-perl);
@@ -153,7 +176,6 @@ my @TEST = qw(chromium chromium-driver wrk nghttp2-client nginx-light python3-h2
 
 sub reset_state { my @have = @_; open my $s, '>', $state or die; print $s map {"$_\n"} @have; close $s; unlink $log }
 sub asked_for { my @l = -f $log ? lines_of_raw($log) : (); join "\n", @l }
-sub lines_of_raw { my ($f) = @_; open my $h, '<', $f or return (); map { chomp; $_ } <$h> }
 my $root = $> == 0;
 
 subtest 'perl Makefile.PL asks for run-time packages only' => sub {
