@@ -104,6 +104,19 @@ pub struct Options {
     #[arg(long, value_name = "PATH", default_value = "")]
     pub root_path: String,
 
+    /// Behind a reverse proxy: take the client address, the scheme and the
+    /// host from Forwarded or X-Forwarded-For/-Proto/-Host, on connections
+    /// from a peer --forwarded-allow-ips trusts.  Default: off.
+    #[arg(long)]
+    pub proxy_headers: bool,
+
+    /// Who may set the proxy headers, comma-separated: IP addresses,
+    /// networks (10.0.0.0/8), `*` for everyone, `unix:` for Unix-socket
+    /// peers, or other literals as a proxy writes them in place of an
+    /// address.  Default: $FORWARDED_ALLOW_IPS if set, else 127.0.0.1.
+    #[arg(long, value_name = "LIST")]
+    pub forwarded_allow_ips: Option<String>,
+
     /// Write the access log to FILE (appending) instead of stderr.
     #[arg(long, value_name = "FILE")]
     pub access_log: Option<PathBuf>,
@@ -495,12 +508,32 @@ impl Options {
                 self.body_rate_grace
             ));
         }
+        self.trusted_proxies()?;
         if self.ws_close_timeout == 0 || self.ws_close_timeout > MAX_SECONDS {
             return Err(format!(
                 "--ws-close-timeout must be between 1 and {MAX_SECONDS} seconds"
             ));
         }
         self.listen_config().validate()
+    }
+
+    /// `--proxy-headers` with its trust list (None when off): the option,
+    /// else $FORWARDED_ALLOW_IPS, else 127.0.0.1, as uvicorn reads them.
+    pub fn trusted_proxies(&self) -> Result<Option<crate::proxy::TrustedProxies>, String> {
+        if !self.proxy_headers {
+            return Ok(None);
+        }
+        let (list, source) = match &self.forwarded_allow_ips {
+            Some(list) => (list.clone(), "--forwarded-allow-ips"),
+            None => match std::env::var(crate::proxy::ALLOW_IPS_ENV) {
+                Ok(list) => (list, crate::proxy::ALLOW_IPS_ENV),
+                Err(std::env::VarError::NotPresent) => {
+                    (crate::proxy::DEFAULT_ALLOW_IPS.to_string(), "the default")
+                }
+                Err(e) => return Err(format!("{}: {e}", crate::proxy::ALLOW_IPS_ENV)),
+            },
+        };
+        list.parse().map(Some).map_err(|e| format!("{source}: {e}"))
     }
 
     /// `--max-ws-message-size`, with 0 meaning no limit.
@@ -813,6 +846,33 @@ mod tests {
         assert!(err.contains("--socket-mode needs"), "{err}");
         let err = parse(&["-b", "0", "a.pl"]).validate().unwrap_err();
         assert!(err.contains("--listener-backlog"), "{err}");
+    }
+
+    #[test]
+    fn proxy_headers_are_off_unless_asked_for_and_a_bad_list_is_refused() {
+        let o = parse(&["--forwarded-allow-ips", "10.0.0.0/8", "a.pl"]);
+        assert_eq!(o.trusted_proxies(), Ok(None), "the list alone does nothing");
+        let o = parse(&[
+            "--proxy-headers",
+            "--forwarded-allow-ips",
+            "10.0.0.0/8, unix:",
+            "a.pl",
+        ]);
+        assert_eq!(
+            o.trusted_proxies(),
+            Ok(Some("10.0.0.0/8,unix:".parse().unwrap()))
+        );
+        let o = parse(&[
+            "--proxy-headers",
+            "--forwarded-allow-ips",
+            "10.0.0.0/99",
+            "a.pl",
+        ]);
+        let err = o.validate().unwrap_err();
+        assert!(
+            err.starts_with("--forwarded-allow-ips: '10.0.0.0/99'"),
+            "{err}"
+        );
     }
 
     #[test]

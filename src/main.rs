@@ -19,6 +19,7 @@ mod http2;
 mod interp;
 mod listen;
 mod logging;
+mod proxy;
 mod scope;
 mod server;
 mod service;
@@ -75,6 +76,9 @@ fn main() -> ExitCode {
     if let Err(e) = error_log {
         logging::startup_error(&e);
         return ExitCode::FAILURE;
+    }
+    if opts.forwarded_allow_ips.is_some() && !opts.proxy_headers {
+        tracing::warn!("--forwarded-allow-ips has no effect without --proxy-headers");
     }
     // Here, while this is the only thread and before Perl copies the
     // environment into %ENV: systemd's LISTEN_* variables are removed.
@@ -238,6 +242,7 @@ fn run(
         max_queued_requests: opts.max_queued_requests,
         tls,
         root_path: opts.root_path.clone(),
+        proxy_headers: opts.trusted_proxies().ok().flatten().map(Arc::new),
         max_header_size: opts.max_header_size,
         max_header_count: opts.max_header_count,
         request_timeout: Options::timeout_opt(opts.request_timeout),

@@ -26,6 +26,8 @@ pub struct Server {
     pub pool: Pool,
     pub exchange_config: Arc<ExchangeConfig>,
     pub root_path: String,
+    /// `--proxy-headers`: the `--forwarded-allow-ips` list (None: off).
+    pub proxy_headers: Option<Arc<crate::proxy::TrustedProxies>>,
     pub max_header_size: usize,
     pub max_header_count: usize,
     pub request_timeout: Option<Duration>,

@@ -93,6 +93,16 @@ impl ConnInfo {
         }
     }
 
+    /// The peer, as `--forwarded-allow-ips` judges it.
+    pub fn peer(&self) -> crate::proxy::Peer<'_> {
+        match self.client {
+            Peer::Tcp(addr) => crate::proxy::Peer::Ip(addr.ip()),
+            Peer::Unix => crate::proxy::Peer::Unix {
+                listener: std::str::from_utf8(&self.server_host).ok(),
+            },
+        }
+    }
+
     /// The same connection, made over TLS.
     pub fn with_tls(mut self, facts: Arc<crate::tls::TlsFacts>) -> ConnInfo {
         self.tls = Some(facts);
@@ -160,8 +170,7 @@ where
     let is_head = parts.method == Method::HEAD;
     let http10 = parts.version == Version::HTTP_10;
     let kind = ScopeKind::of_request(&parts.headers);
-    let scope =
-        RequestScope::from_parts(&mut parts, &ctx.conn, &server.root_path, body_state, kind);
+    let scope = build_scope(&mut parts, &ctx, &server, body_state, kind);
 
     let (interp, exchange, head_rx) = open_exchange(&server, &ctx, &scope, is_head);
 
@@ -224,6 +233,24 @@ where
     }
 }
 
+/// The scope of a request, as the app sees it: with `--proxy-headers`,
+/// what a trusted proxy says about the client, scheme and host.
+pub(crate) fn build_scope(
+    parts: &mut Parts,
+    ctx: &RequestContext,
+    server: &Server,
+    body: BodyState,
+    kind: ScopeKind,
+) -> RequestScope {
+    let mut scope = RequestScope::from_parts(parts, &ctx.conn, &server.root_path, body, kind);
+    if let Some(trusted) = &server.proxy_headers {
+        if let Some(forwarded) = crate::proxy::resolve(trusted, &ctx.conn.peer(), &scope.headers) {
+            crate::proxy::apply(&mut scope, forwarded);
+        }
+    }
+    scope
+}
+
 /// A busy interpreter's mailbox is bounded: past --max-queued-requests new
 /// requests are turned away (503) rather than queued without end.
 pub fn refuse_when_queue_full(
@@ -269,7 +296,8 @@ pub(crate) fn open_exchange<'s>(
         raw_path: scope.raw_path.clone(),
         query: scope.query_string.clone(),
         http_version: scope.http_version,
-        client: ctx.conn.client,
+        // The client the app sees: a trusted proxy's word for it.
+        client: scope.client,
         headers: if server.access_log_needs_headers {
             // What the app is shown, so %{..}i atoms agree with it.
             crate::scope::scope_headers(scope)
@@ -373,8 +401,15 @@ pub fn log_refusal(
     } else {
         Vec::new()
     };
+    // As for the requests that reach the app, the client a trusted proxy names.
+    let client = server
+        .proxy_headers
+        .as_ref()
+        .and_then(|trusted| crate::proxy::resolve(trusted, &conn.peer(), &parts.headers))
+        .and_then(|forwarded| forwarded.client)
+        .map_or(conn.client, Peer::Tcp);
     log.write(&Record {
-        client: Some(conn.client),
+        client: Some(client),
         method: method.unwrap_or(parts.method.as_str()),
         raw_path: parts.uri.path().as_bytes(),
         query: parts.uri.query().unwrap_or("").as_bytes(),

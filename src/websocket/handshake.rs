@@ -19,11 +19,11 @@ use super::session::{Ending, Session};
 use crate::body::ResponseBody;
 use crate::exchange::Head;
 use crate::interp::messages::ToPerl;
-use crate::scope::{BodyState, RequestScope, ScopeKind};
+use crate::scope::{BodyState, ScopeKind};
 use crate::server::Server;
 use crate::service::{
-    open_exchange, plain_response, refuse_when_queue_full, CloseAfter, PendingHead, RequestContext,
-    ServiceError,
+    build_scope, open_exchange, plain_response, refuse_when_queue_full, CloseAfter, PendingHead,
+    RequestContext, ServiceError,
 };
 
 fn has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &[u8]) -> bool {
@@ -173,10 +173,10 @@ pub async fn handle(
     if let Some(busy) = refuse_when_queue_full(&server, &parts, &ctx) {
         return Ok(busy);
     }
-    let scope = RequestScope::from_parts(
+    let scope = build_scope(
         &mut parts,
-        &ctx.conn,
-        &server.root_path,
+        &ctx,
+        &server,
         BodyState::Empty,
         ScopeKind::WebSocket,
     );
