@@ -294,21 +294,26 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    /// Spawn the writer thread for `dest` (stderr when None).
-    pub fn start(format: Format, dest: Option<std::path::PathBuf>) -> std::io::Result<AccessLog> {
-        let sink: Box<dyn Write + Send> = match dest {
-            Some(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| {
-                        std::io::Error::new(
-                            e.kind(),
-                            format!("Cannot open access log {}: {e}", path.display()),
-                        )
-                    })?,
-            ),
+    /// Open the access log file for appending.  Done before the server
+    /// gives up root (`--user`) and before it forks workers, which each
+    /// write whole lines to it.
+    pub fn open(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("Cannot open access log {}: {e}", path.display()),
+                )
+            })
+    }
+
+    /// Spawn the writer thread for `file` (stderr when None).
+    pub fn start_on(format: Format, file: Option<std::fs::File>) -> std::io::Result<AccessLog> {
+        let sink: Box<dyn Write + Send> = match file {
+            Some(file) => Box::new(file),
             None => Box::new(std::io::stderr()),
         };
         Self::start_writing_to(format, sink)

@@ -33,6 +33,9 @@ pub enum StartupError {
     Interpreter(String),
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// Daemonizing, privileges, signals, the pid file, an inherited socket.
+    #[error("{0}")]
+    Process(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,

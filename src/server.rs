@@ -42,7 +42,48 @@ pub struct Server {
     /// `--ssl-cert`: every connection is TLS, its handshake made in the
     /// connection's own task.
     pub tls: Option<Arc<Tls>>,
+    /// Set when this process retires while others take over its work (a
+    /// worker replaced on HUP, TTOU, `--max-requests` or a binary upgrade):
+    /// each HTTP/1.1 connection answers its next request with `Connection:
+    /// close` instead of being closed under a client that may be sending one.
+    pub retiring: AtomicBool,
+    /// `--max-requests`: how many requests this process takes before it
+    /// asks to be replaced.
+    pub request_limit: Option<RequestLimit>,
 }
+
+/// `--max-requests` in one worker.
+pub struct RequestLimit {
+    pub limit: u64,
+    /// Notified once, when the request numbered `limit` arrives.
+    pub reached: Notify,
+}
+
+impl Server {
+    /// Note the request numbered `id` (1, 2, ...) for `--max-requests`.
+    pub fn count_request(&self, id: u64) {
+        if let Some(l) = &self.request_limit {
+            if id == l.limit {
+                l.reached.notify_one();
+            }
+        }
+    }
+}
+
+/// How a serving process stops taking new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    /// The whole server stops: idle connections close at once.
+    Stop,
+    /// Other processes take over (see `Server::retiring`).
+    Retire,
+}
+
+/// How long a retiring process keeps an idle HTTP/1.1 connection open for
+/// the client's next request, which gets `Connection: close`.  A client
+/// sending requests back to back (a proxy, a load test) sends it within
+/// this; closing sooner would race it and fail it.
+pub const RETIRE_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// Counts tasks that outlive their HTTP connection (accepted WebSockets),
 /// so that shutdown waits for their closing handshakes too.
@@ -149,12 +190,14 @@ async fn refuse_busy_tls(tls: Arc<Tls>, stream: TcpStream) {
     }
 }
 
-/// Accept and serve until `shutdown` resolves, then let in-flight requests
-/// finish for up to `grace` before dropping what is left.
+/// Accept on every listener and serve until `shutdown` resolves, then let
+/// in-flight requests finish for up to `grace` (or until `force` resolves)
+/// before dropping what is left.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     server: Arc<Server>,
-    shutdown: impl std::future::Future<Output = ()>,
+    shutdown: impl std::future::Future<Output = Drain>,
+    force: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) {
     let http1 = Arc::new(crate::http1::connection::builder(&server));
@@ -162,15 +205,28 @@ pub async fn serve(
     let mut draining = server.shutting_down.subscribe();
     // Each connection task holds a clone; when all are gone, so are the connections.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-    let local = listener.local_addr().ok();
+    let locals: Vec<Option<SocketAddr>> = listeners.iter().map(|l| l.local_addr().ok()).collect();
     let open = Arc::new(AtomicUsize::new(0));
     let mut at_capacity = false;
+    let mut turn = 0usize;
     tokio::pin!(shutdown);
 
-    loop {
-        let (stream, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+    let drain = loop {
+        let accept_any = std::future::poll_fn(|cx| {
+            // Start at a different listener each time, so that a busy one
+            // does not starve the others.
+            let n = listeners.len();
+            for k in 0..n {
+                let i = (turn + k) % n;
+                if let std::task::Poll::Ready(r) = listeners[i].poll_accept(cx) {
+                    return std::task::Poll::Ready((r, i));
+                }
+            }
+            std::task::Poll::Pending
+        });
+        let ((stream, client), which) = tokio::select! {
+            (accepted, which) = accept_any => match accepted {
+                Ok(pair) => (pair, which),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!("accept failed: {e}");
@@ -178,8 +234,10 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            drain = &mut shutdown => break drain,
         };
+        turn = which + 1;
+        let local = locals[which];
         let _ = stream.set_nodelay(true);
         let live = open.load(Ordering::Acquire) + server.detached.count();
         if live >= server.max_connections {
@@ -215,8 +273,11 @@ pub async fn serve(
             let _counted = counted;
             serve_connection(stream, info, server, &http1, signals).await;
         });
+    };
+    drop(listeners);
+    if drain == Drain::Retire {
+        server.retiring.store(true, Ordering::Release);
     }
-    drop(listener);
     server.shutting_down.send_replace(true);
     let _ = draining.borrow_and_update();
     drop(alive_tx);
@@ -225,8 +286,19 @@ pub async fn serve(
         alive_rx.recv().await;
         server.detached.wait_idle().await;
     };
-    if tokio::time::timeout(grace, drained).await.is_err() {
-        tracing::warn!("Shutdown timeout: force-closing active connections");
+    let forced = tokio::select! {
+        done = tokio::time::timeout(grace, drained) => {
+            if done.is_err() {
+                tracing::warn!("Shutdown timeout: force-closing active connections");
+            }
+            done.is_err()
+        }
+        _ = force => {
+            tracing::warn!("Forced shutdown: closing active connections now");
+            true
+        }
+    };
+    if forced {
         FORCE_CLOSING.store(true, Ordering::Release);
         let _ = force_tx.send(true);
         // Let the connection tasks run their drops (which notify the apps).
