@@ -22,6 +22,7 @@ subtest 'two workers serve; the master does not' => sub {
       'the startup line names the workers';
     my @w = wait_workers( $s->pid, 2, 5 );
     is scalar @w, 2, 'two worker processes';
+    is proc_status_field( $s->pid, 'Threads' ), 1, 'the master has one thread (it forks before any other exists)';
     my %seen;
     for ( 1 .. 40 ) {
         my $pid = answering_pid( $s->port );
@@ -62,6 +63,15 @@ subtest 'kill -9 of a worker under load: a new one serves within a second' => su
     for ( 1 .. 30 ) { my $p = answering_pid( $s->port ); $answered{ $p // 'failed' }++ }
     ok !$answered{failed} && !$answered{$victim}, 'serving afterwards, never from the dead worker';
     is $s->stop('TERM'), 0, 'stops cleanly';
+};
+
+subtest 'a master killed with SIGKILL: its workers notice and stop' => sub {
+    my $s = start_server( '-w', 2, pid_app() );
+    my @w = wait_workers( $s->pid, 2, 5 );
+    kill 'KILL', $s->pid;
+    $s->stop( 'CHLD', 5 );
+    ok wait_gone( 10, @w ), 'no orphaned worker keeps serving';
+    like $s->output, qr/the master process is gone: stopping/, 'they say why';
 };
 
 subtest 'lifespan startup failing in every worker: master exits 1 with the message' => sub {
