@@ -70,7 +70,9 @@ fn main() {
     // not instrumented, but ASan's malloc/free catch double frees and frees
     // of memory another interpreter owns.
     if std::env::var("PAGI_RS_SANITIZE").as_deref() == Ok("address") {
-        build.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
+        build
+            .flag("-fsanitize=address")
+            .flag("-fno-omit-frame-pointer");
         // The linker may be rust-lld, which does not add the runtime for
         // -fsanitize; name the library.  It then does not come first in
         // the load order: run with ASAN_OPTIONS=verify_asan_link_order=0.

@@ -395,31 +395,42 @@ pub struct Destination {
     batch: usize,
 }
 
+/// Open FILE for appending (created if missing).  A master does this
+/// before it gives up root (`--user`) and forks the workers that share it.
+pub fn open_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("Cannot open access log {}: {e}", path.display()),
+            )
+        })
+}
+
 impl Destination {
     /// FILE, appending (created if missing), or stderr when None.
     pub fn open(path: Option<&std::path::Path>) -> std::io::Result<Destination> {
         match path {
-            Some(path) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| {
-                        std::io::Error::new(
-                            e.kind(),
-                            format!("Cannot open access log {}: {e}", path.display()),
-                        )
-                    })?;
-                let batch = batch_for(std::os::fd::AsRawFd::as_raw_fd(&file));
-                Ok(Destination {
-                    sink: Box::new(file),
-                    batch,
-                })
-            }
+            Some(path) => Ok(Destination::from_file(open_file(path)?)),
             None => Ok(Destination {
                 sink: Box::new(std::io::stderr()),
                 batch: batch_for(libc::STDERR_FILENO),
             }),
+        }
+    }
+}
+
+impl Destination {
+    /// An access log file already opened for appending: by a master before
+    /// it gives up root (`--user`) and forks the workers that write to it.
+    pub fn from_file(file: std::fs::File) -> Destination {
+        let batch = batch_for(std::os::fd::AsRawFd::as_raw_fd(&file));
+        Destination {
+            sink: Box::new(file),
+            batch,
         }
     }
 }
@@ -465,11 +476,6 @@ struct WriterThread {
 }
 
 impl AccessLog {
-    /// Open `dest` (stderr when None) and start its writer thread.
-    pub fn start(format: Format, dest: Option<std::path::PathBuf>) -> std::io::Result<AccessLog> {
-        Self::start_on(format, Destination::open(dest.as_deref())?)
-    }
-
     /// Start the writer thread for an opened destination.
     pub fn start_on(format: Format, dest: Destination) -> std::io::Result<AccessLog> {
         let (tx, rx) = mpsc::sync_channel::<Entry>(QUEUED_LINES);

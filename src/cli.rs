@@ -17,6 +17,36 @@ pub enum LifespanMode {
     Off,
 }
 
+/// `-E`: what the reference runner's environment modes change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EnvMode {
+    /// The app is wrapped in PAGI::Middleware::Lint when PAGI-Tools is installed.
+    Development,
+    /// No access log unless --access-log names a file; no middleware.
+    Production,
+    /// No middleware; defaults otherwise as in development.
+    None,
+}
+
+impl EnvMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvMode::Development => "development",
+            EnvMode::Production => "production",
+            EnvMode::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EnvMode> {
+        match s {
+            "development" => Some(EnvMode::Development),
+            "production" => Some(EnvMode::Production),
+            "none" => Some(EnvMode::None),
+            _ => None,
+        }
+    }
+}
+
 /// Log verbosity, as in the reference server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogLevel {
@@ -322,6 +352,52 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub interpreters: usize,
 
+    /// Worker processes: 1 serves from this process; N > 1 starts a master
+    /// that loads the app once and forks N workers (see README, "Workers").
+    #[arg(short = 'w', long, value_name = "N", default_value_t = 1)]
+    pub workers: usize,
+
+    /// Replace a worker after it has taken N requests (0: never).  Starts a
+    /// master even with one worker.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_requests: u64,
+
+    /// Add a random 0..=N to each worker's --max-requests, so that workers
+    /// started together are not all replaced at once.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_requests_jitter: u64,
+
+    /// Kill and replace a worker whose interpreter has not turned its event
+    /// loop for this many seconds (an app stuck in a busy loop); 0 disables.
+    #[arg(long, value_name = "SECONDS", default_value_t = 50)]
+    pub heartbeat_timeout: u64,
+
+    /// Run in the background: detach from the terminal once the server is
+    /// ready (the command exits 0 then, or with the startup error's status).
+    #[arg(short = 'D', long)]
+    pub daemonize: bool,
+
+    /// Write the server's (the master's) process id to FILE; removed on exit.
+    #[arg(long = "pid", value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Run as USER after binding (needs root); the app loads as USER.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run as GROUP after binding (needs root); default: USER's group.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Environment mode: development, production or none (default: $PAGI_ENV,
+    /// else development on a terminal and production otherwise).
+    #[arg(short = 'E', long = "env", value_enum, value_name = "MODE")]
+    pub env_mode: Option<EnvMode>,
+
+    /// Do not wrap the app in the mode's middleware (Lint in development).
+    #[arg(long)]
+    pub no_default_middleware: bool,
+
     /// Print the version and exit.
     #[arg(short = 'v', long = "version", action = ArgAction::Version)]
     pub version: Option<bool>,
@@ -418,6 +494,12 @@ impl Options {
         }
     }
 
+    /// Whether a master process supervises workers (`-w` above 1, or
+    /// `--max-requests`, which replaces workers).
+    pub fn needs_master(&self) -> bool {
+        self.workers > 1 || self.max_requests > 0
+    }
+
     pub fn effective_log_level(&self) -> LogLevel {
         match (self.log_level, self.quiet) {
             (Some(level), _) => level,
@@ -436,6 +518,7 @@ impl Options {
             ("--lifespan-startup-timeout", self.lifespan_startup_timeout),
             ("--ws-idle-timeout", self.ws_idle_timeout),
             ("--sse-idle-timeout", self.sse_idle_timeout),
+            ("--heartbeat-timeout", self.heartbeat_timeout),
         ] {
             if secs > MAX_SECONDS {
                 return Err(format!(
@@ -468,6 +551,7 @@ impl Options {
                 MAX_HEADER_COUNT,
             ),
             ("--interpreters", self.interpreters, MAX_INTERPRETERS),
+            ("--workers", self.workers, MAX_WORKERS),
             (
                 "--write-high-watermark",
                 self.write_high_watermark,
@@ -495,6 +579,16 @@ impl Options {
         }
         if self.interpreters == 0 {
             return Err("--interpreters must be at least 1".into());
+        }
+        if self.max_requests_jitter > 0 && self.max_requests == 0 {
+            return Err("--max-requests-jitter needs --max-requests".into());
+        }
+        if self
+            .max_requests
+            .checked_add(self.max_requests_jitter)
+            .is_none()
+        {
+            return Err("--max-requests plus --max-requests-jitter is too large".into());
         }
         if self.max_queued_requests == 0 {
             return Err("--max-queued-requests must be at least 1".into());
@@ -585,6 +679,7 @@ pub const MAX_HEADER_SIZE: usize = 1 << 30;
 /// The request gate parses heads into this many header slots.
 pub const MAX_HEADER_COUNT: usize = 10_000;
 pub const MAX_INTERPRETERS: usize = 256;
+pub const MAX_WORKERS: usize = 1024;
 pub const MAX_WATERMARK: usize = 1 << 40;
 pub const MAX_RECEIVE_QUEUE: usize = 1 << 30;
 

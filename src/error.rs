@@ -35,4 +35,7 @@ pub enum StartupError {
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Listen(#[from] crate::listen::ListenError),
+    /// Daemonizing, privileges, signals, the pid file, an inherited socket.
+    #[error("{0}")]
+    Process(String),
 }

@@ -626,7 +626,7 @@ pub fn take_inherited() -> Result<Vec<BoundListener>, ListenError> {
 }
 
 /// Take `fd`, which must be an open, listening stream socket (TCP or Unix).
-fn adopt(fd: RawFd, name: Option<String>) -> Result<BoundListener, ListenError> {
+pub fn adopt(fd: RawFd, name: Option<String>) -> Result<BoundListener, ListenError> {
     let refuse = |why: String| ListenError::Inherited(format!("descriptor {fd} {why}"));
     // SAFETY: F_GETFD only reads the flags of a descriptor number.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {

@@ -7,6 +7,13 @@
 //! (perl/PAGI/RS/*.pm through `interp::exports`); the app's events drive
 //! the exchange, whose queue the protocol drains through
 //! `body::ResponseBody` onto the wire.
+//!
+//! The processes: `main` binds the listeners and loads the app on its main
+//! thread (`interp::load`), then either serves from this process
+//! (`serving`), or becomes the master (`supervisor`) that forks workers,
+//! each serving from its copy of the loaded app (`serving`, `worker`).
+//! `process` holds daemonizing, the pid file, privileges and `-E`;
+//! `signals` the server's own signal handling.
 
 mod access_log;
 mod body;
@@ -19,27 +26,30 @@ mod http2;
 mod interp;
 mod listen;
 mod logging;
+mod process;
 mod proxy;
 mod scope;
 mod server;
 mod service;
+mod serving;
+mod signals;
 mod spec;
 mod sse;
+mod supervisor;
 mod tls;
 mod websocket;
+mod worker;
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
-use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cli::Options;
+use crate::cli::{EnvMode, Options};
 use crate::error::StartupError;
-use crate::exchange::ExchangeConfig;
-use crate::interp::{LoadSpec, Pool};
-use crate::server::Server;
+use crate::interp::LoadSpec;
+use crate::serving::{AccessLogDest, Prepared, Role};
+use crate::supervisor::Inherited;
 
 /// Per-request allocations (scope, exchange, frames) cross threads; mimalloc
 /// handles that pattern with far less contention than glibc's malloc.
@@ -66,6 +76,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before any thread exists: these set environment variables.
+    let (mode, mode_source) = process::resolve_env_mode(&opts);
     // The error log takes stderr before anything else can be said there:
     // the app's load errors and warnings, bind errors, and all that follows.
     let error_log = opts
@@ -81,13 +93,42 @@ fn main() -> ExitCode {
         tracing::warn!("--forwarded-allow-ips has no effect without --proxy-headers");
     }
     // Here, while this is the only thread and before Perl copies the
-    // environment into %ENV: systemd's LISTEN_* variables are removed.
-    let inherited = match listen::take_inherited() {
+    // environment into %ENV: systemd's LISTEN_* variables and a binary
+    // upgrade's are removed.
+    let systemd = match listen::take_inherited() {
         Ok(listeners) => listeners,
         Err(e) => {
             logging::startup_error(&e.to_string());
             return ExitCode::FAILURE;
         }
+    };
+    let upgrade = match Inherited::from_env() {
+        Ok(i) => i,
+        Err(e) => {
+            logging::startup_error(&e.to_string());
+            return ExitCode::FAILURE;
+        }
+    };
+    // A binary upgrade's new master runs where the old one did, detached
+    // already if it was.
+    if opts.daemonize && upgrade.is_none() {
+        if let Err(e) = process::daemonize() {
+            logging::startup_error(&format!("cannot daemonize: {e}"));
+            return ExitCode::FAILURE;
+        }
+    }
+    let pid_file = match &opts.pid_file {
+        Some(path) => {
+            match process::PidFile::create(path, upgrade.as_ref().and_then(|i| i.old_master)) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    logging::startup_error(&e.to_string());
+                    process::announce_failure(1);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
     };
 
     // SAFETY: once, on the main thread, before any interpreter exists.  The
@@ -98,22 +139,6 @@ fn main() -> ExitCode {
         interp::ffi::pagi_install_exit_guard();
         interp::ffi::pagi_install_signal_forwarding();
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        // Interpreter threads need cores too: network threads that outnumber
-        // the cores left over only park and unpark waiting for them.
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        builder.worker_threads(cores.saturating_sub(opts.interpreters).max(1));
-    }
-    let runtime = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            logging::startup_error(&format!("cannot start the runtime: {e}"));
-            return ExitCode::FAILURE;
-        }
-    };
     let spec = LoadSpec {
         app,
         args,
@@ -130,9 +155,10 @@ fn main() -> ExitCode {
         queued_message_cost: websocket::QUEUED_MESSAGE_COST,
         spec: opts.spec_version,
         max_disconnect_receives: opts.max_disconnect_receives,
+        lint: mode == EnvMode::Development && !opts.no_default_middleware,
     };
-    match run(&opts, spec, format, &runtime, inherited) {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match run(opts, spec, format, mode, mode_source, systemd, upgrade) {
+        Ok(()) => 0,
         Err(e) => {
             match &e {
                 StartupError::AppLoad(msg) => logging::startup_error(&format!(
@@ -141,19 +167,24 @@ fn main() -> ExitCode {
                 )),
                 other => logging::startup_error(&other.to_string()),
             }
-            ExitCode::FAILURE
+            1
         }
-    }
+    };
+    process::announce_failure(code);
+    drop(pid_file);
+    ExitCode::from(code)
     // PERL_SYS_TERM is deliberately not called: the process is ending, and
     // it is only safe once every interpreter is destroyed.
 }
 
 fn run(
-    opts: &Options,
+    opts: Options,
     spec: LoadSpec,
     format: access_log::Format,
-    runtime: &tokio::runtime::Runtime,
-    inherited: Vec<listen::BoundListener>,
+    mode: EnvMode,
+    mode_source: &'static str,
+    systemd: Vec<listen::BoundListener>,
+    upgrade: Option<Inherited>,
 ) -> Result<(), StartupError> {
     // Certificates and keys are read before anything else: a bad file is
     // reported before the app loads and before any port is bound.
@@ -163,134 +194,64 @@ fn run(
         )),
         None => None,
     };
-    let access_log = if opts.no_access_log {
-        None
-    } else {
-        Some(
-            access_log::AccessLog::start(format.clone(), opts.access_log.clone())
-                .map_err(|e| StartupError::Interpreter(e.to_string()))?,
+    // Production (-E) logs no requests unless told where to.
+    let access_log = if opts.no_access_log
+        || (mode == EnvMode::Production && opts.access_log.is_none())
+    {
+        AccessLogDest::Off
+    } else if let Some(path) = &opts.access_log {
+        AccessLogDest::File(
+            access_log::open_file(path).map_err(|e| StartupError::Interpreter(e.to_string()))?,
         )
+    } else {
+        AccessLogDest::Stderr
     };
-    let needs_headers = format.needs_headers();
-
-    let pool = Pool::start(opts.interpreters, &spec, runtime.handle().clone())?;
-
-    // Dropped at the end of run, successful or not: the Unix socket files
-    // bound here are removed.
+    // A binary upgrade's sockets, like systemd's, are taken over rather
+    // than bound again: the addresses they serve match the options.
+    let mut inherited = systemd;
+    if let Some(upgrade) = upgrade {
+        inherited.extend(upgrade.listeners);
+    }
+    let listen_config = opts.listen_config();
+    let listen = move || listen::bind_all(&listen_config, inherited);
+    // The app loads before anything is bound (a broken app never holds the
+    // port), except under --user/--group: binding a privileged port needs
+    // root, and the app must not load as root.
+    let (loaded, bound) = if opts.user.is_some() || opts.group.is_some() {
+        let bound = listen()?;
+        process::drop_privileges(opts.user.as_deref(), opts.group.as_deref())
+            .map_err(StartupError::Process)?;
+        (interp::load(&spec)?, bound)
+    } else {
+        let loaded = interp::load(&spec)?;
+        (loaded, listen()?)
+    };
+    // Dropped when run returns, successful or not: the Unix socket files
+    // this process bound are removed (by this process only, never by a
+    // worker).
     let listen::Bound {
         listeners,
         socket_files: _socket_files,
-    } = listen::bind_all(&opts.listen_config(), inherited)?;
-    let shown = listen::describe_all(&listeners, tls.is_some());
-    for listener in &listeners {
-        // A process the app forks must not keep the server's sockets after
-        // the server stops: calls.c's fork handler closes these in it.
-        // SAFETY: only records a descriptor number; the handler closes it
-        // in forked children, never in this process.
-        if unsafe { interp::ffi::pagi_close_in_forked_children(listener.fd()) } == 0 {
-            tracing::warn!("a process the app forks keeps descriptor {}", listener.fd());
-        }
-    }
-    let listeners = {
-        let _enter = runtime.enter();
-        server::Listener::register_all(listeners)?
-    };
-
-    pool.lifespan_startup(
-        opts.lifespan,
-        Options::timeout_opt(opts.lifespan_startup_timeout),
-    )?;
-
-    let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
-    let server = Arc::new(Server {
-        pool,
-        exchange_config: Arc::new(ExchangeConfig {
-            high_water: opts.write_high_watermark,
-            low_water: opts.write_low_watermark,
-            max_body: opts.max_body_size,
-            body_rate: opts.body_min_rate(),
-            access_log,
-            streams: sse::StreamSettings {
-                idle_timeout: Options::timeout_opt(opts.sse_idle_timeout),
-                shutdown: shutdown_seen,
-            },
-            spec: opts.spec_version,
-        }),
-        websocket: Arc::new(websocket::Settings {
-            max_frame_size: (opts.max_ws_frame_size > 0).then_some(opts.max_ws_frame_size),
-            max_message_size: opts.ws_message_limit(),
-            idle_timeout: Options::timeout_opt(opts.ws_idle_timeout),
-            close_timeout: Duration::from_secs(opts.ws_close_timeout),
-            max_in_transit: opts.max_receive_queue.max(1),
-            max_in_transit_bytes: websocket::Settings::transit_budget(opts.ws_message_limit()),
-            max_send_backlog: spec.send_backlog,
-            queued_message_cost: websocket::QUEUED_MESSAGE_COST,
-        }),
-        http2: http2::Settings {
-            cleartext: opts.http2,
-            max_concurrent_streams: opts.h2_max_concurrent_streams,
-            initial_window_size: opts.h2_initial_window_size,
-            max_frame_size: opts.h2_max_frame_size,
-            max_header_list_size: opts.h2_max_header_list_size,
-            rst_burst: opts.h2_rst_burst,
-            rst_per_second: opts.h2_rst_rate,
-            idle_timeout: Options::timeout_opt(opts.timeout),
-        },
-        shutting_down,
-        detached: Default::default(),
-        max_connections: opts.connection_limit(),
-        max_queued_requests: opts.max_queued_requests,
+    } = bound;
+    let prepared = Prepared {
+        opts,
+        spec,
+        format,
+        access_log,
         tls,
-        root_path: opts.root_path.clone(),
-        proxy_headers: opts.trusted_proxies().ok().flatten().map(Arc::new),
-        max_header_size: opts.max_header_size,
-        max_header_count: opts.max_header_count,
-        request_timeout: Options::timeout_opt(opts.request_timeout),
-        keepalive_timeout: Options::timeout_opt(opts.timeout),
-        access_log_needs_headers: needs_headers,
-        gate_limits: http1::gate::Limits {
-            max_header_size: opts.max_header_size,
-            max_header_count: opts.max_header_count,
-            max_body: opts.max_body_size,
-        },
-    });
-
-    tracing::info!(
-        "pagi-rs {} listening on {} (pid {}, interpreters: {}, loop: IO::Async)",
-        env!("CARGO_PKG_VERSION"),
-        shown.join(", "),
-        std::process::id(),
-        server.pool.len()
-    );
-
-    let grace = Duration::from_secs(opts.shutdown_timeout);
-    runtime.block_on(server::serve(
-        listeners,
-        server.clone(),
-        shutdown_signal(),
-        grace,
-    ));
-
-    server.pool.lifespan_shutdown(grace);
-    server.pool.stop(Duration::from_secs(5));
-    if let Some(log) = &server.exchange_config.access_log {
-        log.close(access_log::CLOSE_WITHIN);
+        mode,
+        mode_source,
+    };
+    if prepared.opts.needs_master() {
+        return supervisor::run(prepared, loaded, listeners);
     }
-    tracing::info!("Shutdown complete");
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
-        return std::future::pending().await;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "TERM",
-        _ = int.recv() => "INT",
-    };
-    tracing::info!("Received {name}, shutting down");
+    const SERVER_SIGNALS: [libc::c_int; 4] =
+        [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR2];
+    let signal_pipe = signals::SignalPipe::open(&SERVER_SIGNALS)
+        .map_err(|e| StartupError::Process(format!("cannot set up signals: {e}")))?;
+    for sig in SERVER_SIGNALS {
+        signals::handle(sig)
+            .map_err(|e| StartupError::Process(format!("cannot handle signals: {e}")))?;
+    }
+    serving::serve(&prepared, loaded, listeners, signal_pipe, Role::Single)
 }

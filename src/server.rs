@@ -48,7 +48,48 @@ pub struct Server {
     /// `--ssl-cert`: every connection is TLS, its handshake made in the
     /// connection's own task.
     pub tls: Option<Arc<Tls>>,
+    /// Set when this process retires while others take over its work (a
+    /// worker replaced on HUP, TTOU, `--max-requests` or a binary upgrade):
+    /// each HTTP/1.1 connection answers its next request with `Connection:
+    /// close` instead of being closed under a client that may be sending one.
+    pub retiring: AtomicBool,
+    /// `--max-requests`: how many requests this process takes before it
+    /// asks to be replaced.
+    pub request_limit: Option<RequestLimit>,
 }
+
+/// `--max-requests` in one worker.
+pub struct RequestLimit {
+    pub limit: u64,
+    /// Notified once, when the request numbered `limit` arrives.
+    pub reached: Notify,
+}
+
+impl Server {
+    /// Note the request numbered `id` (1, 2, ...) for `--max-requests`.
+    pub fn count_request(&self, id: u64) {
+        if let Some(l) = &self.request_limit {
+            if id == l.limit {
+                l.reached.notify_one();
+            }
+        }
+    }
+}
+
+/// How a serving process stops taking new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    /// The whole server stops: idle connections close at once.
+    Stop,
+    /// Other processes take over (see `Server::retiring`).
+    Retire,
+}
+
+/// How long a retiring process keeps an idle HTTP/1.1 connection open for
+/// the client's next request, which gets `Connection: close`.  A client
+/// sending requests back to back (a proxy, a load test) sends it within
+/// this; closing sooner would race it and fail it.
+pub const RETIRE_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// Counts tasks that outlive their HTTP connection (accepted WebSockets),
 /// so that shutdown waits for their closing handshakes too.
@@ -239,11 +280,13 @@ struct AcceptShared {
 }
 
 /// Accept and serve on every listener until `shutdown` resolves, then let
-/// in-flight requests finish for up to `grace` before dropping what is left.
+/// in-flight requests finish for up to `grace` (or until `force` resolves)
+/// before dropping what is left.
 pub async fn serve(
     listeners: Vec<Listener>,
     server: Arc<Server>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = Drain>,
+    force: impl Future<Output = ()>,
     grace: Duration,
 ) {
     let (force_tx, force_rx) = watch::channel(false);
@@ -267,12 +310,15 @@ pub async fn serve(
         .collect();
     drop(shared);
 
-    shutdown.await;
+    let drain = shutdown.await;
     // Each loop drops its listener as it ends: no new connection is taken
     // once the drain begins.
     let _ = stop_tx.send(true);
     for accept in loops {
         let _ = accept.await;
+    }
+    if drain == Drain::Retire {
+        server.retiring.store(true, Ordering::Release);
     }
     server.shutting_down.send_replace(true);
     let _ = draining.borrow_and_update();
@@ -281,8 +327,19 @@ pub async fn serve(
         alive_rx.recv().await;
         server.detached.wait_idle().await;
     };
-    if tokio::time::timeout(grace, drained).await.is_err() {
-        tracing::warn!("Shutdown timeout: force-closing active connections");
+    let forced = tokio::select! {
+        done = tokio::time::timeout(grace, drained) => {
+            if done.is_err() {
+                tracing::warn!("Shutdown timeout: force-closing active connections");
+            }
+            done.is_err()
+        }
+        _ = force => {
+            tracing::warn!("Forced shutdown: closing active connections now");
+            true
+        }
+    };
+    if forced {
         FORCE_CLOSING.store(true, Ordering::Release);
         let _ = force_tx.send(true);
         // Let the connection tasks run their drops (which notify the apps).

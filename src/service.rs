@@ -309,8 +309,10 @@ pub(crate) fn open_exchange<'s>(
         is_head,
         started: ctx.started,
     };
+    let id = server.pool.next_request_id();
+    server.count_request(id);
     let (exchange, head_rx) = Exchange::new(
-        server.pool.next_request_id(),
+        id,
         interp.mailbox.clone(),
         server.exchange_config.clone(),
         facts,

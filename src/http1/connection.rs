@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
-use http::{Request, Response, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -74,8 +74,16 @@ pub async fn serve<IO>(
         let ctx = RequestContext::new(conn.clone(), svc_close.clone());
         let answering = route(req, ctx, svc_server.clone());
         let answers = svc_answers.clone();
+        let retiring = svc_server.clone();
         async move {
-            let resp = for_the_wire(answering.await?);
+            let mut resp = for_the_wire(answering.await?);
+            if retiring.retiring.load(std::sync::atomic::Ordering::Acquire)
+                && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                // Another process serves this client's next request.
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
             answers.response_started(resp.status());
             Ok::<_, ServiceError>(resp.map(|body| AnsweredBody::new(body, answers)))
         }
@@ -95,6 +103,22 @@ pub async fn serve<IO>(
     let result = match result {
         Some(r) => r,
         None => {
+            if server.retiring.load(std::sync::atomic::Ordering::Acquire) {
+                // Let the client send its next request here (it is answered
+                // with `Connection: close`) rather than close the connection
+                // under it while that request may be on its way.
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!("connection from {client} ended: {e}");
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(crate::server::RETIRE_IDLE_GRACE) => {}
+                    _ = signals.force.wait_for(|f| *f) => return,
+                    _ = close.notified() => return,
+                }
+            }
             // Finish the request in flight, then close.
             conn.as_mut().graceful_shutdown();
             tokio::select! {

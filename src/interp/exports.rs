@@ -174,8 +174,13 @@ pub extern "C" fn pagi_rs_wake_ack() -> c_int {
 pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
     with_ctx(0, |ctx| {
         ctx.current = None;
-        let Some(msg) = ctx.inbox.pop_front() else {
-            return 0;
+        let msg = loop {
+            match ctx.inbox.pop_front() {
+                None => return 0,
+                // Taking it was the point (Pool::ping); Perl never sees it.
+                Some(ToPerl::Ping) => continue,
+                Some(msg) => break msg,
+            }
         };
         // SAFETY: out points at a zeroed PagiMsg on the XS function's stack.
         let m = unsafe { &mut *out };
@@ -311,6 +316,7 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
             ToPerl::LifespanStartup => m.kind = kind::LIFESPAN_STARTUP,
             ToPerl::LifespanShutdown => m.kind = kind::LIFESPAN_SHUTDOWN,
             ToPerl::Stop => m.kind = kind::STOP,
+            ToPerl::Ping => unreachable!("skipped above"),
         }
         ctx.current = Some(msg);
         1

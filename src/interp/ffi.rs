@@ -92,6 +92,12 @@ extern "C" {
     pub fn pagi_install_signal_forwarding();
     pub fn pagi_add_signal_target(interp: *mut PerlInterpreter);
     pub fn pagi_close_in_forked_children(fd: c_int) -> c_int;
+    pub fn pagi_mark_server_process();
+    pub fn pagi_interp_adopt(interp: *mut PerlInterpreter, forked: c_int);
+    pub fn pagi_interp_flush_before_fork(interp: *mut PerlInterpreter);
+    pub fn pagi_interp_set_context(interp: *mut PerlInterpreter);
+    pub fn pagi_set_server_signals(fd: c_int, mask: u64);
+    pub fn pagi_is_perl_signal_handler(handler: *mut std::ffi::c_void) -> c_int;
     #[cfg(test)]
     pub fn pagi_signal_target_for(sig: c_int) -> c_int;
     #[cfg(test)]

@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::messages::ToPerl;
@@ -29,6 +29,9 @@ pub struct Mailbox {
     /// New requests posted and not yet handed to Perl: what a busy
     /// interpreter has let pile up (`--max-queued-requests` bounds it).
     waiting: AtomicUsize,
+    /// Batches the interpreter has taken: proof that its loop turns
+    /// (`--heartbeat-timeout`).
+    drains: AtomicU64,
 }
 
 impl Mailbox {
@@ -45,6 +48,7 @@ impl Mailbox {
             wake_fd: unsafe { OwnedFd::from_raw_fd(fd) },
             in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            drains: AtomicU64::new(0),
         })
     }
 
@@ -93,6 +97,7 @@ impl Mailbox {
         // and an eventfd left readable would keep the loop spinning.
         self.reset_wake_fd();
         self.notified.swap(false, Ordering::AcqRel);
+        self.drains.fetch_add(1, Ordering::Release);
         let mut q = self.lock_queue();
         let n = q.len();
         if into.is_empty() {
@@ -103,6 +108,11 @@ impl Mailbox {
         n
     }
 
+    /// How many batches the interpreter has taken so far.
+    pub fn drains(&self) -> u64 {
+        self.drains.load(Ordering::Acquire)
+    }
+
     /// New requests not yet handed to Perl.
     pub fn waiting_requests(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
@@ -111,6 +121,33 @@ impl Mailbox {
     /// Perl took a new request (see `waiting_requests`).
     pub fn request_taken(&self) {
         self.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// After a fork: replace the eventfd, under its own number and under
+    /// `perl_fd` (the duplicate the loop watches), by a new one that only
+    /// this process holds.  An eventfd is one kernel object shared by every
+    /// process that inherited it: a sibling's write would wake this loop and
+    /// its read would swallow this process's wake-ups.
+    pub fn renew_wake_fd(&self, perl_fd: RawFd) -> io::Result<()> {
+        // SAFETY: eventfd has no memory-safety preconditions; checked below.
+        let fresh = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fresh < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fresh` was just returned by eventfd and is owned here.
+        let fresh = unsafe { OwnedFd::from_raw_fd(fresh) };
+        for target in [self.wake_fd.as_raw_fd(), perl_fd] {
+            // SAFETY: dup3 atomically replaces `target`, a descriptor this
+            // process owns (the mailbox's, and the loop's duplicate of it),
+            // with the new eventfd; no other thread uses it yet.
+            if unsafe { libc::dup3(fresh.as_raw_fd(), target, libc::O_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // A wake-up inherited half-way must not leave the flag set with no
+        // write to come: start from "not notified".
+        self.notified.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// A duplicate of the eventfd for Perl, which closes what it opens.

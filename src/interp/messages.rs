@@ -57,6 +57,9 @@ pub enum ToPerl {
     },
     LifespanStartup,
     LifespanShutdown,
+    /// Nothing for Perl: its loop taking it proves the loop turns
+    /// (`--heartbeat-timeout`); exports skips it.
+    Ping,
     /// Leave the event loop; the interpreter is being shut down.
     Stop,
 }

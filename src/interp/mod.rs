@@ -36,6 +36,16 @@ pub enum Control {
 /// lifespan coroutine ended after startup (with an error, if any).
 pub use constants::lifespan as lifespan_kind;
 
+pub use thread::Loaded;
+
+/// Build an interpreter on this thread and load the application into it;
+/// [`Pool::start`] runs it on an interpreter thread (in this process, or in
+/// a worker forked from it).
+pub fn load(spec: &LoadSpec) -> Result<Loaded, StartupError> {
+    let mailbox = Arc::new(Mailbox::new().map_err(|e| StartupError::Interpreter(e.to_string()))?);
+    thread::load(spec, mailbox)
+}
+
 /// How each interpreter loads the application.
 #[derive(Clone, Debug)]
 pub struct LoadSpec {
@@ -60,6 +70,9 @@ pub struct LoadSpec {
     pub spec: crate::spec::SpecVersion,
     /// Receives answered with the disconnect event after a scope ended.
     pub max_disconnect_receives: u32,
+    /// `-E development`: wrap the app in PAGI::Middleware::Lint when it is
+    /// installed (PAGI-Tools).
+    pub lint: bool,
 }
 
 pub struct Interpreter {
@@ -75,22 +88,41 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Start `n` interpreters and load the app in each; fails with Perl's
-    /// error if any load fails (before the server binds anything).
+    /// Run `first` (an interpreter built and loaded on the calling thread;
+    /// `forked`: in a process forked since) on an interpreter thread, and
+    /// start `n - 1` more that load the app themselves; fails with Perl's
+    /// error if any load fails.
     pub fn start(
         n: usize,
+        first: thread::Loaded,
+        forked: bool,
         spec: &LoadSpec,
         runtime: tokio::runtime::Handle,
     ) -> Result<Pool, StartupError> {
+        let thread_failed = |e: std::io::Error| {
+            StartupError::Interpreter(format!("cannot start interpreter thread: {e}"))
+        };
         let mut interpreters = Vec::with_capacity(n);
-        for index in 0..n {
-            let mailbox =
-                Arc::new(Mailbox::new().map_err(|e| StartupError::Interpreter(e.to_string()))?);
+        let mut first = Some(first);
+        for index in 0..n.max(1) {
             let (tx, rx) = mpsc::channel();
-            let handle = thread::spawn(index, mailbox.clone(), tx, runtime.clone(), spec.clone())
-                .map_err(|e| {
-                StartupError::Interpreter(format!("cannot start interpreter thread: {e}"))
-            })?;
+            let (mailbox, handle) = match first.take() {
+                Some(loaded) => {
+                    let mailbox = loaded.mailbox.clone();
+                    let handle = thread::spawn_adopted(index, loaded, tx, runtime.clone(), forked)
+                        .map_err(thread_failed)?;
+                    (mailbox, handle)
+                }
+                None => {
+                    let mailbox = Arc::new(
+                        Mailbox::new().map_err(|e| StartupError::Interpreter(e.to_string()))?,
+                    );
+                    let handle =
+                        thread::spawn(index, mailbox.clone(), tx, runtime.clone(), spec.clone())
+                            .map_err(thread_failed)?;
+                    (mailbox, handle)
+                }
+            };
             let interp = Interpreter {
                 mailbox,
                 control: Mutex::new(rx),
@@ -112,6 +144,28 @@ impl Pool {
             interpreters,
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// Liveness: ask every interpreter's loop to take a message.  Returns
+    /// where each loop's count of drained batches stood, for [`Pool::alive_since`].
+    pub fn ping(&self) -> Vec<u64> {
+        self.interpreters
+            .iter()
+            .map(|i| {
+                let mark = i.mailbox.drains();
+                i.mailbox.push(ToPerl::Ping);
+                mark
+            })
+            .collect()
+    }
+
+    /// Whether every loop drained its mailbox since [`Pool::ping`] returned
+    /// `marks`: a loop that did not is stuck (an app busy in a loop).
+    pub fn alive_since(&self, marks: &[u64]) -> bool {
+        self.interpreters
+            .iter()
+            .zip(marks)
+            .all(|(i, mark)| i.mailbox.drains() > *mark)
     }
 
     pub fn next_request_id(&self) -> u64 {

@@ -1,8 +1,11 @@
-//! The body of one interpreter thread: build the interpreter, load the app,
-//! run the IO::Async loop until told to stop, then destroy the interpreter.
+//! Interpreters and their threads: build an interpreter and load the app
+//! (on the thread that will run it, or on the master's main thread before it
+//! forks), run the IO::Async loop on an interpreter thread until told to
+//! stop, then destroy the interpreter.
 
 use std::ffi::CString;
-use std::os::raw::c_char;
+use std::os::fd::RawFd;
+use std::os::raw::{c_char, c_int};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +15,7 @@ use super::ffi::{self, PagiStr, PerlInterpreter};
 use super::mailbox::Mailbox;
 use super::{Control, LoadSpec};
 use crate::cli::AppSpec;
+use crate::error::StartupError;
 
 /// Each level of nested async resumption costs about 1 KB of C stack; the
 /// 2 MiB default overflows on deep await chains.
@@ -21,6 +25,113 @@ const STACK_SIZE: usize = 64 * 1024 * 1024;
 /// touches shared state: one interpreter is built and loaded at a time.
 static CONSTRUCTION: Mutex<()> = Mutex::new(());
 
+/// An interpreter built on the thread that called [`load`], with the
+/// application loaded, whose loop is not running yet.  The master process
+/// builds one on its main thread before any other thread exists, so that
+/// every worker it forks shares the loaded code copy-on-write; the worker
+/// then runs it on an interpreter thread ([`spawn_adopted`]).
+pub struct Loaded {
+    raw: *mut PerlInterpreter,
+    pub mailbox: Arc<Mailbox>,
+    /// The duplicate of the mailbox's eventfd that the loop watches.
+    perl_wake_fd: RawFd,
+}
+
+// SAFETY: a Loaded is used by one thread at a time: the one that built it,
+// then the one it is moved to, which makes it its context
+// (pagi_interp_adopt) before using it.  Perl records no owning thread.
+unsafe impl Send for Loaded {}
+
+/// Build an interpreter on this thread and load the application into it.
+/// `mailbox` is its channel from the network core.
+pub fn load(spec: &LoadSpec, mailbox: Arc<Mailbox>) -> Result<Loaded, StartupError> {
+    // The lock guards no data, only the order of constructions: a thread
+    // that panicked holding it leaves nothing to repair.
+    let _guard = CONSTRUCTION.lock().unwrap_or_else(|p| p.into_inner());
+    // perl_parse may write to argv ($0): give it leaked, writable storage that
+    // outlives the interpreter.
+    let argv: &'static mut [*mut c_char; 4] = Box::leak(Box::new([
+        CString::new("pagi-rs").unwrap().into_raw(),
+        CString::new("-e").unwrap().into_raw(),
+        CString::new("0").unwrap().into_raw(),
+        std::ptr::null_mut(),
+    ]));
+    // SAFETY: pagi_sys_init ran on the main thread before any interpreter;
+    // construction is serialised by CONSTRUCTION.
+    let raw = unsafe { ffi::pagi_interp_new(3, argv.as_mut_ptr()) };
+    if raw.is_null() {
+        return Err(StartupError::Interpreter(
+            "could not construct a Perl interpreter".into(),
+        ));
+    }
+    let interp = Interp(raw);
+    match load_app(&interp, &mailbox, spec) {
+        Ok(perl_wake_fd) => Ok(Loaded {
+            raw,
+            mailbox,
+            perl_wake_fd,
+        }),
+        Err(e) => {
+            // SAFETY: the interpreter is current on this thread and unused after.
+            unsafe { ffi::pagi_interp_free(raw) };
+            Err(StartupError::AppLoad(e))
+        }
+    }
+}
+
+impl Loaded {
+    /// In a process forked after the load: a wake-up eventfd of its own.
+    /// The inherited one is shared with the master and every sibling, whose
+    /// wake-ups would cross and be swallowed.
+    pub fn renew_after_fork(&self) -> std::io::Result<()> {
+        self.mailbox.renew_wake_fd(self.perl_wake_fd)
+    }
+
+    /// Flush Perl's output handles, so that a fork does not write what they
+    /// hold twice.  Called on the thread that holds the interpreter.
+    pub fn flush_before_fork(&self) {
+        // SAFETY: the interpreter is live and only this thread uses it.
+        unsafe { ffi::pagi_interp_flush_before_fork(self.raw) }
+    }
+}
+
+/// Run an interpreter that was built on another thread (see [`Loaded`]) on
+/// a new interpreter thread.  `forked`: the process was forked since the
+/// load, so the loop's kernel state and rand()'s seed are renewed.
+pub fn spawn_adopted(
+    index: usize,
+    loaded: Loaded,
+    control: mpsc::Sender<Control>,
+    runtime: tokio::runtime::Handle,
+    forked: bool,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // This thread hands the interpreter over: a signal landing here must
+    // not take it for this thread's interpreter.
+    // SAFETY: clears this thread's Perl context; nothing uses it after.
+    unsafe { ffi::pagi_interp_set_context(std::ptr::null_mut()) };
+    std::thread::Builder::new()
+        .name(format!("perl-{index}"))
+        .stack_size(STACK_SIZE)
+        .spawn(move || {
+            // SAFETY: the interpreter moved to this thread, which alone uses
+            // it from now on.
+            unsafe { ffi::pagi_interp_adopt(loaded.raw, c_int::from(forked)) };
+            if forked {
+                let interp = Interp(loaded.raw);
+                if let Err(e) = interp.eval("$PAGI::RS::Bridge::LOOP->post_fork; 1") {
+                    tracing::warn!(
+                        "the event loop could not renew itself after fork: {}",
+                        e.trim_end()
+                    );
+                }
+            }
+            let _ = control.send(Control::Loaded(Ok(())));
+            serve_loop(loaded, control, runtime);
+        })
+}
+
+/// Start an interpreter thread that builds its own interpreter and loads the
+/// app (the second and further `--interpreters`).
 pub fn spawn(
     index: usize,
     mailbox: Arc<Mailbox>,
@@ -31,7 +142,20 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("perl-{index}"))
         .stack_size(STACK_SIZE)
-        .spawn(move || run(mailbox, control, runtime, spec))
+        .spawn(move || match load(&spec, mailbox) {
+            Ok(loaded) => {
+                let _ = control.send(Control::Loaded(Ok(())));
+                serve_loop(loaded, control, runtime);
+            }
+            Err(e) => {
+                let text = match e {
+                    StartupError::AppLoad(text) => text,
+                    other => other.to_string(),
+                };
+                let _ = control.send(Control::Loaded(Err(text)));
+                let _ = control.send(Control::Exited);
+            }
+        })
 }
 
 struct Interp(*mut PerlInterpreter);
@@ -77,48 +201,16 @@ impl Interp {
     }
 }
 
-fn run(
-    mailbox: Arc<Mailbox>,
-    control: mpsc::Sender<Control>,
-    runtime: tokio::runtime::Handle,
-    spec: LoadSpec,
-) {
-    // The lock guards no data, only the order of constructions: a thread
-    // that panicked holding it leaves nothing to repair.
-    let guard = CONSTRUCTION.lock().unwrap_or_else(|p| p.into_inner());
-    // perl_parse may write to argv ($0): give it leaked, writable storage that
-    // outlives the interpreter.
-    let argv: &'static mut [*mut c_char; 4] = Box::leak(Box::new([
-        CString::new("pagi-rs").unwrap().into_raw(),
-        CString::new("-e").unwrap().into_raw(),
-        CString::new("0").unwrap().into_raw(),
-        std::ptr::null_mut(),
-    ]));
-    // SAFETY: pagi_sys_init ran on the main thread before any interpreter;
-    // construction is serialised by CONSTRUCTION.
-    let raw = unsafe { ffi::pagi_interp_new(3, argv.as_mut_ptr()) };
-    if raw.is_null() {
-        let _ = control.send(Control::Loaded(Err(
-            "could not construct a Perl interpreter".into(),
-        )));
-        let _ = control.send(Control::Exited);
-        return;
-    }
-    let interp = Interp(raw);
+/// The life of an interpreter thread once its interpreter is current here:
+/// take signals, run the loop until told to stop, then destroy it.
+fn serve_loop(loaded: Loaded, control: mpsc::Sender<Control>, runtime: tokio::runtime::Handle) {
+    let interp = Interp(loaded.raw);
     // SAFETY: called on the interpreter's own thread, which it stays on
     // until pagi_interp_free (which removes it again).
     unsafe { ffi::pagi_add_signal_target(interp.0) };
-    exports::install(mailbox.clone(), control.clone(), runtime);
-
-    let loaded = load(&interp, &mailbox, &spec);
-    let ok = loaded.is_ok();
-    let _ = control.send(Control::Loaded(loaded));
-    drop(guard);
-
-    if ok {
-        if let Err(e) = interp.call("PAGI::RS::Bridge::run", &[]) {
-            tracing::error!("interpreter loop ended with an error: {}", e.trim_end());
-        }
+    exports::install(loaded.mailbox.clone(), control.clone(), runtime);
+    if let Err(e) = interp.call("PAGI::RS::Bridge::run", &[]) {
+        tracing::error!("interpreter loop ended with an error: {}", e.trim_end());
     }
     exports::uninstall();
     // SAFETY: the interpreter is current on this thread and nothing else uses it.
@@ -126,7 +218,9 @@ fn run(
     let _ = control.send(Control::Exited);
 }
 
-fn load(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<(), String> {
+/// Load the bridge and the application; returns the wake-up descriptor the
+/// loop watches.
+fn load_app(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<RawFd, String> {
     interp
         .eval(BOOTSTRAP)
         .map_err(|e| format!("pagi-rs bridge failed to load: {e}"))?;
@@ -165,8 +259,11 @@ fn load(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<(), Strin
     if crate::logging::is_json() {
         interp.call("PAGI::RS::Loader::route_warnings_to_log", &[])?;
     }
+    if spec.lint {
+        args.push(b"L".to_vec());
+    }
     let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
-    interp.call("PAGI::RS::Loader::load", &refs).map(|_| ())
+    interp.call("PAGI::RS::Loader::load", &refs).map(|_| fd)
 }
 
 #[cfg(test)]

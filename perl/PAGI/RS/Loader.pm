@@ -13,11 +13,12 @@ use PAGI::RS::Constants qw(log);
 
 sub load {
     my ( $kind, $what, @options ) = @_;
-    my ( @inc, @modules, %args );
+    my ( @inc, @modules, %args, $lint );
     for my $opt (@options) {
         my ( $tag, $value ) = ( substr( $opt, 0, 1 ), substr( $opt, 1 ) );
         if    ( $tag eq 'I' ) { push @inc, $value }
         elsif ( $tag eq 'M' ) { push @modules, $value }
+        elsif ( $tag eq 'L' ) { $lint = 1 }
         elsif ( $tag eq 'A' ) {
             my ( $k, $v ) = split /=/, $value, 2;
             $args{$k} = $v;
@@ -45,7 +46,7 @@ sub load {
         die "Error evaluating -e code: $@" if $@;
         $app = _normalize( $result, '-e code' );
     }
-    $PAGI::RS::Bridge::APP = $app;
+    $PAGI::RS::Bridge::APP = $lint ? _lint($app) : $app;
     return '';
 }
 
@@ -56,6 +57,20 @@ sub load {
 sub route_warnings_to_log {
     $SIG{__WARN__} = sub { PAGI::RS::_log( LOG_WARN, $_[0] ) };
     return '';
+}
+
+# -E development: the reference runner wraps the app in PAGI-Tools' Lint
+# (strict) when it is installed, and says so when it is not.
+sub _lint {
+    my ($app) = @_;
+    if ( eval { require PAGI::Middleware::Lint; 1 } ) {
+        my $wrapped = PAGI::Middleware::Lint->new( strict => 1 )->wrap($app);
+        PAGI::RS::_log( LOG_INFO, "development mode: PAGI::Middleware::Lint enabled" );
+        return $wrapped;
+    }
+    die "Cannot load PAGI::Middleware::Lint: $@" unless $@ =~ m{^Can't locate PAGI/Middleware/Lint\.pm};
+    PAGI::RS::_log( LOG_INFO, "development mode: Lint unavailable (install PAGI-Tools)" );
+    return $app;
 }
 
 sub _check_module_name {

@@ -65,6 +65,15 @@ int pagi_close_in_forked_children(int fd)
     return 1;
 }
 
+/* A worker process forked by the master (or a daemon's child) runs the
+ * application as the server: its exit guard must croak there, not treat it
+ * as a child the application forked.  Called once in that process, before
+ * any application code runs in it. */
+void pagi_mark_server_process(void)
+{
+    server_pid = getpid();
+}
+
 /* PL_ppaddr is shared by every interpreter in the process; install once,
  * on the main thread: the process it is called in is the server's. */
 void pagi_install_exit_guard(void)

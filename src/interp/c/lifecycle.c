@@ -82,6 +82,28 @@ void pagi_interp_set_context(PerlInterpreter *my_perl)
     PERL_SET_CONTEXT(my_perl);
 }
 
+/* An interpreter built on one thread moves to the thread that runs it
+ * (the master loads the app on its main thread; a worker runs it on an
+ * interpreter thread).  Perl keeps no record of the thread that built an
+ * interpreter: making it this thread's context is all the move needs, as
+ * long as one thread at a time uses it.  In a process forked after the app
+ * was loaded, rand() must not repeat the sequence of every sibling: as
+ * perl's own fork does, the next rand() seeds afresh. */
+void pagi_interp_adopt(PerlInterpreter *my_perl, int forked)
+{
+    PERL_SET_CONTEXT(my_perl);
+    if (forked)
+        PL_srand_called = FALSE;
+}
+
+/* Flush Perl's buffered output handles before a fork, as perl's fork does,
+ * so that nothing buffered is written twice (once by each process). */
+void pagi_interp_flush_before_fork(PerlInterpreter *my_perl)
+{
+    PERL_SET_CONTEXT(my_perl);
+    PerlIO_flush((PerlIO *)NULL);
+}
+
 void pagi_interp_free(PerlInterpreter *my_perl)
 {
     /* No signal may be forwarded to it from now on. */

@@ -5,6 +5,7 @@
 #include "glue.h"
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -99,10 +100,47 @@ static void forward_signal(pid_t tid, int sig)
         (void)syscall(SYS_tgkill, (long)getpid(), (long)tid, (long)sig);
 }
 
+/* ---- the server's own signals ----------------------------------------------
+ * The server stops on TERM and INT (and a master acts on HUP, TTIN, ...)
+ * through its own handler, which writes the signal's number to a pipe.
+ * When an app sets $SIG{TERM}, Perl installs its handler in the server's
+ * place; that handler is ours (below), and it tells the server as well, so
+ * that the app's handler runs and the server still stops gracefully.  The
+ * pipe and the set of signals are the process's (a forked worker sets its
+ * own); writing one byte to a non-blocking pipe is async-signal-safe. */
+static atomic_int server_signal_fd = -1;
+static _Atomic uint64_t server_signal_mask;
+
+void pagi_set_server_signals(int fd, uint64_t mask)
+{
+    atomic_store(&server_signal_mask, mask);
+    atomic_store(&server_signal_fd, fd);
+}
+
+static void notify_server(int sig)
+{
+    int fd = atomic_load(&server_signal_fd);
+    if (fd >= 0 && sig > 0 && sig < 64 && (atomic_load(&server_signal_mask) >> sig) & 1) {
+        unsigned char byte = (unsigned char)sig;
+        (void)write(fd, &byte, 1);
+    }
+}
+
+static Signal_t pagi_csighandler3(int sig, Siginfo_t *info, void *uap);
+static Signal_t pagi_csighandler1(int sig);
+
+/* Whether `handler` (a sigaction's handler) is Perl's, i.e. ours below. */
+int pagi_is_perl_signal_handler(void *handler)
+{
+    return handler == (void *)pagi_csighandler3 || handler == (void *)pagi_csighandler1;
+}
+
 static Signal_t pagi_csighandler3(int sig, Siginfo_t *info, void *uap)
 {
     int saved_errno = errno;
-    pid_t target = choose_signal_target(sig, (PerlInterpreter *)PERL_GET_THX);
+    pid_t target;
+    notify_server(sig);
+    target = choose_signal_target(sig, (PerlInterpreter *)PERL_GET_THX);
     errno = saved_errno;
     if (target == 0)
         Perl_csighandler3(sig, info, uap);
@@ -114,7 +152,9 @@ static Signal_t pagi_csighandler3(int sig, Siginfo_t *info, void *uap)
 static Signal_t pagi_csighandler1(int sig)
 {
     int saved_errno = errno;
-    pid_t target = choose_signal_target(sig, (PerlInterpreter *)PERL_GET_THX);
+    pid_t target;
+    notify_server(sig);
+    target = choose_signal_target(sig, (PerlInterpreter *)PERL_GET_THX);
     errno = saved_errno;
     if (target == 0)
         Perl_csighandler1(sig);

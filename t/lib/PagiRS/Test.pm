@@ -27,6 +27,12 @@ our @EXPORT = (
     qw(slurp file_lines wait_file_line wait_file_lines json_records wait_json_record vmrss_kb),
 );
 
+# Servers under test run in `-E none` unless a test says otherwise: the
+# environment mode would otherwise follow whether stdin is a terminal
+# (production turns the access log off), and no test should depend on how
+# it was started.
+$ENV{PAGI_ENV} //= 'none';
+
 my $ROOT = File::Spec->rel2abs( File::Spec->catdir( $FindBin::Bin, '..' ) );
 $ROOT =~ s{/t/?\z}{} unless -d "$ROOT/src";
 my $TMP = tempdir( CLEANUP => 1 );

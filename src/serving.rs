@@ -1,0 +1,345 @@
+//! Serving from one process: the whole server (`-w 1`, no master), or one
+//! worker forked by the master.  Both get an interpreter already loaded on
+//! the main thread and listeners already bound; here the tokio runtime is
+//! built (after any fork), the interpreter moves to its thread, lifespan
+//! startup runs, and connections are served until the process is told to
+//! stop.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::access_log;
+use crate::cli::{EnvMode, Options};
+use crate::error::StartupError;
+use crate::exchange::ExchangeConfig;
+use crate::interp::{LoadSpec, Loaded, Pool};
+use crate::server::{Drain, RequestLimit, Server};
+use crate::signals::{AsyncSignals, SignalPipe};
+use crate::tls::Tls;
+use crate::worker::{Channel, Orders, ToMaster};
+use crate::{http1, http2, interp, process, server, sse, websocket};
+
+/// Where access-log lines go, decided before the app loads (the file is
+/// opened before the server gives up root).
+pub enum AccessLogDest {
+    Off,
+    Stderr,
+    File(std::fs::File),
+}
+
+/// What every serving process needs, decided before anything forks.
+pub struct Prepared {
+    pub opts: Options,
+    pub spec: LoadSpec,
+    pub format: access_log::Format,
+    pub access_log: AccessLogDest,
+    pub tls: Option<Arc<Tls>>,
+    pub mode: EnvMode,
+    pub mode_source: &'static str,
+}
+
+/// Which process this is.
+pub enum Role {
+    /// The whole server.
+    Single,
+    /// Worker `number` (1, 2, ...) of a master.
+    Worker {
+        number: usize,
+        channel: Channel,
+        /// `--max-requests` for this worker, jitter included.
+        request_limit: Option<u64>,
+    },
+}
+
+/// Serve until told to stop.  In a worker, a failed lifespan startup has
+/// been reported to the master when this returns its error.
+pub fn serve(
+    prepared: &Prepared,
+    loaded: Loaded,
+    listeners: Vec<crate::listen::BoundListener>,
+    signals: SignalPipe,
+    role: Role,
+) -> Result<(), StartupError> {
+    let opts = &prepared.opts;
+    let runtime = build_runtime(opts)?;
+    let forked = matches!(role, Role::Worker { .. });
+    let pool = Pool::start(
+        opts.interpreters,
+        loaded,
+        forked,
+        &prepared.spec,
+        runtime.handle().clone(),
+    )?;
+    let access_log = match &prepared.access_log {
+        AccessLogDest::Off => None,
+        AccessLogDest::Stderr => Some(
+            access_log::Destination::open(None)
+                .and_then(|dest| access_log::AccessLog::start_on(prepared.format.clone(), dest)),
+        ),
+        AccessLogDest::File(file) => Some(access_log::AccessLog::start_on(
+            prepared.format.clone(),
+            access_log::Destination::from_file(
+                file.try_clone()
+                    .map_err(|e| StartupError::Process(format!("access log: {e}")))?,
+            ),
+        )),
+    }
+    .transpose()
+    .map_err(|e| StartupError::Interpreter(e.to_string()))?;
+    let shown = crate::listen::describe_all(&listeners, prepared.tls.is_some());
+    let request_limit = match &role {
+        Role::Worker {
+            request_limit: Some(n),
+            ..
+        } => Some(*n),
+        _ => None,
+    };
+    let server = Arc::new(build_server(prepared, pool, access_log, request_limit));
+
+    let entered = runtime.enter();
+    for listener in &listeners {
+        // A process the app forks must not keep the server's sockets after
+        // the server stops: calls.c's fork handler closes these in it.
+        // SAFETY: only records a descriptor number; the handler closes it
+        // in forked children, never in this process.
+        if unsafe { interp::ffi::pagi_close_in_forked_children(listener.fd()) } == 0 {
+            tracing::warn!("a process the app forks keeps descriptor {}", listener.fd());
+        }
+    }
+    let tokio_listeners = server::Listener::register_all(listeners)?;
+    let signals = AsyncSignals::new(signals)
+        .map_err(|e| StartupError::Process(format!("cannot watch signals: {e}")))?;
+    let worker = match role {
+        Role::Single => None,
+        Role::Worker {
+            number, channel, ..
+        } => {
+            // SAFETY: as for the listeners above.
+            unsafe { interp::ffi::pagi_close_in_forked_children(channel.fd()) };
+            let channel = Arc::new(
+                channel
+                    .into_async()
+                    .map_err(|e| StartupError::Process(format!("cannot watch the master: {e}")))?,
+            );
+            if opts.heartbeat_timeout > 0 {
+                let interval = Duration::from_millis(opts.heartbeat_timeout * 1000 / 5)
+                    .max(Duration::from_millis(100));
+                crate::worker::spawn_heartbeat(server.clone(), channel.clone(), interval);
+            }
+            Some((number, channel))
+        }
+    };
+
+    if let Err(e) = server.pool.lifespan_startup(
+        opts.lifespan,
+        Options::timeout_opt(opts.lifespan_startup_timeout),
+    ) {
+        if let Some((_, channel)) = &worker {
+            channel
+                .channel()
+                .tell_master(&ToMaster::Failed(failure_text(&e)));
+        }
+        server.pool.stop(Duration::from_secs(5));
+        return Err(e);
+    }
+
+    drop(entered);
+    let grace = Duration::from_secs(opts.shutdown_timeout);
+    match worker {
+        None => {
+            announce_listening(prepared, &shown, server.pool.len(), None);
+            process::announce_ready();
+            if opts.daemonize {
+                process::detach_stdio();
+            }
+            let shutdown = async {
+                loop {
+                    let sig = signals.recv().await;
+                    match sig {
+                        libc::SIGTERM | libc::SIGINT => {
+                            tracing::info!("Received {}, shutting down", crate::signals::name(sig));
+                            return Drain::Stop;
+                        }
+                        _ => tracing::info!(
+                            "Received {}: ignored (restarts and upgrades need --workers 2 or more)",
+                            crate::signals::name(sig)
+                        ),
+                    }
+                }
+            };
+            runtime.block_on(server::serve(
+                tokio_listeners,
+                server.clone(),
+                shutdown,
+                second_interrupt(&signals),
+                grace,
+            ));
+        }
+        Some((number, channel)) => {
+            tracing::info!("worker {number} (pid {}) ready", std::process::id());
+            channel.channel().tell_master(&ToMaster::Ready);
+            if opts.daemonize {
+                process::detach_stdio();
+            }
+            let orders = Orders {
+                channel,
+                force: Arc::new(tokio::sync::Notify::new()),
+            };
+            let recycle = {
+                let server = server.clone();
+                async move {
+                    match &server.request_limit {
+                        Some(limit) => limit.reached.notified().await,
+                        None => std::future::pending().await,
+                    }
+                }
+            };
+            let force = {
+                let forced = orders.force.clone();
+                let second = second_interrupt(&signals);
+                async move {
+                    tokio::select! {
+                        _ = forced.notified() => {}
+                        _ = second => {}
+                    }
+                }
+            };
+            runtime.block_on(server::serve(
+                tokio_listeners,
+                server.clone(),
+                orders.drain(&signals, recycle),
+                force,
+                grace,
+            ));
+        }
+    }
+
+    server.pool.lifespan_shutdown(grace);
+    server.pool.stop(Duration::from_secs(5));
+    if let Some(log) = &server.exchange_config.access_log {
+        log.close(access_log::CLOSE_WITHIN);
+    }
+    tracing::info!("Shutdown complete");
+    Ok(())
+}
+
+/// The app's message for the master, without the server's wording around it.
+fn failure_text(e: &StartupError) -> String {
+    match e {
+        StartupError::LifespanFailed(msg) => msg.trim_end().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Resolves on an INT after the drain began: stop at once.
+async fn second_interrupt(signals: &AsyncSignals) {
+    while signals.recv().await != libc::SIGINT {}
+}
+
+/// The startup line: where the server listens, and how it runs.
+pub fn announce_listening(
+    prepared: &Prepared,
+    shown: &[String],
+    interpreters: usize,
+    workers: Option<usize>,
+) {
+    let workers = workers
+        .map(|n| format!(", workers: {n}"))
+        .unwrap_or_default();
+    tracing::info!(
+        "mode: {} ({})",
+        prepared.mode.as_str(),
+        prepared.mode_source
+    );
+    tracing::info!(
+        "pagi-rs {} listening on {} (pid {}{workers}, interpreters: {interpreters}, loop: IO::Async)",
+        env!("CARGO_PKG_VERSION"),
+        shown.join(", "),
+        std::process::id(),
+    );
+}
+
+fn build_runtime(opts: &Options) -> Result<tokio::runtime::Runtime, StartupError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        // Interpreter threads need cores too: network threads that outnumber
+        // the cores left over only park and unpark waiting for them.
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        builder.worker_threads(cores.saturating_sub(opts.interpreters).max(1));
+    }
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| StartupError::Process(format!("cannot start the runtime: {e}")))
+}
+
+fn build_server(
+    prepared: &Prepared,
+    pool: Pool,
+    access_log: Option<access_log::AccessLog>,
+    request_limit: Option<u64>,
+) -> Server {
+    let opts = &prepared.opts;
+    let needs_headers = prepared.format.needs_headers();
+    let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
+    Server {
+        pool,
+        exchange_config: Arc::new(ExchangeConfig {
+            high_water: opts.write_high_watermark,
+            low_water: opts.write_low_watermark,
+            max_body: opts.max_body_size,
+            body_rate: opts.body_min_rate(),
+            access_log,
+            streams: sse::StreamSettings {
+                idle_timeout: Options::timeout_opt(opts.sse_idle_timeout),
+                shutdown: shutdown_seen,
+            },
+            spec: opts.spec_version,
+        }),
+        websocket: Arc::new(websocket::Settings {
+            max_frame_size: (opts.max_ws_frame_size > 0).then_some(opts.max_ws_frame_size),
+            max_message_size: opts.ws_message_limit(),
+            idle_timeout: Options::timeout_opt(opts.ws_idle_timeout),
+            close_timeout: Duration::from_secs(opts.ws_close_timeout),
+            max_in_transit: opts.max_receive_queue.max(1),
+            max_in_transit_bytes: websocket::Settings::transit_budget(opts.ws_message_limit()),
+            max_send_backlog: prepared.spec.send_backlog,
+            queued_message_cost: websocket::QUEUED_MESSAGE_COST,
+        }),
+        http2: http2::Settings {
+            cleartext: opts.http2,
+            max_concurrent_streams: opts.h2_max_concurrent_streams,
+            initial_window_size: opts.h2_initial_window_size,
+            max_frame_size: opts.h2_max_frame_size,
+            max_header_list_size: opts.h2_max_header_list_size,
+            rst_burst: opts.h2_rst_burst,
+            rst_per_second: opts.h2_rst_rate,
+            idle_timeout: Options::timeout_opt(opts.timeout),
+        },
+        shutting_down,
+        detached: Default::default(),
+        max_connections: opts.connection_limit(),
+        max_queued_requests: opts.max_queued_requests,
+        tls: prepared.tls.clone(),
+        root_path: opts.root_path.clone(),
+        proxy_headers: opts.trusted_proxies().ok().flatten().map(Arc::new),
+        max_header_size: opts.max_header_size,
+        max_header_count: opts.max_header_count,
+        request_timeout: Options::timeout_opt(opts.request_timeout),
+        keepalive_timeout: Options::timeout_opt(opts.timeout),
+        access_log_needs_headers: needs_headers,
+        gate_limits: http1::gate::Limits {
+            max_header_size: opts.max_header_size,
+            max_header_count: opts.max_header_count,
+            max_body: opts.max_body_size,
+        },
+        retiring: AtomicBool::new(false),
+        request_limit: request_limit.map(|limit| RequestLimit {
+            limit,
+            reached: tokio::sync::Notify::new(),
+        }),
+    }
+}
