@@ -127,4 +127,44 @@ subtest 'a worker that keeps crashing is restarted with a growing delay' => sub 
     is $s->stop('TERM'), 0, 'TERM still stops it';
 };
 
+subtest 'workers serve a Unix socket and a TCP port; JSON lines name the worker' => sub {
+    require JSON::PP;
+    my $sock = "$dir/workers.sock";
+    my $port = free_port();
+    my $s    = start_server( '-w', 2, '--log-format', 'json', '--listen', "unix:$sock", '--listen', "127.0.0.1:$port",
+        pid_app() );
+    my @w = wait_workers( $s->pid, 2, 5 );
+    is scalar @w, 2, 'two worker processes';
+    my %workers = map { $_ => 1 } @w;
+    my %seen;
+    for ( 1 .. 20 ) {
+        for my $where ( "unix:$sock", $port ) {
+            my $pid = answering_pid($where);
+            $seen{ $pid // 'failed' }++;
+        }
+    }
+    ok !$seen{failed}, 'every request answered, on both listeners';
+    is_deeply [ grep { !$workers{$_} } keys %seen ], [], 'by the workers only';
+    is $s->stop('TERM'), 0, 'TERM: exit 0';
+    ok !-e $sock, 'the socket file is removed at exit';
+    my @records = map { JSON::PP->new->decode($_) } grep {/^\{/} split /\n/, $s->output;
+    my @server_lines = grep { exists $_->{level} } @records;
+    cmp_ok scalar @server_lines, '>', 4, 'server log lines are JSON';
+    my %numbers;
+    for my $r (@server_lines) {
+        if ( $r->{pid} == $s->pid ) {
+            $numbers{master}++ if !defined $r->{worker};
+        }
+        elsif ( $workers{ $r->{pid} } && defined $r->{worker} && $r->{worker} =~ /^[12]$/ ) {
+            $numbers{ $r->{worker} }{ $r->{pid} }++;
+        }
+        else {
+            fail "a line with an unexpected pid/worker: pid $r->{pid}, worker " . ( $r->{worker} // 'null' );
+        }
+    }
+    ok $numbers{master}, "the master's lines have worker null";
+    is scalar( keys %{ $numbers{1} // {} } ) + scalar( keys %{ $numbers{2} // {} } ), 2,
+      'each worker numbers its lines (1 and 2, one pid each)';
+};
+
 done_testing;
