@@ -1242,15 +1242,18 @@ mod tests {
                 host: host("www.example"),
             },
         );
-        assert_eq!(s.client, "[2001:db8::5]:0".parse().unwrap());
-        assert_eq!(&*s.client_host, "2001:db8::5");
+        assert_eq!(
+            s.client,
+            crate::service::Peer::Tcp("[2001:db8::5]:0".parse().unwrap())
+        );
+        assert_eq!(s.client_host.as_deref(), Some("2001:db8::5"));
         assert_eq!(s.scheme, "https");
         let h: Vec<_> = crate::scope::scope_headers(&s).collect();
         let want: Vec<(&[u8], &[u8])> = vec![(b"host", b"www.example"), (b"x-a", b"1")];
         assert_eq!(h, want);
         assert_eq!(
-            s.server,
-            "127.0.0.1:5000".parse().unwrap(),
+            (&*s.server_host, s.server_port),
+            (&b"127.0.0.1"[..], Some(5000)),
             "server is the socket"
         );
     }
