@@ -956,6 +956,27 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
+    /// A finished GET with the given wire bytes, as the properties vary them.
+    fn sample_record<'a>(
+        path: &'a [u8],
+        query: &'a [u8],
+        headers: &'a [(bytes::Bytes, bytes::Bytes)],
+        reason: &'a str,
+    ) -> Record<'a> {
+        Record {
+            client: None,
+            method: "GET",
+            raw_path: path,
+            query,
+            http_version: "1.1",
+            status: Some(200),
+            body_bytes: 1,
+            duration: Duration::from_millis(1),
+            headers,
+            end_reason: Some(reason),
+        }
+    }
+
     /// Undo `push_escaped`.
     fn unescape(s: &str) -> Vec<u8> {
         let mut out = Vec::new();
@@ -989,18 +1010,7 @@ mod properties {
             reason in ".{0,16}",
         ) {
             let headers = [(bytes::Bytes::from_static(b"user-agent"), bytes::Bytes::from(agent))];
-            let record = Record {
-                client: None,
-                method: "GET",
-                raw_path: &path,
-                query: &query,
-                http_version: "1.1",
-                status: Some(200),
-                body_bytes: 1,
-                duration: Duration::from_millis(1),
-                headers: &headers,
-                end_reason: Some(&reason),
-            };
+            let record = sample_record(&path, &query, &headers, &reason);
             for spec in ["combined", "clf", "%U|%{User-Agent}i|%R"] {
                 let line = Format::parse(spec).unwrap().render(&record, SystemTime::UNIX_EPOCH);
                 prop_assert!(line.ends_with('\n'));
@@ -1026,18 +1036,7 @@ mod properties {
             let reason: String = reason.into_iter().collect();
             use crate::logging::tests::{decode_object, get, unescape_wire};
             let headers = [(bytes::Bytes::from_static(b"user-agent"), bytes::Bytes::from(agent.clone()))];
-            let record = Record {
-                client: None,
-                method: "GET",
-                raw_path: &path,
-                query: &query,
-                http_version: "1.1",
-                status: Some(200),
-                body_bytes: 1,
-                duration: Duration::from_millis(1),
-                headers: &headers,
-                end_reason: Some(&reason),
-            };
+            let record = sample_record(&path, &query, &headers, &reason);
             let line = Format::parse("json").unwrap().render(&record, SystemTime::UNIX_EPOCH);
             prop_assert!(line.ends_with('\n'));
             let body = &line[..line.len() - 1];
