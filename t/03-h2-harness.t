@@ -23,12 +23,7 @@ my $ROOT     = "$FindBin::Bin/..";
 my $BASELINE = $ENV{H2_BASELINE_BIN} // "$ROOT/target/release/h2-baseline";
 my $TMP      = tempdir( CLEANUP => 1 );
 
-if ( my $why = PagiRS::H2->missing ) {
-    fail 'python3 with the h2 library is needed for the HTTP/2 tests';
-    diag $why;
-    done_testing;
-    exit;
-}
+PagiRS::H2->require_client;
 if ( !-x $BASELINE ) {
     fail "h2-baseline is built: $BASELINE";
     diag 'Build it with:  cargo build --release';

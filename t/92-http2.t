@@ -22,12 +22,7 @@ use Time::HiRes qw(time sleep);
 # after the request ("<name>.<what>"); Python scripts that must wait for
 # the app to be running a request poll those files (wait_lines below).
 
-if ( my $why = PagiRS::H2->missing ) {
-    fail 'python3 with the h2 library is needed for the HTTP/2 tests';
-    diag $why;
-    done_testing;
-    exit;
-}
+PagiRS::H2->require_client;
 
 my $dir = tempdir( CLEANUP => 1 );
 my $J   = JSON::PP->new->canonical->utf8->allow_nonref;

@@ -20,12 +20,7 @@ use Time::HiRes qw(time sleep);
 
 binmode Test::More->builder->$_, ':encoding(UTF-8)' for qw(output failure_output todo_output);
 
-if ( my $why = PagiRS::H2->missing ) {
-    fail 'python3 with the h2 library is needed for the HTTP/2 tests';
-    diag $why;
-    done_testing;
-    exit;
-}
+PagiRS::H2->require_client;
 
 my $dir = tempdir( CLEANUP => 1 );
 my $J   = JSON::PP->new->canonical->utf8->allow_nonref;

@@ -18,12 +18,7 @@ for my $tool (qw(curl nghttp openssl)) {
     done_testing;
     exit;
 }
-if ( my $why = PagiRS::H2->missing ) {
-    fail 'python3 with the h2 library';
-    diag $why;
-    done_testing;
-    exit;
-}
+PagiRS::H2->require_client;
 
 my $DIR = tempdir( CLEANUP => 1 );
 my $made = system(

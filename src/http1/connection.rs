@@ -166,15 +166,13 @@ async fn route(
         }
         Handshake::Invalid(refusal) => {
             let (parts, _) = req.into_parts();
-            log_refusal(
+            return Ok(handshake::refuse(
                 &server,
                 &parts,
-                &ctx.conn,
-                None,
-                refusal.status,
-                ctx.started,
-            );
-            return Ok(handshake::refusal_response(&refusal, Version::HTTP_11));
+                &ctx,
+                &refusal,
+                Version::HTTP_11,
+            ));
         }
     }
     let (parts, body) = req.into_parts();

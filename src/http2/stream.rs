@@ -76,15 +76,7 @@ pub async fn serve(
             ))
         }
         Handshake::Invalid(refusal) => {
-            log_refusal(
-                &server,
-                &parts,
-                &ctx.conn,
-                None,
-                refusal.status,
-                ctx.started,
-            );
-            let resp = handshake::refusal_response(&refusal, Version::HTTP_2);
+            let resp = handshake::refuse(&server, &parts, &ctx, &refusal, Version::HTTP_2);
             Box::pin(async move { Ok(resp) })
         }
         // A CONNECT to tunnel through: not what this server does (as on

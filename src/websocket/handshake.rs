@@ -22,8 +22,8 @@ use crate::interp::messages::ToPerl;
 use crate::scope::{BodyState, ScopeKind};
 use crate::server::Server;
 use crate::service::{
-    build_scope, open_exchange, plain_response, refuse_when_queue_full, CloseAfter, PendingHead,
-    RequestContext, ServiceError,
+    build_scope, log_refusal, open_exchange, plain_response, refuse_when_queue_full, CloseAfter,
+    PendingHead, RequestContext, ServiceError,
 };
 
 fn has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &[u8]) -> bool {
@@ -123,6 +123,19 @@ pub fn refusal_response(refusal: &Refusal, version: http::Version) -> Response<R
         }
     }
     resp
+}
+
+/// Turn a malformed handshake away on either protocol: the access log
+/// line, then `refusal_response`.
+pub fn refuse(
+    server: &Server,
+    parts: &Parts,
+    ctx: &RequestContext,
+    refusal: &Refusal,
+    version: http::Version,
+) -> Response<ResponseBody> {
+    log_refusal(server, parts, &ctx.conn, None, refusal.status, ctx.started);
+    refusal_response(refusal, version)
 }
 
 /// Classify an HTTP/2 request (RFC 8441 4-5): an extended CONNECT whose

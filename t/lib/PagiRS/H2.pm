@@ -85,6 +85,17 @@ sub missing {
     return "no python3 with the h2 library (tried: @tried); install it with: $APT_LINE";
 }
 
+# At the top of an HTTP/2 test file: without the Python h2 library the
+# file fails (it is a missing test dependency, not a reason to skip) and
+# ends there.
+sub require_client {
+    my $why = missing() // return;
+    Test::More::fail('python3 with the h2 library is needed for the HTTP/2 tests');
+    Test::More::diag($why);
+    Test::More::done_testing();
+    exit;
+}
+
 # h2_run($script, %opt) runs $script (Python source) and returns its
 # result.  Options:
 #   port     the server's port (H2_PORT; PORT in the script)
