@@ -1,16 +1,15 @@
 //! The channel from the network core into one interpreter thread: a queue plus
 //! an eventfd that the interpreter's IO::Async loop watches.
 //!
-//! The eventfd is written only when the interpreter is not already notified,
-//! so under load one wake-up carries a whole batch of messages.  The consumer
-//! resets the eventfd, *then* clears the flag with an atomic swap, *then*
-//! drains the queue.  Each order matters on its own, without relying on the
-//! caller to call again: clearing the flag after draining would lose a
-//! wake-up for a message pushed in between; resetting the eventfd after
-//! clearing the flag would swallow the wake-up of a push made in between,
-//! leaving the flag set and the eventfd silent, so that no later push would
-//! write it again.
-
+//! The eventfd is written only when the interpreter is not already notified.
+//! "Notified" stays set for as long as the interpreter keeps draining: pushes
+//! made while it works on a batch cost no system call, and it re-arms only
+//! when it finds the queue empty, just before it goes back to its loop.  The
+//! re-arm resets the eventfd, *then* clears the flag, *then* looks at the
+//! queue once more.  Each order matters on its own: resetting after clearing
+//! would swallow the write of a push made in between, leaving the flag set
+//! and the eventfd silent so that no later push would write it again; and a
+//! push that lands before the clear is seen by the last look.
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -87,19 +86,38 @@ impl Mailbox {
         }
     }
 
-    /// Called by the interpreter: resets the eventfd, re-arms notification,
-    /// and moves every queued message into `into` (one lock for the whole
-    /// batch).  Returns how many messages were moved.
+    /// Called by the interpreter: moves every queued message into `into`
+    /// (one lock for the whole batch) and returns how many it moved.  When
+    /// there are none, it re-arms notification first (see the module
+    /// comment), so a 0 means the interpreter may sleep: the next push wakes
+    /// it.  Callers drain until 0.
     pub fn take_all(&self, into: &mut VecDeque<ToPerl>) -> usize {
-        // Reset first: a push after the swap finds the flag clear and writes
-        // again, so its wake-up survives.  Unconditionally: a push's write
-        // can land after the flag it set was cleared (one spurious wake-up),
-        // and an eventfd left readable would keep the loop spinning.
+        self.drains.fetch_add(1, Ordering::Release);
+        let n = self.move_queued(into);
+        if n > 0 {
+            return n;
+        }
+        // Unconditionally: a push's write can land after the flag it set was
+        // cleared (one spurious wake-up), and an eventfd left readable would
+        // keep the loop spinning.
         self.reset_wake_fd();
         self.notified.swap(false, Ordering::AcqRel);
-        self.drains.fetch_add(1, Ordering::Release);
+        let n = self.move_queued(into);
+        if n > 0 {
+            // Still draining: later pushes need not write.  A push between
+            // the clear and here has written the eventfd, which costs one
+            // spurious wake-up and nothing else.
+            self.notified.store(true, Ordering::Release);
+        }
+        n
+    }
+
+    fn move_queued(&self, into: &mut VecDeque<ToPerl>) -> usize {
         let mut q = self.lock_queue();
         let n = q.len();
+        if n == 0 {
+            return 0;
+        }
         if into.is_empty() {
             std::mem::swap(into, &mut q);
         } else {
@@ -167,7 +185,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_wakeup_per_batch_and_rearm_after_take() {
+    fn one_wakeup_per_batch_and_rearm_when_empty() {
         let mb = Mailbox::new().unwrap();
         mb.push(ToPerl::Stop);
         mb.push(ToPerl::Stop);
@@ -176,11 +194,20 @@ mod tests {
         assert_eq!(n, 8);
         assert_eq!(counter, 1, "two pushes, one wake-up");
         let mut got = VecDeque::new();
-        mb.take_all(&mut got);
-        assert_eq!(got.len(), 2);
+        assert_eq!(mb.take_all(&mut got), 2);
+        // The interpreter is still draining: a push now needs no wake-up,
+        // and the next take picks it up.
         mb.push(ToPerl::Stop);
-        let n = unsafe { libc::read(mb.wake_fd.as_raw_fd(), (&mut counter as *mut u64).cast(), 8) };
-        assert_eq!(n, 8, "a push after take_all wakes again");
+        assert!(
+            !eventfd_readable(&mb),
+            "a push while draining writes nothing"
+        );
+        assert_eq!(mb.take_all(&mut got), 1);
+        // Empty: re-armed, so the interpreter may sleep and a push wakes it.
+        assert_eq!(mb.take_all(&mut got), 0);
+        assert!(!eventfd_readable(&mb));
+        mb.push(ToPerl::Stop);
+        assert!(eventfd_readable(&mb), "a push after the re-arm wakes again");
     }
 
     fn eventfd_readable(mb: &Mailbox) -> bool {
@@ -192,9 +219,9 @@ mod tests {
         unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
     }
 
-    /// Whatever the interleaving of a push with take_all, a message left in
-    /// the queue after a take has its wake-up pending: a single take_all is
-    /// correct without the caller calling it again.
+    /// Whatever the interleaving of a push with take_all, a consumer that
+    /// drains until empty and then sleeps until the eventfd is readable, as
+    /// the interpreter does, never misses a message.
     #[test]
     fn no_push_is_left_without_a_wakeup() {
         for _ in 0..200 {
@@ -220,7 +247,13 @@ mod tests {
                     );
                     std::thread::yield_now();
                 }
-                taken += mb.take_all(&mut got);
+                loop {
+                    let n = mb.take_all(&mut got);
+                    if n == 0 {
+                        break;
+                    }
+                    taken += n;
+                }
                 got.clear();
             }
             producer.join().unwrap();
