@@ -20,6 +20,8 @@ mod network;
 mod send;
 /// File and fh bodies streamed by a Rust-side producer.
 mod stream;
+/// Wake-ups of network tasks held to the end of the interpreter's batch.
+pub mod wakeups;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};

@@ -154,9 +154,11 @@ impl Exchange {
         })
     }
 
+    /// Hand the network task the response head (at the end of the
+    /// interpreter's batch when called from it: see `wakeups`).
     pub(super) fn send_head(head: Option<(oneshot::Sender<Head>, Head)>) {
         if let Some((tx, head)) = head {
-            let _ = tx.send(head);
+            super::wakeups::send_head(tx, head);
         }
     }
 
@@ -220,7 +222,7 @@ impl Exchange {
         self.mark_progress();
         Self::send_head(head);
         if let Some(w) = waker {
-            w.wake();
+            super::wakeups::wake(w);
         }
         Ok(outcome)
     }
@@ -271,7 +273,7 @@ impl Exchange {
         self.mark_progress();
         Self::send_head(head);
         if let Some(w) = waker {
-            w.wake();
+            super::wakeups::wake(w);
         }
         Ok(SendOutcome::Ready)
     }
@@ -362,7 +364,7 @@ impl Exchange {
                 let waker = st.waker.take();
                 drop(st);
                 if let Some(w) = waker {
-                    w.wake();
+                    super::wakeups::wake(w);
                 }
                 FinishOutcome::Clean
             }
@@ -397,7 +399,7 @@ impl Exchange {
                 drop(st);
                 Self::send_head(head);
                 if let Some(w) = waker {
-                    w.wake();
+                    super::wakeups::wake(w);
                 }
                 self.progress.notify_waiters();
                 self.ended.notify_waiters();

@@ -68,7 +68,7 @@ impl Exchange {
                     Self::send_head(head);
                     self.mark_progress();
                     if let Some(w) = waker {
-                        w.wake();
+                        super::wakeups::wake(w);
                     }
                     return Streamed::Queued;
                 }
@@ -93,7 +93,7 @@ impl Exchange {
         self.deliver_if_done(st);
         Self::send_head(head);
         if let Some(w) = waker {
-            w.wake();
+            super::wakeups::wake(w);
         }
     }
 }

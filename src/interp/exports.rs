@@ -164,15 +164,26 @@ unsafe fn header_pairs<'a>(hdrs: *const PagiStr, n: usize) -> Vec<(&'a [u8], &'a
 }
 
 /// Move newly arrived messages into the inbox; returns how many arrived.
+/// While the interpreter works through them, the wake-ups its sends cause
+/// are held (`exchange::wakeups`); they go out when it finds no more.
 #[no_mangle]
 pub extern "C" fn pagi_rs_wake_ack() -> c_int {
-    with_ctx(0, |ctx| ctx.mailbox.take_all(&mut ctx.inbox) as c_int)
+    with_ctx(0, |ctx| {
+        let n = ctx.mailbox.take_all(&mut ctx.inbox);
+        if n > 0 {
+            crate::exchange::wakeups::hold();
+        } else {
+            crate::exchange::wakeups::release();
+        }
+        n as c_int
+    })
 }
 
 /// Fill `out` with the next message; 0 when the inbox is empty.
 #[no_mangle]
 pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
     with_ctx(0, |ctx| {
+        crate::exchange::wakeups::release_overdue();
         ctx.current = None;
         let msg = loop {
             match ctx.inbox.pop_front() {
