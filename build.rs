@@ -21,6 +21,7 @@ const GLUE_SOURCES: &[&str] = &[
     "src/interp/c/sse.c",
     "src/interp/c/websocket.c",
     "src/interp/c/services.c",
+    "src/interp/c/opcount.c",
 ];
 
 fn perl_embed(what: &str) -> String {

@@ -64,6 +64,10 @@ typedef struct {
 /* The per-request object (PAGI::RS::HTTP and its subclasses) is an array
  * whose SLOT_* numbers come from constants.h. */
 
+/* opcount.c: the diagnostic op-counting run loop (PAGI_RS_COUNT_OPS). */
+void pagi_opcount_install(pTHX);
+void pagi_opcount_report(pTHX);
+
 /* Implemented in Rust (src/interp/exports.rs). */
 extern int pagi_rs_next_message(pagi_msg *out);
 extern int pagi_rs_wake_ack(void);

@@ -66,6 +66,7 @@ PerlInterpreter *pagi_interp_new(int argc, char **argv)
         return NULL;
     PERL_SET_CONTEXT(my_perl);
     perl_construct(my_perl);
+    pagi_opcount_install(aTHX);
     PL_exit_flags |= PERL_EXIT_DESTRUCT_END;
     /* NULL env: a custom array would replace the whole process environment. */
     if (perl_parse(my_perl, xs_init, argc, argv, NULL) != 0 || perl_run(my_perl) != 0) {
@@ -109,6 +110,7 @@ void pagi_interp_free(PerlInterpreter *my_perl)
     /* No signal may be forwarded to it from now on. */
     signal_target_remove(my_perl);
     PERL_SET_CONTEXT(my_perl);
+    pagi_opcount_report(aTHX);
     PL_perl_destruct_level = 0;
     perl_destruct(my_perl);
     perl_free(my_perl);
