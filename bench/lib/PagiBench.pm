@@ -116,11 +116,12 @@ sub run_load_tool {
     return $out;
 }
 
-# wrk -tT -cC -dD --latency against a port; returns { rps, p99_ms, errors, raw }.
+# wrk -tT -cC -dD --latency against a port (with `script`, a wrk Lua script:
+# -s); returns { rps, p99_ms, errors, raw }.
 sub run_wrk {
     my (%o) = @_;
     my @cmd = ( 'wrk', "-t$o{threads}", "-c$o{connections}", "-d$o{duration}s", '--latency',
-        "http://127.0.0.1:$o{port}$o{path}" );
+        ( $o{script} ? ( '-s', $o{script} ) : () ), "http://127.0.0.1:$o{port}$o{path}" );
     my $out = run_load_tool( 'wrk', $o{duration}, @cmd );
     my ($rps) = $out =~ m{^Requests/sec:\s*([\d.]+)}m or die "bench: no Requests/sec in wrk output:\n$out";
     my ( $p99, $unit ) = $out =~ m{^\s*99%\s+([\d.]+)(us|ms|s|m|h)\s*$}m
