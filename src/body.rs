@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
@@ -114,20 +114,32 @@ struct BodyClock {
     received: u64,
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What one poll of the request body gave: a frame, the end, or an error.
+type Polled = Option<Result<Frame<Bytes>, BoxError>>;
+
 /// Read the request body on behalf of the application.  Each permit on
-/// `exchange.body_credit` lets one chunk through to the interpreter.
+/// `exchange.body_credit` lets one chunk through to the interpreter.  A
+/// chunk is what has arrived by then, up to `--read-buffer-size`: the
+/// frames hyper or h2 already hold are joined (an upload that arrives in
+/// 16 KiB frames reaches the app in 64 KiB events, not four times as many),
+/// and a larger frame is split, the rest kept for the next chunk.
 pub async fn pump_request_body<B>(exchange: Arc<Exchange>, mut body: B)
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let max = exchange.config().max_body;
+    let limit = exchange.config().read_buffer_size.max(1);
     let rate = exchange.config().body_rate;
     let mut total: u64 = 0;
     let mut clock = BodyClock {
         waited: Duration::ZERO,
         received: 0,
     };
+    // Read while joining but not yet handed over: the next chunk starts here.
+    let mut ahead: Option<Polled> = None;
     loop {
         // A closed semaphore means the exchange ended; stop reading.
         let Ok(permit) = exchange.body_credit.acquire().await else {
@@ -135,33 +147,49 @@ where
         };
         permit.forget();
         let (data, more) = loop {
-            let waiting_since = Instant::now();
-            let next = match rate.allowance(clock.received, clock.waited) {
-                None => body.frame().await,
-                Some(allowance) => match tokio::time::timeout(allowance, body.frame()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        let waited = clock.waited + waiting_since.elapsed();
-                        too_slow(&exchange, &rate, clock.received, waited);
-                        return;
+            let next = match ahead.take() {
+                Some(next) => next,
+                None => {
+                    let waiting_since = Instant::now();
+                    let next: Polled = match rate.allowance(clock.received, clock.waited) {
+                        None => body.frame().await.map(|r| r.map_err(Into::into)),
+                        Some(allowance) => {
+                            match tokio::time::timeout(allowance, body.frame()).await {
+                                Ok(next) => next.map(|r| r.map_err(Into::into)),
+                                Err(_) => {
+                                    let waited = clock.waited + waiting_since.elapsed();
+                                    too_slow(&exchange, &rate, clock.received, waited);
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    clock.waited += waiting_since.elapsed();
+                    if let Some(Ok(frame)) = &next {
+                        if let Some(data) = frame.data_ref() {
+                            clock.received += data.len() as u64;
+                        }
                     }
-                },
+                    next
+                }
             };
-            clock.waited += waiting_since.elapsed();
             match next {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        clock.received += data.len() as u64;
                         if data.is_empty() && !body.is_end_stream() {
                             continue;
                         }
-                        break (data, !body.is_end_stream());
+                        let (data, left) = split_at_limit(data, limit);
+                        if let Some(left) = left {
+                            ahead = Some(Some(Ok(Frame::data(left))));
+                            break (data, true);
+                        }
+                        break join_ready(&mut body, data, limit, &mut ahead, &mut clock).await;
                     }
                     // Request trailers are not surfaced to the application.
                     Err(_) => continue,
                 },
                 Some(Err(e)) => {
-                    let e: Box<dyn std::error::Error + Send + Sync> = e.into();
                     let e: &(dyn std::error::Error + 'static) = &*e;
                     tracing::debug!("request body read failed: {e}");
                     if let Some(refusal) = BodyRefusal::find(e) {
@@ -196,6 +224,94 @@ where
             return;
         }
     }
+}
+
+/// `data` cut to `limit` bytes, and what is left over.
+fn split_at_limit(mut data: Bytes, limit: usize) -> (Bytes, Option<Bytes>) {
+    if data.len() <= limit {
+        return (data, None);
+    }
+    let left = data.split_off(limit);
+    (data, Some(left))
+}
+
+/// Join to `first` the data frames the body already holds, up to `limit`
+/// bytes, without waiting for more.  Returns the chunk and whether more of
+/// the body may follow.  Whatever does not fit (the rest of a frame, an
+/// error) is left in `ahead` for the next chunk.
+async fn join_ready<B>(
+    body: &mut B,
+    first: Bytes,
+    limit: usize,
+    ahead: &mut Option<Polled>,
+    clock: &mut BodyClock,
+) -> (Bytes, bool)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut joined: Option<BytesMut> = None;
+    let mut len = first.len();
+    let mut ended = body.is_end_stream();
+    let mut yielded = false;
+    while len < limit && !ended {
+        // One poll, no waiting: Pending means nothing more is at hand (the
+        // waker it registers at most wakes this task once for nothing).
+        let polled: Option<Polled> = std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(next) => Some(next.map(|r| r.map_err(Into::into))),
+                Poll::Pending => None,
+            })
+        })
+        .await;
+        let Some(next) = polled else {
+            // hyper's HTTP/1.1 body is fed by the connection task, one read
+            // (8 KiB) per poll of ours: let it run once to read what the
+            // socket holds, then look again.  Stop when that brings nothing.
+            if yielded {
+                break;
+            }
+            yielded = true;
+            tokio::task::yield_now().await;
+            continue;
+        };
+        yielded = false;
+        match next {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    clock.received += data.len() as u64;
+                    let (data, left) = split_at_limit(data, limit - len);
+                    if !data.is_empty() {
+                        let buf = joined.get_or_insert_with(|| {
+                            let mut buf = BytesMut::with_capacity(limit.min(len + data.len() * 4));
+                            buf.extend_from_slice(&first);
+                            buf
+                        });
+                        buf.extend_from_slice(&data);
+                        len += data.len();
+                    }
+                    if let Some(left) = left {
+                        *ahead = Some(Some(Ok(Frame::data(left))));
+                        break;
+                    }
+                    ended = body.is_end_stream();
+                }
+                // Request trailers are not surfaced to the application.
+                Err(_) => ended = body.is_end_stream(),
+            },
+            None => ended = true,
+            Some(Err(e)) => {
+                *ahead = Some(Some(Err(e)));
+                break;
+            }
+        }
+    }
+    let more = !ended || ahead.is_some();
+    let data = match joined {
+        Some(buf) => buf.freeze(),
+        None => first,
+    };
+    (data, more)
 }
 
 /// Whether a body read failed because the stream ended before the body
@@ -266,6 +382,124 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+
+    type Step = Poll<Option<Result<Frame<Bytes>, std::io::Error>>>;
+
+    /// A request body that yields what the test scripted, one poll each.
+    struct Scripted(VecDeque<Step>);
+
+    impl Body for Scripted {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            match self.get_mut().0.pop_front() {
+                Some(Poll::Pending) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Some(ready) => ready,
+                None => Poll::Ready(None),
+            }
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    fn data(n: usize) -> Step {
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; n])))))
+    }
+
+    fn clock() -> BodyClock {
+        BodyClock {
+            waited: Duration::ZERO,
+            received: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn joins_what_is_at_hand_up_to_the_limit() {
+        // One Pending is waited out (the connection task's turn); the frame
+        // after two in a row is left for the next chunk.
+        let mut body = Scripted(VecDeque::from([
+            data(100),
+            Poll::Pending,
+            data(100),
+            Poll::Pending,
+            Poll::Pending,
+            data(100),
+        ]));
+        let mut ahead = None;
+        let (chunk, more) = join_ready(
+            &mut body,
+            Bytes::from(vec![b'x'; 50]),
+            1000,
+            &mut ahead,
+            &mut clock(),
+        )
+        .await;
+        assert_eq!(chunk.len(), 250);
+        assert!(more && ahead.is_none());
+        let (chunk, more) = join_ready(
+            &mut body,
+            Bytes::from_static(b"y"),
+            1000,
+            &mut ahead,
+            &mut clock(),
+        )
+        .await;
+        assert_eq!(chunk.len(), 101);
+        assert!(!more, "the body ended");
+    }
+
+    #[tokio::test]
+    async fn splits_at_the_limit_and_keeps_the_rest() {
+        let mut body = Scripted(VecDeque::from([data(300), data(10)]));
+        let mut ahead = None;
+        let (chunk, more) = join_ready(
+            &mut body,
+            Bytes::from(vec![b'x'; 100]),
+            256,
+            &mut ahead,
+            &mut clock(),
+        )
+        .await;
+        assert_eq!(chunk.len(), 256);
+        assert!(more);
+        match ahead {
+            Some(Some(Ok(frame))) => assert_eq!(frame.into_data().unwrap().len(), 144),
+            _ => panic!("the rest of the frame is kept"),
+        }
+        let (first, rest) = split_at_limit(Bytes::from(vec![b'x'; 10]), 4);
+        assert_eq!((first.len(), rest.map(|r| r.len())), (4, Some(6)));
+    }
+
+    #[tokio::test]
+    async fn an_error_waits_behind_the_bytes_before_it() {
+        let mut body = Scripted(VecDeque::from([
+            data(10),
+            Poll::Ready(Some(Err(std::io::Error::other("reset")))),
+        ]));
+        let mut ahead = None;
+        let (chunk, more) = join_ready(
+            &mut body,
+            Bytes::from_static(b"abc"),
+            1000,
+            &mut ahead,
+            &mut clock(),
+        )
+        .await;
+        assert_eq!(chunk.len(), 13);
+        assert!(
+            more,
+            "what follows is the error, delivered as the next read"
+        );
+        assert!(matches!(ahead, Some(Some(Err(_)))));
+    }
 
     #[test]
     fn min_rate_allows_the_grace_then_what_the_bytes_earned() {

@@ -262,6 +262,12 @@ pub struct Options {
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub lifespan_startup_timeout: u64,
 
+    /// Largest http.request event, in bytes: request-body bytes already
+    /// received are joined into one event up to this size (and a larger
+    /// read is split).  As the reference's --read-buffer-size.
+    #[arg(long, value_name = "BYTES", default_value_t = 65536)]
+    pub read_buffer_size: usize,
+
     /// A body $send waits once this many bytes are queued for the client.
     #[arg(long, value_name = "BYTES", default_value_t = 65536)]
     pub write_high_watermark: usize,
@@ -558,6 +564,7 @@ impl Options {
                 MAX_WATERMARK,
             ),
             ("--max-ws-frame-size", self.max_ws_frame_size, MAX_WATERMARK),
+            ("--read-buffer-size", self.read_buffer_size, MAX_READ_BUFFER),
             (
                 "--max-receive-queue",
                 self.max_receive_queue,
@@ -576,6 +583,9 @@ impl Options {
         }
         if self.write_high_watermark == 0 {
             return Err("--write-high-watermark must be positive".into());
+        }
+        if self.read_buffer_size == 0 {
+            return Err("--read-buffer-size must be positive".into());
         }
         if self.interpreters == 0 {
             return Err("--interpreters must be at least 1".into());
@@ -681,6 +691,8 @@ pub const MAX_HEADER_COUNT: usize = 10_000;
 pub const MAX_INTERPRETERS: usize = 256;
 pub const MAX_WORKERS: usize = 1024;
 pub const MAX_WATERMARK: usize = 1 << 40;
+/// `--read-buffer-size`: one http.request event is at most this big.
+pub const MAX_READ_BUFFER: usize = 64 << 20;
 pub const MAX_RECEIVE_QUEUE: usize = 1 << 30;
 
 /// A name with `::` is a module; one with a slash or a .pl/.psgi suffix is a

@@ -291,6 +291,7 @@ fn build_server(
             high_water: opts.write_high_watermark,
             low_water: opts.write_low_watermark,
             max_body: opts.max_body_size,
+            read_buffer_size: opts.read_buffer_size,
             body_rate: opts.body_min_rate(),
             access_log,
             streams: sse::StreamSettings {

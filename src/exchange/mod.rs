@@ -49,6 +49,9 @@ pub struct ExchangeConfig {
     pub low_water: usize,
     /// 0 = unlimited.
     pub max_body: u64,
+    /// `--read-buffer-size`: the most request-body bytes in one
+    /// http.request event.
+    pub read_buffer_size: usize,
     /// `--body-min-rate` / `--body-rate-grace`: the pace a request body must
     /// keep once the server has waited the grace for it.
     pub body_rate: crate::body::MinRate,
@@ -385,6 +388,7 @@ pub(crate) mod tests {
             high_water: 10,
             low_water: 4,
             max_body: 0,
+            read_buffer_size: 64 * 1024,
             access_log: None,
             streams: crate::sse::StreamSettings {
                 idle_timeout: None,

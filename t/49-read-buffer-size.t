@@ -1,0 +1,95 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use PagiRS::Test;
+
+# --read-buffer-size (default 64 KiB, as the reference): request-body bytes
+# that have already arrived reach the app joined into one http.request
+# event of at most that size, and a larger read is split.  The app waits
+# before its first receive, so the whole body is at hand by then and the
+# sizes are known: without joining, hyper's 8 KiB reads would each be an
+# event.
+
+my $app = write_app( <<'PERL', 'read_buffer_app.pl' );
+use strict; use warnings; use Future::AsyncAwait; use Future::IO;
+async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} eq 'lifespan';
+    await Future::IO->sleep(0.3);
+    my @sizes;
+    my $bytes = '';
+    while (1) {
+        my $e = await $receive->();
+        last if $e->{type} ne 'http.request';
+        push @sizes, length $e->{body};
+        $bytes .= $e->{body};
+        last unless $e->{more};
+    }
+    my $ok = $bytes eq join('', map { chr(65 + $_ % 26) x 1024 } 0 .. 255) ? 'intact' : 'CORRUPT';
+    my $body = "$ok @sizes";
+    await $send->({ type => 'http.response.start', status => 200,
+        headers => [ [ 'content-type', 'text/plain' ] ] });
+    await $send->({ type => 'http.response.body', body => $body });
+};
+PERL
+
+# 256 KiB, each KiB a different letter, so a chunk out of place shows.
+my $payload = join '', map { chr( 65 + $_ % 26 ) x 1024 } 0 .. 255;
+
+sub post_sizes {
+    my ( $s, %o ) = @_;
+    my $head = "POST /up HTTP/1.1\r\nHost: " . host_header( $s->port ) . "\r\nConnection: close\r\n";
+    $head .= $o{chunked} ? "Transfer-Encoding: chunked\r\n\r\n" : "Content-Length: " . length($payload) . "\r\n\r\n";
+    my $body = $payload;
+    if ( $o{chunked} ) {
+        # 4 KiB chunks: many small pieces of framing to join across.
+        $body = join( '', map { sprintf( "%x\r\n%s\r\n", length $_, $_ ) } unpack '(a4096)*', $payload ) . "0\r\n\r\n";
+    }
+    my $r = parse_response( raw_request( $s->port, $head . $body, timeout => 10 ) );
+    die "no response" unless $r && $r->{status} == 200;
+    my ( $ok, @sizes ) = split ' ', $r->{body};
+    return ( $ok, @sizes );
+}
+
+subtest 'default: joined up to 64 KiB' => sub {
+    my $s = start_server( '--no-access-log', $app );
+    for my $how ( 'content-length', 'chunked' ) {
+        my ( $ok, @sizes ) = post_sizes( $s, chunked => $how eq 'chunked' );
+        is $ok, 'intact', "$how: the body arrives whole and in order";
+        ok( ( !grep { $_ > 65536 } @sizes ), "$how: no event is over 64 KiB (@sizes)" );
+        cmp_ok scalar(@sizes), '<=', 8, "$how: 256 KiB at hand arrive in a few events, not 32 reads' worth";
+    }
+    $s->stop;
+};
+
+subtest '--read-buffer-size 4096 splits and bounds every event' => sub {
+    my $s = start_server( '--no-access-log', '--read-buffer-size', 4096, $app );
+    my ( $ok, @sizes ) = post_sizes($s);
+    is $ok, 'intact', 'the body arrives whole and in order';
+    ok( ( !grep { $_ > 4096 } @sizes ), 'no event is over 4096 bytes' );
+    is scalar(@sizes), 64, '256 KiB in 64 events of 4 KiB';
+    $s->stop;
+};
+
+subtest 'over HTTP/2 too' => sub {
+    my $s = start_server( '--no-access-log', '--http2', '--read-buffer-size', 32768, $app );
+    my $file = write_app( $payload, 'payload.bin' );
+    my $out = `curl -sS --http2-prior-knowledge --data-binary \@$file http://127.0.0.1:${\ $s->port}/up 2>&1`;
+    my ( $ok, @sizes ) = split ' ', $out;
+    is $ok, 'intact', 'the body arrives whole and in order' or diag $out;
+    ok( ( !grep { $_ > 32768 } @sizes ), "no event is over 32 KiB (@sizes)" );
+    cmp_ok scalar(@sizes), '<=', 12, 'joined: h2 DATA frames are 16 KiB at most';
+    $s->stop;
+};
+
+subtest 'a bad value is refused' => sub {
+    for my $bad ( 0, 'lots', 1 << 30 ) {
+        my ( $code, $err ) = run_pagi( '--read-buffer-size', $bad, $app );
+        is $code, 2, "--read-buffer-size $bad exits 2";
+        like $err, qr/read-buffer-size/, '... naming the option';
+    }
+};
+
+done_testing;
