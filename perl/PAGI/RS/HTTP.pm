@@ -233,14 +233,28 @@ sub _message_send_outcome {
     return $self->_send_now($ev);
 }
 
-# A send that is still pending is in flight until it settles.
+# A send that is still pending is in flight until it settles.  The app
+# gets a copy that $f settles (as without_cancel would make, with one
+# callback instead of three): cancelling the copy leaves $f, and so the
+# order of sends, alone.
 sub _in_flight {
     my ( $self, $f ) = @_;
     return $f if $f->is_ready;
     $self->[SEND_BUSY] = $f;
-    # Registered first, so the slot is clear before whoever awaits $f resumes.
-    $f->on_ready( sub { _not_busy( $self, $f ) } );
-    return $f->without_cancel;
+    my $copy = $PAGI::RS::Bridge::LOOP->new_future;
+    $f->on_ready( sub { _settled( $self, $f, $copy ) } );
+    return $copy;
+}
+
+# The slot is cleared before whoever awaits the copy resumes.
+sub _settled {
+    my ( $self, $f, $copy ) = @_;
+    _not_busy( $self, $f );
+    return if $copy->is_ready;    # the app cancelled its copy
+    if ( $f->is_cancelled ) { $copy->cancel }
+    elsif ( $f->is_failed ) { $copy->fail( $f->failure ) }
+    else                    { $copy->done( $f->result ) }
+    return;
 }
 
 sub _not_busy {
