@@ -268,6 +268,13 @@ pub struct Options {
     #[arg(long, value_name = "BYTES", default_value_t = 65536)]
     pub read_buffer_size: usize,
 
+    /// Largest piece of a response body handed to the connection at once:
+    /// an app's larger body event, and each read of a file or fh body, is
+    /// cut to this size (on HTTP/1.1 chunked framing, one chunk each).  As
+    /// the reference's --write-buffer-size, with a larger default.
+    #[arg(long, value_name = "BYTES", default_value_t = 65536)]
+    pub write_buffer_size: usize,
+
     /// A body $send waits once this many bytes are queued for the client.
     #[arg(long, value_name = "BYTES", default_value_t = 65536)]
     pub write_high_watermark: usize,
@@ -566,6 +573,11 @@ impl Options {
             ("--max-ws-frame-size", self.max_ws_frame_size, MAX_WATERMARK),
             ("--read-buffer-size", self.read_buffer_size, MAX_READ_BUFFER),
             (
+                "--write-buffer-size",
+                self.write_buffer_size,
+                MAX_READ_BUFFER,
+            ),
+            (
                 "--max-receive-queue",
                 self.max_receive_queue,
                 MAX_RECEIVE_QUEUE,
@@ -586,6 +598,9 @@ impl Options {
         }
         if self.read_buffer_size == 0 {
             return Err("--read-buffer-size must be positive".into());
+        }
+        if self.write_buffer_size == 0 {
+            return Err("--write-buffer-size must be positive".into());
         }
         if self.interpreters == 0 {
             return Err("--interpreters must be at least 1".into());
@@ -691,7 +706,7 @@ pub const MAX_HEADER_COUNT: usize = 10_000;
 pub const MAX_INTERPRETERS: usize = 256;
 pub const MAX_WORKERS: usize = 1024;
 pub const MAX_WATERMARK: usize = 1 << 40;
-/// `--read-buffer-size`: one http.request event is at most this big.
+/// `--read-buffer-size` and `--write-buffer-size`: at most this big.
 pub const MAX_READ_BUFFER: usize = 64 << 20;
 pub const MAX_RECEIVE_QUEUE: usize = 1 << 30;
 

@@ -22,8 +22,6 @@ use bytes::{Bytes, BytesMut};
 use crate::exchange::{Exchange, Streamed};
 use crate::interp::messages::ToPerl;
 
-const CHUNK: usize = 64 * 1024;
-
 /// How often a read waiting on a silent pipe or socket checks whether the
 /// exchange has ended.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -93,7 +91,8 @@ pub async fn stream(
                     bytes
                 }
                 None => {
-                    let want = remaining.min(CHUNK as u64) as usize;
+                    let chunk = ex.config().write_buffer_size.max(1) as u64;
+                    let want = remaining.min(chunk) as usize;
                     match read_chunk(&file, position, want, &ex).await {
                         Ok(Some(bytes)) => bytes,
                         // The exchange ended while a pipe was silent.

@@ -292,6 +292,7 @@ fn build_server(
             low_water: opts.write_low_watermark,
             max_body: opts.max_body_size,
             read_buffer_size: opts.read_buffer_size,
+            write_buffer_size: opts.write_buffer_size,
             body_rate: opts.body_min_rate(),
             access_log,
             streams: sse::StreamSettings {

@@ -52,6 +52,9 @@ pub struct ExchangeConfig {
     /// `--read-buffer-size`: the most request-body bytes in one
     /// http.request event.
     pub read_buffer_size: usize,
+    /// `--write-buffer-size`: the largest data frame handed to the
+    /// connection (a larger body event or file read is cut to it).
+    pub write_buffer_size: usize,
     /// `--body-min-rate` / `--body-rate-grace`: the pace a request body must
     /// keep once the server has waited the grace for it.
     pub body_rate: crate::body::MinRate,
@@ -389,6 +392,7 @@ pub(crate) mod tests {
             low_water: 4,
             max_body: 0,
             read_buffer_size: 64 * 1024,
+            write_buffer_size: 64 * 1024,
             access_log: None,
             streams: crate::sse::StreamSettings {
                 idle_timeout: None,

@@ -14,9 +14,6 @@ use super::headers::{build_headers, final_status};
 use super::{water_mark, Exchange, FinishOutcome, Head, Phase, SendOutcome, State, WANTS_TERMINAL};
 use crate::error::SendError;
 
-/// Largest data frame handed to hyper.
-const MAX_FRAME: usize = 64 * 1024;
-
 impl Exchange {
     pub fn start(
         &self,
@@ -197,9 +194,10 @@ impl Exchange {
         if !data.is_empty() && !self.facts.is_head {
             // hyper takes a whole frame into its own buffer at once; small
             // frames keep buffered_amount (and the water marks) truthful.
+            let max_frame = self.config.write_buffer_size.max(1);
             let mut bytes = Bytes::copy_from_slice(data);
-            while bytes.len() > MAX_FRAME {
-                st.queue.push_back(Frame::data(bytes.split_to(MAX_FRAME)));
+            while bytes.len() > max_frame {
+                st.queue.push_back(Frame::data(bytes.split_to(max_frame)));
             }
             st.queue.push_back(Frame::data(bytes));
             st.buffered += data.len();

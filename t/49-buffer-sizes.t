@@ -84,11 +84,53 @@ subtest 'over HTTP/2 too' => sub {
     $s->stop;
 };
 
+# --write-buffer-size (default 64 KiB): the largest piece of a response
+# body handed to the connection.  Without a Content-Length, HTTP/1.1 sends
+# each piece as one chunk, so the sizes show on the wire.
+my $sender = write_app( <<'PERL', 'write_buffer_app.pl' );
+use strict; use warnings; use Future::AsyncAwait;
+async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} eq 'lifespan';
+    await $send->({ type => 'http.response.start', status => 200,
+        headers => [ [ 'content-type', 'text/plain' ] ] });
+    await $send->({ type => 'http.response.body', body => 'z' x 100_000 });
+};
+PERL
+
+sub wire_chunks {
+    my ($s) = @_;
+    my $raw = raw_request( $s->port,
+        "GET / HTTP/1.1\r\nHost: " . host_header( $s->port ) . "\r\nConnection: close\r\n\r\n",
+        timeout => 10 );
+    my ( $head, $body ) = split /\r\n\r\n/, $raw, 2;
+    like $head, qr/^transfer-encoding: chunked\r?$/mi, 'the body goes out chunked';
+    my @sizes;
+    while ( $body =~ s/\A([0-9a-fA-F]+)\r\n// ) {
+        my $n = hex $1;
+        last if $n == 0;
+        push @sizes, $n;
+        substr( $body, 0, $n + 2, '' );
+    }
+    return @sizes;
+}
+
+subtest '--write-buffer-size cuts a body event into pieces of at most that size' => sub {
+    my $s = start_server( '--no-access-log', $sender );
+    is_deeply [ wire_chunks($s) ], [ 65536, 34464 ], 'default: 64 KiB pieces';
+    $s->stop;
+    $s = start_server( '--no-access-log', '--write-buffer-size', 30000, $sender );
+    is_deeply [ wire_chunks($s) ], [ 30000, 30000, 30000, 10000 ], '--write-buffer-size 30000';
+    $s->stop;
+};
+
 subtest 'a bad value is refused' => sub {
-    for my $bad ( 0, 'lots', 1 << 30 ) {
-        my ( $code, $err ) = run_pagi( '--read-buffer-size', $bad, $app );
-        is $code, 2, "--read-buffer-size $bad exits 2";
-        like $err, qr/read-buffer-size/, '... naming the option';
+    for my $opt (qw(--read-buffer-size --write-buffer-size)) {
+        for my $bad ( 0, 'lots', 1 << 30 ) {
+            my ( $code, $err ) = run_pagi( $opt, $bad, $app );
+            is $code, 2, "$opt $bad exits 2";
+            like $err, qr/\Q${\ substr( $opt, 2 )}\E/, '... naming the option';
+        }
     }
 };
 
