@@ -39,6 +39,10 @@ our @TEST = qw(
     nginx-light
 );
 
+# Only for the charts of `make bench` and `make bench-all` (bench/bin/charts):
+# gnuplot-nox: draws the SVG charts into bench/results/.
+our @BENCH = qw(gnuplot-nox);
+
 # HTTP::Tiny is part of core perl; its package is only needed on a perl
 # without it.
 @TEST = grep { $_ ne 'libhttp-tiny-perl' } @TEST
@@ -88,5 +92,6 @@ sub ensure {
 
 sub ensure_run  { ensure( 'run-time', @RUN ) }
 sub ensure_test { ensure( 'test',     @TEST ) }
+sub ensure_bench { ensure( 'benchmark', @TEST, @BENCH ) }
 
 1;
