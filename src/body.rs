@@ -283,6 +283,9 @@ where
                     let (data, left) = split_at_limit(data, limit - len);
                     if !data.is_empty() {
                         let buf = joined.get_or_insert_with(|| {
+                            // Room for a few more frames like this one, never
+                            // past the limit (which may be large): most joins
+                            // then need no reallocation.
                             let mut buf = BytesMut::with_capacity(limit.min(len + data.len() * 4));
                             buf.extend_from_slice(&first);
                             buf
