@@ -1,5 +1,12 @@
 //! One HTTP/2 connection: the handshake with our SETTINGS, then an accept
-//! loop that drives the connection and starts one task per stream.
+//! loop that drives the connection and, in the same task, its streams.
+//!
+//! Why one task and not a task per stream: each stream that answered woke
+//! the connection's task on its own, and tokio ran that task next (its LIFO
+//! slot), so every response went out in a writev of its own.  Polled from
+//! the loop, all streams the interpreter answered in one batch queue their
+//! frames first, and the connection flushes them together.  Each stream
+//! still watches its own reset and disconnect (stream.rs).
 //!
 //! The loop also owns the connection's fate: GOAWAY and a drain on
 //! shutdown, GOAWAY after `--timeout` with no stream open, and GOAWAY
@@ -14,7 +21,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+use std::pin::Pin;
+
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::Reason;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Notify};
@@ -169,16 +180,19 @@ pub async fn serve<IO>(
     let idle_limit = settings.idle_timeout;
     let mut draining = false;
     let mut idle_check = Box::pin(tokio::time::sleep(idle_limit.unwrap_or(Duration::MAX / 4)));
+    let mut streams: FuturesUnordered<StreamTask> = FuturesUnordered::new();
     loop {
         let next = tokio::select! {
-            next = h2conn.accept() => next,
+            // Streams before the connection, so that whatever they queued
+            // goes out in the connection's one flush below.
+            biased;
+            _ = signals.force.wait_for(|f| *f) => break,
             _ = signals.drain.wait_for(|d| *d), if !draining => {
                 draining = true;
                 // GOAWAY: no new streams; the open ones finish.
                 h2conn.graceful_shutdown();
                 continue;
             }
-            _ = signals.force.wait_for(|f| *f) => break,
             _ = shared.calm_down.notified() => {
                 tracing::warn!(
                     "HTTP/2 client {client} reset streams faster than --h2-rst-burst/--h2-rst-rate allow: GOAWAY (ENHANCE_YOUR_CALM)"
@@ -200,6 +214,8 @@ pub async fn serve<IO>(
                 }
                 continue;
             }
+            Some(()) = streams.next(), if !streams.is_empty() => continue,
+            next = h2conn.accept() => next,
         };
         match next {
             None => break,
@@ -216,16 +232,20 @@ pub async fn serve<IO>(
                 }
                 let live = shared.stream_opened();
                 let (conn, server, shared) = (conn.clone(), server.clone(), shared.clone());
-                // Boxed: the stream's future is several kilobytes, and tokio
-                // copies a task's future whole when it stores its stages
-                // (measured: memmove was the tokio thread's top symbol).
-                let stream = Box::pin(async move {
+                streams.push(Box::pin(async move {
                     let _live = live;
                     super::stream::serve(req, respond, conn, server, shared).await
-                });
-                tokio::spawn(stream);
+                }));
             }
         }
     }
+    // Streams whose applications still run hear that the connection is
+    // gone, and are driven here until they finish.
     drop(gone_tx);
+    drop(h2conn);
+    while streams.next().await.is_some() {}
 }
+
+/// A stream's future, polled by its connection's task (boxed: it is
+/// several kilobytes, and the set moves it otherwise).
+type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
