@@ -17,6 +17,7 @@ const GLUE_SOURCES: &[&str] = &[
     "src/interp/c/response.c",
     "src/interp/c/exchange.c",
     "src/interp/c/send.c",
+    "src/interp/c/http_app.c",
     "src/interp/c/fast_send.c",
     "src/interp/c/sse.c",
     "src/interp/c/websocket.c",

@@ -111,14 +111,13 @@ sub _dispatch_inbox {
 }
 
 sub _dispatch_messages {
+    # _next runs http requests' applications itself (http_app.c, with
+    # HTTP.pm's help), and returns every other message:
+    # STREAM_REQUEST: (kind, request, scope, send); others:
+    # (kind, id, num0..num3, headers, strings...)
     while ( my @m = PAGI::RS::_next() ) {
-        # REQUEST and STREAM_REQUEST: (kind, request, scope, send); others:
-        # (kind, id, num0..num3, headers, strings...)
         my $kind = $m[0];
-        if ( $kind == MSG_REQUEST ) {
-            PAGI::RS::HTTP::run_app( $m[1], $m[2], $m[3] );
-        }
-        elsif ( $kind == MSG_STREAM_REQUEST ) {
+        if ( $kind == MSG_STREAM_REQUEST ) {
             $m[1]->start( $m[2], $m[3] );
         }
         elsif ( $kind == MSG_WS_RECEIVE ) {

@@ -45,19 +45,23 @@ my %IS_FUTURE;
 
 # A new request: request.c has built the request object (registered in
 # %PAGI::RS::Bridge::REQUESTS, and the scope's pagi.connection and
-# pagi.transport), the scope and $send.  Run the app.
+# pagi.transport), the scope and $send.  Run the app.  http requests take
+# http_app.c's version of this (its $receive is an XS closure, and it ends
+# the request itself when the app's Future is done at once); sse and
+# websocket requests come here with their own $receive, and end with their
+# own _app_done.
 sub run_app {
     my ( $self, $scope, $send, $receive ) = @_;
-    # $send is an XS closure (send.c) that handles the common events without
-    # Perl code; $receive is a tiny closure (cloning one copies its pad, so
-    # the logic lives in a named sub).  SSE and WebSocket pass their own
-    # pair, and end the request with their own _app_done.
-    my $f = eval {
-        $PAGI::RS::Bridge::APP->( $scope, $receive // sub { _receive($self) }, $send );
-    };
+    my $f = eval { $PAGI::RS::Bridge::APP->( $scope, $receive, $send ) };
+    _app_returned( $self, $f, defined $f ? undef : $@ );
+    return;
+}
+
+# The application's call returned $f, or died with $err.
+sub _app_returned {
+    my ( $self, $f, $err ) = @_;
     if ( !defined $f ) {
-        my $err = $@;
-        $self->_app_done( $err ne '' ? $err : undef );
+        $self->_app_done( defined $err && $err ne '' ? $err : undef );
     }
     elsif ( !( $IS_FUTURE{ ref $f } //= blessed($f) && $f->isa('Future') ? 1 : 0 ) ) {
         $self->_app_done(undef);
@@ -97,7 +101,15 @@ sub _app_done {
     return if $self->[APP_DONE]++;
     # Keep listening only if someone registered for the request's end.
     my $keep = $self->[CONNECTED] && PAGI::RS::Connection::_has_callbacks($self) ? 1 : 0;
-    my $rc = PAGI::RS::_finish( $self->[ID], $err, $keep );
+    _finished( $self, PAGI::RS::_finish( $self->[ID], $err, $keep ), $keep );
+    return;
+}
+
+# The core's answer ($rc) to the end of the app, which asked it to $keep the
+# request for callbacks or not.  (http_app.c calls this for the uncommon
+# answers.)
+sub _finished {
+    my ( $self, $rc, $keep ) = @_;
     if ( $rc == FIN_BACKSTOP || $rc == FIN_TRUNCATED ) {
         # The core ended the scope server_error (it keeps it until we have
         # read why): the backstop 500 counts as a started response.

@@ -117,3 +117,16 @@ pagi_str text_arg(pTHX_ SV *sv, int *has)
     out.len = len;
     return out;
 }
+
+/* `id` in decimal at the end of buf (no NUL); *start points at its first
+ * digit.  Returns the digit count. */
+int registry_key(char buf[REGISTRY_KEY_SIZE], uint64_t id, const char **start)
+{
+    int len = 0;
+    do {
+        buf[REGISTRY_KEY_SIZE - 1 - len++] = (char)('0' + id % 10);
+        id /= 10;
+    } while (id);
+    *start = buf + REGISTRY_KEY_SIZE - len;
+    return len;
+}

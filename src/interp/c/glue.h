@@ -63,6 +63,17 @@ typedef struct {
 
 /* The per-request object (PAGI::RS::HTTP and its subclasses) is an array
  * whose SLOT_* numbers come from constants.h. */
+static inline int slot_true(pTHX_ AV *req, SSize_t slot)
+{
+    SV **v = av_fetch(req, slot, 0);
+    return v && SvTRUE(*v);
+}
+
+static inline int slot_defined(pTHX_ AV *req, SSize_t slot)
+{
+    SV **v = av_fetch(req, slot, 0);
+    return v && SvOK(*v);
+}
 
 /* opcount.c: the diagnostic op-counting run loop (PAGI_RS_COUNT_OPS). */
 void pagi_opcount_install(pTHX);
@@ -153,6 +164,14 @@ typedef struct {
     HV *http_stash;  /* PAGI::RS::HTTP */
     HV *sse_stash;   /* PAGI::RS::SSE */
     HV *ws_stash;    /* PAGI::RS::WebSocket */
+    GV *app_gv;      /* $PAGI::RS::Bridge::APP */
+    /* The Perl halves called from C, as globs: a sub defined after the
+     * lookups were made still lands in its glob. */
+    GV *after_send_gv;   /* PAGI::RS::HTTP::_after_send */
+    GV *receive_gv;      /* PAGI::RS::HTTP::_receive */
+    GV *app_returned_gv; /* PAGI::RS::HTTP::_app_returned */
+    GV *app_done_gv;     /* PAGI::RS::HTTP::_app_done */
+    GV *finished_gv;     /* PAGI::RS::HTTP::_finished */
     SV *keys[K_COUNT];
 } interp_lookups;
 
@@ -160,6 +179,24 @@ interp_lookups *the_lookups(pTHX);
 
 #define KEY(L, k) ((L)->keys[k])
 #define STORE(hv, L, k, val) ((void)hv_store_ent((hv), KEY(L, k), (val), 0))
+
+/* The sub in glob `gv` (croaks, as Perl would, when it is not defined). */
+CV *sub_of(pTHX_ GV *gv);
+
+/* ---- the registry of requests (%PAGI::RS::Bridge::REQUESTS) ---------------
+ * Keyed by the id in decimal, as Perl stringifies it (convert.c). */
+#define REGISTRY_KEY_SIZE 24
+int registry_key(char buf[REGISTRY_KEY_SIZE], uint64_t id, const char **start);
+
+/* ---- coderefs bound to a request object (send.c) --------------------------
+ * An XS sub made per request, holding a reference to the request object in
+ * magic tagged by `tag`: cheaper than cloning a Perl closure. */
+SV *new_bound_xsub(pTHX_ XSUBADDR_t body, MGVTBL *tag, AV *req);
+SV *bound_request(pTHX_ CV *cv, MGVTBL *tag);
+
+/* ---- running an http application (http_app.c) ---------------------------
+ * Shared: request.c hands each new http request to it. */
+void run_http_app(pTHX_ interp_lookups *L, SV *self, SV *scope, SV *send);
 
 /* ---- the application's $send (send.c, fast_send.c) -----------------------
  * Shared: request.c hands each new request its $send; the fast paths, one per

@@ -34,6 +34,12 @@ interp_lookups *the_lookups(pTHX)
     lookups.http_stash = gv_stashpvs("PAGI::RS::HTTP", GV_ADD);
     lookups.sse_stash = gv_stashpvs("PAGI::RS::SSE", GV_ADD);
     lookups.ws_stash = gv_stashpvs("PAGI::RS::WebSocket", GV_ADD);
+    lookups.app_gv = gv_fetchpvs("PAGI::RS::Bridge::APP", GV_ADD, SVt_PV);
+    lookups.after_send_gv = gv_fetchpvs("PAGI::RS::HTTP::_after_send", GV_ADD, SVt_PVCV);
+    lookups.receive_gv = gv_fetchpvs("PAGI::RS::HTTP::_receive", GV_ADD, SVt_PVCV);
+    lookups.app_returned_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_returned", GV_ADD, SVt_PVCV);
+    lookups.app_done_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_done", GV_ADD, SVt_PVCV);
+    lookups.finished_gv = gv_fetchpvs("PAGI::RS::HTTP::_finished", GV_ADD, SVt_PVCV);
     /* Set once by Bridge::init, before any request exists. */
     lookups.core_version = newSVsv(get_sv("PAGI::RS::Bridge::CORE_VERSION", GV_ADD));
     lookups.www_version = newSVsv(get_sv("PAGI::RS::Bridge::SPEC_VERSION", GV_ADD));
@@ -42,4 +48,12 @@ interp_lookups *the_lookups(pTHX)
         lookups.keys[i] = newSVpvn_share(key_names[i], (I32)strlen(key_names[i]), 0);
     lookups.owner = aTHX;
     return &lookups;
+}
+
+CV *sub_of(pTHX_ GV *gv)
+{
+    CV *sub = GvCV(gv);
+    if (!sub)
+        croak("pagi-rs: Undefined subroutine &%" SVf, SVfARG(sv_2mortal(newSVhek(GvNAME_HEK(gv)))));
+    return sub;
 }

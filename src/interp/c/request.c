@@ -111,21 +111,41 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
     return newRV_noinc((SV *)scope);
 }
 
-/* Writes `n` in decimal at the end of buf; returns the digit count.  The
- * request registry is keyed this way, as Perl stringifies the id. */
-static int decimal(char *buf, size_t size, uint64_t n)
+/* Everything a request needs before the app runs, built here since every
+ * request pays for it: the request object (also the scope's pagi.connection
+ * and pagi.transport; returned), its entry in %PAGI::RS::Bridge::REQUESTS,
+ * the scope and $send. */
+static SV *new_request(pTHX_ interp_lookups *L, const pagi_msg *m, int kind, SV **scope, SV **send)
 {
-    int len = 0;
-    do {
-        buf[size - 1 - (size_t)len++] = (char)('0' + n % 10);
-        n /= 10;
-    } while (n);
-    return len;
+    AV *req = newAV();
+    SV *self;
+    HV *scope_hv;
+    char buf[REGISTRY_KEY_SIZE];
+    const char *key;
+    int klen;
+    av_extend(req, SLOT_COUNT);
+    av_store(req, SLOT_ID, newSVuv((UV)m->id));
+    av_store(req, SLOT_CONNECTED, newSViv(1));
+    av_store(req, SLOT_BODY, newSViv((IV)m->num[2]));
+    self = newRV_noinc((SV *)req);
+    sv_bless(self, kind == SCOPE_HTTP        ? L->http_stash
+                   : kind == SCOPE_SSE       ? L->sse_stash
+                                             : L->ws_stash);
+    klen = registry_key(buf, m->id, &key);
+    (void)hv_store(GvHVn(L->requests_gv), key, klen, newRV_inc((SV *)req), 0);
+    *scope = request_scope(aTHX_ L, m, kind);
+    scope_hv = (HV *)SvRV(*scope);
+    STORE(scope_hv, L, K_CONNECTION, newRV_inc((SV *)req));
+    STORE(scope_hv, L, K_TRANSPORT, newRV_inc((SV *)req));
+    *send = new_sender(aTHX_ req);
+    return self;
 }
 
-/* _next() returns the next message as a list:
- *   REQUEST: (kind, $request, \%scope, $send)
- *   others:  (kind, id, num0, num1, num2, num3, headers_or_undef, strings...) */
+/* _next() runs the application of each new http request itself
+ * (http_app.c), and returns the next other message as a list:
+ *   STREAM_REQUEST (sse, websocket): (kind, $request, \%scope, $send)
+ *   others:  (kind, id, num0, num1, num2, num3, headers_or_undef, strings...)
+ * or nothing once the inbox is empty. */
 
 XS(xs_next_message)
 {
@@ -134,45 +154,39 @@ XS(xs_next_message)
     size_t i;
     PERL_UNUSED_VAR(items);
     SP -= items;
-    memset(&m, 0, sizeof m);
-    if (!pagi_rs_next_message(&m))
-        XSRETURN_EMPTY;
-    if (m.kind == PAGI_MSG_REQUEST) {
-        /* Everything a request needs before the app runs, built here since
-         * every request pays for it: the request object (also the scope's
-         * pagi.connection and pagi.transport), its entry in
-         * %PAGI::RS::Bridge::REQUESTS, the scope, and $send. */
-        interp_lookups *L = the_lookups(aTHX);
-        int kind = (int)m.num[3];
-        AV *req = newAV();
-        SV *self, *scope;
-        HV *scope_hv, *requests;
-        char key[24];
-        int klen;
-        av_extend(req, SLOT_COUNT);
-        av_store(req, SLOT_ID, newSVuv((UV)m.id));
-        av_store(req, SLOT_CONNECTED, newSViv(1));
-        av_store(req, SLOT_BODY, newSViv((IV)m.num[2]));
-        self = newRV_noinc((SV *)req);
-        sv_bless(self, kind == SCOPE_HTTP        ? L->http_stash
-                       : kind == SCOPE_SSE       ? L->sse_stash
-                                                 : L->ws_stash);
-        requests = GvHVn(L->requests_gv);
-        klen = decimal(key, sizeof key, m.id);
-        (void)hv_store(requests, key + sizeof key - klen, klen, newRV_inc((SV *)req), 0);
-        scope = request_scope(aTHX_ L, &m, kind);
-        scope_hv = (HV *)SvRV(scope);
-        STORE(scope_hv, L, K_CONNECTION, newRV_inc((SV *)req));
-        STORE(scope_hv, L, K_TRANSPORT, newRV_inc((SV *)req));
-        EXTEND(SP, 4);
-        /* sse and websocket requests come as their own kind, so that the
-         * dispatch loop need not look at the object's class. */
-        mPUSHi(kind == SCOPE_HTTP ? m.kind : PAGI_MSG_STREAM_REQUEST);
-        mPUSHs(self);
-        mPUSHs(scope);
-        mPUSHs(new_sender(aTHX_ req));
+    for (;;) {
+        interp_lookups *L;
+        int kind;
+        SV *self, *scope, *send;
+        memset(&m, 0, sizeof m);
+        if (!pagi_rs_next_message(&m))
+            XSRETURN_EMPTY;
+        if (m.kind != PAGI_MSG_REQUEST)
+            break;
+        L = the_lookups(aTHX);
+        kind = (int)m.num[3];
+        self = new_request(aTHX_ L, &m, kind, &scope, &send);
+        if (kind != SCOPE_HTTP) {
+            /* sse and websocket requests start in Perl (SSE.pm, WebSocket.pm). */
+            EXTEND(SP, 4);
+            mPUSHi(PAGI_MSG_STREAM_REQUEST);
+            mPUSHs(self);
+            mPUSHs(scope);
+            mPUSHs(send);
+            PUTBACK;
+            return;
+        }
+        /* A request's temporaries go with it, not with the batch. */
+        ENTER;
+        SAVETMPS;
+        sv_2mortal(self);
+        sv_2mortal(scope);
+        sv_2mortal(send);
         PUTBACK;
-        return;
+        run_http_app(aTHX_ L, self, scope, send);
+        SPAGAIN;
+        FREETMPS;
+        LEAVE;
     }
     EXTEND(SP, 8 + (SSize_t)m.nstr);
     mPUSHi(m.kind);

@@ -13,33 +13,18 @@
  * to hangs off the CV as magic; it updates that object's SLOT_* fields. */
 static MGVTBL sender_vtbl; /* marks our magic; no callbacks */
 
-static int slot_true(pTHX_ AV *req, SSize_t slot)
-{
-    SV **v = av_fetch(req, slot, 0);
-    return v && SvTRUE(*v);
-}
-
-static int slot_defined(pTHX_ AV *req, SSize_t slot)
-{
-    SV **v = av_fetch(req, slot, 0);
-    return v && SvOK(*v);
-}
-
 XS(xs_sender)
 {
     dXSARGS;
-    MAGIC *mg = mg_findext((SV *)cv, PERL_MAGIC_ext, &sender_vtbl);
-    SV *self, *ev;
+    SV *self = bound_request(aTHX_ cv, &sender_vtbl);
+    SV *ev;
     AV *req;
     SV **idp;
     pagi_str err = {0, 0};
     int rc, kind = 0, handled = 0, is_http;
     interp_lookups *L = the_lookups(aTHX);
     HV *stash;
-    if (!mg || !mg->mg_obj || !SvROK(mg->mg_obj))
-        croak("pagi-rs: this send() no longer belongs to a request");
     adopt_signal_handlers(aTHX);
-    self = mg->mg_obj;
     req = (AV *)SvRV(self);
     stash = SvSTASH((SV *)req);
     is_http = stash == L->http_stash;
@@ -112,8 +97,7 @@ XS(xs_sender)
         PUTBACK;
         /* One Perl half for every class: it asks the object's class what
          * its fast path's outcome means. */
-        count = call_pv("PAGI::RS::HTTP::_after_send",
-                        G_SCALAR);
+        count = call_sv((SV *)sub_of(aTHX_ L->after_send_gv), G_SCALAR);
         SPAGAIN;
         ret = count > 0 ? POPs : &PL_sv_undef;
         PUTBACK;
@@ -125,9 +109,23 @@ XS(xs_sender)
 /* The coderef the application gets as $send, bound to request `req`. */
 SV *new_sender(pTHX_ AV *req)
 {
-    CV *sender = newXS_flags(NULL, xs_sender, __FILE__, NULL, 0);
+    return new_bound_xsub(aTHX_ xs_sender, &sender_vtbl, req);
+}
+
+SV *new_bound_xsub(pTHX_ XSUBADDR_t body, MGVTBL *tag, AV *req)
+{
+    CV *sub = newXS_flags(NULL, body, __FILE__, NULL, 0);
     SV *self = sv_2mortal(newRV_inc((SV *)req));
     /* The magic holds its own reference to the request (MGf_REFCOUNTED). */
-    sv_magicext((SV *)sender, self, PERL_MAGIC_ext, &sender_vtbl, NULL, 0);
-    return newRV_noinc((SV *)sender);
+    sv_magicext((SV *)sub, self, PERL_MAGIC_ext, tag, NULL, 0);
+    return newRV_noinc((SV *)sub);
+}
+
+/* The request object `cv` was bound to by new_bound_xsub. */
+SV *bound_request(pTHX_ CV *cv, MGVTBL *tag)
+{
+    MAGIC *mg = mg_findext((SV *)cv, PERL_MAGIC_ext, tag);
+    if (!mg || !mg->mg_obj || !SvROK(mg->mg_obj))
+        croak("pagi-rs: this coderef no longer belongs to a request");
+    return mg->mg_obj;
 }

@@ -1,0 +1,123 @@
+/*
+ * Running an http application: its call, $receive, and the end of the
+ * request when the app's Future is already done as it returns, which is
+ * how most requests end (the app awaited only sends that completed at
+ * once).  This path runs for every request, so it is C; anything less
+ * common is handed to HTTP.pm (_app_returned, _app_done, _finished), which
+ * holds the rules this file only short-cuts.
+ */
+#include "glue.h"
+
+/* ---- $receive ---------------------------------------------------------------
+ * An XS closure bound to the request object, like $send (send.c); the logic
+ * is HTTP.pm's _receive. */
+static MGVTBL receiver_vtbl; /* marks our magic; no callbacks */
+
+XS(xs_receiver)
+{
+    dXSARGS;
+    SV *self = bound_request(aTHX_ cv, &receiver_vtbl);
+    SV *ret;
+    int count;
+    SP -= items;
+    PUSHMARK(SP);
+    XPUSHs(self);
+    PUTBACK;
+    /* No G_EVAL: its exceptions belong to the application. */
+    count = call_sv((SV *)sub_of(aTHX_ the_lookups(aTHX)->receive_gv), G_SCALAR);
+    SPAGAIN;
+    ret = count > 0 ? POPs : &PL_sv_undef;
+    PUTBACK;
+    ST(0) = ret;
+    XSRETURN(1);
+}
+
+/* Call the Perl sub in `gv` with `self` and up to two more arguments,
+ * ignoring what it returns.  Its exceptions propagate: they are the
+ * bridge's, caught by Bridge.pm's dispatch loop. */
+static void call_perl_half(pTHX_ GV *gv, SV *self, SV *a, SV *b)
+{
+    dSP;
+    PUSHMARK(SP);
+    EXTEND(SP, 3);
+    PUSHs(self);
+    if (a)
+        PUSHs(a);
+    if (b)
+        PUSHs(b);
+    PUTBACK;
+    call_sv((SV *)sub_of(aTHX_ gv), G_DISCARD | G_VOID);
+}
+
+/* Is `f` a Future that is done (not failed, not cancelled)?  Asked of the
+ * object itself (is_done), as its class may be any Future subclass. */
+static int is_done_future(pTHX_ SV *f)
+{
+    dSP;
+    int count, done = 0;
+    if (!SvROK(f) || !SvOBJECT(SvRV(f)) || !sv_derived_from_pvn(f, "Future", 6, 0))
+        return 0;
+    PUSHMARK(SP);
+    XPUSHs(f);
+    PUTBACK;
+    count = call_method("is_done", G_SCALAR);
+    SPAGAIN;
+    if (count > 0)
+        done = SvTRUE(POPs);
+    PUTBACK;
+    return done;
+}
+
+/* The app returned a done Future: HTTP.pm's _app_done(undef), in C when
+ * nobody registered to hear the request's end (the usual case). */
+static void app_done(pTHX_ interp_lookups *L, SV *self)
+{
+    AV *req = (AV *)SvRV(self);
+    SV **idp = av_fetch(req, SLOT_ID, 0);
+    int rc;
+    /* Any of these set means _has_callbacks has something to look at. */
+    if (!idp || slot_true(aTHX_ req, SLOT_APP_DONE)
+        || (slot_true(aTHX_ req, SLOT_CONNECTED)
+            && (slot_defined(aTHX_ req, SLOT_ON_COMPLETE) || slot_defined(aTHX_ req, SLOT_ON_DISCONNECT)
+                || slot_defined(aTHX_ req, SLOT_ON_END) || slot_defined(aTHX_ req, SLOT_FUTURE)
+                || slot_defined(aTHX_ req, SLOT_END_FUTURE)))) {
+        call_perl_half(aTHX_ L->app_done_gv, self, &PL_sv_undef, NULL);
+        return;
+    }
+    av_store(req, SLOT_APP_DONE, newSViv(1));
+    rc = pagi_rs_finish((uint64_t)SvUV(*idp), NULL, 0, 0, 0);
+    if (rc == FINISH_BACKSTOP || rc == FINISH_TRUNCATED) {
+        call_perl_half(aTHX_ L->finished_gv, self, sv_2mortal(newSViv(rc)), &PL_sv_no);
+    } else {
+        char buf[REGISTRY_KEY_SIZE];
+        const char *key;
+        int klen = registry_key(buf, (uint64_t)SvUV(*idp), &key);
+        (void)hv_delete(GvHVn(L->requests_gv), key, klen, G_DISCARD);
+    }
+}
+
+/* Run the application for the http request `self` with its scope and $send
+ * (HTTP.pm's run_app, whose Perl version SSE and WebSocket requests use). */
+void run_http_app(pTHX_ interp_lookups *L, SV *self, SV *scope, SV *send)
+{
+    dSP;
+    SV *receive = sv_2mortal(new_bound_xsub(aTHX_ xs_receiver, &receiver_vtbl, (AV *)SvRV(self)));
+    SV *f;
+    int count;
+    PUSHMARK(SP);
+    EXTEND(SP, 3);
+    PUSHs(scope);
+    PUSHs(receive);
+    PUSHs(send);
+    PUTBACK;
+    count = call_sv(GvSVn(L->app_gv), G_SCALAR | G_EVAL);
+    SPAGAIN;
+    f = count > 0 ? POPs : &PL_sv_undef;
+    PUTBACK;
+    if (SvOK(f) && is_done_future(aTHX_ f))
+        app_done(aTHX_ L, self);
+    else
+        /* Died ($@ says why), returned something else, or a Future that is
+         * still pending or failed: HTTP.pm decides. */
+        call_perl_half(aTHX_ L->app_returned_gv, self, f, SvOK(f) ? &PL_sv_undef : sv_2mortal(newSVsv(ERRSV)));
+}
