@@ -67,6 +67,8 @@ sub init {
     $LOOP = IO::Async::Loop->new;
     require PAGI::RS::FutureIO;
     PAGI::RS::FutureIO->install($LOOP);
+    require PAGI::RS::Pending;
+    PAGI::RS::Pending->setup($LOOP);
     require PAGI::RS::HTTP;
     require PAGI::RS::SSE;
     require PAGI::RS::WebSocket;

@@ -29,6 +29,7 @@ package PAGI::RS::Connection;
 use strict;
 use warnings;
 use PAGI::RS::Constants qw(slot end_state query log);
+use PAGI::RS::Pending;
 
 sub is_connected {
     my ($self) = @_;
@@ -111,7 +112,7 @@ sub disconnect_future {
     _sync($self) if $self->[CONNECTED];
     my $master = $self->[FUTURE] //= do {
         $self->_want_terminal if $self->[CONNECTED];
-        $PAGI::RS::Bridge::LOOP->new_future;
+        PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
     };
     $master->done( $self->[REASON] )
       if !$self->[CONNECTED] && defined $self->[REASON] && !$master->is_ready && ( $self->[NOTIFIED] // 0 ) != 1;
@@ -124,7 +125,7 @@ sub end_future {
     _sync($self) if $self->[CONNECTED];
     my $master = $self->[END_FUTURE] //= do {
         $self->_want_terminal if $self->[CONNECTED];
-        $PAGI::RS::Bridge::LOOP->new_future;
+        PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
     };
     $master->done( $self->[REASON] )
       if !$self->[CONNECTED] && !$master->is_ready && ( $self->[NOTIFIED] // 0 ) != 1;

@@ -10,6 +10,7 @@ use warnings;
 use Future;
 use Scalar::Util qw(blessed refaddr);
 use PAGI::RS::Connection;
+use PAGI::RS::Pending;
 use PAGI::RS::Transport;
 
 # The request object is also the scope's pagi.connection and pagi.transport.
@@ -141,7 +142,7 @@ sub _receive {
         # first, and _on_body hands the next one to this receive.
         my $pending = $self->[RECV_WAIT];
         return $pending if $pending && !$pending->is_ready;
-        return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+        return $self->[RECV_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
     }
     my $body = $self->[BODY];
     if ( $body == BODY_EMPTY ) {
@@ -159,7 +160,7 @@ sub _receive {
     if ( my $pending = $self->[RECV_WAIT] ) {
         return $pending unless $pending->is_ready;
     }
-    return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+    return $self->[RECV_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 
 # Body chunks the core has queued for this interpreter and it has not yet
@@ -253,7 +254,7 @@ sub _in_flight {
     my ( $self, $f ) = @_;
     return $f if $f->is_ready;
     $self->[SEND_BUSY] = $f;
-    my $copy = $PAGI::RS::Bridge::LOOP->new_future;
+    my $copy = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
     $f->on_ready( sub { _settled( $self, $f, $copy ) } );
     return $copy;
 }
@@ -292,7 +293,7 @@ sub _send_in_turn {
     my $size = _event_size($ev);
     $self->[TURN_BYTES] = $waiting + $size;
     my $before = $self->[SEND_BUSY];
-    my $turn   = $PAGI::RS::Bridge::LOOP->new_future;
+    my $turn   = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
     $self->[SEND_BUSY] = $turn;
     $turn->on_ready( sub { _not_busy( $self, $turn ) } );
     $before->on_ready(
@@ -498,13 +499,13 @@ sub _wait_drain {
     my ( $self, $rc ) = @_;
     $self->_fire_high if $rc == HIGH_WATER;
     return $DONE unless $self->[CONNECTED];
-    return $self->[SEND_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+    return $self->[SEND_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 
 sub _wait_deferred {
     my ( $self, $completes ) = @_;
     $self->[DEFER_COMPLETES] = $completes;
-    return $self->[DEFER_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+    return $self->[DEFER_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 
 

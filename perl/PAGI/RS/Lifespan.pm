@@ -7,6 +7,7 @@ use strict;
 use warnings;
 use Future;
 use Scalar::Util qw(blessed);
+use PAGI::RS::Pending;
 
 # Event kinds for PAGI::RS::_lifespan_event (lifespan_kind in interp/mod.rs).
 use PAGI::RS::Constants qw(lifespan log);
@@ -15,7 +16,7 @@ my ( @queue, $waiting, $startup_answered, $shutdown_answered, $app_future, $ende
 
 sub _receive {
     return Future->done( shift @queue ) if @queue;
-    return $waiting = $PAGI::RS::Bridge::LOOP->new_future;
+    return $waiting = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 
 sub _send {

@@ -97,7 +97,7 @@ sub _receive {
     }
     my $wait = $self->[RECV_WAIT];
     return $wait if $wait && !$wait->is_ready;
-    return $self->[RECV_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+    return $self->[RECV_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 
 # The event a receive gets once the scope ended: websocket.disconnect,
@@ -201,7 +201,7 @@ sub _wait_drain {
     return $DONE unless $self->[CONNECTED];
     my $wait = $self->[SEND_WAIT];
     return $wait if $wait && !$wait->is_ready;
-    return $self->[SEND_WAIT] = $PAGI::RS::Bridge::LOOP->new_future;
+    return $self->[SEND_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 
 # ---- $send ----------------------------------------------------------------

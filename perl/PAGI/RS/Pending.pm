@@ -1,0 +1,85 @@
+package PAGI::RS::Pending;
+
+# The pending Futures the bridge hands the application: a $receive waiting
+# for the next event, a $send waiting for the buffer to drain, a
+# disconnect_future.  They are IO::Async::Futures (so ->get runs the loop,
+# and ->then and friends are Future's own), of a subclass that answers
+# Future::AsyncAwait's questions (the AWAIT_* methods) directly from the
+# object instead of through Future's general methods: an `await` on a
+# pending Future asks five of them, on every WebSocket message and every
+# body chunk that waits for a drain.
+#
+# The shortcuts read the object the way the pure-Perl Future (Future::PP)
+# lays it out.  setup() makes sure, once, that the installed Future and
+# IO::Async build exactly that layout; where they do not (another Future
+# implementation, Future's DEBUG mode, $Future::TIMES), every method here
+# is Future's own and nothing is short-cut.
+
+use strict;
+use warnings;
+use IO::Async::Future;
+
+our @ISA = ('IO::Async::Future');
+
+my $LEAN;          # the layout was checked and matches
+my $CB_READY;      # Future::PP's flags for an on_ready callback
+my $PLAIN_WRAP;    # Future::wrap_cb as installed: unchanged, it is a no-op
+
+# Check the layout against a Future built the ordinary way, and install
+# the shortcuts if it matches.  Returns whether they are on.
+sub setup {
+    my ( $class, $loop ) = @_;
+    return $LEAN if defined $LEAN;
+    $LEAN = 0;
+    my $plain = IO::Async::Future->new($loop);
+    return 0 unless $plain->isa('Future::PP') && !Future::PP::DEBUG();
+    return 0 unless defined &Future::PP::CB_ALWAYS && defined &Future::PP::CB_SELF;
+    my $lean = _build($loop);
+    my $same = join( ',', map { "$_=" . ( ref $plain->{$_} || $plain->{$_} ) } sort keys %$plain ) eq
+      join( ',', map { "$_=" . ( ref $lean->{$_} || $lean->{$_} ) } sort keys %$lean );
+    return 0 unless $same && $plain->{u_loop} && $plain->{u_loop} == $loop;
+    $CB_READY   = Future::PP::CB_ALWAYS() | Future::PP::CB_SELF();
+    $PLAIN_WRAP = \&Future::wrap_cb;
+    no warnings 'redefine';
+    *AWAIT_IS_READY     = \&_lean_is_ready;
+    *AWAIT_IS_CANCELLED = \&_lean_is_cancelled;
+    *AWAIT_ON_READY     = \&_lean_on_ready;
+    *AWAIT_GET          = \&_lean_get;
+    return $LEAN = 1;
+}
+
+sub _build { return bless { ready => 0, callbacks => [], u_loop => $_[0] }, __PACKAGE__ }
+
+# A new pending Future on $loop.
+sub new {
+    my ( $class, $loop ) = @_;
+    return _build($loop) if $LEAN && !$Future::TIMES && !ref $class;
+    return $class->SUPER::new( ref $class ? () : $loop );
+}
+
+# The async sub's own Future, made from the first one it waits on.
+sub AWAIT_CLONE {
+    my ($self) = @_;
+    return $LEAN && !$Future::TIMES ? _build( $self->{u_loop} ) : $self->new;
+}
+
+# The shortcuts setup() installs as AWAIT_IS_READY, AWAIT_IS_CANCELLED,
+# AWAIT_ON_READY and AWAIT_GET (otherwise Future's own answer).
+sub _lean_is_ready     { return $_[0]{ready} }
+sub _lean_is_cancelled { return $_[0]{cancelled} }
+
+sub _lean_on_ready {
+    my ( $self, $code ) = @_;
+    # Someone installed a wrap_cb (a context-carrying module): honour it.
+    $code = $self->wrap_cb( on_ready => $code ) if \&Future::wrap_cb != $PLAIN_WRAP;
+    push @{ $self->{callbacks} }, [ $CB_READY, $code ];
+    return;
+}
+
+sub _lean_get {
+    my ($self) = @_;
+    return $self->result if !$self->{ready} || $self->{failure} || $self->{cancelled};
+    return wantarray ? @{ $self->{result} } : $self->{result}[0];
+}
+
+1;

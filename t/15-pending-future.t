@@ -1,0 +1,125 @@
+#!/usr/bin/perl
+# PAGI::RS::Pending (perl/PAGI/RS/Pending.pm): the pending Futures handed to
+# applications answer Future::AsyncAwait's questions directly.  Whatever
+# the shortcuts, an await on one must behave as on a plain IO::Async::Future:
+# resume with the result, rethrow a failure, propagate cancellation, work
+# with ->get and ->then, and honour a wrap_cb someone installed.
+use strict;
+use warnings;
+use FindBin qw($Bin);
+use lib "$Bin/../perl";
+use Test::More;
+use Future;
+use Future::AsyncAwait;
+use IO::Async::Loop;
+use PAGI::RS::Pending;
+
+# A shortcut that lost a callback would leave ->get waiting for ever.
+$SIG{ALRM} = sub { die "timed out: an await was never resumed\n" };
+alarm 30;
+
+my $loop = IO::Async::Loop->new;
+
+# The shortcuts are on with Debian's Future (pure Perl); elsewhere setup
+# must say no rather than guess.
+my $lean = PAGI::RS::Pending->setup($loop);
+if ( Future->new->isa('Future::PP') && !Future::PP::DEBUG() ) {
+    ok( $lean, 'setup: the installed Future has the layout the shortcuts read' );
+    is( \&PAGI::RS::Pending::AWAIT_IS_READY, \&PAGI::RS::Pending::_lean_is_ready, 'the shortcuts are installed' );
+}
+else {
+    ok( !$lean, 'setup: not the pure-Perl Future, so no shortcuts' );
+}
+
+my $f = PAGI::RS::Pending->new($loop);
+isa_ok( $f, 'IO::Async::Future' );
+is( $f->loop, $loop, 'it knows its loop, as IO::Async::Future->new($loop) does' );
+ok( !$f->is_ready, 'pending when made' );
+
+# Resumes with the result, in scalar and list context.
+{
+    my $p = PAGI::RS::Pending->new($loop);
+    my $app = ( async sub { my $v = await $p; return "got $v" } )->();
+    ok( !$app->is_ready, 'the async sub waits' );
+    isa_ok( $app, 'PAGI::RS::Pending', "the async sub's own Future (AWAIT_CLONE)" );
+    $p->done('x');
+    is( $app->get, 'got x', 'resumed with the result' );
+
+    my $q    = PAGI::RS::Pending->new($loop);
+    my $list = ( async sub { my @v = await $q; return scalar @v } )->();
+    $q->done( 1, 2, 3 );
+    is( $list->get, 3, 'list context gets every value' );
+}
+
+# A failure is rethrown at the await.
+{
+    my $p   = PAGI::RS::Pending->new($loop);
+    my $app = ( async sub { my $ok = eval { await $p; 1 }; return $ok ? 'no error' : "caught: $@" } )->();
+    $p->fail("boom\n");
+    is( $app->get, "caught: boom\n", 'failure rethrown inside the async sub' );
+}
+
+# Cancelling the async sub's Future cancels the Future it waits on.
+{
+    my $p   = PAGI::RS::Pending->new($loop);
+    my $app = ( async sub { await $p; return 'finished' } )->();
+    $app->cancel;
+    ok( $p->is_cancelled, 'cancel reached the awaited Future' );
+}
+
+# Many awaits in one async sub (a WebSocket's receive loop).
+{
+    my @waits;
+    my $app = ( async sub {
+        my $sum = 0;
+        for my $i ( 1 .. 50 ) {
+            my $p = PAGI::RS::Pending->new($loop);
+            push @waits, $p;
+            $sum += await $p;
+        }
+        return $sum;
+    } )->();
+    my $n = 0;
+    while ( my $p = shift @waits ) { $p->done( ++$n ) }
+    is( $app->get, 1275, '50 successive awaits each resumed with their value' );
+}
+
+# ->get runs the loop until something settles it; ->then chains.
+{
+    my $p = PAGI::RS::Pending->new($loop);
+    $loop->watch_time( after => 0.01, code => sub { $p->done(42) } );
+    my $chained = $p->then( sub { Future->done( $_[0] + 1 ) } );
+    is( $p->get,       42, '->get waits on the loop' );
+    is( $chained->get, 43, '->then chains' );
+}
+
+# A wrap_cb someone installed is honoured by await.
+{
+    my $wrapped = 0;
+    my $orig    = \&Future::wrap_cb;
+    {
+        no warnings 'redefine';
+        local *Future::wrap_cb = sub {
+            my ( $self, $op, $cb ) = @_;
+            $wrapped++;
+            return $cb;
+        };
+        my $p   = PAGI::RS::Pending->new($loop);
+        my $app = ( async sub { return await $p } )->();
+        $p->done('w');
+        is( $app->get, 'w', 'await still resumes with wrap_cb replaced' );
+    }
+    ok( $wrapped >= 1, 'the installed wrap_cb saw the await callback' );
+}
+
+# With $Future::TIMES on, a Future is built the ordinary way (it records
+# its times).
+{
+    local $Future::TIMES = 1;
+    my $p = PAGI::RS::Pending->new($loop);
+    ok( $p->btime, 'Future::TIMES: built by Future itself, with its start time' );
+    $p->done(1);
+    ok( $p->is_done, 'and it settles' );
+}
+
+done_testing;
