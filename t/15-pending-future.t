@@ -67,6 +67,45 @@ ok( !$f->is_ready, 'pending when made' );
     ok( $p->is_cancelled, 'cancel reached the awaited Future' );
 }
 
+# Cancellation after several awaits, with callbacks registered in between:
+# the same things are cancelled, in the same order, as with plain
+# IO::Async::Futures; Futures awaited earlier and done are left alone.
+{
+    my $scenario = sub {
+        my ($make) = @_;
+        my ( @order, @waits );
+        my $gate = $make->();
+        my $app  = ( async sub {
+            await $gate;
+            for my $i ( 1 .. 3 ) {
+                my $p = $make->();
+                push @waits, $p;
+                await $p;
+            }
+            return 'finished';
+        } )->();
+        $app->on_cancel( sub { push @order, 'first callback' } );
+        $gate->done;
+        $waits[0]->done;
+        $app->on_cancel( sub { push @order, 'second callback' } );
+        $waits[1]->on_cancel( sub { push @order, 'awaited' } );
+        $app->cancel;
+        return {
+            order          => \@order,
+            awaits         => scalar @waits,
+            first_done     => $waits[0]->is_done && !$waits[0]->is_cancelled ? 1 : 0,
+            last_cancelled => $waits[1]->is_cancelled ? 1 : 0,
+        };
+    };
+    my $ours  = $scenario->( sub { PAGI::RS::Pending->new($loop) } );
+    my $plain = $scenario->( sub { IO::Async::Future->new($loop) } );
+    is( $ours->{last_cancelled}, 1, 'the Future awaited at the time was cancelled' );
+    is( $ours->{first_done},     1, 'one awaited before and done stays done' );
+    is( $ours->{awaits},         2, 'the async sub did not go on' );
+    is_deeply( $ours, $plain, 'the same outcome and order as plain IO::Async::Futures' )
+      or diag explain [ $ours, $plain ];
+}
+
 # Many awaits in one async sub (a WebSocket's receive loop).
 {
     my @waits;

@@ -18,12 +18,14 @@ package PAGI::RS::Pending;
 use strict;
 use warnings;
 use IO::Async::Future;
+use Scalar::Util qw(refaddr weaken);
 
 our @ISA = ('IO::Async::Future');
 
 my $LEAN;          # the layout was checked and matches
 my $CB_READY;      # Future::PP's flags for an on_ready callback
 my $PLAIN_WRAP;    # Future::wrap_cb as installed: unchanged, it is a no-op
+my $CANCEL_AWAITED = refaddr( \&_cancel_awaited );  # its on_cancel entry
 
 # Check the layout against a Future built the ordinary way, and install
 # the shortcuts if it matches.  Returns whether they are on.
@@ -45,6 +47,7 @@ sub setup {
     *AWAIT_IS_CANCELLED = \&_lean_is_cancelled;
     *AWAIT_ON_READY     = \&_lean_on_ready;
     *AWAIT_GET          = \&_lean_get;
+    *AWAIT_CHAIN_CANCEL = \&_lean_chain_cancel;
     return $LEAN = 1;
 }
 
@@ -73,6 +76,33 @@ sub _lean_on_ready {
     # Someone installed a wrap_cb (a context-carrying module): honour it.
     $code = $self->wrap_cb( on_ready => $code ) if \&Future::wrap_cb != $PLAIN_WRAP;
     push @{ $self->{callbacks} }, [ $CB_READY, $code ];
+    return;
+}
+
+# Called on the async sub's own Future with the one it now waits on, so
+# that cancelling the first cancels the second.  Future pushes each awaited
+# Future onto on_cancel and revokes the entry when it is ready (a
+# WebSocket's receive loop churns that list for ever); here one entry
+# stands for "whatever is awaited now", kept last in on_cancel as Future's
+# newest entry would be, so cancellation runs in the same order.
+sub _lean_chain_cancel {
+    my ( $self, $awaited ) = @_;
+    $self->{u_pagi_rs_awaiting} = $awaited;
+    weaken( $self->{u_pagi_rs_awaiting} );
+    my $on_cancel = $self->{on_cancel} //= [];
+    return if @$on_cancel && ( refaddr( $on_cancel->[-1] ) // 0 ) == $CANCEL_AWAITED;
+    # Something was registered since: blank the old entry in place (other
+    # Futures hold references to the list's elements) and go last again.
+    for (@$on_cancel) {
+        $_ = undef if ( refaddr($_) // 0 ) == $CANCEL_AWAITED;
+    }
+    push @$on_cancel, \&_cancel_awaited;
+    return;
+}
+
+sub _cancel_awaited {
+    my $awaited = $_[0]{u_pagi_rs_awaiting};
+    $awaited->cancel if $awaited && !$awaited->is_ready;
     return;
 }
 
