@@ -40,7 +40,7 @@ const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
 /// What the streams of one connection share with its accept loop.
 pub struct ConnShared {
-    /// Stream tasks alive (an application may outlive its stream).
+    /// Stream futures alive (an application may outlive its stream).
     live: AtomicUsize,
     /// The moment the last stream ended (for the idle timeout).
     idle_since: Mutex<Instant>,
@@ -84,7 +84,7 @@ impl ResetBudget {
     }
 }
 
-/// Counts a stream task while it lives.
+/// Counts a stream's future while it lives.
 pub struct LiveStream(Arc<ConnShared>);
 
 impl Drop for LiveStream {

@@ -1,8 +1,8 @@
 //! HTTP/2 on the `h2` crate, beside `http1/` and in the same shape.
 //!
 //! - [`connection`]: serves one connection: the SETTINGS, the accept loop
-//!   (one task per stream), GOAWAY on shutdown, and the Rapid Reset
-//!   defence.
+//!   (its streams polled in the connection's own task), GOAWAY on shutdown,
+//!   and the Rapid Reset defence.
 //! - [`stream`]: one stream, one scope: the request goes to the
 //!   protocol-neutral service layer (or the RFC 8441 handshake), and the
 //!   response goes out under the stream's flow-control window.
