@@ -179,6 +179,30 @@ pub extern "C" fn pagi_rs_wake_ack() -> c_int {
     })
 }
 
+/// Does anything besides the running app wait for the interpreter: a
+/// message taken and not yet handed to Perl, or one still in the mailbox?
+/// send.c asks when an app has held the interpreter for a whole turn.
+#[no_mangle]
+pub extern "C" fn pagi_rs_others_waiting() -> c_int {
+    with_ctx(0, |ctx| {
+        c_int::from(!ctx.inbox.is_empty() || ctx.mailbox.has_messages())
+    })
+}
+
+/// An app that yielded its turn (send.c) runs again from the loop, outside
+/// any batch of messages: hold (1) the wake-ups its sends cause while it
+/// runs, as a batch would, and release (0) them when it stops.
+#[no_mangle]
+pub extern "C" fn pagi_rs_hold_wakeups(hold: c_int) {
+    guarded((), || {
+        if hold != 0 {
+            crate::exchange::wakeups::hold();
+        } else {
+            crate::exchange::wakeups::release();
+        }
+    })
+}
+
 /// Fill `out` with the next message; 0 when the inbox is empty.
 #[no_mangle]
 pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {

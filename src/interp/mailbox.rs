@@ -126,6 +126,11 @@ impl Mailbox {
         n
     }
 
+    /// Is anything queued for the interpreter right now?
+    pub fn has_messages(&self) -> bool {
+        !self.lock_queue().is_empty()
+    }
+
     /// How many batches the interpreter has taken so far.
     pub fn drains(&self) -> u64 {
         self.drains.load(Ordering::Acquire)

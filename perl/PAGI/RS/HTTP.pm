@@ -246,6 +246,24 @@ sub _message_send_outcome {
     return $self->_send_now($ev);
 }
 
+# send.c took the app's send at once, but the app has held the interpreter
+# for a whole turn while others wait: its Future resolves on the loop's
+# next turn, so that they get theirs first.
+sub _yield_turn {
+    my ($self) = @_;
+    my $f = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
+    $PAGI::RS::Bridge::LOOP->later(
+        sub {
+            PAGI::RS::_turn_resumed();
+            my $ok = eval { $f->done; 1 };
+            my $err = $@;
+            PAGI::RS::_turn_ended();
+            die $err unless $ok;
+        }
+    );
+    return _in_flight( $self, $f );
+}
+
 # A send that is still pending is in flight until it settles.  The app
 # gets a copy that $f settles (as without_cancel would make, with one
 # callback instead of three): cancelling the copy leaves $f, and so the

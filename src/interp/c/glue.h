@@ -82,6 +82,8 @@ void pagi_opcount_report(pTHX);
 /* Implemented in Rust (src/interp/exports.rs). */
 extern int pagi_rs_next_message(pagi_msg *out);
 extern int pagi_rs_wake_ack(void);
+extern int pagi_rs_others_waiting(void);
+extern void pagi_rs_hold_wakeups(int hold);
 extern int pagi_rs_response_start(uint64_t id, int64_t status, const pagi_str *hdrs, size_t nhdrs,
                                   int trailers, pagi_str *err);
 extern int pagi_rs_response_body(uint64_t id, const char *ptr, size_t len, int more, pagi_str *err);
@@ -172,6 +174,7 @@ typedef struct {
     GV *app_returned_gv; /* PAGI::RS::HTTP::_app_returned */
     GV *app_done_gv;     /* PAGI::RS::HTTP::_app_done */
     GV *finished_gv;     /* PAGI::RS::HTTP::_finished */
+    GV *yield_turn_gv;   /* PAGI::RS::HTTP::_yield_turn */
     SV *keys[K_COUNT];
 } interp_lookups;
 
@@ -197,6 +200,11 @@ SV *bound_request(pTHX_ CV *cv, MGVTBL *tag);
 /* ---- running an http application (http_app.c) ---------------------------
  * Shared: request.c hands each new http request to it. */
 void run_http_app(pTHX_ interp_lookups *L, SV *self, SV *scope, SV *send);
+
+/* ---- turns (send.c) --------------------------------------------------------
+ * Shared: request.c starts a turn with each message it hands out; the
+ * loop's callback for an app that yielded ends its wait (_turn_resumed). */
+void turn_begins(void);
 
 /* ---- the application's $send (send.c, fast_send.c) -----------------------
  * Shared: request.c hands each new request its $send; the fast paths, one per
@@ -244,5 +252,7 @@ XS(xs_ws_keepalive);
 XS(xs_ws_overflow);
 XS(xs_ws_finish);
 XS(xs_sender);          /* send.c */
+XS(xs_turn_resumed);
+XS(xs_turn_ended);
 
 #endif

@@ -39,6 +39,8 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::_ws_finish", xs_ws_finish, file);
     newXS("PAGI::RS::_end_state", xs_end_state, file);
     newXS("PAGI::RS::_abort", xs_abort, file);
+    newXS("PAGI::RS::_turn_resumed", xs_turn_resumed, file);
+    newXS("PAGI::RS::_turn_ended", xs_turn_ended, file);
 }
 
 /* ---- interpreter lifecycle (called from Rust) ----------------------------- */

@@ -161,6 +161,7 @@ XS(xs_next_message)
         memset(&m, 0, sizeof m);
         if (!pagi_rs_next_message(&m))
             XSRETURN_EMPTY;
+        turn_begins();
         if (m.kind != PAGI_MSG_REQUEST)
             break;
         L = the_lookups(aTHX);

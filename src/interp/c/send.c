@@ -4,6 +4,7 @@
  * fields up to date, and hands everything else to the Perl half.
  */
 #include "glue.h"
+#include <time.h>
 
 /* ---- the application's $send ----------------------------------------------
  * An XS closure rather than a Perl one: it is called for every response
@@ -12,6 +13,77 @@
  * send in flight) needs no Perl code at all.  The request object it belongs
  * to hangs off the CV as magic; it updates that object's SLOT_* fields. */
 static MGVTBL sender_vtbl; /* marks our magic; no callbacks */
+
+/* ---- turns ------------------------------------------------------------------
+ * An app whose sends all complete at once never gives the interpreter back:
+ * `await` on a done Future does not yield, so an SSE or streaming loop runs
+ * until the buffer reaches its high-water mark, while other requests (new
+ * ones, or other streams' apps) wait.  After TURN_BUDGET_NS of one turn
+ * (from the first send after a message was handed out, or after the app's
+ * last yield), a send that completed at once resolves on the loop's next
+ * turn instead, if anything else is waiting: a message, or another app that
+ * yielded the same way.  The event was taken either way; only the app's
+ * Future waits.  Interpreters run on their own threads, so thread-locals are
+ * per interpreter. */
+/* Measured with sse-bench (100 subscribers, 10,000 events each): 1 ms cut
+ * first-event p99 from 1.5 s to 0.1 s for 12 % fewer events/s, 3 ms to
+ * 0.3 s for 4 % fewer, 10 ms to 1 s for none. */
+#define TURN_BUDGET_NS 3000000ULL
+
+static __thread uint64_t turn_started_ns; /* 0: the turn's first send is to come */
+static __thread long apps_yielded;        /* yielded, not yet resumed */
+
+static uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+void turn_begins(void)
+{
+    turn_started_ns = 0;
+}
+
+/* Has the running app used up its turn while others wait?  If so, it
+ * yields: the turn ends here. */
+static int turn_is_over(void)
+{
+    uint64_t now = monotonic_ns();
+    if (turn_started_ns == 0) {
+        turn_started_ns = now;
+        return 0;
+    }
+    if (now - turn_started_ns < TURN_BUDGET_NS)
+        return 0;
+    if (apps_yielded == 0 && !pagi_rs_others_waiting())
+        return 0;
+    turn_started_ns = 0;
+    apps_yielded++;
+    return 1;
+}
+
+/* PAGI::RS::_turn_resumed(): the loop is resuming an app that yielded.
+ * Until _turn_ended, its sends' wake-ups of the network are held, as in a
+ * batch of messages (one per send would cost a thread wake-up each). */
+XS(xs_turn_resumed)
+{
+    dXSARGS;
+    PERL_UNUSED_VAR(items);
+    if (apps_yielded > 0)
+        apps_yielded--;
+    turn_started_ns = 0;
+    pagi_rs_hold_wakeups(1);
+    XSRETURN_EMPTY;
+}
+
+XS(xs_turn_ended)
+{
+    dXSARGS;
+    PERL_UNUSED_VAR(items);
+    pagi_rs_hold_wakeups(0);
+    XSRETURN_EMPTY;
+}
 
 XS(xs_sender)
 {
@@ -75,6 +147,20 @@ XS(xs_sender)
             }
             break;
         }
+    }
+    if (handled && turn_is_over()) {
+        /* Taken, but the app waits for the loop's next turn (HTTP.pm). */
+        int count;
+        SV *ret;
+        PUSHMARK(SP);
+        XPUSHs(self);
+        PUTBACK;
+        count = call_sv((SV *)sub_of(aTHX_ L->yield_turn_gv), G_SCALAR);
+        SPAGAIN;
+        ret = count > 0 ? POPs : &PL_sv_undef;
+        PUTBACK;
+        ST(0) = ret;
+        XSRETURN(1);
     }
     if (handled) {
         ST(0) = GvSVn(the_lookups(aTHX)->done_gv);
