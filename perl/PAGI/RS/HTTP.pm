@@ -255,7 +255,7 @@ sub _yield_turn {
     $PAGI::RS::Bridge::LOOP->later(
         sub {
             PAGI::RS::_turn_resumed();
-            my $ok = eval { $f->done; 1 };
+            my $ok = eval { $f->done unless $f->is_ready; 1 };
             my $err = $@;
             PAGI::RS::_turn_ended();
             die $err unless $ok;
