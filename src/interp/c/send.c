@@ -85,6 +85,26 @@ XS(xs_turn_ended)
     XSRETURN_EMPTY;
 }
 
+/* Call the Perl sub in `gv` with `nargs` arguments and return its scalar
+ * result, for $send to hand back to the application.  No G_EVAL: its
+ * exceptions belong to the application. */
+static SV *perl_half(pTHX_ GV *gv, SV **args, int nargs)
+{
+    dSP;
+    int i, count;
+    SV *ret;
+    PUSHMARK(SP);
+    EXTEND(SP, nargs);
+    for (i = 0; i < nargs; i++)
+        PUSHs(args[i]);
+    PUTBACK;
+    count = call_sv((SV *)sub_of(aTHX_ gv), G_SCALAR);
+    SPAGAIN;
+    ret = count > 0 ? POPs : &PL_sv_undef;
+    PUTBACK;
+    return ret;
+}
+
 XS(xs_sender)
 {
     dXSARGS;
@@ -150,44 +170,26 @@ XS(xs_sender)
     }
     if (handled && turn_is_over()) {
         /* Taken, but the app waits for the loop's next turn (HTTP.pm). */
-        int count;
-        SV *ret;
-        PUSHMARK(SP);
-        XPUSHs(self);
-        PUTBACK;
-        count = call_sv((SV *)sub_of(aTHX_ L->yield_turn_gv), G_SCALAR);
-        SPAGAIN;
-        ret = count > 0 ? POPs : &PL_sv_undef;
-        PUTBACK;
-        ST(0) = ret;
+        SV *args[1];
+        args[0] = self;
+        ST(0) = perl_half(aTHX_ L->yield_turn_gv, args, 1);
         XSRETURN(1);
     }
     if (handled) {
-        ST(0) = GvSVn(the_lookups(aTHX)->done_gv);
+        ST(0) = GvSVn(L->done_gv);
         XSRETURN(1);
     }
-    /* Everything else (waits, errors, other events): the Perl side finishes
-     * the job.  No G_EVAL: its exceptions belong to the application. */
     {
-        int count;
-        SV *ret;
-        PUSHMARK(SP);
-        EXTEND(SP, 4);
-        PUSHs(self);
-        PUSHs(ev);
-        mPUSHi(rc);
-        if (rc == CODE_FAILED)
-            mPUSHs(newSVpvn(err.ptr ? err.ptr : "", err.len));
-        else
-            mPUSHi(kind);
-        PUTBACK;
-        /* One Perl half for every class: it asks the object's class what
-         * its fast path's outcome means. */
-        count = call_sv((SV *)sub_of(aTHX_ L->after_send_gv), G_SCALAR);
-        SPAGAIN;
-        ret = count > 0 ? POPs : &PL_sv_undef;
-        PUTBACK;
-        ST(0) = ret;
+        /* Everything else (waits, errors, other events): the Perl side
+         * finishes the job.  One Perl half for every class: it asks the
+         * object's class what its fast path's outcome means. */
+        SV *args[4];
+        args[0] = self;
+        args[1] = ev;
+        args[2] = sv_2mortal(newSViv(rc));
+        args[3] = rc == CODE_FAILED ? sv_2mortal(newSVpvn(err.ptr ? err.ptr : "", err.len))
+                                    : sv_2mortal(newSViv(kind));
+        ST(0) = perl_half(aTHX_ L->after_send_gv, args, 4);
         XSRETURN(1);
     }
 }
