@@ -424,6 +424,16 @@ mod tests {
         }
     }
 
+    /// join_ready with a fresh clock: what each test below asks.
+    async fn join(
+        body: &mut Scripted,
+        first: Bytes,
+        limit: usize,
+        ahead: &mut Option<Polled>,
+    ) -> (Bytes, bool) {
+        join_ready(body, first, limit, ahead, &mut clock()).await
+    }
+
     #[tokio::test]
     async fn joins_what_is_at_hand_up_to_the_limit() {
         // One Pending is waited out (the connection task's turn); the frame
@@ -437,24 +447,10 @@ mod tests {
             data(100),
         ]));
         let mut ahead = None;
-        let (chunk, more) = join_ready(
-            &mut body,
-            Bytes::from(vec![b'x'; 50]),
-            1000,
-            &mut ahead,
-            &mut clock(),
-        )
-        .await;
+        let (chunk, more) = join(&mut body, Bytes::from(vec![b'x'; 50]), 1000, &mut ahead).await;
         assert_eq!(chunk.len(), 250);
         assert!(more && ahead.is_none());
-        let (chunk, more) = join_ready(
-            &mut body,
-            Bytes::from_static(b"y"),
-            1000,
-            &mut ahead,
-            &mut clock(),
-        )
-        .await;
+        let (chunk, more) = join(&mut body, Bytes::from_static(b"y"), 1000, &mut ahead).await;
         assert_eq!(chunk.len(), 101);
         assert!(!more, "the body ended");
     }
@@ -463,14 +459,7 @@ mod tests {
     async fn splits_at_the_limit_and_keeps_the_rest() {
         let mut body = Scripted(VecDeque::from([data(300), data(10)]));
         let mut ahead = None;
-        let (chunk, more) = join_ready(
-            &mut body,
-            Bytes::from(vec![b'x'; 100]),
-            256,
-            &mut ahead,
-            &mut clock(),
-        )
-        .await;
+        let (chunk, more) = join(&mut body, Bytes::from(vec![b'x'; 100]), 256, &mut ahead).await;
         assert_eq!(chunk.len(), 256);
         assert!(more);
         match ahead {
@@ -488,14 +477,7 @@ mod tests {
             Poll::Ready(Some(Err(std::io::Error::other("reset")))),
         ]));
         let mut ahead = None;
-        let (chunk, more) = join_ready(
-            &mut body,
-            Bytes::from_static(b"abc"),
-            1000,
-            &mut ahead,
-            &mut clock(),
-        )
-        .await;
+        let (chunk, more) = join(&mut body, Bytes::from_static(b"abc"), 1000, &mut ahead).await;
         assert_eq!(chunk.len(), 13);
         assert!(
             more,
