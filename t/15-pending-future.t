@@ -106,6 +106,63 @@ ok( !$f->is_ready, 'pending when made' );
       or diag explain [ $ours, $plain ];
 }
 
+# done and on_ready, which take a shortcut when every callback is a plain
+# on_ready one: what runs, in what order, with what, is what plain
+# IO::Async::Futures do, whatever else is registered (->then chains, a
+# Future as callback, on_done) and however the Future ended.
+{
+    my $scenario = sub {
+        my ($make) = @_;
+        my @log;
+        my $note = sub { my ($what) = @_; sub { push @log, "$what:" . ( $_[0]->is_done ? join( ',', $_[0]->result ) : $_[0]->state ) } };
+
+        my $plain = $make->();
+        my $same  = $plain->on_ready( $note->('first') );
+        push @log, 'on_ready returns the Future' if $same == $plain;
+        $plain->on_ready(
+            sub { push @log, 'second'; $_[0]->on_ready( $note->('added while settling') ); push @log, 'after adding' } );
+        $plain->done( 'a', 'b' );
+        $plain->on_ready( $note->('added after') );
+        push @log, 'done twice: ' . ( eval { $plain->done('again'); 1 } ? 'allowed' : 'croaks' );
+
+        my $mixed = $make->();
+        $mixed->on_ready( $note->('mixed ready') );
+        $mixed->on_done( sub { push @log, "on_done: @_" } );
+        my $follower = Future->new;
+        $mixed->on_ready($follower);
+        $mixed->done(7);
+        push @log, 'follower: ' . join( ',', $follower->result );
+
+        my $chained = $make->();
+        $chained->on_ready( $note->('chained ready') );
+        my $then = $chained->then( sub { Future->done("then @_") } );
+        $chained->done(8);
+        push @log, 'then: ' . $then->result;
+
+        my $cancelled = $make->();
+        $cancelled->on_ready( $note->('cancelled') );
+        $cancelled->cancel;
+        push @log, 'done after cancel: ' . ( $cancelled->done(1) == $cancelled ? 'ignored' : 'other' );
+
+        my $failed = $make->();
+        $failed->on_ready( $note->('failed') );
+        $failed->fail("no\n");
+        push @log, 'failure: ' . $failed->failure;
+
+        my $awaited = $make->();
+        my $app     = ( async sub { my @v = await $awaited; return "resumed @v" } )->();
+        $awaited->on_ready( $note->('beside the await') );
+        $awaited->done( 1, 2 );
+        push @log, $app->get;
+        return \@log;
+    };
+    my $ours  = $scenario->( sub { PAGI::RS::Pending->new($loop) } );
+    my $plain = $scenario->( sub { IO::Async::Future->new($loop) } );
+    is_deeply( $ours, $plain, 'done and on_ready: the same callbacks, order and results as plain IO::Async::Futures' )
+      or diag explain [ $ours, $plain ];
+    is( scalar @$ours, 18, 'every step of the scenario ran' ) or diag explain $ours;
+}
+
 # Many awaits in one async sub (a WebSocket's receive loop).
 {
     my @waits;

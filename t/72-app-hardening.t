@@ -106,6 +106,21 @@ $h{'/bodies'} = async sub {
     rec('bodies', states => await settled(@f));
 };
 
+# The app gives up on a send waiting for the drain (it holds that Future
+# itself), then goes on sending: the bytes still go out in order, and the
+# later sends wait for the drain and settle.
+$h{'/cancelled-drain'} = async sub {
+    my ($send) = @_;
+    await $send->({ type => 'http.response.start', status => 200, headers => $text });
+    my $f1 = $send->({ type => 'http.response.body', body => 'x' x $BIG, more => 1 });
+    my $waited = $f1->is_ready ? 'ready' : 'pending';
+    $f1->cancel;
+    my $f2 = $send->({ type => 'http.response.body', body => 'y' x $BIG, more => 1 });
+    my $f3 = $send->({ type => 'http.response.body', body => 'z', more => 0 });
+    rec('cancelled-drain-sent', first => $waited);
+    rec('cancelled-drain', states => await settled($f2, $f3));
+};
+
 # ---- fh bodies ---------------------------------------------------------------
 
 $h{'/fh-pipe'} = async sub {
@@ -300,6 +315,17 @@ subtest 'un-awaited body sends above the high-water mark all settle, in order' =
     ok $res->{body} eq ( 'x' x $BIG ) . ( 'y' x $BIG ) . 'z', 'the bytes, in order'
       or diag 'got ' . length( $res->{body} // '' ) . ' bytes';
     is_deeply result('bodies')->{states}, [qw(done done done)], 'every Future settles';
+};
+
+subtest 'a drain wait the app cancels: later sends keep their order and settle' => sub {
+    my $sock = connect_port($port);
+    $sock->syswrite("GET /cancelled-drain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    my ($raw) = read_sock( $sock, undef, 15 );
+    my $res = parse_response($raw) // {};
+    is result('cancelled-drain-sent')->{first}, 'pending', 'the first send waited for the drain';
+    ok $res->{body} eq ( 'x' x $BIG ) . ( 'y' x $BIG ) . 'z', 'the bytes, in order'
+      or diag 'got ' . length( $res->{body} // '' ) . ' bytes';
+    is_deeply result('cancelled-drain')->{states}, [qw(done done)], 'the later sends settle';
 };
 
 subtest 'un-awaited sse.send events above the high-water mark all settle' => sub {

@@ -272,6 +272,11 @@ sub _in_flight {
     my ( $self, $f ) = @_;
     return $f if $f->is_ready;
     $self->[SEND_BUSY] = $f;
+    # A drain wait needs no copy: its bytes are queued already, so no later
+    # send can overtake them, whatever the app does with the Future
+    # (Transport.pm's _send_waited frees the slot before resolving it).
+    my $wait = $self->[SEND_WAIT];
+    return $f if $wait && refaddr($wait) == refaddr($f);
     my $copy = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
     $f->on_ready( sub { _settled( $self, $f, $copy ) } );
     return $copy;
@@ -515,7 +520,7 @@ sub _send_perl_handle {
 
 sub _wait_drain {
     my ( $self, $rc ) = @_;
-    $self->_fire_high if $rc == HIGH_WATER;
+    $self->_fire_high if $rc == HIGH_WATER && $self->[ON_HIGH];
     return $DONE unless $self->[CONNECTED];
     return $self->[SEND_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
@@ -575,9 +580,9 @@ sub _settle {
         $wait->done( $self->_end_event );
     }
     return if $clean;
-    for my $slot ( SEND_WAIT, DEFER_WAIT ) {
-        my $f = $self->[$slot] or next;
-        $self->[$slot] = undef;
+    $self->_send_waited;
+    if ( my $f = $self->[DEFER_WAIT] ) {
+        $self->[DEFER_WAIT] = undef;
         $f->done unless $f->is_ready;
     }
     return;

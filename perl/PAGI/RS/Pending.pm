@@ -100,6 +100,35 @@ sub _lean_chain_cancel {
     return;
 }
 
+# Settling and waiting, as the bridge does them on every drain wait and
+# every WebSocket receive: when every callback is a plain on_ready one
+# (what an awaiting async sub and the bridge register), done runs them
+# directly instead of through Future's general dispatch; anything else
+# (a ->then chain, a Future as callback, $Future::TIMES) is Future's own.
+sub done {
+    my $self = shift;
+    return $self->SUPER::done(@_)
+      unless $LEAN && ref $self && !$Future::TIMES && !$self->{ready} && !$self->{subs} && !$self->{revoke_when_ready};
+    my $callbacks = $self->{callbacks};
+    for (@$callbacks) {
+        return $self->SUPER::done(@_) if $_->[0] != $CB_READY || ref $_->[1] ne 'CODE';
+    }
+    $self->{result} = [@_];
+    $self->{ready}  = 1;
+    delete $self->{on_cancel};
+    delete $self->{callbacks};
+    $_->[1]->($self) for @$callbacks;
+    return $self;
+}
+
+sub on_ready {
+    my ( $self, $code ) = @_;
+    return $self->SUPER::on_ready($code)
+      unless $LEAN && !$self->{ready} && ref $code eq 'CODE' && \&Future::wrap_cb == $PLAIN_WRAP;
+    push @{ $self->{callbacks} }, [ $CB_READY, $code ];
+    return $self;
+}
+
 sub _cancel_awaited {
     my $awaited = $_[0]{u_pagi_rs_awaiting};
     $awaited->cancel if $awaited && !$awaited->is_ready;

@@ -10,6 +10,7 @@ package PAGI::RS::Transport;
 use strict;
 use warnings;
 use PAGI::RS::Constants qw(slot query log);
+use Scalar::Util qw(refaddr);
 
 sub buffered_amount { PAGI::RS::_query( $_[0][ID], Q_BUFFERED ) // 0 }
 sub high_water_mark { $PAGI::RS::Bridge::HIGH_WATER }
@@ -33,11 +34,21 @@ sub on_drain {
 # past the high mark again before a late on_drain would run.
 sub _on_drained {
     my ($self) = @_;
-    $self->_fire_drain;
-    if ( my $f = $self->[SEND_WAIT] ) {
-        $self->[SEND_WAIT] = undef;
-        $f->done unless $f->is_ready;
-    }
+    $self->_fire_drain if $self->[ON_DRAIN];
+    $self->_send_waited;
+    return;
+}
+
+# Resolve the send that waits for the drain.  The app holds that Future
+# itself (HTTP.pm's _in_flight), so the send slot is freed first: resumed,
+# the app's next send takes the fast path.
+sub _send_waited {
+    my ($self) = @_;
+    my $f = $self->[SEND_WAIT] or return;
+    $self->[SEND_WAIT] = undef;
+    my $busy = $self->[SEND_BUSY];
+    $self->[SEND_BUSY] = undef if $busy && refaddr($busy) == refaddr($f);
+    $f->done unless $f->is_ready;
     return;
 }
 

@@ -170,10 +170,7 @@ sub _settle {
         $self->[END_DELIVERED] = 1 unless $self->[COMPLETED_CLEANLY] && $self->[PHASE] != OPEN;
         $wait->done( $self->_end_event );
     }
-    if ( my $f = $self->[SEND_WAIT] ) {
-        $self->[SEND_WAIT] = undef;
-        $f->done unless $f->is_ready;
-    }
+    $self->_send_waited;
     $self->SUPER::_settle;
     return;
 }
@@ -197,7 +194,7 @@ sub _terminal {
 
 sub _wait_drain {
     my ( $self, $rc ) = @_;
-    $self->_fire_high if $rc == HIGH_WATER;
+    $self->_fire_high if $rc == HIGH_WATER && $self->[ON_HIGH];
     return $DONE unless $self->[CONNECTED];
     my $wait = $self->[SEND_WAIT];
     return $wait if $wait && !$wait->is_ready;
