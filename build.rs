@@ -19,6 +19,7 @@ const GLUE_SOURCES: &[&str] = &[
     "src/interp/c/send.c",
     "src/interp/c/http_app.c",
     "src/interp/c/fast_send.c",
+    "src/interp/c/lend.c",
     "src/interp/c/sse.c",
     "src/interp/c/websocket.c",
     "src/interp/c/services.c",

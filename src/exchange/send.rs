@@ -160,6 +160,12 @@ impl Exchange {
     }
 
     pub fn body(&self, data: &[u8], more: bool) -> Result<SendOutcome, SendError> {
+        self.body_bytes(Bytes::copy_from_slice(data), more)
+    }
+
+    /// [`Exchange::body`] for bytes the caller already holds as `Bytes` (a
+    /// body lent by Perl: `interp::lent`), queued without a copy.
+    pub fn body_bytes(&self, data: Bytes, more: bool) -> Result<SendOutcome, SendError> {
         let mut st = self.lock();
         if st.disconnected.is_some() {
             return Ok(SendOutcome::Closed);
@@ -195,12 +201,13 @@ impl Exchange {
             // hyper takes a whole frame into its own buffer at once; small
             // frames keep buffered_amount (and the water marks) truthful.
             let max_frame = self.config.write_buffer_size.max(1);
-            let mut bytes = Bytes::copy_from_slice(data);
+            let size = data.len();
+            let mut bytes = data;
             while bytes.len() > max_frame {
                 st.queue.push_back(Frame::data(bytes.split_to(max_frame)));
             }
             st.queue.push_back(Frame::data(bytes));
-            st.buffered += data.len();
+            st.buffered += size;
         }
         if !more {
             st.body_done = true;

@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::ffi::c_void;
 use std::os::fd::FromRawFd;
 use std::os::raw::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -13,6 +14,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use super::ffi::{PagiMsg, PagiStr, PagiTls};
+use super::lent::Lender;
 use super::mailbox::Mailbox;
 use super::messages::{kind, ToPerl};
 use super::Control;
@@ -45,6 +47,8 @@ type SessionMap = HashMap<u64, Arc<Session>, std::hash::BuildHasherDefault<IdHas
 /// borrows never live across a call into Perl.
 pub struct WorkerCtx {
     pub mailbox: Arc<Mailbox>,
+    /// Body strings lent to the network, and those it gave back.
+    lender: Arc<Lender>,
     pub control: mpsc::Sender<Control>,
     pub runtime: tokio::runtime::Handle,
     inbox: VecDeque<ToPerl>,
@@ -74,6 +78,7 @@ pub fn install(
 ) {
     CTX.with(|c| {
         *c.borrow_mut() = Some(WorkerCtx {
+            lender: Lender::new(Arc::clone(&mailbox)),
             mailbox,
             control,
             runtime,
@@ -457,6 +462,47 @@ pub extern "C" fn pagi_rs_response_body(
         // SAFETY: ptr/len describe the body string alive for this XS call.
         let data = unsafe { PagiStr { ptr, len }.as_bytes() };
         ex.body(data, more != 0)
+    })
+}
+
+/// `pagi_rs_response_body` for a body string lent without a copy: `sv` is a
+/// scalar the C layer made to share the application's string (convert.c's
+/// lend_body), and its one reference passes to Rust whatever happens here.
+#[no_mangle]
+pub extern "C" fn pagi_rs_response_body_lent(
+    id: u64,
+    sv: *mut c_void,
+    ptr: *const c_char,
+    len: usize,
+    more: c_int,
+    err: *mut PagiStr,
+) -> c_int {
+    guarded(-1, || {
+        // Without an interpreter context (never while one serves) the
+        // scalar is left alone: a leak, not a free on the wrong thread.
+        let Some(lender) = with_ctx(None, |ctx| Some(Arc::clone(&ctx.lender))) else {
+            return SendOutcome::Closed as c_int;
+        };
+        // SAFETY: lend_body made `sv` for this call and hands over its
+        // reference; ptr/len is its string, shared copy-on-write, which
+        // Perl never writes while `sv` holds it.
+        let data = unsafe { lender.lend(sv, ptr.cast(), len) };
+        // Dropped unsent (an error, a closed exchange), it comes straight back.
+        send_to(id, err, move |ex| ex.body_bytes(data, more != 0))
+    })
+}
+
+/// Scalars the network gave back (see `interp::lent`): up to `cap` of them
+/// into `out`, for the interpreter to free; returns how many.
+#[no_mangle]
+pub extern "C" fn pagi_rs_take_returned_loans(out: *mut *mut c_void, cap: usize) -> usize {
+    with_ctx(0, |ctx| {
+        if out.is_null() || cap == 0 {
+            return 0;
+        }
+        // SAFETY: out points at `cap` writable slots on the C caller's stack.
+        let slots = unsafe { std::slice::from_raw_parts_mut(out, cap) };
+        ctx.lender.take_returned(slots)
     })
 }
 

@@ -7,6 +7,7 @@ pub mod constants;
 pub mod embedded;
 pub mod exports;
 pub mod ffi;
+pub mod lent;
 pub mod mailbox;
 pub mod messages;
 mod thread;

@@ -43,6 +43,11 @@ int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
             return CODE_NEEDS_PERL; /* wide characters: the Perl path words the error */
         more_flag = more && SvTRUE(more) ? 1 : 0;
         *kind = more_flag ? SEND_KIND_BODY_MORE : SEND_KIND_BODY_END;
+        {
+            int rc;
+            if (send_lent_body(aTHX_ id, body, more_flag, &rc, err))
+                return rc;
+        }
         return pagi_rs_response_body(id, b.ptr, b.len, more_flag, err);
     }
     if (tlen == 19 && memEQ(type, "http.response.start", 19)) {

@@ -87,6 +87,9 @@ extern void pagi_rs_hold_wakeups(int hold);
 extern int pagi_rs_response_start(uint64_t id, int64_t status, const pagi_str *hdrs, size_t nhdrs,
                                   int trailers, pagi_str *err);
 extern int pagi_rs_response_body(uint64_t id, const char *ptr, size_t len, int more, pagi_str *err);
+extern int pagi_rs_response_body_lent(uint64_t id, void *sv, const char *ptr, size_t len, int more,
+                                      pagi_str *err);
+extern size_t pagi_rs_take_returned_loans(void **out, size_t cap);
 extern int pagi_rs_response_file(uint64_t id, const char *path, size_t plen, int64_t offset,
                                  int64_t length, pagi_str *err);
 extern int pagi_rs_response_fd(uint64_t id, int fd, int64_t offset, int64_t length,
@@ -121,6 +124,10 @@ extern int pagi_rs_ws_finish(uint64_t id, const char *err, size_t len, int has_e
 /* ---- conversions between Perl values and C values (convert.c) -------------
  * Shared: every file of XS subs turns its arguments into pagi_str this way. */
 int sv_to_bytes(pTHX_ SV *sv, pagi_str *out);
+
+/* lend.c */
+int send_lent_body(pTHX_ uint64_t id, SV *body, int more, int *rc, pagi_str *err);
+void release_returned_loans(pTHX);
 SV *bytes_sv(pTHX_ pagi_str s, int utf8);
 pagi_str *headers_from_sv(pTHX_ SV *sv, size_t *n_out, const char **why);
 pagi_str text_arg(pTHX_ SV *sv, int *has);

@@ -159,8 +159,11 @@ XS(xs_next_message)
         int kind;
         SV *self, *scope, *send;
         memset(&m, 0, sizeof m);
-        if (!pagi_rs_next_message(&m))
+        if (!pagi_rs_next_message(&m)) {
+            /* The batch is over: free what the network has finished with. */
+            release_returned_loans(aTHX);
             XSRETURN_EMPTY;
+        }
         turn_begins();
         if (m.kind != PAGI_MSG_REQUEST)
             break;

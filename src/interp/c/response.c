@@ -63,7 +63,8 @@ XS(xs_response_body)
         return;
     }
     SP -= items;
-    rc = pagi_rs_response_body(id, body.ptr, body.len, more, &err);
+    if (!send_lent_body(aTHX_ id, ST(1), more, &rc, &err))
+        rc = pagi_rs_response_body(id, body.ptr, body.len, more, &err);
     PUSH_RESULT(rc, err);
     PUTBACK;
 }
