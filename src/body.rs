@@ -235,6 +235,10 @@ fn split_at_limit(mut data: Bytes, limit: usize) -> (Bytes, Option<Bytes>) {
     (data, Some(left))
 }
 
+/// What a join reserves at once: the default `--read-buffer-size`, so that
+/// a default join never reallocates.
+const JOIN_RESERVE: usize = 64 * 1024;
+
 /// Join to `first` the data frames the body already holds, up to `limit`
 /// bytes, without waiting for more.  Returns the chunk and whether more of
 /// the body may follow.  Whatever does not fit (the rest of a frame, an
@@ -283,10 +287,13 @@ where
                     let (data, left) = split_at_limit(data, limit - len);
                     if !data.is_empty() {
                         let buf = joined.get_or_insert_with(|| {
-                            // Room for a few more frames like this one, never
-                            // past the limit (which may be large): most joins
-                            // then need no reallocation.
-                            let mut buf = BytesMut::with_capacity(limit.min(len + data.len() * 4));
+                            // Room for the whole join up to JOIN_RESERVE (a
+                            // growing buffer copies itself: 5 % of the
+                            // network thread on uploads), and for a few
+                            // more frames like this one past it; never past
+                            // the limit, which may be large.
+                            let room = (len + data.len() * 4).max(JOIN_RESERVE);
+                            let mut buf = BytesMut::with_capacity(limit.min(room));
                             buf.extend_from_slice(&first);
                             buf
                         });
