@@ -20,6 +20,7 @@ const GLUE_SOURCES: &[&str] = &[
     "src/interp/c/http_app.c",
     "src/interp/c/fast_send.c",
     "src/interp/c/lend.c",
+    "src/interp/c/pending.c",
     "src/interp/c/sse.c",
     "src/interp/c/websocket.c",
     "src/interp/c/services.c",

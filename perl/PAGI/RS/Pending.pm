@@ -13,7 +13,10 @@ package PAGI::RS::Pending;
 # lays it out.  setup() makes sure, once, that the installed Future and
 # IO::Async build exactly that layout; where they do not (another Future
 # implementation, Future's DEBUG mode, $Future::TIMES), every method here
-# is Future's own and nothing is short-cut.
+# is Future's own and nothing is short-cut.  Inside pagi-rs the busiest of
+# them (new, done and the AWAIT_* answers) are C (src/interp/c/pending.c),
+# which hands whatever it does not handle to the Perl versions here;
+# t/15 checks these, and t/16 runs t/15 again inside the server.
 
 use strict;
 use warnings;
@@ -26,6 +29,7 @@ my $LEAN;          # the layout was checked and matches
 my $CB_READY;      # Future::PP's flags for an on_ready callback
 my $PLAIN_WRAP;    # Future::wrap_cb as installed: unchanged, it is a no-op
 my $CANCEL_AWAITED = refaddr( \&_cancel_awaited );  # its on_cancel entry
+our ( $C_CB_READY, $C_PLAIN_WRAP );                  # for pending.c
 
 # Check the layout against a Future built the ordinary way, and install
 # the shortcuts if it matches.  Returns whether they are on.
@@ -48,6 +52,23 @@ sub setup {
     *AWAIT_ON_READY     = \&_lean_on_ready;
     *AWAIT_GET          = \&_lean_get;
     *AWAIT_CHAIN_CANCEL = \&_lean_chain_cancel;
+    # Inside pagi-rs, the busiest methods in C (src/interp/c/pending.c);
+    # the Perl ones stay, as what the C versions hand unusual cases to.
+    # They read $C_CB_READY, $C_PLAIN_WRAP and the _perl_* names.
+    if ( defined &_c_new ) {
+        ( $C_CB_READY, $C_PLAIN_WRAP ) = ( $CB_READY, $PLAIN_WRAP );
+        *_perl_new          = \&new;
+        *_perl_clone        = \&AWAIT_CLONE;
+        *_perl_done         = \&done;
+        *new                = \&_c_new;
+        *AWAIT_CLONE        = \&_c_clone;
+        *done               = \&_c_done;
+        *AWAIT_IS_READY     = \&_c_is_ready;
+        *AWAIT_IS_CANCELLED = \&_c_is_cancelled;
+        *AWAIT_ON_READY     = \&_c_on_ready;
+        *AWAIT_GET          = \&_c_get;
+        *AWAIT_CHAIN_CANCEL = \&_c_chain_cancel;
+    }
     return $LEAN = 1;
 }
 

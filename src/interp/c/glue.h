@@ -229,6 +229,14 @@ void adopt_signal_handlers(pTHX);
 void signal_target_remove(PerlInterpreter *my_perl);
 
 /* ---- XS subs, registered by xs_init (lifecycle.c) ---------------------- */
+XS(xs_pending_new);      /* pending.c */
+XS(xs_pending_clone);
+XS(xs_pending_done);
+XS(xs_pending_on_ready);
+XS(xs_pending_is_ready);
+XS(xs_pending_is_cancelled);
+XS(xs_pending_get);
+XS(xs_pending_chain_cancel);
 XS(xs_next_message);    /* request.c */
 XS(xs_wake_ack);
 XS(xs_response_start);  /* response.c */

@@ -11,6 +11,14 @@ static void xs_init(pTHX)
     static const char file[] = __FILE__;
     newXS("DynaLoader::boot_DynaLoader", boot_DynaLoader, file);
     newXS("PAGI::RS::_next", xs_next_message, file);
+    newXS("PAGI::RS::Pending::_c_new", xs_pending_new, file);
+    newXS("PAGI::RS::Pending::_c_clone", xs_pending_clone, file);
+    newXS("PAGI::RS::Pending::_c_done", xs_pending_done, file);
+    newXS("PAGI::RS::Pending::_c_on_ready", xs_pending_on_ready, file);
+    newXS("PAGI::RS::Pending::_c_is_ready", xs_pending_is_ready, file);
+    newXS("PAGI::RS::Pending::_c_is_cancelled", xs_pending_is_cancelled, file);
+    newXS("PAGI::RS::Pending::_c_get", xs_pending_get, file);
+    newXS("PAGI::RS::Pending::_c_chain_cancel", xs_pending_chain_cancel, file);
     newXS("PAGI::RS::_wake_ack", xs_wake_ack, file);
     newXS("PAGI::RS::_start", xs_response_start, file);
     newXS("PAGI::RS::_body", xs_response_body, file);

@@ -1,0 +1,309 @@
+/*
+ * PAGI::RS::Pending's busiest methods in C: making a pending Future,
+ * settling it with done, and the questions Future::AsyncAwait asks on every
+ * await.  A WebSocket message or a drain wait ran about 200 Perl ops in
+ * their Perl versions (perl/PAGI/RS/Pending.pm).
+ *
+ * They read and write the object as the pure-Perl Future (Future::PP) lays
+ * it out: Pending.pm's setup() checks that layout once, and installs these
+ * only when it matches.  Anything they do not handle themselves (an
+ * unusual callback, $Future::TIMES, a replaced wrap_cb, a subclass) they
+ * hand, with the same arguments, to the Perl version they replaced, which
+ * handles everything.
+ */
+#include "glue.h"
+
+enum { P_NEW, P_CLONE, P_DONE, P_ON_READY, P_GET, P_CHAIN_CANCEL, P_COUNT };
+
+typedef struct {
+    PerlInterpreter *owner;
+    HV *stash;          /* PAGI::RS::Pending */
+    IV cb_ready;        /* Future::PP's flags for an on_ready callback */
+    CV *plain_wrap;     /* Future::wrap_cb as it was at setup */
+    GV *wrap_gv;        /* *Future::wrap_cb, to see whether it changed */
+    GV *times_gv;       /* *Future::TIMES (a glob: `local` swaps its slot) */
+    CV *cancel_awaited; /* PAGI::RS::Pending::_cancel_awaited */
+    CV *perl[P_COUNT];  /* the Perl versions */
+} pending_state;
+
+/* Thread-local, but an interpreter may be built on one thread and run on
+ * another (the master loads the app, then each worker's thread adopts it),
+ * so the state is read from the interpreter itself whenever the thread
+ * meets an interpreter it has not seen: from what Pending.pm's setup()
+ * leaves when it installs these. */
+static __thread pending_state P;
+
+static void load_state(pTHX)
+{
+    static const char *const perl_names[P_COUNT] = {
+        "PAGI::RS::Pending::_perl_new",      "PAGI::RS::Pending::_perl_clone",
+        "PAGI::RS::Pending::_perl_done",     "PAGI::RS::Pending::_lean_on_ready",
+        "PAGI::RS::Pending::_lean_get",      "PAGI::RS::Pending::_lean_chain_cancel",
+    };
+    SV *wrap = get_sv("PAGI::RS::Pending::C_PLAIN_WRAP", GV_ADD);
+    int i;
+    for (i = 0; i < P_COUNT; i++) {
+        P.perl[i] = get_cv(perl_names[i], 0);
+        if (!P.perl[i])
+            croak("PAGI::RS::Pending: %s is missing (setup() installs the C methods)", perl_names[i]);
+    }
+    P.cancel_awaited = get_cv("PAGI::RS::Pending::_cancel_awaited", 0);
+    if (!P.cancel_awaited || !SvROK(wrap) || SvTYPE(SvRV(wrap)) != SVt_PVCV)
+        croak("PAGI::RS::Pending: the C methods were not installed by setup()");
+    P.plain_wrap = (CV *)SvRV(wrap);
+    P.cb_ready = SvIV(get_sv("PAGI::RS::Pending::C_CB_READY", GV_ADD));
+    P.wrap_gv = gv_fetchpvs("Future::wrap_cb", GV_ADD, SVt_PVCV);
+    P.times_gv = gv_fetchpvs("Future::TIMES", GV_ADD, SVt_PV);
+    P.stash = gv_stashpvs("PAGI::RS::Pending", GV_ADD);
+    P.owner = aTHX;
+}
+
+static int state_ready(pTHX)
+{
+    if (P.owner != aTHX)
+        load_state(aTHX);
+    return 1;
+}
+
+static int future_times(pTHX)
+{
+    SV *t = GvSV(P.times_gv);
+    return t && SvTRUE(t);
+}
+
+/* Hand this XS call, arguments and context unchanged, to the Perl version,
+ * and return what it returns. */
+#define REDIRECT(which)                                                        \
+    STMT_START {                                                               \
+        I32 count_;                                                            \
+        PUSHMARK(MARK);                                                        \
+        PUTBACK;                                                               \
+        count_ = call_sv((SV *)P.perl[which], GIMME_V);                        \
+        XSRETURN(count_);                                                      \
+    }                                                                          \
+    STMT_END
+
+static HV *future_hv(pTHX_ SV *self)
+{
+    if (!SvROK(self) || SvTYPE(SvRV(self)) != SVt_PVHV)
+        return NULL;
+    return (HV *)SvRV(self);
+}
+
+static int field_true(pTHX_ HV *hv, const char *key, I32 klen)
+{
+    SV **v = hv_fetch(hv, key, klen, 0);
+    return v && SvTRUE(*v);
+}
+#define FIELD_TRUE(hv, k) field_true(aTHX_(hv), "" k "", sizeof(k) - 1)
+
+/* A new pending Future on `loop`, laid out as Pending.pm's _build makes it. */
+static SV *build(pTHX_ SV *loop)
+{
+    HV *hv = newHV();
+    (void)hv_stores(hv, "ready", newSViv(0));
+    (void)hv_stores(hv, "callbacks", newRV_noinc((SV *)newAV()));
+    (void)hv_stores(hv, "u_loop", newSVsv(loop));
+    return sv_bless(sv_2mortal(newRV_noinc((SV *)hv)), P.stash);
+}
+
+/* PAGI::RS::Pending->new($loop) */
+XS(xs_pending_new)
+{
+    dXSARGS;
+    if (!state_ready(aTHX) || items != 2 || SvROK(ST(0)) || future_times(aTHX) ||
+        !strEQ(SvPV_nolen(ST(0)), "PAGI::RS::Pending"))
+        REDIRECT(P_NEW);
+    ST(0) = build(aTHX_ ST(1));
+    XSRETURN(1);
+}
+
+/* AWAIT_CLONE: the async sub's own Future, on the loop of the first one it
+ * waits on. */
+XS(xs_pending_clone)
+{
+    dXSARGS;
+    HV *hv;
+    SV **loop;
+    if (!state_ready(aTHX) || items != 1 || future_times(aTHX) || !(hv = future_hv(aTHX_ ST(0))))
+        REDIRECT(P_CLONE);
+    loop = hv_fetchs(hv, "u_loop", 0);
+    ST(0) = build(aTHX_ loop ? *loop : &PL_sv_undef);
+    XSRETURN(1);
+}
+
+/* A callbacks entry Future::PP's _mark_ready would run as a plain on_ready
+ * callback: [CB_ALWAYS|CB_SELF, an unblessed coderef]. */
+static int plain_on_ready(pTHX_ SV *entry)
+{
+    AV *cb;
+    SV **flags, **code;
+    if (!SvROK(entry) || SvTYPE(SvRV(entry)) != SVt_PVAV)
+        return 0;
+    cb = (AV *)SvRV(entry);
+    if (av_count(cb) != 2)
+        return 0;
+    flags = av_fetch(cb, 0, 0);
+    code = av_fetch(cb, 1, 0);
+    return flags && code && SvIOK(*flags) && SvIV(*flags) == P.cb_ready && SvROK(*code) &&
+           SvTYPE(SvRV(*code)) == SVt_PVCV && !SvOBJECT(SvRV(*code));
+}
+
+/* $f->done(@result): when every callback is a plain on_ready one, run them
+ * directly (as Pending.pm's done does); anything else goes to Perl. */
+XS(xs_pending_done)
+{
+    dXSARGS;
+    HV *hv;
+    SV **cbs_p, *self, *cbs_rv;
+    AV *cbs = NULL;
+    SSize_t i, n = 0;
+    if (!state_ready(aTHX) || items < 1 || future_times(aTHX) || !(hv = future_hv(aTHX_ ST(0))) ||
+        FIELD_TRUE(hv, "ready") || FIELD_TRUE(hv, "subs") || FIELD_TRUE(hv, "revoke_when_ready"))
+        REDIRECT(P_DONE);
+    cbs_p = hv_fetchs(hv, "callbacks", 0);
+    if (cbs_p && SvOK(*cbs_p)) {
+        if (!SvROK(*cbs_p) || SvTYPE(SvRV(*cbs_p)) != SVt_PVAV)
+            REDIRECT(P_DONE);
+        cbs = (AV *)SvRV(*cbs_p);
+        n = (SSize_t)av_count(cbs);
+        for (i = 0; i < n; i++) {
+            SV **e = av_fetch(cbs, i, 0);
+            if (!e || !plain_on_ready(aTHX_ * e))
+                REDIRECT(P_DONE);
+        }
+    }
+    /* Our own reference to the Future: a callback may drop the caller's. */
+    self = sv_2mortal(newRV_inc((SV *)hv));
+    (void)hv_stores(hv, "result", newRV_noinc((SV *)av_make(items - 1, &ST(1))));
+    (void)hv_stores(hv, "ready", newSViv(1));
+    (void)hv_deletes(hv, "on_cancel", G_DISCARD);
+    /* Deleted, the list lives on in this mortal until the callbacks ran. */
+    cbs_rv = hv_deletes(hv, "callbacks", 0);
+    if (cbs_rv && cbs) {
+        for (i = 0; i < n; i++) {
+            SV **e = av_fetch(cbs, i, 0);
+            SV **code = e ? av_fetch((AV *)SvRV(*e), 1, 0) : NULL;
+            dSP;
+            if (!code)
+                continue;
+            PUSHMARK(SP);
+            XPUSHs(self);
+            PUTBACK;
+            (void)call_sv(*code, G_VOID | G_DISCARD);
+        }
+    }
+    ST(0) = self;
+    XSRETURN(1);
+}
+
+/* AWAIT_ON_READY($code): the awaiting async sub's resumption, as a plain
+ * on_ready callback.  A replaced wrap_cb goes to Perl, which honours it. */
+XS(xs_pending_on_ready)
+{
+    dXSARGS;
+    HV *hv;
+    SV **cbs_p;
+    AV *entry;
+    if (!state_ready(aTHX) || items != 2 || GvCV(P.wrap_gv) != P.plain_wrap || !(hv = future_hv(aTHX_ ST(0))))
+        REDIRECT(P_ON_READY);
+    cbs_p = hv_fetchs(hv, "callbacks", 0);
+    if (!cbs_p || !SvOK(*cbs_p)) {
+        cbs_p = hv_stores(hv, "callbacks", newRV_noinc((SV *)newAV()));
+    } else if (!SvROK(*cbs_p) || SvTYPE(SvRV(*cbs_p)) != SVt_PVAV) {
+        REDIRECT(P_ON_READY);
+    }
+    entry = newAV();
+    av_push(entry, newSViv(P.cb_ready));
+    av_push(entry, newSVsv(ST(1)));
+    av_push((AV *)SvRV(*cbs_p), newRV_noinc((SV *)entry));
+    XSRETURN_EMPTY;
+}
+
+/* AWAIT_IS_READY */
+XS(xs_pending_is_ready)
+{
+    dXSARGS;
+    HV *hv;
+    if (items != 1 || !(hv = future_hv(aTHX_ ST(0))))
+        croak_xs_usage(cv, "self");
+    ST(0) = boolSV(FIELD_TRUE(hv, "ready"));
+    XSRETURN(1);
+}
+
+/* AWAIT_IS_CANCELLED */
+XS(xs_pending_is_cancelled)
+{
+    dXSARGS;
+    HV *hv;
+    if (items != 1 || !(hv = future_hv(aTHX_ ST(0))))
+        croak_xs_usage(cv, "self");
+    ST(0) = boolSV(FIELD_TRUE(hv, "cancelled"));
+    XSRETURN(1);
+}
+
+/* AWAIT_GET: the result of a done Future; a failed or cancelled one (or one
+ * not ready) goes to Perl, which raises what Future raises. */
+XS(xs_pending_get)
+{
+    dXSARGS;
+    HV *hv;
+    SV **res;
+    AV *av;
+    SSize_t i, n;
+    if (!state_ready(aTHX) || items != 1 || !(hv = future_hv(aTHX_ ST(0))) || !FIELD_TRUE(hv, "ready") ||
+        FIELD_TRUE(hv, "failure") || FIELD_TRUE(hv, "cancelled"))
+        REDIRECT(P_GET);
+    res = hv_fetchs(hv, "result", 0);
+    if (!res || !SvROK(*res) || SvTYPE(SvRV(*res)) != SVt_PVAV)
+        REDIRECT(P_GET);
+    av = (AV *)SvRV(*res);
+    n = (SSize_t)av_count(av);
+    SP -= items;
+    if (GIMME_V != G_LIST) {
+        SV **first = av_fetch(av, 0, 0);
+        XPUSHs(first ? sv_mortalcopy(*first) : &PL_sv_undef);
+        XSRETURN(1);
+    }
+    EXTEND(SP, n);
+    for (i = 0; i < n; i++) {
+        SV **v = av_fetch(av, i, 0);
+        PUSHs(v ? sv_mortalcopy(*v) : &PL_sv_undef);
+    }
+    XSRETURN(n);
+}
+
+/* AWAIT_CHAIN_CANCEL($awaited): remember what the async sub awaits now
+ * (weakly), and make sure on_cancel ends with the one entry that cancels
+ * it.  When something else was registered since, Perl moves the entry. */
+XS(xs_pending_chain_cancel)
+{
+    dXSARGS;
+    HV *hv;
+    SV **slot, **oc;
+    AV *on_cancel;
+    SSize_t n;
+    if (!state_ready(aTHX) || items != 2 || !(hv = future_hv(aTHX_ ST(0))))
+        REDIRECT(P_CHAIN_CANCEL);
+    slot = hv_stores(hv, "u_pagi_rs_awaiting", newSVsv(ST(1)));
+    if (slot && SvROK(*slot))
+        sv_rvweaken(*slot);
+    oc = hv_fetchs(hv, "on_cancel", 0);
+    if (!oc || !SvOK(*oc)) {
+        on_cancel = newAV();
+        (void)hv_stores(hv, "on_cancel", newRV_noinc((SV *)on_cancel));
+    } else if (SvROK(*oc) && SvTYPE(SvRV(*oc)) == SVt_PVAV) {
+        on_cancel = (AV *)SvRV(*oc);
+    } else {
+        REDIRECT(P_CHAIN_CANCEL);
+    }
+    n = (SSize_t)av_count(on_cancel);
+    if (n > 0) {
+        SV **last = av_fetch(on_cancel, n - 1, 0);
+        if (last && SvROK(*last) && SvRV(*last) == (SV *)P.cancel_awaited)
+            XSRETURN_EMPTY;
+        REDIRECT(P_CHAIN_CANCEL);
+    }
+    av_push(on_cancel, newRV_inc((SV *)P.cancel_awaited));
+    XSRETURN_EMPTY;
+}
