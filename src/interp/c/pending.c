@@ -220,25 +220,27 @@ XS(xs_pending_on_ready)
     XSRETURN_EMPTY;
 }
 
-/* AWAIT_IS_READY */
+/* AWAIT_IS_READY and AWAIT_IS_CANCELLED: whether the Future's field `key`
+ * is true. */
+static SV *flag_answer(pTHX_ CV *cv, I32 items, SV *self, const char *key, I32 klen)
+{
+    HV *hv;
+    if (items != 1 || !(hv = future_hv(aTHX_ self)))
+        croak_xs_usage(cv, "self");
+    return boolSV(field_true(aTHX_ hv, key, klen));
+}
+
 XS(xs_pending_is_ready)
 {
     dXSARGS;
-    HV *hv;
-    if (items != 1 || !(hv = future_hv(aTHX_ ST(0))))
-        croak_xs_usage(cv, "self");
-    ST(0) = boolSV(FIELD_TRUE(hv, "ready"));
+    ST(0) = flag_answer(aTHX_ cv, items, items ? ST(0) : &PL_sv_undef, "ready", 5);
     XSRETURN(1);
 }
 
-/* AWAIT_IS_CANCELLED */
 XS(xs_pending_is_cancelled)
 {
     dXSARGS;
-    HV *hv;
-    if (items != 1 || !(hv = future_hv(aTHX_ ST(0))))
-        croak_xs_usage(cv, "self");
-    ST(0) = boolSV(FIELD_TRUE(hv, "cancelled"));
+    ST(0) = flag_answer(aTHX_ cv, items, items ? ST(0) : &PL_sv_undef, "cancelled", 9);
     XSRETURN(1);
 }
 
