@@ -93,6 +93,23 @@ my \$app = async sub {
         await \$send->({ type => 'http.response.body', body => 'END', more => 0 });
         return;
     }
+    if (\$path eq '/fill') {
+        # One send that exactly fills the empty buffer to the mark: it is
+        # taken at once (it found room), and on_high_water fires during the
+        # \$send call.  No send waits, yet on_drain hears the drain.
+        \$t->on_high_water(sub { rec('fill.events', 'high', \$t->buffered_amount) });
+        \$t->on_drain(sub { rec('fill.events', 'drain', \$t->buffered_amount) });
+        await \$send->(\$start);
+        my \$f = \$send->({ type => 'http.response.body', body => 'f' x 65536, more => 1 });
+        rec('fill.send', \$f->is_ready ? 'ready' : 'pending');
+        await \$f;
+        for my \$try (1 .. 50) {
+            last if grep { /^drain/ } do { open my \$in, '<', "\$dir/fill.events"; <\$in> };
+            await Future::IO->sleep(0.02);
+        }
+        await \$send->({ type => 'http.response.body', body => 'END', more => 0 });
+        return;
+    }
     if (\$path eq '/late') {
         # Register on_high_water only once the queue is already above the mark.
         await \$send->(\$start);
@@ -294,6 +311,23 @@ is http_request( $port, 'GET', '/marks' )->{body}, '65536 16384',
     my ( $i, $buffered, $fired ) = split / /, $line // '';
     cmp_ok $buffered // 0, '>=', 65536, "late on_high_water: buffered_amount was above the mark at registration ($buffered)";
     is $fired, 1, 'late on_high_water: the callback fired immediately (synchronously) on registration';
+}
+
+# ---------------------------------------------------------------------------
+# (4) a send that finds room is taken at once, even when it fills the buffer
+# to the mark (as in the reference server, which checks before queueing);
+# on_drain hears the drain though no send waited for it.
+{
+    my $sock = connect_port($port);
+    $sock->syswrite("GET /fill HTTP/1.1\r\nHost: 127.0.0.1:$port\r\nConnection: close\r\n\r\n");
+    my $raw = read_all( $sock, 10 );
+    my $res = parse_response($raw) // {};
+    is length( $res->{body} // '' ), 65536 + 3, 'filling send: the body arrived';
+    is_deeply [ slurp_lines('fill.send') ], ['ready'], 'filling send: the send that brought the empty buffer to the mark resolved at once';
+    my @events = slurp_lines('fill.events');
+    like $events[0] // '', qr/^high 65536$/, 'filling send: on_high_water fired during the send, at the mark';
+    like $events[1] // '', qr/^drain \d+$/, 'filling send: on_drain fired once the buffer drained, with no send waiting'
+      or diag explain \@events;
 }
 
 ok $server->is_running, 'server still running after the backpressure tests';

@@ -7,7 +7,7 @@ use std::sync::MutexGuard;
 
 use http::StatusCode;
 
-use super::{EndState, Exchange, Head, Phase, State, WANTS_TERMINAL};
+use super::{EndState, Exchange, Head, Phase, State, WANTS_DRAIN, WANTS_TERMINAL};
 use crate::interp::messages::ToPerl;
 
 impl Exchange {
@@ -45,6 +45,16 @@ impl Exchange {
             reason: "server_error",
             detail: Some(detail),
         });
+    }
+
+    /// Perl has on_drain callbacks: tell it of every drain, not only of
+    /// those a send waits for.
+    pub fn want_drain_news(&self) {
+        self.interest.fetch_or(WANTS_DRAIN, Ordering::AcqRel);
+    }
+
+    pub fn wants_drain_news(&self) -> bool {
+        self.interest.load(Ordering::Acquire) & WANTS_DRAIN != 0
     }
 
     /// Perl wants to hear how the request ends.  If it already ended

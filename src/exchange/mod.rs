@@ -22,6 +22,10 @@ mod send;
 mod stream;
 /// Wake-ups of network tasks held to the end of the interpreter's batch.
 pub mod wakeups;
+/// When a send waits for the buffer to drain, and when Perl hears of it.
+mod water;
+
+pub(crate) use water::WaterMarks;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -89,11 +93,16 @@ pub enum Head {
 pub enum SendOutcome {
     /// Accepted; resolve the Future now.
     Ready = codes::SENT as isize,
-    /// Accepted and the buffer just reached the high-water mark: fire
-    /// on_high_water and resolve when Drained arrives.
+    /// Accepted, but it found the buffer at the high-water mark (or would
+    /// leave twice the mark queued): fire on_high_water and resolve when
+    /// Drained arrives.
     HighWater = codes::HIGH_WATER as isize,
-    /// Accepted, buffer still above the mark: resolve when Drained arrives.
+    /// As HighWater, when on_high_water has already fired for this
+    /// crossing: resolve when Drained arrives.
     StillHigh = codes::STILL_HIGH as isize,
+    /// Accepted into a buffer below the mark, which it brought to the mark:
+    /// resolve now, and fire on_high_water (see [`WaterMarks::on_send`]).
+    ReachedHigh = codes::REACHED_HIGH as isize,
     /// The exchange has ended; the send is a successful no-op.
     Closed = codes::CLOSED as isize,
     /// Accepted; a SendDone message will settle the Future.
@@ -163,7 +172,7 @@ struct State {
     body_bytes: u64,
     queue: VecDeque<Frame<Bytes>>,
     buffered: usize,
-    high: bool,
+    marks: WaterMarks,
     waker: Option<Waker>,
     disconnected: Option<&'static str>,
     /// `disconnect_detail`: never bodies, headers or credentials.
@@ -194,22 +203,10 @@ struct State {
     clean_end: bool,
 }
 
-/// The verdict on a send that leaves `buffered` bytes queued.  `high`
-/// remembers that the mark was crossed, so that on_high_water fires once
-/// per crossing (the network side clears it below the low mark).
-pub(crate) fn water_mark(buffered: usize, high_water: usize, high: &mut bool) -> SendOutcome {
-    if buffered < high_water {
-        SendOutcome::Ready
-    } else if *high {
-        SendOutcome::StillHigh
-    } else {
-        *high = true;
-        SendOutcome::HighWater
-    }
-}
-
 /// Bits of `interest`: what Perl wants to hear after the app returns.
 pub const WANTS_TERMINAL: u8 = 1;
+/// ...and that it has on_drain callbacks: every drain is news to it.
+pub const WANTS_DRAIN: u8 = 2;
 
 pub struct Exchange {
     pub id: u64,
@@ -261,7 +258,7 @@ impl Exchange {
                 body_bytes: 0,
                 queue: VecDeque::new(),
                 buffered: 0,
-                high: false,
+                marks: WaterMarks::default(),
                 waker: None,
                 disconnected: None,
                 detail: None,

@@ -22,11 +22,10 @@ impl Exchange {
             if let Some(data) = frame.data_ref() {
                 st.buffered -= data.len();
             }
-            let mut drained = false;
-            if st.high && st.buffered < self.config.low_water {
-                st.high = false;
-                drained = true;
-            }
+            let buffered = st.buffered;
+            let drained =
+                st.marks
+                    .on_written(buffered, self.config.low_water, self.wants_drain_news());
             let flushed = st.flush_pending && st.buffered == 0;
             if flushed {
                 st.flush_pending = false;
@@ -34,8 +33,11 @@ impl Exchange {
             drop(st);
             self.mark_progress();
             self.progress.notify_waiters();
-            if drained {
-                self.mailbox.push(ToPerl::Drained { id: self.id });
+            if let Some(news) = drained {
+                self.mailbox.push(ToPerl::Drained {
+                    id: self.id,
+                    settles_wait: news.settles_wait,
+                });
             }
             if flushed {
                 self.mailbox.push(ToPerl::SendDone {

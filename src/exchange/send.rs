@@ -11,7 +11,7 @@ use http_body::Frame;
 use tokio::sync::oneshot;
 
 use super::headers::{build_headers, final_status};
-use super::{water_mark, Exchange, FinishOutcome, Head, Phase, SendOutcome, State, WANTS_TERMINAL};
+use super::{Exchange, FinishOutcome, Head, Phase, SendOutcome, State, WANTS_TERMINAL};
 use crate::error::SendError;
 
 impl Exchange {
@@ -197,6 +197,7 @@ impl Exchange {
         }
         st.body_bytes += len;
         st.inline_body = true;
+        let mut before = st.buffered;
         if !data.is_empty() && !self.facts.is_head {
             // hyper takes a whole frame into its own buffer at once; small
             // frames keep buffered_amount (and the water marks) truthful.
@@ -219,8 +220,10 @@ impl Exchange {
         if st.network_done {
             st.queue.clear();
             st.buffered = 0;
+            before = 0;
         }
-        let outcome = self.water_mark_outcome(&mut st);
+        let after = st.buffered;
+        let outcome = st.marks.on_send(before, after, self.config.high_water);
         let head = Self::take_head(&mut st);
         let waker = st.waker.take();
         self.deliver_if_done(st);
@@ -230,10 +233,6 @@ impl Exchange {
             super::wakeups::wake(w);
         }
         Ok(outcome)
-    }
-
-    fn water_mark_outcome(&self, st: &mut State) -> SendOutcome {
-        water_mark(st.buffered, self.config.high_water, &mut st.high)
     }
 
     pub fn trailers(&self, headers: &[(&[u8], &[u8])]) -> Result<SendOutcome, SendError> {
@@ -453,7 +452,9 @@ mod tests {
         let (ex, _rx) = exchange(false);
         ex.start(200, &[], false).unwrap();
         assert_eq!(ex.body(b"123456", true).unwrap(), SendOutcome::Ready);
-        assert_eq!(ex.body(b"123456", true).unwrap(), SendOutcome::HighWater);
+        // Found room, filled the buffer: taken at once, on_high_water fires.
+        assert_eq!(ex.body(b"123456", true).unwrap(), SendOutcome::ReachedHigh);
+        // Found the buffer full: waits for the drain.
         assert_eq!(ex.body(b"1", true).unwrap(), SendOutcome::StillHigh);
         assert_eq!(ex.buffered_amount(), 13);
         let _ = poll(&ex); // 7 left: still above low water

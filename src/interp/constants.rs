@@ -20,6 +20,7 @@ mod tests {
         assert_eq!(SendOutcome::StillHigh as i32, send::STILL_HIGH);
         assert_eq!(SendOutcome::Closed as i32, send::CLOSED);
         assert_eq!(SendOutcome::Deferred as i32, send::DEFERRED);
+        assert_eq!(SendOutcome::ReachedHigh as i32, send::REACHED_HIGH);
         assert_eq!(FinishOutcome::Clean as i32, finish::CLEAN);
         assert_eq!(FinishOutcome::Backstop500 as i32, finish::BACKSTOP);
         assert_eq!(FinishOutcome::Truncated as i32, finish::TRUNCATED);

@@ -336,9 +336,10 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.nstr = 3;
                 m.utf8_mask = 0b111;
             }
-            ToPerl::Drained { id } => {
+            ToPerl::Drained { id, settles_wait } => {
                 m.kind = kind::DRAINED;
                 m.id = *id;
+                m.num[0] = i64::from(*settles_wait);
             }
             ToPerl::SendDone { id, error } => {
                 m.kind = kind::SEND_DONE;
@@ -709,6 +710,10 @@ pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
             query::LOW_WATER => ex.config().low_water as i64,
             query::WANT_TERMINAL => {
                 ex.register_interest(crate::exchange::WANTS_TERMINAL);
+                0
+            }
+            query::WANT_DRAIN => {
+                ex.want_drain_news();
                 0
             }
             query::BODY_PENDING => ex.bodies_in_mailbox() as i64,

@@ -42,9 +42,13 @@ pub enum ToPerl {
         reason: &'static str,
         detail: Option<String>,
     },
-    /// The outbound buffer fell below the low-water mark after reaching the high one.
+    /// The outbound buffer fell below the low-water mark after reaching the
+    /// high one (sent only when a send waits or Perl has on_drain callbacks:
+    /// `exchange::WaterMarks`).
     Drained {
         id: u64,
+        /// A send waits for this drain; otherwise it is for on_drain only.
+        settles_wait: bool,
     },
     /// A send that completes later (file, fh, fullflush) finished.
     SendDone {

@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::Settings;
 use crate::error::SendError;
-use crate::exchange::{water_mark, Exchange, FinishOutcome, SendOutcome};
+use crate::exchange::{Exchange, FinishOutcome, SendOutcome};
 use crate::interp::mailbox::Mailbox;
 use crate::interp::messages::ToPerl;
 
@@ -134,7 +134,7 @@ struct State {
     buffered: usize,
     /// How many application messages that is (see Settings::queued_message_cost).
     queued_messages: usize,
-    high: bool,
+    marks: crate::exchange::WaterMarks,
     /// When the application sent websocket.close (it may send nothing after).
     app_closed_at: Option<Instant>,
     /// The peer's Close arrived and was answered: sends are quiet no-ops,
@@ -191,7 +191,7 @@ impl Session {
                 phase: Phase::Handshake,
                 buffered: 0,
                 queued_messages: 0,
-                high: false,
+                marks: Default::default(),
                 app_closed_at: None,
                 peer_closed: false,
                 keepalive: None,
@@ -343,10 +343,13 @@ impl Session {
         } else {
             Message::Binary(bytes)
         };
+        let before = self.backlog(&st);
         st.buffered += data.len();
         st.queued_messages += 1;
-        let backlog = self.backlog(&st);
-        let outcome = water_mark(backlog, self.exchange.config().high_water, &mut st.high);
+        let after = self.backlog(&st);
+        let outcome = st
+            .marks
+            .on_send(before, after, self.exchange.config().high_water);
         // Sent under the lock so that sends keep their order across threads.
         let _ = self.outbound.send(Outbound::Data(message, data.len()));
         Ok(outcome)
@@ -639,16 +642,19 @@ impl Session {
             let mut st = self.lock();
             st.buffered = st.buffered.saturating_sub(len);
             st.queued_messages = st.queued_messages.saturating_sub(messages);
-            if st.high && self.backlog(&st) < self.exchange.config().low_water {
-                st.high = false;
-                true
-            } else {
-                false
-            }
+            let backlog = self.backlog(&st);
+            st.marks.on_written(
+                backlog,
+                self.exchange.config().low_water,
+                self.exchange.wants_drain_news(),
+            )
         };
         self.touch();
-        if drained {
-            self.mailbox.push(ToPerl::Drained { id: self.id });
+        if let Some(news) = drained {
+            self.mailbox.push(ToPerl::Drained {
+                id: self.id,
+                settles_wait: news.settles_wait,
+            });
         }
     }
 
@@ -946,7 +952,7 @@ mod tests {
         ws.accept(None, &[]).unwrap();
         // The test exchange's marks: high 10, low 4.
         assert_eq!(ws.send(false, b"123456"), Ok(SendOutcome::Ready));
-        assert_eq!(ws.send(false, b"123456"), Ok(SendOutcome::HighWater));
+        assert_eq!(ws.send(false, b"123456"), Ok(SendOutcome::ReachedHigh));
         assert_eq!(ws.send(false, b"1"), Ok(SendOutcome::StillHigh));
         assert_eq!(ws.buffered_amount(), 13);
         ws.sent(1, 6);
@@ -1066,7 +1072,7 @@ mod tests {
         let (ws, _head) = session_costing_messages();
         ws.accept(None, &[]).unwrap();
         // The test exchange's marks: high 10, low 4.  An empty message costs
-        // 64: the send waits, as one of 10 bytes would.
+        // 64, over twice the mark: the send waits, as one of 20 bytes would.
         assert_eq!(ws.send(false, b""), Ok(SendOutcome::HighWater));
         assert_eq!(ws.buffered_amount(), 0, "buffered_amount is the payload");
         ws.sent(1, 0);

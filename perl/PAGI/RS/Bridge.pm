@@ -141,7 +141,7 @@ sub _dispatch_messages {
         }
         elsif ( $kind == MSG_DRAINED ) {
             my $r = $REQUESTS{ $m[1] };
-            $r->_on_drained if $r;
+            $r->_on_drained( $m[2] ) if $r;
         }
         elsif ( $kind == MSG_SEND_DONE ) {
             my $r = $REQUESTS{ $m[1] };

@@ -511,17 +511,25 @@ sub _send_perl_handle {
                 $self->_response_complete if $rc != CLOSED;
                 return $DONE;
             }
-            return $self->_wait_drain($rc)->then($loop) if $rc != SENT;
+            next if $rc == SENT;
+            if ( $rc == REACHED_HIGH ) {
+                $self->_fire_high if $self->[ON_HIGH];
+                next;
+            }
+            return $self->_wait_drain($rc)->then($loop);
         }
     };
     my $f = $loop->();
     return $f->on_ready( sub { undef $loop } );
 }
 
+# REACHED_HIGH: the send found room and was taken, but filled the buffer
+# (on_high_water fires; nothing waits).  HIGH_WATER and STILL_HIGH: it
+# found the buffer full, and resolves once the buffer drains.
 sub _wait_drain {
     my ( $self, $rc ) = @_;
-    $self->_fire_high if $rc == HIGH_WATER && $self->[ON_HIGH];
-    return $DONE unless $self->[CONNECTED];
+    $self->_fire_high if $rc != STILL_HIGH && $self->[ON_HIGH];
+    return $DONE if $rc == REACHED_HIGH || !$self->[CONNECTED];
     return $self->[SEND_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 

@@ -23,19 +23,24 @@ sub on_high_water {
     return;
 }
 
+# The core reports drains only when a send waits for one, or when asked:
+# a streaming app without callbacks costs no message per crossing.
 sub on_drain {
     my ( $self, $cb ) = @_;
+    PAGI::RS::_query( $self->[ID], Q_WANT_DRAIN ) unless $self->[ON_DRAIN];
     push @{ $self->[ON_DRAIN] }, $cb;
     return;
 }
 
 # The core says the buffer fell below the low mark after reaching the high
-# one.  Callbacks first: resolving the send resumes the app, which may push
-# past the high mark again before a late on_drain would run.
+# one; $settles_wait: a send waited for this drain (without, the news is
+# for on_drain only, and a send that began waiting since is not resolved).
+# Callbacks first: resolving the send resumes the app, which may push past
+# the high mark again before a late on_drain would run.
 sub _on_drained {
-    my ($self) = @_;
+    my ( $self, $settles_wait ) = @_;
     $self->_fire_drain if $self->[ON_DRAIN];
-    $self->_send_waited;
+    $self->_send_waited if $settles_wait;
     return;
 }
 

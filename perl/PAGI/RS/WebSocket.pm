@@ -192,10 +192,11 @@ sub _terminal {
     return 1;
 }
 
+# As HTTP.pm's: REACHED_HIGH was taken and waits for nothing.
 sub _wait_drain {
     my ( $self, $rc ) = @_;
-    $self->_fire_high if $rc == HIGH_WATER && $self->[ON_HIGH];
-    return $DONE unless $self->[CONNECTED];
+    $self->_fire_high if $rc != STILL_HIGH && $self->[ON_HIGH];
+    return $DONE if $rc == REACHED_HIGH || !$self->[CONNECTED];
     my $wait = $self->[SEND_WAIT];
     return $wait if $wait && !$wait->is_ready;
     return $self->[SEND_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);

@@ -138,6 +138,10 @@ XS(xs_sender)
      * the scope open goes to Perl, which brings its facts up to date. */
     if (rc == CODE_CLOSED && slot_true(aTHX_ req, SLOT_CONNECTED))
         rc = CODE_CLOSED_UNSEEN;
+    /* Taken, and it filled the buffer: only on_high_water callbacks need
+     * the Perl half; without any it is a plain send. */
+    if (rc == CODE_REACHED_HIGH && !slot_true(aTHX_ req, SLOT_ON_HIGH))
+        rc = CODE_SENT;
     if (rc == CODE_SENT || rc == CODE_CLOSED) {
         switch (kind) {
         case SEND_KIND_START:
