@@ -230,6 +230,7 @@ void signal_target_remove(PerlInterpreter *my_perl);
 
 /* ---- XS subs, registered by xs_init (lifecycle.c) ---------------------- */
 XS(xs_pending_new);      /* pending.c */
+SV *pending_new_on_bridge_loop(pTHX);
 XS(xs_pending_clone);
 XS(xs_pending_done);
 XS(xs_pending_on_ready);

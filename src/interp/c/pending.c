@@ -107,6 +107,24 @@ static SV *build(pTHX_ SV *loop)
     return sv_bless(sv_2mortal(newRV_noinc((SV *)hv)), P.stash);
 }
 
+/* A pending Future on the bridge's loop for send.c's drain wait, as
+ * PAGI::RS::Pending->new would make it; NULL when only the Perl version
+ * may make one (setup() did not install the C methods, or
+ * $Future::TIMES is on). */
+SV *pending_new_on_bridge_loop(pTHX)
+{
+    SV *loop;
+    if (P.owner != aTHX) {
+        if (!get_cv("PAGI::RS::Pending::_perl_new", 0))
+            return NULL;
+        load_state(aTHX);
+    }
+    loop = get_sv("PAGI::RS::Bridge::LOOP", 0);
+    if (!loop || future_times(aTHX))
+        return NULL;
+    return build(aTHX_ loop);
+}
+
 /* PAGI::RS::Pending->new($loop) */
 XS(xs_pending_new)
 {

@@ -147,6 +147,48 @@ static SV *new_request(pTHX_ interp_lookups *L, const pagi_msg *m, int kind, SV 
  *   others:  (kind, id, num0, num1, num2, num3, headers_or_undef, strings...)
  * or nothing once the inbox is empty. */
 
+/* A DRAINED message for an http request with no on_drain callbacks:
+ * Transport.pm's _on_drained, here instead of through Bridge.pm's dispatch
+ * (about 50 Perl ops per drain; a streamed response has one per body send
+ * that waited).  Returns 0 when it must go to Perl: another scope type,
+ * on_drain callbacks, or a wait that is not a plain pending Future. */
+static int settle_drain(pTHX_ interp_lookups *L, const pagi_msg *m)
+{
+    char buf[REGISTRY_KEY_SIZE];
+    const char *key;
+    int klen = registry_key(buf, m->id, &key);
+    SV **entry = hv_fetch(GvHVn(L->requests_gv), key, klen, 0);
+    AV *req;
+    SV *wait, **busy, **ready;
+    if (!entry)
+        return 1; /* Perl forgot the request: nothing waits. */
+    if (!SvROK(*entry) || SvTYPE(SvRV(*entry)) != SVt_PVAV || SvSTASH(SvRV(*entry)) != L->http_stash)
+        return 0;
+    req = (AV *)SvRV(*entry);
+    if (slot_true(aTHX_ req, SLOT_ON_DRAIN))
+        return 0;
+    if (!m->num[0] || !slot_defined(aTHX_ req, SLOT_SEND_WAIT))
+        return 1; /* News for on_drain only, and there is none. */
+    wait = *av_fetch(req, SLOT_SEND_WAIT, 0);
+    if (!SvROK(wait) || SvTYPE(SvRV(wait)) != SVt_PVHV)
+        return 0;
+    /* Own it before the slots let go: resolving it may free the request. */
+    wait = sv_2mortal(newSVsv(wait));
+    av_store(req, SLOT_SEND_WAIT, newSV(0));
+    busy = av_fetch(req, SLOT_SEND_BUSY, 0);
+    if (busy && SvROK(*busy) && SvRV(*busy) == SvRV(wait))
+        av_store(req, SLOT_SEND_BUSY, newSV(0));
+    ready = hv_fetchs((HV *)SvRV(wait), "ready", 0);
+    if (!ready || !SvTRUE(*ready)) {
+        dSP;
+        PUSHMARK(SP);
+        XPUSHs(wait);
+        PUTBACK;
+        call_method("done", G_DISCARD | G_VOID);
+    }
+    return 1;
+}
+
 XS(xs_next_message)
 {
     dXSARGS;
@@ -165,9 +207,22 @@ XS(xs_next_message)
             XSRETURN_EMPTY;
         }
         turn_begins();
+        L = the_lookups(aTHX);
+        if (m.kind == PAGI_MSG_DRAINED) {
+            int settled;
+            ENTER;
+            SAVETMPS;
+            PUTBACK;
+            settled = settle_drain(aTHX_ L, &m);
+            SPAGAIN;
+            FREETMPS;
+            LEAVE;
+            if (settled)
+                continue;
+            break;
+        }
         if (m.kind != PAGI_MSG_REQUEST)
             break;
-        L = the_lookups(aTHX);
         kind = (int)m.num[3];
         self = new_request(aTHX_ L, &m, kind, &scope, &send);
         if (kind != SCOPE_HTTP) {

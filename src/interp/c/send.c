@@ -142,6 +142,21 @@ XS(xs_sender)
      * the Perl half; without any it is a plain send. */
     if (rc == CODE_REACHED_HIGH && !slot_true(aTHX_ req, SLOT_ON_HIGH))
         rc = CODE_SENT;
+    if (is_http && kind == SEND_KIND_BODY_MORE &&
+        (rc == CODE_STILL_HIGH || (rc == CODE_HIGH_WATER && !slot_true(aTHX_ req, SLOT_ON_HIGH))) &&
+        slot_true(aTHX_ req, SLOT_CONNECTED)) {
+        /* A body send that found the buffer full waits for the drain: what
+         * HTTP.pm's _wait_drain and _in_flight do for it, without the Perl
+         * half (about 70 ops per wait).  The app holds the wait itself;
+         * Transport.pm's _send_waited frees both slots and resolves it. */
+        SV *wait = pending_new_on_bridge_loop(aTHX);
+        if (wait) {
+            av_store(req, SLOT_SEND_WAIT, newSVsv(wait));
+            av_store(req, SLOT_SEND_BUSY, newSVsv(wait));
+            ST(0) = wait;
+            XSRETURN(1);
+        }
+    }
     if (rc == CODE_SENT || rc == CODE_CLOSED) {
         switch (kind) {
         case SEND_KIND_START:
