@@ -189,6 +189,77 @@ static int settle_drain(pTHX_ interp_lookups *L, const pagi_msg *m)
     return 1;
 }
 
+/* The pending Future in `slot` of `req`: 1 with *wait set when it is a
+ * plain pending one (a hash whose `ready` is false), 1 with *wait NULL when
+ * the slot holds nothing pending, 0 when it holds something C does not
+ * know (Perl's half decides). */
+static int pending_in_slot(pTHX_ AV *req, SSize_t slot, SV **wait)
+{
+    SV **v = av_fetch(req, slot, 0);
+    SV **ready;
+    *wait = NULL;
+    if (!v || !SvOK(*v))
+        return 1;
+    if (!SvROK(*v) || SvTYPE(SvRV(*v)) != SVt_PVHV)
+        return 0;
+    ready = hv_fetchs((HV *)SvRV(*v), "ready", 0);
+    if (!ready || !SvTRUE(*ready))
+        *wait = *v;
+    return 1;
+}
+
+/* A BODY message for an http request: HTTP.pm's _on_body, here instead of
+ * through Bridge.pm's dispatch (about 60 Perl ops per request-body
+ * chunk).  The chunk resolves the receive waiting for it, or is queued for
+ * the next one.  Returns 0 when it must go to Perl. */
+static int deliver_body(pTHX_ interp_lookups *L, const pagi_msg *m)
+{
+    char buf[REGISTRY_KEY_SIZE];
+    const char *key;
+    int klen = registry_key(buf, m->id, &key);
+    SV **entry = hv_fetch(GvHVn(L->requests_gv), key, klen, 0);
+    int more = m->num[0] != 0;
+    AV *req;
+    HV *ev;
+    SV *evref, *wait, **queue;
+    if (!entry)
+        return 1; /* Perl forgot the request: nobody will read it. */
+    if (!SvROK(*entry) || SvTYPE(SvRV(*entry)) != SVt_PVAV || SvSTASH(SvRV(*entry)) != L->http_stash)
+        return 0;
+    req = (AV *)SvRV(*entry);
+    if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait))
+        return 0;
+    queue = av_fetch(req, SLOT_QUEUE, 0);
+    if (!wait && queue && SvOK(*queue) && !(SvROK(*queue) && SvTYPE(SvRV(*queue)) == SVt_PVAV))
+        return 0;
+    ev = newHV();
+    (void)hv_stores(ev, "type", newSVpvs("http.request"));
+    (void)hv_stores(ev, "body", bytes_sv(aTHX_ m->str[0], 0));
+    (void)hv_stores(ev, "more", newSViv(more));
+    evref = sv_2mortal(newRV_noinc((SV *)ev));
+    if (!more)
+        av_store(req, SLOT_BODY, newSViv(BODY_DONE));
+    if (wait) {
+        dSP;
+        /* Own it before the slot lets go: resolving it may free the request. */
+        wait = sv_2mortal(newSVsv(wait));
+        av_store(req, SLOT_RECV_WAIT, newSV(0));
+        if (more)
+            pagi_rs_want_body(m->id);
+        PUSHMARK(SP);
+        EXTEND(SP, 2);
+        PUSHs(wait);
+        PUSHs(evref);
+        PUTBACK;
+        call_method("done", G_DISCARD | G_VOID);
+        return 1;
+    }
+    if (!queue || !SvOK(*queue))
+        av_store(req, SLOT_QUEUE, newRV_noinc((SV *)newAV()));
+    av_push((AV *)SvRV(*av_fetch(req, SLOT_QUEUE, 0)), newSVsv(evref));
+    return 1;
+}
+
 XS(xs_next_message)
 {
     dXSARGS;
@@ -208,16 +279,18 @@ XS(xs_next_message)
         }
         turn_begins();
         L = the_lookups(aTHX);
-        if (m.kind == PAGI_MSG_DRAINED) {
-            int settled;
+        if (m.kind == PAGI_MSG_DRAINED || m.kind == PAGI_MSG_BODY) {
+            /* The two messages a streamed body brings per chunk, handled
+             * here for http scopes; anything else goes to Bridge.pm. */
+            int handled;
             ENTER;
             SAVETMPS;
             PUTBACK;
-            settled = settle_drain(aTHX_ L, &m);
+            handled = m.kind == PAGI_MSG_DRAINED ? settle_drain(aTHX_ L, &m) : deliver_body(aTHX_ L, &m);
             SPAGAIN;
             FREETMPS;
             LEAVE;
-            if (settled)
+            if (handled)
                 continue;
             break;
         }
