@@ -148,7 +148,8 @@ XS(xs_sender)
         /* A body send that found the buffer full waits for the drain: what
          * HTTP.pm's _wait_drain and _in_flight do for it, without the Perl
          * half (about 70 ops per wait).  The app holds the wait itself;
-         * Transport.pm's _send_waited frees both slots and resolves it. */
+         * on the drain, request.c's settle_drain (or Transport.pm's
+         * _send_waited) frees both slots and resolves it. */
         SV *wait = pending_new_on_bridge_loop(aTHX);
         if (wait) {
             av_store(req, SLOT_SEND_WAIT, newSVsv(wait));
