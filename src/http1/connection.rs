@@ -29,15 +29,52 @@ use crate::websocket::handshake::{self, Carrier, Handshake};
 
 /// hyper's HTTP/1.1 server as configured by the options.
 pub fn builder(server: &Server) -> http1::Builder {
+    configure(&Http1Limits {
+        max_header_size: server.max_header_size,
+        max_header_count: server.max_header_count,
+        keepalive_timeout: server.keepalive_timeout,
+        write_buffer_size: server.exchange_config.write_buffer_size,
+    })
+}
+
+/// What [`configure`] needs of the options.
+pub(crate) struct Http1Limits {
+    pub max_header_size: usize,
+    pub max_header_count: usize,
+    pub keepalive_timeout: Option<std::time::Duration>,
+    /// `--write-buffer-size`: the largest body frame the exchange queues.
+    pub write_buffer_size: usize,
+}
+
+/// How many body frames of `--write-buffer-size` hyper may hold for one
+/// write.  hyper polls the body for frames until its write buffer is full
+/// or none is ready, then writes what it holds in one `writev`; at one
+/// frame (a 64 KiB buffer against 64 KiB frames), every frame was a write
+/// of its own even when the app had already queued the next.  Four let the
+/// frames an app queued while the last write ran leave together: about a
+/// tenth more for a streamed 1 MiB response (`bench/README.md`, body-bench).
+const FRAMES_PER_WRITE: usize = 4;
+
+fn configure(limits: &Http1Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
     // The gate enforces the head limits (414/431) before hyper parses;
     // hyper's own limits sit above them as a backstop.
-    let head_allowance = server.max_header_size + gate::MAX_REQUEST_LINE + 1024;
+    let head_allowance = limits.max_header_size + gate::MAX_REQUEST_LINE + 1024;
+    // One figure caps both of hyper's buffers: the write buffer above, and
+    // the read buffer a request body is read into (the gate hands it the
+    // body bytes directly; heads never reach it unchecked).
+    // The read side is why it is bounded: hyper grows that buffer to the
+    // cap while reads fill it.
+    let frames = limits
+        .write_buffer_size
+        .saturating_mul(FRAMES_PER_WRITE)
+        .clamp(64 * 1024, 1024 * 1024);
+    let buffer_cap = head_allowance.max(frames);
     b.timer(TokioTimer::new())
-        .header_read_timeout(server.keepalive_timeout)
-        .max_headers(server.max_header_count + 2)
+        .header_read_timeout(limits.keepalive_timeout)
+        .max_headers(limits.max_header_count + 2)
         .max_header_size(head_allowance)
-        .max_buf_size(head_allowance.max(64 * 1024))
+        .max_buf_size(buffer_cap)
         .keep_alive(true);
     b
 }
@@ -246,5 +283,166 @@ impl Body for AnsweredBody {
 impl Drop for AnsweredBody {
     fn drop(&mut self) {
         self.answers.response_finished();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+    use std::io;
+
+    /// A client that sends one request and keeps every write hyper makes.
+    /// Vectored like a TCP socket, so hyper queues body frames rather than
+    /// copying them.
+    struct RecordingIo {
+        request: io::Cursor<Vec<u8>>,
+        written: Vec<u8>,
+        writes: usize,
+    }
+
+    impl AsyncRead for RecordingIo {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            let this = &mut *self;
+            let _ = std::io::Read::read(&mut this.request, buf.initialize_unfilled())
+                .map(|n| buf.advance(n));
+            if buf.filled().len() == before {
+                // The client waits for its answer; Connection: close ends it.
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for RecordingIo {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                self.written.extend_from_slice(b);
+                n += b.len();
+            }
+            if n > 0 {
+                self.writes += 1;
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A response body whose frames are all queued already, as when an app
+    /// sent them while the previous write ran.
+    struct QueuedFrames(VecDeque<Bytes>);
+
+    impl Body for QueuedFrames {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn limits(write_buffer_size: usize) -> Http1Limits {
+        Http1Limits {
+            max_header_size: 8192,
+            max_header_count: 100,
+            keepalive_timeout: None,
+            write_buffer_size,
+        }
+    }
+
+    /// Serves one request whose response is `frames` queued frames of
+    /// `frame` bytes; returns how many writes carried it and what arrived.
+    async fn writes_for(limits: &Http1Limits, frames: usize, frame: usize) -> (usize, Vec<u8>) {
+        let io = RecordingIo {
+            request: io::Cursor::new(
+                b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n".to_vec(),
+            ),
+            written: Vec::new(),
+            writes: 0,
+        };
+        let mut io = TokioIo::new(io);
+        let service = service_fn(move |_req: Request<Incoming>| async move {
+            let body = QueuedFrames(
+                (0..frames)
+                    .map(|_| Bytes::from(vec![b'x'; frame]))
+                    .collect(),
+            );
+            Ok::<_, Infallible>(Response::new(body))
+        });
+        configure(limits)
+            .serve_connection(&mut io, service)
+            .await
+            .expect("the connection ends cleanly");
+        let io = io.into_inner();
+        (io.writes, io.written)
+    }
+
+    #[tokio::test]
+    async fn frames_already_queued_leave_in_one_write() {
+        let frame = 64 * 1024;
+        let (writes, wire) = writes_for(&limits(frame), 4, frame).await;
+        let end = wire
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head")
+            + 4;
+        let body = &wire[end..];
+        // Chunked: each frame is a chunk of its own; all the payload arrives.
+        assert_eq!(body.iter().filter(|&&b| b == b'x').count(), 4 * frame);
+        assert!(body.ends_with(b"0\r\n\r\n"), "the body is terminated");
+        assert!(
+            writes <= 2,
+            "4 frames of 64 KiB, queued together, took {writes} writes"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_buffer_cap_follows_the_frame_size_within_bounds() {
+        // Small frames: the cap stays at 64 KiB, so 16 frames of 16 KiB
+        // still leave together; the write count shows where the cap is.
+        let (writes, _) = writes_for(&limits(16 * 1024), 16, 16 * 1024).await;
+        assert!(
+            writes >= 4,
+            "16 frames of 16 KiB under a 64 KiB cap took {writes} writes"
+        );
+        // Huge frames do not make the read buffer unbounded: 1 MiB at most.
+        let (writes, _) = writes_for(&limits(64 << 20), 4, 512 * 1024).await;
+        assert!(
+            writes >= 2,
+            "2 MiB of frames under a 1 MiB cap took {writes} writes"
+        );
     }
 }
