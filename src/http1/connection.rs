@@ -61,10 +61,10 @@ fn configure(limits: &Http1Limits) -> http1::Builder {
     // hyper's own limits sit above them as a backstop.
     let head_allowance = limits.max_header_size + gate::MAX_REQUEST_LINE + 1024;
     // One figure caps both of hyper's buffers: the write buffer above, and
-    // the read buffer a request body is read into (the gate hands it the
-    // body bytes directly; heads never reach it unchecked).
-    // The read side is why it is bounded: hyper grows that buffer to the
-    // cap while reads fill it.
+    // the read buffer a request body is read into.  The gate hands hyper
+    // body bytes 64 KiB at a time (gate::MAX_BODY_READ), so the read
+    // buffer grows no further than those reads need; the clamp bounds the
+    // rest.
     let frames = limits
         .write_buffer_size
         .saturating_mul(FRAMES_PER_WRITE)

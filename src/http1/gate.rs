@@ -70,6 +70,13 @@ const MAX_CHUNK_EXTENSIONS: u64 = 16 * 1024;
 /// Most bytes read ahead of hyper in one go.
 const MAX_READ_AHEAD: usize = 64 * 1024;
 
+/// Most body bytes read straight into hyper's buffer at once.  hyper's
+/// buffers are sized for its writes (http1/connection.rs); larger reads
+/// would not make uploads faster, but would teach the kernel (whose receive
+/// buffer grows with what each read takes) to hold more of a body that a
+/// slow app is not reading.
+const MAX_BODY_READ: usize = 64 * 1024;
+
 /// Bytes held after an Upgrade request while its answer is pending; beyond
 /// this the socket is not read until the answer is known.
 const MAX_HELD_AFTER_UPGRADE: usize = 64 * 1024;
@@ -1021,10 +1028,10 @@ impl<S: AsyncRead + Unpin> Gate<S> {
     }
 
     /// Body bytes of known length need no checks: read them straight into
-    /// hyper's buffer, up to what is left of the body, instead of through
-    /// `raw` and `out`.  That spares a copy of every byte, and hyper's
-    /// buffer, which grows with the stream, makes the reads larger than
-    /// the gate's own (8 KiB).  `None` when the socket reached its end:
+    /// hyper's buffer, up to what is left of the body (and
+    /// [`MAX_BODY_READ`]), instead of through `raw` and `out`.  That spares
+    /// a copy of every byte, and hyper's buffer, which grows with the
+    /// stream, makes the reads larger than the gate's own (8 KiB).  `None` when the socket reached its end:
     /// the caller goes on as after any end of stream.
     fn read_body_through(
         &mut self,
@@ -1034,7 +1041,8 @@ impl<S: AsyncRead + Unpin> Gate<S> {
     ) -> Option<Poll<io::Result<()>>> {
         let limit = usize::try_from(remaining)
             .unwrap_or(usize::MAX)
-            .min(buf.remaining());
+            .min(buf.remaining())
+            .min(MAX_BODY_READ);
         if limit == 0 {
             // No room: an empty read here would look like the end of stream.
             return Some(Poll::Ready(Ok(())));
@@ -1861,8 +1869,12 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
 
     /// Read what hyper would see through a gate over a real stream, with
     /// read buffers of the sizes in `reads` (in turn), until the gate has
-    /// nothing more to give for a while.
-    async fn read_through_gate(input: Vec<u8>, piece: usize, reads: &[usize]) -> Vec<u8> {
+    /// nothing more to give for a while.  Also returns each read's length.
+    async fn read_through_gate(
+        input: Vec<u8>,
+        piece: usize,
+        reads: &[usize],
+    ) -> (Vec<u8>, Vec<usize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let limits = Limits {
             max_body: 0,
@@ -1879,18 +1891,46 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
         });
         let mut gate = Gate::new(server, limits, Arc::default(), Arc::default());
         let mut seen = Vec::new();
+        let mut lengths = Vec::new();
         for &size in reads.iter().cycle() {
             let mut buf = vec![0u8; size];
             let read =
                 tokio::time::timeout(std::time::Duration::from_millis(300), gate.read(&mut buf));
             match read.await {
                 Ok(Ok(0)) | Err(_) => break,
-                Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+                Ok(Ok(n)) => {
+                    seen.extend_from_slice(&buf[..n]);
+                    lengths.push(n);
+                }
                 Ok(Err(e)) => panic!("read failed: {e}"),
             }
         }
         drop(writer.await);
-        seen
+        (seen, lengths)
+    }
+
+    #[tokio::test]
+    async fn a_body_read_straight_through_takes_at_most_max_body_read_at_once() {
+        let body = vec![b'u'; 200_000];
+        let mut input = format!(
+            "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        let head_len = input.len();
+        input.extend_from_slice(&body);
+        let (seen, lengths) = read_through_gate(input.clone(), input.len(), &[400_000]).await;
+        assert_eq!(seen, input, "every byte arrives, in order");
+        // The head comes out of the gate's own buffer; the body after it.
+        let mut body_reads = lengths.iter().scan(0, |at, &n| {
+            *at += n;
+            Some((*at, n))
+        });
+        assert!(
+            body_reads.all(|(end, n)| end <= head_len || n <= MAX_BODY_READ),
+            "reads of {lengths:?} into buffers of 400 KB"
+        );
+        assert!(lengths.len() >= 4, "200 KB of body in {lengths:?}");
     }
 
     #[tokio::test]
@@ -1922,7 +1962,7 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
             (70_000, &[400_000][..]),
             (1, &[8192][..]),
         ] {
-            let seen = read_through_gate(input.clone(), piece, reads).await;
+            let (seen, _) = read_through_gate(input.clone(), piece, reads).await;
             assert!(
                 seen.len() > expected_len,
                 "piece {piece}: {} bytes",
