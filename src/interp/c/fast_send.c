@@ -5,12 +5,6 @@
  */
 #include "glue.h"
 
-static SV *hv_value(pTHX_ HV *hv, SV *key)
-{
-    HE *he = hv_fetch_ent(hv, key, 0, 0);
-    return he ? HeVAL(he) : NULL;
-}
-
 /* Send an http.response.start or a byte body straight to the core.
  * Returns the core's code (>= 0) with *kind saying what was sent
  * (SEND_KIND_*, for the caller's bookkeeping), -1 with

@@ -75,6 +75,13 @@ static inline int slot_defined(pTHX_ AV *req, SSize_t slot)
     return v && SvOK(*v);
 }
 
+/* The value under `key` (a shared key with its hash, KEY()), or NULL. */
+static inline SV *hv_value(pTHX_ HV *hv, SV *key)
+{
+    HE *he = hv_fetch_ent(hv, key, 0, 0);
+    return he ? HeVAL(he) : NULL;
+}
+
 /* opcount.c: the diagnostic op-counting run loop (PAGI_RS_COUNT_OPS). */
 void pagi_opcount_install(pTHX);
 void pagi_opcount_report(pTHX);
@@ -231,6 +238,8 @@ void signal_target_remove(PerlInterpreter *my_perl);
 /* ---- XS subs, registered by xs_init (lifecycle.c) ---------------------- */
 XS(xs_pending_new);      /* pending.c */
 SV *pending_new_on_bridge_loop(pTHX);
+void pending_settle_fresh(pTHX_ SV *f, SV *value);
+int pending_in_slot(pTHX_ AV *req, SSize_t slot, SV **wait);
 XS(xs_pending_clone);
 XS(xs_pending_done);
 XS(xs_pending_on_ready);

@@ -125,6 +125,19 @@ SV *pending_new_on_bridge_loop(pTHX)
     return build(aTHX_ loop);
 }
 
+/* Settle `f`, fresh from pending_new_on_bridge_loop and seen by nobody
+ * yet (so no callbacks), as done(value) would; takes the reference to
+ * `value`.  A receive that finds its event already queued returns it. */
+void pending_settle_fresh(pTHX_ SV *f, SV *value)
+{
+    HV *hv = (HV *)SvRV(f);
+    AV *result = newAV();
+    av_push(result, value);
+    (void)hv_stores(hv, "result", newRV_noinc((SV *)result));
+    (void)hv_stores(hv, "ready", newSViv(1));
+    (void)hv_deletes(hv, "callbacks", G_DISCARD);
+}
+
 /* PAGI::RS::Pending->new($loop) */
 XS(xs_pending_new)
 {

@@ -193,7 +193,7 @@ static int settle_drain(pTHX_ interp_lookups *L, const pagi_msg *m)
  * plain pending one (a hash whose `ready` is false), 1 with *wait NULL when
  * the slot holds nothing pending, 0 when it holds something C does not
  * know (Perl's half decides). */
-static int pending_in_slot(pTHX_ AV *req, SSize_t slot, SV **wait)
+int pending_in_slot(pTHX_ AV *req, SSize_t slot, SV **wait)
 {
     SV **v = av_fetch(req, slot, 0);
     SV **ready;
