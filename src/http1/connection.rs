@@ -289,7 +289,6 @@ impl Drop for AnsweredBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::VecDeque;
     use std::convert::Infallible;
     use std::io;
 
@@ -358,22 +357,6 @@ mod tests {
         }
     }
 
-    /// A response body whose frames are all queued already, as when an app
-    /// sent them while the previous write ran.
-    struct QueuedFrames(VecDeque<Bytes>);
-
-    impl Body for QueuedFrames {
-        type Data = Bytes;
-        type Error = Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
-        }
-    }
-
     fn limits(write_buffer_size: usize) -> Http1Limits {
         Http1Limits {
             max_header_size: 8192,
@@ -395,11 +378,11 @@ mod tests {
         };
         let mut io = TokioIo::new(io);
         let service = service_fn(move |_req: Request<Incoming>| async move {
-            let body = QueuedFrames(
-                (0..frames)
-                    .map(|_| Bytes::from(vec![b'x'; frame]))
-                    .collect(),
-            );
+            // Every frame ready at once, as when an app queued them while
+            // the previous write ran.
+            let queued = (0..frames)
+                .map(move |_| Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; frame]))));
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(queued));
             Ok::<_, Infallible>(Response::new(body))
         });
         configure(limits)
