@@ -114,14 +114,23 @@ sub new {
     my %chrome = ( args => $self->{args} );
     my $bin = chromium_path();
     $chrome{binary} = $bin if $bin;
-    my $res = eval {
-        $self->_call(
-            POST => '/session',
-            { capabilities => { alwaysMatch => { browserName => 'chrome', 'goog:chromeOptions' => \%chrome } } },
-        );
-    };
+    # Chromium's first launch on a fresh machine (CI) builds its caches and
+    # profile, and under a parallel test run it once took longer than one
+    # call's timeout: the session gets three times as long, and a second
+    # try, which finds the caches warm.
+    my ( $res, $err );
+    for my $attempt ( 1 .. 2 ) {
+        local $self->{http} = HTTP::Tiny->new( timeout => 3 * $self->{timeout}, agent => 'pagi-rs-tests' );
+        $res = eval {
+            $self->_call(
+                POST => '/session',
+                { capabilities => { alwaysMatch => { browserName => 'chrome', 'goog:chromeOptions' => \%chrome } } },
+            );
+        };
+        last if $res;
+        $err = $@;
+    }
     if ( !$res ) {
-        my $err = $@;
         $self->_stop_driver;
         croak "PagiRS::Browser: could not start Chromium: $err\nchromedriver log:\n" . $self->driver_log;
     }
