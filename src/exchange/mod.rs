@@ -310,7 +310,7 @@ impl Exchange {
     /// that the chunk cannot overtake the Disconnect message of an end
     /// recorded meanwhile: an end recorded first drops it, one recorded
     /// after queues its message behind it.
-    pub fn deliver_body(&self, data: Bytes, more: bool) -> bool {
+    pub fn deliver_body(&self, data: crate::body::BodyChunk, more: bool) -> bool {
         let st = self.lock();
         if st.delivered || st.disconnected.is_some() {
             return false;
@@ -424,11 +424,11 @@ pub(crate) mod tests {
     #[test]
     fn a_body_chunk_never_follows_the_disconnect() {
         let (ex, _rx) = exchange(false);
-        assert!(ex.deliver_body(Bytes::from_static(b"one"), true));
+        assert!(ex.deliver_body(Bytes::from_static(b"one").into(), true));
         assert_eq!(ex.bodies_in_mailbox(), 1);
         ex.network_gone("client_closed", None);
         assert!(
-            !ex.deliver_body(Bytes::from_static(b"two"), false),
+            !ex.deliver_body(Bytes::from_static(b"two").into(), false),
             "a chunk offered after the end is dropped"
         );
         let mut q = VecDeque::new();

@@ -55,6 +55,8 @@ pub struct WorkerCtx {
     /// The message last handed to Perl; its data backs the pointers in PagiMsg.
     current: Option<ToPerl>,
     header_buf: Vec<PagiStr>,
+    /// A BODY message's pieces, pointed at by PagiMsg like `header_buf`.
+    piece_buf: Vec<PagiStr>,
     /// A TLS request's extension and its certificate chain, pointed at by
     /// PagiMsg like `header_buf`; the strings are the current message's.
     tls_buf: Box<PagiTls>,
@@ -85,6 +87,7 @@ pub fn install(
             inbox: VecDeque::new(),
             current: None,
             header_buf: Vec::new(),
+            piece_buf: Vec::new(),
             tls_buf: Box::new(PagiTls::NONE),
             tls_chain_buf: Vec::new(),
             exchanges: ExchangeMap::default(),
@@ -299,8 +302,11 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.kind = kind::BODY;
                 m.id = *id;
                 m.num[0] = i64::from(*more);
-                m.str[0] = PagiStr::from_bytes(data);
-                m.nstr = 1;
+                ctx.piece_buf.clear();
+                ctx.piece_buf
+                    .extend(data.pieces().iter().map(|p| PagiStr::from_bytes(p)));
+                m.pieces = ctx.piece_buf.as_ptr();
+                m.npieces = ctx.piece_buf.len();
             }
             ToPerl::Disconnect { id, reason, detail } => {
                 m.kind = kind::DISCONNECT;

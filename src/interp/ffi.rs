@@ -51,6 +51,9 @@ pub struct PagiMsg {
     pub has_headers: c_int,
     /// A request's `tls` extension; null on a cleartext connection.
     pub tls: *const PagiTls,
+    /// A BODY message's body: `npieces` strings, to be joined in order.
+    pub pieces: *const PagiStr,
+    pub npieces: usize,
 }
 
 /// The `tls` extension of a request's scope (PAGI::Spec::Tls), laid out for

@@ -29,10 +29,10 @@ pub enum ToPerl {
         id: u64,
         ending: crate::websocket::session::Ending,
     },
-    /// A chunk of request body (`http.request`).
+    /// A chunk of request body (`http.request`), in the pieces it was read in.
     Body {
         id: u64,
-        data: Bytes,
+        data: crate::body::BodyChunk,
         more: bool,
     },
     /// The request ended abnormally, with a standard reason string and

@@ -38,6 +38,30 @@ SV *bytes_sv(pTHX_ pagi_str s, int utf8)
     return sv;
 }
 
+/* A BODY message's body as one new string: the pieces the network read it
+ * in, copied one after another (the only copy the bytes get on their way
+ * into Perl).  Always defined: an empty body is "". */
+SV *body_sv(pTHX_ const pagi_msg *m)
+{
+    size_t i, total = 0;
+    SV *sv;
+    char *at;
+    for (i = 0; i < m->npieces; i++)
+        total += m->pieces[i].len;
+    sv = newSV(total + 1); /* room for the NUL Perl keeps after a string */
+    SvPOK_only(sv);
+    at = SvPVX(sv);
+    for (i = 0; i < m->npieces; i++) {
+        if (m->pieces[i].len) {
+            memcpy(at, m->pieces[i].ptr, m->pieces[i].len);
+            at += m->pieces[i].len;
+        }
+    }
+    *at = '\0';
+    SvCUR_set(sv, total);
+    return sv;
+}
+
 /* Flatten [[name, value], ...] into 2n pagi_str entries held in a mortal buffer.
  * Returns NULL and sets *why on a malformed list. */
 pagi_str *headers_from_sv(pTHX_ SV *sv, size_t *n_out, const char **why)

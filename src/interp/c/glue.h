@@ -59,6 +59,8 @@ typedef struct {
     size_t nheaders;
     int has_headers;
     const pagi_tls *tls; /* a request on a TLS connection; else NULL */
+    const pagi_str *pieces; /* a BODY message's body, to be joined in order */
+    size_t npieces;
 } pagi_msg;
 
 /* The per-request object (PAGI::RS::HTTP and its subclasses) is an array
@@ -136,6 +138,7 @@ int sv_to_bytes(pTHX_ SV *sv, pagi_str *out);
 int send_lent_body(pTHX_ uint64_t id, SV *body, int more, int *rc, pagi_str *err);
 void release_returned_loans(pTHX);
 SV *bytes_sv(pTHX_ pagi_str s, int utf8);
+SV *body_sv(pTHX_ const pagi_msg *m);
 pagi_str *headers_from_sv(pTHX_ SV *sv, size_t *n_out, const char **why);
 pagi_str text_arg(pTHX_ SV *sv, int *has);
 

@@ -234,7 +234,7 @@ static int deliver_body(pTHX_ interp_lookups *L, const pagi_msg *m)
         return 0;
     ev = newHV();
     (void)hv_stores(ev, "type", newSVpvs("http.request"));
-    (void)hv_stores(ev, "body", bytes_sv(aTHX_ m->str[0], 0));
+    (void)hv_stores(ev, "body", body_sv(aTHX_ m));
     (void)hv_stores(ev, "more", newSViv(more));
     evref = sv_2mortal(newRV_noinc((SV *)ev));
     if (!more)
@@ -320,7 +320,7 @@ XS(xs_next_message)
         FREETMPS;
         LEAVE;
     }
-    EXTEND(SP, 8 + (SSize_t)m.nstr);
+    EXTEND(SP, 9 + (SSize_t)m.nstr);
     mPUSHi(m.kind);
     mPUSHu((UV)m.id);
     for (i = 0; i < 4; i++)
@@ -329,6 +329,8 @@ XS(xs_next_message)
         mPUSHs(headers_av(aTHX_ & m));
     else
         PUSHs(&PL_sv_undef);
+    if (m.kind == PAGI_MSG_BODY)
+        mPUSHs(body_sv(aTHX_ & m));
     for (i = 0; i < m.nstr; i++) {
         if (m.str[i].ptr == NULL)
             PUSHs(&PL_sv_undef);
