@@ -76,8 +76,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Before any thread exists: these set environment variables.
+    // Before any thread exists: these set environment variables and
+    // Perl's allocator's limits.
     let (mode, mode_source) = process::resolve_env_mode(&opts);
+    interp::malloc::keep_freed_memory();
     // The error log takes stderr before anything else can be said there:
     // the app's load errors and warnings, bind errors, and all that follows.
     let error_log = opts

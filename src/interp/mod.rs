@@ -9,6 +9,7 @@ pub mod exports;
 pub mod ffi;
 pub mod lent;
 pub mod mailbox;
+pub mod malloc;
 pub mod messages;
 mod thread;
 
