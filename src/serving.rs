@@ -304,6 +304,7 @@ fn build_server(
         websocket: Arc::new(websocket::Settings {
             max_frame_size: (opts.max_ws_frame_size > 0).then_some(opts.max_ws_frame_size),
             max_message_size: opts.ws_message_limit(),
+            read_window: websocket::Settings::read_window(opts.read_buffer_size),
             idle_timeout: Options::timeout_opt(opts.ws_idle_timeout),
             close_timeout: Duration::from_secs(opts.ws_close_timeout),
             max_in_transit: opts.max_receive_queue.max(1),

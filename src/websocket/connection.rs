@@ -60,6 +60,7 @@ enum ReadEnd {
 pub async fn run(session: Arc<Session>, transport: Transport, shutdown: watch::Receiver<bool>) {
     let settings = &session.settings;
     let config = WebSocketConfig::default()
+        .read_buffer_size(settings.read_window)
         .max_frame_size(Some(settings.effective_frame_limit()))
         .max_message_size(Some(settings.effective_message_limit()));
     let socket = Socket::from_raw_socket(transport, Role::Server, Some(config)).await;

@@ -781,6 +781,7 @@ mod tests {
         let settings = Arc::new(Settings {
             max_frame_size: None,
             max_message_size: None,
+            read_window: crate::websocket::MAX_READ_WINDOW,
             idle_timeout: None,
             close_timeout: Duration::from_secs(1),
             max_in_transit: 2,
