@@ -4,6 +4,7 @@ use Test::More;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
+use PagiRS::WS;
 
 # PAGI_RS_COUNT_OPS=1 (what bench/bin/cost-per-request uses): the
 # interpreter counts the Perl ops it runs and prints them by op type, by
@@ -53,6 +54,47 @@ ok defined $before && defined $after, "the app's loop statement is among the bus
 # 500 iterations of an add and an iteration per request: each request adds
 # at least 1,000 ops to that statement.
 cmp_ok $after - $before, '>=', 10 * 1000, "ten more requests add at least 10,000 ops to it ($before -> $after)";
+
+# A WebSocket message that a receive waits for is handed to the app from C
+# (websocket.c, request.c): WebSocket.pm runs no Perl for it.  Before, its
+# _on_message and _receive ran about 80 ops per message (and Bridge.pm's
+# dispatch about 30 more).
+my $ws_app = write_app( <<'PERL', 'op_count_ws_app.pl' );
+use strict; use warnings; use Future::AsyncAwait;
+async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} ne 'websocket';
+    await $receive->();
+    await $send->({ type => 'websocket.accept' });
+    while (1) {
+        my $ev = await $receive->();
+        return if $ev->{type} eq 'websocket.disconnect';
+        await $send->({ type => 'websocket.send', text => $ev->{text} });
+    }
+};
+PERL
+
+sub bridge_ops_for_messages {
+    my ($messages) = @_;
+    local $ENV{PAGI_RS_COUNT_OPS} = 1;
+    my $s  = start_server( '--no-access-log', $ws_app );
+    my $ws = PagiRS::WS->connect( $s->port );
+    for my $i ( 1 .. $messages ) {
+        $ws->send_text("m$i");
+        my $m = $ws->recv_message(5);
+        die "no echo of m$i" unless $m && $m->{data} eq "m$i";
+    }
+    $ws->close(1000);
+    $ws->wait_close(3);
+    $s->stop;
+    my ( $ops, $out ) = ( 0, $s->output );
+    $ops += $1 while $out =~ m{^pagi-rs op count: file \S*PAGI/RS/WebSocket\.pm (\d+)$}mg;
+    return $ops;
+}
+
+my ( $ws_few, $ws_many ) = ( bridge_ops_for_messages(10), bridge_ops_for_messages(210) );
+cmp_ok $ws_many - $ws_few, '<', 200,
+  "200 more WebSocket messages run no Perl of WebSocket.pm ($ws_few -> $ws_many ops)";
 
 my $plain = run_requests(2);
 unlike $plain, qr/op count/, 'without PAGI_RS_COUNT_OPS nothing is counted';

@@ -25,7 +25,7 @@ my $J   = JSON::PP->new->canonical->utf8->allow_nonref;
 my $MiB = 1024 * 1024;
 
 my $app = write_app( <<"APP" );
-use strict; use warnings; use Future::AsyncAwait; use JSON::PP;
+use strict; use warnings; use Future::AsyncAwait; use Future::IO; use JSON::PP;
 my \$dir = '$dir';
 my \$J = JSON::PP->new->canonical->utf8->allow_nonref;
 sub rec {
@@ -63,6 +63,24 @@ async sub {
                 return;
             }
             await \$send->({ type => 'websocket.send', text => 'len:' . length(\$ev->{bytes} // \$ev->{text}) });
+        }
+    }
+    if (\$path eq '/batches') {
+        # Lets three messages queue up, then reads them; three rounds.
+        for my \$round (1 .. 3) {
+            await Future::IO->sleep(0.4);
+            my (\$n, \$bytes) = (0, 0);
+            while (\$n < 3) {
+                my \$ev = await \$receive->();
+                return if \$ev->{type} eq 'websocket.disconnect';
+                \$n++;
+                \$bytes += length \$ev->{bytes};
+            }
+            await \$send->({ type => 'websocket.send', text => "round \$round: \$n \$bytes" });
+        }
+        while (1) {
+            my \$ev = await \$receive->();
+            return if \$ev->{type} eq 'websocket.disconnect';
         }
     }
     if (\$path eq '/unread') {
@@ -397,6 +415,19 @@ subtest '--max-ws-message-size: a larger reassembled message closes 1009' => sub
     $ws->send_binary( 'c' x 70_000 );
     is scalar( $ws->wait_close(3) ), 1009, 'a 70 000-byte frame: Close 1009';
     like wait_record('m2.end')->{facts}{detail}, qr/frame .*65536 bytes.*--max-ws-frame-size/, 'detail: the frame limit';
+};
+
+subtest 'messages read from the queue give their bytes back to the unread budget' => sub {
+    # 90 000 bytes queue up each round under the 100 000-byte budget; read,
+    # they leave it, or the second round would overflow it (1008).
+    my $ws = PagiRS::WS->connect( $ms->port, path => '/batches' );
+    for my $round ( 1 .. 3 ) {
+        $ws->send_binary( 'q' x 30_000 ) for 1 .. 3;
+        my $m = $ws->recv_message(5);
+        is $m && $m->{data}, "round $round: 3 90000", "round $round: all three delivered, no overflow";
+    }
+    $ws->close(1000);
+    is scalar( $ws->wait_close(3) ), 1000, 'a clean close';
 };
 
 subtest '--max-ws-frame-size 0: no frame may still be larger than a message' => sub {

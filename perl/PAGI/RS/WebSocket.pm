@@ -51,7 +51,9 @@ sub start {
     $scope->{max_receive_queue} = $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE;
     $scope->{max_frame_size}    = $PAGI::RS::Bridge::MAX_WS_FRAME_SIZE
       if $PAGI::RS::Bridge::MAX_WS_FRAME_SIZE;
-    PAGI::RS::HTTP::run_app( $self, $scope, $send, sub { _receive($self) } );
+    # $receive is websocket.c's XS receiver; what it does not handle goes
+    # to _receive.
+    PAGI::RS::HTTP::run_app( $self, $scope, $send, PAGI::RS::_ws_receiver($self) );
     return;
 }
 
@@ -77,6 +79,8 @@ sub _app_done {
 }
 
 # ---- $receive -------------------------------------------------------------
+# websocket.c does what _receive and _on_message do for an open socket's
+# messages (a queued message, a receive that waits); these take the rest.
 
 sub _receive {
     my ($self) = @_;

@@ -188,6 +188,7 @@ typedef struct {
      * lookups were made still lands in its glob. */
     GV *after_send_gv;   /* PAGI::RS::HTTP::_after_send */
     GV *receive_gv;      /* PAGI::RS::HTTP::_receive */
+    GV *ws_receive_gv;   /* PAGI::RS::WebSocket::_receive */
     GV *app_returned_gv; /* PAGI::RS::HTTP::_app_returned */
     GV *app_done_gv;     /* PAGI::RS::HTTP::_app_done */
     GV *finished_gv;     /* PAGI::RS::HTTP::_finished */
@@ -279,6 +280,8 @@ XS(xs_ws_close);
 XS(xs_ws_keepalive);
 XS(xs_ws_overflow);
 XS(xs_ws_finish);
+XS(xs_ws_receiver_new);
+int deliver_ws_message(pTHX_ interp_lookups *L, const pagi_msg *m);
 XS(xs_sender);          /* send.c */
 XS(xs_turn_resumed);
 XS(xs_turn_ended);

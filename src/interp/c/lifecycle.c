@@ -45,6 +45,7 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::_ws_keepalive", xs_ws_keepalive, file);
     newXS("PAGI::RS::_ws_overflow", xs_ws_overflow, file);
     newXS("PAGI::RS::_ws_finish", xs_ws_finish, file);
+    newXS("PAGI::RS::_ws_receiver", xs_ws_receiver_new, file);
     newXS("PAGI::RS::_end_state", xs_end_state, file);
     newXS("PAGI::RS::_abort", xs_abort, file);
     newXS("PAGI::RS::_turn_resumed", xs_turn_resumed, file);

@@ -37,6 +37,7 @@ interp_lookups *the_lookups(pTHX)
     lookups.app_gv = gv_fetchpvs("PAGI::RS::Bridge::APP", GV_ADD, SVt_PV);
     lookups.after_send_gv = gv_fetchpvs("PAGI::RS::HTTP::_after_send", GV_ADD, SVt_PVCV);
     lookups.receive_gv = gv_fetchpvs("PAGI::RS::HTTP::_receive", GV_ADD, SVt_PVCV);
+    lookups.ws_receive_gv = gv_fetchpvs("PAGI::RS::WebSocket::_receive", GV_ADD, SVt_PVCV);
     lookups.app_returned_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_returned", GV_ADD, SVt_PVCV);
     lookups.app_done_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_done", GV_ADD, SVt_PVCV);
     lookups.finished_gv = gv_fetchpvs("PAGI::RS::HTTP::_finished", GV_ADD, SVt_PVCV);

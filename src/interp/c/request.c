@@ -279,14 +279,17 @@ XS(xs_next_message)
         }
         turn_begins();
         L = the_lookups(aTHX);
-        if (m.kind == PAGI_MSG_DRAINED || m.kind == PAGI_MSG_BODY) {
-            /* The two messages a streamed body brings per chunk, handled
-             * here for http scopes; anything else goes to Bridge.pm. */
+        if (m.kind == PAGI_MSG_DRAINED || m.kind == PAGI_MSG_BODY || m.kind == PAGI_MSG_WS_RECEIVE) {
+            /* The messages a streamed body brings per chunk, handled here
+             * for http scopes, and a WebSocket message a receive waits
+             * for; anything else goes to Bridge.pm. */
             int handled;
             ENTER;
             SAVETMPS;
             PUTBACK;
-            handled = m.kind == PAGI_MSG_DRAINED ? settle_drain(aTHX_ L, &m) : deliver_body(aTHX_ L, &m);
+            handled = m.kind == PAGI_MSG_DRAINED ? settle_drain(aTHX_ L, &m)
+                      : m.kind == PAGI_MSG_BODY  ? deliver_body(aTHX_ L, &m)
+                                                 : deliver_ws_message(aTHX_ L, &m);
             SPAGAIN;
             FREETMPS;
             LEAVE;

@@ -1,6 +1,10 @@
 /*
- * XS subs for WebSocket sends and the end of a session.  Sequencing and type
- * checks live in Perl (WebSocket.pm); these only carry the values over.
+ * XS subs for WebSocket sends and the end of a session, whose sequencing
+ * and type checks live in Perl (WebSocket.pm; these only carry the values
+ * over), and the two steps every received message takes: delivering it to
+ * the receive that waits, and $receive itself.  Those short-cut
+ * WebSocket.pm's _on_message and _receive, which keep the rules and take
+ * every case this file does not.
  */
 #include "glue.h"
 
@@ -93,4 +97,139 @@ XS(xs_ws_finish)
         croak_xs_usage(cv, "id, error");
     e = text_arg(aTHX_ ST(1), &has_err);
     XSRETURN_IV(pagi_rs_ws_finish((uint64_t)SvUV(ST(0)), e.ptr, e.len, has_err));
+}
+
+/* ---- $receive ---------------------------------------------------------------
+ * An XS closure bound to the request object, like http_app.c's; the logic
+ * is WebSocket.pm's _receive. */
+static MGVTBL ws_receiver_vtbl; /* marks our magic; no callbacks */
+
+/* WebSocket.pm's _receive in its two cases that recur for every message of
+ * an open socket: a message already queued (a Future done with it), and
+ * none yet (the pending Future the next one resolves).  About 45 Perl ops
+ * per receive otherwise.  NULL when Perl answers: the connect event, the
+ * end, a subclass, or a slot holding what this code does not expect. */
+static SV *receive_ws(pTHX_ interp_lookups *L, SV *self)
+{
+    AV *req;
+    SV **queue_p, *wait, *f;
+    if (!SvROK(self) || SvTYPE(SvRV(self)) != SVt_PVAV || SvSTASH(SvRV(self)) != L->ws_stash)
+        return NULL;
+    req = (AV *)SvRV(self);
+    if (!slot_true(aTHX_ req, SLOT_WS_CONNECT_DELIVERED))
+        return NULL;
+    queue_p = av_fetch(req, SLOT_QUEUE, 0);
+    if (queue_p && SvOK(*queue_p)) {
+        AV *queue;
+        SV **first, **queued_bytes, *payload;
+        HV *ev;
+        if (!SvROK(*queue_p) || SvTYPE(SvRV(*queue_p)) != SVt_PVAV)
+            return NULL;
+        queue = (AV *)SvRV(*queue_p);
+        if (av_count(queue) > 0) {
+            first = av_fetch(queue, 0, 0);
+            queued_bytes = av_fetch(req, SLOT_WS_QUEUE_BYTES, 0);
+            if (!first || !SvROK(*first) || SvTYPE(SvRV(*first)) != SVt_PVHV || !queued_bytes ||
+                SvROK(*queued_bytes))
+                return NULL;
+            ev = (HV *)SvRV(*first);
+            payload = hv_value(aTHX_ ev, KEY(L, K_TEXT));
+            if (!payload || !SvOK(payload))
+                payload = hv_value(aTHX_ ev, KEY(L, K_BYTES));
+            if (payload && (SvGMAGICAL(payload) || SvROK(payload)))
+                return NULL; /* Perl measures what C would have to call into. */
+            if (!(f = pending_new_on_bridge_loop(aTHX)))
+                return NULL;
+            /* As bytes::length: the string's bytes, not its characters. */
+            sv_setiv(*queued_bytes,
+                     SvIV(*queued_bytes) - (IV)(payload && SvOK(payload) ? sv_len(payload) : 0));
+            pending_settle_fresh(aTHX_ f, av_shift(queue));
+            return f;
+        }
+    }
+    if (!slot_true(aTHX_ req, SLOT_CONNECTED))
+        return NULL;
+    if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait))
+        return NULL;
+    if (wait)
+        return sv_mortalcopy(wait);
+    if (!(f = pending_new_on_bridge_loop(aTHX)))
+        return NULL;
+    av_store(req, SLOT_RECV_WAIT, newSVsv(f));
+    return f;
+}
+
+XS(xs_ws_receiver)
+{
+    dXSARGS;
+    SV *self = bound_request(aTHX_ cv, &ws_receiver_vtbl);
+    interp_lookups *L = the_lookups(aTHX);
+    SV *ret;
+    int count;
+    if ((ret = receive_ws(aTHX_ L, self))) {
+        ST(0) = ret;
+        XSRETURN(1);
+    }
+    SP -= items;
+    PUSHMARK(SP);
+    XPUSHs(self);
+    PUTBACK;
+    /* No G_EVAL: its exceptions belong to the application. */
+    count = call_sv((SV *)sub_of(aTHX_ L->ws_receive_gv), G_SCALAR);
+    SPAGAIN;
+    ret = count > 0 ? POPs : &PL_sv_undef;
+    PUTBACK;
+    ST(0) = ret;
+    XSRETURN(1);
+}
+
+/* _ws_receiver($self): the application's $receive for a websocket scope. */
+XS(xs_ws_receiver_new)
+{
+    dXSARGS;
+    if (items != 1 || !SvROK(ST(0)) || SvTYPE(SvRV(ST(0))) != SVt_PVAV)
+        croak_xs_usage(cv, "request");
+    ST(0) = sv_2mortal(new_bound_xsub(aTHX_ xs_ws_receiver, &ws_receiver_vtbl, (AV *)SvRV(ST(0))));
+    XSRETURN(1);
+}
+
+/* A WS_RECEIVE message for a receive that waits for it: WebSocket.pm's
+ * _on_message, here instead of through Bridge.pm's dispatch (about 70
+ * Perl ops per message).  Returns 0 when it must go to Perl: no receive
+ * waits (the message is queued, or overflows the queue), or the request is
+ * not what this code expects. */
+int deliver_ws_message(pTHX_ interp_lookups *L, const pagi_msg *m)
+{
+    char buf[REGISTRY_KEY_SIZE];
+    const char *key;
+    int klen = registry_key(buf, m->id, &key);
+    SV **entry = hv_fetch(GvHVn(L->requests_gv), key, klen, 0);
+    AV *req;
+    HV *ev;
+    SV *wait, *evref;
+    dSP;
+    if (!entry)
+        return 1; /* Perl forgot the socket: nobody will read it. */
+    if (!SvROK(*entry) || SvTYPE(SvRV(*entry)) != SVt_PVAV || SvSTASH(SvRV(*entry)) != L->ws_stash)
+        return 0;
+    req = (AV *)SvRV(*entry);
+    if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait) || !wait)
+        return 0;
+    ev = newHV();
+    (void)hv_stores(ev, "type", newSVpvs("websocket.receive"));
+    if (m->num[0])
+        (void)hv_store_ent(ev, KEY(L, K_TEXT), bytes_sv(aTHX_ m->str[0], 1), 0);
+    else
+        (void)hv_store_ent(ev, KEY(L, K_BYTES), bytes_sv(aTHX_ m->str[0], 0), 0);
+    evref = sv_2mortal(newRV_noinc((SV *)ev));
+    /* Own it before the slot lets go: resolving it may free the request. */
+    wait = sv_2mortal(newSVsv(wait));
+    av_store(req, SLOT_RECV_WAIT, newSV(0));
+    PUSHMARK(SP);
+    EXTEND(SP, 2);
+    PUSHs(wait);
+    PUSHs(evref);
+    PUTBACK;
+    call_method("done", G_DISCARD | G_VOID);
+    return 1;
 }
