@@ -243,7 +243,9 @@ void signal_target_remove(PerlInterpreter *my_perl);
 XS(xs_pending_new);      /* pending.c */
 SV *pending_new_on_bridge_loop(pTHX);
 void pending_settle_fresh(pTHX_ SV *f, SV *value);
-int pending_in_slot(pTHX_ AV *req, SSize_t slot, SV **wait);
+int pending_in_slot(pTHX_ AV *req, SSize_t slot, SV **wait); /* request.c */
+SV *pending_receive(pTHX_ AV *req);
+void resolve_receive(pTHX_ AV *req, SV *wait, SV *evref);
 XS(xs_pending_clone);
 XS(xs_pending_done);
 XS(xs_pending_on_ready);
@@ -283,6 +285,7 @@ XS(xs_ws_finish);
 XS(xs_ws_receiver_new);
 int deliver_ws_message(pTHX_ interp_lookups *L, const pagi_msg *m);
 XS(xs_sender);          /* send.c */
+SV *perl_half(pTHX_ GV *gv, SV **args, int nargs);
 XS(xs_turn_resumed);
 XS(xs_turn_ended);
 

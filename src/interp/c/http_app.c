@@ -22,7 +22,7 @@ static MGVTBL receiver_vtbl; /* marks our magic; no callbacks */
 static SV *receive_streaming(pTHX_ interp_lookups *L, SV *self)
 {
     AV *req;
-    SV **queue_p, **body, *wait, *f;
+    SV **queue_p, **body, *f;
     if (!SvROK(self) || SvTYPE(SvRV(self)) != SVt_PVAV || SvSTASH(SvRV(self)) != L->http_stash)
         return NULL;
     req = (AV *)SvRV(self);
@@ -53,36 +53,17 @@ static SV *receive_streaming(pTHX_ interp_lookups *L, SV *self)
     body = av_fetch(req, SLOT_BODY, 0);
     if (!body || !SvOK(*body) || SvIV(*body) != BODY_STREAMING)
         return NULL;
-    if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait))
-        return NULL;
-    if (wait)
-        return sv_mortalcopy(wait);
-    if (!(f = pending_new_on_bridge_loop(aTHX)))
-        return NULL;
-    av_store(req, SLOT_RECV_WAIT, newSVsv(f));
-    return f;
+    return pending_receive(aTHX_ req);
 }
 
 XS(xs_receiver)
 {
     dXSARGS;
     SV *self = bound_request(aTHX_ cv, &receiver_vtbl);
-    SV *ret;
-    int count;
-    if ((ret = receive_streaming(aTHX_ the_lookups(aTHX), self))) {
-        ST(0) = ret;
-        XSRETURN(1);
-    }
-    SP -= items;
-    PUSHMARK(SP);
-    XPUSHs(self);
-    PUTBACK;
-    /* No G_EVAL: its exceptions belong to the application. */
-    count = call_sv((SV *)sub_of(aTHX_ the_lookups(aTHX)->receive_gv), G_SCALAR);
-    SPAGAIN;
-    ret = count > 0 ? POPs : &PL_sv_undef;
-    PUTBACK;
-    ST(0) = ret;
+    interp_lookups *L = the_lookups(aTHX);
+    SV *ret = receive_streaming(aTHX_ L, self);
+    PERL_UNUSED_VAR(items);
+    ST(0) = ret ? ret : perl_half(aTHX_ L->receive_gv, &self, 1);
     XSRETURN(1);
 }
 

@@ -208,6 +208,39 @@ int pending_in_slot(pTHX_ AV *req, SSize_t slot, SV **wait)
     return 1;
 }
 
+/* What a receive returns when nothing is queued for it: the pending Future
+ * in the request's RECV_WAIT slot, or a new one left there for the next
+ * event to resolve.  NULL when Perl decides (the slot holds what C does
+ * not know, or only Perl may make Futures now). */
+SV *pending_receive(pTHX_ AV *req)
+{
+    SV *wait, *f;
+    if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait))
+        return NULL;
+    if (wait)
+        return sv_mortalcopy(wait);
+    if (!(f = pending_new_on_bridge_loop(aTHX)))
+        return NULL;
+    av_store(req, SLOT_RECV_WAIT, newSVsv(f));
+    return f;
+}
+
+/* Resolve `wait`, the pending Future in the request's RECV_WAIT slot, with
+ * the event `evref`, emptying the slot first. */
+void resolve_receive(pTHX_ AV *req, SV *wait, SV *evref)
+{
+    dSP;
+    /* Own it before the slot lets go: resolving it may free the request. */
+    wait = sv_2mortal(newSVsv(wait));
+    av_store(req, SLOT_RECV_WAIT, newSV(0));
+    PUSHMARK(SP);
+    EXTEND(SP, 2);
+    PUSHs(wait);
+    PUSHs(evref);
+    PUTBACK;
+    call_method("done", G_DISCARD | G_VOID);
+}
+
 /* A BODY message for an http request: HTTP.pm's _on_body, here instead of
  * through Bridge.pm's dispatch (about 60 Perl ops per request-body
  * chunk).  The chunk resolves the receive waiting for it, or is queued for
@@ -240,18 +273,9 @@ static int deliver_body(pTHX_ interp_lookups *L, const pagi_msg *m)
     if (!more)
         av_store(req, SLOT_BODY, newSViv(BODY_DONE));
     if (wait) {
-        dSP;
-        /* Own it before the slot lets go: resolving it may free the request. */
-        wait = sv_2mortal(newSVsv(wait));
-        av_store(req, SLOT_RECV_WAIT, newSV(0));
         if (more)
             pagi_rs_want_body(m->id);
-        PUSHMARK(SP);
-        EXTEND(SP, 2);
-        PUSHs(wait);
-        PUSHs(evref);
-        PUTBACK;
-        call_method("done", G_DISCARD | G_VOID);
+        resolve_receive(aTHX_ req, wait, evref);
         return 1;
     }
     if (!queue || !SvOK(*queue))

@@ -86,9 +86,9 @@ XS(xs_turn_ended)
 }
 
 /* Call the Perl sub in `gv` with `nargs` arguments and return its scalar
- * result, for $send to hand back to the application.  No G_EVAL: its
- * exceptions belong to the application. */
-static SV *perl_half(pTHX_ GV *gv, SV **args, int nargs)
+ * result, for $send or $receive to hand back to the application.  No
+ * G_EVAL: its exceptions belong to the application. */
+SV *perl_half(pTHX_ GV *gv, SV **args, int nargs)
 {
     dSP;
     int i, count;

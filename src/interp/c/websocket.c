@@ -112,7 +112,7 @@ static MGVTBL ws_receiver_vtbl; /* marks our magic; no callbacks */
 static SV *receive_ws(pTHX_ interp_lookups *L, SV *self)
 {
     AV *req;
-    SV **queue_p, *wait, *f;
+    SV **queue_p, *f;
     if (!SvROK(self) || SvTYPE(SvRV(self)) != SVt_PVAV || SvSTASH(SvRV(self)) != L->ws_stash)
         return NULL;
     req = (AV *)SvRV(self);
@@ -149,14 +149,7 @@ static SV *receive_ws(pTHX_ interp_lookups *L, SV *self)
     }
     if (!slot_true(aTHX_ req, SLOT_CONNECTED))
         return NULL;
-    if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait))
-        return NULL;
-    if (wait)
-        return sv_mortalcopy(wait);
-    if (!(f = pending_new_on_bridge_loop(aTHX)))
-        return NULL;
-    av_store(req, SLOT_RECV_WAIT, newSVsv(f));
-    return f;
+    return pending_receive(aTHX_ req);
 }
 
 XS(xs_ws_receiver)
@@ -164,22 +157,9 @@ XS(xs_ws_receiver)
     dXSARGS;
     SV *self = bound_request(aTHX_ cv, &ws_receiver_vtbl);
     interp_lookups *L = the_lookups(aTHX);
-    SV *ret;
-    int count;
-    if ((ret = receive_ws(aTHX_ L, self))) {
-        ST(0) = ret;
-        XSRETURN(1);
-    }
-    SP -= items;
-    PUSHMARK(SP);
-    XPUSHs(self);
-    PUTBACK;
-    /* No G_EVAL: its exceptions belong to the application. */
-    count = call_sv((SV *)sub_of(aTHX_ L->ws_receive_gv), G_SCALAR);
-    SPAGAIN;
-    ret = count > 0 ? POPs : &PL_sv_undef;
-    PUTBACK;
-    ST(0) = ret;
+    SV *ret = receive_ws(aTHX_ L, self);
+    PERL_UNUSED_VAR(items);
+    ST(0) = ret ? ret : perl_half(aTHX_ L->ws_receive_gv, &self, 1);
     XSRETURN(1);
 }
 
@@ -207,7 +187,6 @@ int deliver_ws_message(pTHX_ interp_lookups *L, const pagi_msg *m)
     AV *req;
     HV *ev;
     SV *wait, *evref;
-    dSP;
     if (!entry)
         return 1; /* Perl forgot the socket: nobody will read it. */
     if (!SvROK(*entry) || SvTYPE(SvRV(*entry)) != SVt_PVAV || SvSTASH(SvRV(*entry)) != L->ws_stash)
@@ -222,14 +201,6 @@ int deliver_ws_message(pTHX_ interp_lookups *L, const pagi_msg *m)
     else
         (void)hv_store_ent(ev, KEY(L, K_BYTES), bytes_sv(aTHX_ m->str[0], 0), 0);
     evref = sv_2mortal(newRV_noinc((SV *)ev));
-    /* Own it before the slot lets go: resolving it may free the request. */
-    wait = sv_2mortal(newSVsv(wait));
-    av_store(req, SLOT_RECV_WAIT, newSV(0));
-    PUSHMARK(SP);
-    EXTEND(SP, 2);
-    PUSHs(wait);
-    PUSHs(evref);
-    PUTBACK;
-    call_method("done", G_DISCARD | G_VOID);
+    resolve_receive(aTHX_ req, wait, evref);
     return 1;
 }
