@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
@@ -59,10 +59,7 @@ enum ReadEnd {
 
 pub async fn run(session: Arc<Session>, transport: Transport, shutdown: watch::Receiver<bool>) {
     let settings = &session.settings;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(settings.read_window)
-        .max_frame_size(Some(settings.effective_frame_limit()))
-        .max_message_size(Some(settings.effective_message_limit()));
+    let config = settings.tungstenite_config();
     let socket = Socket::from_raw_socket(transport, Role::Server, Some(config)).await;
     let Some(outbound) = session.take_outbound() else {
         return;

@@ -17,6 +17,7 @@ pub mod handshake;
 pub mod session;
 
 use std::time::Duration;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// What the application may leave unread when `--max-ws-message-size` is 0
 /// (no limit on one message): it still has a bound.
@@ -110,6 +111,14 @@ impl Settings {
         read_buffer_size.clamp(1, MAX_READ_WINDOW)
     }
 
+    /// What tungstenite is told: the read window and the two limits.
+    pub fn tungstenite_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_window)
+            .max_frame_size(Some(self.effective_frame_limit()))
+            .max_message_size(Some(self.effective_message_limit()))
+    }
+
     /// The message limit tungstenite enforces: the hard limit when off.
     pub fn effective_message_limit(&self) -> usize {
         self.max_message_size.unwrap_or(HARD_FRAME_LIMIT)
@@ -139,6 +148,14 @@ mod tests {
         assert_eq!(Settings::read_window(64 * 1024), MAX_READ_WINDOW);
         assert_eq!(Settings::read_window(4096), 4096);
         assert_eq!(Settings::read_window(0), 1, "never an empty read");
+    }
+
+    #[test]
+    fn tungstenite_reads_the_window_and_enforces_the_limits() {
+        let config = with_limits(Some(64), Some(1000)).tungstenite_config();
+        assert_eq!(config.read_buffer_size, MAX_READ_WINDOW);
+        assert_eq!(config.max_frame_size, Some(64));
+        assert_eq!(config.max_message_size, Some(1000));
     }
 
     #[test]
