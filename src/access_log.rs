@@ -636,10 +636,13 @@ mod tests {
     struct Stalled {
         release: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
         out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        /// Set once the writer thread is inside a write, so stuck.
+        stuck: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Write for Stalled {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.stuck.store(true, std::sync::atomic::Ordering::Release);
             let (lock, cv) = &*self.release;
             let mut go = lock.lock().unwrap();
             while !*go {
@@ -749,6 +752,7 @@ mod tests {
         let sink = Stalled {
             release: release.clone(),
             out: Default::default(),
+            stuck: Default::default(),
         };
         let dest = Destination {
             sink: Box::new(sink),
@@ -838,9 +842,11 @@ mod tests {
         let release =
             std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
         let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stuck = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sink = Stalled {
             release: release.clone(),
             out: out.clone(),
+            stuck: stuck.clone(),
         };
         let dest = Destination {
             sink: Box::new(sink),
@@ -848,6 +854,19 @@ mod tests {
         };
         let log = AccessLog::start_on(Format::parse("tiny").unwrap(), dest).unwrap();
         let headers = [];
+        // Stall the writer first.  Were it still taking lines while the
+        // queue fills, it could note the drops (and reset their count)
+        // before the assertion below looks: a late-scheduled writer thread
+        // made this test fail on a busy machine.
+        log.write(&record(&headers));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !stuck.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never wrote"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let started = std::time::Instant::now();
         for _ in 0..(QUEUED_LINES * 2) {
             log.write(&record(&headers));
