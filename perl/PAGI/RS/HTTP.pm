@@ -30,10 +30,19 @@ use PAGI::RS::Constants qw(slot send finish send_kind body query log);
 {
     package PAGI::RS::SentFuture;
     our @ISA = ('Future');
-    sub AWAIT_IS_READY     { 1 }
-    sub AWAIT_IS_CANCELLED { 0 }
-    sub AWAIT_GET          { return }
-    sub AWAIT_RESULT       { return }
+    # Inside pagi-rs they are XS (send.c): no Perl ops per await.
+    if ( defined &_c_yes ) {
+        *AWAIT_IS_READY     = \&_c_yes;
+        *AWAIT_IS_CANCELLED = \&_c_no;
+        *AWAIT_GET          = \&_c_nothing;
+        *AWAIT_RESULT       = \&_c_nothing;
+    }
+    else {
+        *AWAIT_IS_READY     = sub { 1 };
+        *AWAIT_IS_CANCELLED = sub { 0 };
+        *AWAIT_GET          = sub { return };
+        *AWAIT_RESULT       = sub { return };
+    }
     # Never pending, so never the prototype of a pending Future; if asked,
     # hand out a plain one.
     sub AWAIT_CLONE { Future->new }

@@ -288,5 +288,8 @@ XS(xs_sender);          /* send.c */
 SV *perl_half(pTHX_ GV *gv, SV **args, int nargs);
 XS(xs_turn_resumed);
 XS(xs_turn_ended);
+XS(xs_sent_yes);
+XS(xs_sent_no);
+XS(xs_sent_nothing);
 
 #endif

@@ -50,6 +50,9 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::_abort", xs_abort, file);
     newXS("PAGI::RS::_turn_resumed", xs_turn_resumed, file);
     newXS("PAGI::RS::_turn_ended", xs_turn_ended, file);
+    newXS("PAGI::RS::SentFuture::_c_yes", xs_sent_yes, file);
+    newXS("PAGI::RS::SentFuture::_c_no", xs_sent_no, file);
+    newXS("PAGI::RS::SentFuture::_c_nothing", xs_sent_nothing, file);
 }
 
 /* ---- interpreter lifecycle (called from Rust) ----------------------------- */
