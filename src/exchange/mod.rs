@@ -16,6 +16,8 @@ mod end;
 mod headers;
 /// What the protocol side calls: frames to write, the body's end or drop.
 mod network;
+/// The frames queued for the network, small body pieces joined.
+mod outgoing;
 /// The application's `$send`: the response's phases.
 mod send;
 /// File and fh bodies streamed by a Rust-side producer.
@@ -27,15 +29,12 @@ mod water;
 
 pub(crate) use water::WaterMarks;
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use http_body::Frame;
 use tokio::sync::{oneshot, Notify};
 
 use crate::access_log::AccessLog;
@@ -170,7 +169,7 @@ struct State {
     body_done: bool,
     declared_length: Option<u64>,
     body_bytes: u64,
-    queue: VecDeque<Frame<Bytes>>,
+    queue: outgoing::OutgoingFrames,
     buffered: usize,
     marks: WaterMarks,
     waker: Option<Waker>,
@@ -256,7 +255,7 @@ impl Exchange {
                 body_done: false,
                 declared_length: None,
                 body_bytes: 0,
-                queue: VecDeque::new(),
+                queue: outgoing::OutgoingFrames::default(),
                 buffered: 0,
                 marks: WaterMarks::default(),
                 waker: None,
@@ -369,7 +368,11 @@ impl Exchange {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::collections::VecDeque;
     use std::time::Instant;
+
+    use bytes::Bytes;
+    use http_body::Frame;
 
     use super::*;
 

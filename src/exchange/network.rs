@@ -18,7 +18,7 @@ impl Exchange {
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
         use std::task::Poll;
         let mut st = self.lock();
-        if let Some(frame) = st.queue.pop_front() {
+        if let Some(frame) = st.queue.pop() {
             if let Some(data) = frame.data_ref() {
                 st.buffered -= data.len();
             }

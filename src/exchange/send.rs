@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
-use http_body::Frame;
 use tokio::sync::oneshot;
 
 use super::headers::{build_headers, final_status};
@@ -160,12 +159,16 @@ impl Exchange {
     }
 
     pub fn body(&self, data: &[u8], more: bool) -> Result<SendOutcome, SendError> {
-        self.body_bytes(Bytes::copy_from_slice(data), more)
+        self.queue_body(BodyPiece::Borrowed(data), more)
     }
 
     /// [`Exchange::body`] for bytes the caller already holds as `Bytes` (a
     /// body lent by Perl: `interp::lent`), queued without a copy.
     pub fn body_bytes(&self, data: Bytes, more: bool) -> Result<SendOutcome, SendError> {
+        self.queue_body(BodyPiece::Owned(data), more)
+    }
+
+    fn queue_body(&self, data: BodyPiece<'_>, more: bool) -> Result<SendOutcome, SendError> {
         let mut st = self.lock();
         if st.disconnected.is_some() {
             return Ok(SendOutcome::Closed);
@@ -198,17 +201,15 @@ impl Exchange {
         st.body_bytes += len;
         st.inline_body = true;
         let mut before = st.buffered;
-        if !data.is_empty() && !self.facts.is_head {
+        if len > 0 && !self.facts.is_head {
             // hyper takes a whole frame into its own buffer at once; small
             // frames keep buffered_amount (and the water marks) truthful.
             let max_frame = self.config.write_buffer_size.max(1);
-            let size = data.len();
-            let mut bytes = data;
-            while bytes.len() > max_frame {
-                st.queue.push_back(Frame::data(bytes.split_to(max_frame)));
+            match data {
+                BodyPiece::Borrowed(slice) => st.queue.push_slice(slice, max_frame),
+                BodyPiece::Owned(bytes) => st.queue.push_bytes(bytes, max_frame),
             }
-            st.queue.push_back(Frame::data(bytes));
-            st.buffered += size;
+            st.buffered += len as usize;
         }
         if !more {
             st.body_done = true;
@@ -266,7 +267,7 @@ impl Exchange {
             }
         }
         if !self.facts.is_head {
-            st.queue.push_back(Frame::trailers(map));
+            st.queue.push_trailers(map);
         }
         st.body_done = true;
         st.phase = Phase::Finished;
@@ -419,10 +420,27 @@ impl Exchange {
     }
 }
 
+/// A body event's bytes: borrowed from Perl for this call (copied if
+/// queued), or owned already.
+enum BodyPiece<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Bytes),
+}
+
+impl BodyPiece<'_> {
+    fn len(&self) -> usize {
+        match self {
+            BodyPiece::Borrowed(slice) => slice.len(),
+            BodyPiece::Owned(bytes) => bytes.len(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
 
+    use bytes::Bytes;
     use http::StatusCode;
 
     use crate::error::SendError;
@@ -457,13 +475,30 @@ mod tests {
         // Found the buffer full: waits for the drain.
         assert_eq!(ex.body(b"1", true).unwrap(), SendOutcome::StillHigh);
         assert_eq!(ex.buffered_amount(), 13);
-        let _ = poll(&ex); // 7 left: still above low water
-        assert_eq!(ex.buffered_amount(), 7);
-        let _ = poll(&ex); // 1 left: below low water, Drained pushed
+        let _ = poll(&ex); // the three small bodies leave as one frame
+        assert_eq!(ex.buffered_amount(), 0);
         let mut q = VecDeque::new();
         ex.mailbox.take_all(&mut q);
         assert!(q.iter().any(|m| matches!(m, ToPerl::Drained { .. })));
         assert_eq!(ex.body(b"1", false).unwrap(), SendOutcome::Ready);
+    }
+
+    #[test]
+    fn no_drain_news_while_above_low_water() {
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[], false).unwrap();
+        // A piece too large to be joined, then a small one after it.
+        let big = Bytes::from(vec![b'b'; 5000]);
+        assert_eq!(ex.body_bytes(big, true).unwrap(), SendOutcome::HighWater);
+        assert_eq!(ex.body(b"1234567", true).unwrap(), SendOutcome::StillHigh);
+        let _ = poll(&ex); // 7 left: still above low water
+        assert_eq!(ex.buffered_amount(), 7);
+        let mut q = VecDeque::new();
+        ex.mailbox.take_all(&mut q);
+        assert!(!q.iter().any(|m| matches!(m, ToPerl::Drained { .. })));
+        let _ = poll(&ex); // none left: below low water, Drained pushed
+        ex.mailbox.take_all(&mut q);
+        assert!(q.iter().any(|m| matches!(m, ToPerl::Drained { .. })));
     }
 
     #[test]

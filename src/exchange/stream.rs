@@ -2,7 +2,6 @@
 //! the checks before the producer starts, its chunks, and its end.
 
 use bytes::Bytes;
-use http_body::Frame;
 
 use super::{Exchange, Phase, SendOutcome, Streamed};
 use crate::error::SendError;
@@ -61,7 +60,8 @@ impl Exchange {
                 if st.buffered < self.config.high_water {
                     st.body_bytes += chunk.len() as u64;
                     st.buffered += chunk.len();
-                    st.queue.push_back(Frame::data(chunk));
+                    let max_frame = self.config.write_buffer_size.max(1);
+                    st.queue.push_bytes(chunk, max_frame);
                     let head = Self::take_head(&mut st);
                     let waker = st.waker.take();
                     drop(st);
