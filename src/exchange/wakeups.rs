@@ -122,7 +122,7 @@ fn hold_or_release(h: Held) {
 }
 
 /// Wake the network task, now or at the end of the batch.
-pub(super) fn wake(w: Waker) {
+pub(crate) fn wake(w: Waker) {
     hold_or_release(Held::Wake(w));
 }
 

@@ -20,13 +20,14 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use super::outbox::OutboxReceiver;
 use super::session::{Ending, Outbound, Session};
 
 /// The byte stream under an accepted WebSocket: hyper's upgraded socket on
@@ -388,7 +389,7 @@ async fn read_loop(
 async fn write_loop(
     session: Arc<Session>,
     mut sink: Sink,
-    mut outbound: mpsc::UnboundedReceiver<Outbound>,
+    mut outbound: OutboxReceiver<Outbound>,
     failed: watch::Sender<Option<String>>,
 ) -> Option<Sink> {
     const BATCH: usize = 64;
@@ -425,7 +426,7 @@ async fn write_loop(
             }
             batched += 1;
             if batched < BATCH {
-                next = outbound.try_recv().ok();
+                next = outbound.try_recv();
             }
         }
         match sink.flush().await {

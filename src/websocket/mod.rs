@@ -14,6 +14,8 @@
 
 pub mod connection;
 pub mod handshake;
+/// The queue to the writer task, woken at the end of the interpreter's batch.
+mod outbox;
 pub mod session;
 
 use std::time::Duration;

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::HeaderValue;
 use http::StatusCode;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
+use super::outbox::{outbox, OutboxReceiver, OutboxSender};
 use super::Settings;
 use crate::error::SendError;
 use crate::exchange::{Exchange, FinishOutcome, SendOutcome};
@@ -159,8 +160,8 @@ pub struct Session {
     /// Unbounded as a channel, but what the application puts in is bounded
     /// by `max_send_backlog` (see `send`); the server's own control frames
     /// are a Close or two and a ping per keepalive interval.
-    outbound: mpsc::UnboundedSender<Outbound>,
-    outbound_rx: Mutex<Option<mpsc::UnboundedReceiver<Outbound>>>,
+    outbound: OutboxSender<Outbound>,
+    outbound_rx: Mutex<Option<OutboxReceiver<Outbound>>>,
     /// Wakes the reader to re-read its timers (keepalive, close deadline,
     /// a forced ending).
     pub reader_wake: Notify,
@@ -181,7 +182,7 @@ impl Session {
         mailbox: Arc<Mailbox>,
         settings: Arc<Settings>,
     ) -> Arc<Session> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         Arc::new(Session {
             id: exchange.id,
             exchange,
@@ -351,7 +352,7 @@ impl Session {
             .marks
             .on_send(before, after, self.exchange.config().high_water);
         // Sent under the lock so that sends keep their order across threads.
-        let _ = self.outbound.send(Outbound::Data(message, data.len()));
+        self.outbound.send(Outbound::Data(message, data.len()));
         Ok(outcome)
     }
 
@@ -398,8 +399,7 @@ impl Session {
                 }
                 st.app_closed_at = Some(Instant::now());
                 let frame = CloseFrame { code, reason };
-                let _ = self
-                    .outbound
+                self.outbound
                     .send(Outbound::Control(Message::Close(Some(frame))));
                 drop(st);
                 self.reader_wake.notify_one();
@@ -612,7 +612,7 @@ impl Session {
     /// The writer's queue; taken once, by the connection task.  Only ever
     /// `take`n under this lock, which cannot panic half-way: recovering from
     /// a poisoned lock is sound.
-    pub fn take_outbound(&self) -> Option<mpsc::UnboundedReceiver<Outbound>> {
+    pub fn take_outbound(&self) -> Option<OutboxReceiver<Outbound>> {
         self.outbound_rx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -620,7 +620,7 @@ impl Session {
     }
 
     pub fn queue_control(&self, message: Message) {
-        let _ = self.outbound.send(Outbound::Control(message));
+        self.outbound.send(Outbound::Control(message));
     }
 
     pub fn close_frame(&self, code: u16, reason: &'static str) {
@@ -632,7 +632,7 @@ impl Session {
     }
 
     pub fn finish_writer(&self) {
-        let _ = self.outbound.send(Outbound::Finish);
+        self.outbound.send(Outbound::Finish);
     }
 
     /// The writer handed `messages` application messages of `len` bytes in
@@ -1046,8 +1046,8 @@ mod tests {
         assert!(why.contains("await each send"), "{why}");
         assert!(why.contains("--write-high-watermark"), "{why}");
         assert_eq!(ws.buffered_amount(), 500, "the refused send queued nothing");
-        assert!(matches!(outbound.try_recv(), Ok(Outbound::Data(_, 500))));
-        assert!(outbound.try_recv().is_err(), "one message in the channel");
+        assert!(matches!(outbound.try_recv(), Some(Outbound::Data(_, 500))));
+        assert!(outbound.try_recv().is_none(), "one message in the queue");
         // Once written, sends are taken again.
         ws.sent(1, 500);
         assert!(ws.send(true, b"again").is_ok());
