@@ -132,20 +132,21 @@ pub(super) fn send_head(tx: oneshot::Sender<Head>, head: Head) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::Wake;
 
-    struct Counter(AtomicUsize);
+    /// A waker that counts its wake-ups (shared with other modules' tests).
+    pub(crate) struct Counter(pub(crate) AtomicUsize);
     impl Wake for Counter {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
 
-    fn counter() -> (Arc<Counter>, Waker) {
+    pub(crate) fn counter() -> (Arc<Counter>, Waker) {
         let c = Arc::new(Counter(AtomicUsize::new(0)));
         (c.clone(), Waker::from(c))
     }

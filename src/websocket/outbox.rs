@@ -113,21 +113,14 @@ impl<T> Drop for OutboxReceiver<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::wakeups::tests::counter;
     use std::future::Future;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Wake};
+    use std::sync::atomic::Ordering;
+    use std::task::Context;
 
-    struct Counter(AtomicUsize);
-    impl Wake for Counter {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    /// Poll `recv` once with a waker that counts its wake-ups.
-    fn poll_once(rx: &mut OutboxReceiver<u32>, wakes: &Arc<Counter>) -> Poll<Option<u32>> {
-        let waker = Waker::from(wakes.clone());
-        let mut cx = Context::from_waker(&waker);
+    /// Poll `recv` once with `waker`.
+    fn poll_once(rx: &mut OutboxReceiver<u32>, waker: &Waker) -> Poll<Option<u32>> {
+        let mut cx = Context::from_waker(waker);
         let fut = std::pin::pin!(rx.recv());
         fut.poll(&mut cx)
     }
@@ -135,12 +128,12 @@ mod tests {
     #[test]
     fn items_arrive_in_order_and_a_waiting_writer_is_woken_once() {
         let (tx, mut rx) = outbox::<u32>();
-        let wakes = Arc::new(Counter(AtomicUsize::new(0)));
-        assert_eq!(poll_once(&mut rx, &wakes), Poll::Pending);
+        let (wakes, waker) = counter();
+        assert_eq!(poll_once(&mut rx, &waker), Poll::Pending);
         tx.send(1);
         tx.send(2);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "one wake-up for both");
-        assert_eq!(poll_once(&mut rx, &wakes), Poll::Ready(Some(1)));
+        assert_eq!(poll_once(&mut rx, &waker), Poll::Ready(Some(1)));
         assert_eq!(rx.try_recv(), Some(2));
         assert_eq!(rx.try_recv(), None);
     }
@@ -148,24 +141,24 @@ mod tests {
     #[test]
     fn in_a_batch_the_wake_up_waits_for_its_end() {
         let (tx, mut rx) = outbox::<u32>();
-        let wakes = Arc::new(Counter(AtomicUsize::new(0)));
-        assert_eq!(poll_once(&mut rx, &wakes), Poll::Pending);
+        let (wakes, waker) = counter();
+        assert_eq!(poll_once(&mut rx, &waker), Poll::Pending);
         crate::exchange::wakeups::hold();
         tx.send(7);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "held in the batch");
         crate::exchange::wakeups::release();
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
-        assert_eq!(poll_once(&mut rx, &wakes), Poll::Ready(Some(7)));
+        assert_eq!(poll_once(&mut rx, &waker), Poll::Ready(Some(7)));
     }
 
     #[test]
     fn the_queue_ends_after_the_sender_and_drops_items_without_a_writer() {
         let (tx, mut rx) = outbox::<u32>();
-        let wakes = Arc::new(Counter(AtomicUsize::new(0)));
+        let (_, waker) = counter();
         tx.send(3);
         drop(tx);
-        assert_eq!(poll_once(&mut rx, &wakes), Poll::Ready(Some(3)));
-        assert_eq!(poll_once(&mut rx, &wakes), Poll::Ready(None));
+        assert_eq!(poll_once(&mut rx, &waker), Poll::Ready(Some(3)));
+        assert_eq!(poll_once(&mut rx, &waker), Poll::Ready(None));
 
         let (tx, rx) = outbox::<Arc<()>>();
         drop(rx);
