@@ -96,6 +96,38 @@ my ( $ws_few, $ws_many ) = ( bridge_ops_for_messages(10), bridge_ops_for_message
 cmp_ok $ws_many - $ws_few, '<', 200,
   "200 more WebSocket messages run no Perl of WebSocket.pm ($ws_few -> $ws_many ops)";
 
+# A send that completes at once returns the always-done $DONE, whose
+# answers to Future::AsyncAwait's AWAIT_IS_READY and AWAIT_GET are XS
+# (send.c): HTTP.pm runs no Perl per awaited send.  As Perl subs they were
+# 6 ops per send.
+my $sse_app = write_app( <<'PERL', 'op_count_sse_app.pl' );
+use strict; use warnings; use Future::AsyncAwait;
+async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} ne 'sse';
+    my ($n) = $scope->{query_string} =~ /n=(\d+)/;
+    await $send->({ type => 'sse.start', status => 200 });
+    for my $i ( 1 .. $n ) { await $send->({ type => 'sse.send', data => "$i" }) }
+    await $send->({ type => 'sse.close' });
+};
+PERL
+
+sub http_pm_ops_for_events {
+    my ($events) = @_;
+    local $ENV{PAGI_RS_COUNT_OPS} = 1;
+    my $s = start_server( '--no-access-log', $sse_app );
+    my $r = http_request( $s->port, 'GET', "/?n=$events", headers => [ [ 'Accept', 'text/event-stream' ] ] );
+    die "no stream of $events events: $r->{raw}" unless ( $r->{body} // '' ) =~ /^data: $events$/m;
+    $s->stop;
+    my ( $ops, $out ) = ( 0, $s->output );
+    $ops += $1 while $out =~ m{^pagi-rs op count: file \S*PAGI/RS/HTTP\.pm (\d+)$}mg;
+    return $ops;
+}
+
+my ( $sse_few, $sse_many ) = ( http_pm_ops_for_events(10), http_pm_ops_for_events(2010) );
+cmp_ok $sse_many - $sse_few, '<', 500,
+  "2,000 more awaited SSE sends run no Perl of HTTP.pm ($sse_few -> $sse_many ops)";
+
 my $plain = run_requests(2);
 unlike $plain, qr/op count/, 'without PAGI_RS_COUNT_OPS nothing is counted';
 
