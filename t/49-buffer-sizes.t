@@ -82,9 +82,12 @@ subtest 'over HTTP/2 too' => sub {
     is $ok, 'intact', 'the body arrives whole and in order' or diag $out;
     ok( ( !grep { $_ > 32768 } @sizes ), "no event is over 32 KiB (@sizes)" );
     # Flow control lets only the first window (64 KiB) arrive before the
-    # app reads, so only the first event is sure to find frames waiting;
-    # the rest depend on timing.
-    cmp_ok $sizes[0] // 0, '>', 16384, 'joined: the first event is more than one 16 KiB DATA frame';
+    # app reads.  The first frame may be handed over alone, as soon as it
+    # arrives (a loaded CI machine did that: a first event of 16384), but
+    # what arrives after it waits for the app, which sleeps: an event soon
+    # after holds frames joined.  The rest depend on timing.
+    my ($largest) = sort { $b <=> $a } @sizes;
+    cmp_ok $largest // 0, '>', 16384, "joined: an event is more than one 16 KiB DATA frame (@sizes)";
     $s->stop;
 };
 
