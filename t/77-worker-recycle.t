@@ -31,13 +31,17 @@ subtest 'one worker, --max-requests 10 with a jitter of 5' => sub {
     my $s = start_server( '--max-requests', 10, '--max-requests-jitter', 5, pid_app() );
     my @w = wait_workers( $s->pid, 1, 5 );
     is scalar @w, 1, 'a master with one worker';
-    my ( %count, $failed );
-    for ( 1 .. 60 ) {
+    my ( %count, $failed, $requests );
+    # Each worker takes 10 to 15 requests.  While a replacement starts, the
+    # retiring worker may go on answering (on a loaded machine, two workers
+    # answered all of a fixed 60), so ask until three workers have answered.
+    my $deadline = time + 30;
+    while ( keys %count < 3 && ++$requests <= 600 && time < $deadline ) {
         my $pid = answering_pid( $s->port );
         $failed++ unless defined $pid;
         $count{ $pid // 'x' }++;
     }
-    ok !$failed, 'every request answered';
+    ok !$failed, "every request answered ($requests)";
     ok keys %count >= 3, 'the worker was replaced several times (' . scalar( keys %count ) . ' pids)';
     ok $count{ $w[0] } >= 10, "the first worker took at least --max-requests ($count{$w[0]})";
     is $s->stop('TERM'), 0, 'stops cleanly';
