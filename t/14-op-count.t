@@ -37,6 +37,15 @@ sub run_requests {
     return $s->output;
 }
 
+# The ops counted in the file whose path ends in $path (every copy of it:
+# embedded modules are named by their loader's address).
+sub ops_of_file {
+    my ( $out, $path ) = @_;
+    my $ops = 0;
+    $ops += $1 while $out =~ m{^pagi-rs op count: file \S*\Q$path\E (\d+)$}mg;
+    return $ops;
+}
+
 sub loop_ops {
     my ($out) = @_;
     my ($n) = $out =~ /^pagi-rs op count: line \S*op_count_app\.pl:6 (\d+)$/m;
@@ -87,9 +96,7 @@ sub bridge_ops_for_messages {
     $ws->close(1000);
     $ws->wait_close(3);
     $s->stop;
-    my ( $ops, $out ) = ( 0, $s->output );
-    $ops += $1 while $out =~ m{^pagi-rs op count: file \S*PAGI/RS/WebSocket\.pm (\d+)$}mg;
-    return $ops;
+    return ops_of_file( $s->output, 'PAGI/RS/WebSocket.pm' );
 }
 
 my ( $ws_few, $ws_many ) = ( bridge_ops_for_messages(10), bridge_ops_for_messages(210) );
@@ -119,9 +126,7 @@ sub http_pm_ops_for_events {
     my $r = http_request( $s->port, 'GET', "/?n=$events", headers => [ [ 'Accept', 'text/event-stream' ] ] );
     die "no stream of $events events: $r->{raw}" unless ( $r->{body} // '' ) =~ /^data: $events$/m;
     $s->stop;
-    my ( $ops, $out ) = ( 0, $s->output );
-    $ops += $1 while $out =~ m{^pagi-rs op count: file \S*PAGI/RS/HTTP\.pm (\d+)$}mg;
-    return $ops;
+    return ops_of_file( $s->output, 'PAGI/RS/HTTP.pm' );
 }
 
 my ( $sse_few, $sse_many ) = ( http_pm_ops_for_events(10), http_pm_ops_for_events(2010) );
