@@ -28,36 +28,50 @@ fn has_line_break(s: &[u8]) -> bool {
 }
 
 /// Lines of a text, split at CRLF, LF or CR, keeping empty lines (so
-/// "a\n" is two lines: "a" and "").
-fn lines(text: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i < text.len() {
-        match text[i] {
-            b'\n' => {
-                out.push(&text[start..i]);
-                start = i + 1;
+/// "a\n" is two lines: "a" and "").  An iterator, not a list: it runs for
+/// every event a stream sends, and must not allocate.
+fn lines(text: &[u8]) -> Lines<'_> {
+    Lines { rest: Some(text) }
+}
+
+struct Lines<'a> {
+    /// What is left to split; `None` once the last line was given.
+    rest: Option<&'a [u8]>,
+}
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let text = self.rest?;
+        match text.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            None => {
+                self.rest = None;
+                Some(text)
             }
-            b'\r' => {
-                out.push(&text[start..i]);
-                if text.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-                start = i + 1;
+            Some(i) => {
+                let crlf = text[i] == b'\r' && text.get(i + 1) == Some(&b'\n');
+                self.rest = Some(&text[i + if crlf { 2 } else { 1 }..]);
+                Some(&text[..i])
             }
-            _ => {}
         }
-        i += 1;
     }
-    out.push(&text[start..]);
-    out
 }
 
 /// The wire form of an event: `event:`, one `data:` line per line of data,
 /// `id:`, `retry:`, then the blank line that dispatches it.  Fails, writing
 /// nothing, on a line break in `event` or `id` (it would forge fields).
+#[cfg(test)]
 pub fn format_event(ev: &Event<'_>) -> Result<Vec<u8>, SendError> {
+    let mut out = Vec::new();
+    write_event(ev, &mut out)?;
+    Ok(out)
+}
+
+/// [`format_event`] into `out` (cleared first), so that a stream can reuse
+/// one buffer for all its events.
+pub fn write_event(ev: &Event<'_>, out: &mut Vec<u8>) -> Result<(), SendError> {
+    out.clear();
     for (name, value) in [("event", ev.event), ("id", ev.id)] {
         if value.is_some_and(has_line_break) {
             return Err(SendError::Invalid(format!(
@@ -65,7 +79,7 @@ pub fn format_event(ev: &Event<'_>) -> Result<Vec<u8>, SendError> {
             )));
         }
     }
-    let mut out = Vec::with_capacity(ev.data.len() + 32);
+    out.reserve(ev.data.len() + 32);
     if let Some(event) = ev.event.filter(|e| !e.is_empty()) {
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(event);
@@ -82,10 +96,12 @@ pub fn format_event(ev: &Event<'_>) -> Result<Vec<u8>, SendError> {
         out.push(b'\n');
     }
     if let Some(retry) = ev.retry {
-        out.extend_from_slice(format!("retry: {retry}\n").as_bytes());
+        use std::io::Write;
+        // Writing to a Vec cannot fail.
+        let _ = writeln!(out, "retry: {retry}");
     }
     out.push(b'\n');
-    Ok(out)
+    Ok(())
 }
 
 /// The wire form of `sse.comment`: every line starts with ':' (added when
@@ -245,6 +261,33 @@ mod tests {
             format_event(&ev).unwrap(),
             b"event: tick\ndata: 1\nid: 7\nretry: 3000\n\n"
         );
+    }
+
+    #[test]
+    fn lines_split_at_crlf_lf_or_cr_and_keep_empty_ones() {
+        let split = |t: &str| -> Vec<String> {
+            lines(t.as_bytes())
+                .map(|l| String::from_utf8(l.to_vec()).unwrap())
+                .collect()
+        };
+        assert_eq!(split(""), [""]);
+        assert_eq!(split("a"), ["a"]);
+        assert_eq!(split("a\n"), ["a", ""]);
+        assert_eq!(split("a\r\nb"), ["a", "b"]);
+        assert_eq!(split("a\r\rb"), ["a", "", "b"], "CR CR is two breaks");
+        assert_eq!(split("a\n\rb"), ["a", "", "b"], "LF CR is two breaks");
+        assert_eq!(split("\r\n"), ["", ""]);
+        assert_eq!(split("\r"), ["", ""]);
+    }
+
+    #[test]
+    fn a_reused_buffer_holds_only_the_latest_event() {
+        let mut wire = Vec::new();
+        write_event(&event(Some("first"), "one\ntwo", Some("1")), &mut wire).unwrap();
+        write_event(&event(None, "x", None), &mut wire).unwrap();
+        assert_eq!(wire, b"data: x\n\n");
+        assert!(write_event(&event(Some("a\nb"), "x", None), &mut wire).is_err());
+        assert!(wire.is_empty(), "a refused event leaves nothing to send");
     }
 
     #[test]

@@ -841,10 +841,28 @@ pub extern "C" fn pagi_rs_sse_event(
                 retry: u64::try_from(retry).ok(),
             }
         };
-        let wire = crate::sse::format_event(&ev)?;
-        ex.body(&wire, true)
+        EVENT_WIRE.with(|cell| {
+            let mut wire = cell.borrow_mut();
+            crate::sse::write_event(&ev, &mut wire)?;
+            let outcome = ex.body(&wire, true);
+            // One huge event must not pin its buffer for the thread's life.
+            if wire.capacity() > EVENT_WIRE_KEPT {
+                *wire = Vec::new();
+            }
+            outcome
+        })
     })
 }
+
+thread_local! {
+    /// The wire form of the event `sse.send` is formatting: one buffer per
+    /// interpreter thread, reused, because streams send many small events
+    /// and `body` copies the bytes into the response's queue anyway.
+    static EVENT_WIRE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The most [`EVENT_WIRE`] keeps between events.
+const EVENT_WIRE_KEPT: usize = 64 * 1024;
 
 /// `sse.comment`.
 #[no_mangle]
