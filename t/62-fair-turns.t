@@ -16,6 +16,7 @@ use Time::HiRes qw(time sleep);
 my $app = write_app( <<'PERL', 'fair_turns_app.pl' );
 use strict; use warnings; use Future::AsyncAwait; use Time::HiRes ();
 my ($hog_state, $yields, $released) = ('idle', 0, 0);
+my @slow_turns;
 my $app = async sub {
     my ($scope, $receive, $send) = @_;
     return if $scope->{type} eq 'lifespan';
@@ -43,7 +44,31 @@ my $app = async sub {
         else      { await $send->({ type => 'http.response.body', body => "end\n", more => 0 }) }
         return;
     }
-    my $body = "hog=$hog_state yields=$yields";
+    if ($scope->{path} eq '/slowhog') {
+        # n sends, each after ms of busy work; records how many sends each
+        # turn took (a turn ends where a send does not complete at once).
+        my ($n)  = ($scope->{query_string} // '') =~ /n=(\d+)/;
+        my ($ms) = ($scope->{query_string} // '') =~ /ms=(\d+)/;
+        await $send->({ type => 'http.response.start', status => 200,
+            headers => [['content-type', 'text/plain']] });
+        my ($sends_this_turn, $turn) = (0, 0);
+        for my $i (1 .. $n) {
+            my $until = Time::HiRes::time() + $ms / 1000;
+            1 while Time::HiRes::time() < $until;
+            my $f = $send->({ type => 'http.response.body', body => "$i\n", more => 1 });
+            $sends_this_turn++;
+            if (!$f->is_ready) {
+                # A hog's first turn began before the other hog asked.
+                push @slow_turns, $sends_this_turn if $turn++;
+                $sends_this_turn = 0;
+            }
+            await $f;
+        }
+        await $send->({ type => 'http.response.body', body => "end\n", more => 0 });
+        return;
+    }
+    my $body = $scope->{path} eq '/slow-turns' ? join(',', @slow_turns)
+             : "hog=$hog_state yields=$yields";
     $released = 1 if $scope->{path} eq '/quick';
     ($hog_state, $yields) = ('idle', 0) if $scope->{path} eq '/reset';
     await $send->({ type => 'http.response.start', status => 200,
@@ -108,6 +133,25 @@ subtest 'alone, a loop is not interrupted' => sub {
     my $res = http_request( $port, 'GET', '/reset' );
     like( $res->{body}, qr/^hog=done yields=0$/, 'with nothing waiting, every send completed at once' )
       or diag $res->{body};
+};
+
+# The clock that ends a turn is read precisely only every 16 sends or once
+# the coarse clock ticked (send.c): an app whose sends each take 2 ms must
+# still be stopped a few sends past its 3 ms, not 16.
+subtest 'two apps that send slowly take turns of a few sends' => sub {
+    my @hogs;
+    for ( 1 .. 2 ) {
+        my $sock = connect_port($port);
+        $sock->syswrite( "GET /slowhog?n=60&ms=2 HTTP/1.1\r\nHost: " . host_header($port) . "\r\n\r\n" );
+        push @hogs, $sock;
+        sleep 0.05;
+    }
+    finish_hog( $_, qr/end\n\r\n0\r\n\r\n\z/ ) for @hogs;
+    my @turns = split /,/, http_request( $port, 'GET', '/slow-turns' )->{body};
+    cmp_ok( scalar @turns, '>=', 4, 'the two apps took turns' ) or diag "turns: @turns";
+    note "sends per turn: @turns";
+    my ($longest) = sort { $b <=> $a } @turns;
+    cmp_ok( $longest // 0, '<=', 10, 'no turn went on for 16 sends (32 ms)' ) or diag "turns: @turns";
 };
 
 $s->stop;
