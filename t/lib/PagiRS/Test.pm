@@ -7,6 +7,7 @@ use strict;
 use warnings;
 use Exporter 'import';
 use File::Temp qw(tempfile tempdir);
+use Cwd ();
 use File::Spec;
 use FindBin;
 use IO::Socket::INET;
@@ -42,8 +43,13 @@ my $TMP = tempdir( CLEANUP => 1 );
 # ---------------------------------------------------------------------------
 
 # The pagi-rs binary under test: $PAGI_RS_BIN, else target/release/pagi-rs.
+# A relative $PAGI_RS_BIN is taken from where the test started: tests start
+# servers in other directories, and symlink the binary elsewhere.
+my $START_DIR = Cwd::getcwd();
 sub pagi_bin {
-    return $ENV{PAGI_RS_BIN} // "$ROOT/target/release/pagi-rs";
+    return defined $ENV{PAGI_RS_BIN}
+      ? File::Spec->rel2abs( $ENV{PAGI_RS_BIN}, $START_DIR )
+      : "$ROOT/target/release/pagi-rs";
 }
 
 # Write a PAGI app (Perl source) to a temporary file; returns its path.
