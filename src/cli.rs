@@ -361,9 +361,15 @@ pub struct Options {
     #[arg(long, value_enum, value_name = "VERSION")]
     pub ssl_min_version: Option<crate::tls::MinTlsVersion>,
 
-    /// Number of Perl interpreter threads (experimental above 1: see README).
+    /// Number of Perl interpreter threads (see README for what they share).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub interpreters: usize,
+
+    /// How the kernel schedules the interpreter threads: batch
+    /// (SCHED_BATCH: a woken interpreter does not preempt the network
+    /// thread, so work gathers into larger batches) or normal.
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = crate::interp::Scheduling::Batch)]
+    pub interpreter_scheduling: crate::interp::Scheduling,
 
     /// Worker processes: 1 serves from this process; N > 1 starts a master
     /// that loads the app once and forks N workers (see README, "Workers").

@@ -70,6 +70,7 @@ pub fn serve(
         forked,
         &prepared.spec,
         runtime.handle().clone(),
+        opts.interpreter_scheduling,
     )?;
     let access_log = match &prepared.access_log {
         AccessLogDest::Off => None,

@@ -13,6 +13,8 @@ pub mod malloc;
 pub mod messages;
 mod thread;
 
+pub use thread::Scheduling;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -100,6 +102,7 @@ impl Pool {
         forked: bool,
         spec: &LoadSpec,
         runtime: tokio::runtime::Handle,
+        scheduling: thread::Scheduling,
     ) -> Result<Pool, StartupError> {
         let thread_failed = |e: std::io::Error| {
             StartupError::Interpreter(format!("cannot start interpreter thread: {e}"))
@@ -111,17 +114,30 @@ impl Pool {
             let (mailbox, handle) = match first.take() {
                 Some(loaded) => {
                     let mailbox = loaded.mailbox.clone();
-                    let handle = thread::spawn_adopted(index, loaded, tx, runtime.clone(), forked)
-                        .map_err(thread_failed)?;
+                    let handle = thread::spawn_adopted(
+                        index,
+                        loaded,
+                        tx,
+                        runtime.clone(),
+                        forked,
+                        scheduling,
+                    )
+                    .map_err(thread_failed)?;
                     (mailbox, handle)
                 }
                 None => {
                     let mailbox = Arc::new(
                         Mailbox::new().map_err(|e| StartupError::Interpreter(e.to_string()))?,
                     );
-                    let handle =
-                        thread::spawn(index, mailbox.clone(), tx, runtime.clone(), spec.clone())
-                            .map_err(thread_failed)?;
+                    let handle = thread::spawn(
+                        index,
+                        mailbox.clone(),
+                        tx,
+                        runtime.clone(),
+                        spec.clone(),
+                        scheduling,
+                    )
+                    .map_err(thread_failed)?;
                     (mailbox, handle)
                 }
             };

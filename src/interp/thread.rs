@@ -65,7 +65,13 @@ pub fn load(spec: &LoadSpec, mailbox: Arc<Mailbox>) -> Result<Loaded, StartupErr
         ));
     }
     let interp = Interp(raw);
-    match load_app(&interp, &mailbox, spec) {
+    let thread_name = ThreadName::of_this_thread();
+    let loaded = load_app(&interp, &mailbox, spec);
+    // Perl names the thread after each assignment to $0 (the loader's
+    // `local $0` ends with "-e"): what `ps`, `top -H`, `pkill` and
+    // `killall` see for the process, or for an interpreter thread.
+    thread_name.restore();
+    match loaded {
         Ok(perl_wake_fd) => Ok(Loaded {
             raw,
             mailbox,
@@ -76,6 +82,24 @@ pub fn load(spec: &LoadSpec, mailbox: Arc<Mailbox>) -> Result<Loaded, StartupErr
             unsafe { ffi::pagi_interp_free(raw) };
             Err(StartupError::AppLoad(e))
         }
+    }
+}
+
+/// A thread's name as the kernel keeps it (16 bytes with the NUL).
+struct ThreadName([u8; 16]);
+
+impl ThreadName {
+    fn of_this_thread() -> ThreadName {
+        let mut name = [0u8; 16];
+        // SAFETY: PR_GET_NAME writes at most 16 bytes into the live buffer.
+        unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+        ThreadName(name)
+    }
+
+    fn restore(&self) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+        // bytes; the buffer is 16 bytes and PR_GET_NAME terminated it.
+        unsafe { libc::prctl(libc::PR_SET_NAME, self.0.as_ptr()) };
     }
 }
 
@@ -95,6 +119,38 @@ impl Loaded {
     }
 }
 
+/// How the kernel schedules interpreter threads (`--interpreter-scheduling`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scheduling {
+    /// `SCHED_BATCH`: a woken interpreter does not preempt the thread that
+    /// woke it (the network's) but waits for its time slice or an idle
+    /// CPU, so messages gather into larger batches.  Same CPU share.
+    #[default]
+    Batch,
+    /// `SCHED_OTHER`, the kernel's default for every thread.
+    Normal,
+}
+
+impl Scheduling {
+    /// Apply to the calling thread.  A kernel that refuses leaves the
+    /// thread as it was, which is only slower.
+    fn apply_to_this_thread(self) {
+        let policy = match self {
+            Scheduling::Batch => libc::SCHED_BATCH,
+            Scheduling::Normal => return,
+        };
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 names the calling thread; param is a live struct
+        // the call only reads.
+        if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+            tracing::debug!(
+                "interpreter thread keeps the default scheduling: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Run an interpreter that was built on another thread (see [`Loaded`]) on
 /// a new interpreter thread.  `forked`: the process was forked since the
 /// load, so the loop's kernel state and rand()'s seed are renewed.
@@ -104,6 +160,7 @@ pub fn spawn_adopted(
     control: mpsc::Sender<Control>,
     runtime: tokio::runtime::Handle,
     forked: bool,
+    scheduling: Scheduling,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // This thread hands the interpreter over: a signal landing here must
     // not take it for this thread's interpreter.
@@ -113,6 +170,7 @@ pub fn spawn_adopted(
         .name(format!("perl-{index}"))
         .stack_size(STACK_SIZE)
         .spawn(move || {
+            scheduling.apply_to_this_thread();
             // SAFETY: the interpreter moved to this thread, which alone uses
             // it from now on.
             unsafe { ffi::pagi_interp_adopt(loaded.raw, c_int::from(forked)) };
@@ -138,12 +196,14 @@ pub fn spawn(
     control: mpsc::Sender<Control>,
     runtime: tokio::runtime::Handle,
     spec: LoadSpec,
+    scheduling: Scheduling,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("perl-{index}"))
         .stack_size(STACK_SIZE)
         .spawn(move || match load(&spec, mailbox) {
             Ok(loaded) => {
+                scheduling.apply_to_this_thread();
                 let _ = control.send(Control::Loaded(Ok(())));
                 serve_loop(loaded, control, runtime);
             }

@@ -1,0 +1,80 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use PagiRS::Test;
+
+# What the kernel sees of the interpreter threads, in
+# /proc/PID/task/TID/stat: their names (perl-N; the process keeps its own,
+# though Perl renames a thread whenever $0 is assigned), and their policy
+# (--interpreter-scheduling: field 41, 0 SCHED_OTHER, 3 SCHED_BATCH unless
+# told `normal`; the network's threads keep the default).
+
+plan skip_all => 'needs /proc' unless -d "/proc/$$/task";
+
+my $app = write_app( <<'PERL', 'sched_app.pl' );
+use strict; use warnings; use Future::AsyncAwait;
+async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} eq 'lifespan';
+    await $send->({ type => 'http.response.start', status => 200, headers => [] });
+    await $send->({ type => 'http.response.body', body => 'ok' });
+};
+PERL
+
+# thread name => [ policies ], for every thread of $pid.
+sub policies {
+    my ($pid) = @_;
+    my %by_name;
+    for my $task ( glob "/proc/$pid/task/*" ) {
+        open my $fh, '<', "$task/stat" or next;
+        my $stat = <$fh>;
+        # The name is in parentheses and may hold spaces: split after it.
+        my ( $name, $rest ) = $stat =~ /\((.*)\)\s+(.*)/s or next;
+        my @fields = split ' ', $rest;    # field 3 (state) is $fields[0]
+        push @{ $by_name{$name} }, $fields[ 41 - 3 ];
+    }
+    return \%by_name;
+}
+
+for my $case ( [ [], 3, 1, 'by default' ], [ [ '--interpreter-scheduling', 'normal' ], 0, 1, 'with normal' ],
+    [ [ '--interpreters', 2 ], 3, 2, 'every interpreter of several' ] )
+{
+    my ( $args, $want, $count, $what ) = @$case;
+    subtest $what => sub {
+        my $s = start_server( @$args, $app );
+        is http_request( $s->port, 'GET', '/' )->{status}, 200, 'serves';
+        my $p = policies( $s->pid );
+        my @perl = map { @{ $p->{$_} } } grep { /^perl-\d+$/ } keys %$p;
+        is scalar @perl, $count, "found the $count interpreter thread(s)" or diag explain $p;
+        is scalar( grep { $_ != $want } @perl ), 0, "interpreter threads have policy $want"
+          or diag explain $p;
+        my @network = @{ $p->{'tokio-rt-worker'} // [] };
+        ok scalar @network, 'found the network threads';
+        is scalar( grep { $_ != 0 } @network ), 0, 'network threads keep the default';
+        $s->stop;
+    };
+}
+
+# What ps, top, pkill and killall show: the executable's name, cut to the
+# kernel's 15 bytes.
+( my $comm = ( split m{/}, pagi_bin() )[-1] ) =~ s/^(.{15}).*/$1/s;
+for my $args ( [], [ '-w', 2 ] ) {
+    subtest "the process keeps its name (@$args)" => sub {
+        my $s = start_server( @$args, $app );
+        is http_request( $s->port, 'GET', '/' )->{status}, 200, 'serves';
+        my $pid = $s->pid;
+        my @family = ( $pid, grep { ( ( split ' ', ( slurp("/proc/$_/stat") =~ /\)\s+(.*)/s )[0] )[1] // 0 ) == $pid }
+              map { m{/proc/(\d+)$} ? $1 : () } glob '/proc/[0-9]*' );
+        is scalar @family, 1 + ( @$args ? 2 : 0 ), 'found the process (and its workers)';
+        is slurp("/proc/$_/comm"), "$comm\n", "process $_ is named $comm" for @family;
+        $s->stop;
+    };
+}
+
+my ( $code, $err ) = run_pagi( '--interpreter-scheduling', 'fifo', $app );
+is $code, 2, 'an unknown policy is a usage error';
+like $err, qr/batch.*normal|possible values/si, '...naming the choices';
+
+done_testing;
