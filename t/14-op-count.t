@@ -64,6 +64,13 @@ ok defined $before && defined $after, "the app's loop statement is among the bus
 # at least 1,000 ops to that statement.
 cmp_ok $after - $before, '>=', 10 * 1000, "ten more requests add at least 10,000 ops to it ($before -> $after)";
 
+# The app's async sub finishes without waiting: its Future comes from C
+# (pending.c's Future->AWAIT_NEW_DONE), and http_app.c reads that it is
+# done from the object.  Through Future::PP they were 74 ops per request.
+my ( $pp_few, $pp_many ) = map { ops_of_file( $_, 'Future/PP.pm' ) } $few, $many;
+cmp_ok $pp_many - $pp_few, '<', 10 * 5,
+  "ten more requests run almost no Perl of Future::PP ($pp_few -> $pp_many ops)";
+
 # A WebSocket message that a receive waits for is handed to the app from C
 # (websocket.c, request.c): WebSocket.pm runs no Perl for it.  Before, its
 # _on_message and _receive ran about 80 ops per message (and Bridge.pm's

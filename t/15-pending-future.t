@@ -228,4 +228,51 @@ ok( !$f->is_ready, 'pending when made' );
     ok( $p->is_done, 'and it settles' );
 }
 
+# The Future of an async sub that finished without waiting
+# (Future->AWAIT_NEW_DONE; inside pagi-rs made in C, pending.c) is
+# Future's own in every way.
+{
+    if ( $lean && defined &PAGI::RS::Pending::_c_new ) {
+        is( Future->can('AWAIT_NEW_DONE'), \&PAGI::RS::Pending::_c_new_done, 'AWAIT_NEW_DONE is C' );
+    }
+    my $ref = [1];
+    my $x   = 'a';
+    my $f   = ( async sub { return ( $x, undef, $ref ) } )->();
+    $x = 'changed';
+    is( ref $f, 'Future', 'a plain Future' );
+    ok( $f->is_done && !$f->is_failed && !$f->is_cancelled, 'done' );
+    my @got = $f->get;
+    is( scalar @got, 3, 'with every value' );
+    is( $got[0], 'a', 'copied when returned' );
+    ok( !defined $got[1], 'undef kept' );
+    is( $got[2], $ref, 'the same reference' );
+    is( scalar $f->get, 'a', 'the first in scalar context' );
+    my $none = ( async sub { return } )->();
+    ok( $none->is_done, 'nothing returned: still done' );
+    is_deeply( [ $none->get ], [], 'with no values' );
+    my $seen;
+    $f->on_done( sub { $seen = $_[0] } );
+    is( $seen, 'a', 'on_done runs at once on it' );
+    is( $f->then( sub { Future->done("$_[0]!") } )->get, 'a!', '->then chains from it' );
+    my $outer = ( async sub { my ($v) = await( ( async sub { return 'inner' } )->() ); return "$v outer" } )->();
+    is( $outer->get, 'inner outer', 'an async sub awaits another that did not wait' );
+
+    {
+        package My::Future;
+        our @ISA = ('Future');
+        our $made = 0;
+        sub done { $made++; return shift->SUPER::done(@_) }
+    }
+    my $mine = My::Future->AWAIT_NEW_DONE(7);
+    isa_ok( $mine, 'My::Future', 'a subclass asking' );
+    is( $My::Future::made, 1, "gets its own done" );
+    is( $mine->get, 7, 'with the value' );
+
+    if ( Future->new->isa('Future::PP') ) {
+        local $Future::TIMES = 1;
+        my $timed = ( async sub { return 1 } )->();
+        ok( $timed->btime, 'Future::TIMES: made by Future itself, with its times' );
+    }
+}
+
 done_testing;

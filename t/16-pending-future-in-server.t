@@ -46,5 +46,6 @@ ok $plan, 't/15 ran to its end inside the server' or diag $out;
 is scalar @not_ok, 0, 'no check failed' or diag join "\n", @not_ok, $out;
 is scalar @ok, $plan // -1, 'every check passed';
 ok( ( grep { /installed, in C/ } @ok ), 'with the C versions installed' ) or diag $out;
+ok( ( grep { /AWAIT_NEW_DONE is C/ } @ok ), 'Future->AWAIT_NEW_DONE among them' ) or diag $out;
 
 done_testing;

@@ -253,6 +253,8 @@ XS(xs_pending_is_ready);
 XS(xs_pending_is_cancelled);
 XS(xs_pending_get);
 XS(xs_pending_chain_cancel);
+XS(xs_future_new_done);
+int future_plain_is_done(pTHX_ SV *f);
 XS(xs_next_message);    /* request.c */
 XS(xs_wake_ack);
 XS(xs_response_start);  /* response.c */

@@ -84,12 +84,17 @@ static void call_perl_half(pTHX_ GV *gv, SV *self, SV *a, SV *b)
     call_sv((SV *)sub_of(aTHX_ gv), G_DISCARD | G_VOID);
 }
 
-/* Is `f` a Future that is done (not failed, not cancelled)?  Asked of the
- * object itself (is_done), as its class may be any Future subclass. */
+/* Is `f` a Future that is done (not failed, not cancelled)?  A plain
+ * Future (what an async sub that did not wait returns) is read directly
+ * (pending.c); any other is asked (is_done), as its class may be any
+ * Future subclass. */
 static int is_done_future(pTHX_ SV *f)
 {
     dSP;
-    int count, done = 0;
+    int count, done = future_plain_is_done(aTHX_ f);
+    if (done >= 0)
+        return done;
+    done = 0;
     if (!SvROK(f) || !SvOBJECT(SvRV(f)) || !sv_derived_from_pvn(f, "Future", 6, 0))
         return 0;
     PUSHMARK(SP);

@@ -19,6 +19,7 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::Pending::_c_is_cancelled", xs_pending_is_cancelled, file);
     newXS("PAGI::RS::Pending::_c_get", xs_pending_get, file);
     newXS("PAGI::RS::Pending::_c_chain_cancel", xs_pending_chain_cancel, file);
+    newXS("PAGI::RS::Pending::_c_new_done", xs_future_new_done, file);
     newXS("PAGI::RS::_wake_ack", xs_wake_ack, file);
     newXS("PAGI::RS::_start", xs_response_start, file);
     newXS("PAGI::RS::_body", xs_response_body, file);

@@ -13,11 +13,12 @@
  */
 #include "glue.h"
 
-enum { P_NEW, P_CLONE, P_DONE, P_ON_READY, P_GET, P_CHAIN_CANCEL, P_COUNT };
+enum { P_NEW, P_CLONE, P_DONE, P_ON_READY, P_GET, P_CHAIN_CANCEL, P_NEW_DONE, P_COUNT };
 
 typedef struct {
     PerlInterpreter *owner;
     HV *stash;          /* PAGI::RS::Pending */
+    HV *future_stash;   /* Future */
     IV cb_ready;        /* Future::PP's flags for an on_ready callback */
     CV *plain_wrap;     /* Future::wrap_cb as it was at setup */
     GV *wrap_gv;        /* *Future::wrap_cb, to see whether it changed */
@@ -39,12 +40,15 @@ static void load_state(pTHX)
         "PAGI::RS::Pending::_perl_new",      "PAGI::RS::Pending::_perl_clone",
         "PAGI::RS::Pending::_perl_done",     "PAGI::RS::Pending::_lean_on_ready",
         "PAGI::RS::Pending::_lean_get",      "PAGI::RS::Pending::_lean_chain_cancel",
+        "PAGI::RS::Pending::_perl_new_done",
     };
     SV *wrap = get_sv("PAGI::RS::Pending::C_PLAIN_WRAP", GV_ADD);
     int i;
     for (i = 0; i < P_COUNT; i++) {
         P.perl[i] = get_cv(perl_names[i], 0);
-        if (!P.perl[i])
+        /* AWAIT_NEW_DONE's may be missing: setup() leaves it out when
+         * something else already defined Future::AWAIT_NEW_DONE. */
+        if (!P.perl[i] && i != P_NEW_DONE)
             croak("PAGI::RS::Pending: %s is missing (setup() installs the C methods)", perl_names[i]);
     }
     P.cancel_awaited = get_cv("PAGI::RS::Pending::_cancel_awaited", 0);
@@ -55,6 +59,7 @@ static void load_state(pTHX)
     P.wrap_gv = gv_fetchpvs("Future::wrap_cb", GV_ADD, SVt_PVCV);
     P.times_gv = gv_fetchpvs("Future::TIMES", GV_ADD, SVt_PV);
     P.stash = gv_stashpvs("PAGI::RS::Pending", GV_ADD);
+    P.future_stash = gv_stashpvs("Future", GV_ADD);
     P.owner = aTHX;
 }
 
@@ -161,6 +166,55 @@ XS(xs_pending_clone)
     loop = hv_fetchs(hv, "u_loop", 0);
     ST(0) = build(aTHX_ loop ? *loop : &PL_sv_undef);
     XSRETURN(1);
+}
+
+/* Future->AWAIT_NEW_DONE(@result): the Future that Future::AsyncAwait
+ * returns for every call of an async sub that finished without waiting
+ * (an app, a middleware layer, a helper).  Future::PP makes it through
+ * three method calls, about 70 Perl ops; this builds what they build,
+ * { ready => 1, callbacks => [], result => [@result] } blessed into Future.
+ * A subclass (which may have its own new or done), an instance (the
+ * method is also reachable as one) or $Future::TIMES goes to Future's own
+ * method. */
+XS(xs_future_new_done)
+{
+    dXSARGS;
+    HV *hv;
+    AV *result;
+    I32 i;
+    if (!state_ready(aTHX) || !P.perl[P_NEW_DONE])
+        croak("PAGI::RS::Pending: _c_new_done is installed only by setup()");
+    if (items < 1 || SvROK(ST(0)) || future_times(aTHX) || !strEQ(SvPV_nolen(ST(0)), "Future"))
+        REDIRECT(P_NEW_DONE);
+    result = newAV();
+    if (items > 1)
+        av_extend(result, items - 2);
+    for (i = 1; i < items; i++)
+        av_push(result, newSVsv(ST(i)));
+    hv = newHV();
+    (void)hv_stores(hv, "ready", newSViv(1));
+    (void)hv_stores(hv, "callbacks", newRV_noinc((SV *)newAV()));
+    (void)hv_stores(hv, "result", newRV_noinc((SV *)result));
+    ST(0) = sv_bless(sv_2mortal(newRV_noinc((SV *)hv)), P.future_stash);
+    XSRETURN(1);
+}
+
+/* For http_app.c: is `f` done, read from the object as Future::PP's
+ * is_done reads it, when it is blessed into Future itself and setup()
+ * found that layout (the C methods are installed)?  -1: only its own
+ * is_done method can say. */
+int future_plain_is_done(pTHX_ SV *f)
+{
+    HV *hv;
+    if (P.owner != aTHX) {
+        if (!get_cv("PAGI::RS::Pending::_perl_new", 0))
+            return -1;
+        load_state(aTHX);
+    }
+    if (!SvROK(f) || SvTYPE(SvRV(f)) != SVt_PVHV || !SvOBJECT(SvRV(f)) || SvSTASH(SvRV(f)) != P.future_stash)
+        return -1;
+    hv = (HV *)SvRV(f);
+    return FIELD_TRUE(hv, "ready") && !FIELD_TRUE(hv, "failure") && !FIELD_TRUE(hv, "cancelled");
 }
 
 /* A callbacks entry Future::PP's _mark_ready would run as a plain on_ready
