@@ -365,10 +365,11 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub interpreters: usize,
 
-    /// How the kernel schedules the interpreter threads: batch
-    /// (SCHED_BATCH: a woken interpreter does not preempt the network
-    /// thread, so work gathers into larger batches) or normal.
-    #[arg(long, value_enum, value_name = "POLICY", default_value_t = crate::interp::Scheduling::Batch)]
+    /// How the kernel schedules the interpreter threads: adaptive
+    /// (SCHED_BATCH while busy: a woken interpreter does not preempt the
+    /// network thread, so work gathers into larger batches; the default
+    /// policy while requests come one at a time), batch or normal.
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = crate::interp::Scheduling::Adaptive)]
     pub interpreter_scheduling: crate::interp::Scheduling,
 
     /// Worker processes: 1 serves from this process; N > 1 starts a master

@@ -8,8 +8,9 @@ use PagiRS::Test;
 # What the kernel sees of the interpreter threads, in
 # /proc/PID/task/TID/stat: their names (perl-N; the process keeps its own,
 # though Perl renames a thread whenever $0 is assigned), and their policy
-# (--interpreter-scheduling: field 41, 0 SCHED_OTHER, 3 SCHED_BATCH unless
-# told `normal`; the network's threads keep the default).
+# (--interpreter-scheduling: field 41, 0 SCHED_OTHER, 3 SCHED_BATCH; batch
+# always with `batch`, never with `normal`, and by default while requests
+# arrive together; the network's threads keep the default).
 
 plan skip_all => 'needs /proc' unless -d "/proc/$$/task";
 
@@ -43,8 +44,10 @@ sub policies {
     return \%by_name;
 }
 
-for my $case ( [ [], 3, 1, 'by default' ], [ [ '--interpreter-scheduling', 'normal' ], 0, 1, 'with normal' ],
-    [ [ '--interpreters', 2 ], 3, 2, 'every interpreter of several' ] )
+for my $case ( [ [ '--interpreter-scheduling', 'batch' ], 3, 1, 'with batch' ],
+    [ [ '--interpreter-scheduling', 'normal' ], 0, 1, 'with normal' ],
+    [ [ '--interpreter-scheduling', 'batch', '--interpreters', 2 ], 3, 2, 'every interpreter of several' ],
+    [ [], 0, 1, 'by default, while requests come one at a time' ] )
 {
     my ( $args, $want, $count, $what ) = @$case;
     subtest $what => sub {
@@ -62,6 +65,41 @@ for my $case ( [ [], 3, 1, 'by default' ], [ [ '--interpreter-scheduling', 'norm
         $s->stop;
     };
 }
+
+# The default follows the load: several requests at once, again and
+# again, turn the interpreter batch; requests one at a time turn it back.
+sub interpreter_policy {
+    my ($pid) = @_;
+    my $p = policies($pid);
+    return $p->{'perl-0'}[0];
+}
+
+sub burst {
+    my ( $port, $n ) = @_;
+    my @socks = map { connect_port($port) } 1 .. $n;
+    $_->syswrite( "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" ) for @socks;
+    read_sock( $_, qr/ok\z/, 5 ) for @socks;
+    close $_ for @socks;
+}
+
+subtest 'by default, batch while requests arrive together, and back' => sub {
+    plan skip_all => 'this kernel refuses SCHED_BATCH (chrt -b failed)' unless $batch_allowed;
+    my $s = start_server($app);
+    is interpreter_policy( $s->pid ), 0, 'idle: the default policy';
+    my $rounds = 0;
+    while ( $rounds++ < 100 ) {
+        burst( $s->port, 20 );
+        last if interpreter_policy( $s->pid ) == 3;
+    }
+    is interpreter_policy( $s->pid ), 3, "batch after bursts of 20 requests ($rounds rounds)";
+    my $requests = 0;
+    while ( $requests++ < 400 ) {
+        http_request( $s->port, 'GET', '/' );
+        last if interpreter_policy( $s->pid ) == 0;
+    }
+    is interpreter_policy( $s->pid ), 0, "the default again after requests one at a time ($requests)";
+    $s->stop;
+};
 
 # What ps, top, pkill and killall show: the executable's name, cut to the
 # kernel's 15 bytes.

@@ -178,6 +178,7 @@ unsafe fn header_pairs<'a>(hdrs: *const PagiStr, n: usize) -> Vec<(&'a [u8], &'a
 pub extern "C" fn pagi_rs_wake_ack() -> c_int {
     with_ctx(0, |ctx| {
         let n = ctx.mailbox.take_all(&mut ctx.inbox);
+        crate::interp::scheduling::took_messages(n);
         if n > 0 {
             crate::exchange::wakeups::hold();
         } else {

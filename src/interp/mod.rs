@@ -11,9 +11,10 @@ pub mod lent;
 pub mod mailbox;
 pub mod malloc;
 pub mod messages;
+pub mod scheduling;
 mod thread;
 
-pub use thread::Scheduling;
+pub use scheduling::Scheduling;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -102,7 +103,7 @@ impl Pool {
         forked: bool,
         spec: &LoadSpec,
         runtime: tokio::runtime::Handle,
-        scheduling: thread::Scheduling,
+        scheduling: Scheduling,
     ) -> Result<Pool, StartupError> {
         let thread_failed = |e: std::io::Error| {
             StartupError::Interpreter(format!("cannot start interpreter thread: {e}"))

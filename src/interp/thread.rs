@@ -13,6 +13,7 @@ use super::embedded::BOOTSTRAP;
 use super::exports;
 use super::ffi::{self, PagiStr, PerlInterpreter};
 use super::mailbox::Mailbox;
+use super::scheduling::Scheduling;
 use super::{Control, LoadSpec};
 use crate::cli::AppSpec;
 use crate::error::StartupError;
@@ -116,38 +117,6 @@ impl Loaded {
     pub fn flush_before_fork(&self) {
         // SAFETY: the interpreter is live and only this thread uses it.
         unsafe { ffi::pagi_interp_flush_before_fork(self.raw) }
-    }
-}
-
-/// How the kernel schedules interpreter threads (`--interpreter-scheduling`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Scheduling {
-    /// `SCHED_BATCH`: a woken interpreter does not preempt the thread that
-    /// woke it (the network's) but waits for its time slice or an idle
-    /// CPU, so messages gather into larger batches.  Same CPU share.
-    #[default]
-    Batch,
-    /// `SCHED_OTHER`, the kernel's default for every thread.
-    Normal,
-}
-
-impl Scheduling {
-    /// Apply to the calling thread.  A kernel that refuses leaves the
-    /// thread as it was, which is only slower.
-    fn apply_to_this_thread(self) {
-        let policy = match self {
-            Scheduling::Batch => libc::SCHED_BATCH,
-            Scheduling::Normal => return,
-        };
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: pid 0 names the calling thread; param is a live struct
-        // the call only reads.
-        if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
-            tracing::debug!(
-                "interpreter thread keeps the default scheduling: {}",
-                std::io::Error::last_os_error()
-            );
-        }
     }
 }
 
