@@ -58,7 +58,7 @@ impl Exchange {
         st.long_lived = true;
         let head = Self::take_head(&mut st);
         drop(st);
-        Self::send_head(head);
+        self.send_head(head);
         Ok(outcome)
     }
 
@@ -152,9 +152,18 @@ impl Exchange {
 
     /// Hand the network task the response head (at the end of the
     /// interpreter's batch when called from it: see `wakeups`).
-    pub(super) fn send_head(head: Option<(oneshot::Sender<Head>, Head)>) {
+    pub(super) fn send_head(&self, head: Option<(oneshot::Sender<Head>, Head)>) {
         if let Some((tx, head)) = head {
-            super::wakeups::send_head(tx, head);
+            super::wakeups::send_head(tx, head, self.hold());
+        }
+    }
+
+    /// How long the interpreter may hold this exchange's wake-ups.
+    pub(super) fn hold(&self) -> super::wakeups::Hold {
+        if self.facts.http_version == "2" {
+            super::wakeups::Hold::Batch
+        } else {
+            super::wakeups::Hold::Brief
         }
     }
 
@@ -229,9 +238,9 @@ impl Exchange {
         let waker = st.waker.take();
         self.deliver_if_done(st);
         self.mark_progress();
-        Self::send_head(head);
+        self.send_head(head);
         if let Some(w) = waker {
-            super::wakeups::wake(w);
+            super::wakeups::wake(w, self.hold());
         }
         Ok(outcome)
     }
@@ -276,9 +285,9 @@ impl Exchange {
         let waker = st.waker.take();
         self.deliver_if_done(st);
         self.mark_progress();
-        Self::send_head(head);
+        self.send_head(head);
         if let Some(w) = waker {
-            super::wakeups::wake(w);
+            super::wakeups::wake(w, self.hold());
         }
         Ok(SendOutcome::Ready)
     }
@@ -297,7 +306,7 @@ impl Exchange {
             SendOutcome::Deferred
         };
         drop(st);
-        Self::send_head(head);
+        self.send_head(head);
         outcome
     }
 
@@ -320,7 +329,7 @@ impl Exchange {
             Phase::Finished => {
                 let head = Self::take_head(&mut st);
                 drop(st);
-                Self::send_head(head);
+                self.send_head(head);
                 if let Some(e) = err {
                     tracing::error!("PAGI application error (after response complete): {e}");
                 }
@@ -369,7 +378,7 @@ impl Exchange {
                 let waker = st.waker.take();
                 drop(st);
                 if let Some(w) = waker {
-                    super::wakeups::wake(w);
+                    super::wakeups::wake(w, self.hold());
                 }
                 FinishOutcome::Clean
             }
@@ -402,9 +411,9 @@ impl Exchange {
                 let head = Self::take_head(&mut st);
                 let waker = st.waker.take();
                 drop(st);
-                Self::send_head(head);
+                self.send_head(head);
                 if let Some(w) = waker {
-                    super::wakeups::wake(w);
+                    super::wakeups::wake(w, self.hold());
                 }
                 self.progress.notify_waiters();
                 self.ended.notify_waiters();

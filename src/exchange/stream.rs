@@ -65,10 +65,10 @@ impl Exchange {
                     let head = Self::take_head(&mut st);
                     let waker = st.waker.take();
                     drop(st);
-                    Self::send_head(head);
+                    self.send_head(head);
                     self.mark_progress();
                     if let Some(w) = waker {
-                        super::wakeups::wake(w);
+                        super::wakeups::wake(w, self.hold());
                     }
                     return Streamed::Queued;
                 }
@@ -91,9 +91,9 @@ impl Exchange {
         let head = Self::take_head(&mut st);
         let waker = st.waker.take();
         self.deliver_if_done(st);
-        Self::send_head(head);
+        self.send_head(head);
         if let Some(w) = waker {
-            super::wakeups::wake(w);
+            super::wakeups::wake(w, self.hold());
         }
     }
 }

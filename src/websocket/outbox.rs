@@ -58,7 +58,7 @@ impl<T> OutboxSender<T> {
             q.waker.take()
         };
         if let Some(w) = waker {
-            crate::exchange::wakeups::wake(w);
+            crate::exchange::wakeups::wake(w, crate::exchange::wakeups::Hold::Brief);
         }
     }
 }
