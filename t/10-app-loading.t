@@ -270,7 +270,7 @@ PERL
     $s->stop('TERM');
 };
 
-subtest '$0 is localised so FindBin finds the app directory' => sub {
+subtest '$0 is localised so FindBin finds the app directory, then the server' => sub {
     my $dir = "$TMP/fbapp";
     spew( "$dir/lib/Test/Sibling.pm", "package Test::Sibling; sub v { 'sibling' } 1;\n" );
     spew( "$dir/app.pl", <<'PERL' );
@@ -283,7 +283,7 @@ my $app = async sub {
     my ($scope, $receive, $send) = @_;
     return if $scope->{type} eq 'lifespan';
     await $send->({type => 'http.response.start', status => 200, headers => [['content-type','application/json']]});
-    await $send->({type => 'http.response.body', body => JSON::PP->new->canonical->encode(\%seen), more => 0});
+    await $send->({type => 'http.response.body', body => JSON::PP->new->canonical->encode({%seen, now => $0}), more => 0});
 };
 $app;
 PERL
@@ -295,6 +295,7 @@ PERL
     is $got->{sibling}, 'sibling', 'use lib "$FindBin::Bin/lib" loaded a sibling module';
     ok defined $got->{zero} && File::Spec->file_name_is_absolute( $got->{zero} ) && $got->{zero} =~ m{fbapp/app\.pl\z},
       '$0 is the absolute path of the app file' or diag "got \$0 = " . ( $got->{zero} // 'undef' );
+    is $got->{now}, pagi_bin(), 'once loaded, $0 is the server as invoked (not -e)';
     $s->stop('TERM');
 };
 

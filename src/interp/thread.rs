@@ -276,6 +276,14 @@ fn load_app(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<RawFd
         AppSpec::Inline(code) => ("inline", code.as_str()),
     };
     let mut args: Vec<Vec<u8>> = vec![kind.into(), what.into()];
+    // `$0` outside the app file's loading: the server as it was invoked,
+    // as the reference's is its own script (`perl_parse` left "-e").
+    if let Some(program) = std::env::args_os().next() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut arg = b"P".to_vec();
+        arg.extend_from_slice(program.as_bytes());
+        args.push(arg);
+    }
     for i in &spec.include {
         args.push(format!("I{i}").into_bytes());
     }

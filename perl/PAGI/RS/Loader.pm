@@ -1,7 +1,8 @@
 package PAGI::RS::Loader;
 
 # Loads the application the way the reference runner does: a file that
-# returns an app (with $0 localised for FindBin), a module constructed with
+# returns an app (with $0 localised for FindBin; otherwise $0 is the
+# server's program name, option P), a module constructed with
 # key=value arguments, or -e code after -M modules.  Every failure dies with
 # a message naming what failed, before the server binds a port.
 
@@ -19,6 +20,7 @@ sub load {
         if    ( $tag eq 'I' ) { push @inc, $value }
         elsif ( $tag eq 'M' ) { push @modules, $value }
         elsif ( $tag eq 'L' ) { $lint = 1 }
+        elsif ( $tag eq 'P' ) { $0 = $value }
         elsif ( $tag eq 'A' ) {
             my ( $k, $v ) = split /=/, $value, 2;
             $args{$k} = $v;
