@@ -67,7 +67,9 @@ sub run_app {
     return;
 }
 
-# The application's call returned $f, or died with $err.
+# The application's call returned $f, or died with $err.  (http_app.c ends
+# the request itself when $f is done, and waits for a pending $f itself;
+# it calls _app_ready for a Future that failed or was cancelled.)
 sub _app_returned {
     my ( $self, $f, $err ) = @_;
     if ( !defined $f ) {

@@ -191,6 +191,7 @@ typedef struct {
     GV *ws_receive_gv;   /* PAGI::RS::WebSocket::_receive */
     GV *app_returned_gv; /* PAGI::RS::HTTP::_app_returned */
     GV *app_done_gv;     /* PAGI::RS::HTTP::_app_done */
+    GV *app_ready_gv;    /* PAGI::RS::HTTP::_app_ready */
     GV *finished_gv;     /* PAGI::RS::HTTP::_finished */
     GV *yield_turn_gv;   /* PAGI::RS::HTTP::_yield_turn */
     SV *keys[K_COUNT];
@@ -255,6 +256,7 @@ XS(xs_pending_get);
 XS(xs_pending_chain_cancel);
 XS(xs_future_new_done);
 int future_plain_is_done(pTHX_ SV *f);
+int future_plain_is_pending(pTHX_ SV *f);
 XS(xs_next_message);    /* request.c */
 XS(xs_wake_ack);
 XS(xs_response_start);  /* response.c */

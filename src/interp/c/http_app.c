@@ -1,10 +1,11 @@
 /*
  * Running an http application: its call, $receive, and the end of the
- * request when the app's Future is already done as it returns, which is
- * how most requests end (the app awaited only sends that completed at
- * once).  This path runs for every request, so it is C; anything less
- * common is handed to HTTP.pm (_app_returned, _app_done, _finished), which
- * holds the rules this file only short-cuts.
+ * request when the app's Future is done, either as it returns (the app
+ * awaited only sends that completed at once) or later (it awaited
+ * something else first).  This path runs for every request, so it is C;
+ * anything less common (a failure, a cancellation, callbacks waiting for
+ * the end) is handed to HTTP.pm (_app_returned, _app_ready, _app_done,
+ * _finished), which holds the rules this file only short-cuts.
  */
 #include "glue.h"
 
@@ -136,6 +137,66 @@ static void app_done(pTHX_ interp_lookups *L, SV *self)
     }
 }
 
+/* ---- an app that returned a pending Future --------------------------------
+ * HTTP.pm's _app_returned and _app_ready for the usual case, the app
+ * awaiting something (a database, a timer, the request body) before it
+ * finishes: about 200 Perl ops per request through the Perl halves. */
+static MGVTBL app_end_vtbl; /* marks our magic; no callbacks */
+
+/* Is `f` a Future still pending?  1 yes, 0 anything else (a non-Future,
+ * or a Future already ready: HTTP.pm decides those). */
+static int is_pending_future(pTHX_ SV *f)
+{
+    dSP;
+    int count, pending = future_plain_is_pending(aTHX_ f);
+    if (pending >= 0)
+        return pending;
+    if (!SvROK(f) || !SvOBJECT(SvRV(f)) || !sv_derived_from_pvn(f, "Future", 6, 0))
+        return 0;
+    PUSHMARK(SP);
+    XPUSHs(f);
+    PUTBACK;
+    count = call_method("is_ready", G_SCALAR);
+    SPAGAIN;
+    pending = count > 0 && !SvTRUE(POPs);
+    PUTBACK;
+    return pending;
+}
+
+/* The on_ready callback of the app's Future, bound to the request. */
+XS(xs_app_ended)
+{
+    dXSARGS;
+    SV *self = bound_request(aTHX_ cv, &app_end_vtbl);
+    interp_lookups *L = the_lookups(aTHX);
+    /* Own both before the slot lets go of the Future: it may have held the
+     * last reference, and the request may go with it too. */
+    SV *f = sv_2mortal(newSVsv(items > 0 ? ST(0) : &PL_sv_undef));
+    self = sv_2mortal(newSVsv(self));
+    av_store((AV *)SvRV(self), SLOT_APP_FUTURE, newSV(0));
+    if (SvOK(f) && is_done_future(aTHX_ f))
+        app_done(aTHX_ L, self);
+    else
+        /* Failed or cancelled: HTTP.pm says why. */
+        call_perl_half(aTHX_ L->app_ready_gv, self, f, NULL);
+    XSRETURN_EMPTY;
+}
+
+/* Keep the app's pending Future alive (nothing else may hold it) and hear
+ * when it is ready. */
+static void await_app(pTHX_ SV *self, SV *f)
+{
+    dSP;
+    SV *cb = sv_2mortal(new_bound_xsub(aTHX_ xs_app_ended, &app_end_vtbl, (AV *)SvRV(self)));
+    av_store((AV *)SvRV(self), SLOT_APP_FUTURE, newSVsv(f));
+    PUSHMARK(SP);
+    EXTEND(SP, 2);
+    PUSHs(f);
+    PUSHs(cb);
+    PUTBACK;
+    call_method("on_ready", G_DISCARD | G_VOID);
+}
+
 /* Run the application for the http request `self` with its scope and $send
  * (HTTP.pm's run_app, whose Perl version SSE and WebSocket requests use). */
 void run_http_app(pTHX_ interp_lookups *L, SV *self, SV *scope, SV *send)
@@ -156,6 +217,8 @@ void run_http_app(pTHX_ interp_lookups *L, SV *self, SV *scope, SV *send)
     PUTBACK;
     if (SvOK(f) && is_done_future(aTHX_ f))
         app_done(aTHX_ L, self);
+    else if (SvOK(f) && is_pending_future(aTHX_ f))
+        await_app(aTHX_ self, f);
     else
         /* Died ($@ says why), returned something else, or a Future that is
          * still pending or failed: HTTP.pm decides. */

@@ -40,6 +40,7 @@ interp_lookups *the_lookups(pTHX)
     lookups.ws_receive_gv = gv_fetchpvs("PAGI::RS::WebSocket::_receive", GV_ADD, SVt_PVCV);
     lookups.app_returned_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_returned", GV_ADD, SVt_PVCV);
     lookups.app_done_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_done", GV_ADD, SVt_PVCV);
+    lookups.app_ready_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_ready", GV_ADD, SVt_PVCV);
     lookups.finished_gv = gv_fetchpvs("PAGI::RS::HTTP::_finished", GV_ADD, SVt_PVCV);
     lookups.yield_turn_gv = gv_fetchpvs("PAGI::RS::HTTP::_yield_turn", GV_ADD, SVt_PVCV);
     /* Set once by Bridge::init, before any request exists. */

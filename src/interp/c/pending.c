@@ -217,6 +217,15 @@ int future_plain_is_done(pTHX_ SV *f)
     return FIELD_TRUE(hv, "ready") && !FIELD_TRUE(hv, "failure") && !FIELD_TRUE(hv, "cancelled");
 }
 
+/* As future_plain_is_done, for "still pending": 1, 0, or -1 when `f` is not
+ * a plain Future. */
+int future_plain_is_pending(pTHX_ SV *f)
+{
+    if (future_plain_is_done(aTHX_ f) < 0)
+        return -1;
+    return !FIELD_TRUE((HV *)SvRV(f), "ready");
+}
+
 /* A callbacks entry Future::PP's _mark_ready would run as a plain on_ready
  * callback: [CB_ALWAYS|CB_SELF, an unblessed coderef]. */
 static int plain_on_ready(pTHX_ SV *entry)
