@@ -198,6 +198,18 @@ refused( '--max-header-count 5 with 6 headers',
 }
 is $small->stop('TERM'), 0, 'small-limit server: SIGTERM exits 0';
 
+# Above hyper's own default of 100, the limit is ours too.
+my $large = start_server( '--no-access-log', '--max-header-count', 200, $app );
+{
+    my ( $raw, $closed ) = exchange( "GET /many150 HTTP/1.1\r\n$H" . join( '', map {"X-H$_: v\r\n"} 1 .. 148 ) . "Connection: close\r\n\r\n",
+        port => $large->port );
+    like $raw, qr{^HTTP/1\.1 200 .*ok GET /many150}s, '--max-header-count 200 with 150 headers is accepted';
+}
+refused( '--max-header-count 200 with 201 headers',
+    "GET /many201 HTTP/1.1\r\n$H" . join( '', map {"X-H$_: v\r\n"} 1 .. 200 ) . "\r\n",
+    431, 'Request Header Fields Too Large', port => $large->port );
+is $large->stop('TERM'), 0, 'large-limit server: SIGTERM exits 0';
+
 ok $server->is_running, 'server still running after all refusals';
 is $server->stop('TERM'), 0, 'SIGTERM exits 0';
 done_testing;

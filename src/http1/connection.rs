@@ -55,6 +55,9 @@ pub(crate) struct Http1Limits {
 /// tenth more for a streamed 1 MiB response (`bench/README.md`, body-bench).
 const FRAMES_PER_WRITE: usize = 4;
 
+/// hyper's own limit on request header lines when none is set.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 fn configure(limits: &Http1Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
     // The gate enforces the head limits (414/431) before hyper parses;
@@ -72,10 +75,16 @@ fn configure(limits: &Http1Limits) -> http1::Builder {
     let buffer_cap = head_allowance.max(frames);
     b.timer(TokioTimer::new())
         .header_read_timeout(limits.keepalive_timeout)
-        .max_headers(limits.max_header_count + 2)
         .max_header_size(head_allowance)
         .max_buf_size(buffer_cap)
         .keep_alive(true);
+    // hyper's default header count (100) parses into a buffer on the
+    // stack; a count set explicitly, even the same, is a buffer it fills
+    // per request (and allocates above 100): 1 % of the network thread at
+    // hello world.  The gate has already refused anything above our limit.
+    if limits.max_header_count > HYPER_DEFAULT_MAX_HEADERS {
+        b.max_headers(limits.max_header_count);
+    }
     b
 }
 
