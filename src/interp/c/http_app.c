@@ -85,28 +85,35 @@ static void call_perl_half(pTHX_ GV *gv, SV *self, SV *a, SV *b)
     call_sv((SV *)sub_of(aTHX_ gv), G_DISCARD | G_VOID);
 }
 
+/* Ask `f` a yes/no `method` when it is a Future of any class: 1 or 0, and
+ * -1 when it is not a Future. */
+static int ask_future(pTHX_ SV *f, const char *method)
+{
+    dSP;
+    int count, answer = 0;
+    if (!SvROK(f) || !SvOBJECT(SvRV(f)) || !sv_derived_from_pvn(f, "Future", 6, 0))
+        return -1;
+    PUSHMARK(SP);
+    XPUSHs(f);
+    PUTBACK;
+    count = call_method(method, G_SCALAR);
+    SPAGAIN;
+    if (count > 0)
+        answer = SvTRUE(POPs);
+    PUTBACK;
+    return answer;
+}
+
 /* Is `f` a Future that is done (not failed, not cancelled)?  A plain
  * Future (what an async sub that did not wait returns) is read directly
  * (pending.c); any other is asked (is_done), as its class may be any
  * Future subclass. */
 static int is_done_future(pTHX_ SV *f)
 {
-    dSP;
-    int count, done = future_plain_is_done(aTHX_ f);
-    if (done >= 0)
-        return done;
-    done = 0;
-    if (!SvROK(f) || !SvOBJECT(SvRV(f)) || !sv_derived_from_pvn(f, "Future", 6, 0))
-        return 0;
-    PUSHMARK(SP);
-    XPUSHs(f);
-    PUTBACK;
-    count = call_method("is_done", G_SCALAR);
-    SPAGAIN;
-    if (count > 0)
-        done = SvTRUE(POPs);
-    PUTBACK;
-    return done;
+    int done = future_plain_is_done(aTHX_ f);
+    if (done < 0)
+        done = ask_future(aTHX_ f, "is_done");
+    return done > 0;
 }
 
 /* The app returned a done Future: HTTP.pm's _app_done(undef), in C when
@@ -147,20 +154,10 @@ static MGVTBL app_end_vtbl; /* marks our magic; no callbacks */
  * or a Future already ready: HTTP.pm decides those). */
 static int is_pending_future(pTHX_ SV *f)
 {
-    dSP;
-    int count, pending = future_plain_is_pending(aTHX_ f);
-    if (pending >= 0)
-        return pending;
-    if (!SvROK(f) || !SvOBJECT(SvRV(f)) || !sv_derived_from_pvn(f, "Future", 6, 0))
-        return 0;
-    PUSHMARK(SP);
-    XPUSHs(f);
-    PUTBACK;
-    count = call_method("is_ready", G_SCALAR);
-    SPAGAIN;
-    pending = count > 0 && !SvTRUE(POPs);
-    PUTBACK;
-    return pending;
+    int pending = future_plain_is_pending(aTHX_ f);
+    if (pending < 0)
+        pending = ask_future(aTHX_ f, "is_ready") == 0;
+    return pending > 0;
 }
 
 /* The on_ready callback of the app's Future, bound to the request. */
