@@ -147,14 +147,20 @@ pub async fn stream(
     }
 }
 
-/// Up to `want` bytes from `position` (None: where the descriptor is), read
-/// on the blocking pool.  Ok(None) when the exchange ended while waiting.
+/// Up to `want` bytes from `position` (None: where the descriptor is): at
+/// once when the page cache holds them, else read on the blocking pool.
+/// Ok(None) when the exchange ended while waiting.
 async fn read_chunk(
     file: &Arc<File>,
     position: Option<u64>,
     want: usize,
     ex: &Arc<Exchange>,
 ) -> io::Result<Option<Bytes>> {
+    if let Some(at) = position {
+        if let Some(cached) = read_cached(file, at, want)? {
+            return Ok(Some(cached));
+        }
+    }
     let file = file.clone();
     let ex = ex.clone();
     tokio::task::spawn_blocking(move || {
@@ -183,6 +189,46 @@ async fn read_chunk(
     })
     .await
     .map_err(io::Error::other)?
+}
+
+/// Up to `want` bytes at `at` if reading them cannot wait for the disk:
+/// `preadv2` with `RWF_NOWAIT` copies what the page cache holds and refuses
+/// (EAGAIN) rather than block.  None: some of it must come from the disk,
+/// or the kernel or filesystem cannot tell; the blocking pool reads it.
+///
+/// A file served again and again (an asset, a download) is in the page
+/// cache, and handing each 64 KiB of it to the blocking pool cost more than
+/// the read: a thread woken per chunk, and a zeroed buffer it then
+/// overwrote.
+fn read_cached(file: &File, at: u64, want: usize) -> io::Result<Option<Bytes>> {
+    let Ok(offset) = libc::off_t::try_from(at) else {
+        return Ok(None);
+    };
+    let mut buf = BytesMut::with_capacity(want);
+    let spare = buf.spare_capacity_mut();
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len().min(want),
+    };
+    let n = loop {
+        // SAFETY: one iovec over `buf`'s spare capacity, which outlives the
+        // call; the kernel writes at most iov_len bytes into it.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // Not all cached (EAGAIN), or no RWF_NOWAIT here (EOPNOTSUPP,
+            // EINVAL, ENOSYS): the pool's plain read decides.
+            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => return Ok(None),
+            _ => return Err(e),
+        }
+    };
+    // SAFETY: the kernel initialised the first n bytes (n <= iov_len).
+    unsafe { buf.set_len(n) };
+    Ok(Some(buf.freeze()))
 }
 
 fn retry_interrupted(mut f: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
@@ -278,6 +324,54 @@ mod tests {
         assert!(Source::of(&r, Some(0))
             .unwrap_err()
             .contains("regular file"));
+    }
+
+    /// Whether this filesystem answers RWF_NOWAIT at all (tmpfs on older
+    /// kernels does not: the pool then reads everything).
+    fn nowait_supported(f: &File) -> bool {
+        let mut byte = 0u8;
+        let iov = libc::iovec {
+            iov_base: (&mut byte as *mut u8).cast(),
+            iov_len: 1,
+        };
+        // SAFETY: one iovec over a local byte.
+        let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+        n >= 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+    }
+
+    #[test]
+    fn cached_bytes_are_read_at_once_by_position() {
+        let content: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let f = temp_file(&content);
+        if !nowait_supported(&f) {
+            eprintln!("RWF_NOWAIT unsupported on the temp directory's filesystem; skipped");
+            return;
+        }
+        // Just written, so in the page cache.
+        let whole = read_cached(&f, 0, content.len()).unwrap().expect("cached");
+        assert_eq!(&whole[..], &content[..]);
+        let middle = read_cached(&f, 70_000, 65_536).unwrap().expect("cached");
+        assert_eq!(&middle[..], &content[70_000..135_536]);
+        let tail = read_cached(&f, 199_990, 65_536).unwrap().expect("cached");
+        assert_eq!(&tail[..], &content[199_990..], "short at the end");
+        let past = read_cached(&f, 300_000, 10).unwrap().expect("EOF is known");
+        assert!(past.is_empty(), "past the end: empty, so the stream stops");
+    }
+
+    #[test]
+    fn a_read_that_would_wait_is_left_to_the_pool() {
+        // Errors other than "would wait" and "cannot tell" are the caller's:
+        // a pipe (never read by position in `stream`, but the simplest
+        // descriptor preadv2 refuses) gives ESPIPE...
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both are fresh descriptors owned by nobody else.
+        let (r, _w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        assert!(read_cached(&r, 0, 10).is_err());
+        // ...and an offset beyond off_t goes to the pool, whose read says why.
+        let f = temp_file(b"abc");
+        assert!(read_cached(&f, u64::MAX, 10).unwrap().is_none());
     }
 
     #[test]

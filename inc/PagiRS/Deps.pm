@@ -31,12 +31,14 @@ our @RUN = qw(
 # libio-socket-ssl-perl: t/91-tls.t talks TLS with IO::Socket::SSL.
 # chromium, chromium-driver: headless browser for t/90-browser.t.
 # nginx-light: the reverse proxy in front of pagi-rs in the nginx test.
+# util-linux-extra: fincore, which t/45-file-cache.t uses to see that a
+#              file left the page cache.
 our @TEST = qw(
     curl wrk nghttp2-client
     libprotocol-websocket-perl libhttp-tiny-perl
     python3-h2 python3-hyperframe openssl libio-socket-ssl-perl
     chromium chromium-driver
-    nginx-light
+    nginx-light util-linux-extra
 );
 
 # Only for the charts of `make bench` and `make bench-all` (bench/bin/charts):

@@ -1,0 +1,109 @@
+# A `file` body whose bytes are in the page cache is read on the network
+# thread as it is sent; one that must come from the disk is read on the
+# blocking pool, so that a slow disk never stalls the other connections.
+# Either way the client gets exactly the file's bytes, with offsets and
+# lengths across chunk boundaries.
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use PagiRS::Test;
+use File::Temp qw(tempdir);
+use IO::Socket::INET;
+
+my $dir  = tempdir( CLEANUP => 1 );
+my $file = "$dir/data.bin";
+my $size = 3 * 1024 * 1024 + 12345;    # several 64 KiB chunks and a short one
+my $content = join '', map { pack 'N', $_ * 2654435761 % 4294967296 } 0 .. $size / 4;
+$content = substr $content, 0, $size;
+open my $fh, '>:raw', $file or die;
+print $fh $content;
+close $fh;
+# Written out, so that no page of it is still under writeback (a read of
+# such a page may wait, and so goes to the pool).
+system( 'sync', $file ) == 0 or die "sync: $?";
+
+my $app = write_app(<<"APP");
+use strict; use warnings; use Future::AsyncAwait;
+my \$app = async sub {
+    my (\$scope, \$receive, \$send) = \@_;
+    return if \$scope->{type} eq 'lifespan';
+    my (\$offset, \$length) = (\$scope->{query_string} // '') =~ /offset=(\\d+)&length=(\\d+)/;
+    my \$size = \$length // -s '$file';
+    await \$send->({ type => 'http.response.start', status => 200,
+        headers => [ [ 'content-type', 'application/octet-stream' ], [ 'content-length', \$size ] ] });
+    await \$send->({ type => 'http.response.body', file => '$file',
+        defined \$offset ? ( offset => \$offset, length => \$length ) : () });
+};
+\$app;
+APP
+
+# Threads of the network runtime: its workers, and the blocking pool's
+# threads once it has been used (tokio names both tokio-runtime-worker).
+sub runtime_threads {
+    my ($pid) = @_;
+    my $n = 0;
+    for my $comm ( glob "/proc/$pid/task/*/comm" ) {
+        open my $c, '<', $comm or next;
+        $n++ if <$c> =~ /^tokio-rt/;
+    }
+    return $n;
+}
+
+sub fetch {
+    my ( $port, $target ) = @_;
+    my $res = http_request( $port, 'GET', $target );
+    return $res;
+}
+
+my $server = start_server($app);
+my $port   = $server->port;
+my $pid    = $server->{pid};
+my $before = runtime_threads($pid);
+ok $before >= 1, "the runtime's worker threads ($before)";
+
+# The file was just written: its pages are cached.
+for my $i ( 1 .. 5 ) {
+    my $res = fetch( $port, '/' );
+    is $res->{status}, 200, "cached file $i: 200";
+    ok $res->{body} eq $content, "cached file $i: exactly the file's bytes"
+      or diag length( $res->{body} ) . " bytes";
+}
+for my $case ( [ 100, 200_000 ], [ 65_535, 65_538 ], [ $size - 10, 10 ], [ 0, 0 ] ) {
+    my ( $offset, $length ) = @$case;
+    my $res = fetch( $port, "/?offset=$offset&length=$length" );
+    ok $res->{body} eq substr( $content, $offset, $length ), "cached, offset $offset length $length";
+}
+# Several at once, each from its own connection.
+my @socks = map {
+    my $s = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port ) or die "connect: $!";
+    print $s "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    $s;
+} 1 .. 8;
+my $whole = 0;
+for my $s (@socks) {
+    local $/;
+    my $raw = <$s>;
+    my ( undef, $body ) = split /\r\n\r\n/, $raw, 2;
+    $whole++ if defined $body && $body eq $content;
+}
+is $whole, 8, 'eight concurrent responses, each the whole file';
+is runtime_threads($pid), $before, 'cached bytes were read without the blocking pool';
+
+SKIP: {
+    skip 'fincore (util-linux-extra) is not installed', 4 unless -x '/usr/bin/fincore' || grep { -x "$_/fincore" } split /:/, $ENV{PATH};
+    # Drop the file's pages (clean, since written out), then check they went.
+    system( 'dd', "if=$file", 'iflag=nocache', 'count=0', 'status=none' ) == 0 or die "dd: $?";
+    my ($resident) = `fincore --bytes --noheadings --output RES '$file'` =~ /(\d+)/;
+    skip "this filesystem keeps the file's pages cached ($resident bytes)", 4 if !defined $resident || $resident > $size / 2;
+    my $res = fetch( $port, '/' );
+    is $res->{status}, 200, 'uncached file: 200';
+    ok $res->{body} eq $content, "uncached file: exactly the file's bytes";
+    cmp_ok runtime_threads($pid), '>', $before, 'bytes not in the page cache were read on the blocking pool';
+    $res = fetch( $port, '/?offset=70000&length=300000' );
+    ok $res->{body} eq substr( $content, 70_000, 300_000 ), 'and again by offset and length, now cached';
+}
+
+is $server->stop('TERM'), 0, 'clean exit';
+done_testing;
