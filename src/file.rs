@@ -1,5 +1,5 @@
 //! `file` and `fh` response bodies: read by the network core in chunks,
-//! paced by the same high-water mark as application sends.
+//! kept one write ahead of the connection (`ExchangeConfig::file_window`).
 //!
 //! A regular file is read by position (`pread`), never by moving a file
 //! offset: an `fh` body is a `dup` of the application's descriptor, which

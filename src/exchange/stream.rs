@@ -38,7 +38,7 @@ impl Exchange {
     }
 
     /// Queue one chunk from a Rust-side producer (file streaming), waiting
-    /// while the buffer is above the high-water mark.
+    /// while the buffer holds the file window (`ExchangeConfig::file_window`).
     pub async fn push_streamed(&self, chunk: Bytes) -> Streamed {
         loop {
             let notified = self.progress.notified();
@@ -57,7 +57,7 @@ impl Exchange {
                     st.body_bytes += chunk.len() as u64;
                     return Streamed::Queued;
                 }
-                if st.buffered < self.config.high_water {
+                if st.buffered < self.config.file_window() {
                     st.body_bytes += chunk.len() as u64;
                     st.buffered += chunk.len();
                     let max_frame = self.config.write_buffer_size.max(1);
@@ -100,8 +100,45 @@ impl Exchange {
 
 #[cfg(test)]
 mod tests {
-    use crate::exchange::tests::exchange;
-    use crate::exchange::{FinishOutcome, Head, SendOutcome};
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use bytes::Bytes;
+
+    use crate::exchange::tests::{exchange, poll};
+    use crate::exchange::{bytes_per_write, FinishOutcome, Head, SendOutcome, Streamed};
+
+    #[test]
+    fn a_file_keeps_one_write_queued_whatever_the_high_water_mark() {
+        // The test exchange's high-water mark is 10 bytes; its write buffer
+        // size 64 KiB, so one write is four 64 KiB frames.
+        let (ex, _rx) = exchange(false);
+        assert_eq!(ex.config().file_window(), bytes_per_write(64 * 1024));
+        assert_eq!(ex.config().file_window(), 256 * 1024);
+        ex.start(200, &[], false).unwrap();
+        assert_eq!(ex.begin_stream_body().unwrap(), None);
+        let chunk = Bytes::from(vec![b'f'; 64 * 1024]);
+        let mut cx = Context::from_waker(Waker::noop());
+        for i in 1..=4 {
+            let mut push = std::pin::pin!(ex.push_streamed(chunk.clone()));
+            assert!(
+                matches!(push.as_mut().poll(&mut cx), Poll::Ready(Streamed::Queued)),
+                "chunk {i} is queued at once"
+            );
+        }
+        assert_eq!(ex.buffered_amount(), 256 * 1024);
+        let mut fifth = std::pin::pin!(ex.push_streamed(chunk.clone()));
+        assert!(
+            fifth.as_mut().poll(&mut cx).is_pending(),
+            "a full window waits for the network"
+        );
+        assert!(matches!(poll(&ex), Poll::Ready(Some(Ok(_)))));
+        assert!(
+            matches!(fifth.as_mut().poll(&mut cx), Poll::Ready(Streamed::Queued)),
+            "a frame taken makes room"
+        );
+        assert_eq!(ex.buffered_amount(), 256 * 1024);
+    }
 
     #[test]
     fn head_request_with_a_file_body_completes_without_reading_it() {

@@ -46,15 +46,6 @@ pub(crate) struct Http1Limits {
     pub write_buffer_size: usize,
 }
 
-/// How many body frames of `--write-buffer-size` hyper may hold for one
-/// write.  hyper polls the body for frames until its write buffer is full
-/// or none is ready, then writes what it holds in one `writev`; at one
-/// frame (a 64 KiB buffer against 64 KiB frames), every frame was a write
-/// of its own even when the app had already queued the next.  Four let the
-/// frames an app queued while the last write ran leave together: about a
-/// tenth more for a streamed 1 MiB response (`bench/README.md`, body-bench).
-const FRAMES_PER_WRITE: usize = 4;
-
 /// hyper's own limit on request header lines when none is set.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
@@ -68,10 +59,7 @@ fn configure(limits: &Http1Limits) -> http1::Builder {
     // body bytes 64 KiB at a time (gate::MAX_BODY_READ), so the read
     // buffer grows no further than those reads need; the clamp bounds the
     // rest.
-    let frames = limits
-        .write_buffer_size
-        .saturating_mul(FRAMES_PER_WRITE)
-        .clamp(64 * 1024, 1024 * 1024);
+    let frames = crate::exchange::bytes_per_write(limits.write_buffer_size);
     let buffer_cap = head_allowance.max(frames);
     b.timer(TokioTimer::new())
         .header_read_timeout(limits.keepalive_timeout)
