@@ -6,11 +6,17 @@
 //! For `bench/bin/body-bench` it also serves what `bench/apps/body.pl`
 //! serves: `GET /stream`, 1 MiB as 16 body frames of 64 KiB, and
 //! `POST /echo`, the request body streamed back frame by frame as it is
-//! read.  Every other request gets the hello world.
+//! read; and with `--file PATH`, `GET /file`: that file with its
+//! Content-Length, read by position 64 KiB at a time as hyper asks for
+//! frames (what pagi-rs does for a `file` body whose bytes are in the page
+//! cache).  Every other request gets the hello world.
 
 use std::convert::Infallible;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -37,6 +43,10 @@ struct Args {
     /// Port to bind; 0 picks a free ephemeral port.
     #[arg(long, default_value_t = 5001)]
     port: u16,
+
+    /// The file `GET /file` serves.
+    #[arg(long)]
+    file: Option<PathBuf>,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -45,8 +55,61 @@ type Body = BoxBody<Bytes, hyper::Error>;
 const STREAM_CHUNKS: usize = 16;
 const STREAM_CHUNK: usize = 64 * 1024;
 
-async fn hello(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// `GET /file`: the file in frames of this many bytes.
+const FILE_CHUNK: usize = 64 * 1024;
+
+/// The next frame of `file` at `at`: up to FILE_CHUNK bytes read straight
+/// into a fresh buffer (no zeroing), None at the end or on an error.
+fn read_frame(file: &std::fs::File, at: u64) -> Option<Bytes> {
+    let mut buf = BytesMut::with_capacity(FILE_CHUNK);
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: pread writes at most spare.len() bytes into the buffer's
+    // spare capacity, which lives until set_len below.
+    let n = unsafe {
+        libc::pread(
+            file.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            at as libc::off_t,
+        )
+    };
+    if n <= 0 {
+        return None;
+    }
+    // SAFETY: the kernel initialised the first n bytes.
+    unsafe { buf.set_len(n as usize) };
+    Some(buf.freeze())
+}
+
+fn file_response(path: &std::path::Path) -> Response<Body> {
+    let Ok(file) = std::fs::File::open(path) else {
+        let mut res = Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
+        *res.status_mut() = hyper::StatusCode::NOT_FOUND;
+        return res;
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let frames = futures_util::stream::unfold((file, 0u64), move |(file, at)| async move {
+        if at >= len {
+            return None;
+        }
+        let bytes = read_frame(&file, at)?;
+        let next = at + bytes.len() as u64;
+        Some((Ok(Frame::data(bytes)), (file, next)))
+    });
+    let mut res = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    res.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(len));
+    res
+}
+
+async fn hello(
+    req: Request<Incoming>,
+    file: Option<Arc<PathBuf>>,
+) -> Result<Response<Body>, Infallible> {
     let mut res = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/file") if file.is_some() => {
+            file_response(file.as_deref().expect("checked"))
+        }
         (&Method::GET, "/stream") => {
             let chunk = Bytes::from(vec![b'x'; STREAM_CHUNK]);
             let frames = (0..STREAM_CHUNKS).map(move |_| Ok(Frame::data(chunk.clone())));
@@ -73,17 +136,19 @@ async fn hello(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    listen::serve(
-        "hyper-baseline",
-        &args.host,
-        args.port,
-        |stream| async move {
+    let file = args.file.map(Arc::new);
+    listen::serve("hyper-baseline", &args.host, args.port, move |stream| {
+        let file = file.clone();
+        async move {
             // Client resets and aborted requests are normal during a benchmark.
             let _ = http1::Builder::new()
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service_fn(hello))
+                .serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(move |req| hello(req, file.clone())),
+                )
                 .await;
-        },
-    )
+        }
+    })
     .await
 }
