@@ -135,6 +135,17 @@ async fn hello(
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::io::Result<()> {
+    // glibc's malloc trims the heap top back to the kernel once 128 KiB of
+    // it is free, until a freed block it had mapped itself (a 1 MiB body,
+    // say) raises both of its thresholds: so the file route ran at 2.9k
+    // requests/s, or at 6.1k after one 1 MiB echo, depending on what came
+    // first.  Fixed at what pagi-rs sets for its Perl heaps, the baseline
+    // is at its best from the start.
+    // SAFETY: mallopt only adjusts malloc's parameters; no thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+    }
     let args = Args::parse();
     let file = args.file.map(Arc::new);
     listen::serve("hyper-baseline", &args.host, args.port, move |stream| {
