@@ -240,7 +240,14 @@ impl Exchange {
         self.mark_progress();
         self.send_head(head);
         if let Some(w) = waker {
-            super::wakeups::wake(w, self.hold());
+            let hold = self.hold();
+            if hold == super::wakeups::Hold::Brief
+                && len as usize >= super::wakeups::UNHELD_BODY_BYTES
+            {
+                w.wake();
+            } else {
+                super::wakeups::wake(w, hold);
+            }
         }
         Ok(outcome)
     }
@@ -456,6 +463,36 @@ mod tests {
     use crate::exchange::tests::{exchange, poll};
     use crate::exchange::{BodyAborted, FinishOutcome, Head, SendOutcome};
     use crate::interp::messages::ToPerl;
+
+    #[test]
+    fn a_large_body_piece_wakes_the_network_while_small_ones_wait_for_the_batch() {
+        use crate::exchange::wakeups::{self, tests::counter, UNHELD_BODY_BYTES};
+        use std::sync::atomic::Ordering;
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[], false).unwrap();
+        let (count, waker) = counter();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let take_all = |cx: &mut std::task::Context<'_>| {
+            while let std::task::Poll::Ready(Some(_)) = ex.poll_frame(cx) {}
+        };
+        // The network task waits for a frame: the exchange keeps its waker.
+        take_all(&mut cx);
+        wakeups::hold();
+        ex.body(b"small", true).unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "a small piece waits");
+        wakeups::release();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "...for the batch's end");
+        take_all(&mut cx);
+        wakeups::hold();
+        ex.body(&vec![b'x'; UNHELD_BODY_BYTES], true).unwrap();
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            2,
+            "a large piece wakes at once"
+        );
+        wakeups::release();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2, "and only once");
+    }
 
     #[test]
     fn sequence_rules() {
