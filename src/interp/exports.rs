@@ -216,7 +216,7 @@ pub extern "C" fn pagi_rs_hold_wakeups(hold: c_int) {
 #[no_mangle]
 pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
     with_ctx(0, |ctx| {
-        crate::exchange::wakeups::release_overdue();
+        crate::exchange::wakeups::release_overdue(ctx.inbox.len());
         ctx.current = None;
         let msg = loop {
             match ctx.inbox.pop_front() {
