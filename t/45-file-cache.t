@@ -51,12 +51,6 @@ sub runtime_threads {
     return $n;
 }
 
-sub fetch {
-    my ( $port, $target ) = @_;
-    my $res = http_request( $port, 'GET', $target );
-    return $res;
-}
-
 my $server = start_server($app);
 my $port   = $server->port;
 my $pid    = $server->{pid};
@@ -65,14 +59,14 @@ ok $before >= 1, "the runtime's worker threads ($before)";
 
 # The file was just written: its pages are cached.
 for my $i ( 1 .. 5 ) {
-    my $res = fetch( $port, '/' );
+    my $res = http_request( $port, 'GET', '/' );
     is $res->{status}, 200, "cached file $i: 200";
     ok $res->{body} eq $content, "cached file $i: exactly the file's bytes"
       or diag length( $res->{body} ) . " bytes";
 }
 for my $case ( [ 100, 200_000 ], [ 65_535, 65_538 ], [ $size - 10, 10 ], [ 0, 0 ] ) {
     my ( $offset, $length ) = @$case;
-    my $res = fetch( $port, "/?offset=$offset&length=$length" );
+    my $res = http_request( $port, 'GET', "/?offset=$offset&length=$length" );
     ok $res->{body} eq substr( $content, $offset, $length ), "cached, offset $offset length $length";
 }
 # Several at once, each from its own connection.
@@ -92,16 +86,16 @@ is $whole, 8, 'eight concurrent responses, each the whole file';
 is runtime_threads($pid), $before, 'cached bytes were read without the blocking pool';
 
 SKIP: {
-    skip 'fincore (util-linux-extra) is not installed', 4 unless -x '/usr/bin/fincore' || grep { -x "$_/fincore" } split /:/, $ENV{PATH};
+    skip 'fincore (util-linux-extra) is not installed', 4 unless grep { -x "$_/fincore" } split /:/, $ENV{PATH};
     # Drop the file's pages (clean, since written out), then check they went.
     system( 'dd', "if=$file", 'iflag=nocache', 'count=0', 'status=none' ) == 0 or die "dd: $?";
     my ($resident) = `fincore --bytes --noheadings --output RES '$file'` =~ /(\d+)/;
     skip "this filesystem keeps the file's pages cached ($resident bytes)", 4 if !defined $resident || $resident > $size / 2;
-    my $res = fetch( $port, '/' );
+    my $res = http_request( $port, 'GET', '/' );
     is $res->{status}, 200, 'uncached file: 200';
     ok $res->{body} eq $content, "uncached file: exactly the file's bytes";
     cmp_ok runtime_threads($pid), '>', $before, 'bytes not in the page cache were read on the blocking pool';
-    $res = fetch( $port, '/?offset=70000&length=300000' );
+    $res = http_request( $port, 'GET', '/?offset=70000&length=300000' );
     ok $res->{body} eq substr( $content, 70_000, 300_000 ), 'and again by offset and length, now cached';
 }
 
