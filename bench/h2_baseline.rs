@@ -14,8 +14,12 @@
 //!
 //! Paths (every other path, and every method, gets hello world):
 //! - `/delay/MS`: hello world after MS milliseconds (at most 60 s);
-//! - `/echo`: the request body back;
-//! - `/bytes/N`: N bytes of `x` (at most 16 MiB);
+//! - `/echo`: the request body back, frame by frame as it is read;
+//! - `/bytes/N`: N bytes of `x` (at most 16 MiB), in one frame;
+//! - `GET /stream`: 1 MiB as 16 frames of 64 KiB, and with `--file PATH`,
+//!   `GET /file`: that file read by position 64 KiB at a time; with
+//!   `/echo`, what hyper-baseline serves to `bench/bin/body-bench`, here
+//!   for its `--http2` runs (`bench/common/bodies.rs`);
 //! - an extended CONNECT with `:protocol websocket` (any path): 200, then a
 //!   WebSocket echo of every text and binary message until the close.
 //!
@@ -30,7 +34,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::ext::Protocol;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -47,6 +50,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+#[path = "common/bodies.rs"]
+mod bodies;
+#[path = "common/runtime.rs"]
+mod runtime;
+
+use bodies::Body;
 
 const BODY: &[u8] = b"Hello, World!";
 const NAME: &str = "h2-baseline";
@@ -73,18 +83,22 @@ struct Args {
     /// (PKCS#8, PKCS#1 or SEC1); ALPN offers h2 and http/1.1.
     #[arg(long, num_args = 2, value_names = ["CERT", "KEY"])]
     tls: Option<Vec<PathBuf>>,
+
+    /// The file `GET /file` serves.
+    #[arg(long)]
+    file: Option<PathBuf>,
 }
 
-fn hello() -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(Bytes::from_static(BODY)));
+fn hello() -> Response<Body> {
+    let mut res = Response::new(bodies::full(Bytes::from_static(BODY)));
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     headers.insert(CONTENT_LENGTH, HeaderValue::from(BODY.len()));
     res
 }
 
-fn status(code: StatusCode) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(Bytes::new()));
+fn status(code: StatusCode) -> Response<Body> {
+    let mut res = Response::new(bodies::full(Bytes::new()));
     *res.status_mut() = code;
     res
 }
@@ -94,7 +108,10 @@ fn number_after<T: std::str::FromStr>(path: &str, prefix: &str) -> Option<T> {
     path.strip_prefix(prefix)?.parse().ok()
 }
 
-async fn handle(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    mut req: Request<Incoming>,
+    file: Option<Arc<PathBuf>>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     if req.method() == Method::CONNECT {
         let is_websocket = req
@@ -122,13 +139,17 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
     }
     if let Some(n) = number_after::<usize>(path, "/bytes/") {
         let body = Bytes::from(vec![b'x'; n.min(MAX_BYTES)]);
-        return Ok(Response::new(Full::new(body)));
+        return Ok(Response::new(bodies::full(body)));
     }
     if path == "/echo" {
-        return Ok(match req.into_body().collect().await {
-            Ok(body) => Response::new(Full::new(body.to_bytes())),
-            Err(_) => status(StatusCode::BAD_REQUEST),
-        });
+        return Ok(bodies::echo_response(req.into_body()));
+    }
+    if req.method() == Method::GET {
+        match (path, file.as_deref()) {
+            ("/stream", _) => return Ok(bodies::stream_response()),
+            ("/file", Some(file)) => return Ok(bodies::file_response(file)),
+            _ => {}
+        }
     }
     Ok(hello())
 }
@@ -176,11 +197,17 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 
 /// Serves one connection until it ends or, after `graceful` starts, until
 /// its streams have finished.
-async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, graceful: Watcher) {
+async fn serve(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    file: Option<Arc<PathBuf>>,
+    graceful: Watcher,
+) {
+    let handle = service_fn(move |req| handle(req, file.clone()));
     // Client resets, failed handshakes and aborted requests are normal
     // during a benchmark, so the results of the connections are dropped.
     let Some(acceptor) = tls else {
-        let conn = http2_builder().serve_connection(TokioIo::new(stream), service_fn(handle));
+        let conn = http2_builder().serve_connection(TokioIo::new(stream), handle);
         let _ = graceful.watch(conn).await;
         return;
     };
@@ -188,19 +215,19 @@ async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, graceful: Watcher) {
         return;
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        let conn = http2_builder().serve_connection(TokioIo::new(stream), service_fn(handle));
+        let conn = http2_builder().serve_connection(TokioIo::new(stream), handle);
         let _ = graceful.watch(conn).await;
     } else {
         let conn = http1::Builder::new()
             .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service_fn(handle));
+            .serve_connection(TokioIo::new(stream), handle);
         let _ = graceful.watch(conn).await;
     }
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> std::process::ExitCode {
-    match run(Args::parse()).await {
+fn main() -> std::process::ExitCode {
+    let done = runtime::run(run(Args::parse())).map_err(|e| format!("tokio runtime: {e}"));
+    match done.and_then(|served| served) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{NAME}: {e}");
@@ -226,6 +253,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let graceful = GracefulShutdown::new();
+    let file = args.file.map(Arc::new);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -245,7 +273,7 @@ async fn run(args: Args) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
         // Subscribed here, before the TLS handshake: a shutdown that comes
         // during the handshake still reaches the connection.
-        tokio::spawn(serve(stream, tls.clone(), graceful.watcher()));
+        tokio::spawn(serve(stream, tls.clone(), file.clone(), graceful.watcher()));
     }
 
     drop(listener);

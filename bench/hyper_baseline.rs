@@ -9,18 +9,16 @@
 //! read; and with `--file PATH`, `GET /file`: that file with its
 //! Content-Length, read by position 64 KiB at a time as hyper asks for
 //! frames (what pagi-rs does for a `file` body whose bytes are in the page
-//! cache).  Every other request gets the hello world.
+//! cache).  Every other request gets the hello world.  h2-baseline serves
+//! the same three over HTTP/2 (`bench/common/bodies.rs`).
 
 use std::convert::Infallible;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use clap::Parser;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -30,8 +28,14 @@ use hyper_util::rt::TokioIo;
 
 const BODY: &[u8] = b"Hello, World!";
 
+#[path = "common/bodies.rs"]
+mod bodies;
 #[path = "common/listen.rs"]
 mod listen;
+#[path = "common/runtime.rs"]
+mod runtime;
+
+use bodies::Body;
 
 #[derive(Parser, Debug)]
 #[command(about = "Plain hyper hello-world server (benchmark baseline)")]
@@ -49,80 +53,18 @@ struct Args {
     file: Option<PathBuf>,
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
-
-/// `GET /stream`: this many frames of `STREAM_CHUNK` bytes.
-const STREAM_CHUNKS: usize = 16;
-const STREAM_CHUNK: usize = 64 * 1024;
-
-/// `GET /file`: the file in frames of this many bytes.
-const FILE_CHUNK: usize = 64 * 1024;
-
-/// The next frame of `file` at `at`: up to FILE_CHUNK bytes read straight
-/// into a fresh buffer (no zeroing), None at the end or on an error.
-fn read_frame(file: &std::fs::File, at: u64) -> Option<Bytes> {
-    let mut buf = BytesMut::with_capacity(FILE_CHUNK);
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: pread writes at most spare.len() bytes into the buffer's
-    // spare capacity, which lives until set_len below.
-    let n = unsafe {
-        libc::pread(
-            file.as_raw_fd(),
-            spare.as_mut_ptr().cast(),
-            spare.len(),
-            at as libc::off_t,
-        )
-    };
-    if n <= 0 {
-        return None;
-    }
-    // SAFETY: the kernel initialised the first n bytes.
-    unsafe { buf.set_len(n as usize) };
-    Some(buf.freeze())
-}
-
-fn file_response(path: &std::path::Path) -> Response<Body> {
-    let Ok(file) = std::fs::File::open(path) else {
-        let mut res = Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
-        *res.status_mut() = hyper::StatusCode::NOT_FOUND;
-        return res;
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let frames = futures_util::stream::unfold((file, 0u64), move |(file, at)| async move {
-        if at >= len {
-            return None;
-        }
-        let bytes = read_frame(&file, at)?;
-        let next = at + bytes.len() as u64;
-        Some((Ok(Frame::data(bytes)), (file, next)))
-    });
-    let mut res = Response::new(BodyExt::boxed(StreamBody::new(frames)));
-    res.headers_mut()
-        .insert(CONTENT_LENGTH, HeaderValue::from(len));
-    res
-}
-
 async fn hello(
     req: Request<Incoming>,
     file: Option<Arc<PathBuf>>,
 ) -> Result<Response<Body>, Infallible> {
     let mut res = match (req.method(), req.uri().path()) {
         (&Method::GET, "/file") if file.is_some() => {
-            file_response(file.as_deref().expect("checked"))
+            bodies::file_response(file.as_deref().expect("checked"))
         }
-        (&Method::GET, "/stream") => {
-            let chunk = Bytes::from(vec![b'x'; STREAM_CHUNK]);
-            let frames = (0..STREAM_CHUNKS).map(move |_| Ok(Frame::data(chunk.clone())));
-            let body = StreamBody::new(futures_util::stream::iter(frames));
-            Response::new(BodyExt::boxed(body))
-        }
-        (&Method::POST, "/echo") => Response::new(req.into_body().boxed()),
+        (&Method::GET, "/stream") => bodies::stream_response(),
+        (&Method::POST, "/echo") => bodies::echo_response(req.into_body()),
         _ => {
-            let mut res = Response::new(
-                Full::new(Bytes::from_static(BODY))
-                    .map_err(|never| match never {})
-                    .boxed(),
-            );
+            let mut res = Response::new(bodies::full(Bytes::from_static(BODY)));
             res.headers_mut()
                 .insert(CONTENT_LENGTH, HeaderValue::from(BODY.len()));
             res
@@ -133,20 +75,12 @@ async fn hello(
     Ok(res)
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> std::io::Result<()> {
-    // glibc's malloc trims the heap top back to the kernel once 128 KiB of
-    // it is free, until a freed block it had mapped itself (a 1 MiB body,
-    // say) raises both of its thresholds: so the file route ran at 2.9k
-    // requests/s, or at 6.1k after one 1 MiB echo, depending on what came
-    // first.  Fixed at what pagi-rs sets for its Perl heaps, the baseline
-    // is at its best from the start.
-    // SAFETY: mallopt only adjusts malloc's parameters; no thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
-    }
+fn main() -> std::io::Result<()> {
     let args = Args::parse();
+    runtime::run(serve(args))?
+}
+
+async fn serve(args: Args) -> std::io::Result<()> {
     let file = args.file.map(Arc::new);
     listen::serve("hyper-baseline", &args.host, args.port, move |stream| {
         let file = file.clone();

@@ -25,6 +25,8 @@ const DEFAULT_EVENTS: u64 = 1000;
 
 #[path = "common/listen.rs"]
 mod listen;
+#[path = "common/runtime.rs"]
+mod runtime;
 
 #[derive(Parser, Debug)]
 #[command(about = "Plain hyper Server-Sent Events server (benchmark baseline)")]
@@ -111,9 +113,12 @@ async fn handle(req: Request<Incoming>) -> Result<Response<ResBody>, Infallible>
     Ok(res)
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> std::io::Result<()> {
+fn main() -> std::io::Result<()> {
     let args = Args::parse();
+    runtime::run(serve(args))?
+}
+
+async fn serve(args: Args) -> std::io::Result<()> {
     listen::serve("sse-baseline", &args.host, args.port, |stream| async move {
         // Client resets and aborted streams are normal during a benchmark.
         let _ = http1::Builder::new()

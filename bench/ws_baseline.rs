@@ -11,6 +11,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[path = "common/listen.rs"]
 mod listen;
+#[path = "common/runtime.rs"]
+mod runtime;
 
 #[derive(Parser, Debug)]
 #[command(about = "Plain tokio-tungstenite WebSocket echo server (benchmark baseline)")]
@@ -45,8 +47,11 @@ async fn echo(stream: TcpStream) {
     let _ = ws.close(None).await;
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> std::io::Result<()> {
+fn main() -> std::io::Result<()> {
     let args = Args::parse();
+    runtime::run(serve(args))?
+}
+
+async fn serve(args: Args) -> std::io::Result<()> {
     listen::serve("ws-baseline", &args.host, args.port, echo).await
 }

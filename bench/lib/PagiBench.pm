@@ -134,13 +134,14 @@ sub run_wrk {
 }
 
 # h2load -cC -mM -tT -DD against a URL (h2c with prior knowledge for
-# http://, ALPN h2 for https://); returns { rps, p99_ms, mean_ms, errors,
-# protocol, raw }.  p99 comes from h2load's per-request log.
+# http://, ALPN h2 for https://), POSTing the file `data` if given; returns
+# { rps, p99_ms, mean_ms, errors, protocol, raw }.  p99 comes from h2load's
+# per-request log.
 sub run_h2load {
     my (%o) = @_;
     my $log = File::Temp->new( TEMPLATE => 'bench-h2load-XXXXXX', TMPDIR => 1 );
     my @cmd = ( 'h2load', "-c$o{connections}", "-m$o{streams}", "-t$o{threads}", "-D$o{duration}",
-        "--log-file=" . $log->filename, $o{url} );
+        "--log-file=" . $log->filename, ( defined $o{data} ? ( '-d', $o{data} ) : () ), $o{url} );
     my $out = run_load_tool( 'h2load', $o{duration}, @cmd );
     my ($rps) = $out =~ m{^finished in [\d.]+m?s, ([\d.]+) req/s}m
       or die "bench: no req/s in h2load output:\n$out";
@@ -163,7 +164,7 @@ sub run_h2load {
 
     my @times;
     open my $lf, '<', $log->filename or die "bench: h2load log: $!\n";
-    while (<$lf>) { push @times, $1 if /^\d+\t\d+\t(\d+)/ }
+    while ( my $line = <$lf> ) { push @times, $1 if $line =~ /^\d+\t\d+\t(\d+)/ }
     close $lf;
     @times = sort { $a <=> $b } @times;
     my $p99_us = @times ? $times[ POSIX::ceil( 0.99 * @times ) - 1 ] : 0;
