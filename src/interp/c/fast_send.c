@@ -25,10 +25,11 @@ int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
         return CODE_NEEDS_PERL;
     type = SvPV(type_sv, tlen);
     if (tlen == 18 && memEQ(type, "http.response.body", 18)) {
-        SV *body = hv_value(aTHX_ ev, KEY(L, K_BODY));
-        SV *more = hv_value(aTHX_ ev, KEY(L, K_MORE));
-        SV *file = hv_value(aTHX_ ev, KEY(L, K_FILE));
-        SV *fh = hv_value(aTHX_ ev, KEY(L, K_FH));
+        STRLEN found = 1; /* type */
+        SV *body = hv_optional(aTHX_ ev, KEY(L, K_BODY), &found);
+        SV *more = hv_optional(aTHX_ ev, KEY(L, K_MORE), &found);
+        SV *file = hv_optional(aTHX_ ev, KEY(L, K_FILE), &found);
+        SV *fh = hv_optional(aTHX_ ev, KEY(L, K_FH), &found);
         pagi_str b;
         int more_flag;
         if ((file && SvOK(file)) || (fh && SvOK(fh)))
@@ -45,9 +46,10 @@ int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
         return pagi_rs_response_body(id, b.ptr, b.len, more_flag, err);
     }
     if (tlen == 19 && memEQ(type, "http.response.start", 19)) {
-        SV *status = hv_value(aTHX_ ev, KEY(L, K_STATUS));
-        SV *hdrs = hv_value(aTHX_ ev, KEY(L, K_HEADERS));
-        SV *trailers = hv_value(aTHX_ ev, KEY(L, K_TRAILERS));
+        STRLEN found = 1; /* type */
+        SV *status = hv_optional(aTHX_ ev, KEY(L, K_STATUS), &found);
+        SV *hdrs = hv_optional(aTHX_ ev, KEY(L, K_HEADERS), &found);
+        SV *trailers = hv_optional(aTHX_ ev, KEY(L, K_TRAILERS), &found);
         size_t n = 0;
         const char *why = NULL;
         pagi_str *pairs;
@@ -77,6 +79,7 @@ int fast_sse_send(pTHX_ uint64_t id, AV *req, SV *ev_sv, int *kind, pagi_str *er
     pagi_str ev_s, data_s, eid_s;
     int has_ev, has_data, has_eid;
     int64_t retry_n = -1;
+    STRLEN found = 1; /* type, once it is looked up */
     if (!SvROK(ev_sv) || SvTYPE(SvRV(ev_sv)) != SVt_PVHV || SvRMAGICAL(SvRV(ev_sv)))
         return CODE_NEEDS_PERL;
     state = av_fetch(req, SLOT_SSE_STREAM, 0);
@@ -89,10 +92,10 @@ int fast_sse_send(pTHX_ uint64_t id, AV *req, SV *ev_sv, int *kind, pagi_str *er
     type = SvPV(type_sv, tlen);
     if (tlen != 8 || !memEQ(type, "sse.send", 8))
         return CODE_NEEDS_PERL;
-    data = hv_value(aTHX_ ev, KEY(L, K_DATA));
-    event = hv_value(aTHX_ ev, KEY(L, K_EVENT));
-    eid = hv_value(aTHX_ ev, KEY(L, K_ID));
-    retry = hv_value(aTHX_ ev, KEY(L, K_RETRY));
+    data = hv_optional(aTHX_ ev, KEY(L, K_DATA), &found);
+    event = hv_optional(aTHX_ ev, KEY(L, K_EVENT), &found);
+    eid = hv_optional(aTHX_ ev, KEY(L, K_ID), &found);
+    retry = hv_optional(aTHX_ ev, KEY(L, K_RETRY), &found);
     if (!data || !SvOK(data) || SvROK(data) || (event && SvROK(event)) || (eid && SvROK(eid)))
         return CODE_NEEDS_PERL;
     if (retry && SvOK(retry)) {
@@ -119,6 +122,7 @@ int fast_ws_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
     const char *type;
     pagi_str payload;
     int has;
+    STRLEN found = 1; /* type, once it is looked up */
     if (!SvROK(ev_sv) || SvTYPE(SvRV(ev_sv)) != SVt_PVHV || SvRMAGICAL(SvRV(ev_sv)))
         return CODE_NEEDS_PERL;
     ev = (HV *)SvRV(ev_sv);
@@ -128,8 +132,8 @@ int fast_ws_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
     type = SvPV(type_sv, tlen);
     if (tlen != 14 || !memEQ(type, "websocket.send", 14))
         return CODE_NEEDS_PERL;
-    text = hv_value(aTHX_ ev, KEY(L, K_TEXT));
-    bytes = hv_value(aTHX_ ev, KEY(L, K_BYTES));
+    text = hv_optional(aTHX_ ev, KEY(L, K_TEXT), &found);
+    bytes = hv_optional(aTHX_ ev, KEY(L, K_BYTES), &found);
     if (text && !SvOK(text))
         text = NULL;
     if (bytes && !SvOK(bytes))

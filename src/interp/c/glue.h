@@ -84,6 +84,22 @@ static inline SV *hv_value(pTHX_ HV *hv, SV *key)
     return he ? HeVAL(he) : NULL;
 }
 
+/* hv_value for a key an event may carry.  `found` counts the keys of `hv`
+ * found so far: once it reaches the hash's key count no other key can be
+ * there, and the lookup is skipped.  The fast paths probe for optional keys
+ * that most events leave out (a plain sse.send is type and data only, and
+ * each probe is a hash of the key and a bucket walk). */
+static inline SV *hv_optional(pTHX_ HV *hv, SV *key, STRLEN *found)
+{
+    SV *value;
+    if (*found >= (STRLEN)HvUSEDKEYS(hv))
+        return NULL;
+    value = hv_value(aTHX_ hv, key);
+    if (value)
+        (*found)++;
+    return value;
+}
+
 /* opcount.c: the diagnostic op-counting run loop (PAGI_RS_COUNT_OPS). */
 void pagi_opcount_install(pTHX);
 void pagi_opcount_report(pTHX);
