@@ -140,6 +140,40 @@ my ( $sse_few, $sse_many ) = ( http_pm_ops_for_events(10), http_pm_ops_for_event
 cmp_ok $sse_many - $sse_few, '<', 500,
   "2,000 more awaited SSE sends run no Perl of HTTP.pm ($sse_few -> $sse_many ops)";
 
+# A final body send that finds the buffer full does not wait (the scope
+# ends as it is taken), and send.c ends the request in C as for any final
+# send.  Here it always does: 4 KiB leave twice the 1 KiB mark queued.
+# Through HTTP.pm's _response_complete and Connection.pm's deferred _notify
+# it was about 300 ops per request.
+my $final_app = write_app( <<'PERL', 'op_count_final_app.pl' );
+use strict; use warnings; use Future::AsyncAwait;
+async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} ne 'http';
+    await $send->({ type => 'http.response.start', status => 200,
+        headers => [ [ 'content-type', 'text/plain' ] ] });
+    await $send->({ type => 'http.response.body', body => 'x' x 4096, more => 0 });
+};
+PERL
+
+sub end_ops_for_requests {
+    my ($requests) = @_;
+    local $ENV{PAGI_RS_COUNT_OPS} = 1;
+    my $s = start_server( '--no-access-log', '--write-high-watermark', 1024, '--write-low-watermark', 512,
+        $final_app );
+    for ( 1 .. $requests ) {
+        my $r = http_request( $s->port, 'GET', '/' );
+        die "request failed: $r->{raw}" unless $r->{status} == 200 && $r->{body} eq 'x' x 4096;
+    }
+    $s->stop;
+    my $out = $s->output;
+    return ops_of_file( $out, 'PAGI/RS/HTTP.pm' ) + ops_of_file( $out, 'PAGI/RS/Connection.pm' );
+}
+
+my ( $end_few, $end_many ) = ( end_ops_for_requests(2), end_ops_for_requests(22) );
+cmp_ok $end_many - $end_few, '<', 20 * 10,
+  "20 more requests whose final send finds the buffer full run almost no Perl of HTTP.pm or Connection.pm ($end_few -> $end_many ops)";
+
 my $plain = run_requests(2);
 unlike $plain, qr/op count/, 'without PAGI_RS_COUNT_OPS nothing is counted';
 

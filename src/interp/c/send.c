@@ -185,6 +185,14 @@ XS(xs_sender)
      * the Perl half; without any it is a plain send. */
     if (rc == CODE_REACHED_HIGH && !slot_true(aTHX_ req, SLOT_ON_HIGH))
         rc = CODE_SENT;
+    /* A final body send (no trailers to follow) never waits for the drain:
+     * HTTP.pm ends the scope as it is taken (_response_complete), and
+     * _wait_drain does not wait on an ended scope.  Without on_high_water
+     * callbacks to fire, it is a plain final send, which the switch below
+     * ends here in C. */
+    if (is_http && kind == SEND_KIND_BODY_END && !slot_true(aTHX_ req, SLOT_TRAILERS) &&
+        (rc == CODE_STILL_HIGH || (rc == CODE_HIGH_WATER && !slot_true(aTHX_ req, SLOT_ON_HIGH))))
+        rc = CODE_SENT;
     if (is_http && kind == SEND_KIND_BODY_MORE &&
         (rc == CODE_STILL_HIGH || (rc == CODE_HIGH_WATER && !slot_true(aTHX_ req, SLOT_ON_HIGH))) &&
         slot_true(aTHX_ req, SLOT_CONNECTED)) {
