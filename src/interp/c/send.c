@@ -148,6 +148,14 @@ SV *perl_half(pTHX_ GV *gv, SV **args, int nargs)
     return ret;
 }
 
+/* The send found the buffer at the high-water mark, and no on_high_water
+ * callback is owed for it (none registered, or the crossing is not new):
+ * what it means is the C path's to settle. */
+static int found_full_quietly(pTHX_ AV *req, int rc)
+{
+    return rc == CODE_STILL_HIGH || (rc == CODE_HIGH_WATER && !slot_true(aTHX_ req, SLOT_ON_HIGH));
+}
+
 XS(xs_sender)
 {
     dXSARGS;
@@ -191,10 +199,9 @@ XS(xs_sender)
      * callbacks to fire, it is a plain final send, which the switch below
      * ends here in C. */
     if (is_http && kind == SEND_KIND_BODY_END && !slot_true(aTHX_ req, SLOT_TRAILERS) &&
-        (rc == CODE_STILL_HIGH || (rc == CODE_HIGH_WATER && !slot_true(aTHX_ req, SLOT_ON_HIGH))))
+        found_full_quietly(aTHX_ req, rc))
         rc = CODE_SENT;
-    if (is_http && kind == SEND_KIND_BODY_MORE &&
-        (rc == CODE_STILL_HIGH || (rc == CODE_HIGH_WATER && !slot_true(aTHX_ req, SLOT_ON_HIGH))) &&
+    if (is_http && kind == SEND_KIND_BODY_MORE && found_full_quietly(aTHX_ req, rc) &&
         slot_true(aTHX_ req, SLOT_CONNECTED)) {
         /* A body send that found the buffer full waits for the drain: what
          * HTTP.pm's _wait_drain and _in_flight do for it, without the Perl
