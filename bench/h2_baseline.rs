@@ -16,7 +16,8 @@
 //! - `/delay/MS`: hello world after MS milliseconds (at most 60 s);
 //! - `/echo`: the request body back, frame by frame as it is read;
 //! - `/bytes/N`: N bytes of `x` (at most 16 MiB), in one frame;
-//! - `GET /stream`: 1 MiB as 16 frames of 64 KiB, and with `--file PATH`,
+//! - `GET /stream`: 1 MiB as 16 frames of 64 KiB (`GET /stream-produced`:
+//!   the same frames from a producer task, one at a time), and with `--file PATH`,
 //!   `GET /file`: that file read by position 64 KiB at a time; with
 //!   `/echo`, what hyper-baseline serves to `bench/bin/body-bench`, here
 //!   for its `--http2` runs (`bench/common/bodies.rs`);
@@ -147,6 +148,7 @@ async fn handle(
     if req.method() == Method::GET {
         match (path, file.as_deref()) {
             ("/stream", _) => return Ok(bodies::stream_response()),
+            ("/stream-produced", _) => return Ok(bodies::produced_stream_response()),
             ("/file", Some(file)) => return Ok(bodies::file_response(file)),
             _ => {}
         }

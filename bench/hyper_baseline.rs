@@ -4,7 +4,8 @@
 //! interpreter and the PAGI protocol cost on top of the network core.
 //!
 //! For `bench/bin/body-bench` it also serves what `bench/apps/body.pl`
-//! serves: `GET /stream`, 1 MiB as 16 body frames of 64 KiB, and
+//! serves: `GET /stream`, 1 MiB as 16 body frames of 64 KiB (and
+//! `GET /stream-produced`, the same frames made by a producer task), and
 //! `POST /echo`, the request body streamed back frame by frame as it is
 //! read; and with `--file PATH`, `GET /file`: that file with its
 //! Content-Length, read by position 64 KiB at a time as hyper asks for
@@ -62,6 +63,7 @@ async fn hello(
             bodies::file_response(file.as_deref().expect("checked"))
         }
         (&Method::GET, "/stream") => bodies::stream_response(),
+        (&Method::GET, "/stream-produced") => bodies::produced_stream_response(),
         (&Method::POST, "/echo") => bodies::echo_response(req.into_body()),
         _ => {
             let mut res = Response::new(bodies::full(Bytes::from_static(BODY)));

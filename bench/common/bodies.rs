@@ -86,3 +86,27 @@ pub fn file_response(path: &Path) -> Response<Body> {
         .insert(CONTENT_LENGTH, HeaderValue::from(len));
     res
 }
+
+/// `GET /stream-produced`: the same 16 frames of 64 KiB, made by a producer
+/// task and handed over a channel with room for one frame: plain hyper
+/// streaming what another task makes, with backpressure, as a pagi-rs app
+/// (which runs on its interpreter's thread) streams under the 64 KiB
+/// high-water mark.  hyper then writes about one frame per `writev`, as
+/// pagi-rs does, where `/stream`'s frames, all ready at once, go out
+/// several hundred KiB per `writev`.
+pub fn produced_stream_response() -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        let chunk = Bytes::from(vec![b'x'; STREAM_CHUNK]);
+        for _ in 0..STREAM_CHUNKS {
+            if tx.send(chunk.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        let bytes = rx.recv().await?;
+        Some((Ok(Frame::data(bytes)), rx))
+    });
+    Response::new(StreamBody::new(frames).boxed())
+}
