@@ -16,6 +16,13 @@ use strict; use warnings; use Future::AsyncAwait; use IO::Async::Loop; use Futur
 my $loop = IO::Async::Loop->new;
 sub soon { my ($how, @args) = @_; my $f = $loop->new_future; $loop->later(sub { $f->$how(@args) }); $f }
 sub plain_soon { my ($how, @args) = @_; my $f = Future->new; $loop->later(sub { $f->$how(@args) }); $f }
+# Whether new keys of the request registry go to Perl's shared string
+# table (the B flag SVphv_SHAREKEYS), and the keys it holds now.
+sub registry_keys {
+    require B;
+    my $shared = B::svref_2object(\%PAGI::RS::Bridge::REQUESTS)->FLAGS & 0x20000000;
+    return ( $shared ? 'shared' : 'private' ) . ' ' . join ',', keys %PAGI::RS::Bridge::REQUESTS;
+}
 my $respond = async sub {
     my ($send, $body) = @_;
     await $send->({ type => 'http.response.start', status => 200, headers => [['content-type', 'text/plain']] });
@@ -30,6 +37,7 @@ my $awaiting = async sub {
     if ($path eq '/die')     { die "awaits-test-death\n" }
     if ($path eq '/nothing') { return }
     if ($path eq '/count')   { await $respond->($send, scalar keys %PAGI::RS::Bridge::REQUESTS); return }
+    if ($path eq '/keys')    { await $respond->($send, registry_keys()); return }
     await $respond->($send, 'other');
 };
 sub {
@@ -78,6 +86,12 @@ for my $case (
 http_request( $s->port, 'GET', $_ ) for ( ('/ok') x 50, ('/die') x 10, ('/fail') x 10, ('/cancel') x 10 );
 my $count = http_request( $s->port, 'GET', '/count' );
 is $count->{body}, '1', 'no request is left in the registry once its app ended';
+
+# Each request's id is a key no other hash has, added and deleted once per
+# request: the registry keeps such keys out of the shared string table
+# (src/interp/c/lookups.c), and still finds them as any hash would.
+my $keys = http_request( $s->port, 'GET', '/keys' );
+like $keys->{body}, qr/^private \d+$/, 'the registry does not share its keys, and holds the asking request';
 
 my $out = slurp( $s->{stderr_file} );
 like $out, qr/awaits-test-death/,   'the death after the await is logged';

@@ -30,6 +30,13 @@ interp_lookups *the_lookups(pTHX)
     /* GVs rather than their HV/SV: `local %STATE` swaps the slot, not the glob. */
     lookups.state_gv = gv_fetchpvs("PAGI::RS::Bridge::STATE", GV_ADD, SVt_PVHV);
     lookups.requests_gv = gv_fetchpvs("PAGI::RS::Bridge::REQUESTS", GV_ADD, SVt_PVHV);
+    /* Every request adds a key no other hash has (its id) and deletes it at
+     * its end.  In a hash that shares its keys, each of the two walks
+     * PL_strtab, a table of every key in the program, and misses the cache
+     * twice: about 4 % of the interpreter at hello world (bench/README.md).
+     * Perl turns sharing off itself for hashes it finds large; keys already
+     * stored stay valid either way. */
+    HvSHAREKEYS_off(GvHVn(lookups.requests_gv));
     lookups.done_gv = gv_fetchpvs("PAGI::RS::HTTP::DONE", GV_ADD, SVt_PV);
     lookups.http_stash = gv_stashpvs("PAGI::RS::HTTP", GV_ADD);
     lookups.sse_stash = gv_stashpvs("PAGI::RS::SSE", GV_ADD);
