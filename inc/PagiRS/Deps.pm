@@ -45,6 +45,10 @@ our @TEST = qw(
 # gnuplot-nox: draws the SVG charts into bench/results/.
 our @BENCH = qw(gnuplot-nox);
 
+# Only for `make flamegraphs` (bench/bin/flamegraphs):
+# linux-perf: samples the server's threads with their call stacks.
+our @PROFILE = qw(linux-perf);
+
 # HTTP::Tiny is part of core perl; its package is only needed on a perl
 # without it.
 @TEST = grep { $_ ne 'libhttp-tiny-perl' } @TEST
@@ -95,5 +99,6 @@ sub ensure {
 sub ensure_run  { ensure( 'run-time', @RUN ) }
 sub ensure_test { ensure( 'test',     @TEST ) }
 sub ensure_bench { ensure( 'benchmark', @TEST, @BENCH ) }
+sub ensure_profile { ensure( 'profiling', @TEST, @PROFILE ) }
 
 1;
