@@ -25,6 +25,7 @@ const GLUE_SOURCES: &[&str] = &[
     "src/interp/c/websocket.c",
     "src/interp/c/services.c",
     "src/interp/c/opcount.c",
+    "src/interp/c/method_cache.c",
 ];
 
 fn perl_embed(what: &str) -> String {
@@ -83,6 +84,10 @@ fn main() {
         println!("cargo:rustc-link-lib=dylib=asan");
     }
     build.compile("pagi_glue");
+    // The C layer's Perl_call_method (method_cache.c) must be the one that
+    // libperl and the XS modules it loads bind to: the dynamic linker looks
+    // in the executable first, but only at the symbols it exports.
+    println!("cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol=Perl_call_method");
 
     let mut linked_perl = false;
     for flag in perl_embed("ldopts").split_whitespace() {

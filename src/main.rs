@@ -138,6 +138,7 @@ fn main() -> ExitCode {
     // signal forwarding before any app can set %SIG.
     unsafe {
         interp::ffi::pagi_sys_init();
+        interp::ffi::pagi_method_cache_setup(libc::c_int::from(method_cache_wanted()));
         interp::ffi::pagi_install_exit_guard();
         interp::ffi::pagi_install_signal_forwarding();
     }
@@ -177,6 +178,13 @@ fn main() -> ExitCode {
     ExitCode::from(code)
     // PERL_SYS_TERM is deliberately not called: the process is ending, and
     // it is only safe once every interpreter is destroyed.
+}
+
+/// Whether the interpreters cache the methods that call_method finds
+/// (src/interp/c/method_cache.c): yes, unless `PAGI_RS_METHOD_CACHE=0`, the
+/// switch for ruling the cache out when chasing a problem.
+fn method_cache_wanted() -> bool {
+    std::env::var_os("PAGI_RS_METHOD_CACHE").is_none_or(|v| v != "0")
 }
 
 fn run(

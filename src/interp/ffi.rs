@@ -89,6 +89,7 @@ pub struct PerlInterpreter {
 
 extern "C" {
     pub fn pagi_sys_init();
+    pub fn pagi_method_cache_setup(enable: c_int);
     pub fn pagi_interp_new(argc: c_int, argv: *mut *mut c_char) -> *mut PerlInterpreter;
     pub fn pagi_interp_free(interp: *mut PerlInterpreter);
     pub fn pagi_install_exit_guard();

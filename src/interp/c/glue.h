@@ -104,6 +104,11 @@ static inline SV *hv_optional(pTHX_ HV *hv, SV *key, STRLEN *found)
 void pagi_opcount_install(pTHX);
 void pagi_opcount_report(pTHX);
 
+/* method_cache.c: call_method with a per-interpreter method cache. */
+void method_cache_attach(pTHX);
+XS(xs_method_cache_stats);
+XS(xs_call_method);
+
 /* Implemented in Rust (src/interp/exports.rs). */
 extern int pagi_rs_next_message(pagi_msg *out);
 extern int pagi_rs_wake_ack(void);

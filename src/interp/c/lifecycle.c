@@ -54,6 +54,8 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::SentFuture::_c_yes", xs_sent_yes, file);
     newXS("PAGI::RS::SentFuture::_c_no", xs_sent_no, file);
     newXS("PAGI::RS::SentFuture::_c_nothing", xs_sent_nothing, file);
+    newXS("PAGI::RS::_method_cache_stats", xs_method_cache_stats, file);
+    newXS("PAGI::RS::_call_method", xs_call_method, file);
 }
 
 /* ---- interpreter lifecycle (called from Rust) ----------------------------- */
@@ -81,6 +83,8 @@ PerlInterpreter *pagi_interp_new(int argc, char **argv)
         return NULL;
     PERL_SET_CONTEXT(my_perl);
     perl_construct(my_perl);
+    /* Before any code runs that could call a method. */
+    method_cache_attach(aTHX);
     pagi_opcount_install(aTHX);
     PL_exit_flags |= PERL_EXIT_DESTRUCT_END;
     /* NULL env: a custom array would replace the whole process environment. */

@@ -1,0 +1,230 @@
+/*
+ * call_method, with a per-interpreter cache of the methods it finds.
+ *
+ * Future::AsyncAwait asks every awaited Future whether it is ready and for
+ * its result, and once an async sub has suspended, asks the sub's own Future
+ * whether it was cancelled: two or three calls of call_method per `await`,
+ * each by name.  libperl's call_method makes a mortal scalar of the name (a
+ * malloc and a free) and looks the name up in the invocant's class each
+ * time.  On an SSE stream that was about a quarter of the interpreter's time
+ * per event (bench/README.md, session 20).
+ *
+ * The pagi-rs executable defines Perl_call_method and exports it (build.rs,
+ * --export-dynamic-symbol).  The dynamic linker looks in the executable
+ * first, so it binds every call_method in the process here: libperl's own
+ * and every XS module's.  libperl's definition stays reachable through
+ * dlsym(RTLD_NEXT) and takes every call the cache does not.
+ *
+ * What is cached is the CV that Perl itself finds for the method
+ * (gv_fetchmeth_pvn, as pp_method does), and it is reused only while Perl's
+ * own counters say nothing changed that could change the answer:
+ * PL_sub_generation (a change that concerns every class), the class's
+ * pkg_gen (its own methods or @ISA) and its cache_gen (a method of a class it
+ * inherits from).  Those are the counters Perl's own method caches trust.
+ * An entry holds a reference to the class's stash and to the CV, so that
+ * neither address can be reused by something else while it is cached.
+ *
+ * Only the plain case is cached: a blessed reference without get-magic as
+ * the invocant, a method name without a package part (no SUPER::), a method
+ * that is defined (not a stub left for AUTOLOAD), outside global
+ * destruction.  Everything else goes to libperl's call_method as it came.
+ * PAGI_RS_METHOD_CACHE=0 in the environment turns the cache off (main.rs).
+ */
+#include <dlfcn.h>
+
+#include "glue.h"
+
+/* Entries per interpreter, found by the class and the name's address, and
+ * confirmed by the name's text (the same address may hold another name). */
+#define CACHED_METHODS 64
+/* Longer method names are not cached. */
+#define CACHED_NAME_MAX 47
+
+typedef struct {
+    HV *stash; /* NULL: an empty entry */
+    CV *cv;
+    U32 sub_generation;
+    U32 pkg_gen;
+    U32 cache_gen;
+    char name[CACHED_NAME_MAX + 1];
+} cached_method;
+
+typedef struct {
+    cached_method entries[CACHED_METHODS];
+    UV hits;
+    UV misses;
+} method_cache;
+
+typedef I32 (*call_method_fn)(pTHX_ const char *, I32);
+
+/* Set once by pagi_method_cache_setup, before any interpreter or thread. */
+static int cache_enabled;
+/* The interpreters' slot in PL_my_cxt_list (Perl's per-interpreter storage
+ * for C code), assigned when the first interpreter attaches. */
+static int cache_index = -1;
+/* libperl's call_method; resolved at setup, or at first use in programs
+ * (the unit tests) that never call setup. */
+static call_method_fn libperl_call_method;
+
+static call_method_fn find_libperl_call_method(void)
+{
+    call_method_fn found = __atomic_load_n(&libperl_call_method, __ATOMIC_ACQUIRE);
+    if (!found) {
+        found = (call_method_fn)dlsym(RTLD_NEXT, "Perl_call_method");
+        __atomic_store_n(&libperl_call_method, found, __ATOMIC_RELEASE);
+    }
+    return found;
+}
+
+void pagi_method_cache_setup(int enable)
+{
+    cache_enabled = enable && find_libperl_call_method() != NULL;
+}
+
+void method_cache_attach(pTHX)
+{
+    (void)Perl_my_cxt_init(aTHX_ &cache_index, sizeof(method_cache));
+}
+
+static method_cache *cache_of(pTHX)
+{
+    if (cache_index < 0 || cache_index >= PL_my_cxt_size)
+        return NULL;
+    return (method_cache *)PL_my_cxt_list[cache_index];
+}
+
+static I32 call_uncached(pTHX_ const char *methname, I32 flags)
+{
+    call_method_fn libperl = find_libperl_call_method();
+    if (libperl)
+        return libperl(aTHX_ methname, flags);
+    /* Only with a libperl linked in statically, which build.rs does not do:
+     * what perlcall documents call_method to be. */
+    return call_sv(sv_2mortal(newSVpv(methname, 0)), (flags & ~G_METHOD_NAMED) | G_METHOD);
+}
+
+/* The class of the invocant the caller pushed after its mark, if it is one
+ * the cache takes: a blessed reference without get-magic. */
+static HV *plain_invocant_class(pTHX)
+{
+    SV **args = PL_stack_base + *PL_markstack_ptr;
+    SV *invocant, *object;
+    HV *stash;
+    if (PL_stack_sp <= args)
+        return NULL;
+    invocant = args[1];
+    if (SvGMAGICAL(invocant) || !SvROK(invocant))
+        return NULL;
+    object = SvRV(invocant);
+    if (!SvOBJECT(object))
+        return NULL;
+    stash = SvSTASH(object);
+    return stash && SvOOK(stash) ? stash : NULL;
+}
+
+static int is_defined(CV *cv)
+{
+    return CvROOT(cv) || CvXSUB(cv);
+}
+
+I32 Perl_call_method(pTHX_ const char *methname, I32 flags)
+{
+    method_cache *cache;
+    cached_method *entry;
+    struct mro_meta *meta;
+    HV *stash;
+    GV *gv;
+    CV *cv;
+    size_t len;
+    if (!cache_enabled || (flags & G_METHOD_NAMED) || PL_phase == PERL_PHASE_DESTRUCT)
+        return call_uncached(aTHX_ methname, flags);
+    cache = cache_of(aTHX);
+    stash = plain_invocant_class(aTHX);
+    if (!cache || !stash)
+        return call_uncached(aTHX_ methname, flags);
+    meta = HvMROMETA(stash);
+    entry = &cache->entries[(((uintptr_t)stash >> 4) ^ ((uintptr_t)methname >> 2) ^
+                             ((uintptr_t)methname >> 8)) %
+                            CACHED_METHODS];
+    if (entry->stash == stash && entry->sub_generation == PL_sub_generation &&
+        entry->pkg_gen == meta->pkg_gen && entry->cache_gen == meta->cache_gen &&
+        strcmp(entry->name, methname) == 0 && is_defined(entry->cv)) {
+        cache->hits++;
+        return call_sv((SV *)entry->cv, flags);
+    }
+    len = strlen(methname);
+    if (len > CACHED_NAME_MAX || memchr(methname, ':', len) || memchr(methname, '\'', len))
+        return call_uncached(aTHX_ methname, flags);
+    gv = gv_fetchmeth_pvn(stash, methname, len, 0, 0);
+    if (!gv || !isGV(gv) || !(cv = GvCV(gv)) || !is_defined(cv))
+        return call_uncached(aTHX_ methname, flags);
+    cache->misses++;
+    if (entry->stash) {
+        /* Released at the caller's next FREETMPS rather than now: the old CV
+         * may be the one running further up this very call chain. */
+        sv_2mortal((SV *)entry->stash);
+        sv_2mortal((SV *)entry->cv);
+    }
+    /* The lookup may have run code (a class's MRO plugin): read the counters
+     * after it, as they stand for the answer it gave. */
+    meta = HvMROMETA(stash);
+    entry->stash = (HV *)SvREFCNT_inc_simple_NN((SV *)stash);
+    entry->cv = (CV *)SvREFCNT_inc_simple_NN((SV *)cv);
+    entry->sub_generation = PL_sub_generation;
+    entry->pkg_gen = meta->pkg_gen;
+    entry->cache_gen = meta->cache_gen;
+    memcpy(entry->name, methname, len + 1);
+    return call_sv((SV *)cv, flags);
+}
+
+/* PAGI::RS::_method_cache_stats(): (enabled, hits, misses) of this
+ * interpreter's cache, for t/ and for anyone asking whether it works. */
+XS(xs_method_cache_stats)
+{
+    dXSARGS;
+    method_cache *cache = cache_of(aTHX);
+    PERL_UNUSED_VAR(items);
+    SP -= items;
+    EXTEND(SP, 3);
+    mPUSHi(cache_enabled);
+    mPUSHu(cache ? cache->hits : 0);
+    mPUSHu(cache ? cache->misses : 0);
+    XSRETURN(3);
+}
+
+/* PAGI::RS::_call_method($invocant, $name, @args): call_method from C, as
+ * XS modules call it, with the name copied into a buffer on this C stack, so
+ * that successive calls pass different names at the same address (t/).
+ * Returns the method's result in scalar context. */
+XS(xs_call_method)
+{
+    dXSARGS;
+    char name[CACHED_NAME_MAX + 16];
+    STRLEN len;
+    const char *given;
+    I32 i, count;
+    SV *result;
+    if (items < 2)
+        croak_xs_usage(cv, "invocant, name, ...");
+    given = SvPV(ST(1), len);
+    if (len >= sizeof name || memchr(given, '\0', len))
+        croak("PAGI::RS::_call_method: the name must be under %d bytes, without NUL",
+              (int)sizeof name);
+    memcpy(name, given, len);
+    name[len] = '\0';
+    ENTER;
+    SAVETMPS;
+    PUSHMARK(SP);
+    XPUSHs(ST(0));
+    for (i = 2; i < items; i++)
+        XPUSHs(ST(i));
+    PUTBACK;
+    count = call_method(name, G_SCALAR);
+    SPAGAIN;
+    result = count > 0 ? newSVsv(POPs) : newSV(0);
+    PUTBACK;
+    FREETMPS;
+    LEAVE;
+    ST(0) = sv_2mortal(result);
+    XSRETURN(1);
+}

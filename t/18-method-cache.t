@@ -1,0 +1,104 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use PagiRS::Test;
+
+# pagi-rs's call_method caches the methods it finds, per interpreter
+# (src/interp/c/method_cache.c): Future::AsyncAwait calls it by name two or
+# three times per `await`.  Whatever a program does to its classes, a call
+# must find what Perl's own call_method would find.  t/lib/PagiRS/
+# MethodRounds.pm awaits objects around every such change; its answers
+# under system perl (whose Future::AsyncAwait calls perl's own call_method)
+# are the reference.
+
+my $lib = "$FindBin::Bin/lib";
+my $expected = qx{$^X -I$lib -MPagiRS::MethodRounds -e "print PagiRS::MethodRounds::run()"};
+is $?, 0, 'system perl ran the rounds';
+# The rounds must change what a name finds, or agreeing proves nothing.
+like $expected, qr/^glob assignment => glob:3$/m,           'reference: a glob assignment is seen';
+like $expected, qr/^parent redefined => newbase:9$/m,        'reference: a parent\'s new method is seen';
+like $expected, qr/^\@ISA changed => other:10$/m,            'reference: a new @ISA is seen';
+like $expected, qr/^own method deleted => other:12$/m,       'reference: a deleted method is seen';
+like $expected, qr/^diamond, c3 => right:16$/m,              'reference: a new MRO is seen';
+like $expected, qr/^package 50 deleted => died: Can't locate/m, 'reference: a deleted package is seen';
+
+my $app = write_app( <<"PERL", 'method-cache.pl' );
+use strict; use warnings; use Future::AsyncAwait; use Future;
+use lib '$lib';
+use PagiRS::MethodRounds;
+{
+    package Named;
+    sub new { bless {}, shift }
+    sub alpha { 'alpha' }
+    sub beta  { 'beta' }
+    sub a_method_name_longer_than_the_cache_keeps_for_a_name { 'long' }
+    package NamedKid;
+    our \@ISA = ('Named');
+    sub beta { 'kid beta' }
+}
+sub stats { join ' ', PAGI::RS::_method_cache_stats() }
+my \$respond = async sub {
+    my (\$send, \$body) = \@_;
+    await \$send->({ type => 'http.response.start', status => 200, headers => [['content-type', 'text/plain']] });
+    await \$send->({ type => 'http.response.body', body => \$body });
+};
+sub {
+    my (\$scope, \$receive, \$send) = \@_;
+    return Future->done if \$scope->{type} eq 'lifespan';
+    my \$path = \$scope->{path};
+    return \$respond->(\$send, join '', PagiRS::MethodRounds::run()) if \$path eq '/rounds';
+    return \$respond->(\$send, stats()) if \$path eq '/stats';
+    if (\$path eq '/names') {
+        # Each call passes its name in the same C buffer.
+        my \$kid = NamedKid->new;
+        my \@got = map { PAGI::RS::_call_method(\$kid, \$_) }
+          qw(alpha beta alpha beta Named::beta a_method_name_longer_than_the_cache_keeps_for_a_name);
+        push \@got, ref PAGI::RS::_call_method('NamedKid', 'new');
+        return \$respond->(\$send, join ',', \@got);
+    }
+    if (\$path eq '/sends') {
+        return (async sub {
+            my (undef, \$before) = PAGI::RS::_method_cache_stats();
+            await \$send->({ type => 'http.response.start', status => 200, headers => [] });
+            for my \$i (1 .. 100) { await \$send->({ type => 'http.response.body', body => 'x', more => 1 }) }
+            my (undef, \$after) = PAGI::RS::_method_cache_stats();
+            await \$send->({ type => 'http.response.body', body => ' ' . (\$after - \$before) });
+        })->();
+    }
+    return \$respond->(\$send, 'other');
+};
+PERL
+
+for my $setting ( [ 'on', undef ], [ 'off', '0' ] ) {
+    my ( $name, $env ) = @$setting;
+    local $ENV{PAGI_RS_METHOD_CACHE} = $env;
+    delete $ENV{PAGI_RS_METHOD_CACHE} unless defined $env;
+    my $s = start_server( '--no-access-log', $app );
+
+    my $rounds = http_request( $s->port, 'GET', '/rounds' );
+    is $rounds->{status}, 200, "cache $name: the rounds ran";
+    is $rounds->{body}, $expected, "cache $name: every call found what system perl's call_method found";
+
+    my $names = http_request( $s->port, 'GET', '/names' );
+    is $names->{body}, 'alpha,kid beta,alpha,kid beta,beta,long,NamedKid',
+      "cache $name: names passed at one address, qualified, too long to cache, a class as invocant";
+
+    my $sends = http_request( $s->port, 'GET', '/sends' );
+    my ($hits) = $sends->{body} =~ / (\d+)\z/;
+    my ( $enabled, $all_hits, $misses ) = split ' ', http_request( $s->port, 'GET', '/stats' )->{body};
+    if ( $name eq 'on' ) {
+        is $enabled, 1, 'the cache is on by default';
+        cmp_ok $hits, '>=', 200, 'each await of a send that completed at once found both its methods in the cache';
+        cmp_ok $misses, '>', 0, 'the rounds looked methods up again after each change';
+    }
+    else {
+        is "$enabled $all_hits $misses", '0 0 0', 'PAGI_RS_METHOD_CACHE=0 turns it off';
+        is $hits, 0, '... and nothing is served from it';
+    }
+    $s->stop;
+    unlike $s->output, qr/panicked|Segmentation|ERROR/, "cache $name: the server logged no error";
+}
+
+done_testing;
