@@ -30,11 +30,22 @@ $h{'/arm'} = async sub {
     $me;
 };
 $h{'/'} = async sub { "$me count=$count" };
+# A handler that first says DEFAULT and becomes a sub after a send: the
+# second interpreter must still take the signal for it.
+$h{'/arm-later'} = async sub {
+    my ($send) = @_;
+    $SIG{WINCH} = 'DEFAULT';
+    await $send->({ type => 'http.response.start', status => 200, headers => [['content-type', 'text/plain']] });
+    $SIG{WINCH} = sub { spit('winch', $me) };
+    await $send->({ type => 'http.response.body', body => $me });
+    return;
+};
 my $app = async sub {
     my ($scope, $receive, $send) = @_;
     return if $scope->{type} eq 'lifespan';
     my $handler = $h{$scope->{path}} or die "no route";
-    my $body = await $handler->();
+    my $body = await $handler->($send);
+    return unless defined $body;
     await $send->({ type => 'http.response.start', status => 200,
         headers => [['content-type', 'text/plain'], ['content-length', length $body]] });
     await $send->({ type => 'http.response.body', body => $body });
@@ -59,6 +70,21 @@ subtest 'a signal reaches the interpreter whose app set the handler' => sub {
         is $line, "$n $armed", "signal $n ran the handler of the interpreter that set it"
           or last;
     }
+    ok $s->is_running, 'the server survived';
+    is $s->stop('TERM'), 0, 'and exits 0';
+};
+
+subtest 'a handler set after DEFAULT on the second interpreter takes the signal' => sub {
+    my $s = start_server( '--interpreters', 2, $app );
+    my $hold = connect_port( $s->port );
+    $hold->syswrite("GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    my $holder = wait_file_line( "$dir/holding", qr/\w/, 5 );
+    my $armed  = http_request( $s->port, 'GET', '/arm-later' )->{body} // '';
+    ok $holder && $armed && $holder ne $armed, "armed on the other interpreter ($armed, not $holder)"
+      or return;
+    # WINCH is ignored by default: without the handler it would pass unseen.
+    kill 'WINCH', $s->pid;
+    is wait_file_line( "$dir/winch", qr/\w/, 5 ), $armed, 'the handler ran';
     ok $s->is_running, 'the server survived';
     is $s->stop('TERM'), 0, 'and exits 0';
 };
