@@ -38,6 +38,14 @@ use PagiRS::MethodRounds;
     our \@ISA = ('Named');
     sub beta { 'kid beta' }
 }
+{
+    package Awaitable;
+    sub new { bless {}, shift }
+    sub AWAIT_IS_READY { 1 }
+    sub AWAIT_IS_CANCELLED { 0 }
+    sub AWAIT_GET { 'awaited' }
+}
+my \$awaiting = async sub { await \$_[0] };
 sub stats { join ' ', PAGI::RS::_method_cache_stats() }
 my \$respond = async sub {
     my (\$send, \$body) = \@_;
@@ -57,6 +65,26 @@ sub {
           qw(alpha beta alpha beta Named::beta a_method_name_longer_than_the_cache_keeps_for_a_name);
         push \@got, ref PAGI::RS::_call_method('NamedKid', 'new');
         return \$respond->(\$send, join ',', \@got);
+    }
+    if (\$path eq '/threads') {
+        # An ithread's interpreter is a clone: it must not use (or count
+        # in) its parent's cache, which another thread is using.
+        require threads;
+        my (undef, \$before) = PAGI::RS::_method_cache_stats();
+        my \$thread = threads->create(sub {
+            my \$kid = NamedKid->new;
+            my %seen;
+            for my \$i (1 .. 2000) {
+                \$seen{ PAGI::RS::_call_method(\$kid, \$i % 2 ? 'alpha' : 'beta') }++;
+                \$seen{ \$awaiting->(Awaitable->new)->get }++;
+            }
+            return join ',', map { "\$_=\$seen{\$_}" } sort keys %seen;
+        });
+        my \$mine = 0;
+        for my \$i (1 .. 2000) { \$mine++ if \$awaiting->(Awaitable->new)->get eq 'awaited' }
+        my \$theirs = \$thread->join;
+        my (undef, \$after) = PAGI::RS::_method_cache_stats();
+        return \$respond->(\$send, "\$theirs; \$mine; " . (\$after - \$before));
     }
     if (\$path eq '/sends') {
         return (async sub {
@@ -84,6 +112,14 @@ for my $setting ( [ 'on', undef ], [ 'off', '0' ] ) {
     my $names = http_request( $s->port, 'GET', '/names' );
     is $names->{body}, 'alpha,kid beta,alpha,kid beta,beta,long,NamedKid',
       "cache $name: names passed at one address, qualified, too long to cache, a class as invocant";
+
+    my ( $theirs, $mine, $counted ) = split /; /, http_request( $s->port, 'GET', '/threads' )->{body} // '';
+    is "$theirs; $mine", 'alpha=1000,awaited=2000,kid beta=1000; 2000', "cache $name: an ithread and its parent each found their methods";
+    if ( $name eq 'on' ) {
+        # 2,000 awaits of the parent's own, two methods each (a few misses).
+        cmp_ok $counted, '<=', 4000, "the ithread's 6,000 calls did not go through the parent's cache";
+        cmp_ok $counted, '>=', 3990, "the parent's own did";
+    }
 
     my $sends = http_request( $s->port, 'GET', '/sends' );
     my ($hits) = $sends->{body} =~ / (\d+)\z/;

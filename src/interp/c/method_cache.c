@@ -50,6 +50,10 @@ typedef struct {
 } cached_method;
 
 typedef struct {
+    /* The interpreter it was made for.  An ithread's interpreter, cloned
+     * by perl_clone, inherits the pointer to this very struct: it must not
+     * use it (another thread's, and the parent's stashes). */
+    PerlInterpreter *owner;
     cached_method entries[CACHED_METHODS];
     UV hits;
     UV misses;
@@ -83,14 +87,17 @@ void pagi_method_cache_setup(int enable)
 
 void method_cache_attach(pTHX)
 {
-    (void)Perl_my_cxt_init(aTHX_ &cache_index, sizeof(method_cache));
+    method_cache *cache = (method_cache *)Perl_my_cxt_init(aTHX_ &cache_index, sizeof(method_cache));
+    cache->owner = aTHX;
 }
 
 static method_cache *cache_of(pTHX)
 {
+    method_cache *cache;
     if (cache_index < 0 || cache_index >= PL_my_cxt_size)
         return NULL;
-    return (method_cache *)PL_my_cxt_list[cache_index];
+    cache = (method_cache *)PL_my_cxt_list[cache_index];
+    return cache && cache->owner == aTHX ? cache : NULL;
 }
 
 static I32 call_uncached(pTHX_ const char *methname, I32 flags)
