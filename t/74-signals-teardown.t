@@ -75,6 +75,8 @@ subtest 'a signal reaches the interpreter whose app set the handler' => sub {
 };
 
 subtest 'a handler set after DEFAULT on the second interpreter takes the signal' => sub {
+    # The files of the subtest before must not stand for this server's.
+    unlink "$dir/holding", "$dir/winch";
     my $s = start_server( '--interpreters', 2, $app );
     my $hold = connect_port( $s->port );
     $hold->syswrite("GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
