@@ -55,15 +55,26 @@ APP
 $app_src =~ s/__DIR__/$dir/g;
 my $app = write_app($app_src);
 
-subtest 'a signal reaches the interpreter whose app set the handler' => sub {
-    my $s = start_server( '--interpreters', 2, $app );
-    # Keep the first interpreter busy, so that /arm goes to the second.
+# A server with two interpreters whose first is kept busy (/hold), so that
+# GET $path runs on the second.  Returns the server and the id of the
+# interpreter $path ran on, or nothing (having failed a test) if it ran on
+# the busy one.
+sub arm_second_interpreter {
+    my ($path) = @_;
+    # A marker file of a server before must not stand for this one's.
+    unlink "$dir/holding";
+    my $s    = start_server( '--interpreters', 2, $app );
     my $hold = connect_port( $s->port );
     $hold->syswrite("GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     my $holder = wait_file_line( "$dir/holding", qr/\w/, 5 );
-    my $armed  = http_request( $s->port, 'GET', '/arm' )->{body} // '';
-    ok $holder && $armed && $holder ne $armed, "the handler is set in one interpreter only ($armed, not $holder)"
+    my $armed  = http_request( $s->port, 'GET', $path )->{body} // '';
+    ok $holder && $armed && $holder ne $armed, "$path ran on the other interpreter ($armed, not $holder)"
       or return;
+    return ( $s, $armed, $hold );
+}
+
+subtest 'a signal reaches the interpreter whose app set the handler' => sub {
+    my ( $s, $armed, $hold ) = arm_second_interpreter('/arm') or return;
     for my $n ( 1 .. 10 ) {
         kill 'USR1', $s->pid;
         my $line = wait_file_line( "$dir/usr1", qr/^\Q$n\E /, 5 );
@@ -75,16 +86,7 @@ subtest 'a signal reaches the interpreter whose app set the handler' => sub {
 };
 
 subtest 'a handler set after DEFAULT on the second interpreter takes the signal' => sub {
-    # The files of the subtest before must not stand for this server's.
-    unlink "$dir/holding", "$dir/winch";
-    my $s = start_server( '--interpreters', 2, $app );
-    my $hold = connect_port( $s->port );
-    $hold->syswrite("GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    my $holder = wait_file_line( "$dir/holding", qr/\w/, 5 );
-    my $armed  = http_request( $s->port, 'GET', '/arm-later' )->{body} // '';
-    ok $holder && $armed && $holder ne $armed, "armed on the other interpreter ($armed, not $holder)"
-      or return;
-    # WINCH is ignored by default: without the handler it would pass unseen.
+    my ( $s, $armed, $hold ) = arm_second_interpreter('/arm-later') or return;    # WINCH is ignored by default: without the handler it would pass unseen.
     kill 'WINCH', $s->pid;
     is wait_file_line( "$dir/winch", qr/\w/, 5 ), $armed, 'the handler ran';
     ok $s->is_running, 'the server survived';
