@@ -135,7 +135,8 @@ fn main() -> ExitCode {
 
     // SAFETY: once, on the main thread, before any interpreter exists.  The
     // exit guard must be in place before any application code is compiled;
-    // signal forwarding before any app can set %SIG.
+    // signal forwarding before any app can set %SIG; the method cache's
+    // switch before any interpreter thread reads it.
     unsafe {
         interp::ffi::pagi_sys_init();
         interp::ffi::pagi_method_cache_setup(libc::c_int::from(method_cache_wanted()));
