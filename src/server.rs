@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -414,6 +414,9 @@ trait PeekStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
         &'a self,
         buf: &'a mut [u8],
     ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+
+    /// The descriptor of a TCP socket, whose writes go out in segments.
+    fn tcp_fd(&self) -> Option<RawFd>;
 }
 
 impl PeekStream for TcpStream {
@@ -423,9 +426,17 @@ impl PeekStream for TcpStream {
     ) -> impl Future<Output = io::Result<usize>> + Send + 'a {
         self.peek(buf)
     }
+
+    fn tcp_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
 }
 
 impl PeekStream for UnixStream {
+    fn tcp_fd(&self) -> Option<RawFd> {
+        None
+    }
+
     async fn peek_into(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             self.readable().await?;
@@ -471,7 +482,8 @@ async fn serve_connection<S: PeekStream>(
         if server.http2.cleartext && speaks_http2(&stream, &server).await {
             crate::http2::connection::serve(stream, info, server, signals).await;
         } else {
-            crate::http1::connection::serve(stream, info, server, http1, signals).await;
+            let tcp_fd = stream.tcp_fd();
+            crate::http1::connection::serve(stream, info, server, http1, signals, tcp_fd).await;
         }
         return;
     };
@@ -492,7 +504,8 @@ async fn serve_connection<S: PeekStream>(
     let info = Arc::new(info.with_tls(facts));
     match tls::negotiated_protocol(&stream) {
         AppProtocol::Http1 => {
-            crate::http1::connection::serve(stream, info, server, http1, signals).await
+            // TLS records, not the application's writes, fill the segments.
+            crate::http1::connection::serve(stream, info, server, http1, signals, None).await
         }
         AppProtocol::Http2 => crate::http2::connection::serve(stream, info, server, signals).await,
     }

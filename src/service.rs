@@ -121,6 +121,9 @@ pub struct RequestContext {
     /// Why the client left, when the protocol knows better than "closed"
     /// (HTTP/2's RST_STREAM code): set before dropping the request's future.
     pub departure: Arc<OnceLock<String>>,
+    /// The connection's writer, for the exchange to tell when more body
+    /// follows at once (HTTP/1.1 over TCP: http1/segments.rs).
+    pub bulk_hint: Option<Arc<crate::exchange::BulkHint>>,
 }
 
 impl RequestContext {
@@ -130,6 +133,7 @@ impl RequestContext {
             close,
             started: Instant::now(),
             departure: Arc::default(),
+            bulk_hint: None,
         }
     }
 }
@@ -317,6 +321,7 @@ pub(crate) fn open_exchange<'s>(
         server.exchange_config.clone(),
         facts,
         Some(ctx.close.clone()),
+        ctx.bulk_hint.clone(),
     );
     (interp, exchange, head_rx)
 }

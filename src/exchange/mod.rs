@@ -27,6 +27,7 @@ pub mod wakeups;
 /// When a send waits for the buffer to drain, and when Perl hears of it.
 mod water;
 
+pub use water::BulkHint;
 pub(crate) use water::WaterMarks;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -258,6 +259,9 @@ pub struct Exchange {
     /// Closes the exchange's connection at once (`abort`): nothing queued
     /// is written, and on HTTP/1.1 nothing else can use the connection.
     close_connection: Option<Arc<Notify>>,
+    /// The connection's writer, told when more body follows at once (HTTP/1.1
+    /// over TCP; see http1/segments.rs).
+    bulk_hint: Option<Arc<BulkHint>>,
     /// Request-body chunks in the mailbox that Perl has not taken yet: an
     /// end Perl learns of early must not overtake them.
     bodies_in_mailbox: AtomicUsize,
@@ -270,6 +274,7 @@ impl Exchange {
         config: Arc<ExchangeConfig>,
         facts: RequestFacts,
         close_connection: Option<Arc<Notify>>,
+        bulk_hint: Option<Arc<BulkHint>>,
     ) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
         let (tx, rx) = oneshot::channel();
         let ex = Arc::new(Exchange {
@@ -311,6 +316,7 @@ impl Exchange {
             last_progress_ms: AtomicU64::new(coarse_clock_ms()),
             event_stream: std::sync::OnceLock::new(),
             close_connection,
+            bulk_hint,
             bodies_in_mailbox: AtomicUsize::new(0),
         });
         (ex, rx)
@@ -459,7 +465,7 @@ pub(crate) mod tests {
             is_head,
             started: Instant::now(),
         };
-        Exchange::new(1, mailbox, config, facts, None)
+        Exchange::new(1, mailbox, config, facts, None, None)
     }
 
     pub(crate) fn poll(

@@ -30,7 +30,20 @@ impl Exchange {
             if flushed {
                 st.flush_pending = false;
             }
+            let body_taken = st.queue.is_empty()
+                && (st.body_done || st.declared_length.is_some_and(|d| st.body_bytes >= d));
+            let bulk = if body_taken {
+                Some(false)
+            } else if drained.is_some_and(|news| news.settles_wait) && !st.long_lived {
+                // The app outran the socket and is released now: its next
+                // frame follows at once.  Event streams are left out:
+                // their events are wanted now, not in whole segments.
+                Some(true)
+            } else {
+                None
+            };
             drop(st);
+            self.tell_writer(bulk);
             self.mark_progress();
             self.progress.notify_waiters();
             if let Some(news) = drained {
@@ -56,9 +69,14 @@ impl Exchange {
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
-            Phase::Aborted => Poll::Ready(Some(Err(BodyAborted))),
+            Phase::Aborted => {
+                drop(st);
+                self.tell_writer(Some(false));
+                Poll::Ready(Some(Err(BodyAborted)))
+            }
             Phase::Finished if st.disconnected.is_none() && !st.delivered => {
                 st.delivered = true;
+                self.tell_writer(Some(false));
                 let notify_perl = self.interest.load(Ordering::Acquire) & WANTS_TERMINAL != 0;
                 drop(st);
                 self.ended.notify_waiters();
@@ -68,7 +86,11 @@ impl Exchange {
                 self.write_access_log();
                 Poll::Ready(None)
             }
-            Phase::Finished => Poll::Ready(None),
+            Phase::Finished => {
+                drop(st);
+                self.tell_writer(Some(false));
+                Poll::Ready(None)
+            }
             _ => {
                 st.waker = Some(cx.waker().clone());
                 Poll::Pending
@@ -76,9 +98,20 @@ impl Exchange {
         }
     }
 
+    /// Tell the connection's writer whether more body follows at once
+    /// (None: no news).
+    fn tell_writer(&self, more_follows: Option<bool>) {
+        match (&self.bulk_hint, more_follows) {
+            (Some(hint), Some(true)) => hint.set(),
+            (Some(hint), Some(false)) => hint.clear(),
+            _ => {}
+        }
+    }
+
     /// hyper dropped the response body.  That is a disconnect, unless hyper
     /// simply had nothing more to write (see `network_done`).
     pub fn body_dropped(&self, reason: &'static str, detail: &'static str) {
+        self.tell_writer(Some(false));
         let mut st = self.lock();
         let no_body_on_wire = self.facts.is_head || matches!(st.status, Some(204) | Some(304));
         let length_satisfied =
@@ -116,3 +149,52 @@ impl Exchange {
 #[derive(Debug, thiserror::Error)]
 #[error("response aborted")]
 pub struct BodyAborted;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::super::tests::{exchange, poll};
+    use super::super::{BulkHint, SendOutcome};
+
+    fn with_hint() -> (Arc<super::Exchange>, Arc<BulkHint>) {
+        let (mut ex, _rx) = exchange(false);
+        let hint = Arc::new(BulkHint::default());
+        Arc::get_mut(&mut ex).expect("fresh exchange").bulk_hint = Some(hint.clone());
+        (ex, hint)
+    }
+
+    #[test]
+    fn the_writer_hears_more_follows_when_a_waiting_send_is_released() {
+        let (ex, hint) = with_hint();
+        ex.start(200, &[], false).unwrap();
+        // Twice the mark (10) at once: the send waits for the drain.
+        let piece = Bytes::from(vec![b'a'; 5000]);
+        assert_eq!(ex.body_bytes(piece, true).unwrap(), SendOutcome::HighWater);
+        assert!(!hint.is_set());
+        let _ = poll(&ex); // taken: the drain releases the send
+        assert!(hint.is_set(), "the app's next frame follows at once");
+        // The last frame: the writer must not hold the end back.
+        ex.body(b"end", false).unwrap();
+        let _ = poll(&ex);
+        assert!(!hint.is_set(), "cleared before hyper writes the end");
+    }
+
+    #[test]
+    fn no_news_for_sends_that_never_waited_nor_for_event_streams() {
+        let (ex, hint) = with_hint();
+        ex.start(200, &[], false).unwrap();
+        ex.body(b"12345", true).unwrap();
+        let _ = poll(&ex);
+        assert!(!hint.is_set(), "nothing waited");
+
+        let (ex, hint) = with_hint();
+        ex.start_event_stream(200, &[]).unwrap();
+        let piece = Bytes::from(vec![b'e'; 5000]);
+        assert_eq!(ex.body_bytes(piece, true).unwrap(), SendOutcome::HighWater);
+        let _ = poll(&ex);
+        assert!(!hint.is_set(), "events are wanted now, not in whole segments");
+    }
+}

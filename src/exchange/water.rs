@@ -2,7 +2,31 @@
 //! WebSocket's): whether a send waits for the drain, when on_high_water
 //! fires, and when the interpreter hears that the buffer drained.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::SendOutcome;
+
+/// Said by an exchange to its connection's writer (http1/segments.rs):
+/// the application streams faster than the socket drains, and more of the
+/// body follows at once, so a write may leave its last short segment for
+/// the next frame.  Set when a drain releases a send that waited for it;
+/// cleared before the body's last frame is taken, so an end never waits.
+#[derive(Debug, Default)]
+pub struct BulkHint(AtomicBool);
+
+impl BulkHint {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn clear(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// The water-mark state of one buffer.  Its owner holds it under the lock
 /// that guards the buffer.

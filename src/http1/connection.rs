@@ -3,6 +3,7 @@
 //! protocol-neutral service layer; what is particular to HTTP/1.1 happens
 //! here: the gate's refusals, the RFC 6455 upgrade, and `Connection: close`.
 
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,8 +20,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
 use super::gate::{self, Answers, Gate, WireOrders};
+use super::segments::SegmentWriter;
 use crate::body::ResponseBody;
-use crate::exchange::BodyAborted;
+use crate::exchange::{BodyAborted, BulkHint};
 use crate::server::{ConnectionSignals, Server};
 use crate::service::{
     self, log_refusal, plain_response, CloseAfter, ConnInfo, RequestContext, ServiceError,
@@ -84,10 +86,15 @@ pub async fn serve<IO>(
     server: Arc<Server>,
     builder: &http1::Builder,
     mut signals: ConnectionSignals,
+    tcp_fd: Option<RawFd>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = conn.client;
+    // Over cleartext TCP a streamed body may be written in whole segments
+    // (segments.rs); the exchanges say when.
+    let bulk_hint = tcp_fd.map(|_| Arc::new(BulkHint::default()));
+    let svc_bulk_hint = bulk_hint.clone();
     // `pagi.connection->abort` on any request closes the whole connection.
     let close = Arc::new(Notify::new());
     let orders = Arc::new(WireOrders::default());
@@ -105,7 +112,8 @@ pub async fn serve<IO>(
         if let Some(order) = svc_orders.claim(seq, req.uri()) {
             req.extensions_mut().insert(order);
         }
-        let ctx = RequestContext::new(conn.clone(), svc_close.clone());
+        let mut ctx = RequestContext::new(conn.clone(), svc_close.clone());
+        ctx.bulk_hint = svc_bulk_hint.clone();
         let answering = route(req, ctx, svc_server.clone());
         let answers = svc_answers.clone();
         let retiring = svc_server.clone();
@@ -122,6 +130,7 @@ pub async fn serve<IO>(
             Ok::<_, ServiceError>(resp.map(|body| AnsweredBody::new(body, answers)))
         }
     });
+    let io = SegmentWriter::new(io, tcp_fd, bulk_hint);
     let io = TokioIo::new(Gate::new(io, server.gate_limits, orders, answers));
     // with_upgrades: a WebSocket handshake hands the socket over after the 101.
     let conn = builder.serve_connection(io, service).with_upgrades();

@@ -5,8 +5,11 @@
 //! - [`connection`]: serves one connection, sends each request to the
 //!   service layer (or the RFC 6455 handshake), and says on the wire what
 //!   HTTP/1.1 needs said about the connection.
+//! - [`segments`]: under the gate, writes whole TCP segments while a
+//!   response body streams in bulk.
 //!
 //! `http2/` has the same shape for HTTP/2.
 
 pub mod connection;
 pub mod gate;
+pub mod segments;
