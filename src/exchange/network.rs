@@ -195,6 +195,9 @@ mod tests {
         let piece = Bytes::from(vec![b'e'; 5000]);
         assert_eq!(ex.body_bytes(piece, true).unwrap(), SendOutcome::HighWater);
         let _ = poll(&ex);
-        assert!(!hint.is_set(), "events are wanted now, not in whole segments");
+        assert!(
+            !hint.is_set(),
+            "events are wanted now, not in whole segments"
+        );
     }
 }
