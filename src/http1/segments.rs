@@ -3,10 +3,12 @@
 //! A write that is not a multiple of the connection's segment size ends in a
 //! short segment.  Where segments are large that is costly: on loopback (a
 //! segment of 65,483 bytes) a 64 KiB body frame plus its chunk framing is 62
-//! bytes over one segment, so every write of a streamed response left in two
-//! or three full segments and a short one.  The short ones were a quarter of
-//! the segments and cost the server's network thread 60 % more CPU per MiB
-//! (bench/README.md, "Where issue 11 stands (session 21)").
+//! bytes over one segment, so every write of a streamed response (two or four
+//! such frames) left as full segments and one short one.  The short ones were
+//! a quarter of the segments, and cost the server's network thread half
+//! again as much CPU per MiB, the client more wake-ups, and the stream a
+//! quarter of its rate (bench/README.md, "Where issue 11 stands (session
+//! 21)").
 //!
 //! So while an application streams faster than the socket drains (a send of
 //! it waited for the high-water mark's drain: [`BulkHint`]), this writer sends
