@@ -4,7 +4,6 @@ use Test::More;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
-use File::Temp qw(tempdir);
 use IO::Select;
 use Time::HiRes qw(time sleep);
 use Digest::MD5;
@@ -22,11 +21,9 @@ use Socket qw(PF_INET SOCK_STREAM IPPROTO_TCP TCP_MAXSEG pack_sockaddr_in inet_a
 # - the end of a body never waits.
 # The server's debug log reports each connection's holds when it closes.
 
-my $dir = tempdir( CLEANUP => 1 );
-
-my $app = write_app( <<'APP' );
-use strict; use warnings; use Future::AsyncAwait; use Future::IO;
-# A body whose bytes say where they are: 8-byte big-endian offsets.
+# A body whose bytes say where they are: 8-byte big-endian offsets.  The
+# app and the test share this one definition.
+my $PATTERN = <<'SUB';
 sub pattern {
     my ( $from, $len ) = @_;
     my $first = int( $from / 8 );
@@ -34,6 +31,12 @@ sub pattern {
     my $s = pack 'Q>*', $first .. $first + $count - 1;
     return substr $s, $from - $first * 8, $len;
 }
+SUB
+eval "$PATTERN; 1" or die $@;
+
+my $app = write_app( <<'APP' =~ s/^# PATTERN\n/$PATTERN/mr );
+use strict; use warnings; use Future::AsyncAwait; use Future::IO;
+# PATTERN
 my $app = async sub {
     my ( $scope, $receive, $send ) = @_;
     return if $scope->{type} eq 'lifespan';
@@ -69,14 +72,6 @@ my $app = async sub {
 };
 $app;
 APP
-
-sub pattern {
-    my ( $from, $len ) = @_;
-    my $first = int( $from / 8 );
-    my $count = int( ( $from + $len ) / 8 ) - $first + 1;
-    my $s = pack 'Q>*', $first .. $first + $count - 1;
-    return substr $s, $from - $first * 8, $len;
-}
 
 # GET $target on $sock and read the chunked body.  Returns the body, and
 # when the first $mark bytes of it had arrived (seconds after the request).
