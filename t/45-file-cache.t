@@ -87,15 +87,28 @@ is runtime_threads($pid), $before, 'cached bytes were read without the blocking 
 
 SKIP: {
     skip 'fincore (util-linux-extra) is not installed', 4 unless grep { -x "$_/fincore" } split /:/, $ENV{PATH};
-    # Drop the file's pages (clean, since written out), then check they went.
-    system( 'dd', "if=$file", 'iflag=nocache', 'count=0', 'status=none' ) == 0 or die "dd: $?";
-    my ($resident) = `fincore --bytes --noheadings --output RES '$file'` =~ /(\d+)/;
-    skip "this filesystem keeps the file's pages cached ($resident bytes)", 4 if !defined $resident || $resident > $size / 2;
-    my $res = http_request( $port, 'GET', '/' );
-    is $res->{status}, 200, 'uncached file: 200';
-    ok $res->{body} eq $content, "uncached file: exactly the file's bytes";
-    cmp_ok runtime_threads($pid), '>', $before, 'bytes not in the page cache were read on the blocking pool';
-    $res = http_request( $port, 'GET', '/?offset=70000&length=300000' );
+    # Drop the file's pages (clean, since written out), check they went,
+    # and ask for the file.  A read that cannot wait still starts the
+    # kernel's readahead, and on a disk fast enough (a VM's, backed by its
+    # host's cache) every page may be in by the time it is looked at, so
+    # that nothing needs the pool: up to five tries, each from a cold cache.
+    my ( $served, $exact, $pooled, @tries ) = ( 0, 0, 0 );
+    for my $try ( 1 .. 5 ) {
+        system( 'dd', "if=$file", 'iflag=nocache', 'count=0', 'status=none' ) == 0 or die "dd: $?";
+        my ($resident) = `fincore --bytes --noheadings --output RES '$file'` =~ /(\d+)/;
+        skip "this filesystem keeps the file's pages cached ($resident bytes)", 4
+          if !defined $resident || $resident > $size / 2;
+        my $res = http_request( $port, 'GET', '/' );
+        $served++ if $res->{status} == 200;
+        $exact++  if $res->{body} eq $content;
+        my $threads = runtime_threads($pid);
+        push @tries, "$resident bytes resident, $threads threads";
+        if ( $threads > $before ) { $pooled = 1; last }
+    }
+    is $served, scalar @tries, 'uncached file: 200';
+    is $exact,  scalar @tries, "uncached file: exactly the file's bytes";
+    ok $pooled, 'bytes not in the page cache were read on the blocking pool' or diag join "\n", @tries;
+    my $res = http_request( $port, 'GET', '/?offset=70000&length=300000' );
     ok $res->{body} eq substr( $content, 70_000, 300_000 ), 'and again by offset and length, now cached';
 }
 
