@@ -23,6 +23,9 @@ like $expected, qr/^\@ISA changed => other:10$/m,            'reference: a new @
 like $expected, qr/^own method deleted => other:12$/m,       'reference: a deleted method is seen';
 like $expected, qr/^diamond, c3 => right:16$/m,              'reference: a new MRO is seen';
 like $expected, qr/^package 50 deleted => died: Can't locate/m, 'reference: a deleted package is seen';
+like $expected, qr/^XSUB Uniq, scalar, try 2 => 1\n.*^XSUB Uniq, list, try 2 => 1:\S+Uniq$/ms,
+  'reference: an XSUB method sees the context its await wants';
+like $expected, qr/^XSUB Zip, scalar, try 2 => \[3\]$/m, 'reference: an XSUB\'s last value in scalar context';
 
 my $app = write_app( <<"PERL", 'method-cache.pl' );
 use strict; use warnings; use Future::AsyncAwait; use Future;

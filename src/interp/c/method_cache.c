@@ -29,6 +29,12 @@
  * that is defined (not a stub left for AUTOLOAD), outside global
  * destruction.  Everything else goes to libperl's call_method as it came.
  * PAGI_RS_METHOD_CACHE=0 in the environment turns the cache off (main.rs).
+ *
+ * A cached method that is an XSUB (pagi-rs's Futures answer in C) is run
+ * directly when the call is a plain one, as pp_entersub would run it, not
+ * through call_sv: call_sv builds a fake op, saves it, pushes the CV and
+ * enters the op's entersub, which cost as much again as the XSUB's own
+ * answer (session 22: a tenth of an SSE event's instructions).
  */
 #include <dlfcn.h>
 
@@ -80,8 +86,16 @@ static call_method_fn find_libperl_call_method(void)
     return found;
 }
 
+/* What GIMME_V reads inside an XSUB run by call_xsub: an op whose only
+ * content is the context wanted (OPf_WANT_* has G_WANT's values).  Never
+ * written after setup, so every interpreter thread may point PL_op here. */
+static OP context_ops[G_WANT + 1];
+
 void pagi_method_cache_setup(int enable)
 {
+    I32 want;
+    for (want = 1; want <= G_WANT; want++)
+        context_ops[want].op_flags = (U8)want;
     cache_enabled = enable && find_libperl_call_method() != NULL;
 }
 
@@ -134,6 +148,64 @@ static int is_defined(CV *cv)
     return CvROOT(cv) || CvXSUB(cv);
 }
 
+/* pagi-rs's own XSUBs that Future::AsyncAwait calls on every await, which
+ * answer from their argument alone: they push nothing on the save stack
+ * and free no temporaries, so the scope an XSUB call opens has nothing to
+ * undo for them, and they run without it (a fifth of what the call cost). */
+static int answers_without_scope(XSUBADDR_t body)
+{
+    return body == xs_sent_yes || body == xs_sent_no || body == xs_sent_nothing ||
+           body == xs_pending_is_ready || body == xs_pending_is_cancelled;
+}
+
+/* Run the XSUB `cv` on the arguments the caller pushed after its mark, as
+ * pp_entersub runs an XSUB for call_sv, without call_sv's fake op and its
+ * entersub: what an XSUB can see is the same (its arguments, the context,
+ * a scope of its own and the scalar-context fix-up of its results).  For
+ * plain calls only: the caller checked that `flags` asks for nothing but a
+ * context and that no debugger wants to see the call. */
+static I32 call_xsub(pTHX_ CV *cv, I32 flags)
+{
+    SSize_t markix = TOPMARK;
+    SV **arg = PL_stack_base + markix;
+    OP *caller_op = PL_op;
+    I32 want = flags & G_WANT ? flags & G_WANT : G_SCALAR;
+    int scoped = !answers_without_scope(CvXSUB(cv));
+    if (scoped) {
+        ENTER;
+        SAVETMPS;
+    }
+    /* pp_entersub's rule: an XSUB may keep what it is given, so a pad
+     * temporary (which the caller's next statement reuses) is copied. */
+    while (arg < PL_stack_sp) {
+        arg++;
+        if (*arg && SvPADTMP(*arg))
+            *arg = sv_mortalcopy(*arg);
+    }
+    PL_op = &context_ops[want];
+    CvXSUB(cv)(aTHX_ cv);
+    PL_op = caller_op;
+    if (want == G_SCALAR) {
+        SV **result = PL_stack_base + markix + 1;
+        if (result != PL_stack_sp) {
+            *result = result > PL_stack_sp ? &PL_sv_undef : *PL_stack_sp;
+            PL_stack_sp = result;
+        }
+    }
+    if (scoped)
+        LEAVE;
+    return (I32)(PL_stack_sp - (PL_stack_base + markix));
+}
+
+/* Run the cached method `cv`: an XSUB directly when the call is a plain
+ * one, anything else through call_sv. */
+static I32 call_cached(pTHX_ CV *cv, I32 flags)
+{
+    if (CvISXSUB(cv) && !(flags & ~G_WANT) && !PERLDB_SUB && !PL_curcopdb)
+        return call_xsub(aTHX_ cv, flags);
+    return call_sv((SV *)cv, flags);
+}
+
 I32 Perl_call_method(pTHX_ const char *methname, I32 flags)
 {
     method_cache *cache;
@@ -157,7 +229,7 @@ I32 Perl_call_method(pTHX_ const char *methname, I32 flags)
         entry->pkg_gen == meta->pkg_gen && entry->cache_gen == meta->cache_gen &&
         strcmp(entry->name, methname) == 0 && is_defined(entry->cv)) {
         cache->hits++;
-        return call_sv((SV *)entry->cv, flags);
+        return call_cached(aTHX_ entry->cv, flags);
     }
     len = strlen(methname);
     if (len > CACHED_NAME_MAX || memchr(methname, ':', len) || memchr(methname, '\'', len))
@@ -181,7 +253,7 @@ I32 Perl_call_method(pTHX_ const char *methname, I32 flags)
     entry->pkg_gen = meta->pkg_gen;
     entry->cache_gen = meta->cache_gen;
     memcpy(entry->name, methname, len + 1);
-    return call_sv((SV *)cv, flags);
+    return call_cached(aTHX_ cv, flags);
 }
 
 /* PAGI::RS::_method_cache_stats(): (enabled, hits, misses) of this

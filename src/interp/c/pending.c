@@ -102,6 +102,14 @@ static int field_true(pTHX_ HV *hv, const char *key, I32 klen)
 }
 #define FIELD_TRUE(hv, k) field_true(aTHX_(hv), "" k "", sizeof(k) - 1)
 
+/* field_true for the fields Future::AsyncAwait asks about on every await,
+ * by a shared key with its hash (lookups.c): no hashing of the name. */
+static int known_field_true(pTHX_ HV *hv, int key)
+{
+    SV *v = hv_value(aTHX_ hv, KEY(the_lookups(aTHX), key));
+    return v && SvTRUE(v);
+}
+
 /* A new pending Future on `loop`, laid out as Pending.pm's _build makes it. */
 static SV *build(pTHX_ SV *loop)
 {
@@ -316,25 +324,25 @@ XS(xs_pending_on_ready)
 
 /* AWAIT_IS_READY and AWAIT_IS_CANCELLED: whether the Future's field `key`
  * is true. */
-static SV *flag_answer(pTHX_ CV *cv, I32 items, SV *self, const char *key, I32 klen)
+static SV *flag_answer(pTHX_ CV *cv, I32 items, SV *self, int key)
 {
     HV *hv;
     if (items != 1 || !(hv = future_hv(aTHX_ self)))
         croak_xs_usage(cv, "self");
-    return boolSV(field_true(aTHX_ hv, key, klen));
+    return boolSV(known_field_true(aTHX_ hv, key));
 }
 
 XS(xs_pending_is_ready)
 {
     dXSARGS;
-    ST(0) = flag_answer(aTHX_ cv, items, items ? ST(0) : &PL_sv_undef, "ready", 5);
+    ST(0) = flag_answer(aTHX_ cv, items, items ? ST(0) : &PL_sv_undef, K_READY);
     XSRETURN(1);
 }
 
 XS(xs_pending_is_cancelled)
 {
     dXSARGS;
-    ST(0) = flag_answer(aTHX_ cv, items, items ? ST(0) : &PL_sv_undef, "cancelled", 9);
+    ST(0) = flag_answer(aTHX_ cv, items, items ? ST(0) : &PL_sv_undef, K_CANCELLED);
     XSRETURN(1);
 }
 
@@ -347,8 +355,8 @@ XS(xs_pending_get)
     SV **res;
     AV *av;
     SSize_t i, n;
-    if (!state_ready(aTHX) || items != 1 || !(hv = future_hv(aTHX_ ST(0))) || !FIELD_TRUE(hv, "ready") ||
-        FIELD_TRUE(hv, "failure") || FIELD_TRUE(hv, "cancelled"))
+    if (!state_ready(aTHX) || items != 1 || !(hv = future_hv(aTHX_ ST(0))) || !known_field_true(aTHX_ hv, K_READY) ||
+        known_field_true(aTHX_ hv, K_FAILURE) || known_field_true(aTHX_ hv, K_CANCELLED))
         REDIRECT(P_GET);
     res = hv_fetchs(hv, "result", 0);
     if (!res || !SvROK(*res) || SvTYPE(SvRV(*res)) != SVt_PVAV)
