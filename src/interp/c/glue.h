@@ -190,7 +190,7 @@ enum {
     K_HEADERS, K_CLIENT, K_SERVER, K_STATE, K_EXTENSIONS, K_CONNECTION,
     K_TRANSPORT, K_BODY, K_MORE, K_FILE, K_FH, K_STATUS, K_TRAILERS,
     K_DATA, K_EVENT, K_ID, K_RETRY, K_TEXT, K_BYTES,
-    K_READY, K_FAILURE, K_CANCELLED, /* a Future's fields (pending.c) */
+    K_READY, K_FAILURE, K_CANCELLED, K_CALLBACKS, K_RESULT, /* a Future's fields (pending.c) */
     K_COUNT
 };
 

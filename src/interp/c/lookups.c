@@ -18,7 +18,7 @@ static const char *const key_names[K_COUNT] = {
     "headers", "client", "server", "state", "extensions", "pagi.connection",
     "pagi.transport", "body", "more", "file", "fh", "status", "trailers",
     "data", "event", "id", "retry", "text", "bytes",
-    "ready", "failure", "cancelled",
+    "ready", "failure", "cancelled", "callbacks", "result",
 };
 
 static __thread interp_lookups lookups;

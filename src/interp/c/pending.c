@@ -114,8 +114,9 @@ static int known_field_true(pTHX_ HV *hv, int key)
 static SV *build(pTHX_ SV *loop)
 {
     HV *hv = newHV();
-    (void)hv_stores(hv, "ready", newSViv(0));
-    (void)hv_stores(hv, "callbacks", newRV_noinc((SV *)newAV()));
+    interp_lookups *L = the_lookups(aTHX);
+    STORE(hv, L, K_READY, newSViv(0));
+    STORE(hv, L, K_CALLBACKS, newRV_noinc((SV *)newAV()));
     (void)hv_stores(hv, "u_loop", newSVsv(loop));
     return sv_bless(sv_2mortal(newRV_noinc((SV *)hv)), P.stash);
 }
@@ -200,9 +201,12 @@ XS(xs_future_new_done)
     for (i = 1; i < items; i++)
         av_push(result, newSVsv(ST(i)));
     hv = newHV();
-    (void)hv_stores(hv, "ready", newSViv(1));
-    (void)hv_stores(hv, "callbacks", newRV_noinc((SV *)newAV()));
-    (void)hv_stores(hv, "result", newRV_noinc((SV *)result));
+    {
+        interp_lookups *L = the_lookups(aTHX);
+        STORE(hv, L, K_READY, newSViv(1));
+        STORE(hv, L, K_CALLBACKS, newRV_noinc((SV *)newAV()));
+        STORE(hv, L, K_RESULT, newRV_noinc((SV *)result));
+    }
     ST(0) = sv_bless(sv_2mortal(newRV_noinc((SV *)hv)), P.future_stash);
     XSRETURN(1);
 }
@@ -222,7 +226,8 @@ int future_plain_is_done(pTHX_ SV *f)
     if (!SvROK(f) || SvTYPE(SvRV(f)) != SVt_PVHV || !SvOBJECT(SvRV(f)) || SvSTASH(SvRV(f)) != P.future_stash)
         return -1;
     hv = (HV *)SvRV(f);
-    return FIELD_TRUE(hv, "ready") && !FIELD_TRUE(hv, "failure") && !FIELD_TRUE(hv, "cancelled");
+    return known_field_true(aTHX_ hv, K_READY) && !known_field_true(aTHX_ hv, K_FAILURE) &&
+           !known_field_true(aTHX_ hv, K_CANCELLED);
 }
 
 /* As future_plain_is_done, for "still pending": 1, 0, or -1 when `f` is not
@@ -231,7 +236,7 @@ int future_plain_is_pending(pTHX_ SV *f)
 {
     if (future_plain_is_done(aTHX_ f) < 0)
         return -1;
-    return !FIELD_TRUE((HV *)SvRV(f), "ready");
+    return !known_field_true(aTHX_(HV *) SvRV(f), K_READY);
 }
 
 /* A callbacks entry Future::PP's _mark_ready would run as a plain on_ready
