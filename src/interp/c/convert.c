@@ -12,18 +12,21 @@ int sv_to_bytes(pTHX_ SV *sv, pagi_str *out)
 {
     STRLEN len;
     const char *p;
+    /* Once, before anything reads it: an element of a tied hash passed as
+     * an argument holds its value only after its FETCH. */
+    SvGETMAGIC(sv);
     if (!SvOK(sv)) {
         out->ptr = "";
         out->len = 0;
         return 1;
     }
     if (SvUTF8(sv)) {
-        SV *copy = sv_2mortal(newSVsv(sv));
+        SV *copy = sv_2mortal(newSVsv_nomg(sv));
         if (!sv_utf8_downgrade(copy, TRUE))
             return 0;
-        p = SvPV(copy, len);
+        p = SvPV_nomg(copy, len);
     } else {
-        p = SvPV(sv, len);
+        p = SvPV_nomg(sv, len);
     }
     out->ptr = p;
     out->len = len;
@@ -123,11 +126,12 @@ pagi_str text_arg(pTHX_ SV *sv, int *has)
     pagi_str out = {"", 0};
     STRLEN len;
     SV *copy;
+    SvGETMAGIC(sv); /* once: see sv_to_bytes */
     *has = SvOK(sv) ? 1 : 0;
     if (!*has)
         return out;
     /* ASCII is its own UTF-8: no copy (the common case, and numbers). */
-    if (!SvUTF8(sv) && !SvGMAGICAL(sv) && !SvROK(sv)) {
+    if (!SvUTF8(sv) && !SvROK(sv)) {
         const char *p = SvPV_nomg(sv, len);
         if (is_utf8_invariant_string((const U8 *)p, len)) {
             out.ptr = p;
@@ -135,9 +139,9 @@ pagi_str text_arg(pTHX_ SV *sv, int *has)
             return out;
         }
     }
-    copy = sv_2mortal(newSVsv(sv));
+    copy = sv_2mortal(newSVsv_nomg(sv));
     sv_utf8_encode(copy);
-    out.ptr = SvPV(copy, len);
+    out.ptr = SvPV_nomg(copy, len);
     out.len = len;
     return out;
 }
