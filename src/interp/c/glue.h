@@ -77,10 +77,32 @@ static inline int slot_defined(pTHX_ AV *req, SSize_t slot)
     return v && SvOK(*v);
 }
 
-/* The value under `key` (a shared key with its hash, KEY()), or NULL. */
+/* The value under `key` (a shared key with its hash, KEY()), or NULL.
+ *
+ * A plain hash that shares its keys (what `{ type => ... }` makes) stores
+ * each key as the one HEK that PL_strtab holds for that text and those
+ * flags, and `key` is that HEK too when the key was stored without flags:
+ * its bucket is walked comparing HEK addresses, without hv_common's
+ * generality (a sixth of an SSE event's send in hv_common).  A miss is an
+ * answer only when no key of the hash has flags (a key stored from a UTF-8
+ * string is another HEK of the same text); otherwise, and for any hash with
+ * magic (tied; restricted, whose placeholders a walk would meet: they count
+ * themselves in rhash magic), hv_fetch_ent decides. */
 static inline SV *hv_value(pTHX_ HV *hv, SV *key)
 {
-    HE *he = hv_fetch_ent(hv, key, 0, 0);
+    HE *he;
+    if (!SvMAGICAL(hv) && HvSHAREKEYS(hv)) {
+        HEK *wanted = SvSHARED_HEK_FROM_PV(SvPVX_const(key));
+        if (HvARRAY(hv)) {
+            for (he = HvARRAY(hv)[HEK_HASH(wanted) & HvMAX(hv)]; he; he = HeNEXT(he)) {
+                if (HeKEY_hek(he) == wanted)
+                    return HeVAL(he) == &PL_sv_placeholder ? NULL : HeVAL(he);
+            }
+        }
+        if (!HvHASKFLAGS(hv))
+            return NULL;
+    }
+    he = hv_fetch_ent(hv, key, 0, 0);
     return he ? HeVAL(he) : NULL;
 }
 
