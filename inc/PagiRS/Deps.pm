@@ -45,9 +45,11 @@ our @TEST = qw(
 # gnuplot-nox: draws the SVG charts into bench/results/.
 our @BENCH = qw(gnuplot-nox);
 
-# Only for `make flamegraphs` (bench/bin/flamegraphs):
-# linux-perf: samples the server's threads with their call stacks.
-our @PROFILE = qw(linux-perf);
+# Only for `make flamegraphs` (bench/bin/flamegraphs) and `make instructions`
+# (bench/bin/instructions):
+# linux-perf: samples the server's threads with their call stacks;
+# valgrind:   callgrind counts the instructions each thread executes.
+our @PROFILE = qw(linux-perf valgrind);
 
 # HTTP::Tiny is part of core perl; its package is only needed on a perl
 # without it.
