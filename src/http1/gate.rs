@@ -35,6 +35,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -445,17 +446,20 @@ impl<S> Gate<S> {
             return false;
         }
         // One slot more than allowed, so "too many" is seen as such.  The
-        // usual limit fits on the stack.
-        let mut stack = [httparse::EMPTY_HEADER; 128];
-        let mut heap;
-        let slots: &mut [httparse::Header<'_>] = if self.limits.max_header_count < stack.len() {
-            &mut stack[..=self.limits.max_header_count]
-        } else {
-            heap = vec![httparse::EMPTY_HEADER; self.limits.max_header_count + 1];
-            &mut heap
-        };
-        let mut req = httparse::Request::new(slots);
-        match req.parse(&self.raw) {
+        // usual limit fits on the stack.  The slots are left uninitialised
+        // (httparse writes each one it hands back): filling 4 KiB of them
+        // for every request cost more than the parse of a short head.
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+        let mut heap = Vec::new();
+        let slots: &mut [MaybeUninit<httparse::Header<'_>>] =
+            if self.limits.max_header_count < stack.len() {
+                &mut stack[..=self.limits.max_header_count]
+            } else {
+                heap.reserve_exact(self.limits.max_header_count + 1);
+                &mut heap.spare_capacity_mut()[..=self.limits.max_header_count]
+            };
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(&self.raw, slots) {
             Ok(httparse::Status::Partial) => {
                 let line_done = self.raw.windows(2).any(|w| w == b"\r\n");
                 if !line_done && self.raw.len() > MAX_REQUEST_LINE {
@@ -1116,6 +1120,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
                 let n = this.out.len().min(buf.remaining());
                 buf.put_slice(&this.out[..n]);
                 this.out.advance(n);
+                if this.out.is_empty() {
+                    // `out` is a view of `raw`'s buffer: let go of it, so
+                    // that `raw` owns that buffer alone again and its next
+                    // reserve reuses it instead of allocating another for
+                    // every request.
+                    this.out = BytesMut::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             if let Some(refusal) = &this.failed {
@@ -1850,6 +1861,35 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
             verdict(format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes()),
             Some(431)
         );
+    }
+
+    /// The header count limit, on both sides of the 128 slots kept on the
+    /// stack: exactly the limit passes, one more is refused.
+    #[test]
+    fn header_count_limit_holds_with_slots_on_the_stack_and_on_the_heap() {
+        for max_header_count in [3, 127, 128, 300] {
+            let head = |fields: usize| {
+                let lines: String = (1..fields).map(|i| format!("x-h{i}: v{i}\r\n")).collect();
+                format!("GET / HTTP/1.1\r\nHost: x\r\n{lines}\r\n")
+            };
+            let limits = Limits {
+                max_header_count,
+                max_header_size: 64 * 1024,
+                ..LIMITS
+            };
+            let mut g = Gate::new((), limits, Arc::default(), Arc::default());
+            g.raw.extend_from_slice(head(max_header_count).as_bytes());
+            g.scan();
+            assert!(!g.closed, "{max_header_count} fields at the limit");
+            assert_eq!(g.out.len(), head(max_header_count).len());
+            let mut g = Gate::new((), limits, Arc::default(), Arc::default());
+            g.raw
+                .extend_from_slice(head(max_header_count + 1).as_bytes());
+            g.scan();
+            assert!(g.closed, "{} fields over the limit", max_header_count + 1);
+            let seen = String::from_utf8_lossy(&g.out).into_owned();
+            assert!(seen.contains(&format!("{REFUSAL_HEADER}: 431")), "{seen}");
+        }
     }
 
     #[test]
