@@ -24,10 +24,10 @@
  * An entry holds a reference to the class's stash and to the CV, so that
  * neither address can be reused by something else while it is cached.
  *
- * Only the plain case is cached: a blessed reference without get-magic as
- * the invocant, a method name without a package part (no SUPER::), a method
- * that is defined (not a stub left for AUTOLOAD), outside global
- * destruction.  Everything else goes to libperl's call_method as it came.
+ * Only the plain case is cached: as the invocant, a blessed reference
+ * without get-magic or a class name that Perl finds in its stash cache; a
+ * method name without a package part (no SUPER::); a method that is
+ * defined (not a stub left for AUTOLOAD); outside global destruction.  Everything else goes to libperl's call_method as it came.
  * PAGI_RS_METHOD_CACHE=0 in the environment turns the cache off (main.rs).
  *
  * A cached method that is an XSUB (pagi-rs's Futures answer in C) is run
@@ -124,8 +124,24 @@ static I32 call_uncached(pTHX_ const char *methname, I32 flags)
     return call_sv(sv_2mortal(newSVpv(methname, 0)), (flags & ~G_METHOD_NAMED) | G_METHOD);
 }
 
+/* The class named by an invocant that is a string, if Perl would take it
+ * for a class without more ado: the name is in PL_stashcache, which
+ * pp_method's lookup (opmethod_stash in pp_hot.c) consults before it asks
+ * whether a filehandle has that name.  A name not in that cache (perhaps a
+ * filehandle's, perhaps a class not yet looked up) is left to libperl, whose
+ * lookup caches it.  Future::AsyncAwait calls AWAIT_NEW_DONE this way, on
+ * its future class by name, for every async sub that returns without
+ * suspending. */
+static HV *class_of_name(pTHX_ SV *invocant)
+{
+    if (SvMAGICAL(invocant) || !SvPOK(invocant) || isGV_with_GP(invocant) || SvCUR(invocant) == 0)
+        return NULL;
+    return gv_stashsv(invocant, GV_CACHE_ONLY);
+}
+
 /* The class of the invocant the caller pushed after its mark, if it is one
- * the cache takes: a blessed reference without get-magic. */
+ * the cache takes: a blessed reference without get-magic, or a class name
+ * Perl would take as one (class_of_name). */
 static HV *plain_invocant_class(pTHX)
 {
     SV **args = PL_stack_base + *PL_markstack_ptr;
@@ -134,8 +150,12 @@ static HV *plain_invocant_class(pTHX)
     if (PL_stack_sp <= args)
         return NULL;
     invocant = args[1];
-    if (SvGMAGICAL(invocant) || !SvROK(invocant))
+    if (SvGMAGICAL(invocant))
         return NULL;
+    if (!SvROK(invocant)) {
+        stash = class_of_name(aTHX_ invocant);
+        return stash && SvOOK(stash) ? stash : NULL;
+    }
     object = SvRV(invocant);
     if (!SvOBJECT(object))
         return NULL;

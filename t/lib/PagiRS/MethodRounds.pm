@@ -168,6 +168,74 @@ sub run {
         Symbol::delete_package($_) for map "${P}::$_", qw(Own Base Other Kid Top Left Right Low Auto Dies Gone1);
     }
     push @lines, _xsub_methods();
+    push @lines, _class_names();
+    return @lines;
+}
+
+# Class methods called on a class given by name: an async sub that returns
+# without suspending makes Future::AsyncAwait call AWAIT_NEW_DONE on its
+# future class, by name.  Perl takes a name for a class at once when its
+# stash cache knows the name, and otherwise first looks for a filehandle of
+# that name; so "RoundsFH" (a filehandle in this package, and a package
+# too) names the filehandle until a bless by that name caches the class.
+sub _class_names {
+    my @lines;
+    my @names = ( 'PagiRS::MethodRounds::Fut', 'RoundsFH' );
+    my %returning;
+    for my $class (@names) {
+        $returning{$class} = eval qq{
+            use Future::AsyncAwait future_class => '$class';
+            async sub { return \$_[0] };
+        } or die $@;
+    }
+    my $t = sub {
+        my ( $label, $class, $v ) = @_;
+        my $got = eval {
+            my $f = $returning{$class}->($v);
+            ref($f) eq 'ARRAY' ? "@$f" : ref($f) || $f;
+        };
+        $got = 'died: ' . ( $@ =~ s/ at .*//sr =~ s/\n//r ) unless defined $got;
+        push @lines, "class $class, $label => $got\n";
+    };
+    no strict 'refs';
+    for my $class (@names) {
+        @{"${class}::ISA"} = ('PagiRS::MethodRounds::FutBase');
+        *{"PagiRS::MethodRounds::FutBase::AWAIT_NEW_DONE"} = sub { [ 'base', $_[0], $_[1] ] };
+    }
+    open( RoundsFH, '<', '/dev/null' ) or die "cannot open /dev/null: $!";
+    for my $try ( 1, 2 ) {
+        for my $class (@names) {
+            $t->( "inherited, try $try", $class, 1 );
+            *{"${class}::AWAIT_NEW_DONE"} = sub { [ 'own', $_[0], $_[1] ] };
+            $t->( "own, try $try", $class, 2 );
+            $t->( "own again, try $try", $class, 3 );
+            *{"${class}::AWAIT_NEW_DONE"} = sub { [ 'glob', $_[0], $_[1] ] };
+            $t->( "glob assignment, try $try", $class, 4 );
+            delete ${"${class}::"}{AWAIT_NEW_DONE};
+            $t->( "own deleted, try $try", $class, 5 );
+            @{"${class}::ISA"} = ('PagiRS::MethodRounds::FutOther');
+            *{"PagiRS::MethodRounds::FutOther::AWAIT_NEW_DONE"} = sub { [ 'other', $_[0], $_[1] ] };
+            $t->( "\@ISA changed, try $try", $class, 6 );
+            @{"${class}::ISA"} = ('PagiRS::MethodRounds::FutBase');
+        }
+        # The class is known by name from here on: Perl's stash cache has it.
+        my $blessed = bless {}, 'RoundsFH';
+        $t->( "after a bless by name, try $try", 'RoundsFH', 7 );
+        *{"RoundsFH::AWAIT_NEW_DONE"} = sub { [ 'own', $_[0], $_[1] ] };
+        $t->( "own, known by name, try $try", 'RoundsFH', 71 );
+        *{"RoundsFH::AWAIT_NEW_DONE"} = sub { [ 'glob', $_[0], $_[1] ] };
+        $t->( "glob assignment, known by name, try $try", 'RoundsFH', 72 );
+        delete ${"RoundsFH::"}{AWAIT_NEW_DONE};
+        $t->( "own deleted, known by name, try $try", 'RoundsFH', 73 );
+        if ( $try == 1 ) {
+            Symbol::delete_package('RoundsFH');
+            $t->( "package deleted", 'RoundsFH', 8 );
+            close RoundsFH;
+            $t->( "package deleted, filehandle closed", 'RoundsFH', 9 );
+            open( RoundsFH, '<', '/dev/null' ) or die "cannot open /dev/null: $!";
+        }
+    }
+    close RoundsFH;
     return @lines;
 }
 
