@@ -7,6 +7,7 @@ use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
@@ -15,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
@@ -34,7 +35,6 @@ pub fn builder(server: &Server) -> http1::Builder {
     configure(&Http1Limits {
         max_header_size: server.max_header_size,
         max_header_count: server.max_header_count,
-        keepalive_timeout: server.keepalive_timeout,
         write_buffer_size: server.exchange_config.write_buffer_size,
     })
 }
@@ -43,7 +43,6 @@ pub fn builder(server: &Server) -> http1::Builder {
 pub(crate) struct Http1Limits {
     pub max_header_size: usize,
     pub max_header_count: usize,
-    pub keepalive_timeout: Option<std::time::Duration>,
     /// `--write-buffer-size`: the largest body frame the exchange queues.
     pub write_buffer_size: usize,
 }
@@ -63,8 +62,9 @@ fn configure(limits: &Http1Limits) -> http1::Builder {
     // rest.
     let frames = crate::exchange::bytes_per_write(limits.write_buffer_size);
     let buffer_cap = head_allowance.max(frames);
-    b.timer(TokioTimer::new())
-        .header_read_timeout(limits.keepalive_timeout)
+    // The deadline for a request head is kept by `head_deadline`, with one
+    // timer per connection; hyper's own arms a timer per request.
+    b.header_read_timeout(None)
         .max_header_size(head_allowance)
         .max_buf_size(buffer_cap)
         .keep_alive(true);
@@ -131,17 +131,23 @@ pub async fn serve<IO>(
         }
     });
     let io = SegmentWriter::new(io, tcp_fd, bulk_hint);
-    let io = TokioIo::new(Gate::new(io, server.gate_limits, orders, answers));
+    let io = TokioIo::new(Gate::new(io, server.gate_limits, orders, answers.clone()));
     // with_upgrades: a WebSocket handshake hands the socket over after the 101.
     let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     // An application's abort drops the connection where it stands: queued
     // writes are abandoned and nothing else is served on it.
+    let head_timeout = head_deadline(&answers, server.keepalive_timeout);
+    tokio::pin!(head_timeout);
     let result = tokio::select! {
         result = conn.as_mut() => Some(result),
         _ = signals.drain.wait_for(|d| *d) => None,
         _ = signals.force.wait_for(|f| *f) => return,
         _ = close.notified() => return,
+        () = head_timeout.as_mut() => {
+            tracing::debug!("connection from {client}: no request head within --timeout");
+            return;
+        }
     };
     let result = match result {
         Some(r) => r,
@@ -173,6 +179,34 @@ pub async fn serve<IO>(
     };
     if let Err(e) = result {
         tracing::debug!("connection from {client} ended: {e}");
+    }
+}
+
+/// Resolves when the connection has waited `timeout` for a request head
+/// (see `Answers::head_deadline`): from when it opened, or from the end of
+/// the last response it owed.  Bytes of a head that trickle in do not
+/// extend it.  Never, with no timeout.
+///
+/// One timer serves the whole connection.  It is moved only when it fires:
+/// to the deadline of the head now awaited, or, while a request is being
+/// served, a whole `timeout` on (a long stream wakes it once per timeout).
+async fn head_deadline(answers: &Answers, timeout: Option<Duration>) {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let first = answers
+        .head_deadline(timeout)
+        .unwrap_or_else(|| Instant::now() + timeout);
+    let sleep = tokio::time::sleep_until(first.into());
+    tokio::pin!(sleep);
+    loop {
+        sleep.as_mut().await;
+        let now = Instant::now();
+        match answers.head_deadline(timeout) {
+            Some(deadline) if deadline <= now => return,
+            Some(deadline) => sleep.as_mut().reset(deadline.into()),
+            None => sleep.as_mut().reset((now + timeout).into()),
+        }
     }
 }
 
@@ -367,7 +401,6 @@ mod tests {
         Http1Limits {
             max_header_size: 8192,
             max_header_count: 100,
-            keepalive_timeout: None,
             write_buffer_size,
         }
     }
@@ -432,6 +465,58 @@ mod tests {
         assert!(
             writes >= 2,
             "2 MiB of frames under a 1 MiB cap took {writes} writes"
+        );
+    }
+
+    /// Whether `head_deadline` resolves within `within`.
+    async fn times_out(answers: &Answers, timeout: Duration, within: Duration) -> bool {
+        tokio::time::timeout(within, head_deadline(answers, Some(timeout)))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn the_head_deadline_runs_only_while_a_head_is_awaited() {
+        let timeout = Duration::from_millis(150);
+        // A connection that sends nothing: closed after the timeout, not before.
+        let idle = Answers::default();
+        let began = Instant::now();
+        assert!(!times_out(&idle, timeout, Duration::from_millis(100)).await);
+        assert!(times_out(&idle, timeout, Duration::from_secs(5)).await);
+        assert!(began.elapsed() >= timeout);
+
+        // A request served for three timeouts is not cut off ...
+        let busy = Answers::default();
+        busy.head_handed();
+        assert!(!times_out(&busy, timeout, 3 * timeout).await);
+        // ... and once answered, the next head has a timeout of its own.
+        busy.response_started(StatusCode::OK);
+        busy.response_finished();
+        let answered = Instant::now();
+        assert!(!times_out(&busy, timeout, Duration::from_millis(100)).await);
+        assert!(times_out(&busy, timeout, Duration::from_secs(5)).await);
+        assert!(answered.elapsed() >= timeout);
+
+        // Pipelined: a second head came before the first was answered.
+        let pipelined = Answers::default();
+        pipelined.head_handed();
+        pipelined.head_handed();
+        pipelined.response_started(StatusCode::OK);
+        pipelined.response_finished();
+        assert!(!times_out(&pipelined, timeout, 2 * timeout).await);
+
+        // After a 101 the connection carries no more HTTP/1 heads.
+        let upgraded = Answers::default();
+        upgraded.head_handed();
+        upgraded.response_started(StatusCode::SWITCHING_PROTOCOLS);
+        upgraded.response_finished();
+        assert!(!times_out(&upgraded, timeout, 3 * timeout).await);
+
+        // No --timeout: never.
+        assert!(
+            tokio::time::timeout(3 * timeout, head_deadline(&idle, None))
+                .await
+                .is_err()
         );
     }
 }

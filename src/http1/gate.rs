@@ -40,6 +40,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use http::header::HeaderName;
@@ -198,9 +199,11 @@ fn is_field_line(line: &[u8]) -> bool {
 
 /// What the service did with the requests the gate handed to hyper, for one
 /// connection.  The gate needs it to serve a half-closed client and to know
-/// whether an Upgrade request was taken up.
-#[derive(Default)]
+/// whether an Upgrade request was taken up; the connection needs it for the
+/// deadline of the next request head (`head_deadline`).
 pub struct Answers {
+    /// Heads the gate handed to hyper, stand-ins included.
+    heads: AtomicU64,
     /// Responses the service returned (hyper writes their heads).
     started: AtomicU64,
     /// Responses hyper is done with (their bodies dropped: written, or
@@ -208,7 +211,26 @@ pub struct Answers {
     finished: AtomicU64,
     /// A 101 went out: what follows is no longer HTTP/1.
     upgraded: AtomicBool,
+    /// When the connection last began to wait for a head, in nanoseconds
+    /// after `opened`: when it opened, or when the last response it owed
+    /// was done.
+    waiting_since: AtomicU64,
+    opened: Instant,
     waker: Mutex<Option<Waker>>,
+}
+
+impl Default for Answers {
+    fn default() -> Answers {
+        Answers {
+            heads: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            upgraded: AtomicBool::new(false),
+            waiting_since: AtomicU64::new(0),
+            opened: Instant::now(),
+            waker: Mutex::new(None),
+        }
+    }
 }
 
 impl Answers {
@@ -221,8 +243,35 @@ impl Answers {
     }
 
     pub fn response_finished(&self) {
-        self.finished.fetch_add(1, Ordering::AcqRel);
+        let finished = self.finished.fetch_add(1, Ordering::AcqRel) + 1;
+        if finished == self.heads.load(Ordering::Acquire) {
+            // Every head answered: from now the connection waits for the next.
+            let since = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.waiting_since.store(since, Ordering::Release);
+        }
         self.wake();
+    }
+
+    /// A complete head went to hyper: the connection no longer waits for one.
+    pub(super) fn head_handed(&self) {
+        self.heads.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// When the connection must have the next request head by, if it is
+    /// waiting for one: `timeout` after it began to wait.  None while a
+    /// request is being served, and after a 101 (no more HTTP/1 heads).
+    ///
+    /// This stands in for hyper's `header_read_timeout`, which arms a timer
+    /// of tokio's for every request: that cost an allocation, the timer
+    /// wheel twice and, every other request, a write to wake tokio's
+    /// driver.  One timer per connection checks this instead
+    /// (`connection::head_deadline`).
+    pub fn head_deadline(&self, timeout: Duration) -> Option<Instant> {
+        if self.upgraded() || self.heads.load(Ordering::Acquire) != self.finished() {
+            return None;
+        }
+        let since = Duration::from_nanos(self.waiting_since.load(Ordering::Acquire));
+        Some(self.opened + since + timeout)
     }
 
     fn wake(&self) {
@@ -488,6 +537,7 @@ impl<S> Gate<S> {
             Ok(httparse::Status::Complete(len)) => match check_head(&req, len, &self.limits) {
                 Ok((framing, upgrade)) => {
                     self.heads += 1;
+                    self.answers.head_handed();
                     if upgrade {
                         self.upgrade_at = Some(self.heads);
                     }
@@ -667,6 +717,7 @@ impl<S> Gate<S> {
         self.raw.clear();
         self.closed = true;
         self.heads += 1;
+        self.answers.head_handed();
     }
 }
 
