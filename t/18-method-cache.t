@@ -32,6 +32,8 @@ like $expected, qr/^class RoundsFH, after a bless by name, try 1 => base RoundsF
   'reference: ... until the stash cache knows the class';
 like $expected, qr/^class RoundsFH, package deleted => died: .*IO::File/m,
   'reference: ... and again once the package is deleted';
+like $expected, qr/^Future::TIMES, try 2 => Future,timed,with btime$/m,
+  'reference: Future::TIMES gives the async sub\'s Future its times';
 like $expected, qr/^class PagiRS::MethodRounds::Fut, \@ISA changed, try 2 => other /m,
   'reference: a class method by name sees a new \@ISA';
 

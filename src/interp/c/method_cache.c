@@ -202,9 +202,16 @@ static I32 call_xsub(pTHX_ CV *cv, I32 flags)
         if (*arg && SvPADTMP(*arg))
             *arg = sv_mortalcopy(*arg);
     }
-    PL_op = &context_ops[want];
+    /* GIMME_V reads the context from PL_op, so a scoped XSUB runs under an
+     * op that holds the one the caller wants.  A call_sv inside the XSUB
+     * (pending.c's REDIRECT, a tie's FETCH) saves PL_op on the save stack,
+     * and LEAVE puts that op back: so PL_op is the caller's again only
+     * after LEAVE.  The scope-free XSUBs never ask for the context; they
+     * run under the caller's own op, so that whatever saves PL_op while
+     * they run saves the caller's. */
+    if (scoped)
+        PL_op = &context_ops[want];
     CvXSUB(cv)(aTHX_ cv);
-    PL_op = caller_op;
     if (want == G_SCALAR) {
         SV **result = PL_stack_base + markix + 1;
         if (result != PL_stack_sp) {
@@ -214,6 +221,7 @@ static I32 call_xsub(pTHX_ CV *cv, I32 flags)
     }
     if (scoped)
         LEAVE;
+    PL_op = caller_op;
     return (I32)(PL_stack_sp - (PL_stack_base + markix));
 }
 

@@ -236,6 +236,15 @@ sub _class_names {
         }
     }
     close RoundsFH;
+
+    # $Future::TIMES makes pagi-rs's AWAIT_NEW_DONE (an XSUB, pending.c)
+    # hand the call to Future's own method in Perl, from inside the XSUB.
+    for my $try ( 1, 2 ) {
+        local $Future::TIMES = 1;
+        my $f    = ( async sub { return 'timed' } )->();
+        my $got  = eval { join ',', ref $f, $f->get, defined $f->btime ? 'with btime' : 'no btime' };
+        push @lines, "Future::TIMES, try $try => " . ( $got // 'died: ' . ( $@ =~ s/ at .*//sr =~ s/\n//r ) ) . "\n";
+    }
     return @lines;
 }
 
