@@ -18,6 +18,7 @@
 mod access_log;
 mod body;
 mod cli;
+mod dormant;
 mod error;
 mod exchange;
 mod file;

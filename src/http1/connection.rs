@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use super::gate::{self, Answers, Gate, WireOrders};
 use super::segments::SegmentWriter;
 use crate::body::ResponseBody;
+use crate::dormant::Dormant;
 use crate::exchange::{BodyAborted, BulkHint};
 use crate::server::{ConnectionSignals, Server};
 use crate::service::{
@@ -137,16 +138,28 @@ pub async fn serve<IO>(
     tokio::pin!(conn);
     // An application's abort drops the connection where it stands: queued
     // writes are abandoned and nothing else is served on it.
-    let head_timeout = head_deadline(&answers, server.keepalive_timeout);
-    tokio::pin!(head_timeout);
-    let result = tokio::select! {
-        result = conn.as_mut() => Some(result),
-        _ = signals.drain.wait_for(|d| *d) => None,
-        _ = signals.force.wait_for(|f| *f) => return,
-        _ = close.notified() => return,
-        () = head_timeout.as_mut() => {
-            tracing::debug!("connection from {client}: no request head within --timeout");
-            return;
+    let result = {
+        // Polled only when one of them woke the task, not for every wake-up
+        // that hyper's connection gets (see dormant.rs).
+        let interruption = Dormant::new(async {
+            tokio::select! {
+                _ = signals.drain.wait_for(|d| *d) => Interruption::Drain,
+                _ = signals.force.wait_for(|f| *f) => Interruption::Force,
+                _ = close.notified() => Interruption::Abort,
+                () = head_deadline(&answers, server.keepalive_timeout) => Interruption::HeadTimeout,
+            }
+        });
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => Some(result),
+            why = interruption => match why {
+                Interruption::Drain => None,
+                Interruption::Force | Interruption::Abort => return,
+                Interruption::HeadTimeout => {
+                    tracing::debug!("connection from {client}: no request head within --timeout");
+                    return;
+                }
+            },
         }
     };
     let result = match result {
@@ -180,6 +193,18 @@ pub async fn serve<IO>(
     if let Err(e) = result {
         tracing::debug!("connection from {client} ended: {e}");
     }
+}
+
+/// Why a connection stops before hyper is done with it.
+enum Interruption {
+    /// Shutdown began: finish the request in flight.
+    Drain,
+    /// The shutdown timeout expired.
+    Force,
+    /// An application called `pagi.connection->abort`.
+    Abort,
+    /// No request head within `--timeout`.
+    HeadTimeout,
 }
 
 /// Resolves when the connection has waited `timeout` for a request head
