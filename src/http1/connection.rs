@@ -500,15 +500,19 @@ mod tests {
             .is_ok()
     }
 
+    /// `head_deadline` resolves `timeout` after `from`, and not sooner.
+    async fn assert_times_out_after(answers: &Answers, timeout: Duration, from: Instant) {
+        assert!(!times_out(answers, timeout, Duration::from_millis(100)).await);
+        assert!(times_out(answers, timeout, Duration::from_secs(5)).await);
+        assert!(from.elapsed() >= timeout);
+    }
+
     #[tokio::test]
     async fn the_head_deadline_runs_only_while_a_head_is_awaited() {
         let timeout = Duration::from_millis(150);
         // A connection that sends nothing: closed after the timeout, not before.
         let idle = Answers::default();
-        let began = Instant::now();
-        assert!(!times_out(&idle, timeout, Duration::from_millis(100)).await);
-        assert!(times_out(&idle, timeout, Duration::from_secs(5)).await);
-        assert!(began.elapsed() >= timeout);
+        assert_times_out_after(&idle, timeout, Instant::now()).await;
 
         // A request served for three timeouts is not cut off ...
         let busy = Answers::default();
@@ -517,10 +521,7 @@ mod tests {
         // ... and once answered, the next head has a timeout of its own.
         busy.response_started(StatusCode::OK);
         busy.response_finished();
-        let answered = Instant::now();
-        assert!(!times_out(&busy, timeout, Duration::from_millis(100)).await);
-        assert!(times_out(&busy, timeout, Duration::from_secs(5)).await);
-        assert!(answered.elapsed() >= timeout);
+        assert_times_out_after(&busy, timeout, Instant::now()).await;
 
         // Pipelined: a second head came before the first was answered.
         let pipelined = Answers::default();
