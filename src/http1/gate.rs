@@ -252,9 +252,16 @@ impl Answers {
         self.wake();
     }
 
-    /// A complete head went to hyper: the connection no longer waits for one.
-    pub(super) fn head_handed(&self) {
-        self.heads.fetch_add(1, Ordering::AcqRel);
+    /// A complete head went to hyper: the connection no longer waits for
+    /// one.  Returns the heads handed so far, this one included.
+    pub(super) fn head_handed(&self) -> u64 {
+        self.heads.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Heads handed to hyper so far, stand-ins included: each becomes one
+    /// call of the service, which counts them the same way.
+    fn heads(&self) -> u64 {
+        self.heads.load(Ordering::Acquire)
     }
 
     /// When the connection must have the next request head by, if it is
@@ -371,9 +378,6 @@ pub struct Gate<S> {
     limits: Limits,
     orders: Arc<WireOrders>,
     answers: Arc<Answers>,
-    /// Heads handed to hyper so far, stand-ins included: each becomes one
-    /// call of the service, which counts them the same way.
-    heads: u64,
     framing: Framing,
     /// Bytes read from the socket, not yet classified.
     raw: BytesMut,
@@ -411,7 +415,6 @@ impl<S> Gate<S> {
             limits,
             orders,
             answers,
-            heads: 0,
             framing: Framing::Head,
             raw: BytesMut::with_capacity(8192),
             out: BytesMut::new(),
@@ -536,17 +539,16 @@ impl<S> Gate<S> {
             }
             Ok(httparse::Status::Complete(len)) => match check_head(&req, len, &self.limits) {
                 Ok((framing, upgrade)) => {
-                    self.heads += 1;
-                    self.answers.head_handed();
+                    let heads = self.answers.head_handed();
                     if upgrade {
-                        self.upgrade_at = Some(self.heads);
+                        self.upgrade_at = Some(heads);
                     }
                     self.chunked_body = 0;
                     self.chunk_extensions = 0;
                     if names_interleave(req.headers) {
                         if let Some(order) = wire_order(req.headers) {
                             let target = req.path.unwrap_or("");
-                            self.orders.record(self.heads, target, order);
+                            self.orders.record(heads, target, order);
                         }
                     }
                     let head = self.raw.split_to(len);
@@ -716,7 +718,6 @@ impl<S> Gate<S> {
         self.out.extend_from_slice(standin.as_bytes());
         self.raw.clear();
         self.closed = true;
-        self.heads += 1;
         self.answers.head_handed();
     }
 }
@@ -1029,7 +1030,7 @@ impl<S> Gate<S> {
         // cannot have seen anything of it, so it is waiting for it.  Once
         // response bytes are on the wire, a FIN may answer them: the client
         // is leaving.
-        if between_requests && self.heads > 0 && self.begun < self.heads {
+        if between_requests && self.begun < self.answers.heads() {
             self.half_closed = true;
             return;
         }
@@ -1042,7 +1043,7 @@ impl<S> Gate<S> {
     /// A half-closed client is done once every request it sent is answered.
     fn half_close_done(&self, cx: &Context<'_>) -> bool {
         self.answers.register(cx.waker());
-        self.answers.finished() >= self.heads
+        self.answers.finished() >= self.answers.heads()
     }
 }
 
@@ -1523,7 +1524,7 @@ GET /4 HTTP/1.1\r\nX-B: 1\r\nHost: x\r\nX-B: 2\r\n\r\n",
         );
         g.scan();
         assert!(!g.closed);
-        assert_eq!(g.heads, 4);
+        assert_eq!(g.answers.heads(), 4);
         assert!(g.orders.pending.load(Ordering::Acquire));
         assert_eq!(claimed(&g, 1, "/1"), None, "nothing recorded for the first");
         assert_eq!(
@@ -1571,13 +1572,14 @@ GET /after HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 1\r\nX-A: 2\r\n\r\n",
         );
         g.scan();
         assert_eq!(
-            g.heads, 1,
+            g.answers.heads(),
+            1,
             "what follows an Upgrade request waits for its answer"
         );
         g.answers.response_started(StatusCode::SWITCHING_PROTOCOLS);
         g.scan();
         assert_eq!(g.framing, Framing::PassThrough);
-        assert_eq!(g.heads, 1);
+        assert_eq!(g.answers.heads(), 1);
         assert!(!g.orders.pending.load(Ordering::Acquire));
         assert!(
             g.out.ends_with(b"X-A: 2\r\n\r\n"),
@@ -1593,7 +1595,7 @@ GET /after HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 1\r\nX-A: 2\r\n\r\n",
 POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
         );
         g.scan();
-        assert_eq!(g.heads, 1);
+        assert_eq!(g.answers.heads(), 1);
         assert!(!g.closed);
         g.answers.response_started(StatusCode::OK);
         g.scan();
@@ -1601,7 +1603,7 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
         g.answers.response_finished();
         g.scan();
         assert!(g.closed, "the second request is checked and refused");
-        assert_eq!(g.heads, 2);
+        assert_eq!(g.answers.heads(), 2);
     }
 
     #[test]
