@@ -27,7 +27,8 @@
  * Only the plain case is cached: as the invocant, a blessed reference
  * without get-magic or a class name that Perl finds in its stash cache; a
  * method name without a package part (no SUPER::); a method that is
- * defined (not a stub left for AUTOLOAD); outside global destruction.  Everything else goes to libperl's call_method as it came.
+ * defined (not a stub left for AUTOLOAD); outside global destruction.
+ * Everything else goes to libperl's call_method as it came.
  * PAGI_RS_METHOD_CACHE=0 in the environment turns the cache off (main.rs).
  *
  * A cached method that is an XSUB (pagi-rs's Futures answer in C) is run
