@@ -45,9 +45,15 @@ subtest 'HUP whose new workers fail lifespan startup keeps the old ones' => sub 
             await \$send->({ type => 'lifespan.startup.failed', message => 'config broken' });
             return;
         }
+        open my \$up, '>', "$dir/up-\$\$" or die; close \$up;
     } );
     my $s = start_server( '-w', 2, $app );
     my @old = wait_workers( $s->pid, 2, 5 );
+    # The flag is for the new workers: a first worker still starting (under
+    # load) would see it too, and fail in their place.
+    my $until = time + 10;
+    sleep 0.05 while time < $until && grep { !-e "$dir/up-$_" } @old;
+    is scalar( grep { -e "$dir/up-$_" } @old ), 2, 'the first workers are past their lifespan startup';
     open my $fh, '>', $flag or die;
     close $fh;
     kill 'HUP', $s->pid;
