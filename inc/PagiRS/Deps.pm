@@ -33,12 +33,15 @@ our @RUN = qw(
 # nginx-light: the reverse proxy in front of pagi-rs in the nginx test.
 # util-linux-extra: fincore, which t/45-file-cache.t uses to see that a
 #              file left the page cache.
+# libio-async-loop-epoll-perl: IO::Async's preferred loop on Linux, found on
+#              many servers; the tests run where it is installed, and
+#              t/64-event-loop.t runs apps on it (IO_ASYNC_LOOP=Epoll).
 our @TEST = qw(
     curl wrk nghttp2-client
     libprotocol-websocket-perl libhttp-tiny-perl
     python3-h2 python3-hyperframe openssl libio-socket-ssl-perl
     chromium chromium-driver
-    nginx-light util-linux-extra
+    nginx-light util-linux-extra libio-async-loop-epoll-perl
 );
 
 # Only for the charts of `make bench` and `make bench-all` (bench/bin/charts):

@@ -145,7 +145,7 @@ pub fn spawn_adopted(
             unsafe { ffi::pagi_interp_adopt(loaded.raw, c_int::from(forked)) };
             if forked {
                 let interp = Interp(loaded.raw);
-                if let Err(e) = interp.eval("$PAGI::RS::Bridge::LOOP->post_fork; 1") {
+                if let Err(e) = interp.eval("PAGI::RS::Bridge::renew_loop_after_fork()") {
                     tracing::warn!(
                         "the event loop could not renew itself after fork: {}",
                         e.trim_end()

@@ -64,7 +64,7 @@ sub init {
     $MAX_DISCONNECT_RECEIVES = $max_disconnect_receives;
     ( $SEND_BACKLOG, $QUEUED_MESSAGE_COST ) = ( $send_backlog, $queued_message_cost );
     require IO::Async::Handle;
-    $LOOP = IO::Async::Loop->new;
+    $LOOP = _new_loop();
     require PAGI::RS::FutureIO;
     PAGI::RS::FutureIO->install($LOOP);
     require PAGI::RS::Pending;
@@ -78,6 +78,41 @@ sub init {
     open my $wake, '<&=', $wake_fd or die "cannot open the wake-up fd $wake_fd: $!";
     $LOOP->watch_io( handle => $wake, on_read_ready => \&drain );
     return '';
+}
+
+# The interpreter's loop, which `IO::Async::Loop->new` then returns to the
+# app.  IO::Async's own choice on Linux is IO::Async::Loop::Epoll whenever
+# that is installed, and two of its properties break this server:
+#   - a worker forked by the master (-w N) inherits the master's epoll set,
+#     and the Epoll loop's post_fork makes a new set without re-adding the
+#     handles it watched (it keeps their registrations and only modifies
+#     them), so the worker never hears its wake-up fd and serves nothing;
+#   - a Linux::Epoll object is not clone-safe, so an app that starts an
+#     ithread crashes the process.
+# The Perl side watches one fd (the wake-up eventfd) besides the app's own,
+# which is what the builtin poll(2) loop is good at, so that is the default.
+# IO_ASYNC_LOOP, IO::Async's own setting, still chooses, and a loop made
+# before this one (PERL5OPT, -M) stays the loop.
+sub _new_loop {
+    no warnings 'once';
+    return IO::Async::Loop->new
+      if defined $ENV{IO_ASYNC_LOOP} || defined $IO::Async::Loop::ONE_TRUE_LOOP;
+    require IO::Async::Loop::Poll;
+    return IO::Async::Loop::Poll->new;
+}
+
+# In a worker the master forked: the loop renews its kernel state.  The
+# Epoll loop (chosen with IO_ASYNC_LOOP) keeps, through its post_fork, its
+# record of what it had added to the master's epoll set, and so only
+# modifies on the new set handles it never added there; forgetting that
+# record makes it add each one.  (Poll keeps no kernel state.)
+sub renew_loop_after_fork {
+    if ( $LOOP->isa('IO::Async::Loop::Epoll') ) {
+        $LOOP->{masks}              = {};
+        $LOOP->{refaddr_for_fileno} = {};
+    }
+    $LOOP->post_fork;
+    return 1;
 }
 
 # Leave only when the core says so: a die from an application's raw loop

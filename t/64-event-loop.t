@@ -1,0 +1,99 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use PagiRS::Test;
+use PagiRS::Workers;
+
+# The interpreter's IO::Async loop: which class it is, and that it serves
+# in one process and in every worker of -w N.
+#
+# IO::Async's own choice on Linux is IO::Async::Loop::Epoll whenever that is
+# installed (`make test-deps` installs it, so these run in that setting).
+# Two of its properties broke the server: a forked worker's Epoll loop
+# renewed its epoll set without adding back the wake-up fd, so the worker
+# never served (its clients hung), and a Linux::Epoll object crashes an
+# ithread that clones it (t/18).  pagi-rs uses IO::Async's builtin poll
+# loop unless IO_ASYNC_LOOP, IO::Async's own setting, names another, and
+# renews a chosen Epoll loop properly in a forked worker (Bridge.pm).
+
+my $have_epoll = eval { require IO::Async::Loop::Epoll; 1 };
+
+# Answers "loop=CLASS pid=PID" after a timer on the loop has fired.
+my $app = write_app( <<'PERL', 'loop_app.pl' );
+use strict; use warnings; use Future::AsyncAwait; use Future::IO; use IO::Async::Loop;
+async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} eq 'lifespan';
+    await Future::IO->sleep(0.01);
+    my $body = sprintf 'loop=%s pid=%d', ref(IO::Async::Loop->new), $$;
+    await $send->({ type => 'http.response.start', status => 200,
+                     headers => [['content-type', 'text/plain']] });
+    await $send->({ type => 'http.response.body', body => $body });
+};
+PERL
+
+# GET / until `$want` distinct processes have answered (or 200 tries);
+# returns ({ pid => loop class }, failed requests).
+sub answers {
+    my ( $server, $want ) = @_;
+    my ( %loop_of, $failed );
+    for ( 1 .. 200 ) {
+        my $res = http_request( $server->port, 'GET', '/', timeout => 5 );
+        if ( ( $res->{status} // 0 ) == 200 && $res->{body} =~ /^loop=(\S+) pid=(\d+)$/ ) {
+            $loop_of{$2} = $1;
+        }
+        else {
+            $failed++;
+            last;
+        }
+        last if keys %loop_of >= $want;
+    }
+    return ( \%loop_of, $failed // 0 );
+}
+
+subtest 'by default the loop is the builtin poll loop' => sub {
+    my $s = start_server($app);
+    my ( $loops, $failed ) = answers( $s, 1 );
+    is $failed, 0, 'answered';
+    is_deeply [ values %$loops ], ['IO::Async::Loop::Poll'],
+      'IO::Async::Loop->new is an IO::Async::Loop::Poll'
+      . ( $have_epoll ? ' (IO::Async::Loop::Epoll is installed)' : '' );
+    is $s->stop('TERM'), 0, 'stops cleanly';
+};
+
+subtest 'and in each worker (-w 2)' => sub {
+    my $s = start_server( '-w', 2, $app );
+    my ( $loops, $failed ) = answers( $s, 2 );
+    is $failed, 0, 'every request answered';
+    is scalar keys %$loops, 2, 'both workers answered';
+    is_deeply [ sort values %$loops ], [ ('IO::Async::Loop::Poll') x 2 ], 'each on the poll loop';
+    is $s->stop('TERM'), 0, 'stops cleanly';
+};
+
+SKIP: {
+    skip 'IO::Async::Loop::Epoll is not installed (libio-async-loop-epoll-perl)', 2 unless $have_epoll;
+
+    subtest 'IO_ASYNC_LOOP chooses the loop' => sub {
+        local $ENV{IO_ASYNC_LOOP} = 'Epoll';
+        my $s = start_server($app);
+        my ( $loops, $failed ) = answers( $s, 1 );
+        is $failed, 0, 'answered';
+        is_deeply [ values %$loops ], ['IO::Async::Loop::Epoll'], 'an IO::Async::Loop::Epoll';
+        is $s->stop('TERM'), 0, 'stops cleanly';
+    };
+
+    subtest 'an Epoll loop serves in every worker (-w 2)' => sub {
+        local $ENV{IO_ASYNC_LOOP} = 'Epoll';
+        my $s = start_server( '-w', 2, $app );
+        is scalar wait_workers( $s->pid, 2, 5 ), 2, 'two workers';
+        my ( $loops, $failed ) = answers( $s, 2 );
+        is $failed, 0, 'every request answered (none left hanging by a deaf worker)';
+        is scalar keys %$loops, 2, 'both workers answered';
+        is_deeply [ sort values %$loops ], [ ('IO::Async::Loop::Epoll') x 2 ], 'each on its own Epoll loop';
+        is $s->stop('TERM'), 0, 'stops cleanly';
+    };
+}
+
+done_testing;
