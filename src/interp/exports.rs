@@ -431,14 +431,28 @@ pub extern "C" fn pagi_rs_abort(id: u64, ptr: *const c_char, len: usize, has: c_
 
 /// Apply one send to request `id`: an unknown id (a request already
 /// forgotten) is a successful no-op, as any send after the end is.
+///
+/// The send runs on the registry's own `Arc`, borrowed, not on a clone: the
+/// clone and its drop were two atomic operations on every event an app
+/// sends (bench/README.md, session 24).  Nothing a send does reaches the
+/// registry (sends change the exchange and the network's wake-ups), and
+/// the outcome, whose error report writes to this thread's context, is
+/// settled after the borrow ends.
 fn send_to(
     id: u64,
     err: *mut PagiStr,
     send: impl FnOnce(&Exchange) -> Result<SendOutcome, SendError>,
 ) -> c_int {
-    guarded(-1, || match exchange(id) {
-        Some(ex) => outcome(send(&ex), err),
-        None => SendOutcome::Closed as c_int,
+    guarded(-1, || {
+        let result = CTX.with(|c| {
+            let ctx = c.borrow();
+            let ex = ctx.as_ref()?.exchanges.get(&id)?;
+            Some(send(ex))
+        });
+        match result {
+            Some(result) => outcome(result, err),
+            None => SendOutcome::Closed as c_int,
+        }
     })
 }
 
@@ -931,14 +945,22 @@ pub extern "C" fn pagi_rs_sse_close(
 
 // ---- WebSocket ----------------------------------------------------------------
 
+/// [`send_to`] for a WebSocket session, on the registry's `Arc` as well.
 fn ws_send_to(
     id: u64,
     err: *mut PagiStr,
     send: impl FnOnce(&Session) -> Result<SendOutcome, SendError>,
 ) -> c_int {
-    guarded(-1, || match session(id) {
-        Some(ws) => outcome(send(&ws), err),
-        None => SendOutcome::Closed as c_int,
+    guarded(-1, || {
+        let result = CTX.with(|c| {
+            let ctx = c.borrow();
+            let ws = ctx.as_ref()?.sessions.get(&id)?;
+            Some(send(ws))
+        });
+        match result {
+            Some(result) => outcome(result, err),
+            None => SendOutcome::Closed as c_int,
+        }
     })
 }
 

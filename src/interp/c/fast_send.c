@@ -82,7 +82,7 @@ int fast_sse_send(pTHX_ uint64_t id, AV *req, SV *ev_sv, int *kind, pagi_str *er
     STRLEN found = 1; /* type, once it is looked up */
     if (!SvROK(ev_sv) || SvTYPE(SvRV(ev_sv)) != SVt_PVHV || SvRMAGICAL(SvRV(ev_sv)))
         return CODE_NEEDS_PERL;
-    state = av_fetch(req, SLOT_SSE_STREAM, 0);
+    state = request_slot(aTHX_ req, SLOT_SSE_STREAM);
     if (!state || !SvIOK(*state) || SvIV(*state) != SSE_STREAMING)
         return CODE_NEEDS_PERL;
     ev = (HV *)SvRV(ev_sv);
@@ -103,9 +103,14 @@ int fast_sse_send(pTHX_ uint64_t id, AV *req, SV *ev_sv, int *kind, pagi_str *er
             return CODE_NEEDS_PERL;
         retry_n = (int64_t)SvIV(retry);
     }
-    ev_s = text_arg(aTHX_ event ? event : &PL_sv_undef, &has_ev);
+    /* Most events have data alone: the absent fields need no call. */
+    ev_s = eid_s = (pagi_str){"", 0};
+    has_ev = has_eid = 0;
+    if (event)
+        ev_s = text_arg(aTHX_ event, &has_ev);
     data_s = text_arg(aTHX_ data, &has_data);
-    eid_s = text_arg(aTHX_ eid ? eid : &PL_sv_undef, &has_eid);
+    if (eid)
+        eid_s = text_arg(aTHX_ eid, &has_eid);
     *kind = SEND_KIND_BODY_MORE;
     return pagi_rs_sse_event(id, ev_s.ptr, ev_s.len, has_ev, data_s.ptr, data_s.len, eid_s.ptr,
                              eid_s.len, has_eid, retry_n, err);

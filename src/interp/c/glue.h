@@ -64,17 +64,34 @@ typedef struct {
 } pagi_msg;
 
 /* The per-request object (PAGI::RS::HTTP and its subclasses) is an array
- * whose SLOT_* numbers come from constants.h. */
+ * whose SLOT_* numbers come from constants.h.  Its slots are read several
+ * times per event an app sends: read straight from the array, as av_fetch
+ * would for an array without magic (which pagi-rs's never have; any other
+ * goes to av_fetch). */
+static inline SV **request_slot(pTHX_ AV *req, SSize_t slot)
+{
+    if (SvRMAGICAL((SV *)req))
+        return av_fetch(req, slot, 0);
+    return slot <= AvFILLp(req) && AvARRAY(req)[slot] ? &AvARRAY(req)[slot] : NULL;
+}
+
 static inline int slot_true(pTHX_ AV *req, SSize_t slot)
 {
-    SV **v = av_fetch(req, slot, 0);
+    SV **v = request_slot(aTHX_ req, slot);
     return v && SvTRUE(*v);
 }
 
 static inline int slot_defined(pTHX_ AV *req, SSize_t slot)
 {
-    SV **v = av_fetch(req, slot, 0);
+    SV **v = request_slot(aTHX_ req, slot);
     return v && SvOK(*v);
+}
+
+/* A request id as the object's SLOT_ID holds it: an integer (newSVuv of an
+ * id under 2^63 is a plain IV, which SvUV would send to sv_2uv_flags). */
+static inline uint64_t request_id_of(pTHX_ SV *id)
+{
+    return SvIOK(id) ? (uint64_t)SvUVX(id) : (uint64_t)SvUV(id);
 }
 
 /* The value under `key` (a shared key with its hash, KEY()), or NULL.
@@ -241,7 +258,14 @@ typedef struct {
     SV *keys[K_COUNT];
 } interp_lookups;
 
-interp_lookups *the_lookups(pTHX);
+/* This thread's lookups (lookups.c); the_lookups makes them on an
+ * interpreter's first call.  Inline: it runs several times per event. */
+extern __thread interp_lookups pagi_lookups;
+interp_lookups *make_lookups(pTHX);
+static inline interp_lookups *the_lookups(pTHX)
+{
+    return pagi_lookups.owner == aTHX ? &pagi_lookups : make_lookups(aTHX);
+}
 
 #define KEY(L, k) ((L)->keys[k])
 #define STORE(hv, L, k, val) ((void)hv_store_ent((hv), KEY(L, k), (val), 0))

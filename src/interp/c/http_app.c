@@ -27,7 +27,7 @@ static SV *receive_streaming(pTHX_ interp_lookups *L, SV *self)
     if (!SvROK(self) || SvTYPE(SvRV(self)) != SVt_PVAV || SvSTASH(SvRV(self)) != L->http_stash)
         return NULL;
     req = (AV *)SvRV(self);
-    queue_p = av_fetch(req, SLOT_QUEUE, 0);
+    queue_p = request_slot(aTHX_ req, SLOT_QUEUE);
     if (queue_p && SvOK(*queue_p)) {
         AV *queue;
         SV **first, *more, *ev;
@@ -35,7 +35,7 @@ static SV *receive_streaming(pTHX_ interp_lookups *L, SV *self)
             return NULL;
         queue = (AV *)SvRV(*queue_p);
         if (av_count(queue) > 0) {
-            SV **id = av_fetch(req, SLOT_ID, 0);
+            SV **id = request_slot(aTHX_ req, SLOT_ID);
             first = av_fetch(queue, 0, 0);
             if (!first || !SvROK(*first) || SvTYPE(SvRV(*first)) != SVt_PVHV || !id)
                 return NULL;
@@ -44,14 +44,14 @@ static SV *receive_streaming(pTHX_ interp_lookups *L, SV *self)
             more = hv_value(aTHX_(HV *) SvRV(*first), KEY(L, K_MORE));
             ev = av_shift(queue); /* its reference is ours, then the Future's */
             if (more && SvTRUE(more))
-                pagi_rs_want_body((uint64_t)SvUV(*id));
+                pagi_rs_want_body(request_id_of(aTHX_ *id));
             pending_settle_fresh(aTHX_ f, ev);
             return f;
         }
     }
     if (!slot_true(aTHX_ req, SLOT_CONNECTED) || slot_true(aTHX_ req, SLOT_COMPLETED_CLEANLY))
         return NULL;
-    body = av_fetch(req, SLOT_BODY, 0);
+    body = request_slot(aTHX_ req, SLOT_BODY);
     if (!body || !SvOK(*body) || SvIV(*body) != BODY_STREAMING)
         return NULL;
     return pending_receive(aTHX_ req);
@@ -121,7 +121,7 @@ static int is_done_future(pTHX_ SV *f)
 static void app_done(pTHX_ interp_lookups *L, SV *self)
 {
     AV *req = (AV *)SvRV(self);
-    SV **idp = av_fetch(req, SLOT_ID, 0);
+    SV **idp = request_slot(aTHX_ req, SLOT_ID);
     int rc;
     /* Any of these set means _has_callbacks has something to look at. */
     if (!idp || slot_true(aTHX_ req, SLOT_APP_DONE)
@@ -133,13 +133,13 @@ static void app_done(pTHX_ interp_lookups *L, SV *self)
         return;
     }
     av_store(req, SLOT_APP_DONE, newSViv(1));
-    rc = pagi_rs_finish((uint64_t)SvUV(*idp), NULL, 0, 0, 0);
+    rc = pagi_rs_finish(request_id_of(aTHX_ *idp), NULL, 0, 0, 0);
     if (rc == FINISH_BACKSTOP || rc == FINISH_TRUNCATED) {
         call_perl_half(aTHX_ L->finished_gv, self, sv_2mortal(newSViv(rc)), &PL_sv_no);
     } else {
         char buf[REGISTRY_KEY_SIZE];
         const char *key;
-        int klen = registry_key(buf, (uint64_t)SvUV(*idp), &key);
+        int klen = registry_key(buf, request_id_of(aTHX_ *idp), &key);
         (void)hv_delete(GvHVn(L->requests_gv), key, klen, G_DISCARD);
     }
 }

@@ -21,44 +21,44 @@ static const char *const key_names[K_COUNT] = {
     "ready", "failure", "cancelled", "callbacks", "result",
 };
 
-static __thread interp_lookups lookups;
+__thread interp_lookups pagi_lookups;
 
-interp_lookups *the_lookups(pTHX)
+interp_lookups *make_lookups(pTHX)
 {
     size_t i;
-    if (lookups.owner == aTHX)
-        return &lookups;
+    if (pagi_lookups.owner == aTHX)
+        return &pagi_lookups;
     /* GVs rather than their HV/SV: `local %STATE` swaps the slot, not the glob. */
-    lookups.state_gv = gv_fetchpvs("PAGI::RS::Bridge::STATE", GV_ADD, SVt_PVHV);
-    lookups.requests_gv = gv_fetchpvs("PAGI::RS::Bridge::REQUESTS", GV_ADD, SVt_PVHV);
+    pagi_lookups.state_gv = gv_fetchpvs("PAGI::RS::Bridge::STATE", GV_ADD, SVt_PVHV);
+    pagi_lookups.requests_gv = gv_fetchpvs("PAGI::RS::Bridge::REQUESTS", GV_ADD, SVt_PVHV);
     /* Every request adds a key no other hash has (its id) and deletes it at
      * its end.  In a hash that shares its keys, each of the two walks
      * PL_strtab, a table of every key in the program, and misses the cache
      * twice: about 4 % of the interpreter at hello world (bench/README.md).
      * Perl turns sharing off itself for hashes it finds large; keys already
      * stored stay valid either way. */
-    HvSHAREKEYS_off(GvHVn(lookups.requests_gv));
-    lookups.done_gv = gv_fetchpvs("PAGI::RS::HTTP::DONE", GV_ADD, SVt_PV);
-    lookups.http_stash = gv_stashpvs("PAGI::RS::HTTP", GV_ADD);
-    lookups.sse_stash = gv_stashpvs("PAGI::RS::SSE", GV_ADD);
-    lookups.ws_stash = gv_stashpvs("PAGI::RS::WebSocket", GV_ADD);
-    lookups.app_gv = gv_fetchpvs("PAGI::RS::Bridge::APP", GV_ADD, SVt_PV);
-    lookups.after_send_gv = gv_fetchpvs("PAGI::RS::HTTP::_after_send", GV_ADD, SVt_PVCV);
-    lookups.receive_gv = gv_fetchpvs("PAGI::RS::HTTP::_receive", GV_ADD, SVt_PVCV);
-    lookups.ws_receive_gv = gv_fetchpvs("PAGI::RS::WebSocket::_receive", GV_ADD, SVt_PVCV);
-    lookups.app_returned_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_returned", GV_ADD, SVt_PVCV);
-    lookups.app_done_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_done", GV_ADD, SVt_PVCV);
-    lookups.app_ready_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_ready", GV_ADD, SVt_PVCV);
-    lookups.finished_gv = gv_fetchpvs("PAGI::RS::HTTP::_finished", GV_ADD, SVt_PVCV);
-    lookups.yield_turn_gv = gv_fetchpvs("PAGI::RS::HTTP::_yield_turn", GV_ADD, SVt_PVCV);
+    HvSHAREKEYS_off(GvHVn(pagi_lookups.requests_gv));
+    pagi_lookups.done_gv = gv_fetchpvs("PAGI::RS::HTTP::DONE", GV_ADD, SVt_PV);
+    pagi_lookups.http_stash = gv_stashpvs("PAGI::RS::HTTP", GV_ADD);
+    pagi_lookups.sse_stash = gv_stashpvs("PAGI::RS::SSE", GV_ADD);
+    pagi_lookups.ws_stash = gv_stashpvs("PAGI::RS::WebSocket", GV_ADD);
+    pagi_lookups.app_gv = gv_fetchpvs("PAGI::RS::Bridge::APP", GV_ADD, SVt_PV);
+    pagi_lookups.after_send_gv = gv_fetchpvs("PAGI::RS::HTTP::_after_send", GV_ADD, SVt_PVCV);
+    pagi_lookups.receive_gv = gv_fetchpvs("PAGI::RS::HTTP::_receive", GV_ADD, SVt_PVCV);
+    pagi_lookups.ws_receive_gv = gv_fetchpvs("PAGI::RS::WebSocket::_receive", GV_ADD, SVt_PVCV);
+    pagi_lookups.app_returned_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_returned", GV_ADD, SVt_PVCV);
+    pagi_lookups.app_done_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_done", GV_ADD, SVt_PVCV);
+    pagi_lookups.app_ready_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_ready", GV_ADD, SVt_PVCV);
+    pagi_lookups.finished_gv = gv_fetchpvs("PAGI::RS::HTTP::_finished", GV_ADD, SVt_PVCV);
+    pagi_lookups.yield_turn_gv = gv_fetchpvs("PAGI::RS::HTTP::_yield_turn", GV_ADD, SVt_PVCV);
     /* Set once by Bridge::init, before any request exists. */
-    lookups.core_version = newSVsv(get_sv("PAGI::RS::Bridge::CORE_VERSION", GV_ADD));
-    lookups.www_version = newSVsv(get_sv("PAGI::RS::Bridge::SPEC_VERSION", GV_ADD));
-    lookups.legacy_www = strEQ(SvPV_nolen(lookups.www_version), "0.3");
+    pagi_lookups.core_version = newSVsv(get_sv("PAGI::RS::Bridge::CORE_VERSION", GV_ADD));
+    pagi_lookups.www_version = newSVsv(get_sv("PAGI::RS::Bridge::SPEC_VERSION", GV_ADD));
+    pagi_lookups.legacy_www = strEQ(SvPV_nolen(pagi_lookups.www_version), "0.3");
     for (i = 0; i < K_COUNT; i++)
-        lookups.keys[i] = newSVpvn_share(key_names[i], (I32)strlen(key_names[i]), 0);
-    lookups.owner = aTHX;
-    return &lookups;
+        pagi_lookups.keys[i] = newSVpvn_share(key_names[i], (I32)strlen(key_names[i]), 0);
+    pagi_lookups.owner = aTHX;
+    return &pagi_lookups;
 }
 
 CV *sub_of(pTHX_ GV *gv)

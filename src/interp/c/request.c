@@ -169,13 +169,13 @@ static int settle_drain(pTHX_ interp_lookups *L, const pagi_msg *m)
         return 0;
     if (!m->num[0] || !slot_defined(aTHX_ req, SLOT_SEND_WAIT))
         return 1; /* News for on_drain only, and there is none. */
-    wait = *av_fetch(req, SLOT_SEND_WAIT, 0);
+    wait = *request_slot(aTHX_ req, SLOT_SEND_WAIT);
     if (!SvROK(wait) || SvTYPE(SvRV(wait)) != SVt_PVHV)
         return 0;
     /* Own it before the slots let go: resolving it may free the request. */
     wait = sv_2mortal(newSVsv(wait));
     av_store(req, SLOT_SEND_WAIT, newSV(0));
-    busy = av_fetch(req, SLOT_SEND_BUSY, 0);
+    busy = request_slot(aTHX_ req, SLOT_SEND_BUSY);
     if (busy && SvROK(*busy) && SvRV(*busy) == SvRV(wait))
         av_store(req, SLOT_SEND_BUSY, newSV(0));
     ready = hv_fetchs((HV *)SvRV(wait), "ready", 0);
@@ -262,7 +262,7 @@ static int deliver_body(pTHX_ interp_lookups *L, const pagi_msg *m)
     req = (AV *)SvRV(*entry);
     if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait))
         return 0;
-    queue = av_fetch(req, SLOT_QUEUE, 0);
+    queue = request_slot(aTHX_ req, SLOT_QUEUE);
     if (!wait && queue && SvOK(*queue) && !(SvROK(*queue) && SvTYPE(SvRV(*queue)) == SVt_PVAV))
         return 0;
     ev = newHV();
@@ -280,7 +280,7 @@ static int deliver_body(pTHX_ interp_lookups *L, const pagi_msg *m)
     }
     if (!queue || !SvOK(*queue))
         av_store(req, SLOT_QUEUE, newRV_noinc((SV *)newAV()));
-    av_push((AV *)SvRV(*av_fetch(req, SLOT_QUEUE, 0)), newSVsv(evref));
+    av_push((AV *)SvRV(*request_slot(aTHX_ req, SLOT_QUEUE)), newSVsv(evref));
     return 1;
 }
 

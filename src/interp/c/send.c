@@ -172,7 +172,7 @@ XS(xs_sender)
     stash = SvSTASH((SV *)req);
     is_http = stash == L->http_stash;
     ev = items > 0 ? ST(0) : &PL_sv_undef;
-    idp = av_fetch(req, SLOT_ID, 0);
+    idp = request_slot(aTHX_ req, SLOT_ID);
     if (!idp)
         rc = CODE_NEEDS_PERL;
     else if (slot_defined(aTHX_ req, SLOT_SEND_BUSY))
@@ -180,11 +180,11 @@ XS(xs_sender)
          * so this one waits its turn in Perl (HTTP.pm _send_in_turn). */
         rc = CODE_IN_TURN;
     else if (is_http)
-        rc = fast_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err);
+        rc = fast_send(aTHX_ request_id_of(aTHX_ *idp), ev, &kind, &err);
     else if (stash == L->sse_stash)
-        rc = fast_sse_send(aTHX_(uint64_t) SvUV(*idp), req, ev, &kind, &err);
+        rc = fast_sse_send(aTHX_ request_id_of(aTHX_ *idp), req, ev, &kind, &err);
     else
-        rc = fast_ws_send(aTHX_(uint64_t) SvUV(*idp), ev, &kind, &err);
+        rc = fast_ws_send(aTHX_ request_id_of(aTHX_ *idp), ev, &kind, &err);
     /* A send the core answers "closed" while this object still believes
      * the scope open goes to Perl, which brings its facts up to date. */
     if (rc == CODE_CLOSED && slot_true(aTHX_ req, SLOT_CONNECTED))
@@ -237,7 +237,7 @@ XS(xs_sender)
             } else if (!slot_true(aTHX_ req, SLOT_WANTS_END)) {
                 /* The scope ends here; with someone waiting to hear it,
                  * HTTP.pm's _response_complete notifies them. */
-                SV **wait = av_fetch(req, SLOT_RECV_WAIT, 0);
+                SV **wait = request_slot(aTHX_ req, SLOT_RECV_WAIT);
                 if (!wait || !SvOK(*wait)) {
                     av_store(req, SLOT_COMPLETE, newSViv(1));
                     handled = 1;

@@ -118,7 +118,7 @@ static SV *receive_ws(pTHX_ interp_lookups *L, SV *self)
     req = (AV *)SvRV(self);
     if (!slot_true(aTHX_ req, SLOT_WS_CONNECT_DELIVERED))
         return NULL;
-    queue_p = av_fetch(req, SLOT_QUEUE, 0);
+    queue_p = request_slot(aTHX_ req, SLOT_QUEUE);
     if (queue_p && SvOK(*queue_p)) {
         AV *queue;
         SV **first, **queued_bytes, *payload;
@@ -128,7 +128,7 @@ static SV *receive_ws(pTHX_ interp_lookups *L, SV *self)
         queue = (AV *)SvRV(*queue_p);
         if (av_count(queue) > 0) {
             first = av_fetch(queue, 0, 0);
-            queued_bytes = av_fetch(req, SLOT_WS_QUEUE_BYTES, 0);
+            queued_bytes = request_slot(aTHX_ req, SLOT_WS_QUEUE_BYTES);
             if (!first || !SvROK(*first) || SvTYPE(SvRV(*first)) != SVt_PVHV || !queued_bytes ||
                 SvROK(*queued_bytes))
                 return NULL;
