@@ -40,8 +40,10 @@ impl std::hash::Hasher for IdHasher {
     }
 }
 
-type ExchangeMap = HashMap<u64, Arc<Exchange>, std::hash::BuildHasherDefault<IdHasher>>;
-type SessionMap = HashMap<u64, Arc<Session>, std::hash::BuildHasherDefault<IdHasher>>;
+/// Objects by request id, on this interpreter's thread.
+type Registry<T> = HashMap<u64, Arc<T>, std::hash::BuildHasherDefault<IdHasher>>;
+type ExchangeMap = Registry<Exchange>;
+type SessionMap = Registry<Session>;
 
 /// Per-interpreter-thread state.  Only this thread touches it, so no locks;
 /// borrows never live across a call into Perl.
@@ -431,6 +433,15 @@ pub extern "C" fn pagi_rs_abort(id: u64, ptr: *const c_char, len: usize, has: c_
 
 /// Apply one send to request `id`: an unknown id (a request already
 /// forgotten) is a successful no-op, as any send after the end is.
+fn send_to(
+    id: u64,
+    err: *mut PagiStr,
+    send: impl FnOnce(&Exchange) -> Result<SendOutcome, SendError>,
+) -> c_int {
+    send_registered(|ctx| &ctx.exchanges, id, err, send)
+}
+
+/// Run `send` on the object registered under `id` in `registry`.
 ///
 /// The send runs on the registry's own `Arc`, borrowed, not on a clone: the
 /// clone and its drop were two atomic operations on every event an app
@@ -438,16 +449,17 @@ pub extern "C" fn pagi_rs_abort(id: u64, ptr: *const c_char, len: usize, has: c_
 /// registry (sends change the exchange and the network's wake-ups), and
 /// the outcome, whose error report writes to this thread's context, is
 /// settled after the borrow ends.
-fn send_to(
+fn send_registered<T>(
+    registry: impl for<'a> FnOnce(&'a WorkerCtx) -> &'a Registry<T>,
     id: u64,
     err: *mut PagiStr,
-    send: impl FnOnce(&Exchange) -> Result<SendOutcome, SendError>,
+    send: impl FnOnce(&T) -> Result<SendOutcome, SendError>,
 ) -> c_int {
     guarded(-1, || {
         let result = CTX.with(|c| {
             let ctx = c.borrow();
-            let ex = ctx.as_ref()?.exchanges.get(&id)?;
-            Some(send(ex))
+            let registered = registry(ctx.as_ref()?).get(&id)?;
+            Some(send(registered))
         });
         match result {
             Some(result) => outcome(result, err),
@@ -945,23 +957,13 @@ pub extern "C" fn pagi_rs_sse_close(
 
 // ---- WebSocket ----------------------------------------------------------------
 
-/// [`send_to`] for a WebSocket session, on the registry's `Arc` as well.
+/// [`send_to`] for a WebSocket session.
 fn ws_send_to(
     id: u64,
     err: *mut PagiStr,
     send: impl FnOnce(&Session) -> Result<SendOutcome, SendError>,
 ) -> c_int {
-    guarded(-1, || {
-        let result = CTX.with(|c| {
-            let ctx = c.borrow();
-            let ws = ctx.as_ref()?.sessions.get(&id)?;
-            Some(send(ws))
-        });
-        match result {
-            Some(result) => outcome(result, err),
-            None => SendOutcome::Closed as c_int,
-        }
-    })
+    send_registered(|ctx| &ctx.sessions, id, err, send)
 }
 
 #[no_mangle]
