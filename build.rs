@@ -13,6 +13,7 @@ const GLUE_SOURCES: &[&str] = &[
     "src/interp/c/signals.c",
     "src/interp/c/lookups.c",
     "src/interp/c/convert.c",
+    "src/interp/c/interned.c",
     "src/interp/c/request.c",
     "src/interp/c/response.c",
     "src/interp/c/exchange.c",

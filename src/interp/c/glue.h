@@ -36,6 +36,9 @@ typedef struct {
     size_t len;
 } pagi_str;
 
+/* A pagi_str of a string literal. */
+#define PAGI_STR(lit) ((pagi_str){ "" lit, sizeof(lit) - 1 })
+
 /* A message from the network core, filled in by Rust; see exports.rs. */
 /* A request's tls extension (PAGI::Spec::Tls), filled in by Rust; a NULL
  * string and a negative number are undef.  See ffi.rs. */
@@ -233,6 +236,12 @@ enum {
     K_COUNT
 };
 
+/* The tables of repeated strings (interned.c): scope fields and header
+ * names, and header values apart, whose variety (lengths, dates, tokens)
+ * would push the names out.  Slots per table: a power of two. */
+enum { INTERNED_NAMES, INTERNED_VALUES, INTERNED_TABLES };
+#define INTERNED_SLOTS 256
+
 typedef struct {
     PerlInterpreter *owner;
     SV *core_version; /* $PAGI::RS::Bridge::CORE_VERSION, e.g. "0.5" */
@@ -256,6 +265,7 @@ typedef struct {
     GV *finished_gv;     /* PAGI::RS::HTTP::_finished */
     GV *yield_turn_gv;   /* PAGI::RS::HTTP::_yield_turn */
     SV *keys[K_COUNT];
+    SV *interned[INTERNED_TABLES][INTERNED_SLOTS]; /* interned.c */
 } interp_lookups;
 
 /* This thread's lookups (lookups.c); the_lookups makes them on an
@@ -268,6 +278,14 @@ static inline interp_lookups *the_lookups(pTHX)
 }
 
 #define KEY(L, k) ((L)->keys[k])
+
+/* ---- strings repeated across requests (interned.c) ------------------------
+ * interned_sv: a new SV holding `s`, sharing the buffer of a copy kept in
+ * `table` where Perl allows.  new_kept_sv and kept_copy: the same for a
+ * string the caller keeps itself. */
+SV *interned_sv(pTHX_ interp_lookups *L, int table, pagi_str s);
+SV *new_kept_sv(pTHX_ const char *p, size_t len);
+SV *kept_copy(pTHX_ SV *kept);
 #define STORE(hv, L, k, val) ((void)hv_store_ent((hv), KEY(L, k), (val), 0))
 
 /* The sub in glob `gv` (croaks, as Perl would, when it is not defined). */

@@ -23,6 +23,14 @@ static const char *const key_names[K_COUNT] = {
 
 __thread interp_lookups pagi_lookups;
 
+/* A version string every scope copies (interned.c). */
+static SV *kept_version(pTHX_ const char *name)
+{
+    STRLEN len;
+    const char *p = SvPV(get_sv(name, GV_ADD), len);
+    return new_kept_sv(aTHX_ p, len);
+}
+
 interp_lookups *make_lookups(pTHX)
 {
     size_t i;
@@ -52,11 +60,13 @@ interp_lookups *make_lookups(pTHX)
     pagi_lookups.finished_gv = gv_fetchpvs("PAGI::RS::HTTP::_finished", GV_ADD, SVt_PVCV);
     pagi_lookups.yield_turn_gv = gv_fetchpvs("PAGI::RS::HTTP::_yield_turn", GV_ADD, SVt_PVCV);
     /* Set once by Bridge::init, before any request exists. */
-    pagi_lookups.core_version = newSVsv(get_sv("PAGI::RS::Bridge::CORE_VERSION", GV_ADD));
-    pagi_lookups.www_version = newSVsv(get_sv("PAGI::RS::Bridge::SPEC_VERSION", GV_ADD));
+    pagi_lookups.core_version = kept_version(aTHX_ "PAGI::RS::Bridge::CORE_VERSION");
+    pagi_lookups.www_version = kept_version(aTHX_ "PAGI::RS::Bridge::SPEC_VERSION");
     pagi_lookups.legacy_www = strEQ(SvPV_nolen(pagi_lookups.www_version), "0.3");
     for (i = 0; i < K_COUNT; i++)
         pagi_lookups.keys[i] = newSVpvn_share(key_names[i], (I32)strlen(key_names[i]), 0);
+    /* Another interpreter's strings, if any, went with it. */
+    memset(pagi_lookups.interned, 0, sizeof pagi_lookups.interned);
     pagi_lookups.owner = aTHX;
     return &pagi_lookups;
 }

@@ -6,27 +6,33 @@
  */
 #include "glue.h"
 
-static SV *headers_av(pTHX_ const pagi_msg *m)
+/* [[name, value], ...].  The arrays are made at their size and filled in
+ * place (newAV_alloc_x), without av_push's checks: a few hundred
+ * instructions a header, and a browser sends a dozen. */
+static SV *headers_av(pTHX_ interp_lookups *L, const pagi_msg *m)
 {
-    AV *av = newAV();
+    AV *av;
     size_t i;
-    av_extend(av, (SSize_t)m->nheaders);
+    if (m->nheaders == 0)
+        return newRV_noinc((SV *)newAV());
+    av = newAV_alloc_x((SSize_t)m->nheaders);
     for (i = 0; i < m->nheaders; i++) {
-        AV *pair = newAV();
-        av_extend(pair, 1);
-        av_push(pair, bytes_sv(aTHX_ m->headers[2 * i], 0));
-        av_push(pair, bytes_sv(aTHX_ m->headers[2 * i + 1], 0));
-        av_push(av, newRV_noinc((SV *)pair));
+        AV *pair = newAV_alloc_x(2);
+        AvARRAY(pair)[0] = interned_sv(aTHX_ L, INTERNED_NAMES, m->headers[2 * i]);
+        AvARRAY(pair)[1] = interned_sv(aTHX_ L, INTERNED_VALUES, m->headers[2 * i + 1]);
+        AvFILLp(pair) = 1;
+        AvARRAY(av)[i] = newRV_noinc((SV *)pair);
+        AvFILLp(av) = (SSize_t)i;
     }
     return newRV_noinc((SV *)av);
 }
 
 /* [host, port]; a negative port is undef: [path, undef] for a Unix socket. */
-static SV *host_port(pTHX_ pagi_str host, int64_t port)
+static SV *host_port(pTHX_ interp_lookups *L, pagi_str host, int64_t port)
 {
     AV *av = newAV();
     av_extend(av, 1);
-    av_push(av, bytes_sv(aTHX_ host, 0));
+    av_push(av, interned_sv(aTHX_ L, INTERNED_NAMES, host));
     av_push(av, port < 0 ? newSV(0) : newSViv((IV)port));
     return newRV_noinc((SV *)av);
 }
@@ -73,38 +79,41 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
     HV *state = GvHVn(L->state_gv);
     /* Sized for its ~20 keys up front: growing splits the table twice. */
     hv_ksplit(scope, 32);
-    STORE(pagi, L, K_VERSION, newSVsv(L->core_version));
-    STORE(pagi, L, K_SPEC_VERSION, newSVsv(L->www_version));
+    STORE(pagi, L, K_VERSION, kept_copy(aTHX_ L->core_version));
+    STORE(pagi, L, K_SPEC_VERSION, kept_copy(aTHX_ L->www_version));
     switch (kind) {
     case SCOPE_SSE:
-        STORE(scope, L, K_TYPE, newSVpvs("sse"));
+        STORE(scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("sse")));
         break;
     case SCOPE_WEBSOCKET:
-        STORE(scope, L, K_TYPE, newSVpvs("websocket"));
+        STORE(scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("websocket")));
         /* Gone in Www 0.6: refusals are ordinary http.response.* events. */
         if (L->legacy_www)
             (void)hv_stores(ext, "websocket.http.response", newRV_noinc((SV *)newHV()));
         break;
     default:
-        STORE(scope, L, K_TYPE, newSVpvs("http"));
+        STORE(scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("http")));
         STORE(ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
     }
     if (m->tls)
         (void)hv_stores(ext, "tls", tls_extension(aTHX_ m->tls));
     STORE(scope, L, K_PAGI, newRV_noinc((SV *)pagi));
-    STORE(scope, L, K_HTTP_VERSION, bytes_sv(aTHX_ m->str[0], 0));
-    STORE(scope, L, K_METHOD, bytes_sv(aTHX_ m->str[1], 0));
-    STORE(scope, L, K_SCHEME, bytes_sv(aTHX_ m->str[2], 0));
+    /* The fields whose values repeat are interned (interned.c); the path
+     * and the query string seldom do, and would only push the others out. */
+    STORE(scope, L, K_HTTP_VERSION, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[0]));
+    STORE(scope, L, K_METHOD, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[1]));
+    STORE(scope, L, K_SCHEME, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[2]));
     STORE(scope, L, K_PATH, bytes_sv(aTHX_ m->str[3], (m->utf8_mask >> 3) & 1));
     STORE(scope, L, K_RAW_PATH, bytes_sv(aTHX_ m->str[4], 0));
     STORE(scope, L, K_QUERY_STRING, bytes_sv(aTHX_ m->str[5], 0));
-    STORE(scope, L, K_ROOT_PATH, bytes_sv(aTHX_ m->str[6], (m->utf8_mask >> 6) & 1));
-    STORE(scope, L, K_HEADERS, headers_av(aTHX_ m));
+    STORE(scope, L, K_ROOT_PATH,
+          (m->utf8_mask >> 6) & 1 ? bytes_sv(aTHX_ m->str[6], 1) : interned_sv(aTHX_ L, INTERNED_NAMES, m->str[6]));
+    STORE(scope, L, K_HEADERS, headers_av(aTHX_ L, m));
     /* No client host: a Unix socket's peer has no address, and the key is
      * left out (Www: client is optional), as the reference server does. */
     if (m->str[7].ptr)
-        STORE(scope, L, K_CLIENT, host_port(aTHX_ m->str[7], m->num[0]));
-    STORE(scope, L, K_SERVER, host_port(aTHX_ m->str[8], m->num[1]));
+        STORE(scope, L, K_CLIENT, host_port(aTHX_ L, m->str[7], m->num[0]));
+    STORE(scope, L, K_SERVER, host_port(aTHX_ L, m->str[8], m->num[1]));
     /* A shallow copy: top-level keys private to the request, values shared. */
     STORE(scope, L, K_STATE, newRV_noinc((SV *)newHVhv(state)));
     STORE(scope, L, K_EXTENSIONS, newRV_noinc((SV *)ext));
@@ -353,7 +362,7 @@ XS(xs_next_message)
     for (i = 0; i < 4; i++)
         mPUSHi((IV)m.num[i]);
     if (m.has_headers)
-        mPUSHs(headers_av(aTHX_ & m));
+        mPUSHs(headers_av(aTHX_ the_lookups(aTHX), &m));
     else
         PUSHs(&PL_sv_undef);
     if (m.kind == PAGI_MSG_BODY)
