@@ -45,6 +45,8 @@ my $app = async sub {
     $d{header_value_ords} = { map { ($_->[0] => [ map { ord } split //, $_->[1] ]) } @{ $scope->{headers} } };
     $d{header_utf8_flags} = [ map { (utf8::is_utf8($_->[0]) ? 1 : 0) + (utf8::is_utf8($_->[1]) ? 2 : 0) } @{ $scope->{headers} } ];
     $d{body_length} = length $body;
+    require Sub::Util;
+    $d{sub_names} = [ map { Sub::Util::subname($_) } $receive, $send ];
     my $out = JSON::PP->new->canonical->utf8->encode(\%d);
     await $send->({type => 'http.response.start', status => 200,
         headers => [['content-type', 'application/json'], ['content-length', length $out]]});
@@ -128,6 +130,8 @@ subtest 'basic GET: every key' => sub {
     is_deeply [ grep { !$t->{can}{$_} } qw(buffered_amount high_water_mark low_water_mark on_high_water on_drain) ], [],
       'pagi.transport has the flow-control methods';
     is $d->{transport_high}, 65536, 'high_water_mark defaults to 65536';
+    is_deeply $d->{sub_names}, [ ('PAGI::RS::HTTP::__ANON__') x 2 ],
+      '$receive and $send are anonymous subs, named as such in stack traces';
 };
 
 subtest 'percent-decoded UTF-8 path' => sub {

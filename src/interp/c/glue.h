@@ -264,6 +264,8 @@ typedef struct {
     GV *app_ready_gv;    /* PAGI::RS::HTTP::_app_ready */
     GV *finished_gv;     /* PAGI::RS::HTTP::_finished */
     GV *yield_turn_gv;   /* PAGI::RS::HTTP::_yield_turn */
+    GV *anon_gv;         /* PAGI::RS::HTTP::__ANON__, the name of the subs
+                          * new_bound_xsub makes ($send, $receive) */
     SV *keys[K_COUNT];
     SV *interned[INTERNED_TABLES][INTERNED_SLOTS]; /* interned.c */
 } interp_lookups;

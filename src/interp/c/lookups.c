@@ -59,6 +59,10 @@ interp_lookups *make_lookups(pTHX)
     pagi_lookups.app_ready_gv = gv_fetchpvs("PAGI::RS::HTTP::_app_ready", GV_ADD, SVt_PVCV);
     pagi_lookups.finished_gv = gv_fetchpvs("PAGI::RS::HTTP::_finished", GV_ADD, SVt_PVCV);
     pagi_lookups.yield_turn_gv = gv_fetchpvs("PAGI::RS::HTTP::_yield_turn", GV_ADD, SVt_PVCV);
+    /* Held: every sub made takes its own reference, but between two of
+     * them the glob could otherwise go with its stash entry. */
+    pagi_lookups.anon_gv =
+        (GV *)SvREFCNT_inc_simple_NN(gv_fetchpvs("PAGI::RS::HTTP::__ANON__", GV_ADDMULTI, SVt_PVCV));
     /* Set once by Bridge::init, before any request exists. */
     pagi_lookups.core_version = kept_version(aTHX_ "PAGI::RS::Bridge::CORE_VERSION");
     pagi_lookups.www_version = kept_version(aTHX_ "PAGI::RS::Bridge::SPEC_VERSION");
