@@ -30,10 +30,10 @@ static SV *headers_av(pTHX_ interp_lookups *L, const pagi_msg *m)
 /* [host, port]; a negative port is undef: [path, undef] for a Unix socket. */
 static SV *host_port(pTHX_ interp_lookups *L, pagi_str host, int64_t port)
 {
-    AV *av = newAV();
-    av_extend(av, 1);
-    av_push(av, interned_sv(aTHX_ L, INTERNED_NAMES, host));
-    av_push(av, port < 0 ? newSV(0) : newSViv((IV)port));
+    AV *av = newAV_alloc_x(2);
+    AvARRAY(av)[0] = interned_sv(aTHX_ L, INTERNED_NAMES, host);
+    AvARRAY(av)[1] = port < 0 ? newSV(0) : newSViv((IV)port);
+    AvFILLp(av) = 1;
     return newRV_noinc((SV *)av);
 }
 
@@ -126,16 +126,18 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
  * the scope and $send. */
 static SV *new_request(pTHX_ interp_lookups *L, const pagi_msg *m, int kind, SV **scope, SV **send)
 {
-    AV *req = newAV();
+    /* Every slot allocated up front and empty (the Perl half fills the
+     * others as the request goes); the first three stored in place. */
+    AV *req = newAV_alloc_xz(SLOT_COUNT);
     SV *self;
     HV *scope_hv;
     char buf[REGISTRY_KEY_SIZE];
     const char *key;
     int klen;
-    av_extend(req, SLOT_COUNT);
-    av_store(req, SLOT_ID, newSVuv((UV)m->id));
-    av_store(req, SLOT_CONNECTED, newSViv(1));
-    av_store(req, SLOT_BODY, newSViv((IV)m->num[2]));
+    AvARRAY(req)[SLOT_ID] = newSVuv((UV)m->id);
+    AvARRAY(req)[SLOT_CONNECTED] = newSViv(1);
+    AvARRAY(req)[SLOT_BODY] = newSViv((IV)m->num[2]);
+    AvFILLp(req) = MAX(SLOT_ID, MAX(SLOT_CONNECTED, SLOT_BODY));
     self = newRV_noinc((SV *)req);
     sv_bless(self, kind == SCOPE_HTTP        ? L->http_stash
                    : kind == SCOPE_SSE       ? L->sse_stash
