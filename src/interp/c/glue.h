@@ -280,6 +280,7 @@ static inline interp_lookups *the_lookups(pTHX)
 }
 
 #define KEY(L, k) ((L)->keys[k])
+#define STORE(hv, L, k, val) ((void)hv_store_ent((hv), KEY(L, k), (val), 0))
 
 /* ---- strings repeated across requests (interned.c) ------------------------
  * interned_sv: a new SV holding `s`, sharing the buffer of a copy kept in
@@ -288,7 +289,6 @@ static inline interp_lookups *the_lookups(pTHX)
 SV *interned_sv(pTHX_ interp_lookups *L, int table, pagi_str s);
 SV *new_kept_sv(pTHX_ const char *p, size_t len);
 SV *kept_copy(pTHX_ SV *kept);
-#define STORE(hv, L, k, val) ((void)hv_store_ent((hv), KEY(L, k), (val), 0))
 
 /* The sub in glob `gv` (croaks, as Perl would, when it is not defined). */
 CV *sub_of(pTHX_ GV *gv);
