@@ -6,9 +6,19 @@
  */
 #include "glue.h"
 
-/* [[name, value], ...].  The arrays are made at their size and filled in
- * place (newAV_alloc_x), without av_push's checks: a few hundred
- * instructions a header, and a browser sends a dozen. */
+/* \[a, b], taking the references to `a` and `b`: made at its size and
+ * filled in place (newAV_alloc_x), without av_extend's and av_push's
+ * checks, a few hundred instructions for each of a request's headers. */
+static SV *pair_ref(pTHX_ SV *a, SV *b)
+{
+    AV *av = newAV_alloc_x(2);
+    AvARRAY(av)[0] = a;
+    AvARRAY(av)[1] = b;
+    AvFILLp(av) = 1;
+    return newRV_noinc((SV *)av);
+}
+
+/* [[name, value], ...], the outer array filled in place too. */
 static SV *headers_av(pTHX_ interp_lookups *L, const pagi_msg *m)
 {
     AV *av;
@@ -17,11 +27,8 @@ static SV *headers_av(pTHX_ interp_lookups *L, const pagi_msg *m)
         return newRV_noinc((SV *)newAV());
     av = newAV_alloc_x((SSize_t)m->nheaders);
     for (i = 0; i < m->nheaders; i++) {
-        AV *pair = newAV_alloc_x(2);
-        AvARRAY(pair)[0] = interned_sv(aTHX_ L, INTERNED_NAMES, m->headers[2 * i]);
-        AvARRAY(pair)[1] = interned_sv(aTHX_ L, INTERNED_VALUES, m->headers[2 * i + 1]);
-        AvFILLp(pair) = 1;
-        AvARRAY(av)[i] = newRV_noinc((SV *)pair);
+        AvARRAY(av)[i] = pair_ref(aTHX_ interned_sv(aTHX_ L, INTERNED_NAMES, m->headers[2 * i]),
+                                  interned_sv(aTHX_ L, INTERNED_VALUES, m->headers[2 * i + 1]));
         AvFILLp(av) = (SSize_t)i;
     }
     return newRV_noinc((SV *)av);
@@ -30,11 +37,8 @@ static SV *headers_av(pTHX_ interp_lookups *L, const pagi_msg *m)
 /* [host, port]; a negative port is undef: [path, undef] for a Unix socket. */
 static SV *host_port(pTHX_ interp_lookups *L, pagi_str host, int64_t port)
 {
-    AV *av = newAV_alloc_x(2);
-    AvARRAY(av)[0] = interned_sv(aTHX_ L, INTERNED_NAMES, host);
-    AvARRAY(av)[1] = port < 0 ? newSV(0) : newSViv((IV)port);
-    AvFILLp(av) = 1;
-    return newRV_noinc((SV *)av);
+    return pair_ref(aTHX_ interned_sv(aTHX_ L, INTERNED_NAMES, host),
+                    port < 0 ? newSV(0) : newSViv((IV)port));
 }
 
 /* The http scope hash for a REQUEST message (see Spec/Www.pod).  Built here
