@@ -15,6 +15,7 @@ const GLUE_SOURCES: &[&str] = &[
     "src/interp/c/convert.c",
     "src/interp/c/interned.c",
     "src/interp/c/request.c",
+    "src/interp/c/spare_scope.c",
     "src/interp/c/response.c",
     "src/interp/c/exchange.c",
     "src/interp/c/send.c",

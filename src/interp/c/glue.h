@@ -268,6 +268,8 @@ typedef struct {
                           * new_bound_xsub makes ($send, $receive) */
     SV *keys[K_COUNT];
     SV *interned[INTERNED_TABLES][INTERNED_SLOTS]; /* interned.c */
+    SV *spare_scope; /* spare_scope.c: a reference to a kept scope hash */
+    UV scopes_kept, scopes_reused; /* spare_scope.c's counts, for t/ */
 } interp_lookups;
 
 /* This thread's lookups (lookups.c); the_lookups makes them on an
@@ -289,6 +291,18 @@ static inline interp_lookups *the_lookups(pTHX)
 SV *interned_sv(pTHX_ interp_lookups *L, int table, pagi_str s);
 SV *new_kept_sv(pTHX_ const char *p, size_t len);
 SV *kept_copy(pTHX_ SV *kept);
+
+/* ---- a finished request's scope hash, kept for the next (spare_scope.c) ----
+ * spare_scope_take: the kept hash and, in *rv, the reference to it (now
+ * the caller's), or NULL.  scope_store and scope_forget: hv_store_ent and
+ * hv_delete_ent for a scope, kept or new.  spare_scope_retire_at_leave:
+ * at the LEAVE of the current scope, keep `rv`'s hash if nothing else can
+ * reach it, or let it go; the reference is handed over either way. */
+HV *spare_scope_take(pTHX_ interp_lookups *L, SV **rv);
+void scope_store(pTHX_ HV *scope, interp_lookups *L, int k, SV *value);
+void scope_forget(pTHX_ HV *scope, interp_lookups *L, int k);
+void spare_scope_retire_at_leave(pTHX_ SV *rv);
+XS(xs_spare_scope_stats);
 
 /* The sub in glob `gv` (croaks, as Perl would, when it is not defined). */
 CV *sub_of(pTHX_ GV *gv);

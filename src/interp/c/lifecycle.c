@@ -56,6 +56,7 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::SentFuture::_c_nothing", xs_sent_nothing, file);
     newXS("PAGI::RS::_method_cache_stats", xs_method_cache_stats, file);
     newXS("PAGI::RS::_call_method", xs_call_method, file);
+    newXS("PAGI::RS::_spare_scope_stats", xs_spare_scope_stats, file);
 }
 
 /* ---- interpreter lifecycle (called from Rust) ----------------------------- */

@@ -71,6 +71,8 @@ interp_lookups *make_lookups(pTHX)
         pagi_lookups.keys[i] = newSVpvn_share(key_names[i], (I32)strlen(key_names[i]), 0);
     /* Another interpreter's strings, if any, went with it. */
     memset(pagi_lookups.interned, 0, sizeof pagi_lookups.interned);
+    pagi_lookups.spare_scope = NULL;
+    pagi_lookups.scopes_kept = pagi_lookups.scopes_reused = 0;
     pagi_lookups.owner = aTHX;
     return &pagi_lookups;
 }

@@ -77,51 +77,59 @@ static SV *tls_extension(pTHX_ const pagi_tls *t)
 
 static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
 {
-    HV *scope = newHV();
+    SV *rv;
+    HV *scope = spare_scope_take(aTHX_ L, &rv);
     HV *pagi = newHV();
     HV *ext = newHV();
     HV *state = GvHVn(L->state_gv);
-    /* Sized for its ~20 keys up front: growing splits the table twice. */
-    hv_ksplit(scope, 32);
+    if (!scope) {
+        scope = newHV();
+        /* Sized for its 16 keys up front: growing splits the table twice. */
+        hv_ksplit(scope, 32);
+        rv = newRV_noinc((SV *)scope);
+    }
     STORE(pagi, L, K_VERSION, kept_copy(aTHX_ L->core_version));
     STORE(pagi, L, K_SPEC_VERSION, kept_copy(aTHX_ L->www_version));
     switch (kind) {
     case SCOPE_SSE:
-        STORE(scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("sse")));
+        scope_store(aTHX_ scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("sse")));
         break;
     case SCOPE_WEBSOCKET:
-        STORE(scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("websocket")));
+        scope_store(aTHX_ scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("websocket")));
         /* Gone in Www 0.6: refusals are ordinary http.response.* events. */
         if (L->legacy_www)
             (void)hv_stores(ext, "websocket.http.response", newRV_noinc((SV *)newHV()));
         break;
     default:
-        STORE(scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("http")));
+        scope_store(aTHX_ scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("http")));
         STORE(ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
     }
     if (m->tls)
         (void)hv_stores(ext, "tls", tls_extension(aTHX_ m->tls));
-    STORE(scope, L, K_PAGI, newRV_noinc((SV *)pagi));
+    scope_store(aTHX_ scope, L, K_PAGI, newRV_noinc((SV *)pagi));
     /* The fields whose values repeat are interned (interned.c); the path
      * and the query string seldom do, and would only push the others out. */
-    STORE(scope, L, K_HTTP_VERSION, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[0]));
-    STORE(scope, L, K_METHOD, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[1]));
-    STORE(scope, L, K_SCHEME, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[2]));
-    STORE(scope, L, K_PATH, bytes_sv(aTHX_ m->str[3], (m->utf8_mask >> 3) & 1));
-    STORE(scope, L, K_RAW_PATH, bytes_sv(aTHX_ m->str[4], 0));
-    STORE(scope, L, K_QUERY_STRING, bytes_sv(aTHX_ m->str[5], 0));
-    STORE(scope, L, K_ROOT_PATH,
-          (m->utf8_mask >> 6) & 1 ? bytes_sv(aTHX_ m->str[6], 1) : interned_sv(aTHX_ L, INTERNED_NAMES, m->str[6]));
-    STORE(scope, L, K_HEADERS, headers_av(aTHX_ L, m));
+    scope_store(aTHX_ scope, L, K_HTTP_VERSION, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[0]));
+    scope_store(aTHX_ scope, L, K_METHOD, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[1]));
+    scope_store(aTHX_ scope, L, K_SCHEME, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[2]));
+    scope_store(aTHX_ scope, L, K_PATH, bytes_sv(aTHX_ m->str[3], (m->utf8_mask >> 3) & 1));
+    scope_store(aTHX_ scope, L, K_RAW_PATH, bytes_sv(aTHX_ m->str[4], 0));
+    scope_store(aTHX_ scope, L, K_QUERY_STRING, bytes_sv(aTHX_ m->str[5], 0));
+    scope_store(aTHX_ scope, L, K_ROOT_PATH,
+                (m->utf8_mask >> 6) & 1 ? bytes_sv(aTHX_ m->str[6], 1)
+                                        : interned_sv(aTHX_ L, INTERNED_NAMES, m->str[6]));
+    scope_store(aTHX_ scope, L, K_HEADERS, headers_av(aTHX_ L, m));
     /* No client host: a Unix socket's peer has no address, and the key is
      * left out (Www: client is optional), as the reference server does. */
     if (m->str[7].ptr)
-        STORE(scope, L, K_CLIENT, host_port(aTHX_ L, m->str[7], m->num[0]));
-    STORE(scope, L, K_SERVER, host_port(aTHX_ L, m->str[8], m->num[1]));
+        scope_store(aTHX_ scope, L, K_CLIENT, host_port(aTHX_ L, m->str[7], m->num[0]));
+    else
+        scope_forget(aTHX_ scope, L, K_CLIENT); /* a kept scope's */
+    scope_store(aTHX_ scope, L, K_SERVER, host_port(aTHX_ L, m->str[8], m->num[1]));
     /* A shallow copy: top-level keys private to the request, values shared. */
-    STORE(scope, L, K_STATE, newRV_noinc((SV *)newHVhv(state)));
-    STORE(scope, L, K_EXTENSIONS, newRV_noinc((SV *)ext));
-    return newRV_noinc((SV *)scope);
+    scope_store(aTHX_ scope, L, K_STATE, newRV_noinc((SV *)newHVhv(state)));
+    scope_store(aTHX_ scope, L, K_EXTENSIONS, newRV_noinc((SV *)ext));
+    return rv;
 }
 
 /* Everything a request needs before the app runs, built here since every
@@ -150,8 +158,8 @@ static SV *new_request(pTHX_ interp_lookups *L, const pagi_msg *m, int kind, SV 
     (void)hv_store(GvHVn(L->requests_gv), key, klen, newRV_inc((SV *)req), 0);
     *scope = request_scope(aTHX_ L, m, kind);
     scope_hv = (HV *)SvRV(*scope);
-    STORE(scope_hv, L, K_CONNECTION, newRV_inc((SV *)req));
-    STORE(scope_hv, L, K_TRANSPORT, newRV_inc((SV *)req));
+    scope_store(aTHX_ scope_hv, L, K_CONNECTION, newRV_inc((SV *)req));
+    scope_store(aTHX_ scope_hv, L, K_TRANSPORT, newRV_inc((SV *)req));
     *send = new_sender(aTHX_ req);
     return self;
 }
@@ -350,11 +358,12 @@ XS(xs_next_message)
             PUTBACK;
             return;
         }
-        /* A request's temporaries go with it, not with the batch. */
+        /* A request's temporaries go with it, not with the batch; its
+         * scope, once they are gone, to the next request if it can. */
         ENTER;
+        spare_scope_retire_at_leave(aTHX_ scope);
         SAVETMPS;
         sv_2mortal(self);
-        sv_2mortal(scope);
         sv_2mortal(send);
         PUTBACK;
         run_http_app(aTHX_ L, self, scope, send);

@@ -1,0 +1,180 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use PagiRS::Test;
+use JSON::PP;
+use File::Temp qw(tempdir);
+use Time::HiRes qw(sleep);
+
+# A finished http request's scope hash is kept for the next request when
+# nothing but the server holds it (src/interp/c/spare_scope.c).  The
+# application must not be able to tell: every scope has its own values
+# and only the spec's keys, a scope the app holds (strongly or weakly) is
+# never reused, a value it holds never changes, and the values of a kept
+# scope are let go when its request ends, not when the next one comes.
+
+my $dir    = tempdir( CLEANUP => 1 );
+my $marker = "$dir/guard-gone";
+
+my $app = write_app( <<"PERL", 'spare_scope.pl' );
+use strict; use warnings; use Future::AsyncAwait; use JSON::PP ();
+use Scalar::Util qw(weaken blessed reftype);
+my \$marker = '$marker';
+package Guard { sub DESTROY { open my \$fh, '>', \$marker or die \$!; close \$fh } }
+my (\@held, \@held_headers, \$weak);
+sub facts {
+    my (\$scope) = \@_;
+    my (\$kept, \$reused) = PAGI::RS::_spare_scope_stats();
+    # First, before keys() resets it: where each() starts.
+    my \$each = 0;
+    \$each++ while each %\$scope;
+    return {
+        each    => \$each,
+        blessed => blessed(\$scope) // '',
+        kind    => reftype(\$scope),
+        keys    => [ sort keys %\$scope ],
+        path    => \$scope->{path},
+        query   => \$scope->{query_string},
+        headers => [ map { [\@\$_] } \@{ \$scope->{headers} } ],
+        state   => [ sort keys %{ \$scope->{state} } ],
+        has_client => exists \$scope->{client} ? 1 : 0,
+        kept    => \$kept,
+        reused  => \$reused,
+    };
+}
+my \$app = async sub {
+    my (\$scope, \$receive, \$send) = \@_;
+    return if \$scope->{type} eq 'lifespan';
+    my \$d = facts(\$scope);
+    my \$path = \$scope->{path};
+    if    (\$path eq '/hold')         { push \@held, \$scope }
+    elsif (\$path eq '/held')         { \$d->{held} = [ map { facts(\$_) } \@held ] }
+    elsif (\$path eq '/weak')         { \$weak = \$scope; weaken \$weak }
+    elsif (\$path eq '/weak-check')   { \$d->{weak_defined} = defined \$weak ? 1 : 0 }
+    elsif (\$path eq '/add')          { \$scope->{'x.added'} = 1 }
+    elsif (\$path eq '/delete')       { delete \@\$scope{qw(path headers)} }
+    elsif (\$path eq '/swap')         { delete \$scope->{path}; \$scope->{'x.other'} = 1 }
+    elsif (\$path eq '/bless')        { bless \$scope, 'Some::Class' }
+    elsif (\$path eq '/change')       { \$scope->{state}{changed} = 1; \$_ .= '!' for \@{ \$scope->{headers}[0] } }
+    elsif (\$path eq '/hold-headers') { push \@held_headers, \$scope->{headers} }
+    elsif (\$path eq '/held-headers') { \$d->{held_headers} = [ map { [ map { [\@\$_] } \@\$_ ] } \@held_headers ] }
+    elsif (\$path eq '/guard')        { \$scope->{state}{guard} = bless {}, 'Guard' }
+    elsif (\$path eq '/each-partial') { my (\$k) = each %\$scope }
+    elsif (\$path eq '/each-delete')  { my (\$k) = each %\$scope; delete \$scope->{\$k} }
+    my \$out = JSON::PP->new->canonical->encode(\$d);
+    await \$send->({type => 'http.response.start', status => 200,
+        headers => [['content-type', 'application/json'], ['content-length', length \$out]]});
+    await \$send->({type => 'http.response.body', body => \$out});
+};
+\$app;
+PERL
+
+my @SPEC_KEYS = sort qw(type pagi http_version method scheme path raw_path query_string root_path
+  headers client server state extensions pagi.connection pagi.transport);
+
+my $sock_path = "$dir/s.sock";
+my $s = start_server( '--listen', '127.0.0.1:0', '--listen', "unix:$sock_path", $app );
+my ($tcp) = grep { !/^unix:/ } $s->listeners;
+my ($port) = $tcp =~ /:(\d+)\/?\z/ or die "no TCP listener in: @{[ $s->listeners ]}";
+
+# One request on a kept-alive connection; returns the app's report.
+sub ask {
+    my ( $sock, $target, @headers ) = @_;
+    my $req = "GET $target HTTP/1.1\r\nHost: 127.0.0.1\r\n" . join( '', map { "$_\r\n" } @headers ) . "\r\n";
+    $sock->syswrite($req);
+    my ($buf) = read_sock( $sock, qr/\r\n\r\n/, 5 );
+    my ($len) = $buf =~ /content-length: (\d+)/i or return {};
+    my $head = index( $buf, "\r\n\r\n" ) + 4;
+    ($buf) = read_sock( $sock, qr/\A.{$head}.{$len}/s, 5, $buf );
+    return eval { JSON::PP->new->decode( substr( $buf, $head, $len ) ) } // {};
+}
+
+# A fresh-looking scope: a plain hash with the spec's keys and this
+# request's own values.
+sub fresh_ok {
+    my ( $d, $path, $query, $name ) = @_;
+    subtest $name => sub {
+        is $d->{blessed}, '',     'not blessed';
+        is $d->{kind},    'HASH', 'a hash';
+        is_deeply $d->{keys}, \@SPEC_KEYS, 'the spec keys and no others' or diag explain $d->{keys};
+        is $d->{each}, scalar @SPEC_KEYS, 'each() starts from the first key';
+        is $d->{path},  $path,  'its own path';
+        is $d->{query}, $query, 'its own query string';
+        is_deeply $d->{state}, [], 'an empty state';
+        is_deeply $d->{headers}, [ [ 'host', '127.0.0.1' ], [ 'x-req', "$path?$query" ] ], 'its own headers';
+    };
+}
+
+my $sock = connect_port($port);
+sub next_fresh {
+    my ( $path, $query, $name ) = @_;
+    my $d = ask( $sock, "$path?$query", "X-Req: $path?$query" );
+    fresh_ok( $d, $path, $query, $name );
+    return $d;
+}
+
+subtest 'scope hashes are kept and reused across requests' => sub {
+    my $first = next_fresh( '/plain', 0, 'first request' );
+    ok defined $first->{kept}, 'the stats are there' or diag explain $first;
+    my $last;
+    $last = next_fresh( '/plain', $_, "request $_" ) for 1 .. 20;
+    cmp_ok $last->{reused} - $first->{reused}, '>=', 19, 'nearly every later request reused a kept scope';
+    cmp_ok $last->{kept} - $first->{kept}, '>=', 19, 'and its own was kept in turn';
+};
+
+subtest 'a scope the app holds is not reused' => sub {
+    ask( $sock, '/hold?a', 'X-Req: /hold?a' );
+    ask( $sock, '/hold?b', 'X-Req: /hold?b' );
+    next_fresh( '/plain', $_, "request $_ after" ) for 1 .. 5;
+    my $d = ask( $sock, '/held?x', 'X-Req: /held?x' );
+    is scalar @{ $d->{held} || [] }, 2, 'two scopes held';
+    fresh_ok( $d->{held}[0], '/hold', 'a', 'the first still holds its own request' );
+    fresh_ok( $d->{held}[1], '/hold', 'b', 'the second too' );
+};
+
+subtest 'a weak reference to a scope goes undef when its request ends' => sub {
+    ask( $sock, '/weak?1', 'X-Req: /weak?1' );
+    next_fresh( '/plain', 2, 'a request after' );
+    my $d = ask( $sock, '/weak-check?3', 'X-Req: /weak-check?3' );
+    is $d->{weak_defined}, 0, 'the weak reference is undef, not a later scope';
+};
+
+subtest 'keys the app added, deleted or swapped are not in later scopes' => sub {
+    for my $change (qw(add delete swap bless change each-partial each-delete)) {
+        ask( $sock, "/$change?1", "X-Req: /$change?1" );
+        next_fresh( '/plain', $_, "after /$change, request $_" ) for 1 .. 2;
+    }
+};
+
+subtest 'a value the app holds keeps its contents' => sub {
+    ask( $sock, '/hold-headers?1', 'X-Req: /hold-headers?1' );
+    next_fresh( '/plain', $_, "request $_ after" ) for 1 .. 3;
+    my $d = ask( $sock, '/held-headers?2', 'X-Req: /held-headers?2' );
+    is_deeply $d->{held_headers}, [ [ [ 'host', '127.0.0.1' ], [ 'x-req', '/hold-headers?1' ] ] ],
+      'the headers array held is that request\'s';
+};
+
+subtest 'a kept scope lets its values go when its request ends' => sub {
+    ok !-e $marker, 'no guard yet';
+    ask( $sock, '/guard?1', 'X-Req: /guard?1' );
+    my $gone = 0;
+    for ( 1 .. 100 ) { last if $gone = -e $marker; sleep 0.05 }
+    ok $gone, 'the guard in its state was destroyed without another request';
+    next_fresh( '/plain', 2, 'the next scope has an empty state' );
+};
+
+subtest 'a scope kept from a TCP request has no client on a Unix socket' => sub {
+    next_fresh( '/plain', 1, 'a TCP request' );
+    my $u = connect_port("unix:$sock_path");
+    my $d = ask( $u, '/plain?u', 'X-Req: /plain?u' );
+    is $d->{has_client}, 0, 'no client key over the Unix socket';
+    is_deeply $d->{keys}, [ grep { $_ ne 'client' } @SPEC_KEYS ], 'the other keys';
+    $d = ask( $u, '/plain?v', 'X-Req: /plain?v' );
+    is $d->{has_client}, 0, 'nor on the next';
+    next_fresh( '/plain', 3, 'and the client is back over TCP' );
+};
+
+$s->stop;
+done_testing;
