@@ -23,7 +23,7 @@ use strict; use warnings; use Future::AsyncAwait; use JSON::PP ();
 use Scalar::Util qw(weaken blessed reftype);
 my \$marker = '$marker';
 package Guard { sub DESTROY { open my \$fh, '>', \$marker or die \$!; close \$fh } }
-my (\@held, \@held_headers, \$weak);
+my (\@held, \@held_headers, \@held_pagi, \$weak);
 sub facts {
     my (\$scope) = \@_;
     my (\$kept, \$reused) = PAGI::RS::_spare_scope_stats();
@@ -39,6 +39,9 @@ sub facts {
         query   => \$scope->{query_string},
         headers => [ map { [\@\$_] } \@{ \$scope->{headers} } ],
         state   => [ sort keys %{ \$scope->{state} } ],
+        pagi    => { %{ \$scope->{pagi} } },
+        extensions => [ sort keys %{ \$scope->{extensions} } ],
+        fullflush  => ref \$scope->{extensions}{fullflush},
         has_client => exists \$scope->{client} ? 1 : 0,
         kept    => \$kept,
         reused  => \$reused,
@@ -60,6 +63,15 @@ my \$app = async sub {
     elsif (\$path eq '/change')       { \$scope->{state}{changed} = 1; \$_ .= '!' for \@{ \$scope->{headers}[0] } }
     elsif (\$path eq '/hold-headers') { push \@held_headers, \$scope->{headers} }
     elsif (\$path eq '/held-headers') { \$d->{held_headers} = [ map { [ map { [\@\$_] } \@\$_ ] } \@held_headers ] }
+    elsif (\$path eq '/pagi')         { \$scope->{pagi}{version} .= 'x'; \$scope->{pagi}{spec_version} = 'y' }
+    elsif (\$path eq '/pagi-add')     { \$scope->{pagi}{'x.more'} = 1 }
+    elsif (\$path eq '/pagi-delete')  { delete \$scope->{pagi}{version} }
+    elsif (\$path eq '/pagi-hold')    { push \@held_pagi, \$scope->{pagi} }
+    elsif (\$path eq '/pagi-held')    { \$d->{held_pagi} = [ map { {%\$_} } \@held_pagi ] }
+    elsif (\$path eq '/ext-add')      { \$scope->{extensions}{'x.ext'} = {} }
+    elsif (\$path eq '/ext-delete')   { delete \$scope->{extensions}{fullflush} }
+    elsif (\$path eq '/ext-change')   { \$scope->{extensions}{fullflush}{x} = 1 }
+    elsif (\$path eq '/guard-pagi')   { \$scope->{pagi}{version} = bless {}, 'Guard' }
     elsif (\$path eq '/guard')        { \$scope->{state}{guard} = bless {}, 'Guard' }
     elsif (\$path eq '/each-partial') { my (\$k) = each %\$scope }
     elsif (\$path eq '/each-delete')  { my (\$k) = each %\$scope; delete \$scope->{\$k} }
@@ -103,6 +115,9 @@ sub fresh_ok {
         is $d->{path},  $path,  'its own path';
         is $d->{query}, $query, 'its own query string';
         is_deeply $d->{state}, [], 'an empty state';
+        is_deeply $d->{pagi}, { version => '0.5', spec_version => '0.6' }, 'pagi holds the versions only';
+        is_deeply $d->{extensions}, ['fullflush'], 'extensions: fullflush only';
+        is $d->{fullflush}, 'HASH', 'fullflush is a hash';
         is_deeply $d->{headers}, [ [ 'host', '127.0.0.1' ], [ 'x-req', "$path?$query" ] ], 'its own headers';
     };
 }
@@ -148,6 +163,18 @@ subtest 'keys the app added, deleted or swapped are not in later scopes' => sub 
     }
 };
 
+subtest 'changes to pagi and extensions are not in later scopes' => sub {
+    for my $change (qw(pagi pagi-add pagi-delete ext-add ext-delete ext-change)) {
+        ask( $sock, "/$change?1", "X-Req: /$change?1" );
+        next_fresh( '/plain', $_, "after /$change, request $_" ) for 1 .. 2;
+    }
+    ask( $sock, '/pagi-hold?1', 'X-Req: /pagi-hold?1' );
+    ask( $sock, '/pagi?2',      'X-Req: /pagi?2' );
+    my $d = ask( $sock, '/pagi-held?3', 'X-Req: /pagi-held?3' );
+    is_deeply $d->{held_pagi}, [ { version => '0.5', spec_version => '0.6' } ],
+      'a pagi hash the app holds is its own, unchanged by later requests';
+};
+
 subtest 'a value the app holds keeps its contents' => sub {
     ask( $sock, '/hold-headers?1', 'X-Req: /hold-headers?1' );
     next_fresh( '/plain', $_, "request $_ after" ) for 1 .. 3;
@@ -163,6 +190,12 @@ subtest 'a kept scope lets its values go when its request ends' => sub {
     for ( 1 .. 100 ) { last if $gone = -e $marker; sleep 0.05 }
     ok $gone, 'the guard in its state was destroyed without another request';
     next_fresh( '/plain', 2, 'the next scope has an empty state' );
+    unlink $marker;
+    ask( $sock, '/guard-pagi?3', 'X-Req: /guard-pagi?3' );
+    $gone = 0;
+    for ( 1 .. 100 ) { last if $gone = -e $marker; sleep 0.05 }
+    ok $gone, 'a guard in pagi was too';
+    next_fresh( '/plain', 4, 'and the next scope has the versions' );
 };
 
 subtest 'a scope kept from a TCP request has no client on a Unix socket' => sub {

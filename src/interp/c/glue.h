@@ -294,11 +294,14 @@ SV *kept_copy(pTHX_ SV *kept);
 
 /* ---- a finished request's scope hash, kept for the next (spare_scope.c) ----
  * spare_scope_take: the kept hash and, in *rv, the reference to it (now
- * the caller's), or NULL.  scope_store and scope_forget: hv_store_ent and
- * hv_delete_ent for a scope, kept or new.  spare_scope_retire_at_leave:
- * at the LEAVE of the current scope, keep `rv`'s hash if nothing else can
- * reach it, or let it go; the reference is handed over either way. */
+ * the caller's), or NULL.  scope_kept_nested: in a kept scope, its kept
+ * pagi or extensions hash (emptied), or NULL.  scope_store and
+ * scope_forget: hv_store_ent and hv_delete_ent for a scope or a hash in
+ * it, kept or new.  spare_scope_retire_at_leave: at the LEAVE of the
+ * current scope, keep `rv`'s hash if nothing else can reach it, or let it
+ * go; the reference is handed over either way. */
 HV *spare_scope_take(pTHX_ interp_lookups *L, SV **rv);
+HV *scope_kept_nested(pTHX_ HV *scope, interp_lookups *L, int k);
 void scope_store(pTHX_ HV *scope, interp_lookups *L, int k, SV *value);
 void scope_forget(pTHX_ HV *scope, interp_lookups *L, int k);
 void spare_scope_retire_at_leave(pTHX_ SV *rv);

@@ -79,34 +79,42 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
 {
     SV *rv;
     HV *scope = spare_scope_take(aTHX_ L, &rv);
-    HV *pagi = newHV();
-    HV *ext = newHV();
+    HV *pagi = scope ? scope_kept_nested(aTHX_ scope, L, K_PAGI) : NULL;
+    HV *ext = scope ? scope_kept_nested(aTHX_ scope, L, K_EXTENSIONS) : NULL;
     HV *state = GvHVn(L->state_gv);
+    int new_pagi = !pagi, new_ext = !ext;
     if (!scope) {
         scope = newHV();
         /* Sized for its 16 keys up front: growing splits the table twice. */
         hv_ksplit(scope, 32);
         rv = newRV_noinc((SV *)scope);
     }
-    STORE(pagi, L, K_VERSION, kept_copy(aTHX_ L->core_version));
-    STORE(pagi, L, K_SPEC_VERSION, kept_copy(aTHX_ L->www_version));
+    if (new_pagi)
+        pagi = newHV();
+    if (new_ext)
+        ext = newHV();
+    scope_store(aTHX_ pagi, L, K_VERSION, kept_copy(aTHX_ L->core_version));
+    scope_store(aTHX_ pagi, L, K_SPEC_VERSION, kept_copy(aTHX_ L->www_version));
     switch (kind) {
     case SCOPE_SSE:
         scope_store(aTHX_ scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("sse")));
+        scope_forget(aTHX_ ext, L, K_FULLFLUSH); /* a kept http scope's */
         break;
     case SCOPE_WEBSOCKET:
         scope_store(aTHX_ scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("websocket")));
+        scope_forget(aTHX_ ext, L, K_FULLFLUSH);
         /* Gone in Www 0.6: refusals are ordinary http.response.* events. */
         if (L->legacy_www)
             (void)hv_stores(ext, "websocket.http.response", newRV_noinc((SV *)newHV()));
         break;
     default:
         scope_store(aTHX_ scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("http")));
-        STORE(ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
+        scope_store(aTHX_ ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
     }
     if (m->tls)
         (void)hv_stores(ext, "tls", tls_extension(aTHX_ m->tls));
-    scope_store(aTHX_ scope, L, K_PAGI, newRV_noinc((SV *)pagi));
+    if (new_pagi)
+        scope_store(aTHX_ scope, L, K_PAGI, newRV_noinc((SV *)pagi));
     /* The fields whose values repeat are interned (interned.c); the path
      * and the query string seldom do, and would only push the others out. */
     scope_store(aTHX_ scope, L, K_HTTP_VERSION, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[0]));
@@ -128,7 +136,8 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
     scope_store(aTHX_ scope, L, K_SERVER, host_port(aTHX_ L, m->str[8], m->num[1]));
     /* A shallow copy: top-level keys private to the request, values shared. */
     scope_store(aTHX_ scope, L, K_STATE, newRV_noinc((SV *)newHVhv(state)));
-    scope_store(aTHX_ scope, L, K_EXTENSIONS, newRV_noinc((SV *)ext));
+    if (new_ext)
+        scope_store(aTHX_ scope, L, K_EXTENSIONS, newRV_noinc((SV *)ext));
     return rv;
 }
 

@@ -1,22 +1,25 @@
 /*
  * A finished http request's scope hash, kept for the next request.
  *
- * Every request's scope is a hash of sixteen keys.  Storing a new key
- * looks it up in PL_strtab (the table of every shared hash key) and
- * allocates an entry; freeing the hash looks every key up again to
- * release it and frees the entries and the bucket array.  When nothing
- * but the server holds a scope once its request is over, its values are
- * let go and the emptied hash is kept, with its reference; the next
- * scope stores into the same entries (bench/README.md, session 26).
+ * Every request's scope is a hash of sixteen keys, two of them hashes
+ * too (pagi and extensions).  Storing a new key looks it up in PL_strtab
+ * (the table of every shared hash key) and allocates an entry; freeing a
+ * hash looks every key up again to release it and frees the entries and
+ * the bucket array.  When nothing but the server holds a scope once its
+ * request is over, its values are let go and the emptied hash is kept,
+ * with its reference, and with its pagi and extensions hashes emptied in
+ * place when they too qualify; the next scope stores into the same
+ * entries (bench/README.md, session 26).
  *
  * Nothing an application can see changes:
  *   - a hash is kept only when the server's reference is the only one:
  *     no other reference, no weak reference (those live in the hash's aux
  *     part, so a hash with one is never kept), no magic (tie, uvar), no
- *     blessing, not restricted, and only the scope's own keys;
- *   - its values are let go at once, as freeing the hash would, and every
- *     value of the next scope is new, so a value an application kept (the
- *     headers array, say) is never reused or changed.
+ *     blessing, not restricted, and only the keys the server gave it;
+ *   - its values are let go at once, as freeing the hash would, and each
+ *     value of the next scope is new (or one of those hashes that nothing
+ *     else could reach), so a value an application kept (the headers
+ *     array, its pagi hash) is never reused or changed.
  * A request whose app is still running when its first call returns holds
  * its scope; such a scope is freed as before, whenever the app lets go.
  */
@@ -27,7 +30,7 @@ static const int scope_keys[] = {
     K_TYPE, K_PAGI, K_HTTP_VERSION, K_METHOD, K_SCHEME, K_PATH, K_RAW_PATH, K_QUERY_STRING,
     K_ROOT_PATH, K_HEADERS, K_CLIENT, K_SERVER, K_STATE, K_EXTENSIONS, K_CONNECTION, K_TRANSPORT,
 };
-#define SCOPE_KEY_COUNT (sizeof scope_keys / sizeof scope_keys[0])
+#define SCOPE_KEY_COUNT C_ARRAY_LENGTH(scope_keys)
 
 /* The entry of `hv` under the shared key `key`, by its bucket alone (as
  * glue.h's hv_value), or NULL.  Only for the plain hashes this file keeps,
@@ -99,49 +102,101 @@ static int unreachable(SV *rv)
     return 1;
 }
 
-/* Keep the scope `rv` (whose reference the caller hands over) for the next
- * request if nothing else can reach it and it holds the scope's keys only;
- * otherwise let it go. */
-static void retire(pTHX_ interp_lookups *L, SV *rv)
+/* The entries of the hash `rv` refers to, when nothing else can reach it
+ * and its keys are all among keys[0..nkeys): their number, with each
+ * entry in found[] and its key's index in which[]; -1 otherwise.  A fresh
+ * hash's `each` starts from its first key, and so, from here, does this
+ * one's (resetting also frees an entry deleted during an `each`). */
+static int own_entries(pTHX_ interp_lookups *L, SV *rv, const int *keys, size_t nkeys, HE **found,
+                       int *which)
 {
-    HE *found[SCOPE_KEY_COUNT];
-    size_t i, n = 0;
-    HV *scope;
-    if (L->spare_scope || !unreachable(rv)) {
-        SvREFCNT_dec(rv);
-        return;
-    }
-    scope = (HV *)SvRV(rv);
-    /* A fresh hash's `each` starts from its first key; so must this one's
-     * (this also frees an entry deleted during an `each`). */
-    if (SvOOK(scope))
-        hv_iterinit(scope);
-    for (i = 0; i < SCOPE_KEY_COUNT; i++) {
-        HE *he = entry_of(scope, KEY(L, scope_keys[i]));
-        if (he)
-            found[n++] = he;
+    HV *hv;
+    size_t i;
+    int n = 0;
+    if (!unreachable(rv))
+        return -1;
+    hv = (HV *)SvRV(rv);
+    if (SvOOK(hv))
+        hv_iterinit(hv);
+    for (i = 0; i < nkeys; i++) {
+        HE *he = entry_of(hv, KEY(L, keys[i]));
+        if (he) {
+            found[n] = he;
+            which[n++] = keys[i];
+        }
     }
     /* A key the app added (or a placeholder, which only a hash once
      * restricted has) makes the counts differ. */
-    if (n != (size_t)HvTOTALKEYS(scope)) {
+    return (size_t)n == (size_t)HvTOTALKEYS(hv) ? n : -1;
+}
+
+/* The value leaves its entry before it is let go, so that the hash is
+ * whole whenever a DESTROY this triggers runs. */
+static void release_value(pTHX_ HE *he)
+{
+    SV *old = HeVAL(he);
+    HeVAL(he) = SvREFCNT_inc_simple_NN(&PL_sv_undef);
+    SvREFCNT_dec(old);
+}
+
+/* Empty, in place, the nested hash `rv` (a scope's pagi or extensions)
+ * if it can be kept with its scope: 1; else 0, and it is left as it is. */
+static int empty_nested(pTHX_ interp_lookups *L, SV *rv, const int *keys, size_t nkeys)
+{
+    HE *found[SCOPE_KEY_COUNT];
+    int which[SCOPE_KEY_COUNT];
+    int i, n = own_entries(aTHX_ L, rv, keys, nkeys, found, which);
+    for (i = 0; i < n; i++)
+        release_value(aTHX_ found[i]);
+    return n >= 0;
+}
+
+static const int pagi_keys[] = { K_VERSION, K_SPEC_VERSION };
+static const int extension_keys[] = { K_FULLFLUSH };
+
+/* Keep the scope `rv` (whose reference the caller hands over) for the next
+ * request if nothing else can reach it and it holds the scope's keys only;
+ * otherwise let it go.  Its pagi and extensions hashes stay in it, emptied,
+ * when they could be kept likewise. */
+static void retire(pTHX_ interp_lookups *L, SV *rv)
+{
+    HE *found[SCOPE_KEY_COUNT];
+    int which[SCOPE_KEY_COUNT];
+    int i, n;
+    if (L->spare_scope) {
         SvREFCNT_dec(rv);
         return;
     }
-    /* Each value leaves its entry before it is let go, so the hash is
-     * whole whenever a DESTROY that letting go triggers runs.  Such a
-     * DESTROY may even run a request of its own and keep that scope: the
-     * first hash kept stays, and this one goes. */
-    for (i = 0; i < n; i++) {
-        SV *old = HeVAL(found[i]);
-        HeVAL(found[i]) = SvREFCNT_inc_simple_NN(&PL_sv_undef);
-        SvREFCNT_dec(old);
+    n = own_entries(aTHX_ L, rv, scope_keys, SCOPE_KEY_COUNT, found, which);
+    if (n < 0) {
+        SvREFCNT_dec(rv);
+        return;
     }
+    for (i = 0; i < n; i++) {
+        SV *value = HeVAL(found[i]);
+        if (which[i] == K_PAGI && empty_nested(aTHX_ L, value, pagi_keys, C_ARRAY_LENGTH(pagi_keys)))
+            continue;
+        if (which[i] == K_EXTENSIONS
+            && empty_nested(aTHX_ L, value, extension_keys, C_ARRAY_LENGTH(extension_keys)))
+            continue;
+        release_value(aTHX_ found[i]);
+    }
+    /* A DESTROY run by letting the values go may even have run a request
+     * of its own and kept that scope: the first kept stays. */
     if (L->spare_scope) {
         SvREFCNT_dec(rv);
     } else {
         L->spare_scope = rv;
         L->scopes_kept++;
     }
+}
+
+HV *scope_kept_nested(pTHX_ HV *scope, interp_lookups *L, int k)
+{
+    HE *he = entry_of(scope, KEY(L, k));
+    SV *value = he ? HeVAL(he) : NULL;
+    PERL_UNUSED_CONTEXT;
+    return value && SvROK(value) && SvTYPE(SvRV(value)) == SVt_PVHV ? (HV *)SvRV(value) : NULL;
 }
 
 /* SAVEDESTRUCTOR_X's signature: runs as the request's scope on the save
