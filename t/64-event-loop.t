@@ -96,4 +96,49 @@ SKIP: {
     };
 }
 
+# IO::Async reports its work to Metrics::Any through a shared collector it
+# tests twice per loop turn, each test an overloaded Perl sub.  Once the
+# collector has settled on the Null adapter (no adapter configured) it is
+# false for good, and Bridge.pm makes the shared variable undef, as it is
+# without Metrics::Any.  With an adapter configured it must stay, and
+# IO::Async's reports must arrive.
+my $metrics_app = write_app( <<'PERL', 'metrics_app.pl' );
+use strict; use warnings; use Future::AsyncAwait; use Scalar::Util qw(blessed);
+async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} eq 'lifespan';
+    my $m = $IO::Async::Metrics::METRICS;
+    my $body = 'metrics=' . ( blessed($m) // ( defined $m ? "plain:$m" : 'undef' ) );
+    if ( $ENV{METRICS_ANY_ADAPTER} ) {
+        my $reported = Metrics::Any::Adapter::Test->metrics;
+        $body .= ' processing=' . ( $reported =~ /^io_async_processing/m ? 1 : 0 );
+    }
+    await $send->({ type => 'http.response.start', status => 200,
+                     headers => [['content-type', 'text/plain']] });
+    await $send->({ type => 'http.response.body', body => $body });
+};
+PERL
+
+SKIP: {
+    skip 'Metrics::Any is not installed', 2 unless eval { require Metrics::Any::Collector; 1 };
+
+    subtest 'IO::Async metrics with no adapter: the collector is dropped once settled' => sub {
+        my $s = start_server($metrics_app);
+        my @seen = map { http_request( $s->port, 'GET', '/' )->{body} // '' } 1 .. 5;
+        is $seen[-1], 'metrics=undef', 'after a few requests, $IO::Async::Metrics::METRICS is undef'
+          or diag explain \@seen;
+        is $s->stop('TERM'), 0, 'stops cleanly';
+    };
+
+    subtest 'IO::Async metrics with an adapter configured: kept, and reported' => sub {
+        local $ENV{METRICS_ANY_ADAPTER} = 'Test';
+        my $s = start_server($metrics_app);
+        my @seen = map { http_request( $s->port, 'GET', '/' )->{body} // '' } 1 .. 5;
+        is $seen[-1], 'metrics=Metrics::Any::Collector processing=1',
+          'the collector stays, and IO::Async reports its processing time'
+          or diag explain \@seen;
+        is $s->stop('TERM'), 0, 'stops cleanly';
+    };
+}
+
 done_testing;
