@@ -4,7 +4,6 @@ use Test::More;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
-use JSON::PP;
 
 # The scope's strings that repeat from request to request (type, method,
 # HTTP version, scheme, addresses, header names and values, the spec
@@ -76,22 +75,11 @@ PERL
 my $s    = start_server($app);
 my $port = $s->port;
 
-# One request on a kept-alive connection; returns the app's report.
-sub ask {
-    my ( $sock, $path, @headers ) = @_;
-    my $req = "GET $path HTTP/1.1\r\nHost: 127.0.0.1\r\n" . join( '', map { "$_\r\n" } @headers ) . "\r\n";
-    $sock->syswrite($req);
-    my ($buf) = read_sock( $sock, qr/\r\n\r\n/, 5 );
-    my ($len) = $buf =~ /content-length: (\d+)/i or return {};
-    my $head = index( $buf, "\r\n\r\n" ) + 4;
-    ($buf) = read_sock( $sock, qr/\A.{$head}.{$len}/s, 5, $buf );
-    return eval { JSON::PP->new->decode( substr( $buf, $head, $len ) ) } // {};
-}
 
 subtest 'a change to one scope string shows in no later scope' => sub {
     my $sock = connect_port($port);
-    my @seen = map { ask( $sock, '/change', 'Accept: */*' ) } 1 .. 3;
-    my $other = ask( connect_port($port), '/change', 'Accept: */*' );
+    my @seen = map { ask_json( $sock, '/change', 'Accept: */*' ) } 1 .. 3;
+    my $other = ask_json( connect_port($port), '/change', 'Accept: */*' );
     for my $d ( @seen, $other ) {
         is $d->{type},    'http',      'type';
         is $d->{method},  'GET',       'method';
@@ -105,7 +93,7 @@ subtest 'a change to one scope string shows in no later scope' => sub {
 };
 
 subtest 'the repeated strings share one buffer' => sub {
-    my $d = ask( connect_port($port), '/change', 'Accept: */*' );
+    my $d = ask_json( connect_port($port), '/change', 'Accept: */*' );
     is_deeply $d->{shared}, { map { $_ => 1 } qw(method type name value pagi) },
       'method, type, a header name and value, pagi.version are copy-on-write copies'
       or diag explain $d->{shared};
@@ -117,10 +105,10 @@ subtest 'copies outlive their kept string and the count of sharers' => sub {
     # strings held are more than one buffer's 255 sharers.
     my $sock = connect_port($port);
     for my $n ( 1 .. 600 ) {
-        my $d = ask( $sock, "/hold/$n", "X-N-$n: v-$n" );
+        my $d = ask_json( $sock, "/hold/$n", "X-N-$n: v-$n" );
         is_deeply( $d->{headers}[1], [ "x-n-$n", "v-$n" ], "request $n" ) or last if $n % 100 == 0 || !$d->{headers};
     }
-    my $d = ask( $sock, '/check' );
+    my $d = ask_json( $sock, '/check' );
     is $d->{held}, 600, 'the app held 600 pairs';
     is $d->{bad},  0,   'each still holds its own name and value';
     is $d->{methods},     600, 'and 600 method strings';

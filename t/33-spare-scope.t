@@ -4,7 +4,6 @@ use Test::More;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
-use JSON::PP;
 use File::Temp qw(tempdir);
 use Time::HiRes qw(sleep);
 
@@ -91,17 +90,6 @@ my $s = start_server( '--listen', '127.0.0.1:0', '--listen', "unix:$sock_path", 
 my ($tcp) = grep { !/^unix:/ } $s->listeners;
 my ($port) = $tcp =~ /:(\d+)\/?\z/ or die "no TCP listener in: @{[ $s->listeners ]}";
 
-# One request on a kept-alive connection; returns the app's report.
-sub ask {
-    my ( $sock, $target, @headers ) = @_;
-    my $req = "GET $target HTTP/1.1\r\nHost: 127.0.0.1\r\n" . join( '', map { "$_\r\n" } @headers ) . "\r\n";
-    $sock->syswrite($req);
-    my ($buf) = read_sock( $sock, qr/\r\n\r\n/, 5 );
-    my ($len) = $buf =~ /content-length: (\d+)/i or return {};
-    my $head = index( $buf, "\r\n\r\n" ) + 4;
-    ($buf) = read_sock( $sock, qr/\A.{$head}.{$len}/s, 5, $buf );
-    return eval { JSON::PP->new->decode( substr( $buf, $head, $len ) ) } // {};
-}
 
 # A fresh-looking scope: a plain hash with the spec's keys and this
 # request's own values.
@@ -125,7 +113,7 @@ sub fresh_ok {
 my $sock = connect_port($port);
 sub next_fresh {
     my ( $path, $query, $name ) = @_;
-    my $d = ask( $sock, "$path?$query", "X-Req: $path?$query" );
+    my $d = ask_json( $sock, "$path?$query", "X-Req: $path?$query" );
     fresh_ok( $d, $path, $query, $name );
     return $d;
 }
@@ -140,58 +128,58 @@ subtest 'scope hashes are kept and reused across requests' => sub {
 };
 
 subtest 'a scope the app holds is not reused' => sub {
-    ask( $sock, '/hold?a', 'X-Req: /hold?a' );
-    ask( $sock, '/hold?b', 'X-Req: /hold?b' );
+    ask_json( $sock, '/hold?a', 'X-Req: /hold?a' );
+    ask_json( $sock, '/hold?b', 'X-Req: /hold?b' );
     next_fresh( '/plain', $_, "request $_ after" ) for 1 .. 5;
-    my $d = ask( $sock, '/held?x', 'X-Req: /held?x' );
+    my $d = ask_json( $sock, '/held?x', 'X-Req: /held?x' );
     is scalar @{ $d->{held} || [] }, 2, 'two scopes held';
     fresh_ok( $d->{held}[0], '/hold', 'a', 'the first still holds its own request' );
     fresh_ok( $d->{held}[1], '/hold', 'b', 'the second too' );
 };
 
 subtest 'a weak reference to a scope goes undef when its request ends' => sub {
-    ask( $sock, '/weak?1', 'X-Req: /weak?1' );
+    ask_json( $sock, '/weak?1', 'X-Req: /weak?1' );
     next_fresh( '/plain', 2, 'a request after' );
-    my $d = ask( $sock, '/weak-check?3', 'X-Req: /weak-check?3' );
+    my $d = ask_json( $sock, '/weak-check?3', 'X-Req: /weak-check?3' );
     is $d->{weak_defined}, 0, 'the weak reference is undef, not a later scope';
 };
 
 subtest 'keys the app added, deleted or swapped are not in later scopes' => sub {
     for my $change (qw(add delete swap bless change each-partial each-delete)) {
-        ask( $sock, "/$change?1", "X-Req: /$change?1" );
+        ask_json( $sock, "/$change?1", "X-Req: /$change?1" );
         next_fresh( '/plain', $_, "after /$change, request $_" ) for 1 .. 2;
     }
 };
 
 subtest 'changes to pagi and extensions are not in later scopes' => sub {
     for my $change (qw(pagi pagi-add pagi-delete ext-add ext-delete ext-change)) {
-        ask( $sock, "/$change?1", "X-Req: /$change?1" );
+        ask_json( $sock, "/$change?1", "X-Req: /$change?1" );
         next_fresh( '/plain', $_, "after /$change, request $_" ) for 1 .. 2;
     }
-    ask( $sock, '/pagi-hold?1', 'X-Req: /pagi-hold?1' );
-    ask( $sock, '/pagi?2',      'X-Req: /pagi?2' );
-    my $d = ask( $sock, '/pagi-held?3', 'X-Req: /pagi-held?3' );
+    ask_json( $sock, '/pagi-hold?1', 'X-Req: /pagi-hold?1' );
+    ask_json( $sock, '/pagi?2',      'X-Req: /pagi?2' );
+    my $d = ask_json( $sock, '/pagi-held?3', 'X-Req: /pagi-held?3' );
     is_deeply $d->{held_pagi}, [ { version => '0.5', spec_version => '0.6' } ],
       'a pagi hash the app holds is its own, unchanged by later requests';
 };
 
 subtest 'a value the app holds keeps its contents' => sub {
-    ask( $sock, '/hold-headers?1', 'X-Req: /hold-headers?1' );
+    ask_json( $sock, '/hold-headers?1', 'X-Req: /hold-headers?1' );
     next_fresh( '/plain', $_, "request $_ after" ) for 1 .. 3;
-    my $d = ask( $sock, '/held-headers?2', 'X-Req: /held-headers?2' );
+    my $d = ask_json( $sock, '/held-headers?2', 'X-Req: /held-headers?2' );
     is_deeply $d->{held_headers}, [ [ [ 'host', '127.0.0.1' ], [ 'x-req', '/hold-headers?1' ] ] ],
       'the headers array held is that request\'s';
 };
 
 subtest 'a kept scope lets its values go when its request ends' => sub {
     ok !-e $marker, 'no guard yet';
-    ask( $sock, '/guard?1', 'X-Req: /guard?1' );
+    ask_json( $sock, '/guard?1', 'X-Req: /guard?1' );
     my $gone = 0;
     for ( 1 .. 100 ) { last if $gone = -e $marker; sleep 0.05 }
     ok $gone, 'the guard in its state was destroyed without another request';
     next_fresh( '/plain', 2, 'the next scope has an empty state' );
     unlink $marker;
-    ask( $sock, '/guard-pagi?3', 'X-Req: /guard-pagi?3' );
+    ask_json( $sock, '/guard-pagi?3', 'X-Req: /guard-pagi?3' );
     $gone = 0;
     for ( 1 .. 100 ) { last if $gone = -e $marker; sleep 0.05 }
     ok $gone, 'a guard in pagi was too';
@@ -201,10 +189,10 @@ subtest 'a kept scope lets its values go when its request ends' => sub {
 subtest 'a scope kept from a TCP request has no client on a Unix socket' => sub {
     next_fresh( '/plain', 1, 'a TCP request' );
     my $u = connect_port("unix:$sock_path");
-    my $d = ask( $u, '/plain?u', 'X-Req: /plain?u' );
+    my $d = ask_json( $u, '/plain?u', 'X-Req: /plain?u' );
     is $d->{has_client}, 0, 'no client key over the Unix socket';
     is_deeply $d->{keys}, [ grep { $_ ne 'client' } @SPEC_KEYS ], 'the other keys';
-    $d = ask( $u, '/plain?v', 'X-Req: /plain?v' );
+    $d = ask_json( $u, '/plain?v', 'X-Req: /plain?v' );
     is $d->{has_client}, 0, 'nor on the next';
     next_fresh( '/plain', 3, 'and the client is back over TCP' );
 };

@@ -24,6 +24,7 @@ our @EXPORT = (
     qw(pagi_bin write_app start_server wait_startup run_pagi spawn_pagi start_on_port free_port port_listening),
     # talking to it
     qw(raw_request parse_response http_request connect_port host_header read_sock read_some abort_close),
+    qw(ask_json),
     # files the server or the app wrote, and the server's memory
     qw(slurp file_lines wait_file_line wait_file_lines json_records wait_json_record vmrss_kb),
 );
@@ -277,6 +278,20 @@ sub read_sock {
         if ( !$n ) { $closed = 1; last }
     }
     return ( $buf, $closed );
+}
+
+# One GET of $target on the kept-alive connection $sock (with extra header
+# lines, "Name: value"), whose answer is JSON with a Content-Length:
+# returns it decoded, or {} if none came.
+sub ask_json {
+    my ( $sock, $target, @headers ) = @_;
+    my $req = "GET $target HTTP/1.1\r\nHost: 127.0.0.1\r\n" . join( '', map { "$_\r\n" } @headers ) . "\r\n";
+    $sock->syswrite($req);
+    my ($buf) = read_sock( $sock, qr/\r\n\r\n/, 5 );
+    my ($len) = $buf =~ /content-length: (\d+)/i or return {};
+    my $head = index( $buf, "\r\n\r\n" ) + 4;
+    ($buf) = read_sock( $sock, qr/\A.{$head}.{$len}/s, 5, $buf );
+    return eval { JSON::PP->new->decode( substr( $buf, $head, $len ) ) } // {};
 }
 
 # Parse one HTTP/1.x response (de-chunking); returns a hashref or undef.
