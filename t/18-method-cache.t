@@ -71,6 +71,17 @@ sub {
     my \$path = \$scope->{path};
     return \$respond->(\$send, join '', PagiRS::MethodRounds::run()) if \$path eq '/rounds';
     return \$respond->(\$send, stats()) if \$path eq '/stats';
+    if (\$path eq '/pair') {
+        # Two methods of one class whose names sit at the same address (the
+        # C buffer _call_method copies each name into) share a slot of the
+        # cache's table: both must stay.
+        my \$kid = NamedKid->new;
+        PAGI::RS::_call_method(\$kid, \$_) for qw(alpha beta);
+        my (undef, \$before) = PAGI::RS::_method_cache_stats();
+        PAGI::RS::_call_method(\$kid, \$_ % 2 ? 'alpha' : 'beta') for 1 .. 200;
+        my (undef, \$after) = PAGI::RS::_method_cache_stats();
+        return \$respond->(\$send, \$after - \$before);
+    }
     if (\$path eq '/names') {
         # Each call passes its name in the same C buffer.
         my \$kid = NamedKid->new;
@@ -134,6 +145,14 @@ for my $setting ( [ 'on', undef ], [ 'off', '0' ] ) {
         # Future->AWAIT_NEW_DONE by class name for the async sub's result.
         cmp_ok $counted, '<=', 6000, "the ithread's 8,000 calls did not go through the parent's cache";
         cmp_ok $counted, '>=', 5990, "the parent's own did, class-name calls included";
+    }
+
+    my $pair = http_request( $s->port, 'GET', '/pair' )->{body};
+    if ( $name eq 'on' ) {
+        is $pair, 200, 'two methods whose names share an address both stay cached';
+    }
+    else {
+        is $pair, 0, '... none cached with the cache off';
     }
 
     my $sends = http_request( $s->port, 'GET', '/sends' );

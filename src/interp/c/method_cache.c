@@ -41,8 +41,13 @@
 
 #include "glue.h"
 
-/* Entries per interpreter, found by the class and the name's address, and
- * confirmed by the name's text (the same address may hold another name). */
+/* Entries per interpreter, in pairs (two-way set associative): a pair is
+ * found by the class and the name's address, and an entry in it confirmed
+ * by the class and the name's text (the same address may hold another
+ * name).  Both addresses move with every run (ASLR); with one entry per
+ * slot, two of the methods an await calls landed on the same slot in about
+ * one process in twenty and pushed each other out at every call, for the
+ * life of the process (t/18 caught it). */
 #define CACHED_METHODS 64
 /* Longer method names are not cached. */
 #define CACHED_NAME_MAX 47
@@ -235,10 +240,23 @@ static I32 call_cached(pTHX_ CV *cv, I32 flags)
     return call_sv((SV *)cv, flags);
 }
 
+/* Let go of what `entry` holds, if anything, and leave it empty.  Released
+ * at the caller's next FREETMPS rather than now: the old CV may be the one
+ * running further up this very call chain. */
+static void release_entry(pTHX_ cached_method *entry)
+{
+    if (entry->stash) {
+        sv_2mortal((SV *)entry->stash);
+        sv_2mortal((SV *)entry->cv);
+        entry->stash = NULL;
+    }
+}
+
 I32 Perl_call_method(pTHX_ const char *methname, I32 flags)
 {
     method_cache *cache;
-    cached_method *entry;
+    cached_method *pair, *entry;
+    int way;
     struct mro_meta *meta;
     HV *stash;
     GV *gv;
@@ -251,12 +269,20 @@ I32 Perl_call_method(pTHX_ const char *methname, I32 flags)
     if (!cache || !stash)
         return call_uncached(aTHX_ methname, flags);
     meta = HvMROMETA(stash);
-    entry = &cache->entries[(((uintptr_t)stash >> 4) ^ ((uintptr_t)methname >> 2) ^
-                             ((uintptr_t)methname >> 8)) %
-                            CACHED_METHODS];
-    if (entry->stash == stash && entry->sub_generation == PL_sub_generation &&
-        entry->pkg_gen == meta->pkg_gen && entry->cache_gen == meta->cache_gen &&
-        strcmp(entry->name, methname) == 0 && is_defined(entry->cv)) {
+    pair = &cache->entries[(((uintptr_t)stash >> 4) ^ ((uintptr_t)methname >> 2) ^
+                            ((uintptr_t)methname >> 8)) &
+                           (CACHED_METHODS - 2)];
+    /* The entry this class and name already have, current or not; else
+     * NULL. */
+    entry = NULL;
+    for (way = 0; way < 2; way++) {
+        if (pair[way].stash == stash && strcmp(pair[way].name, methname) == 0) {
+            entry = &pair[way];
+            break;
+        }
+    }
+    if (entry && entry->sub_generation == PL_sub_generation && entry->pkg_gen == meta->pkg_gen &&
+        entry->cache_gen == meta->cache_gen && is_defined(entry->cv)) {
         cache->hits++;
         return call_cached(aTHX_ entry->cv, flags);
     }
@@ -267,12 +293,22 @@ I32 Perl_call_method(pTHX_ const char *methname, I32 flags)
     if (!gv || !isGV(gv) || !(cv = GvCV(gv)) || !is_defined(cv))
         return call_uncached(aTHX_ methname, flags);
     cache->misses++;
-    if (entry->stash) {
-        /* Released at the caller's next FREETMPS rather than now: the old CV
-         * may be the one running further up this very call chain. */
-        sv_2mortal((SV *)entry->stash);
-        sv_2mortal((SV *)entry->cv);
+    /* Where the answer goes: over this class and name's stale entry; else
+     * into an empty entry; else the newer of the pair moves over the older
+     * and the answer takes its place. */
+    if (!entry) {
+        if (!pair[0].stash) {
+            entry = &pair[0];
+        } else if (!pair[1].stash) {
+            entry = &pair[1];
+        } else {
+            release_entry(aTHX_ &pair[1]);
+            pair[1] = pair[0];
+            pair[0].stash = NULL;
+            entry = &pair[0];
+        }
     }
+    release_entry(aTHX_ entry);
     /* The lookup may have run code (a class's MRO plugin): read the counters
      * after it, as they stand for the answer it gave. */
     meta = HvMROMETA(stash);
