@@ -104,7 +104,7 @@ static int unreachable(SV *rv)
 
 /* The entries of the hash `rv` refers to, when nothing else can reach it
  * and its keys are all among keys[0..nkeys): their number, with each
- * entry in found[] and its key's index in which[]; -1 otherwise.  A fresh
+ * entry in found[] and its key (K_*) in which[]; -1 otherwise.  A fresh
  * hash's `each` starts from its first key, and so, from here, does this
  * one's (resetting also frees an entry deleted during an `each`). */
 static int own_entries(pTHX_ interp_lookups *L, SV *rv, const int *keys, size_t nkeys, HE **found,
