@@ -13,7 +13,8 @@ use POSIX qw(WNOHANG uname);
 use Time::HiRes qw(time sleep);
 
 our @EXPORT_OK = qw(start_server stop_servers run_wrk run_h2load rss_kb slurp
-  make_cert median commify find_in_path first_line_of machine_info);
+  make_cert median commify find_in_path first_line_of machine_info
+  cpu_ticks steal_percent with_steal steal_limit clean_ratios alternate_rounds steal_text);
 
 use constant {
     STARTUP_TIMEOUT => 20,    # seconds for a server to print its port
@@ -255,6 +256,106 @@ sub machine_info {
         [ 'Perl',         $perl ],
         [ 'Rust',         $rustv // 'rustc not found' ],
     );
+}
+
+# ---- the host's share of the CPUs ---------------------------------------------
+#
+# On a virtual machine the hypervisor may run other guests on the CPUs this
+# one believes it has; the time it takes is the kernel's "steal" (the eighth
+# figure of /proc/stat's cpu line).  On the 2-core test machine it came and
+# went in spells of minutes, from 0 to over 25 % of the CPUs, and each
+# spell cut pagi-rs's hello-world rate by three to four times what it cut
+# plain hyper's (bench/README.md, "Host steal", session 27): a ratio
+# measured then says more about the host than about the server.  So each
+# measurement records the steal while it ran, and the reports judge the
+# ratio over the rounds in which neither server lost more than
+# `steal_limit` percent.
+
+# The aggregate cpu line of /proc/stat: [ user, nice, system, idle, iowait,
+# irq, softirq, steal, ... ] in clock ticks; an empty list where there is
+# none (not Linux).
+sub cpu_ticks {
+    open my $fh, '<', '/proc/stat' or return [];
+    while (<$fh>) {
+        return [ split ' ', $1 ] if /^cpu\s+(.*)$/;
+    }
+    return [];
+}
+
+# Percent of all CPU time between two cpu_ticks samples that the host
+# took (steal); undef when it cannot tell (no /proc/stat, no ticks passed).
+sub steal_percent {
+    my ( $before, $after ) = @_;
+    return undef unless @$before >= 8 && @$after >= 8;
+    my $total = 0;
+    # guest and guest_nice (9th, 10th) are already counted in user and nice.
+    $total += $after->[$_] - $before->[$_] for 0 .. 7;
+    return undef if $total <= 0;
+    return 100 * ( $after->[7] - $before->[7] ) / $total;
+}
+
+# Run $code and return ( its result, the steal percent while it ran ).
+# $sampler (cpu_ticks unless given) takes the samples.
+sub with_steal {
+    my ( $code, $sampler ) = @_;
+    $sampler //= \&cpu_ticks;
+    my $before = $sampler->();
+    my $result = $code->();
+    return ( $result, steal_percent( $before, $sampler->() ) );
+}
+
+# Above this percent of steal a round is called disturbed: BENCH_MAX_STEAL,
+# or 5 (the steady level of the test machine was under 1 %).
+sub steal_limit {
+    my $limit = $ENV{BENCH_MAX_STEAL};
+    return defined $limit && $limit =~ /^\d+(?:\.\d+)?$/ ? $limit : 5;
+}
+
+# The per-round ratios whose two measurements both ran with at most
+# steal_limit percent of steal: ( \@ratios, \@steal_pairs ) in,
+# the clean ratios out.  A round whose steal is unknown counts as clean.
+sub clean_ratios {
+    my ( $ratios, $steals ) = @_;
+    my $limit = steal_limit();
+    return map { $ratios->[$_] }
+      grep {
+        my $pair = $steals->[$_] // [];
+        !grep { defined && $_ > $limit } @$pair
+      } 0 .. $#$ratios;
+}
+
+sub steal_text {
+    my ($pct) = @_;
+    return defined $pct ? sprintf( '%.1f %%', $pct ) : '?';
+}
+
+# Measure each of @servers in turn, round after round, until `rounds`
+# rounds ran with no more than steal_limit percent of steal, or `rounds`
+# plus `extra` rounds ran in all.  `measure` takes a server and returns a
+# hash of its figures, to which the steal is added (`steal`); `progress`,
+# if given, is told (round number, server, figures) after each;
+# `sampler` replaces cpu_ticks (for tests).
+# Returns ( { server name => [ figures per round ] }, [ [ steal per
+# server ] per round ] ).
+sub alternate_rounds {
+    my (%o) = @_;
+    my %runs = map { $_->{name} => [] } @{ $o{servers} };
+    my @steals;
+    my ( $run, $clean ) = ( 0, 0 );
+    while ( $clean < $o{rounds} && $run < $o{rounds} + ( $o{extra} // 0 ) ) {
+        $run++;
+        my @pair;
+        for my $s ( @{ $o{servers} } ) {
+            my ( $r, $steal ) = with_steal( sub { $o{measure}->($s) }, $o{sampler} );
+            $r->{steal} = $steal;
+            push @pair, $steal;
+            push @{ $runs{ $s->{name} } }, $r;
+            $o{progress}->( $run, $s, $r ) if $o{progress};
+        }
+        push @steals, \@pair;
+        $clean++ if clean_ratios( [1], [ \@pair ] );
+    }
+    return ( \%runs, \@steals );
 }
 
 # Resident set size of a process in kB, from /proc.
