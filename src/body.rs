@@ -17,6 +17,7 @@ use http_body_util::BodyExt;
 
 use crate::exchange::{BodyAborted, Exchange};
 use crate::http1::gate::BodyRefusal;
+use crate::interp::malloc::PerlBuffer;
 
 pub enum ResponseBody {
     Full(Option<Bytes>),
@@ -235,15 +236,18 @@ fn split_at_limit(mut data: Bytes, limit: usize) -> (Bytes, Option<Bytes>) {
     (data, Some(left))
 }
 
-/// One `http.request` event's body as the network read it: the frames
-/// joined into the event, kept as they came.  The interpreter copies the
-/// body into the event's string whatever its shape, so it copies the pieces
-/// one after another into that string, and joining costs the network
-/// thread no copy of its own (it was 7 % of that thread on uploads).
+/// One `http.request` event's body: the frames joined into the event, kept
+/// as they came while the network gathers them, then copied once into a
+/// buffer the interpreter's string can own ([`BodyChunk::join_for_perl`]).
+/// That one copy is made by the network thread, which has just read the
+/// bytes and holds them in its cache; the interpreter adopts the buffer
+/// without touching the bytes, and an app that sends them back (an echo, a
+/// proxy) lends the same buffer to the network again.
 #[derive(Debug, Default)]
 pub struct BodyChunk {
     pieces: Vec<Bytes>,
     len: usize,
+    joined: Option<PerlBuffer>,
 }
 
 impl BodyChunk {
@@ -258,15 +262,48 @@ impl BodyChunk {
         self.len
     }
 
-    /// The body's bytes, in order.
-    pub(crate) fn pieces(&self) -> &[Bytes] {
-        &self.pieces
+    /// The body's bytes, in order: the joined buffer, or the pieces.
+    pub(crate) fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        self.joined
+            .as_ref()
+            .map(PerlBuffer::as_bytes)
+            .into_iter()
+            .chain(self.pieces.iter().map(|p| &p[..]))
+    }
+
+    /// Copy the pieces into one buffer from Perl's allocator and let them
+    /// go (hyper's read buffer is free again sooner).  Left as pieces when
+    /// empty or when the allocation fails: the interpreter then copies them.
+    pub(crate) fn join_for_perl(&mut self) {
+        if self.len == 0 || self.joined.is_some() {
+            return;
+        }
+        if let Some(buf) = PerlBuffer::joined(&self.pieces, self.len) {
+            self.joined = Some(buf);
+            self.pieces.clear();
+        }
+    }
+
+    /// Whether the body is one buffer Perl may own.
+    pub(crate) fn is_joined(&self) -> bool {
+        self.joined.is_some()
+    }
+
+    /// The joined buffer, given up to the interpreter.
+    pub(crate) fn take_joined(&mut self) -> Option<PerlBuffer> {
+        self.joined.take()
     }
 
     /// The body in one buffer (tests).
     #[cfg(test)]
     pub(crate) fn to_vec(&self) -> Vec<u8> {
-        self.pieces.concat()
+        self.parts().flatten().copied().collect()
+    }
+
+    /// The pieces not yet joined (tests).
+    #[cfg(test)]
+    pub(crate) fn pieces(&self) -> &[Bytes] {
+        &self.pieces
     }
 }
 
@@ -507,6 +544,31 @@ mod tests {
             [first.as_ptr(), frames[0].as_ptr(), frames[2].as_ptr()],
             "the frames themselves, the empty one left out"
         );
+    }
+
+    #[tokio::test]
+    async fn joined_for_perl_the_pieces_become_one_buffer() {
+        let frames = [Bytes::from_static(b"two "), Bytes::from_static(b"three")];
+        let mut body = Scripted(
+            frames
+                .iter()
+                .map(|f| Poll::Ready(Some(Ok(Frame::data(f.clone())))))
+                .collect(),
+        );
+        let mut ahead = None;
+        let (mut chunk, _) = join(&mut body, Bytes::from_static(b"one, "), 1000, &mut ahead).await;
+        chunk.join_for_perl();
+        assert!(chunk.pieces().is_empty(), "the frames are let go");
+        assert_eq!(chunk.parts().count(), 1);
+        assert_eq!(chunk.to_vec(), b"one, two three");
+        assert_eq!(chunk.len(), 14);
+        let buf = chunk.take_joined().expect("a buffer for Perl");
+        assert_eq!(buf.as_bytes(), b"one, two three");
+        assert_eq!(chunk.parts().count(), 0, "given up");
+
+        let mut empty = BodyChunk::default();
+        empty.join_for_perl();
+        assert!(empty.take_joined().is_none(), "nothing to join");
     }
 
     #[tokio::test]

@@ -345,7 +345,9 @@ impl Exchange {
     /// that the chunk cannot overtake the Disconnect message of an end
     /// recorded meanwhile: an end recorded first drops it, one recorded
     /// after queues its message behind it.
-    pub fn deliver_body(&self, data: crate::body::BodyChunk, more: bool) -> bool {
+    pub fn deliver_body(&self, mut data: crate::body::BodyChunk, more: bool) -> bool {
+        // Outside the lock: the copy is the size of the chunk.
+        data.join_for_perl();
         let st = self.lock();
         if st.delivered || st.disconnected.is_some() {
             return false;

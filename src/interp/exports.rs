@@ -176,6 +176,31 @@ unsafe fn header_pairs<'a>(hdrs: *const PagiStr, n: usize) -> Vec<(&'a [u8], &'a
 /// Move newly arrived messages into the inbox; returns how many arrived.
 /// While the interpreter works through them, the wake-ups its sends cause
 /// are held (`exchange::wakeups`); they go out when it finds no more.
+/// The body of the BODY message being read, given up to the caller as the
+/// buffer of a Perl string: its pointer, with the string's length and the
+/// allocated size in `len` and `size`.  The buffer comes from the C
+/// library's malloc and ends in a NUL (see `malloc::PerlBuffer`); from here
+/// Perl owns it.  Null when there is none to give (the body is still in
+/// pieces, or was given already): the caller copies `pieces` instead.
+#[no_mangle]
+pub extern "C" fn pagi_rs_adopt_body(len: *mut usize, size: *mut usize) -> *mut c_char {
+    with_ctx(std::ptr::null_mut(), |ctx| {
+        let Some(ToPerl::Body { data, .. }) = ctx.current.as_mut() else {
+            return std::ptr::null_mut();
+        };
+        let Some(buf) = data.take_joined() else {
+            return std::ptr::null_mut();
+        };
+        let (ptr, n, allocated) = buf.take();
+        // SAFETY: the C caller passes two writable size_t slots.
+        unsafe {
+            *len = n;
+            *size = allocated;
+        }
+        ptr.cast()
+    })
+}
+
 #[no_mangle]
 pub extern "C" fn pagi_rs_wake_ack() -> c_int {
     with_ctx(0, |ctx| {
@@ -306,10 +331,11 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.id = *id;
                 m.num[0] = i64::from(*more);
                 ctx.piece_buf.clear();
-                ctx.piece_buf
-                    .extend(data.pieces().iter().map(|p| PagiStr::from_bytes(p)));
+                ctx.piece_buf.extend(data.parts().map(PagiStr::from_bytes));
                 m.pieces = ctx.piece_buf.as_ptr();
                 m.npieces = ctx.piece_buf.len();
+                // See pagi_rs_adopt_body.
+                m.adoptable = c_int::from(data.is_joined());
             }
             ToPerl::Disconnect { id, reason, detail } => {
                 m.kind = kind::DISCONNECT;

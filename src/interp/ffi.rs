@@ -54,6 +54,9 @@ pub struct PagiMsg {
     /// A BODY message's body: `npieces` strings, to be joined in order.
     pub pieces: *const PagiStr,
     pub npieces: usize,
+    /// A BODY message's body is one buffer Perl may own:
+    /// `pagi_rs_adopt_body` gives it.
+    pub adoptable: c_int,
 }
 
 /// The `tls` extension of a request's scope (PAGI::Spec::Tls), laid out for

@@ -41,14 +41,34 @@ SV *bytes_sv(pTHX_ pagi_str s, int utf8)
     return sv;
 }
 
-/* A BODY message's body as one new string: the pieces the network read it
- * in, copied one after another (the only copy the bytes get on their way
- * into Perl).  Always defined: an empty body is "". */
+/* A BODY message's body as a new string.  The network joined it into one
+ * buffer from the C library's malloc, ending in a NUL with a byte to spare
+ * (malloc.rs's PerlBuffer), and the string takes that buffer as its own:
+ * Perl frees it (free) or grows it (realloc) as any string's.  That needs
+ * Perl's allocator to be the C library's, as in every perl built without
+ * its own malloc (usemymalloc=n) or memory-pool tracking; any other perl,
+ * and a body left in pieces (malloc failed), gets the pieces copied one
+ * after another.  Always defined: an empty body is "". */
 SV *body_sv(pTHX_ const pagi_msg *m)
 {
     size_t i, total = 0;
     SV *sv;
     char *at;
+#if !defined(MYMALLOC) && !defined(PERL_TRACK_MEMPOOL)
+    if (m->adoptable) {
+        size_t len, size;
+        char *buf = pagi_rs_adopt_body(&len, &size);
+        if (buf) {
+            sv = newSV_type(SVt_PV);
+            SvPV_set(sv, buf);
+            SvCUR_set(sv, len);
+            SvLEN_set(sv, size);
+            SvPOK_only(sv);
+            the_lookups(aTHX)->bodies_adopted++;
+            return sv;
+        }
+    }
+#endif
     for (i = 0; i < m->npieces; i++)
         total += m->pieces[i].len;
     sv = newSV(total + 1); /* room for the NUL Perl keeps after a string */
@@ -157,4 +177,13 @@ int registry_key(char buf[REGISTRY_KEY_SIZE], uint64_t id, const char **start)
     } while (id);
     *start = buf + REGISTRY_KEY_SIZE - len;
     return len;
+}
+
+/* PAGI::RS::_adopted_bodies(): how many request-body strings this
+ * interpreter took over from the network without a copy (t/40). */
+XS(xs_adopted_bodies)
+{
+    dXSARGS;
+    PERL_UNUSED_VAR(items);
+    XSRETURN_UV(the_lookups(aTHX)->bodies_adopted);
 }

@@ -64,6 +64,7 @@ typedef struct {
     const pagi_tls *tls; /* a request on a TLS connection; else NULL */
     const pagi_str *pieces; /* a BODY message's body, to be joined in order */
     size_t npieces;
+    int adoptable; /* a BODY message's body is one buffer pagi_rs_adopt_body gives */
 } pagi_msg;
 
 /* The per-request object (PAGI::RS::HTTP and its subclasses) is an array
@@ -153,6 +154,7 @@ XS(xs_call_method);
 
 /* Implemented in Rust (src/interp/exports.rs). */
 extern int pagi_rs_next_message(pagi_msg *out);
+extern char *pagi_rs_adopt_body(size_t *len, size_t *size);
 extern int pagi_rs_wake_ack(void);
 extern int pagi_rs_others_waiting(void);
 extern void pagi_rs_hold_wakeups(int hold);
@@ -270,6 +272,7 @@ typedef struct {
     SV *interned[INTERNED_TABLES][INTERNED_SLOTS]; /* interned.c */
     SV *spare_scope; /* spare_scope.c: a reference to a kept scope hash */
     UV scopes_kept, scopes_reused; /* spare_scope.c's counts, for t/ */
+    UV bodies_adopted;             /* convert.c's body_sv, for t/ */
 } interp_lookups;
 
 /* This thread's lookups (lookups.c); the_lookups makes them on an
@@ -306,6 +309,7 @@ void scope_store(pTHX_ HV *scope, interp_lookups *L, int k, SV *value);
 void scope_forget(pTHX_ HV *scope, interp_lookups *L, int k);
 void spare_scope_retire_at_leave(pTHX_ SV *rv);
 XS(xs_spare_scope_stats);
+XS(xs_adopted_bodies);
 
 /* The sub in glob `gv` (croaks, as Perl would, when it is not defined). */
 CV *sub_of(pTHX_ GV *gv);

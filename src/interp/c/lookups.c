@@ -73,6 +73,7 @@ interp_lookups *make_lookups(pTHX)
     memset(pagi_lookups.interned, 0, sizeof pagi_lookups.interned);
     pagi_lookups.spare_scope = NULL;
     pagi_lookups.scopes_kept = pagi_lookups.scopes_reused = 0;
+    pagi_lookups.bodies_adopted = 0;
     pagi_lookups.owner = aTHX;
     return &pagi_lookups;
 }
