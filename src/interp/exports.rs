@@ -173,9 +173,6 @@ unsafe fn header_pairs<'a>(hdrs: *const PagiStr, n: usize) -> Vec<(&'a [u8], &'a
         .collect()
 }
 
-/// Move newly arrived messages into the inbox; returns how many arrived.
-/// While the interpreter works through them, the wake-ups its sends cause
-/// are held (`exchange::wakeups`); they go out when it finds no more.
 /// The body of the BODY message being read, given up to the caller as the
 /// buffer of a Perl string: its pointer, with the string's length and the
 /// allocated size in `len` and `size`.  The buffer comes from the C
@@ -201,6 +198,9 @@ pub extern "C" fn pagi_rs_adopt_body(len: *mut usize, size: *mut usize) -> *mut 
     })
 }
 
+/// Move newly arrived messages into the inbox; returns how many arrived.
+/// While the interpreter works through them, the wake-ups its sends cause
+/// are held (`exchange::wakeups`); they go out when it finds no more.
 #[no_mangle]
 pub extern "C" fn pagi_rs_wake_ack() -> c_int {
     with_ctx(0, |ctx| {
