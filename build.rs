@@ -19,6 +19,7 @@ const GLUE_SOURCES: &[&str] = &[
     "src/interp/c/response.c",
     "src/interp/c/exchange.c",
     "src/interp/c/send.c",
+    "src/interp/c/bound_sub.c",
     "src/interp/c/http_app.c",
     "src/interp/c/fast_send.c",
     "src/interp/c/lend.c",

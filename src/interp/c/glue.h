@@ -271,8 +271,13 @@ typedef struct {
     SV *keys[K_COUNT];
     SV *interned[INTERNED_TABLES][INTERNED_SLOTS]; /* interned.c */
     SV *spare_scope; /* spare_scope.c: a reference to a kept scope hash */
-    UV scopes_kept, scopes_reused; /* spare_scope.c's counts, for t/ */
+    UV scopes_kept, scopes_reused, scope_values_kept; /* spare_scope.c's counts, for t/ */
     UV bodies_adopted;             /* convert.c's body_sv, for t/ */
+    /* bound_sub.c: kept $send and $receive subs (references), one per
+     * kind, and the vtable tag of each kind. */
+    SV *spare_subs[2];
+    MGVTBL *spare_sub_tags[2];
+    UV subs_kept, subs_reused; /* bound_sub.c's counts, for t/ */
 } interp_lookups;
 
 /* This thread's lookups (lookups.c); the_lookups makes them on an
@@ -289,9 +294,12 @@ static inline interp_lookups *the_lookups(pTHX)
 
 /* ---- strings repeated across requests (interned.c) ------------------------
  * interned_sv: a new SV holding `s`, sharing the buffer of a copy kept in
- * `table` where Perl allows.  new_kept_sv and kept_copy: the same for a
- * string the caller keeps itself. */
+ * `table` where Perl allows.  interned_into: the same into `dst`, a plain
+ * string nobody else can see (a kept scope's; see spare_scope.c), whose
+ * old value it lets go.  new_kept_sv and kept_copy: the same for a string
+ * the caller keeps itself. */
 SV *interned_sv(pTHX_ interp_lookups *L, int table, pagi_str s);
+void interned_into(pTHX_ interp_lookups *L, int table, pagi_str s, SV *dst);
 SV *new_kept_sv(pTHX_ const char *p, size_t len);
 SV *kept_copy(pTHX_ SV *kept);
 
@@ -308,6 +316,13 @@ HV *scope_kept_nested(pTHX_ HV *scope, interp_lookups *L, int k);
 void scope_store(pTHX_ HV *scope, interp_lookups *L, int k, SV *value);
 void scope_forget(pTHX_ HV *scope, interp_lookups *L, int k);
 void spare_scope_retire_at_leave(pTHX_ SV *rv);
+/* In a kept scope, the value kept under key k for the next request to fill
+ * in place, or NULL (see "Values kept" in spare_scope.c): a string under
+ * path, raw_path and query_string, an array of [name, value] pairs under
+ * headers, a [host, port] pair under client and server.  scope_store_bytes:
+ * scope_store of the string `s`, into the kept one if there is one. */
+SV *scope_kept_value(pTHX_ HV *scope, interp_lookups *L, int k);
+void scope_store_bytes(pTHX_ HV *scope, interp_lookups *L, int k, pagi_str s, int utf8);
 XS(xs_spare_scope_stats);
 XS(xs_adopted_bodies);
 
@@ -319,11 +334,16 @@ CV *sub_of(pTHX_ GV *gv);
 #define REGISTRY_KEY_SIZE 24
 int registry_key(char buf[REGISTRY_KEY_SIZE], uint64_t id, const char **start);
 
-/* ---- coderefs bound to a request object (send.c) --------------------------
- * An XS sub made per request, holding a reference to the request object in
- * magic tagged by `tag`: cheaper than cloning a Perl closure. */
+/* ---- coderefs bound to a request object (bound_sub.c) ---------------------
+ * An XS sub per request, holding a reference to the request object in
+ * magic tagged by `tag`: cheaper than cloning a Perl closure.
+ * bound_xsub_retire_at_leave: at the LEAVE of the caller's scope, let go
+ * of `rv` (a reference new_bound_xsub made), or keep its sub for the next
+ * request of its kind if nothing else can reach it. */
 SV *new_bound_xsub(pTHX_ XSUBADDR_t body, MGVTBL *tag, AV *req);
 SV *bound_request(pTHX_ CV *cv, MGVTBL *tag);
+void bound_xsub_retire_at_leave(pTHX_ SV *rv);
+XS(xs_spare_sub_stats);
 
 /* ---- running an http application (http_app.c) ---------------------------
  * Shared: request.c hands each new http request to it. */

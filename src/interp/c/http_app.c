@@ -199,9 +199,10 @@ static void await_app(pTHX_ SV *self, SV *f)
 void run_http_app(pTHX_ interp_lookups *L, SV *self, SV *scope, SV *send)
 {
     dSP;
-    SV *receive = sv_2mortal(new_bound_xsub(aTHX_ xs_receiver, &receiver_vtbl, (AV *)SvRV(self)));
+    SV *receive = new_bound_xsub(aTHX_ xs_receiver, &receiver_vtbl, (AV *)SvRV(self));
     SV *f;
     int count;
+    bound_xsub_retire_at_leave(aTHX_ receive);
     PUSHMARK(SP);
     EXTEND(SP, 3);
     PUSHs(scope);

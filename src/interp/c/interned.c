@@ -87,22 +87,59 @@ SV *kept_copy(pTHX_ SV *kept)
     return newSVpvn(SvPVX(kept), SvCUR(kept));
 }
 
-SV *interned_sv(pTHX_ interp_lookups *L, int table, pagi_str s)
+/* The kept string holding `s` in `table`, kept now if it was not; NULL
+ * for a string not worth keeping. */
+static SV *kept_for(pTHX_ interp_lookups *L, int table, pagi_str s)
 {
     const char *p = s.ptr ? s.ptr : "";
     SV **pair;
     /* An empty string is not worth a lookup: it has no bytes to share. */
     if (s.len == 0 || s.len > INTERNED_MAX_LEN)
-        return newSVpvn(p, s.len);
+        return NULL;
     pair = &L->interned[table][pair_of(p, s.len)];
     if (holds(pair[0], p, s.len))
-        return kept_copy(aTHX_ pair[0]);
+        return pair[0];
     if (holds(pair[1], p, s.len))
-        return kept_copy(aTHX_ pair[1]);
+        return pair[1];
     /* Newest first; the older of the two goes.  Copies already handed out
      * own their share of its buffer, which goes with the last of them. */
     SvREFCNT_dec(pair[1]);
     pair[1] = pair[0];
     pair[0] = new_kept_sv(aTHX_ p, s.len);
-    return kept_copy(aTHX_ pair[0]);
+    return pair[0];
+}
+
+SV *interned_sv(pTHX_ interp_lookups *L, int table, pagi_str s)
+{
+    SV *kept = kept_for(aTHX_ L, table, s);
+    return kept ? kept_copy(aTHX_ kept) : newSVpvn(s.ptr ? s.ptr : "", s.len);
+}
+
+void interned_into(pTHX_ interp_lookups *L, int table, pagi_str s, SV *dst)
+{
+    SV *kept = kept_for(aTHX_ L, table, s);
+#ifdef PERL_ANY_COW
+    if (kept && SvIsCOW(kept) && SvLEN(kept)) {
+        /* Already a copy of it (the same header as last time): nothing to do. */
+        if (SvIsCOW(dst) && SvPVX(dst) == SvPVX(kept)) {
+            SvUTF8_off(dst);
+            return;
+        }
+        if (CowREFCNT(kept) != SV_COW_REFCNT_MAX) {
+            if (SvIsCOW(dst))
+                sv_force_normal_flags(dst, SV_COW_DROP_PV);
+            else if (SvLEN(dst))
+                Safefree(SvPVX(dst));
+            CowREFCNT(kept)++;
+            SvPV_set(dst, SvPVX(kept));
+            SvCUR_set(dst, SvCUR(kept));
+            SvLEN_set(dst, SvLEN(kept));
+            SvFLAGS(dst) = (SvFLAGS(dst) & ~SVf_UTF8) | SVf_POK | SVp_POK | SVf_IsCOW;
+            return;
+        }
+    }
+#endif
+    PERL_UNUSED_VAR(kept);
+    sv_setpvn(dst, s.ptr ? s.ptr : "", s.len);
+    SvUTF8_off(dst);
 }

@@ -72,8 +72,10 @@ interp_lookups *make_lookups(pTHX)
     /* Another interpreter's strings, if any, went with it. */
     memset(pagi_lookups.interned, 0, sizeof pagi_lookups.interned);
     pagi_lookups.spare_scope = NULL;
-    pagi_lookups.scopes_kept = pagi_lookups.scopes_reused = 0;
+    pagi_lookups.scopes_kept = pagi_lookups.scopes_reused = pagi_lookups.scope_values_kept = 0;
     pagi_lookups.bodies_adopted = 0;
+    memset(pagi_lookups.spare_subs, 0, sizeof pagi_lookups.spare_subs);
+    pagi_lookups.subs_kept = pagi_lookups.subs_reused = 0;
     pagi_lookups.owner = aTHX;
     return &pagi_lookups;
 }

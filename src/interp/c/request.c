@@ -41,6 +41,63 @@ static SV *host_port(pTHX_ interp_lookups *L, pagi_str host, int64_t port)
                     port < 0 ? newSV(0) : newSViv((IV)port));
 }
 
+/* The scope's headers under K_HEADERS: written into the arrays a kept
+ * scope kept (spare_scope.c checked them: plain, and nobody else's), a
+ * pair for a pair, or new ones. */
+static void store_headers(pTHX_ HV *scope, interp_lookups *L, const pagi_msg *m)
+{
+    SV *kept = scope_kept_value(aTHX_ scope, L, K_HEADERS);
+    AV *av;
+    SSize_t have, want = (SSize_t)m->nheaders, i;
+    if (!kept) {
+        scope_store(aTHX_ scope, L, K_HEADERS, headers_av(aTHX_ L, m));
+        return;
+    }
+    av = (AV *)SvRV(kept);
+    /* Pairs beyond this request's headers go (plain: no code runs). */
+    for (have = AvFILLp(av) + 1; have > want; have--) {
+        SV *surplus = AvARRAY(av)[have - 1];
+        AvARRAY(av)[have - 1] = NULL;
+        AvFILLp(av) = have - 2;
+        SvREFCNT_dec(surplus);
+    }
+    if (want > AvMAX(av) + 1)
+        av_extend(av, want - 1);
+    for (i = 0; i < want; i++) {
+        pagi_str name = m->headers[2 * i], value = m->headers[2 * i + 1];
+        if (i < have) {
+            AV *pair = (AV *)SvRV(AvARRAY(av)[i]);
+            interned_into(aTHX_ L, INTERNED_NAMES, name, AvARRAY(pair)[0]);
+            interned_into(aTHX_ L, INTERNED_VALUES, value, AvARRAY(pair)[1]);
+        } else {
+            AvARRAY(av)[i] = pair_ref(aTHX_ interned_sv(aTHX_ L, INTERNED_NAMES, name),
+                                      interned_sv(aTHX_ L, INTERNED_VALUES, value));
+            AvFILLp(av) = i;
+        }
+    }
+}
+
+/* [host, port] under key k, into the pair a kept scope kept, or new. */
+static void store_host_port(pTHX_ HV *scope, interp_lookups *L, int k, pagi_str host, int64_t port)
+{
+    SV *kept = scope_kept_value(aTHX_ scope, L, k);
+    AV *pair;
+    SV *old_port;
+    if (!kept) {
+        scope_store(aTHX_ scope, L, k, host_port(aTHX_ L, host, port));
+        return;
+    }
+    pair = (AV *)SvRV(kept);
+    interned_into(aTHX_ L, INTERNED_NAMES, host, AvARRAY(pair)[0]);
+    old_port = AvARRAY(pair)[1];
+    if (port >= 0 && SvTYPE(old_port) == SVt_IV) {
+        sv_setiv(old_port, (IV)port);
+    } else if (port >= 0 || SvTYPE(old_port) != SVt_NULL) {
+        AvARRAY(pair)[1] = port < 0 ? newSV(0) : newSViv((IV)port);
+        SvREFCNT_dec(old_port);
+    }
+}
+
 /* The http scope hash for a REQUEST message (see Spec/Www.pod).  Built here
  * rather than in Perl because it is on every request's path; the Perl side
  * adds the pagi.connection and pagi.transport objects.  String order is
@@ -120,20 +177,20 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
     scope_store(aTHX_ scope, L, K_HTTP_VERSION, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[0]));
     scope_store(aTHX_ scope, L, K_METHOD, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[1]));
     scope_store(aTHX_ scope, L, K_SCHEME, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[2]));
-    scope_store(aTHX_ scope, L, K_PATH, bytes_sv(aTHX_ m->str[3], (m->utf8_mask >> 3) & 1));
-    scope_store(aTHX_ scope, L, K_RAW_PATH, bytes_sv(aTHX_ m->str[4], 0));
-    scope_store(aTHX_ scope, L, K_QUERY_STRING, bytes_sv(aTHX_ m->str[5], 0));
+    scope_store_bytes(aTHX_ scope, L, K_PATH, m->str[3], (m->utf8_mask >> 3) & 1);
+    scope_store_bytes(aTHX_ scope, L, K_RAW_PATH, m->str[4], 0);
+    scope_store_bytes(aTHX_ scope, L, K_QUERY_STRING, m->str[5], 0);
     scope_store(aTHX_ scope, L, K_ROOT_PATH,
                 (m->utf8_mask >> 6) & 1 ? bytes_sv(aTHX_ m->str[6], 1)
                                         : interned_sv(aTHX_ L, INTERNED_NAMES, m->str[6]));
-    scope_store(aTHX_ scope, L, K_HEADERS, headers_av(aTHX_ L, m));
+    store_headers(aTHX_ scope, L, m);
     /* No client host: a Unix socket's peer has no address, and the key is
      * left out (Www: client is optional), as the reference server does. */
     if (m->str[7].ptr)
-        scope_store(aTHX_ scope, L, K_CLIENT, host_port(aTHX_ L, m->str[7], m->num[0]));
+        store_host_port(aTHX_ scope, L, K_CLIENT, m->str[7], m->num[0]);
     else
         scope_forget(aTHX_ scope, L, K_CLIENT); /* a kept scope's */
-    scope_store(aTHX_ scope, L, K_SERVER, host_port(aTHX_ L, m->str[8], m->num[1]));
+    store_host_port(aTHX_ scope, L, K_SERVER, m->str[8], m->num[1]);
     /* A shallow copy: top-level keys private to the request, values shared. */
     scope_store(aTHX_ scope, L, K_STATE, newRV_noinc((SV *)newHVhv(state)));
     if (new_ext)
@@ -373,7 +430,7 @@ XS(xs_next_message)
         spare_scope_retire_at_leave(aTHX_ scope);
         SAVETMPS;
         sv_2mortal(self);
-        sv_2mortal(send);
+        bound_xsub_retire_at_leave(aTHX_ send);
         PUTBACK;
         run_http_app(aTHX_ L, self, scope, send);
         SPAGAIN;

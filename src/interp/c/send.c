@@ -278,30 +278,3 @@ SV *new_sender(pTHX_ AV *req)
     return new_bound_xsub(aTHX_ xs_sender, &sender_vtbl, req);
 }
 
-SV *new_bound_xsub(pTHX_ XSUBADDR_t body, MGVTBL *tag, AV *req)
-{
-    /* What newXS makes of an anonymous XSUB, but with its glob looked up
-     * once per interpreter: newXS finds the __ANON__ glob by name every
-     * time, about 450 instructions, and a request makes two or three of
-     * these subs. */
-    CV *sub = (CV *)newSV_type(SVt_PVCV);
-    SV *self;
-    CvGV_set(sub, the_lookups(aTHX)->anon_gv);
-    CvFILE(sub) = (char *)__FILE__;
-    CvISXSUB_on(sub);
-    CvXSUB(sub) = body;
-    CvANON_on(sub);
-    self = sv_2mortal(newRV_inc((SV *)req));
-    /* The magic holds its own reference to the request (MGf_REFCOUNTED). */
-    sv_magicext((SV *)sub, self, PERL_MAGIC_ext, tag, NULL, 0);
-    return newRV_noinc((SV *)sub);
-}
-
-/* The request object `cv` was bound to by new_bound_xsub. */
-SV *bound_request(pTHX_ CV *cv, MGVTBL *tag)
-{
-    MAGIC *mg = mg_findext((SV *)cv, PERL_MAGIC_ext, tag);
-    if (!mg || !mg->mg_obj || !SvROK(mg->mg_obj))
-        croak("pagi-rs: this coderef no longer belongs to a request");
-    return mg->mg_obj;
-}

@@ -17,11 +17,24 @@
  *     part, so a hash with one is never kept), no magic (tie, uvar), no
  *     blessing, not restricted, and only the keys the server gave it;
  *   - its values are let go at once, as freeing the hash would, and each
- *     value of the next scope is new (or one of those hashes that nothing
- *     else could reach), so a value an application kept (the headers
- *     array, its pagi hash) is never reused or changed.
+ *     value of the next scope is new or one that nothing else could reach
+ *     (those hashes, and the values kept below), so a value an
+ *     application kept (the headers array, its pagi hash) is never reused
+ *     or changed.
  * A request whose app is still running when its first call returns holds
  * its scope; such a scope is freed as before, whenever the app lets go.
+ *
+ * Values kept: the strings, arrays and pairs a scope is mostly made of
+ * (path, raw_path, query_string, headers, client, server) stay in the
+ * kept scope when they too are the server's alone and as it made them:
+ * plain strings and numbers with no magic, no number or reference in a
+ * string, arrays neither shifted, blessed, tied nor weakly referenced.
+ * The next request writes its own values into them in place (request.c),
+ * which saves making and freeing a few dozen scalars and arrays.  Nothing
+ * in them can run code when let go or changed, and nothing outside can
+ * see them, so keeping them for one more request changes nothing an
+ * application can observe; a value that fails any check goes at once, as
+ * before.
  */
 #include "glue.h"
 
@@ -154,6 +167,106 @@ static int empty_nested(pTHX_ interp_lookups *L, SV *rv, const int *keys, size_t
 static const int pagi_keys[] = { K_VERSION, K_SPEC_VERSION };
 static const int extension_keys[] = { K_FULLFLUSH };
 
+/* ---- values kept in a kept scope ------------------------------------------ */
+
+/* A request with more headers than this lets its headers array go: a
+ * kept scope should not hold on to an unusual request's memory. */
+#define KEPT_HEADERS_MAX 64
+
+/* Only its holder's, and nothing but a string's bytes (UTF-8 or not,
+ * shared copy-on-write or not): no number, reference, magic or offset. */
+static int plain_string(SV *sv)
+{
+    return sv && SvREFCNT(sv) == 1
+           && (SvFLAGS(sv) & ~(U32)(SVf_UTF8 | SVf_IsCOW)) == (SVt_PV | SVf_POK | SVp_POK);
+}
+
+/* A port: an integer and nothing else, or undef (a Unix socket's). */
+static int plain_port(SV *sv)
+{
+    return sv && SvREFCNT(sv) == 1
+           && (SvFLAGS(sv) == (SVt_IV | SVf_IOK | SVp_IOK) || SvFLAGS(sv) == SVt_NULL);
+}
+
+/* The array `rv` refers to, if both are only their holder's and the array
+ * is plain (see unreachable, for hashes); else NULL.  An array's weak
+ * references live in its magic. */
+static AV *plain_array(SV *rv)
+{
+    AV *av;
+    if (!rv || SvREFCNT(rv) != 1 || SvFLAGS(rv) != (SVt_IV | SVf_ROK))
+        return NULL;
+    av = (AV *)SvRV(rv);
+    if (SvTYPE(av) != SVt_PVAV || SvREFCNT(av) != 1 || SvMAGICAL(av) || SvOBJECT(av) || SvREADONLY(av)
+        || !AvREAL(av) || AvREIFY(av) || AvALLOC(av) != AvARRAY(av))
+        return NULL;
+    return av;
+}
+
+/* [string, string] (a header), or [string, port] (client, server). */
+static int plain_pair(SV *rv, int second_is_port)
+{
+    AV *av = plain_array(rv);
+    SV *second;
+    if (!av || AvFILLp(av) != 1 || !plain_string(AvARRAY(av)[0]))
+        return 0;
+    second = AvARRAY(av)[1];
+    return second_is_port ? plain_port(second) : plain_string(second);
+}
+
+static int plain_headers(SV *rv)
+{
+    AV *av = plain_array(rv);
+    SSize_t i;
+    if (!av || AvFILLp(av) + 1 > KEPT_HEADERS_MAX)
+        return 0;
+    for (i = 0; i <= AvFILLp(av); i++) {
+        if (!plain_pair(AvARRAY(av)[i], 0))
+            return 0;
+    }
+    return 1;
+}
+
+/* May the value of key k stay in the kept scope for the next request? */
+static int keeps_value(int k, SV *value)
+{
+    switch (k) {
+    case K_PATH:
+    case K_RAW_PATH:
+    case K_QUERY_STRING:
+        return plain_string(value);
+    case K_HEADERS:
+        return plain_headers(value);
+    case K_CLIENT:
+    case K_SERVER:
+        return plain_pair(value, 1);
+    default:
+        return 0;
+    }
+}
+
+SV *scope_kept_value(pTHX_ HV *scope, interp_lookups *L, int k)
+{
+    HE *he = HvTOTALKEYS(scope) ? entry_of(scope, KEY(L, k)) : NULL;
+    PERL_UNUSED_CONTEXT;
+    /* A value let go left undef in its place (release_value). */
+    return he && HeVAL(he) != &PL_sv_undef ? HeVAL(he) : NULL;
+}
+
+void scope_store_bytes(pTHX_ HV *scope, interp_lookups *L, int k, pagi_str s, int utf8)
+{
+    SV *kept = scope_kept_value(aTHX_ scope, L, k);
+    if (kept && plain_string(kept)) {
+        sv_setpvn(kept, s.ptr ? s.ptr : "", s.len);
+        if (utf8)
+            SvUTF8_on(kept);
+        else
+            SvUTF8_off(kept);
+        return;
+    }
+    scope_store(aTHX_ scope, L, k, bytes_sv(aTHX_ s, utf8));
+}
+
 /* Keep the scope `rv` (whose reference the caller hands over) for the next
  * request if nothing else can reach it and it holds the scope's keys only;
  * otherwise let it go.  Its pagi and extensions hashes stay in it, emptied,
@@ -179,6 +292,10 @@ static void retire(pTHX_ interp_lookups *L, SV *rv)
         if (which[i] == K_EXTENSIONS
             && empty_nested(aTHX_ L, value, extension_keys, C_ARRAY_LENGTH(extension_keys)))
             continue;
+        if (keeps_value(which[i], value)) {
+            L->scope_values_kept++;
+            continue;
+        }
         release_value(aTHX_ found[i]);
     }
     /* A DESTROY run by letting the values go may even have run a request
@@ -211,17 +328,18 @@ void spare_scope_retire_at_leave(pTHX_ SV *rv)
     SAVEDESTRUCTOR_X(retire_at_leave, rv);
 }
 
-/* PAGI::RS::_spare_scope_stats(): (kept, reused), this interpreter's
- * counts of scope hashes kept at the end of a request and taken by the
- * next (t/33-spare-scope.t). */
+/* PAGI::RS::_spare_scope_stats(): (kept, reused, values kept), this
+ * interpreter's counts of scope hashes kept at the end of a request and
+ * taken by the next, and of the values kept in them (t/33-spare-scope.t). */
 XS(xs_spare_scope_stats)
 {
     dXSARGS;
     interp_lookups *L = the_lookups(aTHX);
     PERL_UNUSED_VAR(items);
     SP -= items;
-    EXTEND(SP, 2);
+    EXTEND(SP, 3);
     mPUSHu(L->scopes_kept);
     mPUSHu(L->scopes_reused);
-    XSRETURN(2);
+    mPUSHu(L->scope_values_kept);
+    XSRETURN(3);
 }
