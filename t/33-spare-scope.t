@@ -49,8 +49,11 @@ sub facts {
         client  => \$scope->{client} && [ \@{ \$scope->{client} } ],
         server  => [ \@{ \$scope->{server} } ],
         raw_path => \$scope->{raw_path},
+        basics   => [ \@\$scope{qw(type method scheme http_version root_path)} ],
         path_utf8   => utf8::is_utf8(\$scope->{path}) ? 1 : 0,
-        string_utf8 => [ map { utf8::is_utf8(\$_) ? 1 : 0 } \@\$scope{qw(raw_path query_string)},
+        string_utf8 => [ map { utf8::is_utf8(\$_) ? 1 : 0 }
+            \@\$scope{qw(raw_path query_string type method scheme http_version root_path)},
+            \@{ \$scope->{pagi} }{qw(version spec_version)},
             (map { \@\$_ } \@{ \$scope->{headers} }), \$scope->{client}[0] // '', \$scope->{server}[0] ],
         # looks_like_number, as it reads an integer without making it a
         # string too (which would keep it from being kept).
@@ -99,6 +102,8 @@ my \$app = async sub {
             \$scope->{client}, \$scope->{server} ];
     }
     elsif (\$path eq '/hold-element') { push \@refs, [ \\\$scope->{headers}[0][1] ] }
+    elsif (\$path eq '/hold-hashes')  { push \@refs, [ \$scope->{state}, \$scope->{extensions}{fullflush}, \\\$scope->{method} ] }
+    elsif (\$path eq '/fill-held')    { \$_->[0]{x} = 1, \$_->[1]{y} = 2, \${ \$_->[2] } = 'CHANGED' for grep { \@\$_ == 3 } \@refs }
     elsif (\$path eq '/held-refs')    {
         \$d->{held_refs} = [ map { \@\$_ == 1 ? [ \${ \$_->[0] } ]
             : [ \${ \$_->[0] }, \${ \$_->[1] }, [ \@{ \$_->[2] } ], [ \@{ \$_->[3] } ], [ \@{ \$_->[4] } ] ] } \@refs ];
@@ -116,6 +121,12 @@ my \$app = async sub {
         utf8::upgrade(\$_) for \$scope->{query_string}, \$scope->{headers}[0][1], \$scope->{server}[0];
         \$scope->{raw_path} =~ /./g;
         substr(\$scope->{headers}[1][1], 0, 1, '');
+        utf8::upgrade(\$scope->{method});
+        \$scope->{scheme} .= 's';
+        \$n = \$scope->{http_version} + 0;
+        \$scope->{type} =~ /./g;
+        \$scope->{root_path} = '/mounted';
+        utf8::upgrade(\$scope->{pagi}{spec_version});
     }
     elsif (\$path eq '/mangle-arrays') {
         push \@{ \$scope->{headers} }, [ 'x-pushed', 1 ];
@@ -178,7 +189,10 @@ sub fresh_ok {
         is_deeply $d->{client}, [ '127.0.0.1', $client_port ], 'its own client';
         is_deeply $d->{server}, [ '127.0.0.1', $port ], 'its own server';
         is $d->{path_utf8}, ( $path =~ /%FF/ ? 0 : 1 ), 'the path marked UTF-8 only when it is';
-        is_deeply $d->{string_utf8}, [ (0) x ( 4 + 2 * ( 2 + @{ $extra // [] } ) ) ], 'the other strings are bytes';
+        is_deeply $d->{basics}, [ 'http', 'GET', 'http', '1.1', '' ], 'its own type, method, scheme, version, root path';
+        # The root path is text (from the command line), marked UTF-8.
+        is_deeply $d->{string_utf8}, [ (0) x 6, 1, (0) x ( 4 + 2 * ( 2 + @{ $extra // [] } ) ) ],
+          'the other strings are bytes';
         is_deeply $d->{ports_are_numbers}, [ 1, 1 ], 'ports are numbers';
     };
 }
@@ -242,6 +256,13 @@ subtest 'values the app holds by reference are never reused' => sub {
       [ [ '/hold-refs', '1', [ 'x-req', '/hold-refs?1' ], [ '127.0.0.1', $client_port ], [ '127.0.0.1', $port ] ],
         ['127.0.0.1'] ],
       "each still holds that request's value";
+};
+
+subtest 'a state or fullflush hash the app holds is its own' => sub {
+    ask_json( $sock, '/hold-hashes?1', 'X-Req: /hold-hashes?1' );
+    next_fresh( '/plain', 2, 'a request after' );
+    ask_json( $sock, '/fill-held?3', 'X-Req: /fill-held?3' );
+    next_fresh( '/plain', $_, "request $_ after the held ones were filled" ) for 4 .. 5;
 };
 
 subtest 'weak references to its values go undef when its request ends' => sub {

@@ -302,6 +302,7 @@ SV *interned_sv(pTHX_ interp_lookups *L, int table, pagi_str s);
 void interned_into(pTHX_ interp_lookups *L, int table, pagi_str s, SV *dst);
 SV *new_kept_sv(pTHX_ const char *p, size_t len);
 SV *kept_copy(pTHX_ SV *kept);
+void kept_copy_into(pTHX_ SV *kept, SV *dst);
 
 /* ---- a finished request's scope hash, kept for the next (spare_scope.c) ----
  * spare_scope_take: the kept hash and, in *rv, the reference to it (now
@@ -316,13 +317,20 @@ HV *scope_kept_nested(pTHX_ HV *scope, interp_lookups *L, int k);
 void scope_store(pTHX_ HV *scope, interp_lookups *L, int k, SV *value);
 void scope_forget(pTHX_ HV *scope, interp_lookups *L, int k);
 void spare_scope_retire_at_leave(pTHX_ SV *rv);
-/* In a kept scope, the value kept under key k for the next request to fill
- * in place, or NULL (see "Values kept" in spare_scope.c): a string under
- * path, raw_path and query_string, an array of [name, value] pairs under
- * headers, a [host, port] pair under client and server.  scope_store_bytes:
- * scope_store of the string `s`, into the kept one if there is one. */
+/* In a kept scope (or its pagi or extensions hash), the value kept under
+ * key k for the next request to fill in place, or NULL (see "Values kept"
+ * in spare_scope.c): a string under most keys, an array of [name, value]
+ * pairs under headers, a [host, port] pair under client and server, an
+ * empty hash under state and fullflush.  scope_store_bytes,
+ * scope_store_interned and scope_store_kept_copy: scope_store of the
+ * string `s` (interned) or of a copy of `kept`, into the string kept
+ * there if there is one.  scope_keeps_empty_hash: whether an empty hash
+ * is kept under k (then nothing need be stored). */
 SV *scope_kept_value(pTHX_ HV *scope, interp_lookups *L, int k);
 void scope_store_bytes(pTHX_ HV *scope, interp_lookups *L, int k, pagi_str s, int utf8);
+void scope_store_interned(pTHX_ HV *scope, interp_lookups *L, int k, pagi_str s);
+void scope_store_kept_copy(pTHX_ HV *scope, interp_lookups *L, int k, SV *kept);
+int scope_keeps_empty_hash(pTHX_ HV *scope, interp_lookups *L, int k);
 XS(xs_spare_scope_stats);
 XS(xs_adopted_bodies);
 

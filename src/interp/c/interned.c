@@ -115,12 +115,11 @@ SV *interned_sv(pTHX_ interp_lookups *L, int table, pagi_str s)
     return kept ? kept_copy(aTHX_ kept) : newSVpvn(s.ptr ? s.ptr : "", s.len);
 }
 
-void interned_into(pTHX_ interp_lookups *L, int table, pagi_str s, SV *dst)
+void kept_copy_into(pTHX_ SV *kept, SV *dst)
 {
-    SV *kept = kept_for(aTHX_ L, table, s);
 #ifdef PERL_ANY_COW
-    if (kept && SvIsCOW(kept) && SvLEN(kept)) {
-        /* Already a copy of it (the same header as last time): nothing to do. */
+    if (SvIsCOW(kept) && SvLEN(kept)) {
+        /* Already a copy of it (the same value as last time): nothing to do. */
         if (SvIsCOW(dst) && SvPVX(dst) == SvPVX(kept)) {
             SvUTF8_off(dst);
             return;
@@ -139,7 +138,17 @@ void interned_into(pTHX_ interp_lookups *L, int table, pagi_str s, SV *dst)
         }
     }
 #endif
-    PERL_UNUSED_VAR(kept);
+    sv_setpvn(dst, SvPVX(kept), SvCUR(kept));
+    SvUTF8_off(dst);
+}
+
+void interned_into(pTHX_ interp_lookups *L, int table, pagi_str s, SV *dst)
+{
+    SV *kept = kept_for(aTHX_ L, table, s);
+    if (kept) {
+        kept_copy_into(aTHX_ kept, dst);
+        return;
+    }
     sv_setpvn(dst, s.ptr ? s.ptr : "", s.len);
     SvUTF8_off(dst);
 }

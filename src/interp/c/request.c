@@ -150,23 +150,24 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
         pagi = newHV();
     if (new_ext)
         ext = newHV();
-    scope_store(aTHX_ pagi, L, K_VERSION, kept_copy(aTHX_ L->core_version));
-    scope_store(aTHX_ pagi, L, K_SPEC_VERSION, kept_copy(aTHX_ L->www_version));
+    scope_store_kept_copy(aTHX_ pagi, L, K_VERSION, L->core_version);
+    scope_store_kept_copy(aTHX_ pagi, L, K_SPEC_VERSION, L->www_version);
     switch (kind) {
     case SCOPE_SSE:
-        scope_store(aTHX_ scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("sse")));
+        scope_store_interned(aTHX_ scope, L, K_TYPE, PAGI_STR("sse"));
         scope_forget(aTHX_ ext, L, K_FULLFLUSH); /* a kept http scope's */
         break;
     case SCOPE_WEBSOCKET:
-        scope_store(aTHX_ scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("websocket")));
+        scope_store_interned(aTHX_ scope, L, K_TYPE, PAGI_STR("websocket"));
         scope_forget(aTHX_ ext, L, K_FULLFLUSH);
         /* Gone in Www 0.6: refusals are ordinary http.response.* events. */
         if (L->legacy_www)
             (void)hv_stores(ext, "websocket.http.response", newRV_noinc((SV *)newHV()));
         break;
     default:
-        scope_store(aTHX_ scope, L, K_TYPE, interned_sv(aTHX_ L, INTERNED_NAMES, PAGI_STR("http")));
-        scope_store(aTHX_ ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
+        scope_store_interned(aTHX_ scope, L, K_TYPE, PAGI_STR("http"));
+        if (!scope_keeps_empty_hash(aTHX_ ext, L, K_FULLFLUSH))
+            scope_store(aTHX_ ext, L, K_FULLFLUSH, newRV_noinc((SV *)newHV()));
     }
     if (m->tls)
         (void)hv_stores(ext, "tls", tls_extension(aTHX_ m->tls));
@@ -174,15 +175,16 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
         scope_store(aTHX_ scope, L, K_PAGI, newRV_noinc((SV *)pagi));
     /* The fields whose values repeat are interned (interned.c); the path
      * and the query string seldom do, and would only push the others out. */
-    scope_store(aTHX_ scope, L, K_HTTP_VERSION, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[0]));
-    scope_store(aTHX_ scope, L, K_METHOD, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[1]));
-    scope_store(aTHX_ scope, L, K_SCHEME, interned_sv(aTHX_ L, INTERNED_NAMES, m->str[2]));
+    scope_store_interned(aTHX_ scope, L, K_HTTP_VERSION, m->str[0]);
+    scope_store_interned(aTHX_ scope, L, K_METHOD, m->str[1]);
+    scope_store_interned(aTHX_ scope, L, K_SCHEME, m->str[2]);
     scope_store_bytes(aTHX_ scope, L, K_PATH, m->str[3], (m->utf8_mask >> 3) & 1);
     scope_store_bytes(aTHX_ scope, L, K_RAW_PATH, m->str[4], 0);
     scope_store_bytes(aTHX_ scope, L, K_QUERY_STRING, m->str[5], 0);
-    scope_store(aTHX_ scope, L, K_ROOT_PATH,
-                (m->utf8_mask >> 6) & 1 ? bytes_sv(aTHX_ m->str[6], 1)
-                                        : interned_sv(aTHX_ L, INTERNED_NAMES, m->str[6]));
+    if ((m->utf8_mask >> 6) & 1)
+        scope_store_bytes(aTHX_ scope, L, K_ROOT_PATH, m->str[6], 1);
+    else
+        scope_store_interned(aTHX_ scope, L, K_ROOT_PATH, m->str[6]);
     store_headers(aTHX_ scope, L, m);
     /* No client host: a Unix socket's peer has no address, and the key is
      * left out (Www: client is optional), as the reference server does. */
@@ -191,8 +193,10 @@ static SV *request_scope(pTHX_ interp_lookups *L, const pagi_msg *m, int kind)
     else
         scope_forget(aTHX_ scope, L, K_CLIENT); /* a kept scope's */
     store_host_port(aTHX_ scope, L, K_SERVER, m->str[8], m->num[1]);
-    /* A shallow copy: top-level keys private to the request, values shared. */
-    scope_store(aTHX_ scope, L, K_STATE, newRV_noinc((SV *)newHVhv(state)));
+    /* A shallow copy: top-level keys private to the request, values shared.
+     * An empty state's kept empty copy will do. */
+    if (HvTOTALKEYS(state) || !scope_keeps_empty_hash(aTHX_ scope, L, K_STATE))
+        scope_store(aTHX_ scope, L, K_STATE, newRV_noinc((SV *)newHVhv(state)));
     if (new_ext)
         scope_store(aTHX_ scope, L, K_EXTENSIONS, newRV_noinc((SV *)ext));
     return rv;

@@ -24,11 +24,13 @@
  * A request whose app is still running when its first call returns holds
  * its scope; such a scope is freed as before, whenever the app lets go.
  *
- * Values kept: the strings, arrays and pairs a scope is mostly made of
- * (path, raw_path, query_string, headers, client, server) stay in the
+ * Values kept: the strings, arrays, pairs and empty hashes a scope is
+ * mostly made of (every value but the request object's pagi.connection
+ * and pagi.transport, and a state or fullflush hash with keys) stay in the
  * kept scope when they too are the server's alone and as it made them:
  * plain strings and numbers with no magic, no number or reference in a
- * string, arrays neither shifted, blessed, tied nor weakly referenced.
+ * string, arrays and hashes neither shifted, blessed, tied nor weakly
+ * referenced.
  * The next request writes its own values into them in place (request.c),
  * which saves making and freeing a few dozen scalars and arrays.  Nothing
  * in them can run code when let go or changed, and nothing outside can
@@ -154,13 +156,19 @@ static void release_value(pTHX_ HE *he)
 
 /* Empty, in place, the nested hash `rv` (a scope's pagi or extensions)
  * if it can be kept with its scope: 1; else 0, and it is left as it is. */
+static int keeps_value(int k, SV *value);
+
 static int empty_nested(pTHX_ interp_lookups *L, SV *rv, const int *keys, size_t nkeys)
 {
     HE *found[SCOPE_KEY_COUNT];
     int which[SCOPE_KEY_COUNT];
     int i, n = own_entries(aTHX_ L, rv, keys, nkeys, found, which);
-    for (i = 0; i < n; i++)
-        release_value(aTHX_ found[i]);
+    for (i = 0; i < n; i++) {
+        if (keeps_value(which[i], HeVAL(found[i])))
+            L->scope_values_kept++;
+        else
+            release_value(aTHX_ found[i]);
+    }
     return n >= 0;
 }
 
@@ -227,14 +235,44 @@ static int plain_headers(SV *rv)
     return 1;
 }
 
-/* May the value of key k stay in the kept scope for the next request? */
+/* An empty plain hash only its holder's (see unreachable); its `each`
+ * has nothing to resume, and aux left by iterating is harmless. */
+static int plain_empty_hash(SV *rv)
+{
+    HV *hv;
+    if (!rv || SvREFCNT(rv) != 1 || SvFLAGS(rv) != (SVt_IV | SVf_ROK))
+        return 0;
+    hv = (HV *)SvRV(rv);
+    if (SvTYPE(hv) != SVt_PVHV || SvREFCNT(hv) != 1 || SvMAGICAL(hv) || SvOBJECT(hv) || SvREADONLY(hv)
+        || HvTOTALKEYS(hv) != 0)
+        return 0;
+    if (SvOOK(hv)) {
+        const struct xpvhv_aux *aux = HvAUX(hv);
+        if (aux->xhv_backreferences || aux->xhv_name_u.xhvnameu_name || aux->xhv_mro_meta)
+            return 0;
+    }
+    return 1;
+}
+
+/* May the value of key k stay in the kept scope (or its pagi or
+ * extensions hash) for the next request? */
 static int keeps_value(int k, SV *value)
 {
     switch (k) {
+    case K_TYPE:
+    case K_HTTP_VERSION:
+    case K_METHOD:
+    case K_SCHEME:
     case K_PATH:
     case K_RAW_PATH:
     case K_QUERY_STRING:
+    case K_ROOT_PATH:
+    case K_VERSION:
+    case K_SPEC_VERSION:
         return plain_string(value);
+    case K_STATE:
+    case K_FULLFLUSH:
+        return plain_empty_hash(value);
     case K_HEADERS:
         return plain_headers(value);
     case K_CLIENT:
@@ -265,6 +303,29 @@ void scope_store_bytes(pTHX_ HV *scope, interp_lookups *L, int k, pagi_str s, in
         return;
     }
     scope_store(aTHX_ scope, L, k, bytes_sv(aTHX_ s, utf8));
+}
+
+void scope_store_interned(pTHX_ HV *scope, interp_lookups *L, int k, pagi_str s)
+{
+    SV *kept = scope_kept_value(aTHX_ scope, L, k);
+    if (kept && plain_string(kept))
+        interned_into(aTHX_ L, INTERNED_NAMES, s, kept);
+    else
+        scope_store(aTHX_ scope, L, k, interned_sv(aTHX_ L, INTERNED_NAMES, s));
+}
+
+void scope_store_kept_copy(pTHX_ HV *scope, interp_lookups *L, int k, SV *kept_src)
+{
+    SV *kept = scope_kept_value(aTHX_ scope, L, k);
+    if (kept && plain_string(kept))
+        kept_copy_into(aTHX_ kept_src, kept);
+    else
+        scope_store(aTHX_ scope, L, k, kept_copy(aTHX_ kept_src));
+}
+
+int scope_keeps_empty_hash(pTHX_ HV *scope, interp_lookups *L, int k)
+{
+    return plain_empty_hash(scope_kept_value(aTHX_ scope, L, k));
 }
 
 /* Keep the scope `rv` (whose reference the caller hands over) for the next
