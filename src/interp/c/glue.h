@@ -392,6 +392,10 @@ XS(xs_pending_is_cancelled);
 XS(xs_pending_get);
 XS(xs_pending_chain_cancel);
 XS(xs_future_new_done);
+/* Keep `f`, the done Future an app's call returned (a temporary), for the
+ * next AWAIT_NEW_DONE if nothing else holds it and it is as made. */
+void spare_future_keep(pTHX_ SV *f);
+XS(xs_spare_future_stats);
 int future_plain_is_done(pTHX_ SV *f);
 int future_plain_is_pending(pTHX_ SV *f);
 XS(xs_next_message);    /* request.c */

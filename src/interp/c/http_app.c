@@ -213,9 +213,10 @@ void run_http_app(pTHX_ interp_lookups *L, SV *self, SV *scope, SV *send)
     SPAGAIN;
     f = count > 0 ? POPs : &PL_sv_undef;
     PUTBACK;
-    if (SvOK(f) && is_done_future(aTHX_ f))
+    if (SvOK(f) && is_done_future(aTHX_ f)) {
         app_done(aTHX_ L, self);
-    else if (SvOK(f) && is_pending_future(aTHX_ f))
+        spare_future_keep(aTHX_ f);
+    } else if (SvOK(f) && is_pending_future(aTHX_ f))
         await_app(aTHX_ self, f);
     else
         /* Died ($@ says why), returned something else, or a Future that is

@@ -58,6 +58,7 @@ static void xs_init(pTHX)
     newXS("PAGI::RS::_call_method", xs_call_method, file);
     newXS("PAGI::RS::_spare_scope_stats", xs_spare_scope_stats, file);
     newXS("PAGI::RS::_spare_sub_stats", xs_spare_sub_stats, file);
+    newXS("PAGI::RS::_spare_future_stats", xs_spare_future_stats, file);
     newXS("PAGI::RS::_adopted_bodies", xs_adopted_bodies, file);
 }
 

@@ -25,6 +25,9 @@ typedef struct {
     GV *times_gv;       /* *Future::TIMES (a glob: `local` swaps its slot) */
     CV *cancel_awaited; /* PAGI::RS::Pending::_cancel_awaited */
     CV *perl[P_COUNT];  /* the Perl versions */
+    HV *spare_done;     /* a done Future kept for the next AWAIT_NEW_DONE */
+    AV *spare_result;   /* its result array, emptied */
+    UV done_kept, done_reused; /* for t/35-spare-future.t */
 } pending_state;
 
 /* Thread-local, but an interpreter may be built on one thread and run on
@@ -60,6 +63,10 @@ static void load_state(pTHX)
     P.times_gv = gv_fetchpvs("Future::TIMES", GV_ADD, SVt_PV);
     P.stash = gv_stashpvs("PAGI::RS::Pending", GV_ADD);
     P.future_stash = gv_stashpvs("Future", GV_ADD);
+    /* Another interpreter's kept Future, if any, went with it. */
+    P.spare_done = NULL;
+    P.spare_result = NULL;
+    P.done_kept = P.done_reused = 0;
     P.owner = aTHX;
 }
 
@@ -195,6 +202,20 @@ XS(xs_future_new_done)
         croak("PAGI::RS::Pending: _c_new_done is installed only by setup()");
     if (items < 1 || SvROK(ST(0)) || future_times(aTHX) || !strEQ(SvPV_nolen(ST(0)), "Future"))
         REDIRECT(P_NEW_DONE);
+    if (P.spare_done) {
+        /* Kept as made, emptied, and out of everybody's reach since. */
+        hv = P.spare_done;
+        result = P.spare_result;
+        P.spare_done = NULL;
+        P.spare_result = NULL;
+        P.done_reused++;
+        if (items > 1)
+            av_extend(result, items - 2);
+        for (i = 1; i < items; i++)
+            av_push(result, newSVsv(ST(i)));
+        ST(0) = sv_2mortal(newRV_noinc((SV *)hv));
+        XSRETURN(1);
+    }
     result = newAV();
     if (items > 1)
         av_extend(result, items - 2);
@@ -209,6 +230,79 @@ XS(xs_future_new_done)
     }
     ST(0) = sv_bless(sv_2mortal(newRV_noinc((SV *)hv)), P.future_stash);
     XSRETURN(1);
+}
+
+/* ---- a done Future kept for the next one -------------------------------
+ * Every request's app, as an async sub that finished without waiting,
+ * returns a Future made by AWAIT_NEW_DONE above, which http_app.c reads
+ * and lets go: a blessed hash, two arrays and their references, made and
+ * freed per request (about 2,000 instructions).  When nothing but the
+ * temporary it came back in holds it, it is kept, its result let go at
+ * once, and the next AWAIT_NEW_DONE hands it out again.  Nobody can tell:
+ * kept only while its hash is as AWAIT_NEW_DONE made it (ready, callbacks
+ * empty, result; nothing added, no magic, no weak reference) and Future
+ * has no DESTROY (as Perl's own cache of it says; Future.pm defines one
+ * only under $Future::DEBUG), so no destructor call is skipped. */
+
+/* A plain array, only its reference's, under a plain reference only its
+ * hash's; NULL otherwise. */
+static AV *own_array(SV *rv)
+{
+    AV *av;
+    if (!rv || SvREFCNT(rv) != 1 || SvFLAGS(rv) != (SVt_IV | SVf_ROK))
+        return NULL;
+    av = (AV *)SvRV(rv);
+    if (SvTYPE(av) != SVt_PVAV || SvREFCNT(av) != 1 || SvMAGICAL(av) || SvOBJECT(av) || SvREADONLY(av)
+        || !AvREAL(av) || AvREIFY(av))
+        return NULL;
+    return av;
+}
+
+void spare_future_keep(pTHX_ SV *f)
+{
+    interp_lookups *L;
+    struct mro_meta *meta;
+    HV *hv;
+    SV *ready;
+    AV *callbacks, *result;
+    if (P.owner != aTHX || P.spare_done || !P.perl[P_NEW_DONE])
+        return;
+    /* The temporary the app's call returned, and nothing else, holds it. */
+    if (!SvTEMP(f) || SvREFCNT(f) != 1 || !SvROK(f))
+        return;
+    hv = (HV *)SvRV(f);
+    if (SvTYPE(hv) != SVt_PVHV || SvREFCNT(hv) != 1 || !SvOBJECT(hv) || SvSTASH(hv) != P.future_stash
+        || SvMAGICAL(hv) || SvREADONLY(hv) || HvTOTALKEYS(hv) != 3)
+        return;
+    if (SvOOK(hv) && HvAUX(hv)->xhv_backreferences)
+        return;
+    meta = HvMROMETA(P.future_stash);
+    if (meta->destroy_gen != PL_sub_generation || meta->destroy)
+        return;
+    L = the_lookups(aTHX);
+    ready = hv_value(aTHX_ hv, KEY(L, K_READY));
+    callbacks = own_array(hv_value(aTHX_ hv, KEY(L, K_CALLBACKS)));
+    result = own_array(hv_value(aTHX_ hv, KEY(L, K_RESULT)));
+    if (!ready || SvREFCNT(ready) != 1 || SvFLAGS(ready) != (SVt_IV | SVf_IOK | SVp_IOK) || SvIVX(ready) != 1
+        || !callbacks || AvFILLp(callbacks) != -1 || !result)
+        return;
+    P.spare_done = (HV *)SvREFCNT_inc_simple_NN(hv);
+    P.spare_result = result;
+    P.done_kept++;
+    /* What the app returned goes now, as it would have with the Future. */
+    av_clear(result);
+}
+
+/* PAGI::RS::_spare_future_stats(): (kept, reused). */
+XS(xs_spare_future_stats)
+{
+    dXSARGS;
+    PERL_UNUSED_VAR(items);
+    SP -= items;
+    EXTEND(SP, 2);
+    mPUSHu(P.owner == aTHX ? P.done_kept : 0);
+    mPUSHu(P.owner == aTHX ? P.done_reused : 0);
+    XSRETURN(2);
 }
 
 /* For http_app.c: is `f` done, read from the object as Future::PP's
