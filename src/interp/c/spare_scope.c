@@ -94,6 +94,18 @@ void scope_forget(pTHX_ HV *scope, interp_lookups *L, int k)
         (void)hv_delete_ent(scope, KEY(L, k), G_DISCARD, 0);
 }
 
+/* Does `hv`'s aux part, if any, hold only the state of `each` (which
+ * the callers reset or which is empty), not weak references, a stash's
+ * name or its method order? */
+static int aux_only_iterates(HV *hv)
+{
+    const struct xpvhv_aux *aux;
+    if (!SvOOK(hv))
+        return 1;
+    aux = HvAUX(hv);
+    return !aux->xhv_backreferences && !aux->xhv_name_u.xhvnameu_name && !aux->xhv_mro_meta;
+}
+
 /* Is `rv` a plain reference, held by its owner alone, to a plain hash
  * nothing else can reach?  A hash's aux part (SvOOK) holds its weak
  * references, a stash's name and method order, and the state of `each`;
@@ -109,12 +121,7 @@ static int unreachable(SV *rv)
     if (SvTYPE(hv) != SVt_PVHV || SvREFCNT(hv) != 1 || SvMAGICAL(hv) || SvOBJECT(hv) || SvREADONLY(hv)
         || !HvSHAREKEYS(hv) || HvHASKFLAGS(hv) || !HvARRAY(hv))
         return 0;
-    if (SvOOK(hv)) {
-        const struct xpvhv_aux *aux = HvAUX(hv);
-        if (aux->xhv_backreferences || aux->xhv_name_u.xhvnameu_name || aux->xhv_mro_meta)
-            return 0;
-    }
-    return 1;
+    return aux_only_iterates(hv);
 }
 
 /* The entries of the hash `rv` refers to, when nothing else can reach it
@@ -246,12 +253,7 @@ static int plain_empty_hash(SV *rv)
     if (SvTYPE(hv) != SVt_PVHV || SvREFCNT(hv) != 1 || SvMAGICAL(hv) || SvOBJECT(hv) || SvREADONLY(hv)
         || HvTOTALKEYS(hv) != 0)
         return 0;
-    if (SvOOK(hv)) {
-        const struct xpvhv_aux *aux = HvAUX(hv);
-        if (aux->xhv_backreferences || aux->xhv_name_u.xhvnameu_name || aux->xhv_mro_meta)
-            return 0;
-    }
-    return 1;
+    return aux_only_iterates(hv);
 }
 
 /* May the value of key k stay in the kept scope (or its pagi or
