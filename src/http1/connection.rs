@@ -115,7 +115,9 @@ pub async fn serve<IO>(
         }
         let mut ctx = RequestContext::new(conn.clone(), svc_close.clone());
         ctx.bulk_hint = svc_bulk_hint.clone();
-        let answering = route(req, ctx, svc_server.clone());
+        // Boxed: the route's state (about 2 KB) is then made in place, and
+        // hyper moves only a pointer into its in-flight slot.
+        let answering = Box::pin(route(req, ctx, svc_server.clone(), svc_answers.refused()));
         let answers = svc_answers.clone();
         let retiring = svc_server.clone();
         async move {
@@ -241,8 +243,9 @@ async fn route(
     mut req: Request<Incoming>,
     ctx: RequestContext,
     server: Arc<Server>,
+    gate_refused: bool,
 ) -> Result<Response<ResponseBody>, ServiceError> {
-    if let Some(verdict) = refusal(&req) {
+    if let Some(verdict) = gate_refused.then(|| refusal(&req)).flatten() {
         let (status, text) = verdict.answer();
         // The gate's stand-in for a CONNECT is a GET (see gate.rs).
         let method = (verdict == gate::Verdict::Connect).then_some("CONNECT");
@@ -282,6 +285,8 @@ async fn route(
 }
 
 /// The gate's verdict on this request, if it refused it (see gate.rs).
+/// Looked for only once the gate has refused a head on this connection: a
+/// header lookup by a name hyper does not know is a hash of the name.
 fn refusal(req: &Request<Incoming>) -> Option<gate::Verdict> {
     let verdict = req.headers().get(gate::REFUSAL_HEADER)?;
     Some(gate::Verdict::from_header(verdict.as_bytes()))

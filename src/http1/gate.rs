@@ -211,6 +211,9 @@ pub struct Answers {
     finished: AtomicU64,
     /// A 101 went out: what follows is no longer HTTP/1.
     upgraded: AtomicBool,
+    /// The gate handed hyper a stand-in head carrying its refusal (the
+    /// connection's last); until then no request can be a refusal.
+    refused: AtomicBool,
     /// When the connection last began to wait for a head, in nanoseconds
     /// after `opened`: when it opened, or when the last response it owed
     /// was done.
@@ -226,6 +229,7 @@ impl Default for Answers {
             started: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             waiting_since: AtomicU64::new(0),
             opened: Instant::now(),
             waker: Mutex::new(None),
@@ -256,6 +260,11 @@ impl Answers {
     /// one.  Returns the heads handed so far, this one included.
     pub(super) fn head_handed(&self) -> u64 {
         self.heads.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Whether the gate has handed hyper its refusal's stand-in head.
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Acquire)
     }
 
     /// Heads handed to hyper so far, stand-ins included: each becomes one
@@ -718,6 +727,8 @@ impl<S> Gate<S> {
         self.out.extend_from_slice(standin.as_bytes());
         self.raw.clear();
         self.closed = true;
+        // Before the head is handed: hyper cannot read it any earlier.
+        self.answers.refused.store(true, Ordering::Release);
         self.answers.head_handed();
     }
 }
