@@ -107,7 +107,8 @@ subtest 'subs the app holds stay their own request\'s' => sub {
     my ($json) = $raw =~ /(\{.*\})/s;
     $d = JSON::PP->new->decode( $json // '{}' );
     ok $d->{plain}, 'this request answered with its own subs' or diag explain $d;
-    note "the held \$send: $d->{held_send}, the held \$receive: $d->{held_receive}";
+    note "the held \$send: $d->{held_send}";
+    is $d->{held_receive}, 'http.disconnect', 'the held $receive reports its own request\'s end';
     my $next = ask('/plain');
     ok $next->{plain}, 'and the next request is whole';
 };

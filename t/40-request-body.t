@@ -13,7 +13,9 @@ use Time::HiRes qw(time sleep);
 # Request bodies: Content-Length and chunked bodies reach the app intact in
 # http.request events, a GET gets exactly one empty event, Expect:
 # 100-continue is answered lazily, and a slow reader holds a big upload back
-# through TCP flow control instead of it piling up in the server.
+# through TCP flow control instead of it piling up in the server.  Once the
+# response is complete, a receive reports the end (http.disconnect), not
+# the rest of the body, whether it was called after or before the end.
 
 $SIG{PIPE} = "IGNORE";    # the server may close while we are still uploading
 my $JSON = JSON::PP->new->canonical;
@@ -57,11 +59,45 @@ my $read_all = async sub {
         body => ( length $body <= 256 ? $body : undef ) };
 };
 
+# What each receive after (or across) the response's end heard, by the
+# request's query string; a receive that never settles shows as 'timeout'.
+my %after_end;
+my $heard = async sub {
+    my ($f) = @_;
+    my $timeout = Future::IO->sleep(3)->then( sub { Future->done( { type => 'timeout' } ) } );
+    my $e = await Future->wait_any( $f, $timeout );
+    return $e->{type} . ( $e->{type} eq 'http.request' ? '/' . length( $e->{body} ) : '' );
+};
+my $respond_ok = async sub {
+    my ($send) = @_;
+    await $send->( { type => 'http.response.start', status => 200, headers => [ [ 'content-length', 3 ] ] } );
+    await $send->( { type => 'http.response.body', body => "ok\n", more => 0 } );
+};
+
 my $app = async sub {
     my ( $scope, $receive, $send ) = @_;
     return if $scope->{type} eq 'lifespan';
     my $path = $scope->{path};
-    if ( $path eq '/echo' ) {
+    if ( $path eq '/respond-then-receive' ) {
+        # Respond before reading any of the body, then read until the end.
+        await $respond_ok->($send);
+        my @heard;
+        while ( @heard < 10 ) {
+            push @heard, await $heard->( $receive->() );
+            last if $heard[-1] !~ m{^http\.request/};
+        }
+        $after_end{ $scope->{query_string} } = \@heard;
+    }
+    elsif ( $path eq '/receive-across-end' ) {
+        # A receive waiting for a body that has not come when the response ends.
+        my $waiting = $receive->();
+        await $respond_ok->($send);
+        $after_end{ $scope->{query_string} } = [ await $heard->($waiting) ];
+    }
+    elsif ( $path eq '/after-end' ) {
+        await $reply->( $send, $after_end{ $scope->{query_string} } // [] );
+    }
+    elsif ( $path eq '/echo' ) {
         await $reply->( $send, await $read_all->($receive) );
     }
     elsif ( $path eq '/continue-slow' ) {
@@ -190,6 +226,48 @@ subtest 'no 100 Continue when the app responds without reading' => sub {
     like $raw, qr{\AHTTP/1\.1 200 }, 'the app\'s 200 is the first thing on the wire';
     my $res = parse_response($raw);
     is decode_body($res)->{read}, 0, 'with the app\'s body' if $res;
+};
+
+# ---------------------------------------------------------------------------
+# What the app heard, by tag: it is recorded after the response went out.
+sub heard_after_end {
+    my ($tag) = @_;
+    my $t0 = time;
+    while ( time - $t0 < 8 ) {
+        my $got = decode_body( http_request( $port, 'GET', "/after-end?$tag" ) );
+        return $got if $got && @$got;
+        sleep 0.1;
+    }
+    return [];
+}
+
+subtest 'a receive after the response completed hears http.disconnect, not the unread body' => sub {
+    for my $round ( 1 .. 3 ) {
+        my $tag  = "after$round";
+        my $sock = connect_port($port);
+        # A 1 MiB body of which a quarter is sent: the app answers first.
+        $sock->syswrite( "POST /respond-then-receive?$tag HTTP/1.1\r\nHost: 127.0.0.1:$port\r\n"
+              . "Content-Length: 1048576\r\n\r\n" . ( 'b' x 262_144 ) );
+        my $raw = read_until( $sock, qr/\r\n\r\nok\n/, 5 );
+        like $raw, qr{\AHTTP/1\.1 200 .*ok\n\z}s, "round $round: the app's response came before the body ended";
+        my $t0    = time;
+        my $heard = heard_after_end($tag);
+        is_deeply $heard, ['http.disconnect'], "round $round: its receives heard only http.disconnect";
+        cmp_ok time - $t0, '<', 2, "round $round: at once, not after the app's 3 s timeout";
+        close $sock;
+    }
+};
+
+subtest 'a receive waiting for the body when the response completes hears http.disconnect' => sub {
+    my $sock = connect_port($port);
+    $sock->syswrite( "POST /receive-across-end?across HTTP/1.1\r\nHost: 127.0.0.1:$port\r\n"
+          . "Content-Length: 100\r\n\r\n" );
+    my $raw = read_until( $sock, qr/\r\n\r\nok\n/, 5 );
+    like $raw, qr{\AHTTP/1\.1 200 .*ok\n\z}s, 'the app responded with none of the body sent';
+    my $t0 = time;
+    is_deeply heard_after_end('across'), ['http.disconnect'], 'the waiting receive heard http.disconnect';
+    cmp_ok time - $t0, '<', 2, 'at once, not after the app\'s 3 s timeout';
+    close $sock;
 };
 
 # ---------------------------------------------------------------------------

@@ -116,6 +116,19 @@ my $app = async sub {
             detail => $c->disconnect_detail, connected => $c->is_connected ? 1 : 0 });
         return;
     }
+    if ($path eq '/respond-then-receive') {
+        # Responds before reading any of the body, then reads to the end:
+        # what it hears is the scope's end, not the body.
+        await reply($send, 'ok');
+        my @heard;
+        while (@heard < 10) {
+            my $ev = await next_event($receive, 3);
+            push @heard, $ev->{type};
+            last if $ev->{type} ne 'http.request';
+        }
+        rec("$name.after", { heard => \@heard });
+        return;
+    }
     if ($path eq '/abort') {
         if ($q->{start}) {
             # Abort once the client has seen the head and 'partial': it
@@ -283,6 +296,28 @@ PY
     is $r->{after}{body}, 'ok:after', '... with its body';
     is $r->{goaway}, undef, 'no GOAWAY';
     ok !$r->{closed}, 'the connection stays open';
+};
+
+# ---------------------------------------------------------------------------
+subtest 'a receive after the response completed hears http.disconnect' => sub {
+    # A 1 MiB body declared, 32 KiB of it sent: the app responds first.
+    my $r = h2( <<'PY' );
+d = ARGS['dir']
+c = connect()
+sid = c.request('POST', '/respond-then-receive?name=after-end', headers=[('content-length', '1048576')],
+                body=b'b' * 32768, end_stream=False)
+s = c.wait_stream(sid)
+t0 = time.monotonic()
+heard = wait_file_lines(d + '/after-end.after', 1, c)
+emit({'stream': s, 'seconds': time.monotonic() - t0, 'after': c.wait_stream(c.request('GET', '/ok?after'))})
+PY
+    return fail 'the script ran' unless $r;
+    is $r->{stream}{status}, 200, 'the response came before the body ended';
+    is $r->{stream}{body}, 'ok', '... whole';
+    my ($after) = records('after-end.after');
+    is_deeply $after->{heard}, ['http.disconnect'], 'the receives after it heard only http.disconnect';
+    cmp_ok $r->{seconds}, '<', 2, "at once, not after the app's 3 s timeout";
+    is $r->{after}{body}, 'ok:after', 'the connection serves the next stream';
 };
 
 # ---------------------------------------------------------------------------

@@ -140,6 +140,12 @@ sub _finished {
 
 sub _receive {
     my ($self) = @_;
+    # Once the response is complete the scope has ended: a receive reports
+    # that end, not the request body, read or not (Www 0.6, "Disconnect -
+    # receive event"; the reference server does the same).  Nothing would
+    # fetch the rest of the body for it: the core stops reading a request
+    # whose exchange is over, so a receive waiting here would wait for ever.
+    return $self->_disconnect_event if $self->[COMPLETE];
     my $q = $self->[QUEUE];
     if ( $q && @$q ) {
         my $ev = shift @$q;
@@ -159,9 +165,6 @@ sub _receive {
     if ( $body == BODY_EMPTY ) {
         $self->[BODY] = BODY_DONE;
         return Future->done( { type => 'http.request', body => '', more => 0 } );
-    }
-    if ( $body == BODY_DONE && $self->[COMPLETE] ) {
-        return $self->_disconnect_event;
     }
     if ( $body == BODY_AWAIT_CONTINUE ) {
         # First read: now the core may answer 100 Continue and read.
@@ -206,6 +209,9 @@ sub _past_disconnect_receives {
 
 sub _on_body {
     my ( $self, $data, $more ) = @_;
+    # A chunk the core sent before the response completed: no receive will
+    # report it (_receive).
+    return if $self->[COMPLETE];
     my $ev = { type => 'http.request', body => $data, more => $more ? 1 : 0 };
     $self->[BODY] = BODY_DONE unless $more;
     my $wait = $self->[RECV_WAIT];
@@ -427,9 +433,10 @@ sub _response_complete {
     my ($self) = @_;
     $self->[COMPLETE] = 1;
     $self->_notify_later if $self->_terminal(1);
-    # A receive parked after the body was read now learns the request is over.
+    # A receive parked before now learns the request is over, whether or not
+    # the body had been read: none of it is reported after the end.
     my $wait = $self->[RECV_WAIT];
-    if ( $wait && !$wait->is_ready && $self->[BODY] == BODY_DONE ) {
+    if ( $wait && !$wait->is_ready ) {
         $self->[RECV_WAIT] = undef;
         $wait->done( { type => 'http.disconnect' } );
     }
@@ -593,8 +600,9 @@ sub _on_network_gone {
 sub _settle {
     my ( $self, $clean ) = @_;
     my $wait = $self->[RECV_WAIT];
-    # With body chunks still on their way, the first of them settles it.
-    if ( $wait && !$wait->is_ready && !_body_on_its_way($self) ) {
+    # After an abnormal end, body chunks still on their way come first (the
+    # first of them settles it); after the response completed, none does.
+    if ( $wait && !$wait->is_ready && ( $self->[COMPLETE] || !_body_on_its_way($self) ) ) {
         $self->[RECV_WAIT] = undef;
         $wait->done( $self->_end_event );
     }

@@ -18,8 +18,8 @@ static MGVTBL receiver_vtbl; /* marks our magic; no callbacks */
  * streamed request body: a chunk already queued (a Future done with it),
  * and a body still on its way (the pending Future the next chunk
  * resolves).  About 55 Perl ops per receive otherwise.  NULL when Perl
- * answers: no body, its end, a disconnect, 100 Continue, a subclass, or a
- * slot holding what this code does not expect. */
+ * answers: no body, its end, a completed response, a disconnect, 100
+ * Continue, a subclass, or a slot holding what this code does not expect. */
 static SV *receive_streaming(pTHX_ interp_lookups *L, SV *self)
 {
     AV *req;
@@ -27,6 +27,9 @@ static SV *receive_streaming(pTHX_ interp_lookups *L, SV *self)
     if (!SvROK(self) || SvTYPE(SvRV(self)) != SVt_PVAV || SvSTASH(SvRV(self)) != L->http_stash)
         return NULL;
     req = (AV *)SvRV(self);
+    /* The response is complete: the end is reported, not the body. */
+    if (slot_true(aTHX_ req, SLOT_COMPLETE))
+        return NULL;
     queue_p = request_slot(aTHX_ req, SLOT_QUEUE);
     if (queue_p && SvOK(*queue_p)) {
         AV *queue;

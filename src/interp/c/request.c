@@ -353,6 +353,9 @@ static int deliver_body(pTHX_ interp_lookups *L, const pagi_msg *m)
     if (!SvROK(*entry) || SvTYPE(SvRV(*entry)) != SVt_PVAV || SvSTASH(SvRV(*entry)) != L->http_stash)
         return 0;
     req = (AV *)SvRV(*entry);
+    /* Sent before the response completed: no receive will report it. */
+    if (slot_true(aTHX_ req, SLOT_COMPLETE))
+        return 1;
     if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait))
         return 0;
     queue = request_slot(aTHX_ req, SLOT_QUEUE);
