@@ -5,7 +5,7 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use IO::Socket::INET;
-use Time::HiRes qw(time);
+use Time::HiRes qw(time sleep);
 
 # An http request's $send and $receive that nothing but the server holds
 # when the request ends are kept and bound to the next request
@@ -18,7 +18,7 @@ my $app = write_app( <<'PERL', 'spare_subs.pl' );
 use strict; use warnings; use Future::AsyncAwait; use Future::IO; use JSON::PP ();
 use Scalar::Util qw(weaken blessed refaddr set_prototype);
 use Sub::Util qw(set_subname subname);
-my (@held, $weak_send, $weak_receive);
+my (@held, $weak_send, $weak_receive, $release);
 my $app = async sub {
     my ($scope, $receive, $send) = @_;
     return if $scope->{type} eq 'lifespan';
@@ -47,7 +47,14 @@ my $app = async sub {
     elsif ($path eq '/bless')      { bless $send, 'Some::Class'; bless $receive, 'Some::Class' }
     elsif ($path eq '/prototype')  { &set_prototype($send, '$'); &set_prototype($receive, '$$') }
     elsif ($path eq '/name')       { set_subname 'Some::name', $send; set_subname 'Some::other', $receive }
-    elsif ($path eq '/slow')       { await Future::IO->sleep(0.3) }
+    elsif ($path eq '/slow')       {
+        # Waits for /release (or 10 s), so that the test's other requests
+        # all come while it waits, however slow the build.
+        $release = Future->new;
+        await Future->wait_any( $release, Future::IO->sleep(10) );
+    }
+    elsif ($path eq '/waiting')    { $d{waiting} = $release && !$release->is_ready ? 1 : 0 }
+    elsif ($path eq '/release')    { $release->done if $release && !$release->is_ready }
     elsif ($path eq '/body')       {
         my $body = '';
         while (1) {
@@ -135,9 +142,15 @@ subtest 'each request\'s $receive reads its own body' => sub {
 subtest 'a request waiting keeps its subs while others come and go' => sub {
     my $slow = connect_port($port);
     $slow->syswrite("GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    # Requests on another connection may overtake it; those before it
+    # started may rightly have handed it their subs.
+    my ( $t0, $waiting ) = (time);
+    sleep 0.01 until ( $waiting = ask('/waiting')->{waiting} ) || time - $t0 > 5;
+    ok $waiting, '/slow is waiting';
     my @fast = map { ask('/plain') } 1 .. 5;
     ok $_->{plain}, 'a request while /slow waits' for @fast;
     is post( $sock, "body $_" )->{body}, "body $_", "a body while /slow waits ($_)" for 1 .. 2;
+    ok ask('/release')->{plain}, 'and the request that ends the wait';
     my ($buf) = read_sock( $slow, qr/\}/, 5 );
     my ($json) = $buf =~ /(\{.*\})/s;
     my $d = JSON::PP->new->decode( $json // '{}' );
