@@ -94,6 +94,30 @@ my $app = async sub {
         await $respond_ok->($send);
         $after_end{ $scope->{query_string} } = [ await $heard->($waiting) ];
     }
+    elsif ( $path eq '/concurrent' ) {
+        # Three receives called before the body comes: each takes the
+        # chunk after the one before it; a cancelled one leaves its chunk
+        # to the next.  The body, put back together, is what was sent.
+        my @waiting = map { $receive->() } 1 .. 3;
+        my $distinct = ( $waiting[0] != $waiting[1] && $waiting[1] != $waiting[2] ) ? 1 : 0;
+        $waiting[0]->cancel if $scope->{query_string} eq 'cancel';
+        my ( $body, $events ) = ( '', 0 );
+        my $more = 1;
+        for my $f ( @waiting[ ( $scope->{query_string} eq 'cancel' ? 1 : 0 ) .. 2 ] ) {
+            my $e = await $f;
+            $events++;
+            $body .= $e->{body} // '';
+            $more = $e->{more};
+            last unless $more;
+        }
+        while ($more) {
+            my $e = await $receive->();
+            last if $e->{type} ne 'http.request';
+            $body .= $e->{body};
+            $more = $e->{more};
+        }
+        await $reply->( $send, { distinct => $distinct, len => length $body, sha => sha1_hex($body) } );
+    }
     elsif ( $path eq '/after-end' ) {
         await $reply->( $send, $after_end{ $scope->{query_string} } // [] );
     }
@@ -226,6 +250,29 @@ subtest 'no 100 Continue when the app responds without reading' => sub {
     like $raw, qr{\AHTTP/1\.1 200 }, 'the app\'s 200 is the first thing on the wire';
     my $res = parse_response($raw);
     is decode_body($res)->{read}, 0, 'with the app\'s body' if $res;
+};
+
+# ---------------------------------------------------------------------------
+subtest 'receives called together get one chunk each, in order' => sub {
+    my $body = join '', map { chr( 65 + $_ % 26 ) x 16384 } 0 .. 63;    # 1 MiB, a letter per 16 KiB
+    for my $case ( '', 'cancel' ) {
+        my $sock = connect_port($port);
+        $sock->syswrite( "POST /concurrent?$case HTTP/1.1\r\nHost: 127.0.0.1:$port\r\n"
+              . "Content-Length: " . length($body) . "\r\nConnection: close\r\n\r\n" );
+        sleep 0.3;    # the app's receives are waiting before the body comes
+        my $off = 0;
+        while ( $off < length $body ) {
+            my $n = $sock->syswrite( $body, 65536, $off );
+            last unless defined $n;
+            $off += $n;
+        }
+        my $res = parse_response( read_until( $sock, qr/\}/, 10 ) );
+        my $got = decode_body($res) // {};
+        my $what = $case ? 'the first cancelled' : 'all three awaited';
+        is $got->{distinct}, 1, "$what: three Futures";
+        is $got->{len}, length $body, "$what: the body's length, nothing twice, nothing lost";
+        is $got->{sha}, sha1_hex($body), "$what: its bytes in order";
+    }
 };
 
 # ---------------------------------------------------------------------------

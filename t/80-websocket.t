@@ -81,6 +81,24 @@ my \$app = async sub {
         await drain_until_end(\$receive);
         return;
     }
+    if (\$path eq '/concurrent') {
+        # Receives called while earlier ones wait take the events after theirs.
+        await \$receive->();
+        await \$send->({ type => 'websocket.accept' });
+        my \@waiting = map { \$receive->() } 1 .. 3;
+        my \$distinct = (\$waiting[0] != \$waiting[1] && \$waiting[1] != \$waiting[2]) ? 1 : 0;
+        await \$send->({ type => 'websocket.send', text => "ready:\$distinct" });
+        my \@got = await Future->needs_all(\@waiting);
+        await \$send->({ type => 'websocket.send', text => 'C:' . join(',', map { \$_->{text} } \@got) });
+        # A cancelled first leaves the next message to the one after it.
+        my (\$first, \$second) = (\$receive->(), \$receive->());
+        \$first->cancel;
+        await \$send->({ type => 'websocket.send', text => 'cancelled' });
+        my \$ev = await \$second;
+        await \$send->({ type => 'websocket.send', text => "X:\$ev->{text}" });
+        await drain_until_end(\$receive);
+        return;
+    }
     if (\$path eq '/slow-accept') {
         my \$first = await \$receive->();
         rec('slow-accept', { event => \$first, at => time });
@@ -625,6 +643,19 @@ subtest 'messages: text, non-ASCII, binary, outgoing encoding' => sub {
     my ($end) = wait_records('echo.end');
     is_deeply $end, { type => 'websocket.disconnect', code => 1000, reason => 'fine' }, 'app saw 1000 fine';
     unlink "$dir/echo.end";
+};
+
+subtest 'receives called together get one message each, in order' => sub {
+    my $ws = PagiRS::WS->connect( $port, path => '/concurrent' );
+    ok $ws->upgraded, 'upgraded';
+    is next_text($ws), 'ready:1', 'three receives waiting, three Futures';
+    $ws->send_text($_) for qw(one two three);
+    is next_text($ws), 'C:one,two,three', 'each got its own message, in the order they were called';
+    is next_text($ws), 'cancelled', 'then a waiting receive cancelled, and one after it';
+    $ws->send_text('four');
+    is next_text($ws), 'X:four', 'the receive after the cancelled one gets the next message';
+    $ws->close(1000);
+    $ws->wait_close(2);
 };
 
 subtest 'messages: fragmented, ping/pong' => sub {

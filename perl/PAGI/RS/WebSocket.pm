@@ -100,7 +100,7 @@ sub _receive {
         return Future->done( $self->_end_event );
     }
     my $wait = $self->[RECV_WAIT];
-    return $wait if $wait && !$wait->is_ready;
+    return PAGI::RS::HTTP::_receive_after( $self, $wait, \&_receive ) if $wait && !$wait->is_ready;
     return $self->[RECV_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 

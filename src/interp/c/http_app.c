@@ -19,7 +19,8 @@ static MGVTBL receiver_vtbl; /* marks our magic; no callbacks */
  * and a body still on its way (the pending Future the next chunk
  * resolves).  About 55 Perl ops per receive otherwise.  NULL when Perl
  * answers: no body, its end, a completed response, a disconnect, 100
- * Continue, a subclass, or a slot holding what this code does not expect. */
+ * Continue, a receive already waiting, a subclass, or a slot holding what
+ * this code does not expect. */
 static SV *receive_streaming(pTHX_ interp_lookups *L, SV *self)
 {
     AV *req;

@@ -301,17 +301,17 @@ int pending_in_slot(pTHX_ AV *req, SSize_t slot, SV **wait)
     return 1;
 }
 
-/* What a receive returns when nothing is queued for it: the pending Future
- * in the request's RECV_WAIT slot, or a new one left there for the next
- * event to resolve.  NULL when Perl decides (the slot holds what C does
- * not know, or only Perl may make Futures now). */
+/* What a receive returns when nothing is queued for it: a new pending
+ * Future, left in the request's RECV_WAIT slot for the next event to
+ * resolve.  NULL when Perl decides: a receive already waits there, the
+ * slot holds what C does not know, or only Perl may make Futures now. */
 SV *pending_receive(pTHX_ AV *req)
 {
     SV *wait, *f;
-    if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait))
+    /* With one already waiting, this receive must get the event after
+     * that one's: HTTP.pm's _receive_after. */
+    if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait) || wait)
         return NULL;
-    if (wait)
-        return sv_mortalcopy(wait);
     if (!(f = pending_new_on_bridge_loop(aTHX)))
         return NULL;
     av_store(req, SLOT_RECV_WAIT, newSVsv(f));
