@@ -245,6 +245,35 @@ PERL
     unlike $err, qr/listening on/, 'no startup line';
 };
 
+subtest 'two receives waiting: the first gets lifespan.shutdown' => sub {
+    my $mk  = "$TMP/marker-two-waiting";
+    my $app = write_app( <<"PERL", 'two_waiting.pl' );
+use strict; use warnings; use Future::AsyncAwait;
+my \$app = async sub {
+    my (\$scope, \$receive, \$send) = \@_;
+    if (\$scope->{type} eq 'lifespan') {
+        await \$receive->();
+        await \$send->({ type => 'lifespan.startup.complete' });
+        my \@waiting = (\$receive->(), \$receive->());
+        my \$ev = await \$waiting[0];
+        open my \$fh, '>', '$mk' or die "marker: \$!";
+        print \$fh "first heard \$ev->{type}, second ready: " . (\$waiting[1]->is_ready ? 1 : 0);
+        close \$fh;
+        await \$send->({ type => 'lifespan.shutdown.complete' });
+        return;
+    }
+    await \$send->({ type => 'http.response.start', status => 200, headers => [] });
+    await \$send->({ type => 'http.response.body', body => 'ok' });
+};
+\$app;
+PERL
+    my $s = start_server($app);
+    is http_request( $s->port, 'GET', '/' )->{status}, 200, 'started and serving';
+    is $s->stop( 'TERM', 15 ), 0, 'exit 0 after SIGTERM';
+    is slurp($mk), 'first heard lifespan.shutdown, second ready: 0',
+      'the first receive got lifespan.shutdown; the second still waits for an event after it';
+};
+
 for my $sig (qw(TERM INT)) {
     subtest "SIG$sig runs lifespan.shutdown and exits 0" => sub {
         my $mk = "$TMP/marker-$sig";

@@ -158,7 +158,7 @@ sub _receive {
         # arrived before it are still queued for this interpreter: they come
         # first, and _on_body hands the next one to this receive.
         my $pending = $self->[RECV_WAIT];
-        return _receive_after( $self, $pending, \&_receive ) if $pending && !$pending->is_ready;
+        return _receive_after_earlier( $self, $pending ) if $pending && !$pending->is_ready;
         return $self->[RECV_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
     }
     my $body = $self->[BODY];
@@ -172,32 +172,18 @@ sub _receive {
         PAGI::RS::_want_body( $self->[ID] );
     }
     if ( my $pending = $self->[RECV_WAIT] ) {
-        return _receive_after( $self, $pending, \&_receive ) unless $pending->is_ready;
+        return _receive_after_earlier( $self, $pending ) unless $pending->is_ready;
     }
     return $self->[RECV_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 
-# A receive called while an earlier one still waits: it gets the event
-# after that one's, not the same one (handing both the same body chunk
-# would give the app its bytes twice).  Its own receive starts once the
-# earlier has settled, whether done, failed or cancelled by the app, so
-# the events reach the callers in the order they called.  $receive is the
-# class's own (WebSocket.pm's for a websocket scope; HTTP's under SSE.pm,
-# which renames what it gets).  Cancelling the returned Future cancels the
-# receive it started, which leaves its event queued for the next.
-sub _receive_after {
-    my ( $self, $earlier, $receive ) = @_;
-    my $next = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
-    my $own;
-    $earlier->on_ready(
-        sub {
-            return if $next->is_ready;
-            $own = $receive->($self);
-            $own->on_ready($next);
-        }
-    );
-    $next->on_cancel( sub { $own->cancel if $own && !$own->is_ready } );
-    return $next;
+# A receive made while an earlier one still waits gets the event after
+# that one's, not the same one: handing both the same body chunk would give
+# the app its bytes twice (PAGI::RS::Pending::after).  Under SSE.pm this is
+# the http receive, which SSE.pm renames.
+sub _receive_after_earlier {
+    my ( $self, $earlier ) = @_;
+    return PAGI::RS::Pending::after( $earlier, sub { _receive($self) } );
 }
 
 # Body chunks the core has queued for this interpreter and it has not yet

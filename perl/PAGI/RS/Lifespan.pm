@@ -14,8 +14,12 @@ use PAGI::RS::Constants qw(lifespan log);
 
 my ( @queue, $waiting, $startup_answered, $shutdown_answered, $app_future, $ended );
 
+# A receive made while another waits gets the event after that one's
+# (PAGI::RS::Pending::after), instead of taking over the wait and leaving
+# the earlier one pending for ever.
 sub _receive {
     return Future->done( shift @queue ) if @queue;
+    return PAGI::RS::Pending::after( $waiting, \&_receive ) if $waiting && !$waiting->is_ready;
     return $waiting = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 

@@ -188,4 +188,25 @@ sub _lean_get {
     return wantarray ? @{ $self->{result} } : $self->{result}[0];
 }
 
+# A receive made while an earlier one of the same scope still waits (the
+# scopes' _receive): a pending Future of its own that, once $earlier has
+# settled (done, failed or cancelled by the app), calls $start for its own
+# receive and settles as that does.  The events so reach the callers in the
+# order they called.  Cancelling it cancels the receive $start made, whose
+# event then stays queued for the next receive.
+sub after {
+    my ( $earlier, $start ) = @_;
+    my $next = __PACKAGE__->new($PAGI::RS::Bridge::LOOP);
+    my $own;
+    $earlier->on_ready(
+        sub {
+            return if $next->is_ready;
+            $own = $start->();
+            $own->on_ready($next);
+        }
+    );
+    $next->on_cancel( sub { $own->cancel if $own && !$own->is_ready } );
+    return $next;
+}
+
 1;

@@ -100,7 +100,8 @@ sub _receive {
         return Future->done( $self->_end_event );
     }
     my $wait = $self->[RECV_WAIT];
-    return PAGI::RS::HTTP::_receive_after( $self, $wait, \&_receive ) if $wait && !$wait->is_ready;
+    # One made while another waits gets the message after that one's.
+    return PAGI::RS::Pending::after( $wait, sub { _receive($self) } ) if $wait && !$wait->is_ready;
     return $self->[RECV_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
 }
 

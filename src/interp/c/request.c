@@ -309,7 +309,7 @@ SV *pending_receive(pTHX_ AV *req)
 {
     SV *wait, *f;
     /* With one already waiting, this receive must get the event after
-     * that one's: HTTP.pm's _receive_after. */
+     * that one's: Pending.pm's after. */
     if (!pending_in_slot(aTHX_ req, SLOT_RECV_WAIT, &wait) || wait)
         return NULL;
     if (!(f = pending_new_on_bridge_loop(aTHX)))
