@@ -95,9 +95,10 @@ my $app = async sub {
         $after_end{ $scope->{query_string} } = [ await $heard->($waiting) ];
     }
     elsif ( $path eq '/concurrent' ) {
-        # Three receives called before the body comes: each takes the
-        # chunk after the one before it; a cancelled one leaves its chunk
-        # to the next.  The body, put back together, is what was sent.
+        # Three receives called before the body comes (the client waits
+        # for 100 Continue): each takes the chunk after the one before it;
+        # a cancelled one leaves its chunk to the next.  The body, put
+        # back together, is what was sent.
         my @waiting = map { $receive->() } 1 .. 3;
         my $distinct = ( $waiting[0] != $waiting[1] && $waiting[1] != $waiting[2] ) ? 1 : 0;
         $waiting[0]->cancel if $scope->{query_string} eq 'cancel';
@@ -257,9 +258,11 @@ subtest 'receives called together get one chunk each, in order' => sub {
     my $body = join '', map { chr( 65 + $_ % 26 ) x 16384 } 0 .. 63;    # 1 MiB, a letter per 16 KiB
     for my $case ( '', 'cancel' ) {
         my $sock = connect_port($port);
+        # The first receive asks for 100 Continue; the app has made all
+        # three (and cancelled the first) in that turn, before the body.
         $sock->syswrite( "POST /concurrent?$case HTTP/1.1\r\nHost: 127.0.0.1:$port\r\n"
-              . "Content-Length: " . length($body) . "\r\nConnection: close\r\n\r\n" );
-        sleep 0.3;    # the app's receives are waiting before the body comes
+              . "Expect: 100-continue\r\nContent-Length: " . length($body) . "\r\nConnection: close\r\n\r\n" );
+        like read_until( $sock, qr/\r\n\r\n/, 5 ), qr{\AHTTP/1\.1 100 Continue\r\n}, 'the receives are waiting';
         my $off = 0;
         while ( $off < length $body ) {
             my $n = $sock->syswrite( $body, 65536, $off );
