@@ -16,6 +16,7 @@
 //! `signals` the server's own signal handling.
 
 mod access_log;
+mod allocator;
 mod body;
 mod cli;
 mod dormant;
@@ -52,10 +53,9 @@ use crate::interp::LoadSpec;
 use crate::serving::{AccessLogDest, Prepared, Role};
 use crate::supervisor::Inherited;
 
-/// Per-request allocations (scope, exchange, frames) cross threads; mimalloc
-/// handles that pattern with far less contention than glibc's malloc.
+/// mimalloc, for allocations that cross threads (see allocator.rs).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::Allocator = allocator::Allocator;
 
 fn main() -> ExitCode {
     let opts = Options::parse();
