@@ -21,6 +21,9 @@ use crate::interp::Pool;
 use crate::service::ConnInfo;
 use crate::tls::{self, AppProtocol, Tls};
 
+/// When accept(2) fails: go on, or wait, and what to log.
+mod accept_failure;
+
 /// Everything a connection task needs, shared.
 pub struct Server {
     pub pool: Pool,
@@ -236,6 +239,16 @@ impl Listener {
         })
     }
 
+    /// The listener as logs name it.
+    fn name(&self) -> String {
+        match self {
+            Listener::Tcp(listener) => listener
+                .local_addr()
+                .map_or_else(|_| "a TCP listener".to_string(), |a| a.to_string()),
+            Listener::Unix { path, .. } => format!("unix:{}", String::from_utf8_lossy(path)),
+        }
+    }
+
     /// The next connection and its facts.
     async fn accept(&self) -> io::Result<(Connection, ConnInfo)> {
         match self {
@@ -355,14 +368,25 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let server = &shared.server;
+    let mut failing = accept_failure::Spell::default();
     loop {
         let (connection, info) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    if let Some(report) = failing.accepted(std::time::Instant::now()) {
+                        log_accept_failure(&listener, &report, None);
+                    }
+                    pair
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if accept_failure::cause(&e) == accept_failure::Cause::OneConnection {
+                        tracing::debug!("{}: a connection failed before it was taken: {e}", listener.name());
+                        continue;
+                    }
+                    if let Some(report) = failing.failed(std::time::Instant::now()) {
+                        log_accept_failure(&listener, &report, Some(&e));
+                    }
+                    tokio::time::sleep(accept_failure::RETRY_AFTER).await;
                     continue;
                 }
             },
@@ -403,6 +427,31 @@ async fn accept_loop(
                 }
             }
         });
+    }
+}
+
+/// Log a spell of failed accepts on `listener` (see accept_failure.rs).
+fn log_accept_failure(
+    listener: &Listener,
+    report: &accept_failure::Report,
+    error: Option<&io::Error>,
+) {
+    use accept_failure::Report;
+    let name = listener.name();
+    let error = error.map_or_else(String::new, |e| e.to_string());
+    match report {
+        Report::Began => tracing::warn!(
+            "{name}: cannot accept connections: {error}; retrying every {} ms, new connections wait in the listen queue",
+            accept_failure::RETRY_AFTER.as_millis()
+        ),
+        Report::Continues { failures, lasted } => tracing::warn!(
+            "{name}: still cannot accept connections after {failures} attempts over {} s: {error}",
+            lasted.as_secs()
+        ),
+        Report::Ended { failures, lasted } => tracing::info!(
+            "{name}: accepting connections again after {failures} failed attempts over {} ms",
+            lasted.as_millis()
+        ),
     }
 }
 

@@ -153,4 +153,38 @@ subtest '--max-queued-requests: a busy interpreter does not queue without bound'
     $s->stop;
 };
 
+subtest 'out of descriptors: accept waits, logs once, and serves again once they free up' => sub {
+    my $s    = start_server($app);
+    my $port = $s->port;
+    my $pid  = $s->pid;
+    my ($hard) = slurp("/proc/$pid/limits") =~ /^Max open files\s+\S+\s+(\S+)/m
+      or die "no open-file limit in /proc/$pid/limits";
+    # Room for three more descriptors than the server holds now, far below
+    # its --max-connections (resolved from the limit it started with).
+    my $open = () = glob "/proc/$pid/fd/*";
+    system( 'prlimit', "--pid=$pid", '--nofile=' . ( $open + 3 ) . ":$hard" ) == 0
+      or die "prlimit failed: $?";
+    my @clients = map {
+        my $c = connect_port($port);    # the kernel completes it in the listen queue
+        $c->syswrite("GET /held$_ HTTP/1.1\r\nHost: x\r\n\r\n");
+        $c;
+    } 1 .. 10;
+    ok $s->wait_output( qr/127\.0\.0\.1:$port: cannot accept connections: Too many open files .*listen queue/, 5 ),
+      'running out is logged, with the listener and what happens meanwhile';
+    my ($first) = read_sock( $clients[0], qr/ok \/held1/, 5 );
+    like $first, qr{\AHTTP/1\.1 200}, 'a connection taken before the limit is served';
+    sleep 1;    # about twenty retries
+    my $said = () = $s->output =~ /cannot accept connections/g;
+    is $said, 1, 'logged once, not at every retry';
+    ok $s->is_running, 'the server keeps running';
+
+    # The clients leave; their descriptors free up, and the queue drains.
+    close $_ for @clients;
+    ok $s->wait_output( qr/127\.0\.0\.1:$port: accepting connections again after \d+ failed attempts over \d+ ms/, 10 ),
+      'the end of the shortage is logged';
+    my $res = http_request( $port, 'GET', '/after' );
+    is $res->{status}, 200, 'a new connection is served';
+    $s->stop;
+};
+
 done_testing;
