@@ -3,7 +3,8 @@
 # (new code is picked up), starts its workers, and once they are ready the
 # old master retires its own and exits.  No connection is refused on the
 # way; the pid file ends up naming the new master.  A new master that
-# cannot start leaves the old one serving.
+# cannot start leaves the old one serving.  It is also how a renewed TLS
+# certificate is taken up: HUP's workers keep the one the master loaded.
 use strict;
 use warnings;
 use Test::More;
@@ -13,6 +14,7 @@ use PagiRS::Test;
 use PagiRS::Workers;
 use File::Temp qw(tempdir);
 use Time::HiRes qw(time sleep);
+use IO::Socket::SSL;
 
 my $dir = tempdir( CLEANUP => 1 );
 
@@ -85,6 +87,48 @@ subtest 'USR2 whose new master cannot load the app: the old one keeps serving' =
     is_deeply [ wait_workers( $s->pid, 2, 2 ) ], [ sort { $a <=> $b } @w ], 'the old workers still serve';
     is body_of( $s->port ), 'good', 'the old code answers';
     is $s->stop('TERM'), 0, 'stops cleanly';
+};
+
+subtest 'a renewed TLS certificate: HUP keeps the loaded one, USR2 reads the files again' => sub {
+    for my $name (qw(first renewed)) {
+        my $out = `openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=$name -keyout $dir/$name.key -out $dir/$name.pem 2>&1`;
+        die "openssl failed: $out" if $?;
+    }
+    my $install = sub {
+        my ($name) = @_;
+        for my $ext (qw(pem key)) {
+            open my $in,  '<', "$dir/$name.$ext"   or die;
+            open my $out, '>', "$dir/current.$ext" or die;
+            print {$out} do { local $/; <$in> };
+            close $out;
+        }
+    };
+    my $served = sub {
+        my ($port) = @_;
+        my $c = IO::Socket::SSL->new( PeerAddr => '127.0.0.1', PeerPort => $port, Timeout => 5,
+            SSL_verify_mode => IO::Socket::SSL::SSL_VERIFY_NONE() ) or return "no handshake: $IO::Socket::SSL::SSL_ERROR";
+        my $cn = $c->peer_certificate('cn');
+        close $c;
+        return $cn;
+    };
+    my $app = "$dir/tls_app.pl";
+    versioned_app( $app, 'tls' );
+    $install->('first');
+    my $s = start_server( '-w', 2, '--ssl-cert', "$dir/current.pem", '--ssl-key', "$dir/current.key", $app );
+    wait_workers( $s->pid, 2, 5 );
+    is $served->( $s->port ), 'first', 'serving the first certificate';
+    $install->('renewed');
+    kill 'HUP', $s->pid;
+    ok $s->wait_output( qr/HUP: the new workers are ready; the old ones retire/, 10 ), 'HUP: new workers';
+    is $served->( $s->port ), 'first', 'which keep the certificate the master loaded';
+    kill 'USR2', $s->pid;
+    ok $s->wait_output( qr/the new master \(pid (\d+)\) is serving: retiring this master's workers/, 10 ),
+      'USR2: a new master';
+    my ($new) = $s->output =~ /the new master \(pid (\d+)\) is serving/;
+    is $s->stop( 'CHLD', 15 ), 0, 'the old master exits';
+    is $served->( $s->port ), 'renewed', 'the new master serves the renewed certificate';
+    kill 'TERM', $new;
+    ok wait_gone( 10, $new ), 'TERM stops the new master';
 };
 
 done_testing;
