@@ -201,9 +201,11 @@ fn run(
     // Certificates and keys are read before anything else: a bad file is
     // reported before the app loads and before any port is bound.
     let tls = match opts.tls_settings()? {
-        Some(settings) => Some(Arc::new(
-            settings.load(tls::OFFERED_PROTOCOLS, opts.handshake_timeout())?,
-        )),
+        Some(settings) => Some(Arc::new(tls::Reloadable::load(
+            settings,
+            tls::OFFERED_PROTOCOLS,
+            opts.handshake_timeout(),
+        )?)),
         None => None,
     };
     // Production (-E) logs no requests unless told where to.

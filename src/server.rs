@@ -19,7 +19,7 @@ use crate::http1::gate::Limits;
 use crate::http2::Sniffed;
 use crate::interp::Pool;
 use crate::service::ConnInfo;
-use crate::tls::{self, AppProtocol, Tls};
+use crate::tls::{self, AppProtocol, Reloadable, Tls};
 
 /// When accept(2) fails: go on, or wait, and what to log.
 mod accept_failure;
@@ -49,8 +49,9 @@ pub struct Server {
     /// `--max-queued-requests`: requests waiting for an interpreter.
     pub max_queued_requests: usize,
     /// `--ssl-cert`: every connection is TLS, its handshake made in the
-    /// connection's own task.
-    pub tls: Option<Arc<Tls>>,
+    /// connection's own task with the configuration in force when it was
+    /// accepted.
+    pub tls: Option<Arc<Reloadable>>,
     /// Set when this process retires while others take over its work (a
     /// worker replaced on HUP, TTOU, `--max-requests` or a binary upgrade):
     /// each HTTP/1.1 connection answers its next request with `Connection:
@@ -403,7 +404,7 @@ async fn accept_loop(
             }
             match (connection, &server.tls) {
                 (Connection::Tcp(stream), Some(tls)) => {
-                    tokio::spawn(refuse_busy_tls(tls.clone(), stream))
+                    tokio::spawn(refuse_busy_tls(tls.current(), stream))
                 }
                 (Connection::Tcp(stream), None) => tokio::spawn(refuse_busy(stream)),
                 (Connection::Unix(stream), _) => tokio::spawn(refuse_busy(stream)),
@@ -419,7 +420,7 @@ async fn accept_loop(
             let server = shared.server.clone();
             match connection {
                 Connection::Tcp(stream) => {
-                    let tls = server.tls.clone();
+                    let tls = server.tls.as_ref().map(|tls| tls.current());
                     serve_connection(stream, info, tls, server, &shared.http1, signals).await
                 }
                 Connection::Unix(stream) => {

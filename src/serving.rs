@@ -16,7 +16,7 @@ use crate::exchange::ExchangeConfig;
 use crate::interp::{LoadSpec, Loaded, Pool};
 use crate::server::{Drain, RequestLimit, Server};
 use crate::signals::{AsyncSignals, SignalPipe};
-use crate::tls::Tls;
+use crate::tls::Reloadable;
 use crate::worker::{Channel, Orders, ToMaster};
 use crate::{http1, http2, interp, process, server, sse, websocket};
 
@@ -34,7 +34,9 @@ pub struct Prepared {
     pub spec: LoadSpec,
     pub format: access_log::Format,
     pub access_log: AccessLogDest,
-    pub tls: Option<Arc<Tls>>,
+    /// `--ssl-cert`: what every TLS connection is accepted with, read
+    /// again on HUP.
+    pub tls: Option<Arc<Reloadable>>,
     pub mode: EnvMode,
     pub mode_source: &'static str,
 }
@@ -162,6 +164,13 @@ pub fn serve(
                             tracing::info!("Received {}, shutting down", crate::signals::name(sig));
                             return Drain::Stop;
                         }
+                        // This future runs on the thread that blocks on the
+                        // runtime, not a network one: reading the files holds
+                        // up no connection.
+                        libc::SIGHUP if prepared.tls.is_some() => reload_tls_on_hup(
+                            prepared.tls.as_deref(),
+                            "the next connections use it",
+                        ),
                         _ => tracing::info!(
                             "Received {}: ignored (restarts and upgrades need --workers 2 or more)",
                             crate::signals::name(sig)
@@ -259,6 +268,25 @@ pub fn announce_listening(
         shown.join(", "),
         std::process::id(),
     );
+}
+
+/// HUP with TLS: read the certificate, key and CA files again (a renewed
+/// certificate, as certbot's deploy hook leaves it) and log the outcome.
+/// `taken_up` says who serves the renewed certificate.  A file that cannot
+/// be used is an error in the log and changes nothing: the certificate in
+/// force stays.
+pub fn reload_tls_on_hup(tls: Option<&Reloadable>, taken_up: &str) {
+    let Some(tls) = tls else { return };
+    match tls.reload() {
+        Ok(fresh) => tracing::info!(
+            "Received HUP: TLS certificate reloaded ({}); {taken_up}",
+            fresh.certificate()
+        ),
+        Err(e) => tracing::error!(
+            "Received HUP: TLS certificate not reloaded, the one in force stays ({}): {e}",
+            tls.current().certificate()
+        ),
+    }
 }
 
 fn build_runtime(opts: &Options) -> Result<tokio::runtime::Runtime, StartupError> {

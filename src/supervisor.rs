@@ -14,9 +14,10 @@
 //!   interpreter stopped proving that its loop turns;
 //! - TERM/INT: tells every worker to stop (`--shutdown-timeout` each); a
 //!   second INT stops them at once;
-//! - HUP: starts a new generation of workers from the loaded app and retires
-//!   the old ones only when every new one finished its lifespan startup
-//!   (if one fails, the new generation goes and the old one stays);
+//! - HUP: reads the TLS files again (a renewed certificate), starts a new
+//!   generation of workers from the loaded app and retires the old ones
+//!   only when every new one finished its lifespan startup (if one fails,
+//!   the new generation goes and the old one stays);
 //! - TTIN/TTOU: one worker more or less (never below one);
 //! - `--max-requests`: a worker that reached it gets a replacement, and
 //!   retires once the replacement is ready;
@@ -392,6 +393,8 @@ impl Master {
             tracing::info!("Received HUP: ignored, a restart is already in progress");
             return;
         }
+        // Before the fork: the new workers take the master's configuration.
+        crate::serving::reload_tls_on_hup(self.prepared.tls.as_deref(), "the new workers use it");
         tracing::info!(
             "Received HUP: starting {} new workers; the old ones retire when they are ready",
             self.target

@@ -6,11 +6,14 @@
 //! Everything that can be wrong with the files is found by [`Settings::load`]
 //! at startup, before the listener is bound; a connection can then only fail
 //! its own handshake, which costs the server nothing but a debug line.
+//! HUP reads the files again ([`Reloadable::reload`]): a renewed certificate
+//! is taken up by the connections that follow, and one that cannot be used
+//! leaves the configuration in force as it was.
 
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use clap::ValueEnum;
@@ -199,8 +202,8 @@ impl Settings {
                 })
             }
         }
-        let server_cert = match certified.end_entity_cert() {
-            Ok(leaf) => pem_certificate(leaf),
+        let (server_cert, certificate) = match certified.end_entity_cert() {
+            Ok(leaf) => (pem_certificate(leaf), describe_certificate(leaf)),
             Err(e) => {
                 return Err(TlsError::BadCertificate {
                     path: self.cert.clone(),
@@ -225,6 +228,7 @@ impl Settings {
         Ok(Tls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             server_cert: server_cert.into(),
+            certificate,
             handshake_timeout,
         })
     }
@@ -317,6 +321,19 @@ pub fn pem_certificate(der: &[u8]) -> String {
     pem
 }
 
+/// A certificate in a few words for the log: its subject and when it
+/// expires, which is what an operator checks after a renewal.
+fn describe_certificate(der: &[u8]) -> String {
+    use x509_cert::der::Decode;
+    match x509_cert::Certificate::from_der(der) {
+        Ok(cert) => format!(
+            "{}, valid until {}",
+            cert.tbs_certificate.subject, cert.tbs_certificate.validity.not_after
+        ),
+        Err(_) => "a certificate whose fields do not parse".to_string(),
+    }
+}
+
 /// The subject of a DER certificate as an RFC 4514 string.
 pub fn subject_name(der: &[u8]) -> Option<String> {
     use x509_cert::der::Decode;
@@ -330,7 +347,59 @@ pub struct Tls {
     acceptor: TlsAcceptor,
     /// The server's own certificate (the leaf), as PEM.
     server_cert: Arc<str>,
+    /// The leaf's subject and expiry, for log lines.
+    certificate: String,
     handshake_timeout: Duration,
+}
+
+/// The TLS configuration in force, with the settings it was loaded from so
+/// that the files can be read again.  Each connection takes the one in
+/// force when it is accepted and keeps it to its end; a reload changes only
+/// the connections that follow.  A process that forks takes the one in
+/// force into the child: a master that reloads on HUP starts its new
+/// workers with the renewed certificate.
+pub struct Reloadable {
+    settings: Settings,
+    alpn: &'static [&'static [u8]],
+    handshake_timeout: Duration,
+    current: RwLock<Arc<Tls>>,
+}
+
+impl Reloadable {
+    /// Read the files for the first time; the errors are [`Settings::load`]'s.
+    pub fn load(
+        settings: Settings,
+        alpn: &'static [&'static [u8]],
+        handshake_timeout: Duration,
+    ) -> Result<Reloadable, TlsError> {
+        let tls = settings.load(alpn, handshake_timeout)?;
+        Ok(Reloadable {
+            settings,
+            alpn,
+            handshake_timeout,
+            current: RwLock::new(Arc::new(tls)),
+        })
+    }
+
+    /// The configuration a connection accepted now uses.
+    pub fn current(&self) -> Arc<Tls> {
+        // Nothing panics while the lock is held (a clone, a swap), so a
+        // poisoned lock still holds a whole configuration.
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Read the certificate, key and CA files again and put what they hold
+    /// in force.  Whatever is wrong with them is found before anything
+    /// changes: on an error the configuration in force stays, so a renewal
+    /// gone wrong never leaves the server without a certificate.
+    pub fn reload(&self) -> Result<Arc<Tls>, TlsError> {
+        let fresh = Arc::new(self.settings.load(self.alpn, self.handshake_timeout)?);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
+        Ok(fresh)
+    }
 }
 
 /// Why a handshake did not finish.  Reported at debug level only.
@@ -343,6 +412,11 @@ pub enum HandshakeError {
 }
 
 impl Tls {
+    /// The certificate served, in a few words: its subject and expiry.
+    pub fn certificate(&self) -> &str {
+        &self.certificate
+    }
+
     /// Run the server side of the handshake on `io`, bounded in time.  Call
     /// it from the connection's own task: a slow or silent client holds
     /// only its own task, and only for the bound.
@@ -561,5 +635,138 @@ mod tests {
     fn a_subject_that_does_not_parse_is_no_name() {
         assert_eq!(subject_name(b"not a certificate"), None);
         assert_eq!(subject_name(&[]), None);
+    }
+
+    /// A self-signed certificate and its key for `CN=cn`, made by openssl
+    /// (the prove tests need it too), in `dir` as `cn.pem` and `cn.key`.
+    fn self_signed(dir: &Path, cn: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .arg("-subj")
+            .arg(format!("/CN={cn}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl runs");
+        assert!(made.status.success(), "{made:?}");
+        (cert, key)
+    }
+
+    /// `first` and `renewed` certificates, and `first` installed where the
+    /// settings read them from, in a directory of the test's own.
+    fn installed_first(test: &str) -> (PathBuf, Settings) {
+        let dir = std::env::temp_dir().join(format!("pagi-rs-tls-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for cn in ["first", "renewed"] {
+            self_signed(&dir, cn);
+        }
+        install(&dir, "first");
+        let settings = Settings::from_options(
+            Some(&dir.join("current.pem")),
+            Some(&dir.join("current.key")),
+            None,
+            None,
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        (dir, settings)
+    }
+
+    fn install(dir: &Path, cn: &str) {
+        for ext in ["pem", "key"] {
+            std::fs::copy(
+                dir.join(format!("{cn}.{ext}")),
+                dir.join(format!("current.{ext}")),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_reload_puts_the_renewed_certificate_in_force_for_what_follows() {
+        let (dir, settings) = installed_first("renewed");
+        let tls = Reloadable::load(settings, OFFERED_PROTOCOLS, Duration::from_secs(5)).unwrap();
+        let before = tls.current();
+        assert!(
+            before.certificate().starts_with("CN=first, valid until "),
+            "{}",
+            before.certificate()
+        );
+
+        install(&dir, "renewed");
+        let fresh = tls.reload().unwrap();
+        assert!(
+            fresh.certificate().starts_with("CN=renewed, "),
+            "{}",
+            fresh.certificate()
+        );
+        assert!(Arc::ptr_eq(&fresh, &tls.current()));
+        assert!(tls.current().server_cert.contains("BEGIN CERTIFICATE"));
+        assert_ne!(before.server_cert, tls.current().server_cert);
+        // A connection accepted before keeps what it was accepted with.
+        assert!(before.certificate().starts_with("CN=first, "));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_reload_that_cannot_be_used_leaves_the_certificate_in_force() {
+        let (dir, settings) = installed_first("refused");
+        let tls = Reloadable::load(settings, OFFERED_PROTOCOLS, Duration::from_secs(5)).unwrap();
+
+        // A renewal half done: the new certificate beside the old key.
+        std::fs::copy(dir.join("renewed.pem"), dir.join("current.pem")).unwrap();
+        let Err(err) = tls.reload() else {
+            panic!("a key that does not match was used")
+        };
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+        assert!(tls.current().certificate().starts_with("CN=first, "));
+
+        std::fs::remove_file(dir.join("current.key")).unwrap();
+        let Err(err) = tls.reload() else {
+            panic!("a missing key was not noticed")
+        };
+        assert!(
+            matches!(
+                err,
+                TlsError::Unreadable {
+                    option: "--ssl-key",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(tls.current().certificate().starts_with("CN=first, "));
+
+        install(&dir, "renewed");
+        assert!(tls
+            .reload()
+            .unwrap()
+            .certificate()
+            .starts_with("CN=renewed, "));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_certificate_is_described_by_its_subject_and_expiry() {
+        let dir =
+            std::env::temp_dir().join(format!("pagi-rs-tls-{}-described", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, _) = self_signed(&dir, "described");
+        let der = read_certificates("--ssl-cert", &cert).unwrap().remove(0);
+        let text = describe_certificate(&der);
+        // "valid until" is the notAfter time, two days from now (-days 2).
+        let until = text.rsplit(' ').next().unwrap();
+        assert!(text.starts_with("CN=described, valid until 20"), "{text}");
+        assert!(until.ends_with('Z') && until.contains('T'), "{text}");
+        assert_eq!(
+            describe_certificate(b"junk"),
+            "a certificate whose fields do not parse"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
