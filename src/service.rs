@@ -366,13 +366,9 @@ async fn watch_stalls(exchange: std::sync::Weak<Exchange>, limit: Duration) {
                 "Request stall timeout ({}s) - closing the request (its connection on HTTP/1.1, its stream on HTTP/2)",
                 limit.as_secs()
             );
-            ex.server_abort(
+            ex.cut_off(
                 "client_timeout",
-                Some(format!(
-                    "no progress for {}s (--request-timeout)",
-                    limit.as_secs()
-                )),
-                None,
+                format!("no progress for {}s (--request-timeout)", limit.as_secs()),
             );
             return;
         }

@@ -185,13 +185,9 @@ pub async fn supervise(
                     limit.as_secs()
                 );
                 ex.set_end_reason("idle_timeout");
-                ex.server_abort(
+                ex.cut_off(
                     "idle_timeout",
-                    Some(format!(
-                        "nothing sent for {}s (--sse-idle-timeout)",
-                        limit.as_secs()
-                    )),
-                    None,
+                    format!("nothing sent for {}s (--sse-idle-timeout)", limit.as_secs()),
                 );
                 return;
             }

@@ -487,6 +487,24 @@ PY
 };
 
 # ---------------------------------------------------------------------------
+subtest '--request-timeout resets a stream whose window stays shut, not its connection' => sub {
+    my $t = start_server( '--http2', '--request-timeout', 1, $app );
+    my $r = h2( <<'PY', port => $t->port );
+c = connect(window=1000, auto_ack=False)
+slow = c.request('GET', '/chunks?name=h2stall&n=40')
+s = c.stream(slow)
+c.wait(lambda: s.reset is not None or s.ended, 6)
+emit({'slow': s, 'neighbour': c.wait_stream(c.request('GET', '/ok?after-reset'))})
+PY
+    return fail 'the script ran' unless $r;
+    is $r->{slow}{reset_name}, 'CANCEL', 'the stalled stream is reset (CANCEL) after --request-timeout';
+    is $r->{slow}{body_length}, 1000, '... having had only what its window allowed';
+    is $r->{neighbour}{body}, 'ok:after-reset', 'the connection goes on serving';
+    like $t->output, qr/Request stall timeout \(1s\)/, 'the log says why';
+    $t->stop;
+};
+
+# ---------------------------------------------------------------------------
 subtest 'access log: HTTP/2' => sub {
     my $log = slurp($access_log);
     like $log, qr{"GET /ok\?before-flood HTTP/2" 200 }, 'an h2 request is logged with HTTP/2 (combined)';

@@ -173,6 +173,31 @@ impl Exchange {
         self.end_abnormally(st, reason, detail);
     }
 
+    /// A timeout: the client took nothing, or the app sent nothing, for
+    /// too long.  End the exchange as [`Exchange::server_abort`] does, but
+    /// without writing what is queued, and close its transport at once
+    /// (the connection on HTTP/1.1, the stream on HTTP/2): a client that
+    /// does not read would otherwise hold the connection, waiting to be
+    /// written to, for as long as it pleases.
+    pub fn cut_off(&self, reason: &'static str, detail: String) {
+        let mut st = self.lock();
+        if st.disconnected.is_some() || st.delivered {
+            return;
+        }
+        st.phase = Phase::Aborted;
+        st.abort_flushed = true;
+        st.queue.clear();
+        st.buffered = 0;
+        st.pending_head = None;
+        if let Some(tx) = st.head_tx.take() {
+            let _ = tx.send(Head::Abort);
+        }
+        if let Some(close) = &self.close_connection {
+            close.notify_one();
+        }
+        self.end_abnormally(st, reason, Some(detail));
+    }
+
     /// Record an abnormal end and tell everyone waiting: the network task,
     /// Rust-side producers, the body pump, and the application.
     fn end_abnormally(
@@ -234,7 +259,7 @@ mod tests {
 
     use http::StatusCode;
 
-    use crate::exchange::tests::exchange;
+    use crate::exchange::tests::{exchange, poll};
     use crate::exchange::{EndState, Head, SendOutcome};
     use crate::interp::messages::ToPerl;
 
@@ -270,6 +295,53 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_drops_what_is_queued_and_closes_the_transport_at_once() {
+        let close = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (ex, _rx) = crate::exchange::tests::exchange_closing(
+            false,
+            crate::spec::SpecVersion::Www06,
+            Some(close.clone()),
+        );
+        ex.start(200, &[], false).unwrap();
+        ex.body(b"queued for a client that does not read", true)
+            .unwrap();
+        assert!(ex.buffered_amount() > 0);
+
+        ex.cut_off(
+            "client_timeout",
+            "no progress for 1s (--request-timeout)".into(),
+        );
+        let closed =
+            tokio::time::timeout(std::time::Duration::from_millis(100), close.notified()).await;
+        assert!(closed.is_ok(), "the transport is told to close");
+        assert_eq!(ex.buffered_amount(), 0, "what was queued is dropped");
+        assert!(
+            matches!(poll(&ex), std::task::Poll::Ready(Some(Err(_)))),
+            "the body ends in an error at once, with nothing more written"
+        );
+        assert!(matches!(
+            ex.end_state(),
+            EndState::Abnormal { reason, detail: Some(detail) }
+                if reason == "client_timeout" && detail.contains("--request-timeout")
+        ));
+        let mut q = VecDeque::new();
+        ex.mailbox.take_all(&mut q);
+        assert!(q.iter().any(|m| matches!(
+            m,
+            ToPerl::Disconnect {
+                reason: "client_timeout",
+                ..
+            }
+        )));
+
+        // The first outcome stands: a second cut-off changes nothing.
+        ex.cut_off("idle_timeout", "later".into());
+        assert!(
+            matches!(ex.end_state(), EndState::Abnormal { reason, .. } if reason == "client_timeout")
+        );
     }
 
     #[test]

@@ -441,6 +441,16 @@ pub(crate) mod tests {
         is_head: bool,
         spec: crate::spec::SpecVersion,
     ) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
+        exchange_closing(is_head, spec, None)
+    }
+
+    /// An exchange whose transport `close` ends at once (the connection's
+    /// or stream's notify, as the protocols give it).
+    pub(crate) fn exchange_closing(
+        is_head: bool,
+        spec: crate::spec::SpecVersion,
+        close: Option<Arc<Notify>>,
+    ) -> (Arc<Exchange>, oneshot::Receiver<Head>) {
         let mailbox = Arc::new(Mailbox::new().unwrap());
         mailbox.in_flight.fetch_add(1, Ordering::AcqRel);
         let config = Arc::new(ExchangeConfig {
@@ -467,7 +477,7 @@ pub(crate) mod tests {
             is_head,
             started: Instant::now(),
         };
-        Exchange::new(1, mailbox, config, facts, None, None)
+        Exchange::new(1, mailbox, config, facts, close, None)
     }
 
     pub(crate) fn poll(

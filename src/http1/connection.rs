@@ -148,7 +148,10 @@ pub async fn serve<IO>(
                 _ = signals.drain.wait_for(|d| *d) => Interruption::Drain,
                 _ = signals.force.wait_for(|f| *f) => Interruption::Force,
                 _ = close.notified() => Interruption::Abort,
-                () = head_deadline(&answers, server.keepalive_timeout) => Interruption::HeadTimeout,
+                overdue = client_overdue(&answers, server.keepalive_timeout) => match overdue {
+                    Overdue::Head => Interruption::HeadTimeout,
+                    Overdue::Write => Interruption::WriteTimeout,
+                },
             }
         });
         tokio::select! {
@@ -159,6 +162,20 @@ pub async fn serve<IO>(
                 Interruption::Force | Interruption::Abort => return,
                 Interruption::HeadTimeout => {
                     tracing::debug!("connection from {client}: no request head within --timeout");
+                    return;
+                }
+                Interruption::WriteTimeout => {
+                    // Before the response in flight is dropped with `conn`,
+                    // so that its app hears why (AnsweredBody's drop).
+                    if let Some(limit) = server.keepalive_timeout {
+                        answers.write_timed_out(limit);
+                    }
+                    tracing::debug!(
+                        "connection from {client}: took no byte of its response within --timeout"
+                    );
+                    if let Some(fd) = tcp_fd {
+                        reset_on_close(fd);
+                    }
                     return;
                 }
             },
@@ -207,17 +224,60 @@ enum Interruption {
     Abort,
     /// No request head within `--timeout`.
     HeadTimeout,
+    /// The client took no byte of what is written to it within `--timeout`.
+    WriteTimeout,
 }
 
-/// Resolves when the connection has waited `timeout` for a request head
-/// (see `Answers::head_deadline`): from when it opened, or from the end of
-/// the last response it owed.  Bytes of a head that trickle in do not
-/// extend it.  Never, with no timeout.
+/// Make closing `fd` reset the connection (SO_LINGER of 0) rather than
+/// queue a FIN behind bytes the client is not reading: the kernel frees the
+/// socket and its buffer (megabytes, when the window shut) at once instead
+/// of probing the shut window for minutes after the server let go.
+fn reset_on_close(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is the connection's socket, open until `serve` returns
+    // and drops it; setsockopt only reads the struct for its length.
+    let set = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::addr_of!(linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        tracing::debug!(
+            "cannot set SO_LINGER on a timed-out connection: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// What the client is overdue with.
+enum Overdue {
+    /// The next request head.
+    Head,
+    /// Taking any byte of what the connection writes.
+    Write,
+}
+
+/// Resolves when the client has kept the connection waiting for `timeout`
+/// (never, with no timeout):
+/// - for a request head (see `Answers::head_deadline`): from when the
+///   connection opened, or from the end of the last response it owed.
+///   Bytes of a head that trickle in do not extend it.
+/// - to take any byte of what is written to it (`Answers::write_deadline`),
+///   a response or a refusal: from when the socket first refused more.
 ///
 /// One timer serves the whole connection.  It is moved only when it fires:
-/// to the deadline of the head now awaited, or, while a request is being
-/// served, a whole `timeout` on (a long stream wakes it once per timeout).
-async fn head_deadline(answers: &Answers, timeout: Option<Duration>) {
+/// to the nearer deadline, or a whole `timeout` on while a request is being
+/// served and its writes go (a long stream wakes it once per timeout).  A
+/// write stall that begins between two wake-ups is therefore noticed
+/// between `timeout` and twice it after it began.
+async fn client_overdue(answers: &Answers, timeout: Option<Duration>) -> Overdue {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
     };
@@ -229,11 +289,17 @@ async fn head_deadline(answers: &Answers, timeout: Option<Duration>) {
     loop {
         sleep.as_mut().await;
         let now = Instant::now();
-        match answers.head_deadline(timeout) {
-            Some(deadline) if deadline <= now => return,
-            Some(deadline) => sleep.as_mut().reset(deadline.into()),
-            None => sleep.as_mut().reset((now + timeout).into()),
+        let write = answers.write_deadline(timeout);
+        if write.is_some_and(|deadline| deadline <= now) {
+            return Overdue::Write;
         }
+        let next = match answers.head_deadline(timeout) {
+            Some(deadline) if deadline <= now => return Overdue::Head,
+            Some(deadline) => deadline,
+            None => now + timeout,
+        };
+        let next = write.map_or(next, |w| w.min(next));
+        sleep.as_mut().reset(next.into());
     }
 }
 
@@ -352,6 +418,18 @@ impl Body for AnsweredBody {
 
 impl Drop for AnsweredBody {
     fn drop(&mut self) {
+        if let (Some(limit), ResponseBody::Stream(exchange)) =
+            (self.answers.write_timeout_hit(), &self.body)
+        {
+            // Heard before the body's own drop says "the connection ended":
+            // the first reason is the one the exchange keeps.
+            exchange.network_gone(
+                "client_timeout",
+                Some(format!(
+                    "the client took no byte of the response for {limit}s (--timeout)"
+                )),
+            );
+        }
         self.answers.response_finished();
     }
 }
@@ -498,14 +576,16 @@ mod tests {
         );
     }
 
-    /// Whether `head_deadline` resolves within `within`.
+    /// Whether `client_overdue` resolves within `within`, for want of a head.
     async fn times_out(answers: &Answers, timeout: Duration, within: Duration) -> bool {
-        tokio::time::timeout(within, head_deadline(answers, Some(timeout)))
-            .await
-            .is_ok()
+        match tokio::time::timeout(within, client_overdue(answers, Some(timeout))).await {
+            Ok(Overdue::Head) => true,
+            Ok(Overdue::Write) => panic!("overdue with a write, not a head"),
+            Err(_) => false,
+        }
     }
 
-    /// `head_deadline` resolves `timeout` after `from`, and not sooner.
+    /// `client_overdue` resolves `timeout` after `from`, and not sooner.
     async fn assert_times_out_after(answers: &Answers, timeout: Duration, from: Instant) {
         assert!(!times_out(answers, timeout, Duration::from_millis(100)).await);
         assert!(times_out(answers, timeout, Duration::from_secs(5)).await);
@@ -545,7 +625,53 @@ mod tests {
 
         // No --timeout: never.
         assert!(
-            tokio::time::timeout(3 * timeout, head_deadline(&idle, None))
+            tokio::time::timeout(3 * timeout, client_overdue(&idle, None))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_the_client_takes_nothing_of_is_overdue_after_the_timeout() {
+        let timeout = Duration::from_millis(150);
+        let overdue_within = |answers: &'static Answers, within: Duration| async move {
+            tokio::time::timeout(within, client_overdue(answers, Some(timeout)))
+                .await
+                .ok()
+        };
+        // A request being served whose writes stall: closed between the
+        // timeout and twice it after the stall began, whatever the head
+        // deadline says (there is none while a request is served).
+        let stalled: &'static Answers = Box::leak(Box::default());
+        stalled.head_handed();
+        stalled.response_started(StatusCode::OK);
+        let began = Instant::now();
+        stalled.note_write::<usize>(&Poll::Pending, |n| *n > 0);
+        assert!(matches!(
+            overdue_within(stalled, 3 * timeout).await,
+            Some(Overdue::Write)
+        ));
+        assert!(began.elapsed() >= timeout);
+
+        // A slow reader: each write waits, but bytes go at least every
+        // half timeout, so it is never overdue.
+        let slow: &'static Answers = Box::leak(Box::default());
+        slow.head_handed();
+        slow.response_started(StatusCode::OK);
+        let watch = tokio::spawn(overdue_within(slow, 5 * timeout));
+        for _ in 0..8 {
+            slow.note_write::<usize>(&Poll::Pending, |n| *n > 0);
+            tokio::time::sleep(timeout / 2).await;
+            slow.note_write(&Poll::Ready(Ok(512usize)), |n| *n > 0);
+        }
+        assert!(
+            watch.await.unwrap().is_none(),
+            "a reader that takes bytes is not cut off"
+        );
+
+        // With no --timeout, a stall is never overdue either.
+        assert!(
+            tokio::time::timeout(3 * timeout, client_overdue(stalled, None))
                 .await
                 .is_err()
         );

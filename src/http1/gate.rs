@@ -218,9 +218,18 @@ pub struct Answers {
     /// after `opened`: when it opened, or when the last response it owed
     /// was done.
     waiting_since: AtomicU64,
+    /// When a write last found the socket full with nothing taken since,
+    /// in nanoseconds after `opened`; [`NOT_BLOCKED`] while writes go.
+    write_blocked_since: AtomicU64,
+    /// Set (to the limit, in seconds) when the connection is closed
+    /// because the client took no byte for that long.
+    write_timed_out: AtomicU64,
     opened: Instant,
     waker: Mutex<Option<Waker>>,
 }
+
+/// `Answers::write_blocked_since` while the socket takes what is written.
+const NOT_BLOCKED: u64 = u64::MAX;
 
 impl Default for Answers {
     fn default() -> Answers {
@@ -231,6 +240,8 @@ impl Default for Answers {
             upgraded: AtomicBool::new(false),
             refused: AtomicBool::new(false),
             waiting_since: AtomicU64::new(0),
+            write_blocked_since: AtomicU64::new(NOT_BLOCKED),
+            write_timed_out: AtomicU64::new(0),
             opened: Instant::now(),
             waker: Mutex::new(None),
         }
@@ -288,6 +299,58 @@ impl Answers {
         }
         let since = Duration::from_nanos(self.waiting_since.load(Ordering::Acquire));
         Some(self.opened + since + timeout)
+    }
+
+    /// When the connection must have written something by, if a write is
+    /// blocked: `timeout` after the socket first refused more bytes.  A
+    /// client that reads nothing (a shut TCP window) would otherwise hold
+    /// the connection, and the bytes queued for it, for as long as it
+    /// likes; a slow client that takes a byte now and then is not affected.
+    pub fn write_deadline(&self, timeout: Duration) -> Option<Instant> {
+        match self.write_blocked_since.load(Ordering::Acquire) {
+            NOT_BLOCKED => None,
+            since => Some(self.opened + Duration::from_nanos(since) + timeout),
+        }
+    }
+
+    /// The connection closes because no byte was written for `timeout`:
+    /// the response in flight, if any, ends as the client's timeout.
+    pub fn write_timed_out(&self, timeout: Duration) {
+        self.write_timed_out
+            .store(timeout.as_secs().max(1), Ordering::Release);
+    }
+
+    /// The limit a write stall closed the connection at, if one did.
+    pub fn write_timeout_hit(&self) -> Option<u64> {
+        match self.write_timed_out.load(Ordering::Acquire) {
+            0 => None,
+            secs => Some(secs),
+        }
+    }
+
+    /// What a write to the socket came to: nothing taken starts (or goes
+    /// on with) a stall, bytes taken end it.  Called for every write, so
+    /// the clock is read only when a stall begins.
+    pub(super) fn note_write<T>(
+        &self,
+        result: &Poll<io::Result<T>>,
+        wrote_bytes: impl FnOnce(&T) -> bool,
+    ) {
+        let blocked = match result {
+            Poll::Pending => true,
+            Poll::Ready(Ok(done)) if wrote_bytes(done) => false,
+            // An error ends the connection anyway; a zero-byte write or a
+            // flush says nothing about the client.
+            Poll::Ready(_) => return,
+        };
+        let stalled = self.write_blocked_since.load(Ordering::Relaxed) != NOT_BLOCKED;
+        if blocked && !stalled {
+            let since = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(NOT_BLOCKED - 1);
+            self.write_blocked_since.store(since, Ordering::Release);
+        } else if !blocked && stalled {
+            self.write_blocked_since
+                .store(NOT_BLOCKED, Ordering::Release);
+        }
     }
 
     fn wake(&self) {
@@ -1280,7 +1343,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.before_write(cx);
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.answers.note_write(&result, |n| *n > 0);
+        result
     }
 
     fn poll_write_vectored(
@@ -1289,7 +1354,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.before_write(cx);
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.answers.note_write(&result, |n| *n > 0);
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -1297,7 +1364,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Gate<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        // A flush that waits is a write that waits (the segment writer's
+        // held bytes, TLS records); one that finishes took nothing new.
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.answers.note_write(&result, |_| false);
+        result
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -2105,5 +2176,51 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
                 "piece {piece}: {rest}"
             );
         }
+    }
+
+    #[test]
+    fn a_write_stall_lasts_from_the_first_refused_write_to_the_next_byte_taken() {
+        let answers = Answers::default();
+        let timeout = Duration::from_secs(60);
+        assert_eq!(answers.write_deadline(timeout), None, "nothing written yet");
+
+        let before = Instant::now();
+        answers.note_write::<usize>(&Poll::Pending, |n| *n > 0);
+        let first = answers
+            .write_deadline(timeout)
+            .expect("a refused write starts a stall");
+        assert!(first >= before + timeout && first <= Instant::now() + timeout);
+
+        // More refusals, a flush that waits or finishes, a zero-byte write
+        // and an error neither end the stall nor move its start.
+        std::thread::sleep(Duration::from_millis(5));
+        answers.note_write::<usize>(&Poll::Pending, |n| *n > 0);
+        answers.note_write::<()>(&Poll::Pending, |_| false);
+        answers.note_write(&Poll::Ready(Ok(())), |_| false);
+        answers.note_write(&Poll::Ready(Ok(0usize)), |n| *n > 0);
+        answers.note_write::<usize>(&Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())), |n| {
+            *n > 0
+        });
+        assert_eq!(answers.write_deadline(timeout), Some(first));
+
+        answers.note_write(&Poll::Ready(Ok(1usize)), |n| *n > 0);
+        assert_eq!(
+            answers.write_deadline(timeout),
+            None,
+            "a byte taken ends it"
+        );
+
+        std::thread::sleep(Duration::from_millis(5));
+        answers.note_write::<usize>(&Poll::Pending, |n| *n > 0);
+        let second = answers.write_deadline(timeout).expect("a new stall");
+        assert!(second > first, "timed from its own start");
+
+        assert_eq!(answers.write_timeout_hit(), None);
+        answers.write_timed_out(Duration::from_millis(300));
+        assert_eq!(
+            answers.write_timeout_hit(),
+            Some(1),
+            "reported in whole seconds, at least 1"
+        );
     }
 }
