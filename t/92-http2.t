@@ -149,7 +149,7 @@ my $app = async sub {
             rec("$name.sent", { i => $i, at => time });
         }
         await $send->({ type => 'http.response.body', body => '', more => 0 });
-        rec("$name.done", { at => time });
+        rec("$name.done", { at => time, reason => $c->disconnect_reason });
         return;
     }
     return await reply($send, 'not found', 404);
@@ -501,6 +501,27 @@ PY
     is $r->{slow}{body_length}, 1000, '... having had only what its window allowed';
     is $r->{neighbour}{body}, 'ok:after-reset', 'the connection goes on serving';
     like $t->output, qr/Request stall timeout \(1s\)/, 'the log says why';
+    $t->stop;
+};
+
+# ---------------------------------------------------------------------------
+subtest 'a window that stays shut for --timeout resets the stream' => sub {
+    my $t = start_server( '--http2', '--timeout', 1, $app );
+    my $r = h2( <<'PY', port => $t->port );
+c = connect(window=1000, auto_ack=False)
+slow = c.request('GET', '/chunks?name=h2shut&n=40')
+s = c.stream(slow)
+t0 = time.monotonic()
+c.wait(lambda: s.reset is not None or s.ended, 6)
+after = time.monotonic() - t0
+emit({'slow': s, 'after': after, 'neighbour': c.wait_stream(c.request('GET', '/ok?beside'))})
+PY
+    return fail 'the script ran' unless $r;
+    is $r->{slow}{reset_name}, 'CANCEL', 'the stream whose window stayed shut is reset (CANCEL)';
+    ok $r->{after} >= 0.9 && $r->{after} < 4, sprintf( '... once --timeout passed (%.1fs)', $r->{after} );
+    is $r->{neighbour}{body}, 'ok:beside', 'a stream opened after it is served';
+    my ($done) = records( 'h2shut.done', 1, 5 );
+    is $done && $done->{reason}, 'client_timeout', 'the app hears client_timeout';
     $t->stop;
 };
 

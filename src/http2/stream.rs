@@ -7,12 +7,15 @@
 //! - `pagi.connection->abort` resets this stream alone;
 //! - the body goes out as the stream's send window allows, so `$send`
 //!   waits on a shut window (through the exchange's high-water mark) while
-//!   neighbouring streams carry on.
+//!   neighbouring streams carry on; a window that stays shut for
+//!   `--timeout` resets the stream, as a client that reads nothing is
+//!   closed on HTTP/1.1.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -38,6 +41,8 @@ enum Cut {
     Gone(String),
     /// The application aborted: the stream is reset by us.
     Aborted,
+    /// The client granted no window for this long: the stream is reset by us.
+    Stalled(Duration),
 }
 
 pub async fn serve(
@@ -175,9 +180,24 @@ pub async fn serve(
     // dropped tells the exchange a generic "the connection ended", and the
     // exchange keeps the first word, which must be the reset code below.
     let mut body = body;
-    match send_body(&mut send, &mut body, &close, &shared).await {
+    let window_limit = server.keepalive_timeout;
+    match send_body(&mut send, &mut body, &close, &shared, window_limit).await {
         Ok(()) => {}
         Err(Cut::Aborted) => send.send_reset(Reason::CANCEL),
+        Err(Cut::Stalled(limit)) => {
+            // Told before the reset and the body's drop, whose own words
+            // ("the connection ended") would otherwise be the first.
+            if let Some(ex) = &exchange {
+                ex.cut_off(
+                    "client_timeout",
+                    format!(
+                        "the client took no byte of the response for {}s (--timeout)",
+                        limit.as_secs().max(1)
+                    ),
+                );
+            }
+            send.send_reset(Reason::CANCEL);
+        }
         Err(Cut::Gone(detail)) => {
             if let Some(ex) = &exchange {
                 let reason = if crate::server::is_force_closing() {
@@ -199,6 +219,7 @@ async fn send_body(
     body: &mut ResponseBody,
     close: &Notify,
     shared: &ConnShared,
+    window_limit: Option<Duration>,
 ) -> Result<(), Cut> {
     loop {
         let frame = {
@@ -230,7 +251,7 @@ async fn send_body(
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     let end = body.is_end_stream();
-                    send_data(send, data, end, close, shared).await?;
+                    send_data(send, data, end, close, shared, window_limit).await?;
                     if end {
                         return Ok(());
                     }
@@ -247,13 +268,15 @@ async fn send_body(
     }
 }
 
-/// Send `data` in pieces as the stream's window opens.
+/// Send `data` in pieces as the stream's window opens; with a
+/// `window_limit`, a window that grants nothing for that long is a stall.
 async fn send_data(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
     end: bool,
     close: &Notify,
     shared: &ConnShared,
+    window_limit: Option<Duration>,
 ) -> Result<(), Cut> {
     if data.is_empty() {
         return send
@@ -264,6 +287,9 @@ async fn send_data(
         send.reserve_capacity(data.len());
         let aborted = close.notified();
         tokio::pin!(aborted);
+        // Made only once a piece has to wait: a window that keeps up costs
+        // no timer.  Each piece times its own wait.
+        let mut stall: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let granted = poll_fn(|cx| loop {
             if aborted.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(Cut::Aborted));
@@ -272,7 +298,16 @@ async fn send_data(
                 return Poll::Ready(Err(departed(reset, shared)));
             }
             match send.poll_capacity(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if let Some(limit) = window_limit {
+                        let timer =
+                            stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                        if timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Err(Cut::Stalled(limit)));
+                        }
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Some(Ok(0))) => continue,
                 Poll::Ready(Some(Ok(n))) => return Poll::Ready(Ok(n)),
                 Poll::Ready(Some(Err(e))) => {
