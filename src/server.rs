@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::exchange::ExchangeConfig;
+use crate::http1::connection::TcpSocket;
 use crate::http1::gate::Limits;
 use crate::http2::Sniffed;
 use crate::interp::Pool;
@@ -532,8 +533,11 @@ async fn serve_connection<S: PeekStream>(
         if server.http2.cleartext && speaks_http2(&stream, &server).await {
             crate::http2::connection::serve(stream, info, server, signals).await;
         } else {
-            let tcp_fd = stream.tcp_fd();
-            crate::http1::connection::serve(stream, info, server, http1, signals, tcp_fd).await;
+            let socket = TcpSocket {
+                fd: stream.tcp_fd(),
+                cleartext: true,
+            };
+            crate::http1::connection::serve(stream, info, server, http1, signals, socket).await;
         }
         return;
     };
@@ -542,6 +546,11 @@ async fn serve_connection<S: PeekStream>(
     // just drops it, and a failure is the client's business: a debug line,
     // no access-log line, no app call.
     let client = info.client;
+    // TLS records, not the application's writes, fill the segments.
+    let socket = TcpSocket {
+        fd: stream.tcp_fd(),
+        cleartext: false,
+    };
     let accepted = tokio::select! {
         accepted = tls.accept(stream) => accepted,
         _ = signals.drain.wait_for(|d| *d) => return,
@@ -554,8 +563,7 @@ async fn serve_connection<S: PeekStream>(
     let info = Arc::new(info.with_tls(facts));
     match tls::negotiated_protocol(&stream) {
         AppProtocol::Http1 => {
-            // TLS records, not the application's writes, fill the segments.
-            crate::http1::connection::serve(stream, info, server, http1, signals, None).await
+            crate::http1::connection::serve(stream, info, server, http1, signals, socket).await
         }
         AppProtocol::Http2 => crate::http2::connection::serve(stream, info, server, signals).await,
     }

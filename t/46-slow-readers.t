@@ -147,6 +147,22 @@ subtest 'a slow reader that takes bytes now and then is served whole' => sub {
     is $rec && $rec->{reason}, undef, 'the app saw no disconnect';
 };
 
+subtest 'over TLS too: the stalled connection is reset, nothing left behind' => sub {
+    my $out = `openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=localhost -keyout $dir/key.pem -out $dir/cert.pem 2>&1`;
+    is $?, 0, 'openssl made a certificate' or return diag $out;
+    my $tls = start_server( '--timeout', 1, '--ssl-cert', "$dir/cert.pem", '--ssl-key', "$dir/key.pem", $app );
+    require IO::Socket::SSL;
+    my $c = IO::Socket::SSL->new( PeerAddr => '127.0.0.1', PeerPort => $tls->port, Timeout => 5,
+        SSL_verify_mode => IO::Socket::SSL::SSL_VERIFY_NONE() ) or return fail "handshake: $IO::Socket::SSL::SSL_ERROR";
+    print {$c} "GET /tls HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    my $rec = outcome_of( '/tls', 8 );
+    is $rec && $rec->{reason}, 'client_timeout', 'the app hears client_timeout';
+    my @states = server_side_states( $tls->port );
+    is_deeply [ grep { $_ ne '0A' } @states ], [], 'the server kept no socket for it (reset, not a FIN queued behind the bytes)';
+    close $c;
+    $tls->stop;
+};
+
 my $stall = start_server( '--timeout', 0, '--request-timeout', 1, $app );
 
 subtest '--request-timeout closes a stalled response at once' => sub {

@@ -79,6 +79,17 @@ fn configure(limits: &Http1Limits) -> http1::Builder {
     b
 }
 
+/// The TCP socket under a connection (none over a Unix socket).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpSocket {
+    /// Its descriptor, through which a timed-out connection is reset.
+    pub fd: Option<RawFd>,
+    /// The connection's writes reach the socket as they are (cleartext), so
+    /// they can be shaped into whole segments (segments.rs); TLS records
+    /// cannot.
+    pub cleartext: bool,
+}
+
 /// Serve HTTP/1.1 on `io` until the client leaves, the server drains, or
 /// an application aborts.
 pub async fn serve<IO>(
@@ -87,13 +98,14 @@ pub async fn serve<IO>(
     server: Arc<Server>,
     builder: &http1::Builder,
     mut signals: ConnectionSignals,
-    tcp_fd: Option<RawFd>,
+    socket: TcpSocket,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = conn.client;
     // Over cleartext TCP a streamed body may be written in whole segments
     // (segments.rs); the exchanges say when.
+    let tcp_fd = socket.fd.filter(|_| socket.cleartext);
     let bulk_hint = tcp_fd.map(|_| Arc::new(BulkHint::default()));
     let svc_bulk_hint = bulk_hint.clone();
     // `pagi.connection->abort` on any request closes the whole connection.
@@ -173,7 +185,7 @@ pub async fn serve<IO>(
                     tracing::debug!(
                         "connection from {client}: took no byte of its response within --timeout"
                     );
-                    if let Some(fd) = tcp_fd {
+                    if let Some(fd) = socket.fd {
                         reset_on_close(fd);
                     }
                     return;
