@@ -487,43 +487,43 @@ PY
 };
 
 # ---------------------------------------------------------------------------
-subtest '--request-timeout resets a stream whose window stays shut, not its connection' => sub {
-    my $t = start_server( '--http2', '--request-timeout', 1, $app );
-    my $r = h2( <<'PY', port => $t->port );
+# A stream whose window the client keeps shut, on a server started with
+# @options: what the client saw of it (and of a stream opened after), how
+# long the reset took, the app's record and the server.
+sub shut_window {
+    my ( $name, @options ) = @_;
+    my $t = start_server( '--http2', @options, $app );
+    my $r = h2( <<"PY", port => $t->port );
 c = connect(window=1000, auto_ack=False)
-slow = c.request('GET', '/chunks?name=h2stall&n=40')
-s = c.stream(slow)
-c.wait(lambda: s.reset is not None or s.ended, 6)
-emit({'slow': s, 'neighbour': c.wait_stream(c.request('GET', '/ok?after-reset'))})
-PY
-    return fail 'the script ran' unless $r;
-    is $r->{slow}{reset_name}, 'CANCEL', 'the stalled stream is reset (CANCEL) after --request-timeout';
-    is $r->{slow}{body_length}, 1000, '... having had only what its window allowed';
-    is $r->{neighbour}{body}, 'ok:after-reset', 'the connection goes on serving';
-    like $t->output, qr/Request stall timeout \(1s\)/, 'the log says why';
-    $t->stop;
-};
-
-# ---------------------------------------------------------------------------
-subtest 'a window that stays shut for --timeout resets the stream' => sub {
-    my $t = start_server( '--http2', '--timeout', 1, $app );
-    my $r = h2( <<'PY', port => $t->port );
-c = connect(window=1000, auto_ack=False)
-slow = c.request('GET', '/chunks?name=h2shut&n=40')
-s = c.stream(slow)
+s = c.stream(c.request('GET', '/chunks?name=$name&n=40'))
 t0 = time.monotonic()
 c.wait(lambda: s.reset is not None or s.ended, 6)
 after = time.monotonic() - t0
 emit({'slow': s, 'after': after, 'neighbour': c.wait_stream(c.request('GET', '/ok?beside'))})
 PY
-    return fail 'the script ran' unless $r;
-    is $r->{slow}{reset_name}, 'CANCEL', 'the stream whose window stayed shut is reset (CANCEL)';
-    ok $r->{after} >= 0.9 && $r->{after} < 4, sprintf( '... once --timeout passed (%.1fs)', $r->{after} );
-    is $r->{neighbour}{body}, 'ok:beside', 'a stream opened after it is served';
-    my ($done) = records( 'h2shut.done', 1, 5 );
-    is $done && $done->{reason}, 'client_timeout', 'the app hears client_timeout';
-    $t->stop;
-};
+    my ($done) = records( "$name.done", 1, 5 );
+    return ( $r, $done, $t );
+}
+
+for my $case (
+    [ 'a window that stays shut for --timeout resets the stream', 'h2shut', [ '--timeout', 1 ] ],
+    [ '--request-timeout resets a stream whose window stays shut', 'h2stall', [ '--request-timeout', 1 ] ],
+  )
+{
+    my ( $title, $name, $options ) = @$case;
+    subtest $title => sub {
+        my ( $r, $done, $t ) = shut_window( $name, @$options );
+        return fail 'the script ran' unless $r;
+        is $r->{slow}{reset_name}, 'CANCEL', 'the stream is reset (CANCEL)';
+        is $r->{slow}{body_length}, 1000, '... having had only what its window allowed';
+        ok $r->{after} >= 0.9 && $r->{after} < 4, sprintf( '... once the 1 s limit passed (%.1fs)', $r->{after} );
+        is $r->{neighbour}{body}, 'ok:beside', 'the connection goes on serving';
+        is $done && $done->{reason}, 'client_timeout', 'the app hears client_timeout';
+        like $t->output, qr/Request stall timeout \(1s\)/, 'the log says why'
+          if grep { $_ eq '--request-timeout' } @$options;
+        $t->stop;
+    };
+}
 
 # ---------------------------------------------------------------------------
 subtest 'access log: HTTP/2' => sub {

@@ -10,6 +10,24 @@ use http::StatusCode;
 use super::{EndState, Exchange, Head, Phase, State, WANTS_DRAIN, WANTS_TERMINAL};
 use crate::interp::messages::ToPerl;
 
+impl State {
+    /// Give the response up where it stands: no head if none went, nothing
+    /// queued written, and the body's end without the flush turn an abort
+    /// otherwise gets (network.rs), which a peer that does not read would
+    /// hold up.
+    fn abandon_output(&mut self) {
+        self.phase = Phase::Aborted;
+        // No flush turn: abort must not wait for writes the peer may block.
+        self.abort_flushed = true;
+        self.queue.clear();
+        self.buffered = 0;
+        self.pending_head = None;
+        if let Some(tx) = self.head_tx.take() {
+            let _ = tx.send(Head::Abort);
+        }
+    }
+}
+
 impl Exchange {
     pub(super) fn end_after_panic(&self, st: &mut State) {
         tracing::error!(
@@ -22,14 +40,7 @@ impl Exchange {
         let detail = "internal error while handling the request".to_string();
         st.disconnected = Some("server_error");
         st.detail = Some(detail.clone());
-        st.phase = Phase::Aborted;
-        st.abort_flushed = true;
-        st.queue.clear();
-        st.buffered = 0;
-        st.pending_head = None;
-        if let Some(tx) = st.head_tx.take() {
-            let _ = tx.send(Head::Abort);
-        }
+        st.abandon_output();
         if let Some(w) = st.waker.take() {
             w.wake();
         }
@@ -103,20 +114,11 @@ impl Exchange {
         if st.disconnected.is_some() || st.clean_end {
             return false;
         }
-        st.phase = Phase::Aborted;
-        // No flush turn: abort must not wait for writes the peer may block.
-        st.abort_flushed = true;
-        st.queue.clear();
-        st.buffered = 0;
-        st.pending_head = None;
-        let head_tx = st.head_tx.take();
+        st.abandon_output();
         st.disconnected = Some("app_abort");
         st.detail = detail;
         let waker = st.waker.take();
         drop(st);
-        if let Some(tx) = head_tx {
-            let _ = tx.send(Head::Abort);
-        }
         if let Some(close) = &self.close_connection {
             close.notify_one();
         }
@@ -184,14 +186,7 @@ impl Exchange {
         if st.disconnected.is_some() || st.delivered {
             return;
         }
-        st.phase = Phase::Aborted;
-        st.abort_flushed = true;
-        st.queue.clear();
-        st.buffered = 0;
-        st.pending_head = None;
-        if let Some(tx) = st.head_tx.take() {
-            let _ = tx.send(Head::Abort);
-        }
+        st.abandon_output();
         if let Some(close) = &self.close_connection {
             close.notify_one();
         }
