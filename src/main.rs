@@ -41,6 +41,7 @@ mod supervisor;
 mod tls;
 mod websocket;
 mod worker;
+mod write_stall;
 
 use std::process::ExitCode;
 use std::sync::Arc;

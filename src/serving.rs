@@ -335,6 +335,7 @@ fn build_server(
             max_message_size: opts.ws_message_limit(),
             read_window: websocket::Settings::read_window(opts.read_buffer_size),
             idle_timeout: Options::timeout_opt(opts.ws_idle_timeout),
+            write_timeout: Options::timeout_opt(opts.timeout),
             close_timeout: Duration::from_secs(opts.ws_close_timeout),
             max_in_transit: opts.max_receive_queue.max(1),
             max_in_transit_bytes: websocket::Settings::transit_budget(opts.ws_message_limit()),

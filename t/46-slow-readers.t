@@ -11,8 +11,8 @@ use Time::HiRes qw(time sleep);
 # Slow readers: a client that stops taking its response (a shut TCP window)
 # is closed once no byte of it was taken for --timeout seconds, whether the
 # app still sends (held at the high-water mark) or has handed everything
-# over (a file body); a slow reader that takes bytes now and then is
-# served whole.  --request-timeout's stall closes the connection at once
+# over (a file body), and a WebSocket client that stops reading too; a
+# slow reader that takes bytes now and then is served whole.  --request-timeout's stall closes the connection at once
 # too, instead of waiting to write what the client does not read.  The app
 # hears client_timeout either way.
 
@@ -41,6 +41,16 @@ async sub {
     return if \$scope->{type} eq 'lifespan';
     my (\$path, \$query) = (\$scope->{path}, \$scope->{query_string});
     my \$c = \$scope->{'pagi.connection'};
+    if (\$scope->{type} eq 'websocket') {
+        await \$receive->();    # websocket.connect
+        await \$send->({ type => 'websocket.accept' });
+        for my \$i (1 .. 400) {
+            last unless \$c->is_connected;
+            await \$send->({ type => 'websocket.send', bytes => \$chunk });
+        }
+        rec({ path => \$path, reason => \$c->disconnect_reason, detail => \$c->disconnect_detail });
+        return;
+    }
     await \$send->({ type => 'http.response.start', status => 200, headers => [] });
     if (\$path eq '/file') {
         await \$send->({ type => 'http.response.body', file => '$big' });
@@ -145,6 +155,21 @@ subtest 'a slow reader that takes bytes now and then is served whole' => sub {
     cmp_ok $dt, '>', 2, 'over more than twice --timeout';
     my $rec = outcome_of( '/slow', 5 );
     is $rec && $rec->{reason}, undef, 'the app saw no disconnect';
+};
+
+subtest 'a WebSocket client that stops reading is closed after --timeout' => sub {
+    require PagiRS::WS;
+    my $t0 = time;
+    my $ws = PagiRS::WS->connect( $server->port, path => '/ws' );
+    ok $ws->upgraded, 'upgraded';
+    setsockopt( $ws->sock, Socket::SOL_SOCKET(), Socket::SO_RCVBUF(), 4096 );
+    my $rec = outcome_of( '/ws', 8 );
+    my $dt = time - $t0;
+    is $rec && $rec->{reason}, 'client_timeout', 'the app hears client_timeout';
+    is $rec && $rec->{detail}, 'the client took no byte of what was sent for 1s (--timeout)', 'and why';
+    ok $dt >= 1 && $dt < 4.5, sprintf( 'between --timeout and twice it (%.1fs)', $dt );
+    my @states = server_side_states( $server->port );
+    ok !grep( { $_ eq '01' } @states ), "the server closed its end (states: @states)";
 };
 
 subtest 'over TLS too: the stalled connection is reset, nothing left behind' => sub {

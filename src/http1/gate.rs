@@ -47,6 +47,8 @@ use http::header::HeaderName;
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::write_stall::WriteStall;
+
 /// Carries the refusal status from the gate to the service.  A client that
 /// sends it itself is refused.
 pub const REFUSAL_HEADER: &str = "x-pagi-rs-refusal";
@@ -218,18 +220,14 @@ pub struct Answers {
     /// after `opened`: when it opened, or when the last response it owed
     /// was done.
     waiting_since: AtomicU64,
-    /// When a write last found the socket full with nothing taken since,
-    /// in nanoseconds after `opened`; [`NOT_BLOCKED`] while writes go.
-    write_blocked_since: AtomicU64,
+    /// How long the connection's writes have waited on the client.
+    write_stall: WriteStall,
     /// Set (to the limit, in seconds) when the connection is closed
     /// because the client took no byte for that long.
     write_timed_out: AtomicU64,
     opened: Instant,
     waker: Mutex<Option<Waker>>,
 }
-
-/// `Answers::write_blocked_since` while the socket takes what is written.
-const NOT_BLOCKED: u64 = u64::MAX;
 
 impl Default for Answers {
     fn default() -> Answers {
@@ -240,7 +238,7 @@ impl Default for Answers {
             upgraded: AtomicBool::new(false),
             refused: AtomicBool::new(false),
             waiting_since: AtomicU64::new(0),
-            write_blocked_since: AtomicU64::new(NOT_BLOCKED),
+            write_stall: WriteStall::default(),
             write_timed_out: AtomicU64::new(0),
             opened: Instant::now(),
             waker: Mutex::new(None),
@@ -302,15 +300,9 @@ impl Answers {
     }
 
     /// When the connection must have written something by, if a write is
-    /// blocked: `timeout` after the socket first refused more bytes.  A
-    /// client that reads nothing (a shut TCP window) would otherwise hold
-    /// the connection, and the bytes queued for it, for as long as it
-    /// likes; a slow client that takes a byte now and then is not affected.
+    /// waiting on the client (see write_stall.rs).
     pub fn write_deadline(&self, timeout: Duration) -> Option<Instant> {
-        match self.write_blocked_since.load(Ordering::Acquire) {
-            NOT_BLOCKED => None,
-            since => Some(self.opened + Duration::from_nanos(since) + timeout),
-        }
+        self.write_stall.deadline(timeout)
     }
 
     /// The connection closes because no byte was written for `timeout`:
@@ -328,29 +320,12 @@ impl Answers {
         }
     }
 
-    /// What a write to the socket came to: nothing taken starts (or goes
-    /// on with) a stall, bytes taken end it.  Called for every write, so
-    /// the clock is read only when a stall begins.
     pub(super) fn note_write<T>(
         &self,
         result: &Poll<io::Result<T>>,
         wrote_bytes: impl FnOnce(&T) -> bool,
     ) {
-        let blocked = match result {
-            Poll::Pending => true,
-            Poll::Ready(Ok(done)) if wrote_bytes(done) => false,
-            // An error ends the connection anyway; a zero-byte write or a
-            // flush says nothing about the client.
-            Poll::Ready(_) => return,
-        };
-        let stalled = self.write_blocked_since.load(Ordering::Relaxed) != NOT_BLOCKED;
-        if blocked && !stalled {
-            let since = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(NOT_BLOCKED - 1);
-            self.write_blocked_since.store(since, Ordering::Release);
-        } else if !blocked && stalled {
-            self.write_blocked_since
-                .store(NOT_BLOCKED, Ordering::Release);
-        }
+        self.write_stall.note(result, wrote_bytes);
     }
 
     fn wake(&self) {
@@ -2179,42 +2154,8 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
     }
 
     #[test]
-    fn a_write_stall_lasts_from_the_first_refused_write_to_the_next_byte_taken() {
+    fn a_write_timeout_is_reported_in_whole_seconds() {
         let answers = Answers::default();
-        let timeout = Duration::from_secs(60);
-        assert_eq!(answers.write_deadline(timeout), None, "nothing written yet");
-
-        let before = Instant::now();
-        answers.note_write::<usize>(&Poll::Pending, |n| *n > 0);
-        let first = answers
-            .write_deadline(timeout)
-            .expect("a refused write starts a stall");
-        assert!(first >= before + timeout && first <= Instant::now() + timeout);
-
-        // More refusals, a flush that waits or finishes, a zero-byte write
-        // and an error neither end the stall nor move its start.
-        std::thread::sleep(Duration::from_millis(5));
-        answers.note_write::<usize>(&Poll::Pending, |n| *n > 0);
-        answers.note_write::<()>(&Poll::Pending, |_| false);
-        answers.note_write(&Poll::Ready(Ok(())), |_| false);
-        answers.note_write(&Poll::Ready(Ok(0usize)), |n| *n > 0);
-        answers.note_write::<usize>(&Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())), |n| {
-            *n > 0
-        });
-        assert_eq!(answers.write_deadline(timeout), Some(first));
-
-        answers.note_write(&Poll::Ready(Ok(1usize)), |n| *n > 0);
-        assert_eq!(
-            answers.write_deadline(timeout),
-            None,
-            "a byte taken ends it"
-        );
-
-        std::thread::sleep(Duration::from_millis(5));
-        answers.note_write::<usize>(&Poll::Pending, |n| *n > 0);
-        let second = answers.write_deadline(timeout).expect("a new stall");
-        assert!(second > first, "timed from its own start");
-
         assert_eq!(answers.write_timeout_hit(), None);
         answers.write_timed_out(Duration::from_millis(300));
         assert_eq!(

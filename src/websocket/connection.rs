@@ -7,6 +7,10 @@
 //! client that stops reading stalls only the writer, never the detection of
 //! its departure.
 //!
+//! A client that takes no byte of what is written to it for `--timeout`
+//! (write_stall.rs) is gone: the reader, which watches every other bound,
+//! watches that one too.
+//!
 //! The application hears `websocket.disconnect` only once the transport is
 //! really closed (Www 0.6).  A closing handshake has two phases, each bounded
 //! by `--ws-close-timeout`: the Close frames are exchanged (a peer that never
@@ -29,6 +33,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::outbox::OutboxReceiver;
 use super::session::{Ending, Outbound, Session};
+use crate::write_stall::{Watched, WriteStall};
 
 /// The byte stream under an accepted WebSocket: hyper's upgraded socket on
 /// HTTP/1.1, one stream on HTTP/2 (http2::io).  Boxed: one virtual call per
@@ -61,6 +66,8 @@ enum ReadEnd {
 pub async fn run(session: Arc<Session>, transport: Transport, shutdown: watch::Receiver<bool>) {
     let settings = &session.settings;
     let config = settings.tungstenite_config();
+    let stall = Arc::new(WriteStall::default());
+    let transport: Transport = Box::new(Watched::new(transport, stall.clone()));
     let socket = Socket::from_raw_socket(transport, Role::Server, Some(config)).await;
     let Some(outbound) = session.take_outbound() else {
         return;
@@ -70,7 +77,7 @@ pub async fn run(session: Arc<Session>, transport: Transport, shutdown: watch::R
     let mut writer = tokio::spawn(write_loop(session.clone(), sink, outbound, write_failed_tx));
     session.touch();
 
-    let end = read_loop(&session, &mut stream, shutdown, write_failed_rx).await;
+    let end = read_loop(&session, &mut stream, shutdown, write_failed_rx, &stall).await;
     let close_timeout = session.settings.close_timeout;
     let ending = match end {
         ReadEnd::Drop(ending) => {
@@ -205,6 +212,7 @@ async fn read_loop(
     stream: &mut Stream,
     mut shutdown: watch::Receiver<bool>,
     mut write_failed: watch::Receiver<Option<String>>,
+    stall: &WriteStall,
 ) -> ReadEnd {
     let settings = session.settings.clone();
     let limit = settings.close_timeout;
@@ -253,7 +261,19 @@ async fn read_loop(
             .filter(|_| !closing)
             .map_or(FAR, |t| t.saturating_duration_since(now));
         let pong_in = pong_deadline.map_or(FAR, |t| t.saturating_duration_since(now));
-        let timer = idle_in.min(close_in).min(ping_in).min(pong_in);
+        // A stall that begins while this sleeps is seen at its next wake-up:
+        // within the timeout, or twice it at most.
+        let stall_in = match settings.write_timeout {
+            Some(limit) if !closing => stall
+                .deadline(limit)
+                .map_or(limit, |t| t.saturating_duration_since(now)),
+            _ => FAR,
+        };
+        let timer = idle_in
+            .min(close_in)
+            .min(ping_in)
+            .min(pong_in)
+            .min(stall_in);
         // Messages are the app's only while nobody is closing the socket on
         // the server's side, and until the peer said Close.
         let deliver = view.forced.is_none() && peer_close.is_none();
@@ -344,6 +364,18 @@ async fn read_loop(
                             format!("no Close from the peer within {}s of ours (--ws-close-timeout)", limit.as_secs()),
                         ),
                     });
+                }
+                if let (Some(limit), false) = (settings.write_timeout, closing) {
+                    if stall.deadline(limit).is_some_and(|t| t <= now) {
+                        tracing::debug!("WebSocket client took nothing written to it for {}s: closing", limit.as_secs());
+                        return ReadEnd::Drop(Ending::abnormal(
+                            "client_timeout",
+                            format!(
+                                "the client took no byte of what was sent for {}s (--timeout)",
+                                limit.as_secs().max(1)
+                            ),
+                        ));
+                    }
                 }
                 if let (Some(idle), false) = (settings.idle_timeout, closing) {
                     if session.idle_for() >= idle {

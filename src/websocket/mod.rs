@@ -59,6 +59,9 @@ pub struct Settings {
     pub read_window: usize,
     /// `--ws-idle-timeout`: no frame either way for this long closes it.
     pub idle_timeout: Option<Duration>,
+    /// `--timeout`: a client that takes no byte of what is written to it
+    /// for this long is gone (write_stall.rs).
+    pub write_timeout: Option<Duration>,
     /// How long to wait for the peer's reply to our Close frame.
     pub close_timeout: Duration,
     /// Messages read but not yet taken by the interpreter, per socket; past
@@ -137,6 +140,7 @@ mod tests {
             max_message_size: message,
             read_window: Settings::read_window(64 * 1024),
             idle_timeout: None,
+            write_timeout: None,
             close_timeout: Duration::from_secs(1),
             max_in_transit: 1,
             max_in_transit_bytes: 1,

@@ -783,6 +783,7 @@ mod tests {
             max_message_size: None,
             read_window: crate::websocket::MAX_READ_WINDOW,
             idle_timeout: None,
+            write_timeout: None,
             close_timeout: Duration::from_secs(1),
             max_in_transit: 2,
             max_in_transit_bytes: 10,
