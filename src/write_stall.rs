@@ -4,9 +4,10 @@
 //! queued for it for as long as it likes; `--timeout` bounds that.  A slow
 //! client that takes a byte now and then is never stalled.
 //!
-//! HTTP/1.1 notes its writes in the gate (`http1::gate::Answers`), a
-//! WebSocket through [`Watched`]; each checks [`WriteStall::deadline`] on
-//! a timer it already has.
+//! An HTTP/1.1 connection and a WebSocket write through [`Watched`], and
+//! each checks [`WriteStall::deadline`] on a timer it already has (the
+//! connection's in `http1::connection::client_overdue`, the WebSocket
+//! reader's).
 
 use std::io;
 use std::pin::Pin;

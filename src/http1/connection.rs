@@ -30,6 +30,7 @@ use crate::service::{
     self, log_refusal, plain_response, CloseAfter, ConnInfo, RequestContext, ServiceError,
 };
 use crate::websocket::handshake::{self, Carrier, Handshake};
+use crate::write_stall::Watched;
 
 /// hyper's HTTP/1.1 server as configured by the options.
 pub fn builder(server: &Server) -> http1::Builder {
@@ -145,7 +146,10 @@ pub async fn serve<IO>(
             Ok::<_, ServiceError>(resp.map(|body| AnsweredBody::new(body, answers)))
         }
     });
-    let io = SegmentWriter::new(io, tcp_fd, bulk_hint);
+    let io = Watched::new(
+        SegmentWriter::new(io, tcp_fd, bulk_hint),
+        answers.write_stall(),
+    );
     let io = TokioIo::new(Gate::new(io, server.gate_limits, orders, answers.clone()));
     // with_upgrades: a WebSocket handshake hands the socket over after the 101.
     let conn = builder.serve_connection(io, service).with_upgrades();
@@ -658,7 +662,9 @@ mod tests {
         stalled.head_handed();
         stalled.response_started(StatusCode::OK);
         let began = Instant::now();
-        stalled.note_write::<usize>(&Poll::Pending, |n| *n > 0);
+        stalled
+            .write_stall()
+            .note::<usize>(&Poll::Pending, |n| *n > 0);
         assert!(matches!(
             overdue_within(stalled, 3 * timeout).await,
             Some(Overdue::Write)
@@ -672,9 +678,10 @@ mod tests {
         slow.response_started(StatusCode::OK);
         let watch = tokio::spawn(overdue_within(slow, 5 * timeout));
         for _ in 0..8 {
-            slow.note_write::<usize>(&Poll::Pending, |n| *n > 0);
+            slow.write_stall().note::<usize>(&Poll::Pending, |n| *n > 0);
             tokio::time::sleep(timeout / 2).await;
-            slow.note_write(&Poll::Ready(Ok(512usize)), |n| *n > 0);
+            slow.write_stall()
+                .note(&Poll::Ready(Ok(512usize)), |n| *n > 0);
         }
         assert!(
             watch.await.unwrap().is_none(),

@@ -220,8 +220,9 @@ pub struct Answers {
     /// after `opened`: when it opened, or when the last response it owed
     /// was done.
     waiting_since: AtomicU64,
-    /// How long the connection's writes have waited on the client.
-    write_stall: WriteStall,
+    /// How long the connection's writes have waited on the client (noted
+    /// by the `Watched` writer under the gate).
+    write_stall: Arc<WriteStall>,
     /// Set (to the limit, in seconds) when the connection is closed
     /// because the client took no byte for that long.
     write_timed_out: AtomicU64,
@@ -238,7 +239,7 @@ impl Default for Answers {
             upgraded: AtomicBool::new(false),
             refused: AtomicBool::new(false),
             waiting_since: AtomicU64::new(0),
-            write_stall: WriteStall::default(),
+            write_stall: Arc::default(),
             write_timed_out: AtomicU64::new(0),
             opened: Instant::now(),
             waker: Mutex::new(None),
@@ -320,12 +321,9 @@ impl Answers {
         }
     }
 
-    pub(super) fn note_write<T>(
-        &self,
-        result: &Poll<io::Result<T>>,
-        wrote_bytes: impl FnOnce(&T) -> bool,
-    ) {
-        self.write_stall.note(result, wrote_bytes);
+    /// Where the connection's writer notes what its writes came to.
+    pub fn write_stall(&self) -> Arc<WriteStall> {
+        self.write_stall.clone()
     }
 
     fn wake(&self) {
@@ -1318,9 +1316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.before_write(cx);
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.answers.note_write(&result, |n| *n > 0);
-        result
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -1329,9 +1325,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.before_write(cx);
-        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.answers.note_write(&result, |n| *n > 0);
-        result
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -1339,11 +1333,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Gate<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // A flush that waits is a write that waits (the segment writer's
-        // held bytes, TLS records); one that finishes took nothing new.
-        let result = Pin::new(&mut self.inner).poll_flush(cx);
-        self.answers.note_write(&result, |_| false);
-        result
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
