@@ -6,7 +6,9 @@ use lib "$FindBin::Bin/lib";
 use PagiRS::Test;
 use File::Temp qw(tempdir);
 use IO::Select;
+use IO::Socket::SSL ();
 use Time::HiRes qw(time sleep);
+use PagiRS::WS;
 
 # Slow readers: a client that stops taking its response (a shut TCP window)
 # is closed once no byte of it was taken for --timeout seconds, whether the
@@ -158,7 +160,6 @@ subtest 'a slow reader that takes bytes now and then is served whole' => sub {
 };
 
 subtest 'a WebSocket client that stops reading is closed after --timeout' => sub {
-    require PagiRS::WS;
     my $t0 = time;
     my $ws = PagiRS::WS->connect( $server->port, path => '/ws' );
     ok $ws->upgraded, 'upgraded';
@@ -176,7 +177,6 @@ subtest 'over TLS too: the stalled connection is reset, nothing left behind' => 
     my $out = `openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=localhost -keyout $dir/key.pem -out $dir/cert.pem 2>&1`;
     is $?, 0, 'openssl made a certificate' or return diag $out;
     my $tls = start_server( '--timeout', 1, '--ssl-cert', "$dir/cert.pem", '--ssl-key', "$dir/key.pem", $app );
-    require IO::Socket::SSL;
     my $c = IO::Socket::SSL->new( PeerAddr => '127.0.0.1', PeerPort => $tls->port, Timeout => 5,
         SSL_verify_mode => IO::Socket::SSL::SSL_VERIFY_NONE() ) or return fail "handshake: $IO::Socket::SSL::SSL_ERROR";
     print {$c} "GET /tls HTTP/1.1\r\nHost: localhost\r\n\r\n";
