@@ -168,9 +168,10 @@ pub struct Options {
     #[arg(short = 'q', long)]
     pub quiet: bool,
 
-    /// Server log lines: text, or json (one object per line).
-    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
-    pub log_format: LogFormat,
+    /// Server log lines: text, or json (one object per line).  Default:
+    /// json in production mode (-E), text otherwise, as the reference's.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 
     /// Send the server's log and the app's STDERR (Perl warnings, die
     /// messages) to FILE, appending; opened before the app is loaded.
@@ -503,11 +504,21 @@ impl Options {
         }
     }
 
+    /// `--log-format`, defaulting as the reference's runner does: JSON
+    /// lines in production, where a log shipper reads them, and text for
+    /// people otherwise.
+    pub fn effective_log_format(&self, mode: EnvMode) -> LogFormat {
+        self.log_format.unwrap_or(match mode {
+            EnvMode::Production => LogFormat::Json,
+            EnvMode::Development | EnvMode::None => LogFormat::Text,
+        })
+    }
+
     /// `--access-log-format`, defaulting to the reference's `clf`, or to
     /// `json` when the server's own lines are JSON: a log stream on stderr
     /// stays one format that a shipper can parse.
-    pub fn effective_access_log_format(&self) -> &str {
-        match (&self.access_log_format, self.log_format) {
+    pub fn effective_access_log_format(&self, mode: EnvMode) -> &str {
+        match (&self.access_log_format, self.effective_log_format(mode)) {
             (Some(spec), _) => spec,
             (None, LogFormat::Json) => "json",
             (None, LogFormat::Text) => "clf",
@@ -854,13 +865,34 @@ mod tests {
     }
 
     #[test]
-    fn the_access_log_follows_a_json_server_log_unless_told_otherwise() {
+    fn the_log_is_json_in_production_unless_told_otherwise() {
         let o = parse(&["a.pl"]);
-        assert_eq!(o.log_format, LogFormat::Text);
-        assert_eq!(o.effective_access_log_format(), "clf");
+        assert_eq!(o.effective_log_format(EnvMode::Production), LogFormat::Json);
+        assert_eq!(
+            o.effective_log_format(EnvMode::Development),
+            LogFormat::Text
+        );
+        assert_eq!(o.effective_log_format(EnvMode::None), LogFormat::Text);
+        let o = parse(&["--log-format", "text", "a.pl"]);
+        assert_eq!(o.effective_log_format(EnvMode::Production), LogFormat::Text);
+        let o = parse(&["--log-format", "json", "a.pl"]);
+        assert_eq!(
+            o.effective_log_format(EnvMode::Development),
+            LogFormat::Json
+        );
+    }
+
+    #[test]
+    fn the_access_log_follows_a_json_server_log_unless_told_otherwise() {
+        let dev = EnvMode::Development;
+        let o = parse(&["a.pl"]);
+        assert_eq!(o.effective_access_log_format(dev), "clf");
+        assert_eq!(o.effective_access_log_format(EnvMode::Production), "json");
         assert_eq!(o.error_log, None);
         let o = parse(&["--log-format", "json", "a.pl"]);
-        assert_eq!(o.effective_access_log_format(), "json");
+        assert_eq!(o.effective_access_log_format(dev), "json");
+        let o = parse(&["--log-format", "text", "a.pl"]);
+        assert_eq!(o.effective_access_log_format(EnvMode::Production), "clf");
         let o = parse(&[
             "--log-format",
             "json",
@@ -868,7 +900,7 @@ mod tests {
             "tiny",
             "a.pl",
         ]);
-        assert_eq!(o.effective_access_log_format(), "tiny");
+        assert_eq!(o.effective_access_log_format(dev), "tiny");
         let o = parse(&["--error-log", "/var/log/x.log", "a.pl"]);
         assert_eq!(o.error_log, Some(PathBuf::from("/var/log/x.log")));
         assert!(Options::try_parse_from(["pagi-rs", "--log-format", "xml", "a.pl"]).is_err());

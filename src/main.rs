@@ -71,16 +71,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let format = match access_log::Format::parse(opts.effective_access_log_format()) {
+    // Before any thread exists: these set environment variables and
+    // Perl's allocator's limits.  The mode comes first: it chooses the
+    // logs' default format.
+    let (mode, mode_source) = process::resolve_env_mode(&opts);
+    let format = match access_log::Format::parse(opts.effective_access_log_format(mode)) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("pagi-rs: {e}");
             return ExitCode::from(2);
         }
     };
-    // Before any thread exists: these set environment variables and
-    // Perl's allocator's limits.
-    let (mode, mode_source) = process::resolve_env_mode(&opts);
     interp::malloc::keep_freed_memory();
     // The error log takes stderr before anything else can be said there:
     // the app's load errors and warnings, bind errors, and all that follows.
@@ -88,7 +89,7 @@ fn main() -> ExitCode {
         .error_log
         .as_deref()
         .map_or(Ok(()), logging::redirect_stderr_to);
-    logging::init(opts.effective_log_level(), opts.log_format);
+    logging::init(opts.effective_log_level(), opts.effective_log_format(mode));
     if let Err(e) = error_log {
         logging::startup_error(&e);
         return ExitCode::FAILURE;

@@ -14,6 +14,7 @@ use PagiRS::Workers;
 use File::Temp qw(tempdir);
 use IO::Socket::INET;
 use Time::HiRes qw(time sleep);
+use JSON::PP ();
 
 my $dir = tempdir( CLEANUP => 1 );    # 0700, root's
 
@@ -136,34 +137,71 @@ subtest '--user errors' => sub {
     like $err, qr/unknown group: no-such-group-pagi/, 'named';
 };
 
-subtest '-E production: no access log unless named; PAGI_ENV for the app' => sub {
+# The server's log lines in $text decoded, one object each; a line that
+# is not a JSON object fails the test.
+sub json_log {
+    my ( $text, $what ) = @_;
+    my @lines = grep { length } split /\n/, $text;
+    my @bad   = grep { !eval { ref JSON::PP->new->decode($_) eq 'HASH' } } @lines;
+    ok @lines && !@bad, "$what: every line is a JSON object" or diag "not JSON: @bad";
+    return map { eval { JSON::PP->new->decode($_) } // () } @lines;
+}
+
+subtest '-E production: JSON log lines, no access log unless named; PAGI_ENV for the app' => sub {
     my $s = start_server( '-E', 'production', $who_app );
     like get( $s->port, '/prod' )->{body}, qr/ env=production$/, 'the app sees PAGI_ENV=production';
-    like $s->output, qr/mode: production \(--env\)/, 'the mode and its source are logged';
+    my @log = json_log( $s->output, 'production' );
+    ok( ( grep { ( $_->{message} // '' ) eq 'mode: production (--env)' } @log ),
+        'the mode and its source are logged' );
+    ok( ( grep { ( $_->{message} // '' ) =~ /listening on / && $_->{level} eq 'info' } @log ),
+        'the startup line is a JSON object too' );
     sleep 0.3;
-    unlike $s->output, qr{"GET /prod"}, 'no access log line';
+    unlike $s->output, qr{/prod}, 'no access log line';
     is $s->stop('TERM'), 0, 'stops';
 
     my $log = "$dir/prod.log";
     $s = start_server( '-E', 'production', '--access-log', $log, $who_app );
     get( $s->port, '/named' );
-    ok wait_file_line( $log, qr{"GET /named"}, 5 ), 'a named access log is written';
+    my $rec = wait_json_record( $log, sub { ( $_[0]{path} // '' ) eq '/named' } );
+    ok $rec, 'a named access log is written, in the json preset';
+    is $rec && $rec->{status}, 200, 'with the status';
+    $s->stop('TERM');
+
+    $s = start_server( '-E', 'production', '--log-format', 'text', '--access-log', "$dir/prod-text.log", $who_app );
+    get( $s->port, '/text' );
+    like $s->output, qr/^\S+\s+INFO mode: production \(--env\)$/m, '--log-format text: text lines in production';
+    ok wait_file_line( "$dir/prod-text.log", qr{"GET /text" 200 }, 5 ), 'and the clf access log';
+    $s->stop('TERM');
+
+    $s = start_server( '-E', 'production', '--access-log-format', 'tiny', '--access-log', "$dir/prod-tiny.log",
+        $who_app );
+    get( $s->port, '/tiny' );
+    ok wait_file_line( "$dir/prod-tiny.log", qr{^GET /tiny 200 }, 5 ), 'a format named outright wins';
     $s->stop('TERM');
 };
 
-subtest 'the mode from PAGI_ENV, or from the terminal' => sub {
+subtest 'the mode from PAGI_ENV, or from the terminal; only production logs JSON' => sub {
     local $ENV{PAGI_ENV} = 'production';
     my $s = start_server($who_app);
     like get( $s->port )->{body}, qr/ env=production$/, 'PAGI_ENV=production';
-    like $s->output, qr/mode: production \(PAGI_ENV\)/, 'source PAGI_ENV';
+    ok( ( grep { ( $_->{message} // '' ) eq 'mode: production (PAGI_ENV)' } json_log( $s->output, 'PAGI_ENV' ) ),
+        'source PAGI_ENV, in JSON' );
     $s->stop('TERM');
     delete $ENV{PAGI_ENV};
     $s = start_server($who_app);    # stdin is /dev/null: no terminal
     like get( $s->port, '/notty' )->{body}, qr/ env=production$/, 'no terminal: production';
-    like $s->output, qr/mode: production \(no tty\)/, 'source: no tty';
+    ok( ( grep { ( $_->{message} // '' ) eq 'mode: production (no tty)' } json_log( $s->output, 'no tty' ) ),
+        'source: no tty, in JSON' );
     sleep 0.3;
-    unlike $s->output, qr{"GET /notty"}, 'and so no access log';
+    unlike $s->output, qr{/notty}, 'and so no access log';
     $s->stop('TERM');
+    for my $mode (qw(development none)) {
+        $s = start_server( '-E', $mode, $who_app );
+        get( $s->port, "/$mode" );
+        ok $s->wait_output( qr{"GET /$mode" 200 }, 5 ), "-E $mode: the clf access log on stderr";
+        like $s->output, qr/^\S+\s+INFO mode: $mode \(--env\)$/m, "-E $mode: text lines";
+        $s->stop('TERM');
+    }
 };
 
 subtest '-E development: Lint around the app when installed' => sub {
