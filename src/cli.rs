@@ -416,8 +416,33 @@ pub struct Options {
     pub env_mode: Option<EnvMode>,
 
     /// Do not wrap the app in the mode's middleware (Lint in development).
-    #[arg(long)]
+    #[arg(long, overrides_with = "default_middleware")]
     pub no_default_middleware: bool,
+
+    /// Wrap the app in the mode's middleware (the default); the last of
+    /// this and --no-default-middleware wins.
+    #[arg(long, overrides_with = "no_default_middleware")]
+    pub default_middleware: bool,
+
+    /// The interpreters' IO::Async loop: IO::Async::Loop::BACKEND (Poll,
+    /// Select, Epoll, ...).  Default: Poll, or IO_ASYNC_LOOP's choice.
+    #[arg(short = 'l', long = "loop", value_name = "BACKEND", value_parser = parse_loop_backend)]
+    pub loop_backend: Option<String>,
+
+    /// The reference runner's server class.  pagi-rs takes the place of
+    /// PAGI::Server, the only class accepted.
+    #[arg(short = 's', long = "server", value_name = "CLASS")]
+    pub server: Option<String>,
+
+    /// Accepted for the reference's command lines; no effect (a file body
+    /// is read from the page cache when it holds it, else off the loop).
+    #[arg(long, value_name = "BYTES", allow_negative_numbers = true)]
+    pub sync_file_threshold: Option<i64>,
+
+    /// Accepted for the reference's command lines: Future::XS is not used
+    /// (PERL_FUTURE_NO_XS=1 unless set); a warning says so.
+    #[arg(long)]
+    pub future_xs: bool,
 
     /// Print the version and exit.
     #[arg(short = 'v', long = "version", action = ArgAction::Version)]
@@ -540,6 +565,16 @@ impl Options {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(class) = self
+            .server
+            .as_deref()
+            .filter(|c| *c != REFERENCE_SERVER_CLASS)
+        {
+            return Err(format!(
+                "--server {class}: pagi-rs takes the place of {REFERENCE_SERVER_CLASS}, \
+                 the only server class it accepts"
+            ));
+        }
         // Every duration becomes a deadline (now + value) somewhere; a year
         // is far beyond any sensible setting and far from overflowing one.
         for (flag, secs) in [
@@ -728,6 +763,23 @@ pub const MAX_WATERMARK: usize = 1 << 40;
 pub const MAX_READ_BUFFER: usize = 64 << 20;
 pub const MAX_RECEIVE_QUEUE: usize = 1 << 30;
 
+/// `-s`/`--server`: the one class the reference runner's option may name
+/// here, the server pagi-rs replaces.
+pub const REFERENCE_SERVER_CLASS: &str = "PAGI::Server";
+
+/// `-l`/`--loop`: the last part of an `IO::Async::Loop::*` class name,
+/// which the interpreter loads by that name, so it must be one.
+fn parse_loop_backend(name: &str) -> Result<String, String> {
+    let is_word = |part: &str| {
+        !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    if name.split("::").all(is_word) {
+        Ok(name.to_string())
+    } else {
+        Err("not a loop class name (letters, digits, _ and ::), as in Poll or Epoll".into())
+    }
+}
+
 /// A name with `::` is a module; one with a slash or a .pl/.psgi suffix is a
 /// file; otherwise it is a file if one exists by that name, else a module.
 pub fn classify_app(name: &str) -> AppSpec {
@@ -904,6 +956,44 @@ mod tests {
         let o = parse(&["--error-log", "/var/log/x.log", "a.pl"]);
         assert_eq!(o.error_log, Some(PathBuf::from("/var/log/x.log")));
         assert!(Options::try_parse_from(["pagi-rs", "--log-format", "xml", "a.pl"]).is_err());
+    }
+
+    #[test]
+    fn the_reference_runners_options_are_accepted() {
+        let o = parse(&["-l", "Epoll", "-s", "PAGI::Server", "a.pl"]);
+        assert_eq!(o.loop_backend.as_deref(), Some("Epoll"));
+        assert!(o.validate().is_ok());
+        assert_eq!(
+            parse(&["--loop", "Foo::Bar_2", "a.pl"])
+                .loop_backend
+                .as_deref(),
+            Some("Foo::Bar_2")
+        );
+        for bad in ["Ep;oll", "::Epoll", "Epoll::", "", "Foo:::Bar", "E poll"] {
+            assert!(
+                Options::try_parse_from(["pagi-rs", "-l", bad, "a.pl"]).is_err(),
+                "{bad:?} refused"
+            );
+        }
+        assert!(parse(&["-s", "Other::Server", "a.pl"]).validate().is_err());
+        assert_eq!(
+            parse(&["--sync-file-threshold", "-1", "a.pl"]).sync_file_threshold,
+            Some(-1)
+        );
+        assert!(
+            Options::try_parse_from(["pagi-rs", "--sync-file-threshold", "x", "a.pl"]).is_err()
+        );
+        assert!(parse(&["--future-xs", "a.pl"]).future_xs);
+    }
+
+    #[test]
+    fn the_last_of_the_middleware_switches_wins() {
+        assert!(!parse(&["a.pl"]).no_default_middleware);
+        assert!(parse(&["--no-default-middleware", "a.pl"]).no_default_middleware);
+        let o = parse(&["--no-default-middleware", "--default-middleware", "a.pl"]);
+        assert!(!o.no_default_middleware);
+        let o = parse(&["--default-middleware", "--no-default-middleware", "a.pl"]);
+        assert!(o.no_default_middleware);
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub enum StartupError {
     LifespanTimeout(u64),
     #[error("interpreter failed: {0}")]
     Interpreter(String),
+    /// The Perl side could not be set up before the app's own code ran: a
+    /// module the bridge needs, or the `-l` event loop.
+    #[error("{0}")]
+    Bridge(String),
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]

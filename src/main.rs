@@ -83,6 +83,7 @@ fn main() -> ExitCode {
         }
     };
     interp::malloc::keep_freed_memory();
+    interp::prefer_pure_perl_future();
     // The error log takes stderr before anything else can be said there:
     // the app's load errors and warnings, bind errors, and all that follows.
     let error_log = opts
@@ -97,6 +98,7 @@ fn main() -> ExitCode {
     if opts.forwarded_allow_ips.is_some() && !opts.proxy_headers {
         tracing::warn!("--forwarded-allow-ips has no effect without --proxy-headers");
     }
+    warn_of_reference_only_settings(&opts);
     // Here, while this is the only thread and before Perl copies the
     // environment into %ENV: systemd's LISTEN_* variables and a binary
     // upgrade's are removed.
@@ -163,6 +165,7 @@ fn main() -> ExitCode {
         spec: opts.spec_version,
         max_disconnect_receives: opts.max_disconnect_receives,
         lint: mode == EnvMode::Development && !opts.no_default_middleware,
+        loop_backend: opts.loop_backend.clone(),
     };
     let code = match run(opts, spec, format, mode, mode_source, systemd, upgrade) {
         Ok(()) => 0,
@@ -182,6 +185,28 @@ fn main() -> ExitCode {
     ExitCode::from(code)
     // PERL_SYS_TERM is deliberately not called: the process is ending, and
     // it is only safe once every interpreter is destroyed.
+}
+
+/// The reference server's settings that a command line or environment
+/// carried over may hold and that change nothing here: said once at
+/// startup, so that nobody tunes them in vain.
+fn warn_of_reference_only_settings(opts: &Options) {
+    if opts.future_xs {
+        tracing::warn!(
+            "--future-xs is unavailable: Future::XS is not used ({}=1 unless the environment \
+             sets it, as in the reference server); continuing without it",
+            interp::FUTURE_NO_XS
+        );
+    }
+    if std::env::var_os("PAGI_FUTURE_XS").is_some_and(|v| !v.is_empty() && v != "0") {
+        tracing::warn!("PAGI_FUTURE_XS is ignored: Future::XS is not used");
+    }
+    if let Some(bytes) = opts.sync_file_threshold {
+        tracing::info!(
+            "--sync-file-threshold {bytes} has no effect: a file body is read at once when the \
+             page cache holds it, and off the event loop otherwise, whatever its size"
+        );
+    }
 }
 
 /// Whether the interpreters cache the methods that call_method finds
@@ -257,6 +282,7 @@ fn run(
         tls,
         mode,
         mode_source,
+        loop_class: loaded.loop_class().to_string(),
     };
     if prepared.opts.needs_master() {
         return supervisor::run(prepared, loaded, listeners);

@@ -39,6 +39,8 @@ pub struct Prepared {
     pub tls: Option<Arc<Reloadable>>,
     pub mode: EnvMode,
     pub mode_source: &'static str,
+    /// The interpreters' IO::Async loop class, named in the startup line.
+    pub loop_class: String,
 }
 
 /// Which process this is.
@@ -263,10 +265,11 @@ pub fn announce_listening(
         prepared.mode_source
     );
     tracing::info!(
-        "pagi-rs {} listening on {} (pid {}{workers}, interpreters: {interpreters}, loop: IO::Async)",
+        "pagi-rs {} listening on {} (pid {}{workers}, interpreters: {interpreters}, loop: {})",
         env!("CARGO_PKG_VERSION"),
         shown.join(", "),
         std::process::id(),
+        prepared.loop_class,
     );
 }
 

@@ -339,7 +339,8 @@ sub load_fails {
         my $t0 = time;
         my ( $code, $err, $out ) = run_pagi( '-p', $port, @$args );
         is $code, 1, 'exits with code 1';
-        like $err, qr/pagi-rs: cannot load the application:/, 'stderr says the application could not be loaded'
+        like $err, $o{prefix} // qr/pagi-rs: cannot load the application:/,
+          'stderr says what could not be loaded'
           unless $o{no_prefix_check};
         like $err, $want, "stderr carries Perl's error text";
         unlike $err . $out, qr/listening on/, 'no startup line was printed';
@@ -424,8 +425,10 @@ for my $mod ( sort keys %deps ) {
     load_fails(
         "missing $mod (fake via PERL5LIB)",
         [$dep_app],
-        qr/pagi-rs needs the Perl module $name_re, which is not installed\.\s*\nInstall it with: apt-get install \Q$pkg\E/,
-        perl5lib => $fake
+        qr/^pagi-rs: the Perl module $name_re, which pagi-rs needs, is not installed\.\s*\nInstall it with: apt-get install \Q$pkg\E/m,
+        perl5lib => $fake,
+        # The server's own need, not the app's failure.
+        prefix => qr/\A(?!.*cannot load the application)/s,
     );
 }
 

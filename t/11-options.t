@@ -79,12 +79,13 @@ subtest '--help mentions the options' => sub {
         qw(--host --port --app --lib --root-path --access-log --no-access-log --access-log-format --log-level
         --quiet --max-body-size --max-header-size --max-header-count --max-receive-queue --shutdown-timeout
         --request-timeout --timeout --lifespan --lifespan-startup-timeout --write-high-watermark
-        --write-low-watermark --interpreters --version --help)
+        --write-low-watermark --interpreters --version --help --loop --server --default-middleware
+        --no-default-middleware --sync-file-threshold --future-xs --log-format)
       )
     {
         like $out, qr/(?<![\w-])\Q$opt\E(?![\w-])/, "--help mentions $opt";
     }
-    for my $short (qw(-o -p -a -I -M -e -q -v)) {
+    for my $short (qw(-o -p -a -I -M -e -q -v -l -s)) {
         like $out, qr/(?<![\w-])\Q$short\E\b/, "--help mentions $short";
     }
 };
@@ -100,6 +101,69 @@ subtest 'unknown option and bad values exit 2' => sub {
     is $code, 2, '--lifespan sometimes exits 2';
     ( $code, $err ) = run_pagi( '--log-level', 'loud', $app );
     is $code, 2, '--log-level loud exits 2';
+};
+
+# The reference runner's options that a command line carried over from
+# pagi-server may hold: -s/--server (PAGI::Server, which pagi-rs replaces),
+# --future-xs (Future::XS is not used, as in the reference), and
+# --sync-file-threshold (no effect: files are never read on the loop).
+subtest "the reference runner's -s, --future-xs and --sync-file-threshold" => sub {
+    my $data = "$TMP/threshold.bin";
+    open my $fh, '>', $data or die "$data: $!";
+    print $fh join '', map { chr( $_ % 251 ) } 1 .. 200_000;
+    close $fh;
+    my $env_app = write_app( <<"PERL" . <<'PERL', 'env_app.pl' );
+my \$data = '$data';
+PERL
+use strict; use warnings; use Future::AsyncAwait;
+async sub {
+    my ($scope, $receive, $send) = @_;
+    return if $scope->{type} eq 'lifespan';
+    if ($scope->{path} eq '/file') {
+        await $send->({ type => 'http.response.start', status => 200, headers => [] });
+        await $send->({ type => 'http.response.body', file => $data });
+        return;
+    }
+    my $body = 'PERL_FUTURE_NO_XS=' . ($ENV{PERL_FUTURE_NO_XS} // 'unset');
+    await $send->({ type => 'http.response.start', status => 200, headers => [] });
+    await $send->({ type => 'http.response.body', body => $body });
+};
+PERL
+    for my $flag ( [ '-s', 'PAGI::Server' ], ['--server=PAGI::Server'] ) {
+        my $s = start_server( @$flag, $env_app );
+        is http_request( $s->port, 'GET', '/' )->{status}, 200, "@$flag: serves";
+        $s->stop('TERM');
+    }
+    my ( $code, $err ) = run_pagi( '-s', 'Twiggy::Server', $env_app );
+    is $code, 2, '-s naming another class: exit 2';
+    like $err, qr/--server Twiggy::Server: pagi-rs takes the place of PAGI::Server/, 'says why';
+
+    my $s = start_server( '--future-xs', $env_app );
+    is http_request( $s->port, 'GET', '/' )->{body}, 'PERL_FUTURE_NO_XS=1', 'Future::XS is kept out (PERL_FUTURE_NO_XS=1)';
+    like $s->output, qr/WARN --future-xs is unavailable: Future::XS is not used/, '--future-xs: a warning, and it serves';
+    $s->stop('TERM');
+    {
+        local $ENV{PERL_FUTURE_NO_XS} = '0';
+        local $ENV{PAGI_FUTURE_XS}    = '1';
+        $s = start_server($env_app);
+        is http_request( $s->port, 'GET', '/' )->{body}, 'PERL_FUTURE_NO_XS=0', 'a PERL_FUTURE_NO_XS of its own is kept';
+        like $s->output, qr/WARN PAGI_FUTURE_XS is ignored/, 'PAGI_FUTURE_XS: a warning';
+        $s->stop('TERM');
+    }
+    $s = start_server($env_app);
+    unlike $s->output, qr/WARN/, 'neither: no warning';
+    $s->stop('TERM');
+
+    my $file_bytes = slurp($data);
+    for my $n ( 0, -1, 1 << 20 ) {
+        $s = start_server( '--sync-file-threshold', $n, $env_app );
+        my $r = http_request( $s->port, 'GET', '/file' );
+        ok( ( $r->{body} // '' ) eq $file_bytes, "--sync-file-threshold $n: a file body is served whole" );
+        like $s->output, qr/INFO --sync-file-threshold \Q$n\E has no effect/, 'and the log says it changes nothing';
+        $s->stop('TERM');
+    }
+    ( $code, $err ) = run_pagi( '--sync-file-threshold', 'lots', $env_app );
+    is $code, 2, '--sync-file-threshold lots: exit 2';
 };
 
 subtest '--host/--port and -o/-p' => sub {

@@ -49,8 +49,8 @@ subtest 'startup line' => sub {
     $line //= '';
     my $pid = $s->pid;
     like $line,
-      qr{\A$TS\s+INFO pagi-rs \d+\.\d+\.\d+ listening on http://127\.0\.0\.1:(\d+)/ \(pid \Q$pid\E, interpreters: 1, loop: IO::Async\)\z},
-      'layout: "<timestamp>  INFO pagi-rs X listening on http://127.0.0.1:PORT/ (pid N, interpreters: 1, loop: IO::Async)"';
+      qr{\A$TS\s+INFO pagi-rs \d+\.\d+\.\d+ listening on http://127\.0\.0\.1:(\d+)/ \(pid \Q$pid\E, interpreters: 1, loop: IO::Async::Loop::Poll\)\z},
+      'layout: "<timestamp>  INFO pagi-rs X listening on http://127.0.0.1:PORT/ (pid N, interpreters: 1, loop: IO::Async::Loop::Poll)"';
     my ($named) = $line =~ m{:(\d+)/};
     ok $named && port_listening($named), "the named port ($named) really accepts connections";
     is http_request( $named, 'GET', '/' )->{status}, 200, 'and serves';

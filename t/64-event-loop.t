@@ -96,6 +96,64 @@ SKIP: {
     };
 }
 
+# -l/--loop BACKEND, the reference runner's option: the loop is
+# IO::Async::Loop::BACKEND, named outright (it wins over IO_ASYNC_LOOP), and
+# one that cannot be loaded stops the start before any port is bound.
+subtest '-l BACKEND names the loop class' => sub {
+    my $s = start_server( '-l', 'Select', $app );
+    my ( $loops, $failed ) = answers( $s, 1 );
+    is $failed, 0, 'answered';
+    is_deeply [ values %$loops ], ['IO::Async::Loop::Select'], '-l Select: an IO::Async::Loop::Select';
+    like $s->output, qr/\(pid \d+, interpreters: 1, loop: IO::Async::Loop::Select\)/, 'the startup line names it';
+    is $s->stop('TERM'), 0, 'stops cleanly';
+
+    local $ENV{IO_ASYNC_LOOP} = 'Select';
+    $s = start_server( '--loop', 'Poll', $app );
+    ( $loops, $failed ) = answers( $s, 1 );
+    is_deeply [ values %$loops ], ['IO::Async::Loop::Poll'], '--loop Poll wins over IO_ASYNC_LOOP';
+    is $s->stop('TERM'), 0, 'stops cleanly';
+};
+
+SKIP: {
+    skip 'IO::Async::Loop::Epoll is not installed (libio-async-loop-epoll-perl)', 1 unless $have_epoll;
+    subtest '-l Epoll, in each worker (-w 2)' => sub {
+        my $s = start_server( '-w', 2, '-l', 'Epoll', $app );
+        is scalar wait_workers( $s->pid, 2, 5 ), 2, 'two workers';
+        my ( $loops, $failed ) = answers( $s, 2 );
+        is $failed, 0, 'every request answered';
+        is_deeply [ sort values %$loops ], [ ('IO::Async::Loop::Epoll') x 2 ], 'each on its own Epoll loop';
+        like $s->output, qr/workers: 2, interpreters: 1, loop: IO::Async::Loop::Epoll\)/, 'the startup line names it';
+        is $s->stop('TERM'), 0, 'stops cleanly';
+    };
+}
+
+subtest '-l with a loop that cannot be used' => sub {
+    my $port = free_port();
+    my ( $code, $err ) = run_pagi( '-p', $port, '-l', 'NoSuchBackend', $app );
+    is $code, 1, 'a loop that is not installed: exit 1';
+    like $err, qr/^pagi-rs: cannot use the event loop 'NoSuchBackend' \(-l NoSuchBackend\): IO::Async::Loop::NoSuchBackend is not installed$/m,
+      'named, without Perl\'s @INC list';
+    unlike $err, qr/listening on|cannot load the application/, 'before serving, and not blamed on the app';
+
+    my $broken = write_app( <<'PERL', 'BrokenLoop.pm' );
+package IO::Async::Loop::BrokenLoop;
+use parent 'IO::Async::Loop::Poll';
+sub new { die "no kernel support here\n" }
+1;
+PERL
+    my $inc = $broken =~ s{/[^/]+$}{}r;
+    mkdir "$inc/IO"; mkdir "$inc/IO/Async"; mkdir "$inc/IO/Async/Loop";
+    rename $broken, "$inc/IO/Async/Loop/BrokenLoop.pm" or die "rename: $!";
+    ( $code, $err ) = run_pagi( '-p', $port, '-I', $inc, '-l', 'BrokenLoop', $app );
+    is $code, 1, 'a loop whose constructor dies: exit 1';
+    like $err, qr/cannot use the event loop 'BrokenLoop' \(-l BrokenLoop\): no kernel support here/, 'with its error';
+
+    ( $code, $err ) = run_pagi( '-p', $port, '-l', 'Poll;die', $app );
+    is $code, 2, 'not a class name: a usage error (exit 2)';
+    like $err, qr/invalid value 'Poll;die' for '--loop <BACKEND>'/, 'named';
+    ok !port_listening($port), 'nothing was left listening';
+};
+
 # IO::Async reports its work to Metrics::Any through a shared collector it
 # tests twice per loop turn, each test an overloaded Perl sub.  Once the
 # collector has settled on the Null adapter (no adapter configured) it is

@@ -239,6 +239,10 @@ LINT
     ok !exists get( $s->port )->{headers}{'x-lint'}, '--no-default-middleware: not wrapped';
     $s->stop('TERM');
 
+    $s = start_server( '-E', 'development', '--no-default-middleware', '--default-middleware', '-I', $lib, $who_app );
+    is get( $s->port )->{headers}{'x-lint'}[0], 'strict=1', '--default-middleware after it: wrapped (the last wins)';
+    $s->stop('TERM');
+
     $s = start_server( '-E', 'development', $who_app );
     is get( $s->port )->{status}, 200, 'without PAGI-Tools the app runs as is';
     like $s->output, qr/Lint unavailable \(install PAGI-Tools\)/, 'and the log says what is missing';

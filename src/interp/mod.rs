@@ -51,6 +51,20 @@ pub fn load(spec: &LoadSpec) -> Result<Loaded, StartupError> {
     thread::load(spec, mailbox)
 }
 
+/// Keep Future on its pure-Perl implementation, as the reference server
+/// does (`PERL_FUTURE_NO_XS=1`, which Future reads when it loads, unless
+/// the environment already says otherwise): Future::XS warns where
+/// Future::PP does not, and it is not what this server is tested with.
+/// Call before any thread exists (it sets an environment variable).
+pub fn prefer_pure_perl_future() {
+    if std::env::var_os(FUTURE_NO_XS).is_none() {
+        std::env::set_var(FUTURE_NO_XS, "1");
+    }
+}
+
+/// Future's own switch (`Future.pm`, from Future 0.50 on).
+pub const FUTURE_NO_XS: &str = "PERL_FUTURE_NO_XS";
+
 /// How each interpreter loads the application.
 #[derive(Clone, Debug)]
 pub struct LoadSpec {
@@ -78,6 +92,8 @@ pub struct LoadSpec {
     /// `-E development`: wrap the app in PAGI::Middleware::Lint when it is
     /// installed (PAGI-Tools).
     pub lint: bool,
+    /// `-l`: the interpreters' loop is IO::Async::Loop::<this>.
+    pub loop_backend: Option<String>,
 }
 
 pub struct Interpreter {

@@ -36,6 +36,16 @@ pub struct Loaded {
     pub mailbox: Arc<Mailbox>,
     /// The duplicate of the mailbox's eventfd that the loop watches.
     perl_wake_fd: RawFd,
+    /// The class of the interpreter's IO::Async loop.
+    loop_class: String,
+}
+
+impl Loaded {
+    /// The class of the interpreter's IO::Async loop (`-l`, IO_ASYNC_LOOP
+    /// or the default), for the startup line.
+    pub fn loop_class(&self) -> &str {
+        &self.loop_class
+    }
 }
 
 // SAFETY: a Loaded is used by one thread at a time: the one that built it,
@@ -73,15 +83,16 @@ pub fn load(spec: &LoadSpec, mailbox: Arc<Mailbox>) -> Result<Loaded, StartupErr
     // `killall` see for the process, or for an interpreter thread.
     thread_name.restore();
     match loaded {
-        Ok(perl_wake_fd) => Ok(Loaded {
+        Ok((perl_wake_fd, loop_class)) => Ok(Loaded {
             raw,
             mailbox,
             perl_wake_fd,
+            loop_class,
         }),
         Err(e) => {
             // SAFETY: the interpreter is current on this thread and unused after.
             unsafe { ffi::pagi_interp_free(raw) };
-            Err(StartupError::AppLoad(e))
+            Err(e)
         }
     }
 }
@@ -248,28 +259,42 @@ fn serve_loop(loaded: Loaded, control: mpsc::Sender<Control>, runtime: tokio::ru
 }
 
 /// Load the bridge and the application; returns the wake-up descriptor the
-/// loop watches.
-fn load_app(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<RawFd, String> {
+/// loop watches and the loop's class.  What fails before the app's own code runs (the bridge,
+/// the modules it needs, the `-l` loop) is `Bridge`; the rest is `AppLoad`.
+fn load_app(
+    interp: &Interp,
+    mailbox: &Mailbox,
+    spec: &LoadSpec,
+) -> Result<(RawFd, String), StartupError> {
     interp
         .eval(BOOTSTRAP)
-        .map_err(|e| format!("pagi-rs bridge failed to load: {e}"))?;
-    let fd = mailbox.dup_wake_fd().map_err(|e| e.to_string())?;
-    interp.call(
-        "PAGI::RS::Bridge::init",
-        &[
-            fd.to_string().as_bytes(),
-            spec.high_water.to_string().as_bytes(),
-            spec.low_water.to_string().as_bytes(),
-            spec.max_receive_queue.to_string().as_bytes(),
-            spec.max_ws_frame_size.to_string().as_bytes(),
-            spec.max_unread_bytes.to_string().as_bytes(),
-            spec.spec.www().as_bytes(),
-            spec.spec.core().as_bytes(),
-            spec.max_disconnect_receives.to_string().as_bytes(),
-            spec.send_backlog.to_string().as_bytes(),
-            spec.queued_message_cost.to_string().as_bytes(),
-        ],
-    )?;
+        .map_err(|e| StartupError::Bridge(format!("pagi-rs bridge failed to load: {e}")))?;
+    let fd = mailbox
+        .dup_wake_fd()
+        .map_err(|e| StartupError::Interpreter(e.to_string()))?;
+    // Bridge::init's arguments: the settings in its order, then the `-I`
+    // directories (where a `-l` loop class is looked for too).
+    let mut settings: Vec<Vec<u8>> = [
+        fd.to_string(),
+        spec.high_water.to_string(),
+        spec.low_water.to_string(),
+        spec.max_receive_queue.to_string(),
+        spec.max_ws_frame_size.to_string(),
+        spec.max_unread_bytes.to_string(),
+        spec.spec.www().to_string(),
+        spec.spec.core().to_string(),
+        spec.max_disconnect_receives.to_string(),
+        spec.send_backlog.to_string(),
+        spec.queued_message_cost.to_string(),
+        spec.loop_backend.clone().unwrap_or_default(),
+    ]
+    .map(String::into_bytes)
+    .into();
+    settings.extend(spec.include.iter().map(|dir| dir.clone().into_bytes()));
+    let settings: Vec<&[u8]> = settings.iter().map(Vec::as_slice).collect();
+    let loop_class = interp
+        .call("PAGI::RS::Bridge::init", &settings)
+        .map_err(|e| StartupError::Bridge(e.trim_end().to_string()))?;
     let (kind, what) = match &spec.app {
         AppSpec::File(f) => ("file", f.as_str()),
         AppSpec::Module(m) => ("module", m.as_str()),
@@ -294,13 +319,18 @@ fn load_app(interp: &Interp, mailbox: &Mailbox, spec: &LoadSpec) -> Result<RawFd
         args.push(format!("A{a}").into_bytes());
     }
     if crate::logging::is_json() {
-        interp.call("PAGI::RS::Loader::route_warnings_to_log", &[])?;
+        interp
+            .call("PAGI::RS::Loader::route_warnings_to_log", &[])
+            .map_err(StartupError::Bridge)?;
     }
     if spec.lint {
         args.push(b"L".to_vec());
     }
     let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
-    interp.call("PAGI::RS::Loader::load", &refs).map(|_| fd)
+    interp
+        .call("PAGI::RS::Loader::load", &refs)
+        .map(|_| (fd, loop_class))
+        .map_err(StartupError::AppLoad)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ package PAGI::RS::Bridge;
 
 use strict;
 use warnings;
+use File::Spec ();
 use Scalar::Util ();
 
 our $VERSION = '0.1.0';
@@ -45,7 +46,7 @@ sub _require_dependencies {
         next if eval { require $file; 1 };
         my $err = $@;
         if ( $err =~ /^Can't locate \Q$file\E/ ) {
-            die "pagi-rs needs the Perl module $module, which is not installed.\n"
+            die "the Perl module $module, which pagi-rs needs, is not installed.\n"
               . "Install it with: apt-get install $package\n";
         }
         die "pagi-rs could not load $module: $err";
@@ -54,7 +55,7 @@ sub _require_dependencies {
 
 sub init {
     my ( $wake_fd, $high, $low, $max_queue, $max_frame, $max_unread_bytes, $spec, $core, $max_disconnect_receives,
-        $send_backlog, $queued_message_cost )
+        $send_backlog, $queued_message_cost, $loop_backend, @include )
       = @_;
     _require_dependencies();
     ( $HIGH_WATER, $LOW_WATER ) = ( $high, $low );
@@ -65,7 +66,7 @@ sub init {
     $MAX_DISCONNECT_RECEIVES = $max_disconnect_receives;
     ( $SEND_BACKLOG, $QUEUED_MESSAGE_COST ) = ( $send_backlog, $queued_message_cost );
     require IO::Async::Handle;
-    $LOOP = _new_loop();
+    $LOOP = _new_loop( $loop_backend, @include );
     require PAGI::RS::FutureIO;
     PAGI::RS::FutureIO->install($LOOP);
     require PAGI::RS::Pending;
@@ -78,7 +79,7 @@ sub init {
 
     open my $wake, '<&=', $wake_fd or die "cannot open the wake-up fd $wake_fd: $!";
     $LOOP->watch_io( handle => $wake, on_read_ready => \&drain );
-    return '';
+    return ref $LOOP;    # for the startup line
 }
 
 # The interpreter's loop, which `IO::Async::Loop->new` then returns to the
@@ -92,14 +93,49 @@ sub init {
 #     ithread crashes the process.
 # The Perl side watches one fd (the wake-up eventfd) besides the app's own,
 # which is what the builtin poll(2) loop is good at, so that is the default.
+# `-l BACKEND` names the class outright (and, unlike IO_ASYNC_LOOP, one
+# that cannot be loaded stops the server rather than falling back);
 # IO_ASYNC_LOOP, IO::Async's own setting, still chooses, and a loop made
 # before this one (PERL5OPT, -M) stays the loop.
 sub _new_loop {
+    my ( $backend, @include ) = @_;
     no warnings 'once';
+    return _named_loop( $backend, @include ) if length $backend;
     return IO::Async::Loop->new
       if defined $ENV{IO_ASYNC_LOOP} || defined $IO::Async::Loop::ONE_TRUE_LOOP;
     require IO::Async::Loop::Poll;
     return IO::Async::Loop::Poll->new;
+}
+
+# Debian packages of the loop classes IO::Async does not ship itself.
+my %LOOP_PACKAGE = (
+    Epoll => 'libio-async-loop-epoll-perl',
+    Glib  => 'libio-async-loop-glib-perl',
+    Mojo  => 'libio-async-loop-mojo-perl',
+);
+
+# The loop `-l` names; it becomes the one IO::Async::Loop->new returns to
+# the app, as IO::Async's own choice would.  The name was checked to be a
+# class name by the command line.  The `-I` directories, which the loader
+# adds to @INC for the app later, are searched for it too.
+sub _named_loop {
+    my ( $backend, @include ) = @_;
+    my $class = "IO::Async::Loop::$backend";
+    ( my $file = "$class.pm" ) =~ s{::}{/}g;
+    local @INC = ( ( map { File::Spec->rel2abs($_) } @include ), @INC );
+    my $loop = eval { require $file; $class->new };
+    if ( !$loop ) {
+        my $err = $@ || "$class->new returned nothing\n";
+        if ( $err =~ /^Can't locate \Q$file\E/ ) {
+            $err = "$class is not installed\n";
+            $err .= "Install it with: apt-get install $LOOP_PACKAGE{$backend}\n" if $LOOP_PACKAGE{$backend};
+        }
+        die "cannot use the event loop '$backend' (-l $backend): $err";
+    }
+    # The named loop wins over one made earlier (PERL5OPT): it is the one
+    # the app's IO::Async::Loop->new must return.
+    $IO::Async::Loop::ONE_TRUE_LOOP = $loop;
+    return $loop;
 }
 
 # In a worker the master forked: the loop renews its kernel state.  The
