@@ -1,10 +1,11 @@
 //! Command-line options.  Names, short flags and defaults follow the reference
 //! server's `pagi-server`, so that `pagi-rs app.pl` is a drop-in replacement.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, CommandFactory, Parser, ValueEnum};
 
 /// How the lifespan protocol is run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -763,6 +764,73 @@ pub const MAX_WATERMARK: usize = 1 << 40;
 pub const MAX_READ_BUFFER: usize = 64 << 20;
 pub const MAX_RECEIVE_QUEUE: usize = 1 << 30;
 
+impl Options {
+    /// The command line as the reference runner reads it: Getopt::Long,
+    /// which `pagi-server` parses with, also takes a long option after one
+    /// dash (`-port 8080`, `-workers=4`), which clap would read as short
+    /// options (`-p ort`).
+    pub fn parse_reference_spellings() -> Options {
+        Options::parse_from(with_long_options_doubled(std::env::args_os()))
+    }
+}
+
+/// `args` with each long option written after one dash given its second
+/// dash.  Left alone: the value of the option before it, everything after
+/// `--`, and `-I`, `-M` and `-e` with text joined on, which the reference
+/// runner splits as Perl's own cuddled flags (`-Ilib`, `-MFoo`, `-e...`).
+fn with_long_options_doubled(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let command = Options::command();
+    let takes_value = |arg: &clap::Arg| arg.get_action().takes_values();
+    let long_takes_value = |name: &str| {
+        command
+            .get_arguments()
+            .find(|a| {
+                a.get_long() == Some(name) || a.get_all_aliases().is_some_and(|v| v.contains(&name))
+            })
+            .map(takes_value)
+    };
+    let short_takes_value = |c: char| {
+        command
+            .get_arguments()
+            .find(|a| a.get_short() == Some(c))
+            .is_some_and(takes_value)
+    };
+    let mut out = Vec::new();
+    let mut value_next = false;
+    let mut options_ended = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        let taken_as_is = i == 0 || options_ended || std::mem::take(&mut value_next);
+        let Some(text) = arg.to_str().filter(|_| !taken_as_is) else {
+            out.push(arg);
+            continue;
+        };
+        if text == "--" {
+            options_ended = true;
+            out.push(arg);
+            continue;
+        }
+        let spelled = match text.strip_prefix('-') {
+            Some(body)
+                if body.len() >= 2
+                    && !body.starts_with(['-', 'I', 'M', 'e'])
+                    && long_takes_value(body.split('=').next().unwrap_or(body)).is_some() =>
+            {
+                format!("-{text}")
+            }
+            _ => text.to_string(),
+        };
+        if let Some(long) = spelled.strip_prefix("--") {
+            value_next = !long.contains('=') && long_takes_value(long).unwrap_or(false);
+        } else if let Some(short) = spelled.strip_prefix('-') {
+            let mut chars = short.chars();
+            value_next =
+                matches!((chars.next(), chars.next()), (Some(c), None) if short_takes_value(c));
+        }
+        out.push(OsString::from(spelled));
+    }
+    out
+}
+
 /// `-s`/`--server`: the one class the reference runner's option may name
 /// here, the server pagi-rs replaces.
 pub const REFERENCE_SERVER_CLASS: &str = "PAGI::Server";
@@ -984,6 +1052,82 @@ mod tests {
             Options::try_parse_from(["pagi-rs", "--sync-file-threshold", "x", "a.pl"]).is_err()
         );
         assert!(parse(&["--future-xs", "a.pl"]).future_xs);
+    }
+
+    fn doubled(args: &[&str]) -> Vec<String> {
+        let args = std::iter::once("pagi-rs")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        with_long_options_doubled(args)
+            .into_iter()
+            .skip(1)
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn long_options_after_one_dash_are_read_as_getopt_long_reads_them() {
+        assert_eq!(
+            doubled(&[
+                "-port",
+                "8080",
+                "-workers=4",
+                "-lib",
+                "lib",
+                "-reuseport",
+                "a.pl"
+            ]),
+            [
+                "--port",
+                "8080",
+                "--workers=4",
+                "--lib",
+                "lib",
+                "--reuseport",
+                "a.pl"
+            ]
+        );
+        // Short options, cuddled values and Perl's own flags stay as they are.
+        assert_eq!(
+            doubled(&["-p", "80", "-Ilib", "-MFoo=a", "-env", "-w4", "-D", "-l", "Epoll"]),
+            ["-p", "80", "-Ilib", "-MFoo=a", "-env", "-w4", "-D", "-l", "Epoll"]
+        );
+        // A value that looks like an option, and anything after `--`.
+        assert_eq!(
+            doubled(&[
+                "--access-log-format",
+                "-host",
+                "-o",
+                "-port",
+                "--",
+                "-timeout"
+            ]),
+            [
+                "--access-log-format",
+                "-host",
+                "-o",
+                "-port",
+                "--",
+                "-timeout"
+            ]
+        );
+        assert_eq!(doubled(&["-frobnicate", "-x"]), ["-frobnicate", "-x"]);
+        let o = Options::parse_from(with_long_options_doubled(
+            [
+                "pagi-rs",
+                "-port",
+                "8080",
+                "-max-requests",
+                "5",
+                "-no-access-log",
+                "a.pl",
+            ]
+            .map(OsString::from),
+        ));
+        assert_eq!(
+            (o.port, o.max_requests, o.no_access_log),
+            (Some(8080), 5, true)
+        );
     }
 
     #[test]

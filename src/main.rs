@@ -46,8 +46,6 @@ mod write_stall;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
-
 use crate::cli::{EnvMode, Options};
 use crate::error::StartupError;
 use crate::interp::LoadSpec;
@@ -59,7 +57,7 @@ use crate::supervisor::Inherited;
 static GLOBAL: allocator::Allocator = allocator::Allocator;
 
 fn main() -> ExitCode {
-    let opts = Options::parse();
+    let opts = Options::parse_reference_spellings();
     if let Err(e) = opts.validate() {
         eprintln!("pagi-rs: {e}");
         return ExitCode::from(2);

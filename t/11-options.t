@@ -134,7 +134,18 @@ PERL
         is http_request( $s->port, 'GET', '/' )->{status}, 200, "@$flag: serves";
         $s->stop('TERM');
     }
-    my ( $code, $err ) = run_pagi( '-s', 'Twiggy::Server', $env_app );
+    # Getopt::Long, which pagi-server parses with, also reads a long option
+    # after one dash.
+    my $single = wait_startup( spawn_pagi( '-port', 0, '-host=127.0.0.1', '-no-access-log', '-lib', $TMP, $env_app ) );
+    is http_request( $single->port, 'GET', '/' )->{status}, 200, '-port 0 -host=127.0.0.1 -no-access-log -lib DIR: serves';
+    sleep 0.2;
+    unlike $single->output, qr{"GET / }, 'and -no-access-log was read as --no-access-log';
+    $single->stop('TERM');
+
+    my ( $code, $err ) = run_pagi( '-frobnicate', $env_app );
+    is $code, 2, 'a single-dash word that is no option: still a usage error';
+
+    ( $code, $err ) = run_pagi( '-s', 'Twiggy::Server', $env_app );
     is $code, 2, '-s naming another class: exit 2';
     like $err, qr/--server Twiggy::Server: pagi-rs takes the place of PAGI::Server/, 'says why';
 
