@@ -139,6 +139,7 @@ pub fn serve(
     if let Err(e) = server.pool.lifespan_startup(
         opts.lifespan,
         Options::timeout_opt(opts.lifespan_startup_timeout),
+        worker.as_ref().map(|(number, _)| *number),
     ) {
         if let Some((_, channel)) = &worker {
             channel

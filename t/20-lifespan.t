@@ -127,6 +127,50 @@ subtest 'startup completes before the first connection is served' => sub {
     is $s->stop('TERM'), 0, 'exit 0';
 };
 
+# The lifespan scope's pagi hash, as the reference server gives it: the
+# core version spoken, lifespan's sub-spec 0.3, and which worker this is.
+my $scope_app = write_app( <<'PERL', 'scope_app.pl' );
+use strict; use warnings; use Future::AsyncAwait; use JSON::PP ();
+async sub {
+    my ($scope, $receive, $send) = @_;
+    if ($scope->{type} eq 'lifespan') {
+        my $ev = await $receive->();
+        $scope->{state}{lifespan_pagi} = { %{ $scope->{pagi} } };
+        await $send->({ type => 'lifespan.startup.complete' });
+        await $receive->();
+        await $send->({ type => 'lifespan.shutdown.complete' });
+        return;
+    }
+    my $body = JSON::PP->new->canonical->encode({ pid => $$, pagi => $scope->{state}{lifespan_pagi} });
+    await $send->({ type => 'http.response.start', status => 200, headers => [] });
+    await $send->({ type => 'http.response.body', body => $body });
+};
+PERL
+
+subtest "the lifespan scope's pagi: core version, is_worker, worker_num" => sub {
+    my $s    = start_server($scope_app);
+    my $pagi = get_json( $s->port, '/' )->{pagi};
+    is_deeply $pagi, { version => '0.5', spec_version => '0.3', is_worker => 0, worker_num => undef },
+      'one process: core 0.5, lifespan 0.3, no worker';
+    $s->stop('TERM');
+
+    $s = start_server( '--spec-version', '0.3', $scope_app );
+    is get_json( $s->port, '/' )->{pagi}{version}, '0.4', '--spec-version 0.3: core 0.4';
+    $s->stop('TERM');
+
+    $s = start_server( '-w', 2, $scope_app );
+    my %num_of;
+    for ( 1 .. 200 ) {
+        my $got = get_json( $s->port, '/' );
+        $num_of{ $got->{pid} } = $got->{pagi} if $got->{pid};
+        last if keys %num_of == 2;
+    }
+    is scalar keys %num_of, 2, 'both workers answered';
+    is_deeply [ sort map { $_->{worker_num} } values %num_of ], [ 1, 2 ], 'worker_num 1 and 2';
+    ok( ( !grep { $_->{is_worker} != 1 } values %num_of ), 'is_worker 1 in each' );
+    $s->stop('TERM');
+};
+
 subtest 'state is a shallow copy per request' => sub {
     local $ENV{PAGI_TEST_MARKER} = "$TMP/marker-state";
     my $s = start_server($state_app);

@@ -389,7 +389,10 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 m.kind = kind::COMPLETE;
                 m.id = *id;
             }
-            ToPerl::LifespanStartup => m.kind = kind::LIFESPAN_STARTUP,
+            ToPerl::LifespanStartup { worker } => {
+                m.kind = kind::LIFESPAN_STARTUP;
+                m.num[0] = worker.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX));
+            }
             ToPerl::LifespanShutdown => m.kind = kind::LIFESPAN_SHUTDOWN,
             ToPerl::Stop => m.kind = kind::STOP,
             ToPerl::Ping => unreachable!("skipped above"),

@@ -59,7 +59,11 @@ pub enum ToPerl {
     Complete {
         id: u64,
     },
-    LifespanStartup,
+    /// Run the app's lifespan startup; `worker` is this worker process's
+    /// number (1..N), None in a single process (the scope's `worker_num`).
+    LifespanStartup {
+        worker: Option<usize>,
+    },
     LifespanShutdown,
     /// Nothing for Perl: its loop taking it proves the loop turns
     /// (`--heartbeat-timeout`); exports skips it.

@@ -219,17 +219,19 @@ impl Pool {
         self.interpreters.len()
     }
 
-    /// Run lifespan.startup in every interpreter.
+    /// Run lifespan.startup in every interpreter; `worker` is this worker
+    /// process's number, None in a single process.
     pub fn lifespan_startup(
         &self,
         mode: LifespanMode,
         timeout: Option<Duration>,
+        worker: Option<usize>,
     ) -> Result<(), StartupError> {
         if mode == LifespanMode::Off {
             return Ok(());
         }
         for interp in &self.interpreters {
-            interp.mailbox.push(ToPerl::LifespanStartup);
+            interp.mailbox.push(ToPerl::LifespanStartup { worker });
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         for interp in &self.interpreters {

@@ -250,7 +250,7 @@ sub _dispatch_messages {
             $r->_on_delivered if $r;
         }
         elsif ( $kind == MSG_LIFESPAN_STARTUP ) {
-            PAGI::RS::Lifespan::startup();
+            PAGI::RS::Lifespan::startup( $m[2] );    # worker number, 0 for none
         }
         elsif ( $kind == MSG_LIFESPAN_SHUTDOWN ) {
             PAGI::RS::Lifespan::shutdown();

@@ -48,11 +48,21 @@ sub _send {
     return Future->done;
 }
 
+# The scope's pagi hash: the core version the server speaks (lifespan's own
+# sub-spec is 0.3 in both), and, as the reference server gives it, whether
+# this is a worker process and its number (undef in a single process), for
+# an app that runs a task in one worker only.
 sub startup {
+    my ($worker) = @_;
     @queue = ( { type => 'lifespan.startup' } );
     my $scope = {
-        type  => 'lifespan',
-        pagi  => { version => '0.4', spec_version => '0.3' },
+        type => 'lifespan',
+        pagi => {
+            version      => $PAGI::RS::Bridge::CORE_VERSION,
+            spec_version => '0.3',
+            is_worker    => $worker ? 1 : 0,
+            worker_num   => $worker || undef,
+        },
         state => \%PAGI::RS::Bridge::STATE,
     };
     my $f = eval { $PAGI::RS::Bridge::APP->( $scope, \&_receive, \&_send ) };
