@@ -297,6 +297,7 @@ pub struct Options {
 
     /// Receives answered with the disconnect event again after a scope has
     /// ended; the next one fails (an app that never checks would spin).
+    /// 0: no bound, as in the reference.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub max_disconnect_receives: u32,
 

@@ -987,6 +987,14 @@ subtest 'receives after the end: the disconnect event up to --max-disconnect-rec
     my @dg = @{ $d->{got} // [] };
     is scalar( grep { $_ eq 'http.disconnect' } @dg[ 0 .. 99 ] ), 100, 'default: receives 1..100 give http.disconnect';
     like $dg[100] // '', qr/^failed: /, 'default: the 101st fails';
+
+    # 0: no bound, as the reference server documents it.
+    my $unbounded = start_server( '--max-disconnect-receives', 0, $app );
+    is http_request( $unbounded->port, 'GET', '/receives?n=150' )->{status}, 200, '0: response delivered';
+    my @ug = @{ ( rec_wait('receives-150') // {} )->{got} // [] };
+    is scalar( grep { $_ eq 'http.disconnect' } @ug ), 150, '0: all 150 receives give http.disconnect';
+    unlike $unbounded->output, qr/ERROR/, '0: nothing logged';
+    $unbounded->stop('TERM');
 };
 
 # ---------------------------------------------------------------------------

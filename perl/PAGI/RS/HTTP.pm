@@ -203,12 +203,14 @@ sub _disconnect_event {
 }
 
 # Receives after the end get the disconnect event again, up to
-# --max-disconnect-receives; then they fail, so that an app polling $receive
-# without checking the type does not spin for ever.
+# --max-disconnect-receives (0: for ever, as in the reference server); then
+# they fail, so that an app polling $receive without checking the type does
+# not spin for ever.
 sub _past_disconnect_receives {
     my ( $self, $type ) = @_;
-    my $n   = ++$self->[DISCONNECT_RECEIVES];
     my $max = $PAGI::RS::Bridge::MAX_DISCONNECT_RECEIVES;
+    return if !$max;
+    my $n = ++$self->[DISCONNECT_RECEIVES];
     return if $n <= $max;
     PAGI::RS::_log( LOG_ERROR, "$type scope: receive() called $n times after the scope ended" )
       if $n == $max + 1;
