@@ -457,6 +457,9 @@ pub enum AppSpec {
     File(String),
     Module(String),
     Inline(String),
+    /// No app named: serve the current directory, as the reference runner
+    /// does, with PAGI-Tools' PAGI::App::Directory (`root=.` unless given).
+    CurrentDirectory,
 }
 
 impl Options {
@@ -483,7 +486,8 @@ impl Options {
 
     /// The app to load and its key=value arguments, resolved the way the
     /// reference runner does it: `-e` wins, then `--app`, then the first
-    /// positional argument that is not key=value.
+    /// positional argument that is not key=value, and with none of them
+    /// the current directory (PAGI-Tools' PAGI::App::Directory).
     pub fn app_spec(&self) -> Result<(AppSpec, Vec<String>), String> {
         let mut args = self.positional.clone();
         if let Some(code) = &self.eval {
@@ -493,9 +497,12 @@ impl Options {
             Some(file) => file.clone(),
             None => {
                 if args.is_empty() || args[0].contains('=') {
-                    return Err(
-                        "no application given: name an app file or module, or use -e CODE".into(),
-                    );
+                    if let Some(bad) = args.iter().find(|a| !a.contains('=')) {
+                        return Err(format!(
+                            "unexpected argument '{bad}': arguments after the app must be key=value"
+                        ));
+                    }
+                    return Ok((AppSpec::CurrentDirectory, args));
                 }
                 args.remove(0)
             }
@@ -975,7 +982,18 @@ mod tests {
         let (spec, _) = parse(&["-MFoo", "-e", "Foo->app"]).app_spec().unwrap();
         assert_eq!(spec, AppSpec::Inline("Foo->app".into()));
         assert!(parse(&["My::App", "stray"]).app_spec().is_err());
-        assert!(parse(&[]).app_spec().is_err());
+        assert_eq!(
+            parse(&[]).app_spec().unwrap(),
+            (AppSpec::CurrentDirectory, vec![])
+        );
+        assert_eq!(
+            parse(&["root=/srv", "show_hidden=1"]).app_spec().unwrap(),
+            (
+                AppSpec::CurrentDirectory,
+                vec!["root=/srv".into(), "show_hidden=1".into()]
+            )
+        );
+        assert!(parse(&["root=/srv", "stray"]).app_spec().is_err());
     }
 
     #[test]

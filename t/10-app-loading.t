@@ -384,6 +384,40 @@ load_fails( 'missing file', [$missing], qr/App file not found: \Q$missing\E/ );
     };
 }
 
+# No app named: the reference runner serves the current directory with
+# PAGI-Tools' PAGI::App::Directory (root=.), and says so when it is missing.
+load_fails( 'no application, and no PAGI-Tools for the default',
+    [], qr/No application given\.  Serving the current directory by default needs PAGI::App::Directory \(PAGI-Tools\), which is not installed/ );
+
+subtest 'no application: PAGI::App::Directory serves the current directory' => sub {
+    my $lib = "$TMP/fake-tools";
+    spew( "$lib/PAGI/App/Directory.pm", <<'PERL' );
+package PAGI::App::Directory;
+use strict; use warnings; use Future::AsyncAwait; use Cwd ();
+sub new { my ( $class, %args ) = @_; bless {%args}, $class }
+sub to_app {
+    my ($self) = @_;
+    return async sub {
+        my ( $scope, $receive, $send ) = @_;
+        return if $scope->{type} eq 'lifespan';
+        my $body = join ' ', map { "$_=$self->{$_}" } sort keys %$self;
+        await $send->({ type => 'http.response.start', status => 200, headers => [] });
+        await $send->({ type => 'http.response.body', body => "$body cwd=" . Cwd::getcwd() });
+    };
+}
+1;
+PERL
+    my $site = "$TMP/site";
+    make_path($site);
+    my $s = wait_startup( spawn_pagi( { cwd => $site }, '-p', 0, '-I', $lib ) );
+    is http_request( $s->port, 'GET', '/' )->{body}, 'root=. cwd=' . realpath($site), 'root=. in the working directory';
+    $s->stop('TERM');
+    $s = wait_startup( spawn_pagi( { cwd => $site }, '-p', 0, '-I', $lib, 'root=/srv/www', 'show_hidden=1' ) );
+    is http_request( $s->port, 'GET', '/' )->{body}, 'root=/srv/www show_hidden=1 cwd=' . realpath($site),
+      'key=value arguments reach its constructor';
+    $s->stop('TERM');
+};
+
 my $hash = write_app( "my \$x = { a => 1 };\n\$x;\n", 'hashref.pl' );
 load_fails( 'file returning a hashref', [$hash],
     qr/App file must be a coderef or instantiated application-provider object, got: HASH/ );

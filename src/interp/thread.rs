@@ -299,6 +299,7 @@ fn load_app(
         AppSpec::File(f) => ("file", f.as_str()),
         AppSpec::Module(m) => ("module", m.as_str()),
         AppSpec::Inline(code) => ("inline", code.as_str()),
+        AppSpec::CurrentDirectory => ("directory", "PAGI::App::Directory"),
     };
     let mut args: Vec<Vec<u8>> = vec![kind.into(), what.into()];
     // `$0` outside the app file's loading: the server as it was invoked,

@@ -43,6 +43,9 @@ sub load {
     elsif ( $kind eq 'module' ) {
         $app = _load_module( $what, \%args );
     }
+    elsif ( $kind eq 'directory' ) {
+        $app = _load_current_directory( $what, \%args );
+    }
     else {
         my $result = eval "package main; no strict; no warnings; $what";
         die "Error evaluating -e code: $@" if $@;
@@ -92,6 +95,22 @@ sub _load_file {
     die "Error loading $file: $@" if $@;
     die "Error reading $file: $!\n" if !defined $result && $!;
     return $result;
+}
+
+# No app named: the reference runner serves the current directory with
+# PAGI::App::Directory, which lives in PAGI-Tools (not packaged for Debian);
+# without it, say so rather than "Can't locate".
+sub _load_current_directory {
+    my ( $module, $args ) = @_;
+    ( my $file = "$module.pm" ) =~ s{::}{/}g;
+    if ( !eval { require $file; 1 } ) {
+        die "No application given.  Serving the current directory by default needs $module "
+          . "(PAGI-Tools), which is not installed; install it, or name an application "
+          . "(an app file, a module, --app FILE or -e CODE).\n"
+          if $@ =~ /^Can't locate \Q$file\E/;
+        die "Cannot load $module (serving the current directory, as no application was given): $@";
+    }
+    return _load_module( $module, { root => '.', %$args } );
 }
 
 sub _load_module {
