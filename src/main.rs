@@ -72,7 +72,11 @@ fn main() -> ExitCode {
     // Before any thread exists: these set environment variables and
     // Perl's allocator's limits.  The mode comes first: it chooses the
     // logs' default format.
-    let (mode, mode_source) = process::resolve_env_mode(&opts);
+    let process::ResolvedMode {
+        mode,
+        source: mode_source,
+        not_a_mode,
+    } = process::resolve_env_mode(&opts);
     let format = match access_log::Format::parse(opts.effective_access_log_format(mode)) {
         Ok(f) => f,
         Err(e) => {
@@ -95,6 +99,11 @@ fn main() -> ExitCode {
     }
     if opts.forwarded_allow_ips.is_some() && !opts.proxy_headers {
         tracing::warn!("--forwarded-allow-ips has no effect without --proxy-headers");
+    }
+    if let Some(value) = not_a_mode {
+        tracing::warn!(
+            "PAGI_ENV={value} is not a mode (development, production, none); using none"
+        );
     }
     warn_of_reference_only_settings(&opts);
     // Here, while this is the only thread and before Perl copies the

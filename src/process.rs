@@ -17,17 +17,15 @@ use crate::cli::{EnvMode, Options};
 /// is a terminal (development) or not (production: systemd, docker, cron).
 /// `PAGI_ENV` is set to the result, so that the app can read it.  Called
 /// before any thread exists (setenv is not thread-safe).
-pub fn resolve_env_mode(opts: &Options) -> (EnvMode, &'static str) {
+pub fn resolve_env_mode(opts: &Options) -> ResolvedMode {
+    let mut not_a_mode = None;
     let (mode, source) = if let Some(mode) = opts.env_mode {
         (mode, "--env")
     } else if let Some(value) = std::env::var_os("PAGI_ENV") {
         match value.to_str().and_then(EnvMode::parse) {
             Some(mode) => (mode, "PAGI_ENV"),
             None => {
-                eprintln!(
-                    "pagi-rs: PAGI_ENV={} is not a mode (development, production, none); using none",
-                    value.to_string_lossy()
-                );
+                not_a_mode = Some(value.to_string_lossy().into_owned());
                 (EnvMode::None, "PAGI_ENV")
             }
         }
@@ -37,7 +35,22 @@ pub fn resolve_env_mode(opts: &Options) -> (EnvMode, &'static str) {
         (EnvMode::Production, "no tty")
     };
     std::env::set_var("PAGI_ENV", mode.as_str());
-    (mode, source)
+    ResolvedMode {
+        mode,
+        source,
+        not_a_mode,
+    }
+}
+
+/// `-E`'s outcome.  The mode is needed before the log exists (it chooses
+/// the log's format), so a PAGI_ENV that names no mode is kept to be
+/// logged once the log is set up.
+pub struct ResolvedMode {
+    pub mode: EnvMode,
+    /// What decided it: `--env`, `PAGI_ENV`, `tty` or `no tty`.
+    pub source: &'static str,
+    /// PAGI_ENV's value when it is not a mode (`none` is used).
+    pub not_a_mode: Option<String>,
 }
 
 // ---- telling the waiting parent ------------------------------------------------

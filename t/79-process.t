@@ -195,6 +195,14 @@ subtest 'the mode from PAGI_ENV, or from the terminal; only production logs JSON
     sleep 0.3;
     unlike $s->output, qr{/notty}, 'and so no access log';
     $s->stop('TERM');
+    {
+        local $ENV{PAGI_ENV} = 'staging';
+        $s = start_server($who_app);
+        like get( $s->port, '/staging' )->{body}, qr/ env=none$/, 'PAGI_ENV naming no mode: none';
+        like $s->output, qr/^\S+\s+WARN PAGI_ENV=staging is not a mode \(development, production, none\); using none$/m,
+          'said once, as a line of the log';
+        $s->stop('TERM');
+    }
     for my $mode (qw(development none)) {
         $s = start_server( '-E', $mode, $who_app );
         get( $s->port, "/$mode" );
