@@ -316,7 +316,10 @@ fn build_server(
     request_limit: Option<u64>,
 ) -> Server {
     let opts = &prepared.opts;
-    let needs_headers = prepared.format.needs_headers();
+    // Request headers are copied for each request only when a log line
+    // will name them: with the log off (production's default) a format
+    // that would (json, combined) must cost nothing.
+    let needs_headers = access_log.is_some() && prepared.format.needs_headers();
     let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
     Server {
         pool,
