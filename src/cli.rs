@@ -1106,31 +1106,25 @@ mod tests {
                 "a.pl"
             ]
         );
-        // Short options, cuddled values and Perl's own flags stay as they are.
-        assert_eq!(
-            doubled(&["-p", "80", "-Ilib", "-MFoo=a", "-env", "-w4", "-D", "-l", "Epoll"]),
-            ["-p", "80", "-Ilib", "-MFoo=a", "-env", "-w4", "-D", "-l", "Epoll"]
-        );
-        // A value that looks like an option, and anything after `--`.
-        assert_eq!(
-            doubled(&[
+        // Left as they are: short options, cuddled values and Perl's own
+        // flags; a value that looks like an option; anything after `--`;
+        // a word that names no option.
+        for unchanged in [
+            &[
+                "-p", "80", "-Ilib", "-MFoo=a", "-env", "-w4", "-D", "-l", "Epoll",
+            ][..],
+            &[
                 "--access-log-format",
                 "-host",
                 "-o",
                 "-port",
                 "--",
-                "-timeout"
-            ]),
-            [
-                "--access-log-format",
-                "-host",
-                "-o",
-                "-port",
-                "--",
-                "-timeout"
-            ]
-        );
-        assert_eq!(doubled(&["-frobnicate", "-x"]), ["-frobnicate", "-x"]);
+                "-timeout",
+            ],
+            &["-frobnicate", "-x"],
+        ] {
+            assert_eq!(doubled(unchanged), unchanged);
+        }
         let o = Options::parse_from(with_long_options_doubled(
             [
                 "pagi-rs",
