@@ -259,8 +259,9 @@ fn serve_loop(loaded: Loaded, control: mpsc::Sender<Control>, runtime: tokio::ru
 }
 
 /// Load the bridge and the application; returns the wake-up descriptor the
-/// loop watches and the loop's class.  What fails before the app's own code runs (the bridge,
-/// the modules it needs, the `-l` loop) is `Bridge`; the rest is `AppLoad`.
+/// loop watches and the loop's class.  What fails before the app's own
+/// code runs (the bridge, the modules it needs, the `-l` loop) is
+/// `Bridge`; the rest is `AppLoad`.
 fn load_app(
     interp: &Interp,
     mailbox: &Mailbox,
