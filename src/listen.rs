@@ -251,6 +251,10 @@ pub enum Origin {
         fd: RawFd,
         name: Option<String>,
     },
+    /// Passed by the master this one replaces (USR2), at this descriptor.
+    Upgrade {
+        fd: RawFd,
+    },
 }
 
 impl BoundListener {
@@ -408,15 +412,30 @@ fn bind_one(
 }
 
 fn bind_tcp(addr: SocketAddr, config: &Config) -> io::Result<Listening> {
+    open_tcp(addr, config.reuseport, config.backlog)
+}
+
+/// One more SO_REUSEPORT socket at `local`, the address of a TCP listener
+/// bound here with `--reuseport`: a worker's own accept queue (see
+/// `accept_queues`).  The kernel adds it to the listener's group only when
+/// the same effective user binds both.
+pub fn bind_queue(local: SocketAddr, backlog: u32) -> io::Result<BoundListener> {
+    Ok(BoundListener {
+        socket: open_tcp(local, true, backlog)?,
+        origin: Origin::Bound,
+    })
+}
+
+fn open_tcp(addr: SocketAddr, reuseport: bool, backlog: u32) -> io::Result<Listening> {
     // socket2 opens it close-on-exec: a program the app runs does not
     // inherit the port (forked children are handled in calls.c).
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    if config.reuseport {
+    if reuseport {
         socket.set_reuse_port(true)?;
     }
     socket.bind(&addr.into())?;
-    socket.listen(backlog(config))?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     socket.set_nonblocking(true)?;
     let listener = TcpListener::from(socket);
     let local = listener.local_addr()?;

@@ -15,6 +15,7 @@
 //! `process` holds daemonizing, the pid file, privileges and `-E`;
 //! `signals` the server's own signal handling.
 
+mod accept_queues;
 mod access_log;
 mod allocator;
 mod body;
@@ -257,11 +258,39 @@ fn run(
     // A binary upgrade's sockets, like systemd's, are taken over rather
     // than bound again: the addresses they serve match the options.
     let mut inherited = systemd;
+    let mut inherited_queues = accept_queues::InheritedQueues::new();
     if let Some(upgrade) = upgrade {
         inherited.extend(upgrade.listeners);
+        inherited_queues = upgrade.queues;
     }
     let listen_config = opts.listen_config();
-    let listen = move || listen::bind_all(&listen_config, inherited);
+    // With --reuseport, workers get accept queues of their own, bound
+    // with the listeners (before --user drops the right to).
+    let master = opts.needs_master();
+    let queue_slots = (opts.reuseport && master).then_some(opts.workers.max(1));
+    let tls_configured = tls.is_some();
+    let listen = move || -> Result<_, StartupError> {
+        let listen::Bound {
+            listeners,
+            socket_files,
+        } = listen::bind_all(&listen_config, inherited)?;
+        // The master names them once; a single process does in serve.
+        let shown = if master {
+            listen::describe_all(&listeners, tls_configured)
+        } else {
+            Vec::new()
+        };
+        let queues = match queue_slots {
+            Some(slots) => accept_queues::AcceptQueues::per_worker(
+                listeners,
+                slots,
+                listen_config.backlog,
+                inherited_queues,
+            )?,
+            None => accept_queues::AcceptQueues::shared(listeners),
+        };
+        Ok((queues, shown, socket_files))
+    };
     // The app loads before anything is bound (a broken app never holds the
     // port), except under --user/--group: binding a privileged port needs
     // root, and the app must not load as root.
@@ -274,13 +303,10 @@ fn run(
         let loaded = interp::load(&spec)?;
         (loaded, listen()?)
     };
-    // Dropped when run returns, successful or not: the Unix socket files
-    // this process bound are removed (by this process only, never by a
-    // worker).
-    let listen::Bound {
-        listeners,
-        socket_files: _socket_files,
-    } = bound;
+    // `_socket_files` is dropped when run returns, successful or not: the
+    // Unix socket files this process bound are removed (by this process
+    // only, never by a worker).
+    let (queues, shown, _socket_files) = bound;
     let prepared = Prepared {
         opts,
         spec,
@@ -292,7 +318,13 @@ fn run(
         loop_class: loaded.loop_class().to_string(),
     };
     if prepared.opts.needs_master() {
-        return supervisor::run(prepared, loaded, listeners);
+        if queues.per_worker_addresses() > 0 {
+            tracing::info!(
+                "--reuseport: each worker accepts from an accept queue of its own on {} of the addresses",
+                queues.per_worker_addresses()
+            );
+        }
+        return supervisor::run(prepared, loaded, queues, shown);
     }
     const SERVER_SIGNALS: [libc::c_int; 4] =
         [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR2];
@@ -302,5 +334,11 @@ fn run(
         signals::handle(sig)
             .map_err(|e| StartupError::Process(format!("cannot handle signals: {e}")))?;
     }
-    serving::serve(&prepared, loaded, listeners, signal_pipe, Role::Single)
+    serving::serve(
+        &prepared,
+        loaded,
+        queues.into_listeners(),
+        signal_pipe,
+        Role::Single,
+    )
 }

@@ -23,7 +23,9 @@
 //!   retires once the replacement is ready;
 //! - USR2: binary upgrade: runs the current binary again with the listening
 //!   sockets (PAGI_RS_INHERIT), and retires its own workers and exits once
-//!   the new master reports that its workers are ready.
+//!   the new master reports that its workers are ready;
+//! - `--reuseport`: keeps each slot's own accept queue (`accept_queues`),
+//!   closing it while the slot has no worker to come.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -32,6 +34,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::accept_queues::{self, AcceptQueues, InheritedQueues, INHERIT_QUEUES_VAR};
 use crate::error::StartupError;
 use crate::interp::Loaded;
 use crate::serving::{self, Prepared, Role};
@@ -69,6 +72,8 @@ const MASTER_SIGNALS: [libc::c_int; 7] = [
 /// What a binary upgrade's new master inherited from the old one.
 pub struct Inherited {
     pub listeners: Vec<crate::listen::BoundListener>,
+    /// The workers' own accept queues (`--reuseport`), by listener.
+    pub queues: InheritedQueues,
     pub old_master: Option<u32>,
 }
 
@@ -81,22 +86,40 @@ impl Inherited {
         };
         let report = std::env::var_os(UPGRADE_FD_VAR);
         let from = std::env::var_os(UPGRADE_FROM_VAR);
+        let queue_list = std::env::var_os(INHERIT_QUEUES_VAR);
         std::env::remove_var(INHERIT_VAR);
         std::env::remove_var(UPGRADE_FD_VAR);
         std::env::remove_var(UPGRADE_FROM_VAR);
+        std::env::remove_var(INHERIT_QUEUES_VAR);
         let bad = |what: String| StartupError::Process(format!("{INHERIT_VAR}: {what}"));
+        // The old master handed each descriptor to this process to own;
+        // adopt checks that it is a listening stream socket.
+        let take = |fd: RawFd| {
+            set_cloexec(fd, true);
+            let mut listener = crate::listen::adopt(fd, None).map_err(|e| bad(e.to_string()))?;
+            listener.origin = crate::listen::Origin::Upgrade { fd };
+            Ok::<_, StartupError>(listener)
+        };
         let mut listeners = Vec::new();
         for item in list.to_string_lossy().split(',').filter(|s| !s.is_empty()) {
             let fd: RawFd = item
                 .parse()
                 .map_err(|_| bad(format!("{item:?} is not a descriptor")))?;
-            set_cloexec(fd, true);
-            // The old master handed this descriptor to this process to own;
-            // adopt checks that it is a listening stream socket.
-            listeners.push(crate::listen::adopt(fd, None).map_err(|e| bad(e.to_string()))?);
+            listeners.push(take(fd)?);
         }
         if listeners.is_empty() {
             return Err(bad("no descriptors".into()));
+        }
+        let mut queues = InheritedQueues::new();
+        let queue_list = queue_list.map(|v| v.to_string_lossy().into_owned());
+        for (listener, fds) in
+            accept_queues::parse_inherited(queue_list.as_deref().unwrap_or(""))
+                .map_err(|e| StartupError::Process(format!("{INHERIT_QUEUES_VAR}: {e}")))?
+        {
+            queues.insert(
+                listener,
+                fds.into_iter().map(take).collect::<Result<_, _>>()?,
+            );
         }
         if let Some(fd) = report
             .and_then(|v| v.to_str().and_then(|s| s.parse::<RawFd>().ok()))
@@ -108,6 +131,7 @@ impl Inherited {
         }
         Ok(Some(Inherited {
             listeners,
+            queues,
             old_master: from.and_then(|v| v.to_str().and_then(|s| s.parse().ok())),
         }))
     }
@@ -183,7 +207,10 @@ struct Upgrade {
 struct Master {
     prepared: Prepared,
     template: Option<Loaded>,
-    listeners: Vec<crate::listen::BoundListener>,
+    /// What each worker accepts from (all shared without `--reuseport`).
+    queues: AcceptQueues,
+    /// The listeners as the startup line names them.
+    shown: Vec<String>,
     signals: SignalPipe,
     saved: Vec<signals::Saved>,
     workers: Vec<Worker>,
@@ -210,7 +237,8 @@ struct Master {
 pub fn run(
     prepared: Prepared,
     template: Loaded,
-    listeners: Vec<crate::listen::BoundListener>,
+    queues: AcceptQueues,
+    shown: Vec<String>,
 ) -> Result<(), StartupError> {
     let signals = SignalPipe::open(&MASTER_SIGNALS)
         .map_err(|e| StartupError::Process(format!("cannot set up signals: {e}")))?;
@@ -230,7 +258,8 @@ pub fn run(
         stop_bound: grace * 2 + Duration::from_secs(10),
         prepared,
         template: Some(template),
-        listeners,
+        queues,
+        shown,
         signals,
         saved,
         workers: Vec::new(),
@@ -348,6 +377,7 @@ impl Master {
                 let slot = self.target;
                 tracing::info!("Received TTOU: {} workers", self.target);
                 self.retire_where(|w| w.slot == slot);
+                self.queues.close(slot);
             }
             libc::SIGUSR2 if !self.stopping => self.begin_upgrade(),
             _ => tracing::info!("Received {}: ignored while stopping", signals::name(sig)),
@@ -432,8 +462,8 @@ impl Master {
         }
         // SAFETY: both were just created and are owned here.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let mut passed: Vec<RawFd> = self.listeners.iter().map(|l| l.fd()).collect();
-        let list = passed
+        let (listeners, queue_list, mut passed) = self.queues.for_upgrade();
+        let list = listeners
             .iter()
             .map(|fd| fd.to_string())
             .collect::<Vec<_>>()
@@ -442,6 +472,7 @@ impl Master {
         let mut cmd = std::process::Command::new(&self.exe);
         cmd.args(self.argv.iter().skip(1))
             .env(INHERIT_VAR, list)
+            .env(INHERIT_QUEUES_VAR, queue_list)
             .env(UPGRADE_FD_VAR, write.as_raw_fd().to_string())
             .env(UPGRADE_FROM_VAR, std::process::id().to_string());
         if let Some(cwd) = &self.cwd {
@@ -578,10 +609,9 @@ impl Master {
             return;
         }
         self.announced = true;
-        let shown = crate::listen::describe_all(&self.listeners, self.prepared.tls.is_some());
         serving::announce_listening(
             &self.prepared,
-            &shown,
+            &self.shown,
             self.prepared.opts.interpreters,
             Some(self.target),
         );
@@ -682,6 +712,7 @@ impl Master {
             let delay = (Duration::from_millis(500) * 2u32.saturating_pow(slot.quick_exits - 2))
                 .min(MAX_RESPAWN_DELAY);
             slot.respawn_at = Some(Instant::now() + delay);
+            self.queues.close(w.slot);
             tracing::error!(
                 "worker {number} (pid {}) exited ({how}) {} times in a row within {}s of starting: crash loop; next start in {:.1}s",
                 w.pid,
@@ -741,6 +772,7 @@ impl Master {
         if let Some(slot) = self.slots.get_mut(w.slot) {
             slot.disabled = Some(msg);
         }
+        self.queues.close(w.slot);
     }
 
     /// Every slot failed lifespan startup and nothing serves: the app's message.
@@ -807,6 +839,7 @@ impl Master {
     // ---- forking ---------------------------------------------------------------
 
     fn spawn(&mut self, slot: usize) -> std::io::Result<()> {
+        self.queues.ensure(slot);
         let (master_end, worker_end) = Channel::pair()?;
         let limit = self.request_limit();
         if let Some(t) = &self.template {
@@ -928,7 +961,7 @@ impl Master {
             tracing::error!("worker {}: {e}", slot + 1);
             return 1;
         }
-        let listeners = std::mem::take(&mut self.listeners);
+        let listeners = std::mem::take(&mut self.queues).for_worker(slot);
         let role = Role::Worker {
             number: slot + 1,
             channel,
