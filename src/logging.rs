@@ -104,8 +104,51 @@ pub fn redirect_stderr_to(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// What a JSON line is about (its `category`): the reference server's
+/// class names, so that filters written for its logs keep working.
+pub mod category {
+    /// The server: startup, workers, signals, listeners, shutdown.
+    pub const SERVER: &str = "PAGI::Server";
+    /// A connection or request: the app's errors, the client's.
+    pub const CONNECTION: &str = "PAGI::Server::Connection";
+    /// `pagi.connection` callbacks.
+    pub const CONNECTION_STATE: &str = "PAGI::Server::ConnectionState";
+    /// `pagi.transport` callbacks.
+    pub const TRANSPORT_STATE: &str = "PAGI::Server::TransportState";
+}
+
+/// The modules whose events are about one connection or request; every
+/// other module's are the server's.
+const CONNECTION_MODULES: [&str; 10] = [
+    "pagi_rs::body",
+    "pagi_rs::exchange",
+    "pagi_rs::file",
+    "pagi_rs::http1",
+    "pagi_rs::http2",
+    "pagi_rs::proxy",
+    "pagi_rs::service",
+    "pagi_rs::sse",
+    "pagi_rs::websocket",
+    "pagi_rs::write_stall",
+];
+
+/// The category of an event from the module `target` (a module path).
+fn category_of(target: &str) -> &'static str {
+    let within = |module: &str| {
+        target
+            .strip_prefix(module)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    };
+    if CONNECTION_MODULES.iter().any(|m| within(m)) {
+        category::CONNECTION
+    } else {
+        category::SERVER
+    }
+}
+
 /// Server log events as JSON lines: `time` (RFC 3339, UTC), `level`,
-/// `message`, `pid`, `worker`, then the event's own fields.
+/// `category`, `message`, `pid`, `worker` (in a worker process), then the
+/// event's own fields: the reference server's keys, in its order.
 struct JsonLines;
 
 impl<S, N> FormatEvent<S, N> for JsonLines
@@ -121,9 +164,14 @@ where
     ) -> std::fmt::Result {
         let mut fields = JsonFields::default();
         event.record(&mut fields);
+        let category = fields
+            .category
+            .take()
+            .unwrap_or_else(|| category_of(event.metadata().target()).to_string());
         writer.write_str(&json_line(
             *event.metadata().level(),
             SystemTime::now(),
+            &category,
             &fields,
         ))
     }
@@ -131,11 +179,13 @@ where
 
 /// The keys every line has; an event field of the same name is renamed
 /// `field.<name>` rather than repeating a key.
-const RESERVED_KEYS: [&str; 5] = ["time", "level", "message", "pid", "worker"];
+const RESERVED_KEYS: [&str; 6] = ["time", "level", "category", "message", "pid", "worker"];
 
 #[derive(Default)]
 struct JsonFields {
     message: String,
+    /// A `category` field: the event says what it is about.
+    category: Option<String>,
     /// `,"key":value` for each field other than the message.
     rest: String,
 }
@@ -156,6 +206,8 @@ impl Visit for JsonFields {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
             self.message.push_str(value);
+        } else if field.name() == "category" && self.category.is_none() {
+            self.category = Some(value.to_string());
         } else {
             self.key(field);
             push_json_str(&mut self.rest, value);
@@ -199,13 +251,15 @@ impl Visit for JsonFields {
     }
 }
 
-fn json_line(level: Level, now: SystemTime, fields: &JsonFields) -> String {
-    let mut out = String::with_capacity(96 + fields.message.len() + fields.rest.len());
+fn json_line(level: Level, now: SystemTime, category: &str, fields: &JsonFields) -> String {
+    let mut out = String::with_capacity(128 + fields.message.len() + fields.rest.len());
     out.push_str("{\"time\":\"");
     push_rfc3339(&mut out, now);
     out.push_str("\",\"level\":\"");
     out.push_str(&level.as_str().to_ascii_lowercase());
-    out.push_str("\",\"message\":");
+    out.push_str("\",\"category\":");
+    push_json_str(&mut out, category);
+    out.push_str(",\"message\":");
     push_json_str(&mut out, &fields.message);
     push_pid_and_worker(&mut out);
     out.push_str(&fields.rest);
@@ -213,15 +267,14 @@ fn json_line(level: Level, now: SystemTime, fields: &JsonFields) -> String {
     out
 }
 
-/// `,"pid":N,"worker":N|null`: read at each line, so that a forked worker
+/// `,"pid":N`, and `,"worker":N` in a worker process (a single process
+/// and the master have no worker number, and their lines no such key, as
+/// the reference server's): read at each line, so that a forked worker
 /// reports its own pid.
 pub fn push_pid_and_worker(out: &mut String) {
     let _ = write!(out, ",\"pid\":{}", std::process::id());
-    match worker_id() {
-        Some(n) => {
-            let _ = write!(out, ",\"worker\":{n}");
-        }
-        None => out.push_str(",\"worker\":null"),
+    if let Some(n) = worker_id() {
+        let _ = write!(out, ",\"worker\":{n}");
     }
 }
 
@@ -522,14 +575,22 @@ pub(crate) mod tests {
         );
         let obj = decode_object(out.trim_end()).unwrap();
         let keys: Vec<&str> = obj.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(&keys[..5], ["time", "level", "message", "pid", "worker"]);
+        assert_eq!(&keys[..5], ["time", "level", "category", "message", "pid"]);
+        assert!(
+            !keys.contains(&"worker"),
+            "no worker key outside a worker process"
+        );
         assert_eq!(get(&obj, "level").str(), "warn");
+        assert_eq!(
+            get(&obj, "category").str(),
+            "PAGI::Server",
+            "this test module is the server's"
+        );
         assert_eq!(get(&obj, "message").str(), "client \"x\" reset\nstreams");
         assert_eq!(
             get(&obj, "pid"),
             &Value::Num(std::process::id().to_string())
         );
-        assert_eq!(get(&obj, "worker"), &Value::Null);
         assert_eq!(get(&obj, "peer").str(), "10.0.0.1:5");
         assert_eq!(get(&obj, "streams"), &Value::Num("7".into()));
         assert_eq!(get(&obj, "delta"), &Value::Num("-2".into()));
@@ -554,8 +615,40 @@ pub(crate) mod tests {
         WORKER.store(NOT_A_WORKER, Ordering::Relaxed);
         let before = decode_object(before.trim_end()).unwrap();
         let after = decode_object(after.trim_end()).unwrap();
-        assert_eq!(get(&before, "worker"), &Value::Null);
+        assert!(before.iter().all(|(k, _)| k != "worker"), "{before:?}");
         assert_eq!(get(&after, "worker"), &Value::Num("3".into()));
+        let keys: Vec<&str> = after.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys[4..6], ["pid", "worker"], "worker follows pid");
+    }
+
+    #[test]
+    fn an_event_names_its_category_or_gets_its_modules() {
+        let _worker = WORKER_LOCK.lock().unwrap();
+        let out = capture(|| {
+            let category = category::TRANSPORT_STATE;
+            tracing::error!(category, category = "ignored", "callback died")
+        });
+        let obj = decode_object(out.trim_end()).unwrap();
+        assert_eq!(get(&obj, "category").str(), category::TRANSPORT_STATE);
+        assert_eq!(
+            obj.iter().filter(|(k, _)| k.contains("category")).count(),
+            2,
+            "a second category field is kept, renamed: {obj:?}"
+        );
+        assert_eq!(category_of("pagi_rs::exchange::send"), category::CONNECTION);
+        assert_eq!(category_of("pagi_rs::http2"), category::CONNECTION);
+        assert_eq!(category_of("pagi_rs::supervisor"), category::SERVER);
+        assert_eq!(
+            category_of("pagi_rs::server"),
+            category::SERVER,
+            "accepting is the server's"
+        );
+        assert_eq!(
+            category_of("pagi_rs::http1x"),
+            category::SERVER,
+            "a module, not a prefix"
+        );
+        assert_eq!(category_of("h2::proto"), category::SERVER);
     }
 
     #[test]

@@ -39,6 +39,8 @@ my $app = async sub {
     warn "runtime-warning-marker-7731\n" if $path eq '/warn';
     print STDERR "raw-stderr-marker-9090\n" if $path eq '/stderr';
     die "app-die-marker-4242\n" if $path eq '/die';
+    $scope->{'pagi.connection'}->on_complete(sub { die "complete-callback-marker-2718\n" })
+        if $path eq '/callback-dies';
     await $send->({ type => 'http.response.start', status => 200, headers => [['content-length', 2]] });
     await $send->({ type => 'http.response.body', body => 'ok' });
 };
@@ -101,6 +103,7 @@ check '--log-format json: every server line is an object with the common keys' =
     my $port = $s->port;
     is http_request( $port, 'GET', '/warn' )->{status}, 200, 'a request that warns';
     is http_request( $port, 'GET', '/die' )->{status},  500, 'a request that dies';
+    is http_request( $port, 'GET', '/callback-dies' )->{status}, 200, 'a request whose on_complete callback dies';
     is http_request( $port, 'GET', '/ok?a=1', headers => [ [ 'User-Agent', 'ua/1' ] ] )->{status}, 200,
       'a plain request';
     ok $s->wait_output( qr{"path":"/ok"}, 5 ), 'its access line is out';
@@ -115,12 +118,16 @@ check '--log-format json: every server line is an object with the common keys' =
         !(     ( $_->{time} // '' ) =~ $TIME
             && ( $_->{level} // '' ) =~ /\A(?:debug|info|warn|error)\z/
             && defined $_->{message}
+            && ( $_->{category} // '' ) =~ /\APAGI::Server(?:::Connection(?:State)?)?\z/
             && ( $_->{pid} // 0 ) == $s->pid
-            && exists $_->{worker}
-            && !defined $_->{worker} )
+            && !exists $_->{worker} )
     } @server;
-    is scalar(@bad), 0, 'each has time (RFC 3339 UTC), level, message, pid (the server\'s), worker (null: one process)'
+    is scalar(@bad), 0,
+      'each has time (RFC 3339 UTC), level, category, message, pid (the server\'s), and no worker (one process)'
       or diag explain $bad[0];
+    my @order = grep { /^\{"time":/ } split /\n/, $s->output;
+    is scalar( grep { !/^\{"time":"[^"]+","level":"\w+","category":"[\w:]+","message":/ } grep { /"level"/ } @order ), 0,
+      'keys in the reference\'s order: time, level, category, message';
     my %by = map { ( $_->{message} => $_ ) } @server;
     my ($startup) = grep { /listening on http:\/\/127\.0\.0\.1:\Q$port\E\// } keys %by;
     ok $startup, 'the startup line';
@@ -128,14 +135,19 @@ check '--log-format json: every server line is an object with the common keys' =
     is $by{'load-warning-marker-5150'}{level}, 'warn', 'a warning while the app loads is a warn line';
     is $by{'runtime-warning-marker-7731'}{level}, 'warn', 'a warning from a request is a warn line';
     is $by{'PAGI application error: app-die-marker-4242'}{level}, 'error', 'an app error is an error line';
+    is $by{'PAGI application error: app-die-marker-4242'}{category}, 'PAGI::Server::Connection',
+      '... about the connection';
+    is $by{$startup // ''}{category}, 'PAGI::Server', 'the startup line is the server\'s';
+    my ($callback) = grep { /callback error: complete-callback-marker-2718/ } keys %by;
+    is $by{ $callback // '' }{category}, 'PAGI::Server::ConnectionState', 'a callback that died: about the connection state';
     ok $by{'Received TERM, shutting down'} && $by{'Shutdown complete'}, 'and the shutdown lines';
 
-    is scalar(@access), 3, 'the access log (json by default with --log-format json): three lines';
+    is scalar(@access), 4, 'the access log (json by default with --log-format json): four lines';
     my ($ok) = grep { $_->{path} eq '/ok' } @access;
     is_deeply [ @{$ok}{qw(client method query protocol status size user_agent referer reason)} ],
       [ '127.0.0.1', 'GET', 'a=1', 'HTTP/1.1', 200, 2, 'ua/1', undef, undef ], 'its fields';
     is $ok->{pid}, $s->pid, 'its pid';
-    ok exists $ok->{worker} && !defined $ok->{worker}, 'its worker (null)';
+    ok !exists $ok->{worker}, 'no worker (one process)';
 };
 
 check '--log-format json: a startup error is a JSON error line' => sub {

@@ -801,14 +801,34 @@ pub extern "C" fn pagi_rs_log(level: c_int, msg: *const c_char, len: usize) {
         // SAFETY: msg/len describe the message text alive for this XS call.
         let text = String::from_utf8_lossy(unsafe { PagiStr { ptr: msg, len }.as_bytes() });
         let text = text.trim_end();
-        match level {
-            log::DEBUG => tracing::debug!("{text}"),
-            log::INFO => tracing::info!("{text}"),
-            log::WARN => tracing::warn!("{text}"),
-            _ => tracing::error!("{text}"),
+        let category = match level & !LEVEL_BITS {
+            log::FROM_CONNECTION => crate::logging::category::CONNECTION,
+            log::FROM_CONNECTION_STATE => crate::logging::category::CONNECTION_STATE,
+            log::FROM_TRANSPORT_STATE => crate::logging::category::TRANSPORT_STATE,
+            _ => crate::logging::category::SERVER,
+        };
+        macro_rules! at_level {
+            ($($event:tt)*) => {
+                match level & LEVEL_BITS {
+                    log::DEBUG => tracing::debug!($($event)*),
+                    log::INFO => tracing::info!($($event)*),
+                    log::WARN => tracing::warn!($($event)*),
+                    _ => tracing::error!($($event)*),
+                }
+            };
+        }
+        // Only JSON lines name the category; text ones stay as they were.
+        if crate::logging::is_json() {
+            at_level!(category, "{text}");
+        } else {
+            at_level!("{text}");
         }
     })
 }
+
+/// The bits of `PAGI::RS::_log`'s first argument that are the level; the
+/// rest say what the message is about (`LOG_FROM_*`).
+const LEVEL_BITS: c_int = 0xf;
 
 #[no_mangle]
 pub extern "C" fn pagi_rs_embedded_source(

@@ -248,7 +248,7 @@ sub _has_callbacks {
 sub _call {
     my ( $what, $cb, @args ) = @_;
     return if eval { $cb->(@args); 1 };
-    PAGI::RS::_log( LOG_ERROR, "pagi.connection $what callback error: $@" );
+    PAGI::RS::_log( LOG_ERROR + LOG_FROM_CONNECTION_STATE, "pagi.connection $what callback error: $@" );
 }
 
 1;

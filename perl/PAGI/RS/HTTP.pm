@@ -212,7 +212,7 @@ sub _past_disconnect_receives {
     return if !$max;
     my $n = ++$self->[DISCONNECT_RECEIVES];
     return if $n <= $max;
-    PAGI::RS::_log( LOG_ERROR, "$type scope: receive() called $n times after the scope ended" )
+    PAGI::RS::_log( LOG_ERROR + LOG_FROM_CONNECTION, "$type scope: receive() called $n times after the scope ended" )
       if $n == $max + 1;
     return Future->fail( "receive() called $n times after the scope ended; "
           . "the application is not checking for $type.disconnect\n" );

@@ -63,7 +63,7 @@ sub _fire_drain { _call($_) for @{ $_[0][ON_DRAIN] // [] } }
 sub _call {
     my ($cb) = @_;
     return if eval { $cb->(); 1 };
-    PAGI::RS::_log( LOG_ERROR, "transport callback error: $@" );
+    PAGI::RS::_log( LOG_ERROR + LOG_FROM_TRANSPORT_STATE, "transport callback error: $@" );
 }
 
 1;
