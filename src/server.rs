@@ -531,7 +531,8 @@ async fn serve_connection<S: PeekStream>(
     let Some(tls) = tls else {
         let info = Arc::new(info);
         if server.http2.cleartext && speaks_http2(&stream, &server).await {
-            crate::http2::connection::serve(stream, info, server, signals).await;
+            let fd = stream.tcp_fd();
+            crate::http2::connection::serve(stream, info, server, signals, fd).await;
         } else {
             let socket = TcpSocket {
                 fd: stream.tcp_fd(),
@@ -565,7 +566,9 @@ async fn serve_connection<S: PeekStream>(
         AppProtocol::Http1 => {
             crate::http1::connection::serve(stream, info, server, http1, signals, socket).await
         }
-        AppProtocol::Http2 => crate::http2::connection::serve(stream, info, server, signals).await,
+        AppProtocol::Http2 => {
+            crate::http2::connection::serve(stream, info, server, signals, socket.fd).await
+        }
     }
 }
 

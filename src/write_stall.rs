@@ -10,6 +10,7 @@
 //! reader's).
 
 use std::io;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -125,6 +126,34 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Make closing `fd` reset the connection (SO_LINGER of 0) rather than
+/// queue a FIN behind bytes the client is not reading: the kernel frees the
+/// socket and its buffer (megabytes, when the window shut) at once instead
+/// of probing the shut window for minutes after the server let go.
+pub fn reset_on_close(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is the connection's socket, open until its `serve`
+    // returns and drops it; setsockopt only reads the struct for its length.
+    let set = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::addr_of!(linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        tracing::debug!(
+            "cannot set SO_LINGER on a stalled connection: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

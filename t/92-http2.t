@@ -454,6 +454,29 @@ PY
 };
 
 # ---------------------------------------------------------------------------
+subtest 'a GOAWAY the client leaves unanswered (it stopped reading): the connection is reset' => sub {
+    my $t = start_server( '--http2', '--timeout', 1, '--log-level', 'debug', $app );
+    my $r = h2( <<'PY', port => $t->port );
+c = connect()
+s = c.wait_stream(c.request('GET', '/ok?then-silence'))
+# Read nothing: the idle GOAWAY (after 1 s) and its PING wait unread, so
+# the PING is never acknowledged.
+time.sleep(3.5)
+# A reset that arrived meanwhile is the socket's pending error.
+import socket
+pending = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+emit({'stream': s, 'pending_error': os.strerror(pending) if pending else None})
+PY
+    return fail 'the script ran' unless $r;
+    is $r->{stream}{body}, 'ok:then-silence', 'the stream is answered';
+    like $r->{pending_error} // 'none', qr/reset/i,
+      'while the client read nothing, the server reset the connection';
+    like $t->output, qr/idle for 1s: GOAWAY/, 'after its idle GOAWAY';
+    like $t->output, qr/GOAWAY unanswered for 1s: reset/, '... went a second unanswered';
+    $t->stop;
+};
+
+# ---------------------------------------------------------------------------
 subtest "flow control: a shut window holds that stream's \$send, not its neighbours" => sub {
     my $r = h2( <<'PY' );
 d = ARGS['dir']

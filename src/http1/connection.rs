@@ -190,7 +190,7 @@ pub async fn serve<IO>(
                         "connection from {client}: took no byte of its response within --timeout"
                     );
                     if let Some(fd) = socket.fd {
-                        reset_on_close(fd);
+                        crate::write_stall::reset_on_close(fd);
                     }
                     return;
                 }
@@ -242,34 +242,6 @@ enum Interruption {
     HeadTimeout,
     /// The client took no byte of what is written to it within `--timeout`.
     WriteTimeout,
-}
-
-/// Make closing `fd` reset the connection (SO_LINGER of 0) rather than
-/// queue a FIN behind bytes the client is not reading: the kernel frees the
-/// socket and its buffer (megabytes, when the window shut) at once instead
-/// of probing the shut window for minutes after the server let go.
-fn reset_on_close(fd: RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `fd` is the connection's socket, open until `serve` returns
-    // and drops it; setsockopt only reads the struct for its length.
-    let set = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::addr_of!(linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if set != 0 {
-        tracing::debug!(
-            "cannot set SO_LINGER on a timed-out connection: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 /// What the client is overdue with.

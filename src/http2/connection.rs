@@ -11,12 +11,15 @@
 //! The loop also owns the connection's fate: GOAWAY and a drain on
 //! shutdown, GOAWAY after `--timeout` with no stream open, and GOAWAY
 //! (ENHANCE_YOUR_CALM) to a client that resets streams faster than the
-//! Rapid Reset budget allows.  Every stream the server works on counts
+//! Rapid Reset budget allows.  A client has `--timeout` (10 s without it)
+//! to answer either GOAWAY by acknowledging its PING or closing; one that
+//! stopped reading does neither, and its connection is then reset.  Every stream the server works on counts
 //! against `--h2-max-concurrent-streams`, including streams the client has
 //! reset whose application has not finished: past it a new stream is
 //! refused (REFUSED_STREAM) before any application sees it, so a client
 //! cannot stack up work by resetting.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -137,11 +140,14 @@ impl ConnShared {
 }
 
 /// Serve HTTP/2 on `io` (after the preface was seen, or ALPN chose h2).
+/// `fd`, the TCP socket under `io` where there is one, is set to reset on
+/// close when the client leaves a GOAWAY unanswered.
 pub async fn serve<IO>(
     io: IO,
     conn: Arc<ConnInfo>,
     server: Arc<Server>,
     mut signals: ConnectionSignals,
+    fd: Option<RawFd>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -180,6 +186,11 @@ pub async fn serve<IO>(
     let idle_limit = settings.idle_timeout;
     let mut draining = false;
     let mut idle_check = Box::pin(tokio::time::sleep(idle_limit.unwrap_or(Duration::MAX / 4)));
+    // Armed by the server's own GOAWAY (idle, Rapid Reset): h2 then waits
+    // for the client's PING acknowledgement, or its close, for ever.
+    let goaway_limit = idle_limit.unwrap_or(HANDSHAKE_LIMIT);
+    let mut goaway_unanswered = Box::pin(tokio::time::sleep(Duration::MAX / 4));
+    let mut awaiting_close = false;
     let mut streams: FuturesUnordered<StreamTask> = FuturesUnordered::new();
     loop {
         let next = tokio::select! {
@@ -199,7 +210,19 @@ pub async fn serve<IO>(
                 );
                 h2conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 draining = true;
+                awaiting_close = true;
+                goaway_unanswered.as_mut().reset(tokio::time::Instant::now() + goaway_limit);
                 continue;
+            }
+            _ = &mut goaway_unanswered, if awaiting_close => {
+                tracing::debug!(
+                    "HTTP/2 connection from {client}: GOAWAY unanswered for {}s: reset",
+                    goaway_limit.as_secs()
+                );
+                if let Some(fd) = fd {
+                    crate::write_stall::reset_on_close(fd);
+                }
+                break;
             }
             _ = &mut idle_check, if idle_limit.is_some() && !draining => {
                 let limit = idle_limit.unwrap_or_default();
@@ -208,6 +231,8 @@ pub async fn serve<IO>(
                     tracing::debug!("HTTP/2 connection from {client} idle for {}s: GOAWAY", limit.as_secs());
                     draining = true;
                     h2conn.graceful_shutdown();
+                    awaiting_close = true;
+                    goaway_unanswered.as_mut().reset(tokio::time::Instant::now() + goaway_limit);
                 } else {
                     let wait = if shared.live() == 0 { limit - idle_for } else { limit };
                     idle_check.as_mut().reset(tokio::time::Instant::now() + wait);
