@@ -15,7 +15,6 @@ use PagiRS::Test;
 use PagiRS::Workers;
 use File::Temp qw(tempdir);
 use Time::HiRes qw(time sleep);
-use IO::Socket::INET;
 
 my $dir = tempdir( CLEANUP => 1 );
 
@@ -234,22 +233,8 @@ subtest 'USR2: the new master takes over every queue' => sub {
 
 subtest '--user on a privileged port: queues bound as root; one that cannot be bound again is shared' => sub {
     plan skip_all => 'needs root' if $> != 0;
-    my $appdir = tempdir( CLEANUP => 1 );
-    chmod 0755, $appdir;
-    my $app = "$appdir/pid.pl";
-    open my $in, '<', pid_app() or die;
-    open my $out, '>', $app or die;
-    print $out $_ while <$in>;
-    close $out;
-    chmod 0644, $app;
-    my $port;
-    for my $p ( map { 600 + int rand 400 } 1 .. 50 ) {
-        my $try = IO::Socket::INET->new( Listen => 1, LocalAddr => '127.0.0.1', LocalPort => $p, ReuseAddr => 1 )
-          or next;
-        close $try;
-        $port = $p;
-        last;
-    }
+    my $app  = readable_by_anyone( pid_app() );
+    my $port = free_privileged_port();
     my $s = start_on_port( $port, '-w', 2, '--reuseport', '--user', 'nobody', $app );
     ok $s, "started on port $port" or return;
     my @w = wait_workers( $s->pid, 2, 5 );

@@ -98,23 +98,10 @@ subtest '--pid: a stale file is replaced, a live one refuses' => sub {
 
 subtest '--user/--group: bound as root, the app runs as nobody' => sub {
     plan skip_all => 'needs root' if $> != 0;
-    my $appdir = tempdir( CLEANUP => 1 );
-    chmod 0755, $appdir;
-    my $app = "$appdir/who.pl";
-    open my $in, '<', $who_app or die;
-    open my $out, '>', $app or die;
-    print $out $_ while <$in>;
-    close $out;
-    chmod 0644, $app;
+    my $app = readable_by_anyone($who_app);
     # A privileged port: only root can bind it, so serving on it proves the
     # bind came before the drop.
-    my $port;
-    for my $p ( map { 600 + int rand 400 } 1 .. 50 ) {
-        my $try = IO::Socket::INET->new( Listen => 1, LocalAddr => '127.0.0.1', LocalPort => $p, ReuseAddr => 1 ) or next;
-        close $try;
-        $port = $p;
-        last;
-    }
+    my $port = free_privileged_port();
     ok $port, "a free privileged port ($port)";
     my $log = "$dir/access.log";    # in a directory only root can enter
     my $s = start_on_port( $port, '-w', 2, '--user', 'nobody', '--group', 'nogroup', '--access-log', $log, $app );

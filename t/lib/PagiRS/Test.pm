@@ -22,6 +22,7 @@ use JSON::PP ();
 our @EXPORT = (
     # running the server
     qw(pagi_bin write_app start_server wait_startup run_pagi spawn_pagi start_on_port free_port port_listening),
+    qw(free_privileged_port readable_by_anyone),
     # talking to it
     qw(raw_request parse_response http_request connect_port host_header read_sock read_some abort_close),
     qw(ask_json),
@@ -184,6 +185,35 @@ sub free_port {
     my $p = $s->sockport;
     close $s;
     return $p;
+}
+
+# A loopback port below 1024 that was free a moment ago (only root binds
+# one, so serving on it proves a bind made before --user dropped root);
+# undef if none was found.
+sub free_privileged_port {
+    for my $p ( map { 600 + int rand 400 } 1 .. 50 ) {
+        my $try = IO::Socket::INET->new( Listen => 1, LocalAddr => '127.0.0.1', LocalPort => $p, ReuseAddr => 1 )
+          or next;
+        close $try;
+        return $p;
+    }
+    return undef;
+}
+
+# A copy of $file that any user can read, in a directory any user can
+# enter (an app for a server that runs as nobody); returns its path.
+sub readable_by_anyone {
+    my ($file) = @_;
+    my $dir = tempdir( CLEANUP => 1 );
+    chmod 0755, $dir;
+    ( my $name = $file ) =~ s{.*/}{};
+    my $copy = "$dir/$name";
+    open my $in,  '<', $file or die "$file: $!";
+    open my $out, '>', $copy or die "$copy: $!";
+    print $out $_ while <$in>;
+    close $out or die "$copy: $!";
+    chmod 0644, $copy;
+    return $copy;
 }
 
 # 1 if something accepts connections on 127.0.0.1:$port, else 0.
