@@ -153,9 +153,9 @@ impl Format {
 }
 
 /// The `json` preset: the facts of the text formats under the reference
-/// server's key names, with `pid` and `worker` (the `logging` module's) and
-/// how a stream ended (`reason`).  Every key is always present; what is
-/// unknown is null.  Wire bytes go through `logging::push_json_bytes`.
+/// server's key names, with `pid` and `worker` (the `logging` module's;
+/// `worker` only in a worker process) and how a stream ended (`reason`).
+/// Every other key is always present; what is unknown is null.  Wire bytes go through `logging::push_json_bytes`.
 fn render_json(r: &Record<'_>, now: SystemTime) -> String {
     let header = |name: &str| {
         r.headers
@@ -815,7 +815,7 @@ mod tests {
                 "{{\"time\":\"2026-02-10T12:34:56.042Z\",\"client\":\"127.0.0.1\",\"method\":\"GET\",\
                  \"path\":\"/a%20b\",\"query\":\"x=1\",\"protocol\":\"HTTP/1.1\",\"status\":200,\
                  \"size\":13,\"duration\":0.002500,\"referer\":\"http://x/\",\"user_agent\":\"curl/8\",\
-                 \"reason\":null,\"pid\":{},\"worker\":null}}\n",
+                 \"reason\":null,\"pid\":{}}}\n",
                 std::process::id()
             )
         );
