@@ -477,6 +477,42 @@ PY
 };
 
 # ---------------------------------------------------------------------------
+subtest 'a Rapid Reset GOAWAY stuck behind a full socket: the connection is reset' => sub {
+    # h2 still reads frames while its writes wait, so resets sent after the
+    # client stopped reading trip the token bucket; the GOAWAY that follows
+    # cannot be written, and without the bound the connection (its streams,
+    # the megabytes queued for it) would be held for ever.
+    my $t = start_server( '--http2', '--timeout', 1, '--log-level', 'debug', '--h2-rst-burst', 5,
+        '--h2-rst-rate', 1, $app );
+    my $r = h2( <<'PY', port => $t->port );
+d = ARGS['dir']
+c = connect(window=2**30)
+c.open_window(2**30)
+sids = [c.request('GET', '/hold?name=stuck%d&log=stuck.accepted' % i) for i in range(8)]
+accepted = len(wait_file_lines(d + '/stuck.accepted', 8, c))
+c.request('GET', '/chunks?name=stuckfill&n=400')
+# From here on nothing is read: the 25 MiB response fills both sockets.
+filled = len(wait_file_lines(d + '/stuckfill.sent', 8))
+time.sleep(0.5)
+for sid in sids[:7]:
+    c.reset(sid, ErrorCodes.CANCEL)
+time.sleep(3.5)
+import socket
+pending = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+emit({'accepted': accepted, 'filled': filled, 'pending_error': os.strerror(pending) if pending else None})
+PY
+    return fail 'the script ran' unless $r;
+    is $r->{accepted}, 8, 'eight streams, each running its app';
+    ok $r->{filled} >= 8, 'the big response was under way';
+    like $t->output, qr/reset streams faster than --h2-rst-burst/, 'the resets tripped the budget';
+    like $r->{pending_error} // 'none', qr/reset/i,
+      'with its GOAWAY stuck, the server reset the connection';
+    like $t->output, qr/GOAWAY unanswered for 1s: reset/, '... a second after it';
+    is http_request( $t->port, 'GET', '/ok?after' )->{body}, 'ok:after', 'the server still serves';
+    $t->stop;
+};
+
+# ---------------------------------------------------------------------------
 subtest "flow control: a shut window holds that stream's \$send, not its neighbours" => sub {
     my $r = h2( <<'PY' );
 d = ARGS['dir']
