@@ -513,6 +513,36 @@ PY
 };
 
 # ---------------------------------------------------------------------------
+subtest 'a request target outside origin form is malformed: the stream is reset' => sub {
+    # RFC 9113 8.3.1.  h2 lets a head with no :path through (the app saw an
+    # empty path) and * on any method; "?x" became "/?x".  Found by
+    # bench/bin/h2-fuzz.
+    my $r = h2( <<'PY' );
+c = connect(validate=False)
+def head(*pseudo):
+    sid = c.send_headers(list(pseudo), end_stream=True)
+    c.wait_stream(sid)
+    s = c.stream(sid).to_json()
+    return {'status': s['status'], 'reset': s['reset_name'], 'by': s['reset_by'], 'body': s['body']}
+out = {
+  'no_path': head((':method', 'GET'), (':scheme', 'http')),
+  'star_get': head((':method', 'GET'), (':scheme', 'http'), (':authority', 'x'), (':path', '*')),
+  'query_only': head((':method', 'GET'), (':scheme', 'http'), (':path', '?x')),
+  'star_options': head((':method', 'OPTIONS'), (':scheme', 'http'), (':authority', 'x'), (':path', '*')),
+  'after': head((':method', 'GET'), (':scheme', 'http'), (':authority', 'x'), (':path', '/ok?after')),
+}
+emit(out)
+PY
+    return fail 'the script ran' unless $r;
+    for my $case (qw(no_path star_get query_only)) {
+        is_deeply [ @{ $r->{$case} }{qw(status reset by)} ], [ undef, 'PROTOCOL_ERROR', 'server' ],
+          "$case: reset (PROTOCOL_ERROR) with no response";
+    }
+    is $r->{star_options}{status}, 404, 'OPTIONS * reaches the app';
+    is $r->{after}{body}, 'ok:after', 'and the connection goes on serving';
+};
+
+# ---------------------------------------------------------------------------
 subtest "flow control: a shut window holds that stream's \$send, not its neighbours" => sub {
     my $r = h2( <<'PY' );
 d = ARGS['dir']

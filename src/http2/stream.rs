@@ -52,6 +52,14 @@ pub async fn serve(
     server: Arc<crate::server::Server>,
     shared: Arc<ConnShared>,
 ) {
+    if let Some(why) = malformed_target(req.method(), req.uri()) {
+        tracing::debug!(
+            "HTTP/2 request from {} is malformed ({why}): stream reset (PROTOCOL_ERROR)",
+            conn.client
+        );
+        respond.send_reset(Reason::PROTOCOL_ERROR);
+        return;
+    }
     let close = Arc::new(Notify::new());
     let ctx = RequestContext::new(conn, close.clone());
     let departure = ctx.departure.clone();
@@ -352,6 +360,27 @@ fn connection_gone_detail() -> String {
 /// RFC 9113 8.3.1: `:authority` stands for `Host`; the scope shows it as
 /// the `host` header an HTTP/1.1 app expects, first, where HTTP/1.1
 /// clients put it.
+/// RFC 9113 §8.3.1: a request other than a plain CONNECT carries a
+/// `:path` in origin form, or `*` for OPTIONS.  h2 lets through a head
+/// with no `:path` at all (the app would see an empty path), `*` on any
+/// method and `?x` (which `http::Uri` shows as "/?x"); all are malformed, a
+/// stream error (§8.1.1), where HTTP/1.1's gate answers such targets 400.
+fn malformed_target(method: &Method, uri: &http::Uri) -> Option<&'static str> {
+    // `Uri::path` is empty only when the URI has no path at all (where
+    // `path_and_query` would show "/"), so the form is judged below on the
+    // target as sent.
+    if uri.path().is_empty() {
+        // A plain CONNECT has none (h2 insists); the handshake refuses it.
+        return (method != Method::CONNECT).then_some("no :path");
+    }
+    match uri.path_and_query().map(|target| target.as_str()) {
+        Some(target) if target.starts_with('/') => None,
+        Some("*") if method == Method::OPTIONS => None,
+        Some("*") => Some(":path * on a method other than OPTIONS"),
+        _ => Some(":path not in origin form"),
+    }
+}
+
 fn authority_as_host(parts: &mut Parts) {
     let Some(authority) = parts.uri.authority() else {
         return;
@@ -395,6 +424,72 @@ fn for_the_wire(mut headers: HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_outside_origin_form_is_malformed_except_where_allowed() {
+        // The URI as h2 builds it from the pseudo-headers: the scheme is
+        // kept only beside an :authority; Err where h2 itself resets the
+        // stream because it cannot build one.
+        let h2_uri = |authority: Option<&str>, path: Option<&str>| {
+            let mut parts = http::uri::Parts::default();
+            if let Some(authority) = authority {
+                parts.scheme = Some(http::uri::Scheme::HTTP);
+                parts.authority = Some(authority.parse().unwrap());
+            }
+            if let Some(path) = path {
+                parts.path_and_query = Some(path.parse().map_err(|_| ())?);
+            }
+            http::Uri::from_parts(parts).map_err(|_| ())
+        };
+        let verdict = |method: Method, authority, path| {
+            malformed_target(&method, &h2_uri(authority, path).unwrap())
+        };
+        assert_eq!(
+            verdict(Method::GET, Some("x"), Some("/a?b")),
+            None,
+            "origin form"
+        );
+        assert_eq!(
+            verdict(Method::GET, None, Some("/a")),
+            None,
+            "... with no :authority"
+        );
+        assert_eq!(
+            verdict(Method::OPTIONS, Some("x"), Some("*")),
+            None,
+            "* for OPTIONS"
+        );
+        assert_eq!(
+            verdict(Method::CONNECT, Some("x"), Some("/chat")),
+            None,
+            "extended CONNECT"
+        );
+        let plain_connect: http::Uri = "x:443".parse().unwrap();
+        assert_eq!(
+            malformed_target(&Method::CONNECT, &plain_connect),
+            None,
+            "plain CONNECT"
+        );
+        assert_eq!(
+            verdict(Method::GET, None, None),
+            Some("no :path"),
+            "h2 lets a head without :path through"
+        );
+        assert_eq!(
+            verdict(Method::GET, Some("x"), Some("*")),
+            Some(":path * on a method other than OPTIONS")
+        );
+        // Every other target is refused, by h2 or here.
+        for authority in [None, Some("x")] {
+            for path in ["foo", "*?x", "?x"] {
+                for method in [Method::OPTIONS, Method::CONNECT] {
+                    let refused = h2_uri(authority, Some(path))
+                        .map_or(true, |uri| malformed_target(&method, &uri).is_some());
+                    assert!(refused, "{method} {path:?} with :authority {authority:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn authority_becomes_host_and_wins_over_a_host_field() {
