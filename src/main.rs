@@ -24,6 +24,7 @@ mod dormant;
 mod error;
 mod exchange;
 mod file;
+mod host;
 mod http1;
 mod http2;
 mod interp;

@@ -177,6 +177,12 @@ refused( 'authority-form on POST', "POST example.com:80 HTTP/1.1\r\n${H}Content-
 refused( '* on GET',               "GET * HTTP/1.1\r\n${H}Connection: close\r\n\r\n" );
 refused( '* on POST',              "POST * HTTP/1.1\r\n${H}Content-Length: 0\r\n\r\n" );
 refused( 'a target that is no form at all', "GET foo HTTP/1.1\r\n${H}Connection: close\r\n\r\n" );
+# RFC 9112 3.2: a Host that is not uri-host [":" port] (apps build URLs from it).
+for my $host ( 'user@127.0.0.1', 'evil.example/p', 'a b', '127.0.0.1:80x' ) {
+    refused( "Host: $host", "GET / HTTP/1.1\r\nHost: $host\r\nConnection: close\r\n\r\n" );
+}
+is dump_for("GET /v6 HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n")->{path}, '/v6',
+  'an IPv6 literal with a port is a valid Host';
 {
     # A refusal keeps its place behind a good pipelined request.
     my $before = -e $calls ? slurp($calls) : '';

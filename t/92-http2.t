@@ -513,10 +513,11 @@ PY
 };
 
 # ---------------------------------------------------------------------------
-subtest 'a request target outside origin form is malformed: the stream is reset' => sub {
+subtest 'a malformed target or authority: the stream is reset' => sub {
     # RFC 9113 8.3.1.  h2 lets a head with no :path through (the app saw an
-    # empty path) and * on any method; "?x" became "/?x".  Found by
-    # bench/bin/h2-fuzz.
+    # empty path) and * on any method; "?x" became "/?x" (found by
+    # bench/bin/h2-fuzz).  It also takes userinfo in :authority and checks
+    # no host field; the app sees either as its host.
     my $r = h2( <<'PY' );
 c = connect(validate=False)
 def head(*pseudo):
@@ -528,13 +529,16 @@ out = {
   'no_path': head((':method', 'GET'), (':scheme', 'http')),
   'star_get': head((':method', 'GET'), (':scheme', 'http'), (':authority', 'x'), (':path', '*')),
   'query_only': head((':method', 'GET'), (':scheme', 'http'), (':path', '?x')),
+  'userinfo': head((':method', 'GET'), (':scheme', 'http'), (':authority', 'user:pw@x'), (':path', '/ok')),
+  'bad_host': head((':method', 'GET'), (':scheme', 'http'), (':path', '/ok'), ('host', 'a/b')),
+  'two_hosts': head((':method', 'GET'), (':scheme', 'http'), (':path', '/ok'), ('host', 'a'), ('host', 'b')),
   'star_options': head((':method', 'OPTIONS'), (':scheme', 'http'), (':authority', 'x'), (':path', '*')),
   'after': head((':method', 'GET'), (':scheme', 'http'), (':authority', 'x'), (':path', '/ok?after')),
 }
 emit(out)
 PY
     return fail 'the script ran' unless $r;
-    for my $case (qw(no_path star_get query_only)) {
+    for my $case (qw(no_path star_get query_only userinfo bad_host two_hosts)) {
         is_deeply [ @{ $r->{$case} }{qw(status reset by)} ], [ undef, 'PROTOCOL_ERROR', 'server' ],
           "$case: reset (PROTOCOL_ERROR) with no response";
     }

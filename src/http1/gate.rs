@@ -960,6 +960,10 @@ fn check_head(
     if (http11 && hosts == 0) || hosts > 1 {
         return Err(Verdict::Status(StatusCode::BAD_REQUEST));
     }
+    // RFC 9112 §3.2: 400 for a Host that is not a valid one.
+    if host.is_some_and(|h| !crate::host::is_valid(h)) {
+        return Err(Verdict::Status(StatusCode::BAD_REQUEST));
+    }
     check_target(req.method.unwrap_or(""), req.path.unwrap_or(""), host)
         .map_err(Verdict::Status)?;
     if cl_count > 1 {
@@ -1426,6 +1430,19 @@ POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r
         assert_eq!(
             verdict(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
             Some(400)
+        );
+        for bad in ["user@x", "a/b", "x y", "x:8a"] {
+            assert_eq!(
+                verdict(format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n").as_bytes()),
+                Some(400),
+                "Host: {bad}"
+            );
+        }
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n"), None);
+        assert_eq!(
+            verdict(b"GET / HTTP/1.1\r\nHost:\r\n\r\n"),
+            None,
+            "an empty Host: a target with no authority"
         );
         assert_eq!(
             verdict(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"),

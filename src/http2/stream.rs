@@ -52,7 +52,9 @@ pub async fn serve(
     server: Arc<crate::server::Server>,
     shared: Arc<ConnShared>,
 ) {
-    if let Some(why) = malformed_target(req.method(), req.uri()) {
+    let malformed = malformed_target(req.method(), req.uri())
+        .or_else(|| malformed_authority(req.uri(), req.headers()));
+    if let Some(why) = malformed {
         tracing::debug!(
             "HTTP/2 request from {} is malformed ({why}): stream reset (PROTOCOL_ERROR)",
             conn.client
@@ -381,6 +383,24 @@ fn malformed_target(method: &Method, uri: &http::Uri) -> Option<&'static str> {
     }
 }
 
+/// The host the app will see (`:authority`, or else the one `host` field)
+/// must be a valid one (see `crate::host`): h2 takes an `:authority` with
+/// userinfo, which RFC 9113 §8.3.1 forbids, and checks no `host` field.
+fn malformed_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<&'static str> {
+    if let Some(authority) = uri.authority() {
+        return (!crate::host::is_valid(authority.as_str().as_bytes()))
+            .then_some(":authority is not a valid host");
+    }
+    let mut hosts = headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("more than one host field"),
+        (Some(host), None) if !crate::host::is_valid(host.as_bytes()) => {
+            Some("the host field is not a valid host")
+        }
+        _ => None,
+    }
+}
+
 fn authority_as_host(parts: &mut Parts) {
     let Some(authority) = parts.uri.authority() else {
         return;
@@ -424,6 +444,34 @@ fn for_the_wire(mut headers: HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_the_app_sees_must_be_valid() {
+        let verdict = |uri: &str, hosts: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for h in hosts {
+                headers.append(HOST, HeaderValue::from_str(h).unwrap());
+            }
+            malformed_authority(&uri.parse().unwrap(), &headers)
+        };
+        assert_eq!(verdict("http://x.test/", &[]), None);
+        assert_eq!(
+            verdict("http://x.test:8080/", &["other"]),
+            None,
+            ":authority wins"
+        );
+        assert_eq!(verdict("/", &["x.test"]), None, "a host field alone");
+        assert_eq!(verdict("/", &[]), None, "neither (HTTP/2 needs none)");
+        assert_eq!(
+            verdict("http://user:pw@x.test/", &[]),
+            Some(":authority is not a valid host")
+        );
+        assert_eq!(
+            verdict("/", &["a/b"]),
+            Some("the host field is not a valid host")
+        );
+        assert_eq!(verdict("/", &["a", "b"]), Some("more than one host field"));
+    }
 
     #[test]
     fn a_target_outside_origin_form_is_malformed_except_where_allowed() {
