@@ -53,7 +53,8 @@ pub async fn serve(
     shared: Arc<ConnShared>,
 ) {
     let malformed = malformed_target(req.method(), req.uri())
-        .or_else(|| malformed_authority(req.uri(), req.headers()));
+        .or_else(|| malformed_authority(req.uri(), req.headers()))
+        .or_else(|| malformed_field_value(req.headers()));
     if let Some(why) = malformed {
         tracing::debug!(
             "HTTP/2 request from {} is malformed ({why}): stream reset (PROTOCOL_ERROR)",
@@ -401,6 +402,23 @@ fn malformed_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<&'static 
     }
 }
 
+/// RFC 9113 §8.2.1: a field value does not start or end with a space or
+/// tab.  h2 checks none; HTTP/1.1's parser trims them, so the same header
+/// would otherwise read differently to the app over the two protocols.
+fn malformed_field_value(headers: &HeaderMap) -> Option<&'static str> {
+    let padded = |v: &HeaderValue| {
+        let bytes = v.as_bytes();
+        [bytes.first(), bytes.last()]
+            .into_iter()
+            .flatten()
+            .any(|b| matches!(b, b' ' | b'\t'))
+    };
+    headers
+        .values()
+        .any(padded)
+        .then_some("a field value starts or ends with whitespace")
+}
+
 fn authority_as_host(parts: &mut Parts) {
     let Some(authority) = parts.uri.authority() else {
         return;
@@ -444,6 +462,26 @@ fn for_the_wire(mut headers: HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_value_padded_with_whitespace_is_malformed() {
+        let verdict = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.append("x-ok", HeaderValue::from_static("fine"));
+            headers.append("x-test", HeaderValue::from_str(value).unwrap());
+            malformed_field_value(&headers)
+        };
+        for ok in ["a", "a b", "a\tb", ""] {
+            assert_eq!(verdict(ok), None, "{ok:?}");
+        }
+        for bad in [" a", "a ", "\ta", "a\t", " "] {
+            assert_eq!(
+                verdict(bad),
+                Some("a field value starts or ends with whitespace"),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_host_the_app_sees_must_be_valid() {
