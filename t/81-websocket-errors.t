@@ -124,6 +124,15 @@ my \$app = async sub {
         await \$send->({ type => 'websocket.send', text => 'bye' });
         return;
     }
+    if (\$path eq '/undecided') {
+        # Waits on the client before deciding on the handshake: a client
+        # that ends its side meanwhile has left, and the receive says so.
+        rec("\$name.events", await \$receive->());
+        my \$ev = await Future->wait_any(\$receive->(),
+            Future::IO->sleep(5)->then(sub { Future->done({ type => 'still waiting' }) }));
+        rec("\$name.events", \$ev);
+        return;
+    }
     if (\$path eq '/die-open') {
         await \$receive->();
         await \$send->({ type => 'websocket.accept' });
@@ -226,6 +235,24 @@ subtest 'TCP drop without Close => 1006 client_closed' => sub {
     $ws->shutdown_write;
     is_deeply app_end($name), { type => 'websocket.disconnect', code => 1006, reason => 'client_closed' },
       'half-close: 1006 client_closed';
+};
+
+subtest 'a FIN while the app decides on the handshake => websocket.disconnect' => sub {
+    for my $how (qw(close shutdown)) {
+        my $name = "undecided-$how";
+        my $sock = connect_port($port);
+        $sock->syswrite( "GET /undecided?name=$name HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+              . "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+              . "Sec-WebSocket-Version: 13\r\n\r\n" );
+        my ($connect) = wait_records( "$name.events", 1, 5 );
+        is $connect->{type}, 'websocket.connect', "$how: the app has the handshake";
+        # A WebSocket client cannot half-close: either way it has left.
+        $how eq 'close' ? close $sock : shutdown( $sock, 1 );
+        my ( undef, $end ) = wait_records( "$name.events", 2, 8 );
+        is $end->{type}, 'websocket.disconnect', "$how: the waiting receive hears the client left"
+          or diag explain $end;
+        close $sock;
+    }
 };
 
 subtest 'messages before the Close are delivered first' => sub {

@@ -443,6 +443,8 @@ pub struct Gate<S> {
     /// The number of the last Upgrade request whose answer is not known yet:
     /// the bytes after it are held until then.
     upgrade_at: Option<u64>,
+    /// That request is a WebSocket handshake, whose client cannot half-close.
+    upgrade_is_websocket: bool,
     /// Body bytes and chunk-extension bytes of the chunked body being read.
     chunked_body: u64,
     chunk_extensions: u64,
@@ -470,6 +472,7 @@ impl<S> Gate<S> {
             half_closed: false,
             begun: 0,
             upgrade_at: None,
+            upgrade_is_websocket: false,
             chunked_body: 0,
             chunk_extensions: 0,
         }
@@ -585,8 +588,9 @@ impl<S> Gate<S> {
             Ok(httparse::Status::Complete(len)) => match check_head(&req, len, &self.limits) {
                 Ok((framing, upgrade)) => {
                     let heads = self.answers.head_handed();
-                    if upgrade {
+                    if upgrade != Upgrade::None {
                         self.upgrade_at = Some(heads);
+                        self.upgrade_is_websocket = upgrade == Upgrade::WebSocket;
                     }
                     self.chunked_body = 0;
                     self.chunk_extensions = 0;
@@ -900,14 +904,36 @@ impl Verdict {
     }
 }
 
+/// What a request's `Upgrade` header asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Upgrade {
+    None,
+    /// `websocket` among its tokens: an opening handshake.
+    WebSocket,
+    Other,
+}
+
+impl Upgrade {
+    fn of(value: &[u8]) -> Upgrade {
+        let websocket = value
+            .split(|b| *b == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"websocket"));
+        if websocket {
+            Upgrade::WebSocket
+        } else {
+            Upgrade::Other
+        }
+    }
+}
+
 /// The checks hyper does not make (or makes silently), in the reference
 /// server's order.  Ok gives the body framing that follows the head, and
-/// whether the request asks for an Upgrade.
+/// what the request asks to upgrade to.
 fn check_head(
     req: &httparse::Request<'_, '_>,
     head_len: usize,
     limits: &Limits,
-) -> Result<(Framing, bool), Verdict> {
+) -> Result<(Framing, Upgrade), Verdict> {
     let target_len = req.path.map(str::len).unwrap_or(0);
     if target_len > MAX_REQUEST_LINE {
         return Err(Verdict::Status(StatusCode::URI_TOO_LONG));
@@ -921,7 +947,7 @@ fn check_head(
     let mut content_length: Option<u64> = None;
     let mut cl_count = 0;
     let mut te: Option<Vec<u8>> = None;
-    let mut upgrade = false;
+    let mut upgrade = Upgrade::None;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case(REFUSAL_HEADER) {
@@ -948,8 +974,8 @@ fn check_head(
             }
             all.extend_from_slice(h.value);
             te = Some(all);
-        } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
+        } else if name.eq_ignore_ascii_case("upgrade") && upgrade != Upgrade::WebSocket {
+            upgrade = Upgrade::of(h.value);
         }
     }
     if req.method == Some("CONNECT") {
@@ -1078,6 +1104,17 @@ impl<S> Gate<S> {
     /// The client ended its side.  Decide whether hyper hears it now.
     fn on_peer_eof(&mut self) {
         self.peer_eof = true;
+        if self.upgrade_at.is_some() && self.upgrade_is_websocket {
+            // A WebSocket client cannot half-close: without its sending side
+            // it could send no frame, not even a close.  Its FIN while the
+            // app decides on the handshake is the client leaving, and the
+            // app must hear websocket.disconnect now, not at a write that
+            // may never come (an app awaiting $receive before accepting).
+            // Bytes it sent after the handshake will never be read.
+            self.raw.clear();
+            self.upgrade_at = None;
+            return;
+        }
         if self.upgrade_at.is_some() {
             // The bytes held after an Upgrade request are checked once its
             // answer is known, like any others (see poll_read).
@@ -1857,6 +1894,32 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
         g.answers.response_finished();
         g.scan();
         assert!(g.closed, "the second request is refused");
+    }
+
+    #[test]
+    fn a_websocket_client_that_ends_its_side_during_the_handshake_has_left() {
+        let mut g = Gate::new((), LIMITS, Arc::default(), Arc::default());
+        g.raw.extend_from_slice(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: h2c, WebSocket\r\nConnection: upgrade\r\n\r\n\
+\x81\x85abcd",
+        );
+        g.scan();
+        assert!(g.upgrade_at.is_some(), "the handshake's answer is awaited");
+        g.on_peer_eof();
+        assert!(!g.half_closed, "no half-close: hyper hears the end now");
+        assert!(g.raw.is_empty(), "the frame bytes held are dropped");
+        assert!(
+            !g.out.ends_with(b"abcd"),
+            "and never handed to hyper as HTTP"
+        );
+    }
+
+    #[test]
+    fn upgrade_names_websocket_among_its_tokens() {
+        assert_eq!(Upgrade::of(b"websocket"), Upgrade::WebSocket);
+        assert_eq!(Upgrade::of(b"h2c , WebSocket"), Upgrade::WebSocket);
+        assert_eq!(Upgrade::of(b"h2c"), Upgrade::Other);
+        assert_eq!(Upgrade::of(b"websocket2"), Upgrade::Other);
     }
 
     #[test]
