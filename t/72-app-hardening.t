@@ -18,7 +18,9 @@ use Time::HiRes qw(time sleep);
 #   go first, and a regular file's handle keeps its offset;
 # - a body chunk that arrived before the end is received before
 #   http.disconnect, even when the app learned of the end first;
-# - a response status outside 100-599 fails the $send.
+# - a response status outside 100-599 fails the $send;
+# - a body send waiting for the drain of a 204 or 304 (no body on the wire)
+#   settles, and so do sends still waiting when the app returns.
 
 my $dir = tempdir( CLEANUP => 1 );
 my $J   = JSON::PP->new->canonical;
@@ -202,6 +204,39 @@ $h{'/status'} = async sub {
     my $err = "$@";
     await $send->({ type => 'http.response.start', status => 200, headers => $text });
     await $send->({ type => 'http.response.body', body => "refused: $err" });
+};
+
+# A 204 or 304 has no body on the wire: a body send that waits for the drain
+# (its first body event, which releases the head, is far above the mark) is
+# released when hyper drops the body, not left pending for ever.
+$h{'/bodiless'} = async sub {
+    my ($send, $scope) = @_;
+    my ($status) = $scope->{query_string} =~ /(\d+)/;
+    await $send->({ type => 'http.response.start', status => $status, headers => [] });
+    my $f = $send->({ type => 'http.response.body', body => 'x' x $BIG, more => 1 });
+    rec("bodiless-$status", states => await settled($f));
+};
+# The app returns with its sends still waiting (for the drain, for the
+# flush): they settle as the network takes the bytes, though the app's
+# call is over.
+my %kept;
+$h{'/return-while-waiting'} = async sub {
+    my ($send) = @_;
+    await $send->({ type => 'http.response.start', status => 200, headers => $text });
+    my @f = (
+        $send->({ type => 'http.response.body', body => 'w' x $BIG, more => 0 }),
+        $send->({ type => 'http.fullflush' }),
+    );
+    $kept{waiting} = Future->wait_all(@f)->on_ready(sub {
+        rec('return-while-waiting', states => [ map { state_of($_) } @f ]);
+        delete $kept{waiting};
+    });
+    return;
+};
+$h{'/plain'} = async sub {
+    my ($send) = @_;
+    await $send->({ type => 'http.response.start', status => 200, headers => [['content-length', 3]] });
+    await $send->({ type => 'http.response.body', body => "ok\n" });
 };
 
 # ---- body chunks before http.disconnect ----------------------------------------
@@ -411,6 +446,26 @@ subtest 'a status outside 100-599 fails the $send' => sub {
     like get('/status?101')->{body}, qr/^refused: .*informational/, '1xx is not a final status';
     my $res = get('/status?599');
     is $res->{status}, 599, '599 is accepted';
+};
+
+subtest 'a body send held by the drain on a 204 or 304 settles' => sub {
+    for my $status ( 204, 304 ) {
+        # A request pipelined behind it is answered meanwhile: the
+        # connection has finished with the bodiless response.
+        my $raw = raw_request( $port,
+            "GET /bodiless?$status HTTP/1.1\r\nHost: x\r\n\r\nGET /plain HTTP/1.1\r\nHost: x\r\n\r\n",
+            until => qr/\r\n\r\nok\n\z/ );
+        like $raw, qr{^HTTP/1\.1 $status .*\r\n\r\nHTTP/1\.1 200 .*\r\n\r\nok\n\z}s,
+          "$status: no body bytes, then the pipelined answer";
+        is_deeply result("bodiless-$status")->{states}, ['done'], "$status: the waiting body send settles";
+    }
+};
+
+subtest 'sends still waiting when the app returns settle' => sub {
+    my $res = get('/return-while-waiting');
+    is length( $res->{body} // '' ), 1_000_000, 'the whole body arrives';
+    is_deeply result('return-while-waiting')->{states}, [ 'done', 'done' ],
+      'the body send and the flush settle after the app returned';
 };
 
 is $server->stop('TERM'), 0, 'server exits 0';

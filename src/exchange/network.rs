@@ -127,7 +127,20 @@ impl Exchange {
             st.network_done = true;
             st.queue.clear();
             st.buffered = 0;
+            // Emptied without a write: a send waiting for the drain (a 204
+            // or 304 whose first body event carried more than the mark)
+            // must hear of it, or it waits for ever; nothing else will
+            // wake it, since the network has finished with this exchange.
+            let drained = st
+                .marks
+                .on_written(0, self.config.low_water, self.wants_drain_news());
             self.deliver_if_done(st);
+            if let Some(news) = drained {
+                self.mailbox.push(ToPerl::Drained {
+                    id: self.id,
+                    settles_wait: news.settles_wait,
+                });
+            }
             return;
         }
         drop(st);
@@ -158,12 +171,40 @@ mod tests {
 
     use super::super::tests::{exchange, poll};
     use super::super::{BulkHint, SendOutcome};
+    use crate::interp::messages::ToPerl;
 
     fn with_hint() -> (Arc<super::Exchange>, Arc<BulkHint>) {
         let (mut ex, _rx) = exchange(false);
         let hint = Arc::new(BulkHint::default());
         Arc::get_mut(&mut ex).expect("fresh exchange").bulk_hint = Some(hint.clone());
         (ex, hint)
+    }
+
+    #[test]
+    fn a_send_waiting_on_a_bodiless_response_is_released_when_hyper_drops_the_body() {
+        for status in [204, 304] {
+            let (ex, _rx) = exchange(false);
+            ex.start(status, &[], false).unwrap();
+            // The first body event (which releases the head) carries twice
+            // the mark (10): the send waits for a drain.
+            let piece = Bytes::from(vec![b'a'; 5000]);
+            assert_eq!(ex.body_bytes(piece, true).unwrap(), SendOutcome::HighWater);
+            // hyper writes the head and drops the body it may not send.
+            ex.body_dropped("closed", "test");
+            let mut q = std::collections::VecDeque::new();
+            ex.mailbox.take_all(&mut q);
+            assert!(
+                q.iter().any(|m| matches!(
+                    m,
+                    ToPerl::Drained {
+                        settles_wait: true,
+                        ..
+                    }
+                )),
+                "{status}: the waiting send hears the buffer emptied"
+            );
+            assert_eq!(ex.buffered_amount(), 0);
+        }
     }
 
     #[test]

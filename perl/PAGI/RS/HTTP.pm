@@ -111,10 +111,21 @@ sub _app_ready {
 sub _app_done {
     my ( $self, $err ) = @_;
     return if $self->[APP_DONE]++;
-    # Keep listening only if someone registered for the request's end.
-    my $keep = $self->[CONNECTED] && PAGI::RS::Connection::_has_callbacks($self) ? 1 : 0;
+    # Keep listening only if someone registered for the request's end, or a
+    # send the app did not await still waits for the drain or the flush: the
+    # core's news settles it (Www 0.5: a pending send resolves), and without
+    # the registry that news would find no one.
+    my $keep = ( $self->[CONNECTED] && PAGI::RS::Connection::_has_callbacks($self) ) || _send_waiting($self) ? 1 : 0;
     _finished( $self, PAGI::RS::_finish( $self->[ID], $err, $keep ), $keep );
     return;
+}
+
+sub _send_waiting {
+    my ($self) = @_;
+    for my $f ( $self->[SEND_WAIT], $self->[DEFER_WAIT] ) {
+        return 1 if $f && !$f->is_ready;
+    }
+    return 0;
 }
 
 # The core's answer ($rc) to the end of the app, which asked it to $keep the
@@ -588,7 +599,15 @@ sub _on_send_done {
 sub _on_delivered {
     my ($self) = @_;
     $self->_notify if $self->_terminal(1);
-    $self->_forget if $self->[APP_DONE];
+    if ( $self->[APP_DONE] ) {
+        # Everything reached the network: a send still waiting is done.
+        $self->_send_waited;
+        if ( my $f = $self->[DEFER_WAIT] ) {
+            $self->[DEFER_WAIT] = undef;
+            $f->done unless $f->is_ready;
+        }
+        $self->_forget;
+    }
     return;
 }
 

@@ -127,8 +127,11 @@ static void app_done(pTHX_ interp_lookups *L, SV *self)
     AV *req = (AV *)SvRV(self);
     SV **idp = request_slot(aTHX_ req, SLOT_ID);
     int rc;
-    /* Any of these set means _has_callbacks has something to look at. */
+    /* Any of these set means _has_callbacks has something to look at; a
+     * send the app left waiting (for the drain or a flush) keeps the
+     * request registered until the core settles it (_send_waiting). */
     if (!idp || slot_true(aTHX_ req, SLOT_APP_DONE)
+        || slot_defined(aTHX_ req, SLOT_SEND_WAIT) || slot_defined(aTHX_ req, SLOT_DEFER_WAIT)
         || (slot_true(aTHX_ req, SLOT_CONNECTED)
             && (slot_defined(aTHX_ req, SLOT_ON_COMPLETE) || slot_defined(aTHX_ req, SLOT_ON_DISCONNECT)
                 || slot_defined(aTHX_ req, SLOT_ON_END) || slot_defined(aTHX_ req, SLOT_FUTURE)
