@@ -1,0 +1,42 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use PagiRS::Test;
+
+# The bounded app fuzzer (bench/bin/app-fuzz) against the real binary: an
+# app that acts out random programs of sound and broken events (HTTP, SSE,
+# WebSocket), sends left un-awaited or cancelled, receives, sleeps and
+# deaths.  After each case the wire must be well formed (no header or SSE
+# field injected, framing intact, the pipelined probe answered after the
+# app's response and nothing else), the server must be up and answer a
+# probe, and once the client has gone every app call and every Future it
+# was given must settle.  30 s here; by hand (or in a soak) give it longer.
+# A failure prints the seed and the case to replay.
+
+my $fuzz = "$FindBin::Bin/../bench/bin/app-fuzz";
+$ENV{PAGI_RS_BIN} = pagi_bin();
+
+my $self = `$^X $fuzz --self-check 2>&1`;
+is $? >> 8, 0, 'the wire checks give the known verdicts' or diag $self;
+like $self, qr/^ok - an injected header: malformed/m, 'an injected header is a violation';
+like $self, qr/^ok - an SSE injection: /m, 'so is an injected SSE field';
+
+my $out  = `$^X $fuzz --duration 30 2>&1`;
+my $exit = $? >> 8;
+is $exit, 0, 'no violation' or diag $out;
+like $out, qr/^app-fuzz: PASS$/m, 'the summary says PASS';
+my ($seed) = $out =~ /seed (\d+)/;
+ok defined $seed, 'the seed is printed' and note "seed $seed";
+my ($cases) = $out =~ /(\d+) cases in [\d.]+ s/;
+ok $cases && $cases >= 200, 'it ran a fair number of cases (' . ( $cases // 0 ) . ')';
+for my $kind (qw(http sse websocket)) {
+    like $out, qr/outcomes: .*\b$kind 200\b|outcomes: .*\b$kind 101\b/, "among them $kind responses";
+}
+like $out, qr/outcomes: .*\bhttp 500\b/, 'and apps that died before answering';
+my ( $calls, $settled, $unjudged ) = $out =~ /(\d+) app calls, (\d+) settled, (\d+) not judged/;
+ok defined $calls && $settled + $unjudged >= $calls, 'every judged app call settled'
+  or diag "calls $calls, settled $settled, not judged $unjudged";
+note $out;
+done_testing;
