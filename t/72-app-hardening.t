@@ -20,7 +20,8 @@ use Time::HiRes qw(time sleep);
 #   http.disconnect, even when the app learned of the end first;
 # - a response status outside 100-599 fails the $send;
 # - a body send waiting for the drain of a 204 or 304 (no body on the wire)
-#   settles, and so do sends still waiting when the app returns.
+#   settles, and so do sends still waiting when the app returns; such a
+#   response ends the scope with its head (a waiting receive hears it).
 
 my $dir = tempdir( CLEANUP => 1 );
 my $J   = JSON::PP->new->canonical;
@@ -232,6 +233,19 @@ $h{'/return-while-waiting'} = async sub {
         delete $kept{waiting};
     });
     return;
+};
+# The same response with the app waiting for the end, its body event not
+# yet the last: a 204, a 304 or a HEAD response is whole once its head is
+# out, and a receive waiting for the disconnect hears the end.
+$h{'/bodiless-waits'} = async sub {
+    my ($send, $scope, $receive) = @_;
+    my ($status) = $scope->{query_string} =~ /(\d+)/;
+    await $send->({ type => 'http.response.start', status => $status, headers => [] });
+    await $send->({ type => 'http.response.body', body => 'x', more => 1 });
+    my $first = await $receive->();
+    my $end = await Future->wait_any($receive->(),
+        Future::IO->sleep(5)->then(sub { Future->done({ type => 'still waiting' }) }));
+    rec("bodiless-waits-$scope->{method}-$status", events => [ $first->{type}, $end->{type} ]);
 };
 $h{'/plain'} = async sub {
     my ($send) = @_;
@@ -458,6 +472,16 @@ subtest 'a body send held by the drain on a 204 or 304 settles' => sub {
         like $raw, qr{^HTTP/1\.1 $status .*\r\n\r\nHTTP/1\.1 200 .*\r\n\r\nok\n\z}s,
           "$status: no body bytes, then the pipelined answer";
         is_deeply result("bodiless-$status")->{states}, ['done'], "$status: the waiting body send settles";
+    }
+};
+
+subtest 'a response with no body on the wire ends the scope with its head' => sub {
+    for my $case ( [ GET => 204 ], [ GET => 304 ], [ HEAD => 200 ] ) {
+        my ( $method, $status ) = @$case;
+        my $res = http_request( $port, $method, "/bodiless-waits?$status", timeout => 10 );
+        is $res->{status}, $status, "$method $status: answered";
+        is_deeply result("bodiless-waits-$method-$status")->{events}, [ 'http.request', 'http.disconnect' ],
+          "$method $status: the receive waiting for the end hears it";
     }
 };
 

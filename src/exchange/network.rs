@@ -124,6 +124,13 @@ impl Exchange {
             && st.phase != Phase::Aborted
             && (no_body_on_wire || length_satisfied || all_taken)
         {
+            // A response with no body on the wire is whole once its head is
+            // out, though the app may not have sent its last body event: it
+            // hears the end now (a receive waiting for the disconnect gets
+            // it), as it would after that event.  Nothing else would tell
+            // it, since the connection goes on without this exchange.
+            let whole_before_the_app =
+                no_body_on_wire && st.phase == Phase::Streaming && st.app_running;
             st.network_done = true;
             st.queue.clear();
             st.buffered = 0;
@@ -140,6 +147,9 @@ impl Exchange {
                     id: self.id,
                     settles_wait: news.settles_wait,
                 });
+            }
+            if whole_before_the_app {
+                self.mailbox.push(ToPerl::Complete { id: self.id });
             }
             return;
         }

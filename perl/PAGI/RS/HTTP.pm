@@ -598,6 +598,17 @@ sub _on_send_done {
 # The core says the response reached the network whole: a clean end.
 sub _on_delivered {
     my ($self) = @_;
+    if ( !$self->[COMPLETE] ) {
+        # Whole on the wire before the app's last event: a response with no
+        # body there (HEAD, 204, 304) ends with its head.  A receive parked
+        # for the disconnect learns of the end, as after that event.
+        $self->[COMPLETE] = 1;
+        my $wait = $self->[RECV_WAIT];
+        if ( $wait && !$wait->is_ready ) {
+            $self->[RECV_WAIT] = undef;
+            $wait->done( $self->_end_event );
+        }
+    }
     $self->_notify if $self->_terminal(1);
     if ( $self->[APP_DONE] ) {
         # Everything reached the network: a send still waiting is done.
