@@ -75,6 +75,17 @@ my \$app = async sub {
         rec('late.obs', \\%o);
         return;
     }
+    if (\$path eq '/waits-for-end') {
+        # A long poll: waits for the client to leave, writing nothing.
+        my \$name = \$scope->{query_string};
+        my \$t0 = time;
+        await \$receive->();
+        rec("\$name.started", 1);
+        my \$ev = await Future->wait_any(\$receive->(),
+            Future::IO->sleep(5)->then(sub { Future->done({ type => 'still waiting' }) }));
+        rec("\$name.end", { type => \$ev->{type}, reason => \$c->disconnect_reason, after => time - \$t0 });
+        return;
+    }
     if (\$path eq '/slow') {
         my (\$rf, \$cb_count) = (undef, 0);
         my \$df = \$c->disconnect_future;
@@ -215,6 +226,25 @@ my $port   = $server->port;
     my @cb = wait_json( 'late.cb', sub { 1 }, 1.5 );
     is join( ',', map { $_->{event} . ( $_->{reason} ? ":$_->{reason}" : '' ) } @cb ), 'complete',
       'late on_complete: on_complete registered after delivery fires (and on_disconnect does not)';
+}
+
+# ---------------------------------------------------------------------------
+# A client that pipelined a request behind a long poll and then reset the
+# connection: hyper holds that request and reads nothing while the poll is
+# in flight, yet the app hears the reset at once (http1/reset_watch.rs).  A
+# FIN there is a half-close, answered in turn (t/45-framing-hardening.t).
+{
+    my $sock = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 5 )
+      or die "connect: $!";
+    $sock->syswrite( "GET /waits-for-end?pipelined HTTP/1.1\r\nHost: 127.0.0.1:$port\r\n\r\n"
+          . "GET /ok HTTP/1.1\r\nHost: 127.0.0.1:$port\r\n\r\n" );
+    ok scalar wait_json('pipelined.started'), 'pipelined reset: the long poll started';
+    sleep 0.2;
+    abort_close($sock);
+    my ($end) = wait_json( 'pipelined.end', undef, 8 );
+    is $end ? $end->{type} : 'nothing', 'http.disconnect', 'pipelined reset: the waiting receive hears the end';
+    is $end ? $end->{reason} : undef, 'client_closed', 'pipelined reset: client_closed';
+    cmp_ok $end ? $end->{after} : 99, '<', 3, 'pipelined reset: at once, not at the receive\'s own 5 s timeout';
 }
 
 # ---------------------------------------------------------------------------

@@ -164,6 +164,12 @@ pub async fn serve<IO>(
                 _ = signals.drain.wait_for(|d| *d) => Interruption::Drain,
                 _ = signals.force.wait_for(|f| *f) => Interruption::Force,
                 _ = close.notified() => Interruption::Abort,
+                _ = async {
+                    match socket.fd {
+                        Some(fd) => super::reset_watch::client_reset(fd, &answers).await,
+                        None => std::future::pending().await,
+                    }
+                } => Interruption::Reset,
                 overdue = client_overdue(&answers, server.keepalive_timeout) => match overdue {
                     Overdue::Head => Interruption::HeadTimeout,
                     Overdue::Write => Interruption::WriteTimeout,
@@ -176,6 +182,10 @@ pub async fn serve<IO>(
             why = interruption => match why {
                 Interruption::Drain => None,
                 Interruption::Force | Interruption::Abort => return,
+                Interruption::Reset => {
+                    tracing::debug!("connection from {client}: reset by the client");
+                    return;
+                }
                 Interruption::HeadTimeout => {
                     tracing::debug!("connection from {client}: no request head within --timeout");
                     return;
@@ -238,6 +248,8 @@ enum Interruption {
     Force,
     /// An application called `pagi.connection->abort`.
     Abort,
+    /// The client reset the connection while hyper was not reading.
+    Reset,
     /// No request head within `--timeout`.
     HeadTimeout,
     /// The client took no byte of what is written to it within `--timeout`.

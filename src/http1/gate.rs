@@ -228,6 +228,11 @@ pub struct Answers {
     write_timed_out: AtomicU64,
     opened: Instant,
     waker: Mutex<Option<Waker>>,
+    /// A head was handed to hyper while an earlier request was unanswered
+    /// (pipelining): from then on hyper may hold a head and stop reading
+    /// while a request is in flight (`reset_watch`).
+    pipelined: tokio::sync::Notify,
+    pipelined_seen: AtomicBool,
 }
 
 impl Default for Answers {
@@ -243,6 +248,8 @@ impl Default for Answers {
             write_timed_out: AtomicU64::new(0),
             opened: Instant::now(),
             waker: Mutex::new(None),
+            pipelined: tokio::sync::Notify::new(),
+            pipelined_seen: AtomicBool::new(false),
         }
     }
 }
@@ -269,7 +276,19 @@ impl Answers {
     /// A complete head went to hyper: the connection no longer waits for
     /// one.  Returns the heads handed so far, this one included.
     pub(super) fn head_handed(&self) -> u64 {
-        self.heads.fetch_add(1, Ordering::AcqRel) + 1
+        let heads = self.heads.fetch_add(1, Ordering::AcqRel) + 1;
+        if heads > self.finished() + 1 && !self.pipelined_seen.swap(true, Ordering::AcqRel) {
+            // notify_one keeps the news for a watcher not yet waiting.
+            self.pipelined.notify_one();
+        }
+        heads
+    }
+
+    /// Resolves once a request was pipelined behind an unanswered one.
+    pub async fn pipelining_began(&self) {
+        if !self.pipelined_seen.load(Ordering::Acquire) {
+            self.pipelined.notified().await;
+        }
     }
 
     /// Whether the gate has handed hyper its refusal's stand-in head.
@@ -1911,6 +1930,24 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
         assert!(
             !g.out.ends_with(b"abcd"),
             "and never handed to hyper as HTTP"
+        );
+    }
+
+    #[test]
+    fn pipelining_is_a_head_handed_while_one_is_unanswered() {
+        let answers = Answers::default();
+        answers.head_handed();
+        answers.response_started(StatusCode::OK);
+        answers.response_finished();
+        answers.head_handed();
+        assert!(
+            !answers.pipelined_seen.load(Ordering::Acquire),
+            "one request after another is not pipelining"
+        );
+        answers.head_handed();
+        assert!(
+            answers.pipelined_seen.load(Ordering::Acquire),
+            "a second head while the first is unanswered"
         );
     }
 

@@ -7,9 +7,12 @@
 //!   HTTP/1.1 needs said about the connection.
 //! - [`segments`]: under the gate, writes whole TCP segments while a
 //!   response body streams in bulk.
+//! - [`reset_watch`]: notices a client that resets its connection while a
+//!   pipelined request keeps hyper from reading.
 //!
 //! `http2/` has the same shape for HTTP/2.
 
 pub mod connection;
 pub mod gate;
+pub mod reset_watch;
 pub mod segments;
