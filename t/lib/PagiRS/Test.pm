@@ -28,6 +28,8 @@ our @EXPORT = (
     qw(ask_json),
     # files the server or the app wrote, and the server's memory
     qw(slurp file_lines wait_file_line wait_file_lines json_records wait_json_record vmrss_kb),
+    # the fuzzers in bench/bin
+    qw(run_fuzzer),
 );
 
 # Servers under test run in `-E none` unless a test says otherwise: the
@@ -394,6 +396,24 @@ sub abort_close {
     my ($sock) = @_;
     setsockopt( $sock, SOL_SOCKET, SO_LINGER, pack( 'ii', 1, 0 ) ) or die "SO_LINGER: $!";
     close $sock;
+}
+
+# ---------------------------------------------------------------------------
+# The fuzzers in bench/bin
+# ---------------------------------------------------------------------------
+
+# Run the fuzzer at $path (named $name in its summary) with @args against
+# the binary under test: it must exit 0, say PASS and print its seed (the
+# test notes it, for a replay).  Returns its output.
+sub run_fuzzer {
+    my ( $name, $path, @args ) = @_;
+    local $ENV{PAGI_RS_BIN} = pagi_bin();
+    my $out = `$^X $path @args 2>&1`;
+    Test::More::is( $? >> 8, 0, "$name: no violation" ) or Test::More::diag($out);
+    Test::More::like( $out, qr/^\Q$name\E: PASS$/m, "$name: the summary says PASS" );
+    my ($seed) = $out =~ /seed (\d+)/;
+    Test::More::ok( defined $seed, "$name: the seed is printed" ) and Test::More::note("seed $seed");
+    return $out;
 }
 
 # ---------------------------------------------------------------------------
