@@ -612,11 +612,7 @@ sub _on_delivered {
     $self->_notify if $self->_terminal(1);
     if ( $self->[APP_DONE] ) {
         # Everything reached the network: a send still waiting is done.
-        $self->_send_waited;
-        if ( my $f = $self->[DEFER_WAIT] ) {
-            $self->[DEFER_WAIT] = undef;
-            $f->done unless $f->is_ready;
-        }
+        $self->_settle_sends;
         $self->_forget;
     }
     return;
@@ -648,6 +644,13 @@ sub _settle {
         $wait->done( $self->_end_event );
     }
     return if $clean;
+    $self->_settle_sends;
+    return;
+}
+
+# The sends waiting for the drain or the flush resolve (never fail).
+sub _settle_sends {
+    my ($self) = @_;
     $self->_send_waited;
     if ( my $f = $self->[DEFER_WAIT] ) {
         $self->[DEFER_WAIT] = undef;
