@@ -12,7 +12,7 @@ use File::Temp ();
 use POSIX qw(WNOHANG uname);
 use Time::HiRes qw(time sleep);
 
-our @EXPORT_OK = qw(start_server stop_servers run_wrk run_h2load rss_kb slurp
+our @EXPORT_OK = qw(start_server stop_servers run_wrk run_h2load rss_kb listening_port slurp
   make_cert median commify find_in_path first_line_of machine_info
   cpu_ticks steal_percent with_steal steal_limit clean_ratios alternate_rounds steal_text);
 
@@ -356,6 +356,26 @@ sub alternate_rounds {
         $clean++ if clean_ratios( [1], [ \@pair ] );
     }
     return ( \%runs, \@steals );
+}
+
+# The loopback TCP port a process listens on, from its sockets' inodes in
+# /proc (for a server started with -p 0 and a log level that hides its
+# startup line); undef while it listens on none.
+sub listening_port {
+    my ($pid) = @_;
+    my %inode;
+    opendir my $d, "/proc/$pid/fd" or return undef;
+    for ( readdir $d ) {
+        my $l = readlink "/proc/$pid/fd/$_" // next;
+        $inode{$1} = 1 if $l =~ /^socket:\[(\d+)\]/;
+    }
+    open my $t, '<', '/proc/net/tcp' or return undef;
+    while (<$t>) {
+        my @f = split;
+        next unless @f > 9 && $f[3] eq '0A' && $inode{ $f[9] };
+        return hex( ( split /:/, $f[1] )[1] );
+    }
+    return undef;
 }
 
 # Resident set size of a process in kB, from /proc.
