@@ -375,6 +375,12 @@ pub struct Options {
     #[arg(long, value_enum, value_name = "POLICY", default_value_t = crate::interp::Scheduling::Adaptive)]
     pub interpreter_scheduling: crate::interp::Scheduling,
 
+    /// Network threads in each process: they accept, read, parse, frame
+    /// and write for every connection.  Default: the CPUs the interpreters
+    /// leave over, at least one (see README, "Tuning for throughput").
+    #[arg(long, value_name = "N")]
+    pub network_threads: Option<usize>,
+
     /// Worker processes: 1 serves from this process; N > 1 starts a master
     /// that loads the app once and forks N workers (see README, "Workers").
     #[arg(short = 'w', long, value_name = "N", default_value_t = 1)]
@@ -626,6 +632,11 @@ impl Options {
                 MAX_HEADER_COUNT,
             ),
             ("--interpreters", self.interpreters, MAX_INTERPRETERS),
+            (
+                "--network-threads",
+                self.network_threads.unwrap_or(1),
+                MAX_NETWORK_THREADS,
+            ),
             ("--workers", self.workers, MAX_WORKERS),
             (
                 "--write-high-watermark",
@@ -666,6 +677,9 @@ impl Options {
         }
         if self.interpreters == 0 {
             return Err("--interpreters must be at least 1".into());
+        }
+        if self.network_threads == Some(0) {
+            return Err("--network-threads must be at least 1".into());
         }
         if self.max_requests_jitter > 0 && self.max_requests == 0 {
             return Err("--max-requests-jitter needs --max-requests".into());
@@ -766,6 +780,7 @@ pub const MAX_HEADER_SIZE: usize = 1 << 30;
 /// The request gate parses heads into this many header slots.
 pub const MAX_HEADER_COUNT: usize = 10_000;
 pub const MAX_INTERPRETERS: usize = 256;
+pub const MAX_NETWORK_THREADS: usize = 256;
 pub const MAX_WORKERS: usize = 1024;
 pub const MAX_WATERMARK: usize = 1 << 40;
 /// `--read-buffer-size` and `--write-buffer-size`: at most this big.
@@ -1186,6 +1201,7 @@ mod tests {
             "--max-header-size",
             "--max-header-count",
             "--interpreters",
+            "--network-threads",
             "--write-high-watermark",
             "--max-ws-frame-size",
             "--max-receive-queue",

@@ -295,18 +295,37 @@ pub fn reload_tls_on_hup(tls: Option<&Reloadable>, taken_up: &str) {
 
 fn build_runtime(opts: &Options) -> Result<tokio::runtime::Runtime, StartupError> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        // Interpreter threads need cores too: network threads that outnumber
-        // the cores left over only park and unpark waiting for them.
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        builder.worker_threads(cores.saturating_sub(opts.interpreters).max(1));
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let from_env = std::env::var_os("TOKIO_WORKER_THREADS").is_some();
+    if let Some(n) = network_threads(opts.network_threads, from_env, opts.interpreters, cpus) {
+        builder.worker_threads(n);
     }
     builder
         .enable_all()
         .build()
         .map_err(|e| StartupError::Process(format!("cannot start the runtime: {e}")))
+}
+
+/// The network threads of one process: `--network-threads` when given,
+/// else none set here when TOKIO_WORKER_THREADS is (tokio reads it), else
+/// the CPUs the interpreters leave over, at least one.  Interpreter threads
+/// need cores too: on a 2-core machine one network thread beside one
+/// interpreter served WebSocket echo a fifth faster than two, though two
+/// served hello world and request bodies faster (bench/README.md, session
+/// 39), so the choice is the operator's.
+fn network_threads(
+    asked: Option<usize>,
+    tokio_env_set: bool,
+    interpreters: usize,
+    cpus: usize,
+) -> Option<usize> {
+    match asked {
+        Some(n) => Some(n),
+        None if tokio_env_set => None,
+        None => Some(cpus.saturating_sub(interpreters).max(1)),
+    }
 }
 
 fn build_server(
@@ -381,5 +400,26 @@ fn build_server(
             limit,
             reached: tokio::sync::Notify::new(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::network_threads;
+
+    #[test]
+    fn network_threads_are_the_cpus_the_interpreters_leave_over() {
+        assert_eq!(network_threads(None, false, 1, 8), Some(7));
+        assert_eq!(network_threads(None, false, 2, 8), Some(6));
+        assert_eq!(network_threads(None, false, 1, 2), Some(1));
+        assert_eq!(network_threads(None, false, 4, 2), Some(1), "at least one");
+        assert_eq!(network_threads(None, false, 1, 1), Some(1));
+    }
+
+    #[test]
+    fn the_option_wins_and_tokio_env_is_left_to_tokio() {
+        assert_eq!(network_threads(Some(3), false, 1, 2), Some(3));
+        assert_eq!(network_threads(Some(3), true, 1, 2), Some(3));
+        assert_eq!(network_threads(None, true, 1, 8), None);
     }
 }

@@ -55,7 +55,7 @@ PERL
 subtest 'option values that cannot be represented are refused, never a panic' => sub {
     for my $flag (
         qw(--timeout --shutdown-timeout --lifespan-startup-timeout --request-timeout --ws-idle-timeout
-        --sse-idle-timeout --ws-close-timeout --max-header-size --max-header-count --interpreters
+        --sse-idle-timeout --ws-close-timeout --max-header-size --max-header-count --interpreters --network-threads
         --write-high-watermark --max-ws-frame-size --max-receive-queue)
       )
     {

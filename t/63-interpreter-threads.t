@@ -10,7 +10,8 @@ use PagiRS::Test;
 # though Perl renames a thread whenever $0 is assigned), and their policy
 # (--interpreter-scheduling: field 41, 0 SCHED_OTHER, 3 SCHED_BATCH; batch
 # always with `batch`, never with `normal`, and by default while requests
-# arrive together; the network's threads keep the default).
+# arrive together; the network's threads keep the default), and how many
+# network threads there are (--network-threads).
 
 plan skip_all => 'needs /proc' unless -d "/proc/$$/task";
 
@@ -115,6 +116,60 @@ for my $args ( [], [ '-w', 2 ] ) {
         is slurp("/proc/$_/comm"), "$comm\n", "process $_ is named $comm" for @family;
         $s->stop;
     };
+}
+
+# --network-threads: how many network threads each process runs.  The
+# default is the CPUs the interpreters leave over, at least one; tokio's
+# own TOKIO_WORKER_THREADS is honoured when the option is not given.
+sub network_thread_count {
+    my ($pid) = @_;
+    return scalar @{ policies($pid)->{'tokio-rt-worker'} // [] };
+}
+
+sub workers_of {
+    my ($pid) = @_;
+    return grep { ( ( split ' ', ( slurp("/proc/$_/stat") =~ /\)\s+(.*)/s )[0] )[1] // 0 ) == $pid }
+      map { m{/proc/(\d+)$} ? $1 : () } glob '/proc/[0-9]*';
+}
+
+chomp( my $cpus = `nproc 2>/dev/null` // '' );
+my $left_over = sub {
+    my ($interpreters) = @_;
+    return if $cpus !~ /^\d+$/;
+    return $cpus > $interpreters ? $cpus - $interpreters : 1;
+};
+for my $case (
+    [ [], {}, $left_over->(1), 'by default, the CPUs the interpreter leaves over' ],
+    [ [ '--interpreters', 4 ], {}, $left_over->(4), 'the CPUs four interpreters leave over, at least one' ],
+    [ [ '--network-threads', 3 ], {}, 3, 'as many as asked' ],
+    [ [ '--network-threads', 1 ], { TOKIO_WORKER_THREADS => 4 }, 1, 'the option wins over TOKIO_WORKER_THREADS' ],
+    [ [], { TOKIO_WORKER_THREADS => 4 }, 4, 'TOKIO_WORKER_THREADS without the option' ],
+  )
+{
+    my ( $args, $env, $want, $what ) = @$case;
+    subtest "network threads: $what" => sub {
+        plan skip_all => 'nproc is not available' unless defined $want;
+        local @ENV{ keys %$env } = values %$env;
+        my $s = start_server( @$args, $app );
+        is http_request( $s->port, 'GET', '/' )->{status}, 200, 'serves';
+        is network_thread_count( $s->pid ), $want, "$want network thread(s)";
+        $s->stop;
+    };
+}
+
+subtest 'network threads: each worker process runs as many as asked' => sub {
+    my $s = start_server( '-w', 2, '--network-threads', 2, $app );
+    is http_request( $s->port, 'GET', '/' )->{status}, 200, 'serves';
+    my @workers = workers_of( $s->pid );
+    is scalar @workers, 2, 'two workers';
+    is network_thread_count($_), 2, "worker $_ runs 2" for @workers;
+    $s->stop;
+};
+
+for my $bad ( 0, 257 ) {
+    my ( $code, $err ) = run_pagi( '--network-threads', $bad, $app );
+    is $code, 2, "--network-threads $bad is a usage error";
+    like $err, qr/--network-threads/, '...naming the option';
 }
 
 my ( $code, $err ) = run_pagi( '--interpreter-scheduling', 'fifo', $app );
