@@ -312,7 +312,7 @@ fn build_runtime(opts: &Options) -> Result<tokio::runtime::Runtime, StartupError
 /// else none set here when TOKIO_WORKER_THREADS is (tokio reads it), else
 /// the CPUs the interpreters leave over, at least one.  Interpreter threads
 /// need cores too: on a 2-core machine one network thread beside one
-/// interpreter served WebSocket echo a fifth faster than two, though two
+/// interpreter served WebSocket echo 5-24 % faster than two, though two
 /// served hello world and request bodies faster (bench/README.md, session
 /// 39), so the choice is the operator's.
 fn network_threads(
