@@ -377,7 +377,8 @@ pub struct Options {
 
     /// Network threads in each process: they accept, read, parse, frame
     /// and write for every connection.  Default: the CPUs the interpreters
-    /// leave over, at least one (see README, "Tuning for throughput").
+    /// leave over, shared among the workers, at least one (see README,
+    /// "Tuning for throughput").
     #[arg(long, value_name = "N")]
     pub network_threads: Option<usize>,
 

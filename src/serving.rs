@@ -299,7 +299,12 @@ fn build_runtime(opts: &Options) -> Result<tokio::runtime::Runtime, StartupError
         .map(|n| n.get())
         .unwrap_or(1);
     let from_env = std::env::var_os("TOKIO_WORKER_THREADS").is_some();
-    if let Some(n) = network_threads(opts.network_threads, from_env, opts.interpreters, cpus) {
+    let share = CpuShare {
+        cpus,
+        workers: opts.workers,
+        interpreters: opts.interpreters,
+    };
+    if let Some(n) = network_threads(opts.network_threads, from_env, share) {
         builder.worker_threads(n);
     }
     builder
@@ -308,23 +313,38 @@ fn build_runtime(opts: &Options) -> Result<tokio::runtime::Runtime, StartupError
         .map_err(|e| StartupError::Process(format!("cannot start the runtime: {e}")))
 }
 
+/// What one process may take of the machine: its share of the CPUs and
+/// the interpreter threads that use part of it.
+#[derive(Clone, Copy, Debug)]
+struct CpuShare {
+    cpus: usize,
+    /// Processes serving side by side (`-w`), each with its own threads.
+    workers: usize,
+    /// Interpreter threads in each process.
+    interpreters: usize,
+}
+
 /// The network threads of one process: `--network-threads` when given,
 /// else none set here when TOKIO_WORKER_THREADS is (tokio reads it), else
-/// the CPUs the interpreters leave over, at least one.  Interpreter threads
-/// need cores too: on a 2-core machine one network thread beside one
+/// the CPUs every process's interpreters leave over, shared among the
+/// worker processes (rounded up), at least one.  Interpreter threads need
+/// cores too: on a 2-core machine one network thread beside one
 /// interpreter served WebSocket echo 5-24 % faster than two, though two
 /// served hello world and request bodies faster (bench/README.md, session
-/// 39), so the choice is the operator's.
-fn network_threads(
-    asked: Option<usize>,
-    tokio_env_set: bool,
-    interpreters: usize,
-    cpus: usize,
-) -> Option<usize> {
+/// 39), so the choice is the operator's.  Shared, because each worker
+/// sized by the whole machine would put `-w N` on N cores at N x (N - 1)
+/// network threads: threads to wake and cores to cross, not work done.
+fn network_threads(asked: Option<usize>, tokio_env_set: bool, share: CpuShare) -> Option<usize> {
     match asked {
         Some(n) => Some(n),
         None if tokio_env_set => None,
-        None => Some(cpus.saturating_sub(interpreters).max(1)),
+        None => {
+            let workers = share.workers.max(1);
+            let left_over = share
+                .cpus
+                .saturating_sub(workers.saturating_mul(share.interpreters));
+            Some(left_over.div_ceil(workers).max(1))
+        }
     }
 }
 
@@ -405,21 +425,50 @@ fn build_server(
 
 #[cfg(test)]
 mod tests {
-    use super::network_threads;
+    use super::{network_threads, CpuShare};
+
+    fn default_for(cpus: usize, workers: usize, interpreters: usize) -> Option<usize> {
+        let share = CpuShare {
+            cpus,
+            workers,
+            interpreters,
+        };
+        network_threads(None, false, share)
+    }
 
     #[test]
     fn network_threads_are_the_cpus_the_interpreters_leave_over() {
-        assert_eq!(network_threads(None, false, 1, 8), Some(7));
-        assert_eq!(network_threads(None, false, 2, 8), Some(6));
-        assert_eq!(network_threads(None, false, 1, 2), Some(1));
-        assert_eq!(network_threads(None, false, 4, 2), Some(1), "at least one");
-        assert_eq!(network_threads(None, false, 1, 1), Some(1));
+        assert_eq!(default_for(8, 1, 1), Some(7));
+        assert_eq!(default_for(8, 1, 2), Some(6));
+        assert_eq!(default_for(2, 1, 1), Some(1));
+        assert_eq!(default_for(2, 1, 4), Some(1), "at least one");
+        assert_eq!(default_for(1, 1, 1), Some(1));
+    }
+
+    #[test]
+    fn workers_share_the_cpus_left_over() {
+        assert_eq!(default_for(8, 8, 1), Some(1), "one core a worker");
+        assert_eq!(default_for(8, 2, 1), Some(3), "(8 - 2) / 2");
+        assert_eq!(default_for(8, 3, 1), Some(2), "5 / 3 rounded up");
+        assert_eq!(default_for(16, 4, 2), Some(2), "(16 - 8) / 4");
+        assert_eq!(default_for(2, 2, 1), Some(1), "at least one");
+        assert_eq!(default_for(4, 16, 1), Some(1), "more workers than cores");
+        assert_eq!(
+            default_for(8, 0, 1),
+            Some(7),
+            "0 workers counts as one process"
+        );
     }
 
     #[test]
     fn the_option_wins_and_tokio_env_is_left_to_tokio() {
-        assert_eq!(network_threads(Some(3), false, 1, 2), Some(3));
-        assert_eq!(network_threads(Some(3), true, 1, 2), Some(3));
-        assert_eq!(network_threads(None, true, 1, 8), None);
+        let share = CpuShare {
+            cpus: 2,
+            workers: 2,
+            interpreters: 1,
+        };
+        assert_eq!(network_threads(Some(3), false, share), Some(3));
+        assert_eq!(network_threads(Some(3), true, share), Some(3));
+        assert_eq!(network_threads(None, true, share), None);
     }
 }
