@@ -83,11 +83,15 @@ pub fn accepts_event_stream(headers: &http::HeaderMap) -> bool {
 pub struct RequestScope {
     pub kind: ScopeKind,
     pub http_version: &'static str,
-    pub method: String,
+    /// A standard method costs no allocation (most requests' is one).
+    pub method: http::Method,
     pub scheme: &'static str,
-    /// Percent-decoded path bytes.
-    pub path: Vec<u8>,
-    /// True when `path` is valid UTF-8, so Perl marks it as text.
+    /// The percent-decoded path when it differs from `raw_path` (it has a
+    /// `%`); see [`RequestScope::path`].  Most paths have none, and the
+    /// copy was an allocation on the network thread and a cross-thread
+    /// free on the interpreter's for every request.
+    decoded_path: Option<Vec<u8>>,
+    /// True when the path is valid UTF-8, so Perl marks it as text.
     pub path_is_utf8: bool,
     pub raw_path: Bytes,
     pub query_string: Bytes,
@@ -131,8 +135,9 @@ impl RequestScope {
     ) -> RequestScope {
         let raw_path = Bytes::copy_from_slice(parts.uri.path().as_bytes());
         let query_string = Bytes::copy_from_slice(parts.uri.query().unwrap_or("").as_bytes());
-        let path = percent_decode(&raw_path);
-        let path_is_utf8 = std::str::from_utf8(&path).is_ok();
+        let decoded_path = raw_path.contains(&b'%').then(|| percent_decode(&raw_path));
+        let path_is_utf8 =
+            std::str::from_utf8(decoded_path.as_deref().unwrap_or(&raw_path)).is_ok();
         let headers_in_wire_order = parts
             .extensions
             .remove::<WireOrder>()
@@ -140,14 +145,14 @@ impl RequestScope {
         RequestScope {
             kind,
             http_version: http_version_str(parts.version),
-            method: parts.method.as_str().to_string(),
+            method: parts.method.clone(),
             scheme: match (kind == ScopeKind::WebSocket, conn.tls.is_some()) {
                 (false, false) => "http",
                 (false, true) => "https",
                 (true, false) => "ws",
                 (true, true) => "wss",
             },
-            path,
+            decoded_path,
             path_is_utf8,
             raw_path,
             query_string,
@@ -162,6 +167,13 @@ impl RequestScope {
             body,
             tls: conn.tls.clone(),
         }
+    }
+}
+
+impl RequestScope {
+    /// The scope's `path`: percent-decoded bytes.
+    pub fn path(&self) -> &[u8] {
+        self.decoded_path.as_deref().unwrap_or(&self.raw_path)
     }
 }
 
@@ -422,9 +434,38 @@ mod tests {
         let conn = crate::service::ConnInfo::new(addr, addr);
         let s = RequestScope::from_parts(&mut parts, &conn, "", BodyState::Empty, ScopeKind::Http);
         assert_eq!(&s.raw_path[..], b"/a%2Fb");
-        assert_eq!(s.path, b"/a/b");
+        assert_eq!(s.path(), b"/a/b");
         assert_eq!(&s.query_string[..], b"x=1&y=%20");
         assert_eq!(s.http_version, "1.1");
+    }
+
+    #[test]
+    fn a_path_without_escapes_is_its_raw_path_uncopied() {
+        let s = scope_of(http::Request::get("/plain/path").body(()).unwrap());
+        assert!(s.decoded_path.is_none());
+        assert_eq!(s.path(), b"/plain/path");
+        assert!(s.path_is_utf8);
+        assert_eq!(s.method, http::Method::GET);
+    }
+
+    #[test]
+    fn an_escape_that_is_not_utf8_is_decoded_and_marked_as_bytes() {
+        let s = scope_of(http::Request::get("/caf%C3%A9/%FF").body(()).unwrap());
+        assert_eq!(s.path(), b"/caf\xC3\xA9/\xFF");
+        assert!(!s.path_is_utf8);
+        let s = scope_of(http::Request::get("/caf%C3%A9").body(()).unwrap());
+        assert_eq!(s.path(), "/café".as_bytes());
+        assert!(s.path_is_utf8);
+    }
+
+    #[test]
+    fn an_extension_method_keeps_its_name() {
+        let req = http::Request::builder()
+            .method("PURGE")
+            .uri("/")
+            .body(())
+            .unwrap();
+        assert_eq!(scope_of(req).method.as_str(), "PURGE");
     }
 }
 

@@ -295,10 +295,22 @@ pub(crate) fn open_exchange<'s>(
         .mailbox
         .in_flight
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    // Only the access log reads the target back; without one, the clones
+    // were a shared-buffer promotion (an allocation) and reference counts
+    // that both threads touch, for every request.
+    let logged = server.exchange_config.access_log.is_some();
     let facts = RequestFacts {
         method: scope.method.clone(),
-        raw_path: scope.raw_path.clone(),
-        query: scope.query_string.clone(),
+        raw_path: if logged {
+            scope.raw_path.clone()
+        } else {
+            Bytes::new()
+        },
+        query: if logged {
+            scope.query_string.clone()
+        } else {
+            Bytes::new()
+        },
         http_version: scope.http_version,
         // The client the app sees: a trusted proxy's word for it.
         client: scope.client,

@@ -10,7 +10,7 @@ use crate::access_log::Record;
 
 /// Facts kept for the access log line.
 pub struct RequestFacts {
-    pub method: String,
+    pub method: http::Method,
     pub raw_path: Bytes,
     pub query: Bytes,
     pub http_version: &'static str,
@@ -46,7 +46,7 @@ impl Exchange {
         let f = &self.facts;
         log.write(&Record {
             client: Some(f.client),
-            method: &f.method,
+            method: f.method.as_str(),
             raw_path: &f.raw_path,
             query: &f.query,
             http_version: f.http_version,

@@ -468,7 +468,7 @@ pub(crate) mod tests {
             spec,
         });
         let facts = RequestFacts {
-            method: "GET".into(),
+            method: http::Method::GET,
             raw_path: Bytes::from_static(b"/"),
             query: Bytes::new(),
             http_version: "1.1",

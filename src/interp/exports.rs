@@ -282,9 +282,9 @@ pub extern "C" fn pagi_rs_next_message(out: *mut PagiMsg) -> c_int {
                 ];
                 let strs: [Option<&[u8]>; 9] = [
                     Some(scope.http_version.as_bytes()),
-                    Some(scope.method.as_bytes()),
+                    Some(scope.method.as_str().as_bytes()),
                     Some(scope.scheme.as_bytes()),
-                    Some(&scope.path),
+                    Some(scope.path()),
                     Some(&scope.raw_path),
                     Some(&scope.query_string),
                     Some(scope.root_path.as_bytes()),
