@@ -168,9 +168,7 @@ impl RequestScope {
             tls: conn.tls.clone(),
         }
     }
-}
 
-impl RequestScope {
     /// The scope's `path`: percent-decoded bytes.
     pub fn path(&self) -> &[u8] {
         self.decoded_path.as_deref().unwrap_or(&self.raw_path)
