@@ -299,18 +299,11 @@ pub(crate) fn open_exchange<'s>(
     // were a shared-buffer promotion (an allocation) and reference counts
     // that both threads touch, for every request.
     let logged = server.exchange_config.access_log.is_some();
+    let for_log = |target: &Bytes| if logged { target.clone() } else { Bytes::new() };
     let facts = RequestFacts {
         method: scope.method.clone(),
-        raw_path: if logged {
-            scope.raw_path.clone()
-        } else {
-            Bytes::new()
-        },
-        query: if logged {
-            scope.query_string.clone()
-        } else {
-            Bytes::new()
-        },
+        raw_path: for_log(&scope.raw_path),
+        query: for_log(&scope.query_string),
         http_version: scope.http_version,
         // The client the app sees: a trusted proxy's word for it.
         client: scope.client,
