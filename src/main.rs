@@ -20,6 +20,7 @@ mod access_log;
 mod allocator;
 mod body;
 mod cli;
+mod cpu_affinity;
 mod dormant;
 mod error;
 mod exchange;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::access_log;
 use crate::cli::{EnvMode, Options};
+use crate::cpu_affinity::{self, Binding};
 use crate::error::StartupError;
 use crate::exchange::ExchangeConfig;
 use crate::interp::{LoadSpec, Loaded, Pool};
@@ -66,6 +67,7 @@ pub fn serve(
     role: Role,
 ) -> Result<(), StartupError> {
     let opts = &prepared.opts;
+    bind_cpus(opts.cpu_affinity, &role);
     let runtime = build_runtime(opts)?;
     let forked = matches!(role, Role::Worker { .. });
     let pool = Pool::start(
@@ -289,6 +291,31 @@ pub fn reload_tls_on_hup(tls: Option<&Reloadable>, taken_up: &str) {
         Err(e) => tracing::error!(
             "Received HUP: TLS certificate not reloaded, the one in force stays ({}): {e}",
             tls.current().certificate()
+        ),
+    }
+}
+
+/// `--cpu-affinity`: done before the runtime's and the interpreters'
+/// threads start, so that they inherit it.  A process that cannot be bound
+/// serves unbound: the option is a speed-up, not a requirement.
+fn bind_cpus(per_process: usize, role: &Role) {
+    if per_process == 0 {
+        return;
+    }
+    let slot = match role {
+        Role::Single => 0,
+        Role::Worker { number, .. } => number.saturating_sub(1),
+    };
+    match cpu_affinity::bind_this_process(per_process, slot) {
+        Ok(Binding::Bound(cpus)) => tracing::info!(
+            "threads kept on CPU {} (--cpu-affinity {per_process})",
+            cpu_affinity::cpu_list(&cpus)
+        ),
+        Ok(Binding::AllAllowed { allowed }) => tracing::warn!(
+            "--cpu-affinity {per_process}: the server may use only {allowed} CPU(s), so this process's threads stay on all of them"
+        ),
+        Err(e) => tracing::warn!(
+            "--cpu-affinity {per_process}: cannot bind this process's threads to CPUs ({e}); they run wherever the kernel puts them"
         ),
     }
 }
