@@ -384,9 +384,10 @@ pub struct Options {
 
     /// Keep each serving process's threads (the whole server's, or each
     /// worker's) on N CPUs of its own, worker k on the k-th N of the CPUs
-    /// the server may use (0: off).  Faster where the host's CPUs are all
-    /// busy; a process then uses N CPUs at most (see README, "Tuning for
-    /// throughput").
+    /// the server may use (0: off).  Can be faster on a host busy with
+    /// other work; a process then uses N CPUs at most, which is slower
+    /// where its network thread needs a CPU of its own (see README,
+    /// "Tuning for throughput").
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub cpu_affinity: usize,
 

@@ -5,8 +5,10 @@
 //! On a host whose CPUs are all busy (the load generator or other
 //! services beside the server) the two threads on one CPU share its caches
 //! and hand over without waking another CPU: hello world served 13 % more
-//! on the 2-core test machine (bench/README.md, session 41).  The price is
-//! that a process uses N CPUs at most, so it is off unless asked for.
+//! on the 2-core test machine at 10 and 50 connections (bench/README.md,
+//! session 41).  The price is that a process uses N CPUs at most: at 256
+//! connections, where the network thread has work for a CPU of its own,
+//! one bound process served 15 % less.  So it is off unless asked for.
 //!
 //! Worker k (numbered from 1) takes the N CPUs after the (k - 1) × N
 //! first of the process's allowed set, wrapping around; the allowed set is
