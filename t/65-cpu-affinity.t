@@ -43,15 +43,7 @@ my @allowed = expand( allowed_list("/proc/$$/status") // '' );
 my $all     = allowed_list("/proc/$$/status");
 plan skip_all => 'needs at least two CPUs' if @allowed < 2;
 
-my $app = write_app( <<'PERL', 'affinity_app.pl' );
-use strict; use warnings; use Future::AsyncAwait;
-async sub {
-    my ($scope, $receive, $send) = @_;
-    return if $scope->{type} eq 'lifespan';
-    await $send->({ type => 'http.response.start', status => 200, headers => [] });
-    await $send->({ type => 'http.response.body', body => 'ok' });
-};
-PERL
+my $app = "$FindBin::Bin/../examples/hello/app.pl";
 
 subtest 'off by default: the threads may run on every allowed CPU' => sub {
     my $s = start_server($app);
