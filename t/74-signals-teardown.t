@@ -30,6 +30,13 @@ $h{'/arm'} = async sub {
     $me;
 };
 $h{'/'} = async sub { "$me count=$count" };
+# Arms the handler, then ends a loop turn of its own a moment later (a
+# timer) that no message from the core follows.
+$h{'/arm-then-tick'} = async sub {
+    $SIG{USR1} = sub { $count++; spit('usr1', "$count $me") };
+    Future::IO->sleep(0.2)->on_done(sub { spit('ticked', $me) })->retain;
+    $me;
+};
 # A handler that first says DEFAULT and becomes a sub after a send: the
 # second interpreter must still take the signal for it.
 $h{'/arm-later'} = async sub {
@@ -89,6 +96,52 @@ subtest 'a handler set after DEFAULT on the second interpreter takes the signal'
     my ( $s, $armed, $hold ) = arm_second_interpreter('/arm-later') or return;    # WINCH is ignored by default: without the handler it would pass unseen.
     kill 'WINCH', $s->pid;
     is wait_file_line( "$dir/winch", qr/\w/, 5 ), $armed, 'the handler ran';
+    ok $s->is_running, 'the server survived';
+    is $s->stop('TERM'), 0, 'and exits 0';
+};
+
+subtest 'a signal that comes as the loop is about to sleep still runs the handler' => sub {
+    # Perl only marks a signal pending, for the app's loop to act on at its
+    # next op; one that lands after the loop's last look and before it
+    # blocks in poll(2) gets no EINTR.  A poll(2) made to start late
+    # (LD_PRELOAD) holds that moment open for 600 ms after each loop turn;
+    # the signal is sent inside it, after a turn no message follows (a
+    # timer's), so that only the server's own wake-up can end the sleep.
+    my $cc = ( grep { -x "$_/cc" } split /:/, $ENV{PATH} ) ? 'cc' : undef;
+    plan skip_all => 'no C compiler' unless $cc;
+    my $src = "$dir/slowpoll.c";
+    open my $fh, '>', $src or die "$src: $!";
+    print $fh <<'C';
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <poll.h>
+#include <time.h>
+int poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+    static int (*real)(struct pollfd *, nfds_t, int);
+    struct timespec left = {0, 600 * 1000 * 1000};
+    int saved = errno;
+    if (!real)
+        real = (int (*)(struct pollfd *, nfds_t, int))dlsym(RTLD_NEXT, "poll");
+    if (timeout != 0)
+        while (nanosleep(&left, &left) != 0 && errno == EINTR)
+            ;
+    errno = saved;
+    return real(fds, n, timeout);
+}
+C
+    close $fh;
+    system( $cc, '-shared', '-fPIC', '-o', "$dir/slowpoll.so", $src, '-ldl' ) == 0 or die "cc: $?";
+    unlink "$dir/usr1", "$dir/ticked";
+    my $s = do {
+        local $ENV{LD_PRELOAD} = "$dir/slowpoll.so";
+        start_server( '--no-access-log', $app );
+    };
+    my $armed = http_request( $s->port, 'GET', '/arm-then-tick' )->{body};
+    ok wait_file_line( "$dir/ticked", qr/\w/, 10 ), 'the timer ended a loop turn';
+    kill 'USR1', $s->pid;
+    is wait_file_line( "$dir/usr1", qr/^1 /, 5 ), "1 $armed", 'the handler ran';
     ok $s->is_running, 'the server survived';
     is $s->stop('TERM'), 0, 'and exits 0';
 };

@@ -97,7 +97,7 @@ extern "C" {
     pub fn pagi_interp_free(interp: *mut PerlInterpreter);
     pub fn pagi_install_exit_guard();
     pub fn pagi_install_signal_forwarding();
-    pub fn pagi_add_signal_target(interp: *mut PerlInterpreter);
+    pub fn pagi_add_signal_target(interp: *mut PerlInterpreter, wake_fd: c_int);
     pub fn pagi_close_in_forked_children(fd: c_int) -> c_int;
     pub fn pagi_mark_server_process();
     pub fn pagi_interp_adopt(interp: *mut PerlInterpreter, forked: c_int);
@@ -107,6 +107,8 @@ extern "C" {
     pub fn pagi_is_perl_signal_handler(handler: *mut std::ffi::c_void) -> c_int;
     #[cfg(test)]
     pub fn pagi_signal_target_for(sig: c_int) -> c_int;
+    #[cfg(test)]
+    pub fn pagi_take_signal_here(sig: c_int);
     #[cfg(test)]
     pub fn pagi_current_context() -> *mut PerlInterpreter;
     pub fn pagi_call(

@@ -246,8 +246,9 @@ impl Interp {
 fn serve_loop(loaded: Loaded, control: mpsc::Sender<Control>, runtime: tokio::runtime::Handle) {
     let interp = Interp(loaded.raw);
     // SAFETY: called on the interpreter's own thread, which it stays on
-    // until pagi_interp_free (which removes it again).
-    unsafe { ffi::pagi_add_signal_target(interp.0) };
+    // until pagi_interp_free (which removes it again, before Perl closes the
+    // loop's wake-up fd).
+    unsafe { ffi::pagi_add_signal_target(interp.0, loaded.perl_wake_fd) };
     exports::install(loaded.mailbox.clone(), control.clone(), runtime);
     if let Err(e) = interp.call("PAGI::RS::Bridge::run", &[]) {
         tracing::error!("interpreter loop ended with an error: {}", e.trim_end());
@@ -371,7 +372,7 @@ mod tests {
                 assert!(!raw.is_null());
                 let interp = Interp(raw);
                 // SAFETY: on the interpreter's own thread.
-                unsafe { ffi::pagi_add_signal_target(raw) };
+                unsafe { ffi::pagi_add_signal_target(raw, -1) };
                 // SAFETY: the test only queries the choice; nothing is sent.
                 let before = unsafe { ffi::pagi_signal_target_for(libc::SIGUSR2) };
                 assert_eq!(before, -1, "no handler yet: nobody to send it to");
@@ -390,6 +391,61 @@ mod tests {
                     unsafe { ffi::pagi_current_context() }.is_null(),
                     "the context is cleared"
                 );
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// A signal taken by an interpreter's thread also makes its loop's
+    /// wake-up fd readable: Perl only marks the signal pending, and a loop
+    /// that was about to block in poll(2) must not sleep on with it.
+    #[test]
+    fn a_signal_for_this_interpreter_wakes_its_loop() {
+        perl_once();
+        std::thread::Builder::new()
+            .stack_size(STACK_SIZE)
+            .spawn(|| {
+                let argv: &'static mut [*mut c_char; 4] = Box::leak(Box::new([
+                    CString::new("pagi-rs-test").unwrap().into_raw(),
+                    CString::new("-e").unwrap().into_raw(),
+                    CString::new("0").unwrap().into_raw(),
+                    std::ptr::null_mut(),
+                ]));
+                let mailbox = Mailbox::new().unwrap();
+                let wake_fd = mailbox.dup_wake_fd().unwrap();
+                let _guard = CONSTRUCTION.lock().unwrap_or_else(|p| p.into_inner());
+                // SAFETY: as in `run`: argv outlives the interpreter, which
+                // stays on this thread until freed below.
+                let raw = unsafe { ffi::pagi_interp_new(3, argv.as_mut_ptr()) };
+                assert!(!raw.is_null());
+                let interp = Interp(raw);
+                // SAFETY: on the interpreter's own thread; wake_fd is open
+                // until after the interpreter is freed.
+                unsafe { ffi::pagi_add_signal_target(raw, wake_fd) };
+                interp
+                    .eval("$main::winches = 0; $SIG{WINCH} = sub { $main::winches++ }; 1")
+                    .unwrap();
+                let mut counter: u64 = 0;
+                // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+                let read = |counter: &mut u64| unsafe {
+                    libc::read(wake_fd, (counter as *mut u64).cast(), 8)
+                };
+                assert_eq!(read(&mut counter), -1, "nothing woke the loop yet");
+                // SAFETY: runs the process's handler on this thread, whose
+                // interpreter has a handler for the signal.
+                unsafe { ffi::pagi_take_signal_here(libc::SIGWINCH) };
+                assert_eq!(read(&mut counter), 8, "the signal woke the loop");
+                assert_eq!(counter, 1);
+                assert_eq!(
+                    interp.eval("$main::winches").unwrap(),
+                    "1",
+                    "and the app's handler ran at the next op"
+                );
+                // SAFETY: the interpreter is current on this thread and unused after.
+                unsafe { ffi::pagi_interp_free(raw) };
+                // SAFETY: wake_fd is ours and no longer registered.
+                unsafe { libc::close(wake_fd) };
             })
             .unwrap()
             .join()

@@ -34,6 +34,7 @@ typedef struct {
     atomic_int live; /* 1 while it may receive signals */
     pid_t tid;
     PerlInterpreter *perl;
+    int wake_fd; /* the eventfd its loop watches, or -1 */
 } signal_target;
 
 static signal_target signal_targets[MAX_SIGNAL_TARGETS];
@@ -66,12 +67,13 @@ static int handler_rank(PerlInterpreter *my_perl, int sig)
 
 /* The target for `sig` received on a thread running `here` (NULL: none).
  * Returns 0 to deliver here, a thread id to forward to, or -1 for nobody
- * (no live interpreter has a handler: the signal is dropped). */
-static pid_t choose_signal_target(int sig, PerlInterpreter *here)
+ * (no live interpreter has a handler: the signal is dropped).  The caller
+ * holds signal_handlers_reading.  *here_wake_fd is `here`'s wake-up fd. */
+static pid_t choose_signal_target(int sig, PerlInterpreter *here, int *here_wake_fd)
 {
     int i, n, best_rank = 0, here_rank = -1;
     pid_t best = -1;
-    atomic_fetch_add(&signal_handlers_reading, 1);
+    *here_wake_fd = -1;
     n = atomic_load(&signal_target_count);
     if (n > MAX_SIGNAL_TARGETS)
         n = MAX_SIGNAL_TARGETS;
@@ -81,17 +83,41 @@ static pid_t choose_signal_target(int sig, PerlInterpreter *here)
         if (!atomic_load(&t->live))
             continue;
         rank = handler_rank(t->perl, sig);
-        if (t->perl == here)
+        if (t->perl == here) {
             here_rank = rank;
+            *here_wake_fd = t->wake_fd;
+        }
         if (rank > best_rank) {
             best_rank = rank;
             best = t->tid;
         }
     }
-    atomic_fetch_sub(&signal_handlers_reading, 1);
     if (here_rank > 0 && here_rank >= best_rank)
         return 0;
     return best;
+}
+
+/* Where `sig`, received on this thread, goes (as choose_signal_target).
+ * When it is to be delivered here, the interpreter's loop is woken too.
+ * Perl only marks the signal pending; the app's handler runs at the next
+ * op, and an interpreter that was about to enter poll(2) when the signal
+ * came (past its last check, not yet in the system call, so there is no
+ * EINTR) would sleep on with it pending until something else woke it.  A
+ * readable eventfd makes that poll return at once.  The write is made
+ * while the table is being read, so that the fd cannot be closed under it
+ * (signal_target_remove waits for readers). */
+static pid_t take_signal(int sig, PerlInterpreter *here)
+{
+    pid_t target;
+    int wake_fd;
+    atomic_fetch_add(&signal_handlers_reading, 1);
+    target = choose_signal_target(sig, here, &wake_fd);
+    if (target == 0 && wake_fd >= 0) {
+        uint64_t one = 1;
+        (void)write(wake_fd, &one, sizeof one);
+    }
+    atomic_fetch_sub(&signal_handlers_reading, 1);
+    return target;
 }
 
 static void forward_signal(pid_t tid, int sig)
@@ -140,7 +166,7 @@ static Signal_t pagi_csighandler3(int sig, Siginfo_t *info, void *uap)
     int saved_errno = errno;
     pid_t target;
     notify_server(sig);
-    target = choose_signal_target(sig, (PerlInterpreter *)PERL_GET_THX);
+    target = take_signal(sig, (PerlInterpreter *)PERL_GET_THX);
     errno = saved_errno;
     if (target == 0)
         Perl_csighandler3(sig, info, uap);
@@ -154,7 +180,7 @@ static Signal_t pagi_csighandler1(int sig)
     int saved_errno = errno;
     pid_t target;
     notify_server(sig);
-    target = choose_signal_target(sig, (PerlInterpreter *)PERL_GET_THX);
+    target = take_signal(sig, (PerlInterpreter *)PERL_GET_THX);
     errno = saved_errno;
     if (target == 0)
         Perl_csighandler1(sig);
@@ -172,14 +198,16 @@ void pagi_install_signal_forwarding(void)
 }
 
 /* Called on an interpreter's own thread once it is built: signals for
- * which its app sets a handler may now be delivered to it. */
-void pagi_add_signal_target(PerlInterpreter *my_perl)
+ * which its app sets a handler may now be delivered to it, and wake its
+ * loop through `wake_fd` (-1: none). */
+void pagi_add_signal_target(PerlInterpreter *my_perl, int wake_fd)
 {
     int i = atomic_fetch_add(&signal_target_count, 1);
     if (i >= MAX_SIGNAL_TARGETS)
         return; /* signals then reach only the first MAX_SIGNAL_TARGETS */
     signal_targets[i].tid = (pid_t)syscall(SYS_gettid);
     signal_targets[i].perl = my_perl;
+    signal_targets[i].wake_fd = wake_fd;
     atomic_store(&signal_targets[i].live, 1);
 }
 
@@ -254,7 +282,18 @@ void adopt_signal_handlers(pTHX)
  * would go (a thread id, or -1), and this thread's interpreter context. */
 int pagi_signal_target_for(int sig)
 {
-    return (int)choose_signal_target(sig, NULL);
+    int wake_fd, target;
+    atomic_fetch_add(&signal_handlers_reading, 1);
+    target = (int)choose_signal_target(sig, NULL, &wake_fd);
+    atomic_fetch_sub(&signal_handlers_reading, 1);
+    return target;
+}
+
+/* For tests: take `sig` as if the kernel had delivered it on this thread
+ * (the handler Perl installs for a %SIG entry, which is ours). */
+void pagi_take_signal_here(int sig)
+{
+    pagi_csighandler1(sig);
 }
 
 void *pagi_current_context(void)
