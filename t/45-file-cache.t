@@ -51,39 +51,66 @@ sub runtime_threads {
     return $n;
 }
 
-my $server = start_server($app);
-my $port   = $server->port;
-my $pid    = $server->{pid};
-my $before = runtime_threads($pid);
-ok $before >= 1, "the runtime's worker threads ($before)";
+# Requests for the cached file, whole, by offset and length across chunk
+# boundaries, and several at once, each from its own connection.
+sub serve_cached {
+    my ( $port, $attempt ) = @_;
+    for my $i ( 1 .. 5 ) {
+        my $res = http_request( $port, 'GET', '/' );
+        is $res->{status}, 200, "attempt $attempt, cached file $i: 200";
+        ok $res->{body} eq $content, "attempt $attempt, cached file $i: exactly the file's bytes"
+          or diag length( $res->{body} ) . " bytes";
+    }
+    for my $case ( [ 100, 200_000 ], [ 65_535, 65_538 ], [ $size - 10, 10 ], [ 0, 0 ] ) {
+        my ( $offset, $length ) = @$case;
+        my $res = http_request( $port, 'GET', "/?offset=$offset&length=$length" );
+        ok $res->{body} eq substr( $content, $offset, $length ),
+          "attempt $attempt, cached, offset $offset length $length";
+    }
+    my @socks = map {
+        my $s = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port ) or die "connect: $!";
+        print $s "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        $s;
+    } 1 .. 8;
+    my $whole = 0;
+    for my $s (@socks) {
+        local $/;
+        my $raw = <$s>;
+        my ( undef, $body ) = split /\r\n\r\n/, $raw, 2;
+        $whole++ if defined $body && $body eq $content;
+    }
+    is $whole, 8, "attempt $attempt: eight concurrent responses, each the whole file";
+}
 
-# The file was just written: its pages are cached.
-for my $i ( 1 .. 5 ) {
-    my $res = http_request( $port, 'GET', '/' );
-    is $res->{status}, 200, "cached file $i: 200";
-    ok $res->{body} eq $content, "cached file $i: exactly the file's bytes"
-      or diag length( $res->{body} ) . " bytes";
+# The file was just written: its pages are cached, and no read of them
+# should need the blocking pool.  The kernel may still refuse a read that
+# must not wait (RWF_NOWAIT) now and then for a page that is cached, or
+# drop a page under memory pressure from other work on the machine; the
+# server then rightly reads on the pool, whose thread stays for seconds.
+# So each attempt is a fresh server, after reading the file through once
+# (any page that went is back), and one attempt in three must be
+# pool-free: a server that used the pool for cached bytes fails all three.
+my ( $server, $port, $pid, $before, @pooled );
+for my $attempt ( 1 .. 3 ) {
+    open my $warm, '<:raw', $file or die "$file: $!";
+    1 while read $warm, my $buf, 1 << 20;
+    close $warm;
+    $server = start_server($app);
+    $port   = $server->port;
+    $pid    = $server->{pid};
+    $before = runtime_threads($pid);
+    ok $before >= 1, "attempt $attempt: the runtime's worker threads ($before)";
+    serve_cached( $port, $attempt );
+    my $after = runtime_threads($pid);
+    last if $after == $before;
+    push @pooled, "attempt $attempt: $before threads before, $after after";
+    last if $attempt == 3;
+    is $server->stop('TERM'), 0, "attempt $attempt: clean exit";
 }
-for my $case ( [ 100, 200_000 ], [ 65_535, 65_538 ], [ $size - 10, 10 ], [ 0, 0 ] ) {
-    my ( $offset, $length ) = @$case;
-    my $res = http_request( $port, 'GET', "/?offset=$offset&length=$length" );
-    ok $res->{body} eq substr( $content, $offset, $length ), "cached, offset $offset length $length";
-}
-# Several at once, each from its own connection.
-my @socks = map {
-    my $s = IO::Socket::INET->new( PeerAddr => '127.0.0.1', PeerPort => $port ) or die "connect: $!";
-    print $s "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    $s;
-} 1 .. 8;
-my $whole = 0;
-for my $s (@socks) {
-    local $/;
-    my $raw = <$s>;
-    my ( undef, $body ) = split /\r\n\r\n/, $raw, 2;
-    $whole++ if defined $body && $body eq $content;
-}
-is $whole, 8, 'eight concurrent responses, each the whole file';
-is runtime_threads($pid), $before, 'cached bytes were read without the blocking pool';
+ok @pooled < 3, 'cached bytes were read without the blocking pool' or diag join "\n", @pooled;
+diag "the pool was used for cached bytes: @pooled" if @pooled && @pooled < 3;
+# The part below needs a server whose pool has not started.
+$before = runtime_threads($pid);
 
 SKIP: {
     skip 'fincore (util-linux-extra) is not installed', 4 unless grep { -x "$_/fincore" } split /:/, $ENV{PATH};
