@@ -127,8 +127,8 @@ my $lines  = 0;
 
 # 30 responses of 1 MiB on one connection, read by curl as fast as the
 # server writes (as a load generator does): the bytes, and how the holds
-# ended.
-sub steady {
+# ended.  $seen counts the connections the server has logged.
+sub steady_once {
     my ( $server, $seen ) = @_;
     my $n      = 16;
     my @urls   = map { "http://127.0.0.1:${\ $server->port}/same?n=$n&size=65536" } 1 .. 30;
@@ -145,24 +145,39 @@ sub steady {
     close $curl;
     is $size, 30 * ( $n * 65536 + 7 ), '30 responses of 1 MiB';
     is $got->hexdigest, $expect->hexdigest, 'every byte in place';
-    my ( $holds, $to_bound ) = holds_of( $server, $seen );
+    my ( $holds, $to_bound ) = holds_of( $server, $$seen++ );
     ok defined $holds && $holds > 0, 'the writer held remainders' or diag $server->output;
-    # A hold that lasts its whole bound is a frame the network did not hear
-    # of, or a body's end held back (one per response).  A few may meet a
-    # slow turn of the interpreter.
-    cmp_ok $to_bound // 1e9, '<=', 3 + ( $holds // 0 ) / 20, 'holds ended by the next frame, not the timer';
-    note "$holds holds, $to_bound to the bound" if defined $holds;
+    return ( $holds // 0, $to_bound // 1e9 );
+}
+
+# A hold that lasts its whole bound is a frame the network did not hear
+# of, or a body's end held back (one per response).  A few may meet a slow
+# turn of the interpreter, and on a machine busy with other work many may:
+# a second run is allowed, and a writer whose holds wait for the timer
+# (all of them, about 300) fails both.
+sub steady {
+    my ( $server, $seen ) = @_;
+    my @runs;
+    for my $run ( 1 .. 2 ) {
+        my ( $holds, $to_bound ) = steady_once( $server, $seen );
+        push @runs, "$holds holds, $to_bound to the bound";
+        note "run $run: $runs[-1]";
+        last if $to_bound <= 3 + $holds / 20;
+    }
+    ok $runs[-1] =~ /^(\d+) holds, (\d+) / && $2 <= 3 + $1 / 20, 'holds ended by the next frame, not the timer'
+      or diag join "\n", @runs;
 }
 
 subtest 'steady streaming: exact bytes; holds end with the next frame, bodies at once' => sub {
-    steady( $server, $lines++ );
+    steady( $server, \$lines );
 };
 
 subtest 'the same with 16 KiB frames: each send fills the write buffer' => sub {
     # hyper writes a full buffer before it asks the body for more, so the
     # hold starts where the body has no waker yet (segments.rs).
     my $small = start_server( '--log-level', 'debug', '--no-access-log', '--write-buffer-size', 16384, $app );
-    steady( $small, 0 );
+    my $seen = 0;
+    steady( $small, \$seen );
 };
 
 # A connection whose segments hold at most $mss bytes, as across a network
