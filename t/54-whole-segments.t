@@ -150,11 +150,12 @@ sub steady_once {
     return ( $holds // 0, $to_bound // 1e9 );
 }
 
-# A hold that lasts its whole bound is a frame the network did not hear
-# of, or a body's end held back (one per response).  A few may meet a slow
-# turn of the interpreter, and on a machine busy with other work many may:
-# a second run is allowed, and a writer whose holds wait for the timer
-# (all of them, about 300) fails both.
+# A hold that lasts its whole bound (1 ms) is a frame the network did not
+# hear of, or a body's end held back (one per response).  A few meet a slow
+# turn of the interpreter; on two cores shared with other tests (prove -j3)
+# about one in ten does, as the interpreter waits for a CPU longer than the
+# bound.  So up to one in five, and a second run; a writer whose holds wait
+# for the timer (all of them, about 300) fails both.
 sub steady {
     my ( $server, $seen ) = @_;
     my @runs;
@@ -162,9 +163,9 @@ sub steady {
         my ( $holds, $to_bound ) = steady_once( $server, $seen );
         push @runs, "$holds holds, $to_bound to the bound";
         note "run $run: $runs[-1]";
-        last if $to_bound <= 3 + $holds / 20;
+        last if $to_bound <= 3 + $holds / 5;
     }
-    ok $runs[-1] =~ /^(\d+) holds, (\d+) / && $2 <= 3 + $1 / 20, 'holds ended by the next frame, not the timer'
+    ok $runs[-1] =~ /^(\d+) holds, (\d+) / && $2 <= 3 + $1 / 5, 'holds ended by the next frame, not the timer'
       or diag join "\n", @runs;
 }
 
