@@ -350,6 +350,24 @@ mod tests {
         });
     }
 
+    /// A bare interpreter (`perl -e 0`), current on the calling thread,
+    /// which must free it before it exits; and the construction lock, which
+    /// the test holds throughout so that tests that set `%SIG` take turns.
+    fn interpreter_for_this_thread() -> (*mut PerlInterpreter, std::sync::MutexGuard<'static, ()>) {
+        let argv: &'static mut [*mut c_char; 4] = Box::leak(Box::new([
+            CString::new("pagi-rs-test").unwrap().into_raw(),
+            CString::new("-e").unwrap().into_raw(),
+            CString::new("0").unwrap().into_raw(),
+            std::ptr::null_mut(),
+        ]));
+        let guard = CONSTRUCTION.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: as in `run`: argv is leaked, so it outlives the
+        // interpreter, which stays on this thread until the caller frees it.
+        let raw = unsafe { ffi::pagi_interp_new(3, argv.as_mut_ptr()) };
+        assert!(!raw.is_null());
+        (raw, guard)
+    }
+
     /// A signal for which the app set a handler goes to that interpreter's
     /// thread while it lives, and to no thread once it is freed; and the
     /// freed interpreter is no longer this thread's context.
@@ -359,17 +377,7 @@ mod tests {
         std::thread::Builder::new()
             .stack_size(STACK_SIZE)
             .spawn(|| {
-                let argv: &'static mut [*mut c_char; 4] = Box::leak(Box::new([
-                    CString::new("pagi-rs-test").unwrap().into_raw(),
-                    CString::new("-e").unwrap().into_raw(),
-                    CString::new("0").unwrap().into_raw(),
-                    std::ptr::null_mut(),
-                ]));
-                let _guard = CONSTRUCTION.lock().unwrap_or_else(|p| p.into_inner());
-                // SAFETY: as in `run`: argv outlives the interpreter, which
-                // stays on this thread until freed below.
-                let raw = unsafe { ffi::pagi_interp_new(3, argv.as_mut_ptr()) };
-                assert!(!raw.is_null());
+                let (raw, _guard) = interpreter_for_this_thread();
                 let interp = Interp(raw);
                 // SAFETY: on the interpreter's own thread.
                 unsafe { ffi::pagi_add_signal_target(raw, -1) };
@@ -406,19 +414,9 @@ mod tests {
         std::thread::Builder::new()
             .stack_size(STACK_SIZE)
             .spawn(|| {
-                let argv: &'static mut [*mut c_char; 4] = Box::leak(Box::new([
-                    CString::new("pagi-rs-test").unwrap().into_raw(),
-                    CString::new("-e").unwrap().into_raw(),
-                    CString::new("0").unwrap().into_raw(),
-                    std::ptr::null_mut(),
-                ]));
                 let mailbox = Mailbox::new().unwrap();
                 let wake_fd = mailbox.dup_wake_fd().unwrap();
-                let _guard = CONSTRUCTION.lock().unwrap_or_else(|p| p.into_inner());
-                // SAFETY: as in `run`: argv outlives the interpreter, which
-                // stays on this thread until freed below.
-                let raw = unsafe { ffi::pagi_interp_new(3, argv.as_mut_ptr()) };
-                assert!(!raw.is_null());
+                let (raw, _guard) = interpreter_for_this_thread();
                 let interp = Interp(raw);
                 // SAFETY: on the interpreter's own thread; wake_fd is open
                 // until after the interpreter is freed.
