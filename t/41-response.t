@@ -172,6 +172,18 @@ my $app = async sub {
         );
         await $send->( { type => 'http.response.body', body => "fullflush=$r", more => 0 } );
     }
+    elsif ( $path =~ m{^/fullflush-after/(\d+)$} ) {
+        # The whole body is queued before the network has taken the head;
+        # a 204 or 304 then never writes it, and the flush must still end.
+        await $start->($1);
+        await $send->( { type => 'http.response.body', body => 'yyy', more => 0 } );
+        my $f = $send->( { type => 'http.fullflush' } );
+        my $r = await Future->wait_any(
+            $f->then( sub { Future->done('resolved') } ),
+            Future::IO->sleep(3)->then( sub { Future->done('timeout') } ),
+        );
+        report("fullflush=$r\n");
+    }
     elsif ( $path eq '/big' ) {
         my $body = join '', map { sprintf '%07d', $_ } 0 .. 142_856;    # 1 000 000 bytes
         await $start->(200);
@@ -440,6 +452,20 @@ subtest 'http.fullflush resolves' => sub {
     my ( $raw, $res ) = get('/fullflush');
     is $res->{status}, 200, 'status 200';
     is $res->{body}, 'before-flush;fullflush=resolved', 'the fullflush Future resolved (not timed out)';
+};
+
+subtest 'http.fullflush after a response with no body on the wire (204, 304, HEAD)' => sub {
+    for my $case ( [ GET => 204 ], [ GET => 304 ], [ HEAD => 200 ] ) {
+        my ( $method, $status ) = @$case;
+        unlink $report;
+        my ( $raw, $res ) = get( "/fullflush-after/$status", method => $method );
+        is $res->{status}, $status, "$method $status: status";
+        is body_of($raw), '', "$method $status: no body bytes";
+        my $deadline = time + 6;
+        sleep 0.05 while !-s $report && time < $deadline;
+        is slurp($report), "fullflush=resolved\n",
+          "$method $status: the flush queued behind the unwritten body resolved";
+    }
 };
 
 subtest '1 MB body in one send' => sub {

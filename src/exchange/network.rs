@@ -141,11 +141,20 @@ impl Exchange {
             let drained = st
                 .marks
                 .on_written(0, self.config.low_water, self.wants_drain_news());
+            // Likewise an `http.fullflush` waiting for those bytes: the app
+            // that awaits it before sending more would wait for ever.
+            let flushed = std::mem::take(&mut st.flush_pending);
             self.deliver_if_done(st);
             if let Some(news) = drained {
                 self.mailbox.push(ToPerl::Drained {
                     id: self.id,
                     settles_wait: news.settles_wait,
+                });
+            }
+            if flushed {
+                self.mailbox.push(ToPerl::SendDone {
+                    id: self.id,
+                    error: None,
                 });
             }
             if whole_before_the_app {
@@ -214,6 +223,27 @@ mod tests {
                 "{status}: the waiting send hears the buffer emptied"
             );
             assert_eq!(ex.buffered_amount(), 0);
+        }
+    }
+
+    #[test]
+    fn a_fullflush_waiting_on_a_bodiless_response_settles_when_hyper_drops_the_body() {
+        for status in [204, 304] {
+            let (ex, _rx) = exchange(false);
+            ex.start(status, &[], false).unwrap();
+            // The whole body, queued before the network took the head: the
+            // flush waits for bytes hyper will never write.
+            ex.body(b"yyy", false).unwrap();
+            assert_eq!(ex.fullflush(), SendOutcome::Deferred);
+            ex.body_dropped("closed", "test");
+            let mut q = std::collections::VecDeque::new();
+            ex.mailbox.take_all(&mut q);
+            assert!(
+                q.iter()
+                    .any(|m| matches!(m, ToPerl::SendDone { error: None, .. })),
+                "{status}: the waiting flush is told it is done"
+            );
+            assert_eq!(ex.fullflush(), SendOutcome::Ready, "{status}: nothing left");
         }
     }
 
