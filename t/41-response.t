@@ -19,6 +19,9 @@ my $dir = tempdir( CLEANUP => 1 );
 my $content = join '', map { sprintf '%09d|', $_ } 0 .. 9_999;
 my $data_file = "$dir/data.bin";
 { open my $fh, '>:raw', $data_file or die $!; print $fh $content; close $fh }
+# Larger than the window a file producer keeps queued (256 KiB).
+my $big_file = "$dir/big.bin";
+{ open my $fh, '>:raw', $big_file or die $!; print $fh $content x 6; close $fh }
 my $report = "$dir/report.txt";
 my $missing = "$dir/does-not-exist.bin";
 
@@ -30,6 +33,7 @@ use Future::IO;
 use Future;
 
 my \$DATA    = '$data_file';
+my \$BIG     = '$big_file';
 my \$MISSING = '$missing';
 my \$REPORT  = '$report';
 APP
@@ -183,6 +187,20 @@ my $app = async sub {
             Future::IO->sleep(3)->then( sub { Future->done('timeout') } ),
         );
         report("fullflush=$r\n");
+    }
+    elsif ( $path =~ m{^/(file|fh)-after/(\d+)$} ) {
+        # A body larger than the producer's window on a response that never
+        # writes one: the send must end all the same.
+        my ( $kind, $status ) = ( $1, $2 );
+        await $start->($status);
+        my %body = ( file => $BIG );
+        if ( $kind eq 'fh' ) { open my $fh, '<:raw', $BIG or die $!; %body = ( fh => $fh ) }
+        my $f = $send->( { type => 'http.response.body', %body } );
+        my $r = await Future->wait_any(
+            $f->then( sub { Future->done('resolved') } ),
+            Future::IO->sleep(3)->then( sub { Future->done('timeout') } ),
+        );
+        report("$kind=$r\n");
     }
     elsif ( $path eq '/big' ) {
         my $body = join '', map { sprintf '%07d', $_ } 0 .. 142_856;    # 1 000 000 bytes
@@ -465,6 +483,20 @@ subtest 'http.fullflush after a response with no body on the wire (204, 304, HEA
         sleep 0.05 while !-s $report && time < $deadline;
         is slurp($report), "fullflush=resolved\n",
           "$method $status: the flush queued behind the unwritten body resolved";
+    }
+};
+
+subtest 'a file or fh body larger than the window on a 204 or 304 ends' => sub {
+    for my $kind (qw(file fh)) {
+        for my $status ( 204, 304 ) {
+            unlink $report;
+            my ( $raw, $res ) = get("/$kind-after/$status");
+            is $res->{status}, $status, "$kind $status: status";
+            is body_of($raw), '', "$kind $status: no body bytes";
+            my $deadline = time + 6;
+            sleep 0.05 while !-s $report && time < $deadline;
+            is slurp($report), "$kind=resolved\n", "$kind $status: the body's send resolved";
+        }
     }
 };
 

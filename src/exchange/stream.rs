@@ -141,6 +141,34 @@ mod tests {
     }
 
     #[test]
+    fn a_file_waiting_for_room_on_a_bodiless_response_goes_on_when_hyper_drops_the_body() {
+        for status in [204, 304] {
+            let (ex, _rx) = exchange(false);
+            ex.start(status, &[], false).unwrap();
+            assert_eq!(ex.begin_stream_body().unwrap(), None);
+            let chunk = Bytes::from(vec![b'f'; 64 * 1024]);
+            let mut cx = Context::from_waker(Waker::noop());
+            for _ in 1..=4 {
+                let mut push = std::pin::pin!(ex.push_streamed(chunk.clone()));
+                assert!(push.as_mut().poll(&mut cx).is_ready());
+            }
+            let mut fifth = std::pin::pin!(ex.push_streamed(chunk.clone()));
+            assert!(
+                fifth.as_mut().poll(&mut cx).is_pending(),
+                "the window is full"
+            );
+            // hyper writes the head and drops the body it may not send.
+            ex.body_dropped("closed", "test");
+            assert!(
+                matches!(fifth.as_mut().poll(&mut cx), Poll::Ready(Streamed::Queued)),
+                "{status}: the producer goes on (its chunks counted and dropped)"
+            );
+            ex.end_streamed();
+            assert_eq!(ex.finish(None, false), FinishOutcome::Clean, "{status}");
+        }
+    }
+
+    #[test]
     fn head_request_with_a_file_body_completes_without_reading_it() {
         let (ex, mut rx) = exchange(true);
         ex.start(200, &[(b"content-length", b"1234")], false)
