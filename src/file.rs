@@ -95,8 +95,10 @@ pub async fn stream(
                     let want = remaining.min(chunk) as usize;
                     match read_chunk(&file, position, want, &ex).await {
                         Ok(Some(bytes)) => bytes,
-                        // The exchange ended while a pipe was silent.
-                        Ok(None) => return Ok(()),
+                        // The exchange ended, or its body became unwanted
+                        // (a 204 or 304), while a pipe was silent:
+                        // end_streamed below ends the body if it still can.
+                        Ok(None) => break,
                         Err(e) => return Err(format!("read failed: {e}")),
                     }
                 }
@@ -112,6 +114,8 @@ pub async fn stream(
                 Streamed::Queued => sent_any = true,
                 // The exchange ended underneath us; the send settles as a no-op.
                 Streamed::Ended => return Ok(()),
+                // A 204 or 304: nothing more is read, the body ends here.
+                Streamed::NotWanted => break,
                 Streamed::OverLength(declared) => {
                     return Err(format!(
                         "the file is longer than the declared Content-Length of {declared}"
@@ -149,7 +153,8 @@ pub async fn stream(
 
 /// Up to `want` bytes from `position` (None: where the descriptor is): at
 /// once when the page cache holds them, else read on the blocking pool.
-/// Ok(None) when the exchange ended while waiting.
+/// Ok(None) when the exchange ended, or wanted no more body, while a pipe
+/// was silent.
 async fn read_chunk(
     file: &Arc<File>,
     position: Option<u64>,
@@ -169,7 +174,7 @@ async fn read_chunk(
             Some(at) => retry_interrupted(|| file.read_at(&mut buf, at))?,
             None => loop {
                 if !wait_readable(&file)? {
-                    if ex.has_ended() {
+                    if ex.wants_no_more_body() {
                         return Ok(None);
                     }
                     continue;

@@ -202,6 +202,23 @@ my $app = async sub {
         );
         report("$kind=$r\n");
     }
+    elsif ( $path =~ m{^/pipe-(endless|stalled)/(\d+)$} ) {
+        # A pipe that never ends, or falls silent after its first line, as
+        # the body of a response that writes none: once the head is out,
+        # the server stops reading it.
+        my ( $kind, $status ) = ( $1, $2 );
+        await $start->($status);
+        my @cmd = $kind eq 'endless' ? ('yes') : ( 'sh', '-c', 'echo hi; exec sleep 30' );
+        my $pid = open my $fh, '-|', @cmd or die "open @cmd: $!";
+        my $f = $send->( { type => 'http.response.body', fh => $fh } );
+        my $r = await Future->wait_any(
+            $f->then( sub { Future->done('resolved') } ),
+            Future::IO->sleep(4)->then( sub { Future->done('timeout') } ),
+        );
+        kill 'TERM', $pid;
+        close $fh;
+        report("$kind=$r\n");
+    }
     elsif ( $path eq '/big' ) {
         my $body = join '', map { sprintf '%07d', $_ } 0 .. 142_856;    # 1 000 000 bytes
         await $start->(200);
@@ -496,6 +513,19 @@ subtest 'a file or fh body larger than the window on a 204 or 304 ends' => sub {
             my $deadline = time + 6;
             sleep 0.05 while !-s $report && time < $deadline;
             is slurp($report), "$kind=resolved\n", "$kind $status: the body's send resolved";
+        }
+    }
+};
+
+subtest 'an endless or stalled pipe as a 204 or 304 body is not read for ever' => sub {
+    for my $kind (qw(endless stalled)) {
+        for my $status ( 204, 304 ) {
+            unlink $report;
+            my ( $raw, $res ) = get("/pipe-$kind/$status");
+            is $res->{status}, $status, "$kind pipe, $status: status";
+            my $deadline = time + 8;
+            sleep 0.05 while !-s $report && time < $deadline;
+            is slurp($report), "$kind=resolved\n", "$kind pipe, $status: the body's send resolved";
         }
     }
 };

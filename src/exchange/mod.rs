@@ -145,6 +145,11 @@ pub enum Streamed {
     Queued,
     /// The exchange ended; the producer stops and its send settles quietly.
     Ended,
+    /// The network writes no body (a 204 or 304 whose body hyper dropped):
+    /// the producer stops reading and ends the body, as a HEAD request's
+    /// file is never opened.  An endless fh (a pipe) would otherwise be
+    /// read for ever.
+    NotWanted,
     /// The chunk would pass the app's declared Content-Length.
     OverLength(u64),
 }

@@ -146,7 +146,7 @@ impl Exchange {
             let flushed = std::mem::take(&mut st.flush_pending);
             self.deliver_if_done(st);
             // And a file or fh producer waiting for room in the window:
-            // it now counts its chunks and drops them (push_streamed).
+            // it hears that no more is wanted (push_streamed).
             self.progress.notify_waiters();
             if let Some(news) = drained {
                 self.mailbox.push(ToPerl::Drained {

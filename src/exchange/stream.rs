@@ -53,9 +53,7 @@ impl Exchange {
                     }
                 }
                 if st.network_done {
-                    // hyper writes no body here (204/304): count and drop.
-                    st.body_bytes += chunk.len() as u64;
-                    return Streamed::Queued;
+                    return Streamed::NotWanted;
                 }
                 if st.buffered < self.config.file_window() {
                     st.body_bytes += chunk.len() as u64;
@@ -75,6 +73,13 @@ impl Exchange {
             }
             notified.await;
         }
+    }
+
+    /// Whether a producer waiting for its source may give up: the exchange
+    /// ended, or the network writes no body (see [`Streamed::NotWanted`]).
+    pub fn wants_no_more_body(&self) -> bool {
+        let st = self.lock();
+        st.network_done || st.delivered || st.disconnected.is_some()
     }
 
     /// The producer finished a file/fh body: the response is complete.
@@ -141,7 +146,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_waiting_for_room_on_a_bodiless_response_goes_on_when_hyper_drops_the_body() {
+    fn a_file_waiting_for_room_on_a_bodiless_response_stops_when_hyper_drops_the_body() {
         for status in [204, 304] {
             let (ex, _rx) = exchange(false);
             ex.start(status, &[], false).unwrap();
@@ -160,8 +165,11 @@ mod tests {
             // hyper writes the head and drops the body it may not send.
             ex.body_dropped("closed", "test");
             assert!(
-                matches!(fifth.as_mut().poll(&mut cx), Poll::Ready(Streamed::Queued)),
-                "{status}: the producer goes on (its chunks counted and dropped)"
+                matches!(
+                    fifth.as_mut().poll(&mut cx),
+                    Poll::Ready(Streamed::NotWanted)
+                ),
+                "{status}: the producer hears it may stop reading"
             );
             ex.end_streamed();
             assert_eq!(ex.finish(None, false), FinishOutcome::Clean, "{status}");
