@@ -159,6 +159,19 @@ my $app = async sub {
         await $send->( { type => 'http.response.body', body => 'trailer-body', more => 0 } );
         await $send->( { type => 'http.response.trailers', headers => [ [ 'x-checksum', 'abc123' ] ] } );
     }
+    elsif ( $path eq '/trailers-unnamed-big' ) {
+        # Trailers promised, not named: the head waits for the trailers
+        # event.  A body over the high-water mark and a flush before it
+        # must not wait for a drain that only the trailers can start.
+        await $send->( { type => 'http.response.start', status => 200, trailers => 1, headers => [] } );
+        my @r;
+        push @r, 'body='
+          . await settled_within( $send->( { type => 'http.response.body', body => 'b' x 300_000, more => 0 } ), 3 );
+        push @r, 'flush=' . await settled_within( $send->( { type => 'http.fullflush' } ), 3 );
+        push @r, 'trailers='
+          . await settled_within( $send->( { type => 'http.response.trailers', headers => [ [ 'x-t', '1' ] ] } ), 3 );
+        report("@r\n");
+    }
     elsif ( $path eq '/trailers-cl' || $path eq '/trailers-cl-late' ) {
         my $conn = $scope->{'pagi.connection'};
         await $send->( { type => 'http.response.start', status => 200, trailers => 1,
@@ -393,6 +406,14 @@ subtest 'trailers' => sub {
     ( $raw, $res ) = get('/trailers');
     is $res->{body}, 'trailer-body', 'without TE: trailers: body';
     ok terminated($res), 'without TE: trailers: response still terminated';
+
+    my $reported;
+    ( $raw, $res, $reported ) = get_then_report( '/trailers-unnamed-big', headers => [ [ 'TE', 'trailers' ] ] );
+    is $reported, "body=resolved flush=resolved trailers=resolved\n",
+      'trailers not named in the head: a body over the mark and a flush before the trailers settle';
+    is length( $res->{body} // '' ), 300_000, 'and the whole body arrives';
+    is_deeply $res->{headers}{trailer}, ['x-t'], 'the head names the trailer';
+    is $res->{trailers}{'x-t'}, '1', 'the trailer follows the body';
 
     unlink $report;
     ( $raw, $res ) = get('/trailers-cl');

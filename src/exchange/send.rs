@@ -117,23 +117,11 @@ impl Exchange {
         }
     }
 
-    /// Release a held-back head to the network task (call after unlocking).
-    ///
-    /// hyper writes only the trailer fields a `Trailer` header announced.  So
-    /// a head that promised trailers without one waits, once its body is
-    /// complete, for the trailers event, which names them (see `trailers`).
-    /// A head whose body streams before the trailers cannot wait: the app
-    /// must announce them itself (README).
+    /// Release a held-back head to the network task (call after unlocking),
+    /// unless it waits for the trailers' names
+    /// ([`State::head_awaits_trailer_names`]).
     pub(super) fn take_head(st: &mut State) -> Option<(oneshot::Sender<Head>, Head)> {
-        let awaiting_trailer_names = st.trailers_promised
-            && st.body_done
-            && st.phase == Phase::Streaming
-            && st.declared_length.is_none()
-            && st
-                .pending_head
-                .as_ref()
-                .is_some_and(|(_, map)| !map.contains_key(http::header::TRAILER));
-        if awaiting_trailer_names {
+        if st.head_awaits_trailer_names() {
             return None;
         }
         let (status, headers) = st.pending_head.take()?;
@@ -233,7 +221,15 @@ impl Exchange {
             before = 0;
         }
         let after = st.buffered;
-        let outcome = st.marks.on_send(before, after, self.config.high_water);
+        // Held for the trailers' names, nothing leaves before the app's
+        // trailers event: a send waiting for the drain would wait for the
+        // app's own next send.  The body is complete, so nothing follows
+        // that backpressure could hold.
+        let outcome = if st.head_awaits_trailer_names() {
+            SendOutcome::Ready
+        } else {
+            st.marks.on_send(before, after, self.config.high_water)
+        };
         let head = Self::take_head(&mut st);
         let waker = st.waker.take();
         self.deliver_if_done(st);
@@ -306,7 +302,10 @@ impl Exchange {
             return SendOutcome::Closed;
         }
         let head = Self::take_head(&mut st);
-        let outcome = if st.buffered == 0 {
+        // A head held for the trailers' names goes out with them: until
+        // then nothing can be flushed, and waiting would deadlock the app
+        // that flushes before it sends its trailers.
+        let outcome = if st.buffered == 0 || st.head_awaits_trailer_names() {
             SendOutcome::Ready
         } else {
             st.flush_pending = true;
@@ -452,6 +451,24 @@ impl BodyPiece<'_> {
     }
 }
 
+impl State {
+    /// The head promised trailers without a `Trailer` header, and the body
+    /// is complete: it waits for the trailers event, which names them
+    /// (hyper writes only the trailer fields a `Trailer` header announced).
+    /// A head whose body streams before the trailers cannot wait: the app
+    /// must announce them itself (README).
+    fn head_awaits_trailer_names(&self) -> bool {
+        self.trailers_promised
+            && self.body_done
+            && self.phase == Phase::Streaming
+            && self.declared_length.is_none()
+            && self
+                .pending_head
+                .as_ref()
+                .is_some_and(|(_, map)| !map.contains_key(http::header::TRAILER))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
@@ -565,6 +582,28 @@ mod tests {
         let _ = poll(&ex);
         assert!(matches!(poll(&ex), std::task::Poll::Ready(Some(Ok(f))) if f.is_trailers()));
         assert!(matches!(poll(&ex), std::task::Poll::Ready(None)));
+    }
+
+    #[test]
+    fn no_send_waits_while_the_head_waits_for_the_trailers_names() {
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[], true).unwrap();
+        // Far over the mark (10), the whole body: the head now waits for
+        // the trailers event, so a send that waited would never settle.
+        let body = Bytes::from(vec![b'a'; 5000]);
+        assert_eq!(ex.body_bytes(body, false).unwrap(), SendOutcome::Ready);
+        assert_eq!(ex.fullflush(), SendOutcome::Ready);
+        ex.trailers(&[(b"x-t", b"1")]).unwrap();
+        assert!(matches!(poll(&ex), std::task::Poll::Ready(Some(Ok(f))) if f.is_data()));
+        assert!(matches!(poll(&ex), std::task::Poll::Ready(Some(Ok(f))) if f.is_trailers()));
+
+        // With the fields announced, the head leaves with the body, and
+        // backpressure applies as ever.
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[(b"trailer", b"x-t")], true).unwrap();
+        let body = Bytes::from(vec![b'a'; 5000]);
+        assert_eq!(ex.body_bytes(body, false).unwrap(), SendOutcome::HighWater);
+        assert_eq!(ex.fullflush(), SendOutcome::Deferred);
     }
 
     #[test]
