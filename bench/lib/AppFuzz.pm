@@ -107,13 +107,15 @@ sub show {
 # Run case $case of $seed on this scope.  Returns the Future the server is
 # given (it fails when the program dies); $done is called once that Future
 # and every Future the program was handed by $send and $receive are ready.
+# $waiting (optional) is called with 1 when the program starts to wait on a
+# send it awaits that is not yet ready, and with 0 when that send is ready.
 sub run {
-    my ( $seed, $case, $files, $scope, $receive, $send, $done ) = @_;
+    my ( $seed, $case, $files, $scope, $receive, $send, $done, $waiting ) = @_;
     require Future;
     require Future::IO;
     my $p    = program( $seed, $case, $files );
     my @made;    # every Future $send and $receive gave the program
-    my $f = _act( $p, $receive, $send, \@made, $files );
+    my $f = _act( $p, $receive, $send, \@made, $files, $waiting );
     my $all;
     $all = $f->without_cancel->followed_by(
         sub { Future->wait_all( map { $_->without_cancel } @made ) }
@@ -140,7 +142,7 @@ sub _state {
 }
 
 sub _act {
-    my ( $p, $receive, $send, $made, $files ) = @_;
+    my ( $p, $receive, $send, $made, $files, $waiting ) = @_;
     my @steps = @{ $p->{steps} };
     my $next;
     # Written without async/await so that this module loads in the fuzzer
@@ -155,7 +157,13 @@ sub _act {
             $sf = Future->fail("send died: $@") unless $sf;
             push @$made, $sf;
             warn sprintf( "app-fuzz trace: %s -> %s\n", describe($step), _state($sf) ) if $ENV{APP_FUZZ_TRACE} && $ENV{APP_FUZZ_TRACE} > 1;
-            if    ( $how eq 'await' )  { $f = $sf->else( sub { Future->done } ) }
+            if ( $how eq 'await' ) {
+                if ( $waiting && !$sf->is_ready ) {
+                    $waiting->(1);
+                    $sf->on_ready( sub { $waiting->(0) } );
+                }
+                $f = $sf->else( sub { Future->done } );
+            }
             elsif ( $how eq 'cancel' ) { $sf->cancel; $f = Future->done }
             else                       { $f = Future->done }
         }
@@ -214,8 +222,18 @@ sub how  { $_[0]->pick(qw(await await await await nowait cancel)) }
 sub opening {
     my ($s) = @_;
     my $k = $s->{kind};
-    return [ 'send', { type => 'http.response.start', status => 200, headers => [ [ 'content-type', 'text/plain' ] ] }, 'await' ]
-      if $k eq 'http';
+    if ( $k eq 'http' ) {
+        # Sound, mostly a 200; now and then a status that carries no body,
+        # or trailers promised without a Trailer header (the server then
+        # holds the head back): both states have hidden hangs before.
+        my %e = (
+            type    => 'http.response.start',
+            status  => $s->pick( 200, 200, 200, 200, 204, 304 ),
+            headers => [ [ 'content-type', 'text/plain' ] ],
+        );
+        $e{trailers} = 1 if $s->r < 0.2;
+        return [ 'send', \%e, 'await' ];
+    }
     return [ 'send', { type => 'sse.start', status => 200 }, 'await' ] if $k eq 'sse';
     return [ 'receive', 'await' ], if $k eq 'websocket' && $s->r < 0.5;
     return [ 'send', { type => 'websocket.accept' }, 'await' ];
