@@ -11,6 +11,11 @@ use super::{EndState, Exchange, Head, Phase, State, WANTS_DRAIN, WANTS_TERMINAL}
 use crate::interp::messages::ToPerl;
 
 impl State {
+    /// Delivered whole, or cut off: nothing more happens to the response.
+    pub(super) fn has_ended(&self) -> bool {
+        self.delivered || self.disconnected.is_some()
+    }
+
     /// Give the response up where it stands: no head if none went, nothing
     /// queued written, and the body's end without the flush turn an abort
     /// otherwise gets (network.rs), which a peer that does not read would
@@ -243,8 +248,7 @@ impl Exchange {
     }
 
     pub fn has_ended(&self) -> bool {
-        let st = self.lock();
-        st.delivered || st.disconnected.is_some()
+        self.lock().has_ended()
     }
 }
 

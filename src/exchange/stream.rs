@@ -79,7 +79,7 @@ impl Exchange {
     /// ended, or the network writes no body (see [`Streamed::NotWanted`]).
     pub fn wants_no_more_body(&self) -> bool {
         let st = self.lock();
-        st.network_done || st.delivered || st.disconnected.is_some()
+        st.network_done || st.has_ended()
     }
 
     /// The producer finished a file/fh body: the response is complete.
