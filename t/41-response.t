@@ -172,6 +172,15 @@ my $app = async sub {
           . await settled_within( $send->( { type => 'http.response.trailers', headers => [ [ 'x-t', '1' ] ] } ), 3 );
         report("@r\n");
     }
+    elsif ( $path eq '/untidy-fields' ) {
+        # Values padded with spaces and tabs, and trailers that carry fields
+        # only a head may (framing, connection), with no Trailer header.
+        await $send->( { type => 'http.response.start', status => 200, trailers => 1,
+            headers => [ [ 'x-pad', " \t padded \t " ], [ 'x-blank', "\t" ] ] } );
+        await $send->( { type => 'http.response.body', body => 'untidy', more => 0 } );
+        await $send->( { type => 'http.response.trailers', headers => [ [ 'content-length', 'v' ],
+            [ 'x-checksum', " abc\t" ], [ 'connection', 'close' ], [ 'transfer-encoding', 'chunked' ] ] } );
+    }
     elsif ( $path eq '/trailers-cl' || $path eq '/trailers-cl-late' ) {
         my $conn = $scope->{'pagi.connection'};
         await $send->( { type => 'http.response.start', status => 200, trailers => 1,
@@ -414,6 +423,13 @@ subtest 'trailers' => sub {
     is length( $res->{body} // '' ), 300_000, 'and the whole body arrives';
     is_deeply $res->{headers}{trailer}, ['x-t'], 'the head names the trailer';
     is $res->{trailers}{'x-t'}, '1', 'the trailer follows the body';
+
+    ( $raw, $res ) = get( '/untidy-fields', headers => [ [ 'TE', 'trailers' ] ] );
+    like $raw, qr/\r\nx-pad: padded\r\n/i, 'spaces and tabs around a value are trimmed';
+    like $raw, qr/\r\nx-blank: \r\n/i, '... a value of a tab alone is empty';
+    is_deeply $res->{headers}{trailer}, ['x-checksum'],
+      'the head names only the trailers that may be trailers (not content-length, connection, transfer-encoding)';
+    like body_of($raw), qr/\r\n0\r\nx-checksum: abc\r\n\r\n\z/i, '... and only that one follows the 0 chunk, trimmed';
 
     unlink $report;
     ( $raw, $res ) = get('/trailers-cl');

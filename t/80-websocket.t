@@ -137,7 +137,7 @@ my \$app = async sub {
         push \@r, await try_send(\$send, { type => 'websocket.accept', headers => [['x-n', "a\\0b"]] });
         push \@r, await try_send(\$send, { type => 'websocket.accept', headers => [['bad name', 'v']] });
         await Future::IO->sleep(0.3);
-        await \$send->({ type => 'websocket.accept', headers => [['x-good', 'yes']] });
+        await \$send->({ type => 'websocket.accept', headers => [['x-good', " yes\\t"], ['content-length', '3']] });
         await \$send->({ type => 'websocket.send', text => join('|', map { s/\\s+\\z//r } \@r) });
         await drain_until_end(\$receive);
         return;
@@ -518,6 +518,8 @@ subtest 'accept headers with CR/LF/NUL or a bad name: the send fails, nothing wr
     ok time - $t0 >= 0.25, 'nothing was written by the failed accepts';
     unlike $ws->raw_head, qr/Injected|x-a:|x-b:|x-n:|bad name/i, 'no trace of the bad headers in the 101';
     is $ws->header('x-good'), 'yes', 'the good accept\'s header';
+    like $ws->raw_head, qr/\r\nx-good: yes\r\n/i, '... its value trimmed of the spaces and tabs around it';
+    unlike $ws->raw_head, qr/content-length/i, 'a 101 carries no Content-Length, even one the app set';
     my @r = split /\|/, next_text($ws) // '';
     is scalar(@r), 4, 'four results';
     like $_, qr/^fail: .*invalid header/, "failed: $_" for @r;

@@ -74,6 +74,16 @@ my $app = async sub {
         await $send->({ type => 'http.response.trailers', headers => [['x-checksum', 'abc123']] });
         return;
     }
+    if ($path eq '/untidy-fields') {
+        # Values padded with spaces and tabs, and trailers that carry
+        # fields only a head may (framing, connection), no Trailer header.
+        await $send->({ type => 'http.response.start', status => 200, trailers => 1,
+            headers => [['x-pad', " \t padded \t "], ['x-blank', "\t"]] });
+        await $send->({ type => 'http.response.body', body => 'untidy', more => 0 });
+        await $send->({ type => 'http.response.trailers', headers => [['content-length', 'v'],
+            ['x-checksum', " abc\t"], ['connection', 'close'], ['transfer-encoding', 'chunked']] });
+        return;
+    }
     if ($path eq '/file') {
         await $send->({ type => 'http.response.start', status => 200, headers => $plain });
         await $send->({ type => 'http.response.body', file => $q->{path} });
@@ -251,6 +261,32 @@ PY
     is $nc->{status}, 204, 'status 204';
     is $nc->{data_frames}, 0, '... no DATA frame';
     ok $nc->{ended}, '... ended';
+};
+
+# ---------------------------------------------------------------------------
+subtest "the app's untidy fields: trimmed, and no trailer a head's field" => sub {
+    # RFC 9113 8.2.1 makes a response whose field value starts or ends with
+    # whitespace, or that carries connection-specific fields, malformed;
+    # h2 (the client library) refuses the whole connection for either, and
+    # for a content-length that is no number.  So the probe after it on the
+    # same connection shows the connection survived.
+    my $r = h2( <<'PY' );
+c = connect()
+untidy = c.wait_stream(c.request('GET', '/untidy-fields'))
+probe = c.wait_stream(c.request('GET', '/ok?after'))
+emit({'untidy': untidy, 'probe': probe, 'error': c.protocol_error, 'goaway': c.goaway})
+PY
+    return fail 'the script ran' unless $r;
+    is $r->{error}, undef, 'the client found the frames well formed';
+    is $r->{goaway}, undef, '... and had no GOAWAY';
+    my $u = $r->{untidy};
+    is $u->{status}, 200, 'status 200';
+    is h2_header( $u, 'x-pad' ), 'padded', 'spaces and tabs around a value are trimmed';
+    is h2_header( $u, 'x-blank' ), '', '... a value of a tab alone is empty';
+    is h2_header( $u, 'trailer' ), 'x-checksum', 'the head names only the trailers that may be trailers';
+    is_deeply $u->{trailers}, [ [ 'x-checksum', 'abc' ] ], '... and only that one is sent, trimmed';
+    ok $u->{ended}, '... ending the stream';
+    is $r->{probe}{body}, 'ok:after', 'the next stream on the connection is served';
 };
 
 # ---------------------------------------------------------------------------

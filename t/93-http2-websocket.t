@@ -55,6 +55,14 @@ async sub websocket {
         await $send->({ type => 'http.response.body', body => 'denied', more => 0 });
         return;
     }
+    if ($path eq '/accept-with-length') {
+        # The accepted stream carries frames, not content: a Content-Length
+        # the app sets must not reach the 200 (the frames would overrun it).
+        await $send->({ type => 'websocket.accept', headers => [['content-length', '3'], ['x-app', 'kept']] });
+        await $send->({ type => 'websocket.send', text => 'more than three bytes' });
+        await next_event($receive, 10);
+        return;
+    }
     if ($path eq '/close-first') {
         # Www 0.3: websocket.close before accept answers 403.
         await $send->({ type => 'websocket.close' });
@@ -172,6 +180,26 @@ sub records {
 
 
 # ---------------------------------------------------------------------------
+subtest 'websocket.accept with a Content-Length: not on the 200' => sub {
+    my $r = h2( <<'PY' );
+c = connect()
+ws = c.websocket('/accept-with-length')
+out = {'status': ws.status, 'headers': ws.headers, 'message': ws.recv_data()}
+ws.close(1000)
+out['error'] = c.protocol_error
+out['after'] = c.wait_stream(c.request('GET', '/ok'))
+emit(out)
+PY
+    return fail 'the script ran' unless $r;
+    is $r->{status}, 200, 'accepted: 200';
+    my %h = map { @$_ } @{ $r->{headers} };
+    ok !exists $h{'content-length'}, "... without the app's content-length";
+    is $h{'x-app'}, 'kept', "... with its other headers";
+    is $r->{message}{data}, 'more than three bytes', 'a message longer than that length arrives';
+    is $r->{error}, undef, 'the client found the frames well formed';
+    is $r->{after}{status}, 200, 'and the connection serves the next stream';
+};
+
 subtest 'RFC 8441: handshake, echo, keepalive, close' => sub {
     my $r = h2( <<'PY' );
 d = ARGS['dir']

@@ -22,7 +22,24 @@ pub(super) fn final_status(status: i64) -> Result<StatusCode, SendError> {
     }
 }
 
+/// Which part of a response a list of application headers is for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Section {
+    /// `http.response.start`, `sse.start`.
+    Head,
+    /// `websocket.accept`: a 101, or over HTTP/2 a 200 to an extended
+    /// CONNECT, after which the stream carries frames, not content.  Such a
+    /// response may not have a Content-Length (RFC 9110 8.6 and 9.3.6):
+    /// over HTTP/2 the frames would overrun it and a strict client refuse
+    /// the connection.  Stripped, whatever its value.
+    Accept,
+    /// `http.response.trailers`.
+    Trailers,
+}
+
 /// Connection-level and framing headers belong to the server (Spec/Www.pod).
+/// `upgrade` is one over HTTP/2 (RFC 9113 8.2.2), but over HTTP/1.1 an app
+/// may answer with it (426 Upgrade Required), so a head keeps it.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -30,11 +47,54 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// Fields a trailer section may not carry (RFC 9110 6.5.1): framing,
+/// routing, authentication, the controls of the content, and every
+/// connection-specific field (RFC 9113 8.2.2).  hyper drops the same list
+/// from HTTP/1.1 trailers; over HTTP/2 it sends what it is given, and a
+/// strict client refuses the whole connection for `content-length: v` in a
+/// trailer.  Dropped on both, so that the app's one response reads alike.
+fn forbidden_in_trailers(name: &HeaderName) -> bool {
+    is_hop_by_hop(name)
+        || matches!(
+            name.as_str(),
+            "authorization"
+                | "cache-control"
+                | "content-encoding"
+                | "content-length"
+                | "content-range"
+                | "content-type"
+                | "host"
+                | "max-forwards"
+                | "set-cookie"
+                | "te"
+                | "trailer"
+                | "upgrade"
+        )
+}
+
+/// A field value without the spaces and tabs around it.  They are not part
+/// of the value (RFC 9110 5.5): an HTTP/1.1 reader drops them as optional
+/// whitespace, and HTTP/2 makes a response that carries them malformed
+/// (RFC 9113 8.2.1), so they are trimmed for every protocol.  Only SP and
+/// HTAB: a CR or LF at either end must still fail the send.
+fn trim_field_whitespace(mut value: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = value {
+        value = rest;
+    }
+    value
+}
+
 /// Validate and convert application headers.  Anything that could split the
 /// response (CR, LF, NUL, other controls, non-token names) fails the send.
+/// The server's own fields are dropped (see `is_hop_by_hop` and
+/// `forbidden_in_trailers`); a head's Content-Length is returned, the
+/// length the body is held to.
 pub(crate) fn build_headers(
     headers: &[(&[u8], &[u8])],
-    response: bool,
+    section: Section,
 ) -> Result<(HeaderMap, Option<u64>), SendError> {
     let mut map = HeaderMap::with_capacity(headers.len());
     let mut declared = None;
@@ -45,20 +105,32 @@ pub(crate) fn build_headers(
                 String::from_utf8_lossy(name)
             ))
         })?;
+        let value = trim_field_whitespace(value);
         let hvalue = HeaderValue::from_bytes(value).map_err(|_| {
             SendError::Header(format!(
                 "value of {:?} contains a control character (CR, LF, NUL ...)",
                 hname.as_str()
             ))
         })?;
-        if response && is_hop_by_hop(&hname) {
-            tracing::debug!(
-                "connection-specific header '{}' stripped from HTTP/1.1 response",
-                hname
-            );
-            continue;
+        match section {
+            Section::Head | Section::Accept if is_hop_by_hop(&hname) => {
+                tracing::debug!(
+                    "connection-specific header '{}' stripped from the response",
+                    hname
+                );
+                continue;
+            }
+            Section::Accept if hname == http::header::CONTENT_LENGTH => {
+                tracing::debug!("content-length stripped from websocket.accept");
+                continue;
+            }
+            Section::Trailers if forbidden_in_trailers(&hname) => {
+                tracing::debug!("header '{}' may not be a trailer; stripped", hname);
+                continue;
+            }
+            _ => {}
         }
-        if response && hname == http::header::CONTENT_LENGTH {
+        if section == Section::Head && hname == http::header::CONTENT_LENGTH {
             let n = std::str::from_utf8(value)
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
@@ -159,8 +231,69 @@ mod tests {
         }
     }
 
+    #[test]
+    fn whitespace_only_values_become_empty_and_a_trailing_cr_still_fails() {
+        use super::{build_headers, Section};
+        let (map, _) = build_headers(&[(b"x-a", b" \t ")], Section::Head).unwrap();
+        assert_eq!(map.get("x-a").unwrap(), "");
+        let (map, _) = build_headers(&[(b"x-a", b"\t a b \t")], Section::Trailers).unwrap();
+        assert_eq!(map.get("x-a").unwrap(), "a b");
+        for value in [&b"abc\r"[..], b"\nabc", b"abc \r\n", b"\0 abc"] {
+            assert!(build_headers(&[(b"x-a", value)], Section::Head).is_err());
+        }
+        let (_, declared) = build_headers(&[(b"content-length", b" 12\t")], Section::Head).unwrap();
+        assert_eq!(declared, Some(12), "the trimmed value is the length");
+    }
+
+    #[test]
+    fn fields_that_cannot_be_trailers_are_stripped_from_trailers_only() {
+        use super::{build_headers, Section};
+        let server_fields: [(&[u8], &[u8]); 8] = [
+            (b"content-length", b"v"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"connection", b"close"),
+            (b"te", b"trailers"),
+            (b"trailer", b"x-b"),
+            (b"host", b"example"),
+            (b"content-type", b"text/plain"),
+            (b"upgrade", b"h2c"),
+        ];
+        let mut fields = server_fields.to_vec();
+        fields.push((b"x-checksum", b"abc"));
+        let (map, declared) = build_headers(&fields, Section::Trailers).unwrap();
+        assert_eq!(declared, None, "a trailer never sets the body's length");
+        assert_eq!(map.len(), 1, "{map:?}");
+        assert_eq!(map.get("x-checksum").unwrap(), "abc");
+        // The head keeps what a head may carry (content-type, host, te, trailer,
+        // upgrade), and still strips only the connection-level fields.
+        let head: Vec<_> = server_fields
+            .iter()
+            .filter(|(n, _)| *n != b"content-length")
+            .copied()
+            .collect();
+        let (map, _) = build_headers(&head, Section::Head).unwrap();
+        let names: Vec<&str> = map.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["te", "trailer", "host", "content-type", "upgrade"]);
+    }
+
+    #[test]
+    fn a_websocket_accept_has_no_content_length_whatever_its_value() {
+        use super::{build_headers, Section};
+        for value in [&b"3"[..], b"0", b"abc"] {
+            let fields: [(&[u8], &[u8]); 3] = [
+                (b"content-length", value),
+                (b"connection", b"close"),
+                (b"x-app", b"kept"),
+            ];
+            let (map, declared) = build_headers(&fields, Section::Accept).unwrap();
+            assert_eq!(declared, None);
+            assert_eq!(map.len(), 1, "{map:?}");
+            assert_eq!(map.get("x-app").unwrap(), "kept");
+        }
+    }
+
     mod header_properties {
-        use super::super::build_headers;
+        use super::super::{build_headers, forbidden_in_trailers, Section};
         use proptest::prelude::*;
 
         /// RFC 9110 tchar: the bytes a header name may be made of.
@@ -200,17 +333,35 @@ mod tests {
                 value in prop::collection::vec(any::<u8>(), 0..32),
                 response in any::<bool>(),
             ) {
-                let _ = build_headers(&[(&name, &value)], response);
+                let _ = build_headers(&[(&name, &value)], if response { Section::Head } else { Section::Trailers });
             }
 
             #[test]
             fn valid_tokens_and_values_pass(name in token(), value in field_value()) {
-                // content-length has its own rule; connection headers are stripped.
-                prop_assume!(!name.eq_ignore_ascii_case(b"content-length"));
-                let (map, _) = build_headers(&[(&name, &value)], false)
+                // The server's own fields are stripped from trailers.
+                let parsed = http::header::HeaderName::from_bytes(&name).unwrap();
+                prop_assume!(!forbidden_in_trailers(&parsed));
+                let (map, _) = build_headers(&[(&name, &value)], Section::Trailers)
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(map.len(), 1);
                 prop_assert_eq!(map.iter().next().unwrap().1.as_bytes(), &value[..]);
+            }
+
+            #[test]
+            fn spaces_and_tabs_around_a_value_are_trimmed(
+                name in token(),
+                value in field_value(),
+                before in prop::collection::vec(prop_oneof![Just(b' '), Just(b'\t')], 0..4),
+                after in prop::collection::vec(prop_oneof![Just(b' '), Just(b'\t')], 0..4),
+            ) {
+                let parsed = http::header::HeaderName::from_bytes(&name).unwrap();
+                prop_assume!(!forbidden_in_trailers(&parsed));
+                let padded = [&before[..], &value[..], &after[..]].concat();
+                for section in [Section::Head, Section::Trailers] {
+                    let (map, _) = build_headers(&[(&name, &padded)], section)
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(map.iter().next().unwrap().1.as_bytes(), &value[..]);
+                }
             }
 
             #[test]
@@ -221,8 +372,8 @@ mod tests {
                 control in prop_oneof![0u8..0x09, 0x0au8..0x20, Just(0x7fu8)],
             ) {
                 let value = [&before[..], &[control], &after[..]].concat();
-                prop_assert!(build_headers(&[(&name, &value)], true).is_err());
-                prop_assert!(build_headers(&[(&name, &value)], false).is_err());
+                prop_assert!(build_headers(&[(&name, &value)], Section::Head).is_err());
+                prop_assert!(build_headers(&[(&name, &value)], Section::Trailers).is_err());
             }
 
             #[test]
@@ -232,8 +383,8 @@ mod tests {
                 bad in any::<u8>().prop_filter("not a tchar", |b| !TCHAR.contains(b)),
             ) {
                 let name = [&before[..], &[bad], &after[..]].concat();
-                prop_assert!(build_headers(&[(&name, b"v")], true).is_err());
-                prop_assert!(build_headers(&[(&name, b"v")], false).is_err());
+                prop_assert!(build_headers(&[(&name, b"v")], Section::Head).is_err());
+                prop_assert!(build_headers(&[(&name, b"v")], Section::Trailers).is_err());
             }
 
             #[test]
@@ -241,7 +392,7 @@ mod tests {
                 name in prop::collection::vec(any::<u8>(), 1..16),
                 value in prop::collection::vec(any::<u8>(), 0..32),
             ) {
-                if let Ok((map, _)) = build_headers(&[(&name, &value)], false) {
+                if let Ok((map, _)) = build_headers(&[(&name, &value)], Section::Trailers) {
                     for (n, v) in map.iter() {
                         prop_assert!(!n.as_str().bytes().any(is_control));
                         prop_assert!(!v.as_bytes().iter().any(|&b| is_control(b)));

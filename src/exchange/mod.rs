@@ -44,7 +44,7 @@ use crate::interp::mailbox::Mailbox;
 use crate::interp::messages::ToPerl;
 
 pub use access::RequestFacts;
-pub(crate) use headers::build_headers;
+pub(crate) use headers::{build_headers, Section};
 pub use network::BodyAborted;
 
 /// Server-wide settings every exchange needs.

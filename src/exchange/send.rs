@@ -9,7 +9,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 use tokio::sync::oneshot;
 
-use super::headers::{build_headers, final_status};
+use super::headers::{build_headers, final_status, Section};
 use super::{Exchange, FinishOutcome, Head, Phase, SendOutcome, State, WANTS_TERMINAL};
 use crate::error::SendError;
 
@@ -28,7 +28,7 @@ impl Exchange {
             return Err(SendError::Sequence("http.response.start was already sent"));
         }
         let status = final_status(status)?;
-        let (map, declared) = build_headers(headers, true)?;
+        let (map, declared) = build_headers(headers, Section::Head)?;
         st.declared_length = declared;
         st.trailers_promised = trailers;
         st.phase = Phase::Streaming;
@@ -269,7 +269,7 @@ impl Exchange {
                 "trailers need chunked framing, but the response has a Content-Length".into(),
             ));
         }
-        let (map, _) = build_headers(headers, false)?;
+        let (map, _) = build_headers(headers, Section::Trailers)?;
         if let Some((_, head)) = st.pending_head.as_mut() {
             if !head.contains_key(http::header::TRAILER) && !map.is_empty() {
                 let names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();

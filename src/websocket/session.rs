@@ -286,7 +286,8 @@ impl Session {
                 )));
             }
         }
-        let (mut map, _) = crate::exchange::build_headers(headers, true)?;
+        let (mut map, _) =
+            crate::exchange::build_headers(headers, crate::exchange::Section::Accept)?;
         if let Some(sub) = subprotocol {
             // Checked above to be a token, so a valid header value.
             if let Ok(v) = HeaderValue::from_bytes(sub) {
