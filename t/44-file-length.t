@@ -33,7 +33,7 @@ APP
 
 my $server = start_server($app);
 my $res    = http_request( $server->port, 'GET', '/' );
-is $res->{status}, 200, '200';
+is $res->{status}, 200, 'the response is a 200';
 is $res->{body}, 'recovered!', 'the file send failed and the app sent its own 10 bytes instead';
 ok $server->wait_output(qr/send error: .*longer than the declared Content-Length of 10/),
   'the failure says the file is longer than the Content-Length';
