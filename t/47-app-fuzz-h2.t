@@ -14,7 +14,8 @@ use PagiRS::H2;
 # whole connection otherwise), no field or SSE line injected, no body on
 # HEAD, 204 or 304, no GOAWAY, the probe beside it answered, a stream over
 # once its app has returned, no send stuck while the client reads, and
-# every app call and Future settled once the client has gone.  20 s here.
+# every app call and Future settled once the client has gone.  20 s here,
+# then 10 s of h2 over TLS.
 # A failure prints the seed and the case to replay (with --http2).
 
 PagiRS::H2->require_client;
@@ -32,6 +33,14 @@ like $out, qr/outcomes: .*\bhttp 200\b/,            'among them HTTP responses';
 like $out, qr/outcomes: .*\bsse 200\b/,             'SSE streams';
 like $out, qr/outcomes: .*\bwebsocket accepted\b/,  'WebSockets accepted over extended CONNECT';
 like $out, qr/outcomes: .*\bhttp 500\b/,            'and apps that died before answering';
+like $out, qr/^app-fuzz: (\d+) app calls, \1 settled$/m, 'every app call settled';
+note $out;
+
+# h2 over TLS (ALPN): the same through the TLS writer.
+$out = run_fuzzer( 'app-fuzz', "$FindBin::Bin/../bench/bin/app-fuzz", '--http2', '--tls', '--duration', 10 );
+like $out, qr/^app-fuzz: seed \d+, HTTP\/2, TLS, /m, 'it spoke HTTP/2 over TLS';
+($cases) = $out =~ /(\d+) cases in [\d.]+ s/;
+ok $cases && $cases >= 50, 'it ran a fair number of cases over TLS (' . ( $cases // 0 ) . ')';
 like $out, qr/^app-fuzz: (\d+) app calls, \1 settled$/m, 'every app call settled';
 note $out;
 done_testing;

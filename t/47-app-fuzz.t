@@ -12,7 +12,8 @@ use PagiRS::Test;
 # field injected, framing intact, the pipelined probe answered after the
 # app's response and nothing else), the server must be up and answer a
 # probe, and once the client has gone every app call and every Future it
-# was given must settle.  30 s here; by hand (or in a soak) give it longer.
+# was given must settle.  30 s here, then 10 s over TLS; by hand (or in a
+# soak) give it longer.
 # A failure prints the seed and the case to replay.
 
 my $fuzz = "$FindBin::Bin/../bench/bin/app-fuzz";
@@ -30,6 +31,15 @@ for my $kind (qw(http sse websocket)) {
     like $out, qr/outcomes: .*\b$kind 200\b|outcomes: .*\b$kind 101\b/, "among them $kind responses";
 }
 like $out, qr/outcomes: .*\bhttp 500\b/, 'and apps that died before answering';
+like $out, qr/^app-fuzz: (\d+) app calls, \1 settled$/m, 'every app call settled';
+note $out;
+
+# Over TLS (HTTP/1.1 by ALPN): the TLS writer and its shutdown under the
+# same apps.
+$out = run_fuzzer( 'app-fuzz', $fuzz, '--tls', '--duration', 10 );
+like $out, qr/^app-fuzz: seed \d+, TLS, /m, 'it spoke TLS';
+($cases) = $out =~ /(\d+) cases in [\d.]+ s/;
+ok $cases && $cases >= 50, 'it ran a fair number of cases over TLS (' . ( $cases // 0 ) . ')';
 like $out, qr/^app-fuzz: (\d+) app calls, \1 settled$/m, 'every app call settled';
 note $out;
 done_testing;

@@ -5,7 +5,8 @@ app-fuzz starts it once, with the server's port and the file where the
 fuzz app marks its calls, and writes one case per line on its stdin (JSON:
 the program's kind, method, request body, WebSocket offer, the header names
 the app may put on the wire, and the timing bounds).  For each case this
-opens a fresh h2c connection, sends the case's request as stream 1 and a
+opens a fresh h2c connection (with `tls` after the two, h2 over TLS by
+ALPN), sends the case's request as stream 1 and a
 probe request as stream 3, reads until the case is over, closes the
 connection without a GOAWAY (the client has gone) and prints one line of
 JSON: {"violations": [...], "what": "..."}.  app-fuzz then waits, as for
@@ -200,12 +201,12 @@ def request_headers(case):
 
 
 class Case:
-    def __init__(self, case, port, marks):
+    def __init__(self, case, port, marks, tls):
         self.c = case
         self.id = str(case['case'])
         self.marks = marks
         self.names = set(case['names'])
-        self.client = connect('127.0.0.1', port, timeout=5)
+        self.client = connect('127.0.0.1', port, timeout=5, tls=tls)
         self.body = case['body'].encode('latin-1') if case.get('body') is not None else None
         self.ws_sent = False
         self.close_answered = None
@@ -389,13 +390,13 @@ def self_check():
 def main():
     if sys.argv[1:] == ['--self-check']:
         sys.exit(self_check())
-    port, calls = int(sys.argv[1]), sys.argv[2]
+    port, calls, tls = int(sys.argv[1]), sys.argv[2], sys.argv[3:] == ['tls']
     marks = Marks(calls)
     for line in sys.stdin:
         case = json.loads(line)
         try:
-            run = Case(case, port, marks)
-        except OSError as e:
+            run = Case(case, port, marks, tls)
+        except (OSError, TimeoutError) as e:
             out = {'violations': ['case %s: connect: %s' % (case['case'], e)], 'what': 'no connection'}
         else:
             try:
