@@ -18,7 +18,7 @@ use Time::HiRes qw(time sleep);
 #   go first, and a regular file's handle keeps its offset;
 # - a body chunk that arrived before the end is received before
 #   http.disconnect, even when the app learned of the end first;
-# - a response status outside 100-599 fails the $send;
+# - a response status outside 100-599, or a fraction, fails the $send;
 # - a body send waiting for the drain of a 204 or 304 (no body on the wire)
 #   settles, and so do sends still waiting when the app returns; such a
 #   response ends the scope with its head (a waiting receive hears it).
@@ -196,7 +196,10 @@ $h{'/fh-silent-pipe'} = async sub {
 
 $h{'/status'} = async sub {
     my ($send, $scope) = @_;
-    my ($status) = $scope->{query_string} =~ /(-?\d+)/;
+    # The status as the query spells it ("200.5", "-1"); with "&nv" as a
+    # number rather than a string.
+    my ($status, $nv) = $scope->{query_string} =~ /\A(-?[0-9.]+(?:e[0-9]+)?)(&nv)?\z/;
+    $status += 0 if $nv;
     my $ok = eval { await $send->({ type => 'http.response.start', status => $status, headers => $text }); 1 };
     if ($ok) {
         await $send->({ type => 'http.response.body', body => "accepted $status" });
@@ -451,13 +454,19 @@ subtest 'a silent pipe stops streaming when the client leaves' => sub {
 
 # ---- 13. response status ------------------------------------------------------------
 
-subtest 'a status outside 100-599 fails the $send' => sub {
+subtest 'a status outside 100-599, or not an integer, fails the $send' => sub {
     for my $status ( 600, 999, 1000, 99, -1 ) {
         my $res = get("/status?$status");
         is $res->{status}, 200, "$status: the app answered after the failure";
         like $res->{body}, qr/^refused: .*status \Q$status\E is outside 100-599/, "$status: a clear error";
     }
     like get('/status?101')->{body}, qr/^refused: .*informational/, '1xx is not a final status';
+    for my $q ( '200.5', '200.5&nv', '404.25' ) {
+        like get("/status?$q")->{body}, qr/^refused: .*integer 'status'/, "$q: a fraction is no status (not truncated)";
+    }
+    for my $q ( '201.0', '201.0&nv', '2.01e2' ) {
+        is get("/status?$q")->{status}, 201, "$q: a number whose value is an integer is that status";
+    }
     my $res = get('/status?599');
     is $res->{status}, 599, '599 is accepted';
 };

@@ -142,6 +142,16 @@ my \$app = async sub {
         await drain_until_end(\$receive);
         return;
     }
+    if (\$path eq '/refuse-2xx') {
+        # A refusal needs a status of 300 or more, and an integer: 250.5
+        # must not go out as a 250, as if the upgrade happened.
+        await \$receive->();
+        my \@r = (await try_send(\$send, { type => 'http.response.start', status => 200, headers => [] }),
+            await try_send(\$send, { type => 'http.response.start', status => '250.5', headers => [] }));
+        await \$send->({ type => 'http.response.start', status => 403, headers => [['content-type', 'text/plain']] });
+        await \$send->({ type => 'http.response.body', body => join('|', map { s/\\s+\\z//r } \@r) });
+        return;
+    }
     if (\$path eq '/deny-bad-header') {
         await \$receive->();
         my \$r = await try_send(\$send, { type => 'websocket.http.response.start', status => 401,
@@ -525,6 +535,14 @@ subtest 'accept headers with CR/LF/NUL or a bad name: the send fails, nothing wr
     like $_, qr/^fail: .*invalid header/, "failed: $_" for @r;
     $ws->close(1000);
     $ws->wait_close(2);
+};
+
+subtest 'a refusal with a 2xx status, or a fraction, fails and sends nothing' => sub {
+    my $ws = PagiRS::WS->connect( $port, path => '/refuse-2xx' );
+    is $ws->status, 403, 'the later 403 refuses the handshake';
+    my @r = split /\|/, $ws->body // '';
+    like $r[0] // '', qr/^fail: .*300 or more/, 'a 200 refusal failed';
+    like $r[1] // '', qr/^fail: .*integer 'status'/, "a '250.5' refusal failed too (not sent as a 250)";
 };
 
 subtest '0.3: denial start with a bad header fails and changes nothing' => sub {

@@ -54,14 +54,15 @@ int fast_send(pTHX_ uint64_t id, SV *ev_sv, int *kind, pagi_str *err)
         const char *why = NULL;
         pagi_str *pairs;
         int want_trailers;
-        if (!status || !SvOK(status) || !looks_like_number(status))
+        IV code;
+        if (!status_of(aTHX_ status, &code))
             return CODE_NEEDS_PERL;
         pairs = headers_from_sv(aTHX_ hdrs ? hdrs : &PL_sv_undef, &n, &why);
         if (!pairs)
             return CODE_NEEDS_PERL;
         want_trailers = trailers && SvTRUE(trailers) ? 1 : 0;
         *kind = want_trailers ? SEND_KIND_START_TRAILERS : SEND_KIND_START;
-        return pagi_rs_response_start(id, (int64_t)SvIV(status), pairs, n, want_trailers, err);
+        return pagi_rs_response_start(id, (int64_t)code, pairs, n, want_trailers, err);
     }
     return CODE_NEEDS_PERL;
 }

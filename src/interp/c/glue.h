@@ -109,6 +109,28 @@ static inline uint64_t request_id_of(pTHX_ SV *id)
  * string is another HEK of the same text); otherwise, and for any hash with
  * magic (tied; restricted, whose placeholders a walk would meet: they count
  * themselves in rhash magic), hv_fetch_ent decides. */
+/* A response status as the app gave it: an integer, or a number or string
+ * whose value is one ("200", 200.0).  Anything else is no status: SvIV
+ * would truncate 200.5 to 200, and a WebSocket refusal checked as "300 or
+ * more" by its string would go out as a 2xx. */
+static inline int status_of(pTHX_ SV *sv, IV *out)
+{
+    NV nv;
+    if (!sv || !SvOK(sv) || SvROK(sv))
+        return 0;
+    if (SvIOK(sv) && !SvNOK(sv) && !SvPOK(sv)) {
+        *out = SvIVX(sv);
+        return 1;
+    }
+    if (!looks_like_number(sv))
+        return 0;
+    nv = SvNV(sv);
+    if (!(nv >= -1e15 && nv <= 1e15) || nv != (NV)(IV)nv)
+        return 0;
+    *out = (IV)nv;
+    return 1;
+}
+
 static inline SV *hv_value(pTHX_ HV *hv, SV *key)
 {
     HE *he;

@@ -18,15 +18,14 @@ XS(xs_response_start)
     if (items != 4)
         croak_xs_usage(cv, "id, status, headers, trailers");
     id = (uint64_t)SvUV(ST(0));
-    if (!SvOK(ST(1)) || !looks_like_number(ST(1))) {
+    if (!status_of(aTHX_ ST(1), &status)) {
         SP -= items;
-        err.ptr = "http.response.start requires a numeric 'status'";
+        err.ptr = "http.response.start requires an integer 'status'";
         err.len = strlen(err.ptr);
         PUSH_RESULT(-1, err);
         PUTBACK;
         return;
     }
-    status = SvIV(ST(1));
     hdrs = headers_from_sv(aTHX_ ST(2), &n, &why);
     SP -= items;
     if (!hdrs) {
