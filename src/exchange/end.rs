@@ -16,6 +16,17 @@ impl State {
         self.delivered || self.disconnected.is_some()
     }
 
+    /// The declared Content-Length, when a body of `total` bytes that ends
+    /// here would leave the response short of it.  Over HTTP/1.1 hyper then
+    /// closes the connection; over HTTP/2 the stream would end cleanly with
+    /// fewer bytes than its head announced, a response RFC 9113 8.1.1 calls
+    /// malformed.  A HEAD, 204 or 304 carries no body, whatever the length.
+    pub(super) fn short_of_declared(&self, is_head: bool, total: u64) -> Option<u64> {
+        let no_body_on_wire = is_head || matches!(self.status, Some(204) | Some(304));
+        self.declared_length
+            .filter(|&declared| !no_body_on_wire && total < declared)
+    }
+
     /// Give the response up where it stands: no head if none went, nothing
     /// queued written, and the body's end without the flush turn an abort
     /// otherwise gets (network.rs), which a peer that does not read would
@@ -200,7 +211,7 @@ impl Exchange {
 
     /// Record an abnormal end and tell everyone waiting: the network task,
     /// Rust-side producers, the body pump, and the application.
-    fn end_abnormally(
+    pub(super) fn end_abnormally(
         &self,
         mut st: MutexGuard<'_, State>,
         reason: &'static str,

@@ -195,6 +195,14 @@ impl Exchange {
                 )));
             }
         }
+        if !more {
+            if let Some(declared) = st.short_of_declared(self.facts.is_head, st.body_bytes + len) {
+                return Err(SendError::Invalid(format!(
+                    "body of {} bytes ends short of the declared Content-Length of {declared}",
+                    st.body_bytes + len
+                )));
+            }
+        }
         st.body_bytes += len;
         st.inline_body = true;
         let mut before = st.buffered;
@@ -480,6 +488,37 @@ mod tests {
     use crate::exchange::tests::{exchange, poll};
     use crate::exchange::{BodyAborted, FinishOutcome, Head, SendOutcome};
     use crate::interp::messages::ToPerl;
+
+    #[test]
+    fn a_last_body_short_of_the_declared_length_fails_and_changes_nothing() {
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[(b"content-length", b"5")], false).unwrap();
+        assert_eq!(ex.body(b"ab", true).unwrap(), SendOutcome::Ready);
+        match ex.body(b"c", false) {
+            Err(SendError::Invalid(msg)) => {
+                assert!(
+                    msg.contains("3 bytes ends short of the declared Content-Length of 5"),
+                    "{msg}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // The refused event left the response open: the rest completes it.
+        assert_eq!(ex.body(b"cde", false).unwrap(), SendOutcome::Ready);
+        assert_eq!(ex.end_state(), crate::exchange::EndState::Clean);
+
+        // No body on the wire, so no length to meet: HEAD, 204 and 304.
+        let (head, _rx) = exchange(true);
+        head.start(200, &[(b"content-length", b"5")], false)
+            .unwrap();
+        assert_eq!(head.body(b"", false).unwrap(), SendOutcome::Ready);
+        for status in [204, 304] {
+            let (ex, _rx) = exchange(false);
+            ex.start(status, &[(b"content-length", b"5")], false)
+                .unwrap();
+            assert_eq!(ex.body(b"", false).unwrap(), SendOutcome::Ready, "{status}");
+        }
+    }
 
     #[test]
     fn a_large_body_piece_wakes_the_network_while_small_ones_wait_for_the_batch() {

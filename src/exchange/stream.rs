@@ -82,10 +82,26 @@ impl Exchange {
         st.network_done || st.has_ended()
     }
 
-    /// The producer finished a file/fh body: the response is complete.
+    /// The producer finished a file/fh body: the response is complete, or,
+    /// when the source gave fewer bytes than the declared Content-Length (a
+    /// file truncated under it, a pipe that ended early), cut off: its bytes
+    /// are out, and a clean end would announce a whole response.
     pub fn end_streamed(&self) {
         let mut st = self.lock();
         if st.disconnected.is_some() || st.phase != Phase::Streaming {
+            return;
+        }
+        if let Some(declared) = st.short_of_declared(self.facts.is_head, st.body_bytes) {
+            let detail = format!(
+                "the file or handle gave {} bytes, short of the declared Content-Length of {declared}",
+                st.body_bytes
+            );
+            tracing::error!("PAGI response cut off: {detail}");
+            st.phase = Phase::Aborted;
+            // The head goes out so the client sees a started, then cut, response.
+            let head = Self::take_head(&mut st);
+            self.end_abnormally(st, "server_error", Some(detail));
+            self.send_head(head);
             return;
         }
         st.body_done = true;
@@ -112,6 +128,48 @@ mod tests {
 
     use crate::exchange::tests::{exchange, poll};
     use crate::exchange::{bytes_per_write, FinishOutcome, Head, SendOutcome, Streamed};
+
+    #[test]
+    fn a_file_short_of_the_declared_length_cuts_the_response_off() {
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[(b"content-length", b"10")], false).unwrap();
+        assert_eq!(ex.begin_stream_body().unwrap(), None);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut push = std::pin::pin!(ex.push_streamed(Bytes::from_static(b"four")));
+        assert!(matches!(
+            push.as_mut().poll(&mut cx),
+            Poll::Ready(Streamed::Queued)
+        ));
+        ex.end_streamed();
+        match ex.end_state() {
+            crate::exchange::EndState::Abnormal { reason, detail } => {
+                assert_eq!(reason, "server_error");
+                assert!(detail.unwrap_or_default().contains("gave 4 bytes"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The bytes it had go out, then the body errs (never a clean end).
+        assert!(matches!(poll(&ex), Poll::Ready(Some(Ok(_)))));
+        let mut ended = None;
+        for _ in 0..3 {
+            if let Poll::Ready(r) = poll(&ex) {
+                ended = Some(r);
+                break;
+            }
+        }
+        assert!(matches!(ended, Some(Some(Err(_)))), "{ended:?}");
+
+        // A file of exactly the declared length ends cleanly.
+        let (ex, _rx) = exchange(false);
+        ex.start(200, &[(b"content-length", b"4")], false).unwrap();
+        let mut push = std::pin::pin!(ex.push_streamed(Bytes::from_static(b"four")));
+        assert!(matches!(
+            push.as_mut().poll(&mut cx),
+            Poll::Ready(Streamed::Queued)
+        ));
+        ex.end_streamed();
+        assert_eq!(ex.end_state(), crate::exchange::EndState::Clean);
+    }
 
     #[test]
     fn a_file_keeps_one_write_queued_whatever_the_high_water_mark() {
