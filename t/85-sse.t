@@ -115,6 +115,21 @@ my \$app = async sub {
         await \$send->({ type => 'sse.close' });
         return;
     }
+    if (\$path eq '/status') {
+        # The query is the status: 'v' as given, 'v&nv' as a number.
+        my (\$status, \$as_number) = split /&/, \$scope->{query_string};
+        \$status += 0 if \$as_number;
+        my \$err = await try_send(\$send, { type => 'sse.start', status => \$status });
+        if (\$err eq '') {
+            await ev(\$send, data => 'started');
+            await \$send->({ type => 'sse.close' });
+            return;
+        }
+        # Www 0.6 refuses a stream with an ordinary response.
+        await \$send->({ type => 'http.response.start', status => 200, headers => \$plain });
+        await \$send->({ type => 'http.response.body', body => "refused: \$err", more => 0 });
+        return;
+    }
     if (\$path eq '/short') {
         await \$send->({ type => 'sse.start' });
         await ev(\$send, event => 'greet', data => 'hello', id => '1');
@@ -488,6 +503,28 @@ subtest 'sse.start: the head leaves at once, with the default headers' => sub {
     is $o->header('connection'), 'keep-alive', 'connection keep-alive';
     ok $o->wait_eof(3), 'ends';
     is $o->raw, "data: x\n\n", 'body';
+};
+
+subtest 'sse.start status: an integer value, else the send fails' => sub {
+    for my $q ( '201', '201.0', '201.0&nv', '2.01e2' ) {
+        my $c = PagiRS::SSE->open( $port, "/status?$q" );
+        is $c->status, 201, "$q: a value that is an integer is that status";
+        ok $c->wait_eof(3), "$q: the stream ends";
+        is $c->raw, "data: started\n\n", "$q: the stream's event";
+    }
+    # A fraction was refused by a pattern in SSE.pm before; it must not be
+    # truncated to 200 or 404 now that C reads the value.
+    for my $q ( '200.5', '404.25&nv', 'abc', '0x10' ) {
+        my $c = PagiRS::SSE->open( $port, "/status?$q" );
+        is $c->status, 200, "$q: the app declined after the failure";
+        ok $c->wait_eof(3), "$q: the response ends";
+        like $c->raw, qr/^refused: sse\.start: .*'status' must be an integer/, "$q: a clear error";
+    }
+    for my $q ( '600', '99', '101' ) {
+        my $c = PagiRS::SSE->open( $port, "/status?$q" );
+        ok $c->wait_eof(3), "$q: the response ends";
+        like $c->raw, qr/^refused: sse\.start: /, "$q: not a final status, refused";
+    }
 };
 
 subtest 'HTTP::Tiny reads a complete short stream' => sub {

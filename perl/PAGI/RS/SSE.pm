@@ -114,9 +114,7 @@ sub _send {
         return _fail("cannot send 'sse.start' after sse.http.response.start")
           if $state == DECLINING || $state == DECLINE_COMPLETE;
         return _fail("sse.start was already sent") if $state != NOT_STARTED;
-        my $status = $ev->{status} // 200;
-        return _fail("sse.start 'status' must be an integer") unless $status =~ /\A[0-9]+\z/;
-        my ( $rc, $err ) = PAGI::RS::_sse_start( $id, $status, $ev->{headers} );
+        my ( $rc, $err ) = PAGI::RS::_sse_start( $id, $ev->{status} // 200, $ev->{headers} );
         return _fail("sse.start: $err") if $rc < 0;
         $self->[STREAM]  = STREAMING;
         $self->[STARTED] = 1;

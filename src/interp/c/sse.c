@@ -12,16 +12,24 @@ XS(xs_sse_start)
     const char *why = NULL;
     pagi_str *hdrs;
     pagi_str err = {0, 0};
+    IV status;
     int rc;
     if (items != 3)
         croak_xs_usage(cv, "id, status, headers");
+    /* As for http.response.start: '201' and 201.0 are 201, but '200.5' is
+     * refused rather than truncated. */
+    if (!status_of(aTHX_ ST(1), &status)) {
+        err.ptr = "'status' must be an integer";
+        err.len = strlen(err.ptr);
+        RETURN_RESULT(-1, err);
+    }
     hdrs = headers_from_sv(aTHX_ ST(2), &n, &why);
     if (!hdrs) {
         err.ptr = why;
         err.len = strlen(why);
         RETURN_RESULT(-1, err);
     }
-    rc = pagi_rs_sse_start((uint64_t)SvUV(ST(0)), (int64_t)SvIV(ST(1)), hdrs, n, &err);
+    rc = pagi_rs_sse_start((uint64_t)SvUV(ST(0)), (int64_t)status, hdrs, n, &err);
     RETURN_RESULT(rc, err);
 }
 
