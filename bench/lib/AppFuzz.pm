@@ -277,7 +277,7 @@ sub status {
     # 204 and 304 twice: hyper writes no body for them, and what the
     # exchange then does with queued bytes and waiting sends found bugs.
     return $s->pick( 200, 200, 200, 201, 204, 204, 304, 304, 404, 500, 101, 100, 103, 199, 99, 600, 1000, -1, 0, 'abc',
-        '200 OK', 200.5, undef, [], "20\x{663}" );
+        '200 OK', 200.5, '201.0', undef, [], "20\x{663}" );
 }
 
 # A header list, mostly sound.
@@ -365,7 +365,7 @@ sub sse_event {
     my ($s) = @_;
     my $inj = "injected";
     my $x   = $s->r;
-    return { type => 'sse.start', status => $s->pick( 200, 200, 204, 404, 99, 'x', undef ), headers => $s->headers }
+    return { type => 'sse.start', status => $s->pick( 200, 200, 204, 404, 99, 'x', undef, 200.5, '201.0' ), headers => $s->headers }
       if $x < 0.12;
     if ( $x < 0.6 ) {
         my %e = ( type => 'sse.send' );
