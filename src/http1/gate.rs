@@ -519,10 +519,15 @@ impl<S> Gate<S> {
     /// Classify as much of `raw` as possible.
     fn scan(&mut self) {
         loop {
-            if self.raw.is_empty() || self.closed {
+            if self.closed {
                 return;
             }
+            // Settled even with nothing to scan: an idle upgraded stream
+            // passes through (and lets go of the buffer) from its first read.
             if self.framing == Framing::Head && self.upgrade_undecided() {
+                return;
+            }
+            if self.raw.is_empty() {
                 return;
             }
             match &mut self.framing {
@@ -1345,6 +1350,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
                 }
             }
             if this.framing == Framing::PassThrough && this.raw.is_empty() {
+                // Stepped aside for good (a 101): the buffer would sit
+                // unused for the rest of a WebSocket's life, 8 KiB each.
+                if this.raw.capacity() > 0 {
+                    this.raw = BytesMut::new();
+                }
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             if let Framing::Fixed(remaining) = this.framing {
@@ -2185,6 +2195,36 @@ POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx
         }
         drop(writer.await);
         (seen, lengths)
+    }
+
+    #[tokio::test]
+    async fn after_a_101_the_gate_lets_go_of_its_buffer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut gate = Gate::new(server, LIMITS, Arc::default(), Arc::default());
+        let head =
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = gate.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &head[..]);
+        assert!(gate.raw.capacity() > 0, "a head is read through the buffer");
+        gate.answers
+            .response_started(StatusCode::SWITCHING_PROTOCOLS);
+        // An idle WebSocket: its first read finds nothing to read.
+        let idle =
+            tokio::time::timeout(std::time::Duration::from_millis(20), gate.read(&mut buf)).await;
+        assert!(idle.is_err(), "nothing to read yet");
+        assert_eq!(gate.framing, Framing::PassThrough);
+        assert_eq!(
+            gate.raw.capacity(),
+            0,
+            "nothing held for the upgraded stream"
+        );
+        client.write_all(b"frame").await.unwrap();
+        let n = gate.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"frame", "passed through");
+        assert_eq!(gate.raw.capacity(), 0);
     }
 
     #[tokio::test]
