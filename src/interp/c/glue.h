@@ -98,17 +98,6 @@ static inline uint64_t request_id_of(pTHX_ SV *id)
     return SvIOK(id) ? (uint64_t)SvUVX(id) : (uint64_t)SvUV(id);
 }
 
-/* The value under `key` (a shared key with its hash, KEY()), or NULL.
- *
- * A plain hash that shares its keys (what `{ type => ... }` makes) stores
- * each key as the one HEK that PL_strtab holds for that text and those
- * flags, and `key` is that HEK too when the key was stored without flags:
- * its bucket is walked comparing HEK addresses, without hv_common's
- * generality (a sixth of an SSE event's send in hv_common).  A miss is an
- * answer only when no key of the hash has flags (a key stored from a UTF-8
- * string is another HEK of the same text); otherwise, and for any hash with
- * magic (tied; restricted, whose placeholders a walk would meet: they count
- * themselves in rhash magic), hv_fetch_ent decides. */
 /* A response status as the app gave it: an integer, or a number or string
  * whose value is one ("200", 200.0).  Anything else is no status: SvIV
  * would truncate 200.5 to 200, and a WebSocket refusal checked as "300 or
@@ -131,6 +120,17 @@ static inline int status_of(pTHX_ SV *sv, IV *out)
     return 1;
 }
 
+/* The value under `key` (a shared key with its hash, KEY()), or NULL.
+ *
+ * A plain hash that shares its keys (what `{ type => ... }` makes) stores
+ * each key as the one HEK that PL_strtab holds for that text and those
+ * flags, and `key` is that HEK too when the key was stored without flags:
+ * its bucket is walked comparing HEK addresses, without hv_common's
+ * generality (a sixth of an SSE event's send in hv_common).  A miss is an
+ * answer only when no key of the hash has flags (a key stored from a UTF-8
+ * string is another HEK of the same text); otherwise, and for any hash with
+ * magic (tied; restricted, whose placeholders a walk would meet: they count
+ * themselves in rhash magic), hv_fetch_ent decides. */
 static inline SV *hv_value(pTHX_ HV *hv, SV *key)
 {
     HE *he;
