@@ -58,6 +58,7 @@ my \$app = async sub {
             my \$ev = await \$receive->();
             rec("\$name.events", \$ev);
             if (\$ev->{type} eq 'websocket.disconnect') { \$end = \$ev; last }
+            await try_send(\$send, { type => 'websocket.send', text => 'answer' }) if \$q->{answer};
         }
         my %a;
         \$a{is_connected} = \$c->is_connected ? 1 : 0;
@@ -167,7 +168,7 @@ my $n = 0;
 sub rec_conn {
     my (%o) = @_;
     my $name  = 'c' . ++$n;
-    my $query = "name=$name" . ( $o{sleep} ? "&sleep=$o{sleep}" : '' );
+    my $query = "name=$name" . ( $o{sleep} ? "&sleep=$o{sleep}" : '' ) . ( delete $o{answer} ? '&answer=1' : '' );
     my $port  = delete $o{port};
     delete $o{sleep};
     my $ws = PagiRS::WS->connect( $port, path => "/rec?$query", %o );
@@ -276,6 +277,33 @@ subtest 'messages before the Close are delivered first' => sub {
     $ws->wait_close(3);
     app_end($name);
     is_deeply [ map { $_->{type} } records("$name.events") ], ['websocket.disconnect'], 'a message after the peer\'s Close is dropped';
+};
+
+# The app's answer to one message can find the socket ended (the core knows
+# at once) while the peer's next messages are still on their way to the
+# interpreter: they must reach the app before the disconnect does.
+subtest 'messages before the end reach an app that answers each one' => sub {
+    for my $ending (qw(close fin)) {
+        my @wrong;
+        for my $round ( 1 .. 10 ) {
+            my ( $ws, $name ) = rec_conn( port => $port, answer => 1 );
+            my @frames = (
+                { opcode => 'text',   payload => 'one' },
+                { opcode => 'binary', payload => 'two' },
+                { opcode => 'text',   payload => 'three' },
+                $ending eq 'close' ? { opcode => 'close', payload => pack( 'n', 1000 ) . 'end' } : (),
+            );
+            $ws->send_raw( join '', map { $ws->build_frame(%$_) } @frames );
+            $ws->shutdown_write;
+            $ws->eof_within(3);
+            app_end($name);
+            my @events = map { $_->{type} eq 'websocket.receive' ? $_->{text} // $_->{bytes} : $_->{code} }
+              records("$name.events");
+            my $want = join ' ', 'one', 'two', 'three', $ending eq 'close' ? 1000 : 1006;
+            push @wrong, "round $round: @events" if "@events" ne $want;
+        }
+        is_deeply \@wrong, [], "$ending: in ten rounds, every message and then the disconnect";
+    }
 };
 
 subtest 'after the end: receive returns copies (bounded), sends are no-ops' => sub {

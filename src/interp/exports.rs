@@ -763,6 +763,9 @@ pub extern "C" fn pagi_rs_query(id: u64, what: c_int) -> i64 {
                 return ws.buffered_amount() as i64;
             }
         }
+        if what == query::WS_MESSAGES_PENDING {
+            return session(id).map_or(0, |ws| ws.messages_in_transit() as i64);
+        }
         let Some(ex) = exchange(id) else {
             return if what == query::BUFFERED { 0 } else { -1 };
         };

@@ -703,6 +703,14 @@ impl Session {
         }
     }
 
+    /// Messages `deliver` posted that the interpreter has not taken yet.
+    /// The end of the socket is known to the interpreter (through
+    /// `end_state`) before these reach it; its `$receive` must not let the
+    /// end overtake them.
+    pub fn messages_in_transit(&self) -> usize {
+        self.in_transit.load(Ordering::Acquire)
+    }
+
     /// Whether the reader may read another message: the interpreter is not
     /// too far behind this socket, in messages or in bytes.  One message
     /// always passes, so what is in transit stays under the byte bound plus

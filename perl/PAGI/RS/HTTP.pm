@@ -636,15 +636,21 @@ sub _on_network_gone {
 # send).  After a clean end they resolve as the buffer drains.
 sub _settle {
     my ( $self, $clean ) = @_;
-    my $wait = $self->[RECV_WAIT];
-    # After an abnormal end, body chunks still on their way come first (the
-    # first of them settles it); after the response completed, none does.
-    if ( $wait && !$wait->is_ready && ( $self->[COMPLETE] || !_body_on_its_way($self) ) ) {
-        $self->[RECV_WAIT] = undef;
-        $wait->done( $self->_end_event );
-    }
+    $self->_settle_receive;
     return if $clean;
     $self->_settle_sends;
+    return;
+}
+
+# A pending receive gets the end.  After an abnormal end, body chunks still
+# on their way come first (the first of them settles it); after the
+# response completed, none does.  WebSocket.pm has its own.
+sub _settle_receive {
+    my ($self) = @_;
+    my $wait = $self->[RECV_WAIT];
+    return unless $wait && !$wait->is_ready && ( $self->[COMPLETE] || !_body_on_its_way($self) );
+    $self->[RECV_WAIT] = undef;
+    $wait->done( $self->_end_event );
     return;
 }
 

@@ -22,7 +22,7 @@ our @ISA = ('PAGI::RS::HTTP');
 # PHASE, ENDED (the websocket.disconnect event, once known),
 # CONNECT_DELIVERED, END_DELIVERED and QUEUE_BYTES (payload bytes of the
 # messages in QUEUE).
-use PAGI::RS::Constants qw(slot send ws_slot);
+use PAGI::RS::Constants qw(slot send ws_slot query);
 
 use constant { CONNECTING => 0, OPEN => 1, REFUSED => 2 };
 
@@ -92,6 +92,15 @@ sub _receive {
         return Future->done($ev);
     }
     if ( !$self->[CONNECTED] ) {
+        # The end is known here (read from the core, say by a send that found
+        # the socket closed), but messages the peer sent before it are still
+        # on their way to this interpreter: they come first, and _on_message
+        # hands the next one to this receive.
+        if ( _messages_on_their_way($self) ) {
+            my $wait = $self->[RECV_WAIT];
+            return PAGI::RS::Pending::after( $wait, sub { _receive($self) } ) if $wait && !$wait->is_ready;
+            return $self->[RECV_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
+        }
         # The end is told once; later receives get copies, up to a bound.
         if ( $self->[END_DELIVERED]++ ) {
             my $refused = PAGI::RS::HTTP::_past_disconnect_receives( $self, 'websocket' );
@@ -103,6 +112,14 @@ sub _receive {
     # One made while another waits gets the message after that one's.
     return PAGI::RS::Pending::after( $wait, sub { _receive($self) } ) if $wait && !$wait->is_ready;
     return $self->[RECV_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
+}
+
+# Messages the core's reader took from the socket and posted to this
+# interpreter that it has not dispatched yet (src/websocket/session.rs
+# messages_in_transit).  The socket's end is posted after them.
+sub _messages_on_their_way {
+    my ($self) = @_;
+    return ( PAGI::RS::_query( $self->[ID], Q_WS_MESSAGES_PENDING ) // 0 ) > 0;
 }
 
 # The event a receive gets once the scope ended: websocket.disconnect,
@@ -156,6 +173,9 @@ sub _on_closed {
     my ( $self, $code, $clean, $reason, $detail, $peer_code, $peer_reason ) = @_;
     $self->[ENDED] //= { type => 'websocket.disconnect', code => $code + 0, reason => $reason // '' };
     $self->_notify if $self->_terminal( $clean, $reason, $detail, $peer_code, $peer_reason );
+    # Every message the peer sent came before this one: a receive that the
+    # notifications left waiting for them (_settle_receive) has the end now.
+    $self->_settle_receive if ( $self->[NOTIFIED] // 0 ) == 2;
     $self->_forget if $self->[APP_DONE];
     return;
 }
@@ -169,14 +189,23 @@ sub _on_closed {
 # and an app that sends in a loop until its receive is ready would spin.
 sub _settle {
     my ($self) = @_;
-    my $wait = $self->[RECV_WAIT];
-    if ( $wait && !$wait->is_ready ) {
-        $self->[RECV_WAIT] = undef;
-        $self->[END_DELIVERED] = 1 unless $self->[COMPLETED_CLEANLY] && $self->[PHASE] != OPEN;
-        $wait->done( $self->_end_event );
-    }
+    $self->_settle_receive;
     $self->_send_waited;
     $self->SUPER::_settle;
+    return;
+}
+
+# A pending receive gets the end, unless messages the peer sent before it
+# are still on their way: the first of them settles it, and _on_closed,
+# after the last, settles the receive that waits then.
+sub _settle_receive {
+    my ($self) = @_;
+    my $wait = $self->[RECV_WAIT];
+    return unless $wait && !$wait->is_ready;
+    return if _messages_on_their_way($self);
+    $self->[RECV_WAIT] = undef;
+    $self->[END_DELIVERED] = 1 unless $self->[COMPLETED_CLEANLY] && $self->[PHASE] != OPEN;
+    $wait->done( $self->_end_event );
     return;
 }
 
