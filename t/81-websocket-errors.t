@@ -358,6 +358,49 @@ subtest "protocol error: $_->[0]" => sub {
     like access_line( $s, $name ), qr/ reason=protocol_error$/, 'access log reason=protocol_error';
 } for @protocol;
 
+# A client still sending when it broke a rule: the server reads nothing
+# after the bad frame.  Had it closed the socket with those bytes unread,
+# or arriving later, the socket would answer them with a reset, which can
+# destroy the Close frame before the client reads it and fails the
+# client's writes.  The server lingers instead, reading and dropping them
+# until the client's FIN (up to two seconds).
+subtest 'after a protocol error the server takes what the client still sends: no reset' => sub {
+    # A client that does not answer the Close: it is still sending.
+    my ( $ws, $name ) = rec_conn( port => $port, auto_close_reply => 0 );
+    $ws->send_frame( opcode => 'text', payload => 'hi', mask => 0 );
+    is scalar $ws->wait_close(3), 1002, 'the Close 1002 arrives';
+    ok $ws->eof_within(3), "and the server's FIN";
+    my @written;
+    for ( 1 .. 3 ) {
+        push @written, $ws->send_raw( "\0" x 65536, 3 ) // 'failed: ' . ( $ws->{write_error} // '?' );
+        sleep 0.1;
+    }
+    is_deeply \@written, [ (65536) x 3 ], 'the bytes the client sends after it are taken, not reset';
+    $ws->shutdown_write;
+    is $ws->{read_error}, undef, 'no read error either';
+    is_deeply app_end($name), { type => 'websocket.disconnect', code => 1002, reason => 'protocol_error' },
+      'app: 1002 protocol_error';
+};
+
+# The app answers each message, and its answers reach the writer after the
+# peer's Close: refused there, they must not keep the server's own Close
+# (tungstenite's answer to an invalid code) from being sent.  A race, caught
+# in about half the runs before the fix; websocket::connection's unit test
+# holds the writer to it every time.
+subtest 'a Close with an invalid code behind messages the app answers: Close 1002 every time' => sub {
+    my @wrong;
+    for my $round ( 1 .. 20 ) {
+        my ( $ws, $name ) = rec_conn( port => $port, answer => 1 );
+        $ws->send_raw( join '', ( map { $ws->build_frame( opcode => 'text', payload => "m$_" ) } 1 .. 5 ),
+            $ws->build_frame( opcode => 'close', payload => pack( 'n', 999 ) ) );
+        $ws->shutdown_write;
+        my ($code) = $ws->wait_close(3);
+        push @wrong, "round $round: " . ( $code // 'no Close' ) if ( $code // 0 ) != 1002;
+        app_end($name);
+    }
+    is_deeply \@wrong, [], 'twenty rounds, each ended by a Close 1002';
+};
+
 subtest 'valid close codes are not protocol errors' => sub {
     # A close reason of 123 bytes makes the largest allowed control frame (125).
     my ( $w, $nm ) = rec_conn( port => $port );

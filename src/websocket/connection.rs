@@ -47,7 +47,8 @@ type Sink = SplitSink<Socket, Message>;
 type Stream = SplitStream<Socket>;
 
 /// How long the writer may take to flush a final Close frame of a failed
-/// connection (no handshake follows it).
+/// connection (no handshake follows it), and then the peer to close its
+/// side (our lingering close).
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
 
 const FAR: Duration = Duration::from_secs(86_400 * 365);
@@ -88,14 +89,23 @@ pub async fn run(session: Arc<Session>, transport: Transport, shutdown: watch::R
         }
         ReadEnd::Flush(ending) => {
             session.finish_writer();
-            if tokio::time::timeout(FINAL_FLUSH, &mut writer)
-                .await
-                .is_err()
-            {
-                writer.abort();
-                let _ = (&mut writer).await;
+            let sink = match tokio::time::timeout(FINAL_FLUSH, &mut writer).await {
+                Ok(Ok(sink)) => sink,
+                _ => {
+                    writer.abort();
+                    let _ = (&mut writer).await;
+                    None
+                }
+            };
+            // A lingering close.  Closed at once with the peer's later
+            // bytes unread, the socket would answer them with a reset,
+            // which can destroy our Close frame in the peer's buffer before
+            // it reads it: a client that broke a rule would see the
+            // connection fail without learning which (RFC 6455 7.1.1 has the
+            // server close first, cleanly).  Bounded like the flush.
+            if let Some(Ok(socket)) = sink.map(|sink| sink.reunite(stream)) {
+                close_transport(socket, FINAL_FLUSH).await;
             }
-            drop(stream);
             ending
         }
         ReadEnd::Handshake(ending) => {
@@ -461,7 +471,18 @@ async fn write_loop(
                 next = outbound.try_recv();
             }
         }
-        match sink.flush().await {
+        // The split sink holds the last message fed until this flush, so a
+        // send tungstenite refuses after the peer's Close is refused here:
+        // dropped like those refused at feed.  The flush must then go on,
+        // for what tungstenite has queued itself: its answer to that Close.
+        let mut flushed = sink.flush().await;
+        if matches!(
+            flushed,
+            Err(WsError::Protocol(ProtocolError::SendAfterClosing))
+        ) {
+            flushed = sink.flush().await;
+        }
+        match flushed {
             Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {}
             Err(e) => {
                 tracing::debug!("WebSocket write error: {e}");
@@ -477,4 +498,62 @@ async fn write_loop(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame.
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [1u8, 2, 3, 4];
+        let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&key);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        frame
+    }
+
+    /// The app's answer to a message reaches the writer after the peer's
+    /// Close: the split sink holds it until the flush, where tungstenite
+    /// refuses it.  The flush must still let out tungstenite's own answer to
+    /// that Close (here to an invalid code: 1002).
+    #[tokio::test]
+    async fn a_send_refused_after_the_peers_close_does_not_hold_back_the_answer_to_it() {
+        let (session, _head) = crate::websocket::session::tests::session();
+        session.accept(None, &[]).unwrap();
+        session.send(true, b"answer").unwrap();
+        session.finish_writer();
+
+        let (server_end, mut client) = tokio::io::duplex(4096);
+        let transport: Transport = Box::new(server_end);
+        let socket = Socket::from_raw_socket(transport, Role::Server, None).await;
+        let (sink, mut stream) = socket.split();
+        client
+            .write_all(&client_frame(0x8, &999u16.to_be_bytes()))
+            .await
+            .unwrap();
+        let close = stream.next().await.unwrap().unwrap();
+        assert!(matches!(close, Message::Close(Some(ref f)) if f.code == CloseCode::Protocol));
+
+        let (failed_tx, failed_rx) = watch::channel(None);
+        let outbound = session.take_outbound().unwrap();
+        let sink = write_loop(session.clone(), sink, outbound, failed_tx).await;
+        assert!(
+            sink.is_some(),
+            "the writer finished, not failed: {:?}",
+            *failed_rx.borrow()
+        );
+
+        let mut answer = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(2), client.read_exact(&mut answer))
+            .await
+            .expect("the answer to the Close was sent")
+            .unwrap();
+        // 0x88: a final Close; 20 bytes: the code and tungstenite's reason.
+        assert_eq!(
+            answer,
+            [0x88, 20, 0x03, 0xea],
+            "a Close 1002, nothing before it"
+        );
+    }
 }

@@ -757,12 +757,12 @@ impl Session {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::exchange::Head;
     use std::collections::VecDeque;
 
-    fn session() -> (Arc<Session>, tokio::sync::oneshot::Receiver<Head>) {
+    pub(crate) fn session() -> (Arc<Session>, tokio::sync::oneshot::Receiver<Head>) {
         session_speaking(crate::spec::SpecVersion::Www06)
     }
 
