@@ -57,9 +57,13 @@ const FAR: Duration = Duration::from_secs(86_400 * 365);
 enum ReadEnd {
     /// Drop the connection now: the peer is gone, or the app aborted.
     Drop(Ending),
-    /// A Close frame of ours is queued with nothing to wait for after it
-    /// (a protocol failure, shutdown): let it out, then drop the connection.
+    /// Our Close for a server shutting down is queued: let it out, then
+    /// drop the connection (the process is going; a peer that does not
+    /// answer must not hold it up).
     Flush(Ending),
+    /// We failed the connection (a rule the peer broke): let our Close
+    /// out, then close in order, reading until the peer's FIN.
+    Fail(Ending),
     /// The Close frames were exchanged: close the TCP connection cleanly.
     Handshake(Ending),
 }
@@ -89,20 +93,19 @@ pub async fn run(session: Arc<Session>, transport: Transport, shutdown: watch::R
         }
         ReadEnd::Flush(ending) => {
             session.finish_writer();
-            let sink = match tokio::time::timeout(FINAL_FLUSH, &mut writer).await {
-                Ok(Ok(sink)) => sink,
-                _ => {
-                    writer.abort();
-                    let _ = (&mut writer).await;
-                    None
-                }
-            };
+            let _ = final_flush(&mut writer).await;
+            drop(stream);
+            ending
+        }
+        ReadEnd::Fail(ending) => {
+            session.finish_writer();
             // A lingering close.  Closed at once with the peer's later
             // bytes unread, the socket would answer them with a reset,
             // which can destroy our Close frame in the peer's buffer before
             // it reads it: a client that broke a rule would see the
             // connection fail without learning which (RFC 6455 7.1.1 has the
             // server close first, cleanly).  Bounded like the flush.
+            let sink = final_flush(&mut writer).await;
             if let Some(Ok(socket)) = sink.map(|sink| sink.reunite(stream)) {
                 close_transport(socket, FINAL_FLUSH).await;
             }
@@ -141,6 +144,20 @@ pub async fn run(session: Arc<Session>, transport: Transport, shutdown: watch::R
     session.end(ending);
 }
 
+/// Wait (up to FINAL_FLUSH) for the writer, told to finish, to let out
+/// what is queued: its half of the socket back, or None if it failed or
+/// took too long (then it is stopped).
+async fn final_flush(writer: &mut tokio::task::JoinHandle<Option<Sink>>) -> Option<Sink> {
+    match tokio::time::timeout(FINAL_FLUSH, &mut *writer).await {
+        Ok(Ok(sink)) => sink,
+        _ => {
+            writer.abort();
+            let _ = writer.await;
+            None
+        }
+    }
+}
+
 /// Close our side of the TCP connection and wait for the peer to close its
 /// own (RFC 6455 7.1.1: the server closes first).  True when it did.
 async fn close_transport(mut socket: Socket, limit: Duration) -> bool {
@@ -163,7 +180,7 @@ fn error_ending(session: &Session, err: &WsError) -> ReadEnd {
     match err {
         WsError::Utf8(_) => {
             session.close_frame(1007, "Invalid UTF-8");
-            ReadEnd::Flush(Ending::protocol(
+            ReadEnd::Fail(Ending::protocol(
                 1007,
                 "a text frame or Close reason is not valid UTF-8".into(),
             ))
@@ -171,7 +188,7 @@ fn error_ending(session: &Session, err: &WsError) -> ReadEnd {
         WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
             tracing::warn!("PAGI connection error: Payload is too big.");
             session.close_frame(1009, "Message too big");
-            ReadEnd::Flush(Ending::protocol(
+            ReadEnd::Fail(Ending::protocol(
                 1009,
                 too_big_detail(&session.settings, *size, *max_size),
             ))
@@ -185,7 +202,7 @@ fn error_ending(session: &Session, err: &WsError) -> ReadEnd {
         WsError::Protocol(p) => {
             tracing::debug!("WebSocket protocol error: {p}");
             session.close_frame(1002, "Protocol error");
-            ReadEnd::Flush(Ending::protocol(1002, p.to_string()))
+            ReadEnd::Fail(Ending::protocol(1002, p.to_string()))
         }
         WsError::Io(e) => {
             tracing::debug!("WebSocket read error: {e}");
@@ -315,7 +332,7 @@ async fn read_loop(
                         // tungstenite replaced an invalid close code with 1002
                         // and answered it: that is our protocol close.
                         Some(f) if f.code == CloseCode::Protocol && f.reason == "Protocol violation" => {
-                            return ReadEnd::Flush(Ending::protocol(
+                            return ReadEnd::Fail(Ending::protocol(
                                 1002,
                                 "the peer's Close frame carried an invalid close code".into(),
                             ));
