@@ -91,16 +91,12 @@ sub _receive {
         $self->[QUEUE_BYTES] -= bytes::length( $ev->{text} // $ev->{bytes} // "" );
         return Future->done($ev);
     }
-    if ( !$self->[CONNECTED] ) {
-        # The end is known here (read from the core, say by a send that found
-        # the socket closed), but messages the peer sent before it are still
-        # on their way to this interpreter: they come first, and _on_message
-        # hands the next one to this receive.
-        if ( _messages_on_their_way($self) ) {
-            my $wait = $self->[RECV_WAIT];
-            return PAGI::RS::Pending::after( $wait, sub { _receive($self) } ) if $wait && !$wait->is_ready;
-            return $self->[RECV_WAIT] = PAGI::RS::Pending->new($PAGI::RS::Bridge::LOOP);
-        }
+    # Once the end is known here (read from the core, say by a send that
+    # found the socket closed), messages the peer sent before it may still be
+    # on their way to this interpreter: they come first, so this receive
+    # waits for them as it would on an open socket (_on_message hands it the
+    # next one, _on_closed the end after the last).
+    if ( !$self->[CONNECTED] && !_messages_on_their_way($self) ) {
         # The end is told once; later receives get copies, up to a bound.
         if ( $self->[END_DELIVERED]++ ) {
             my $refused = PAGI::RS::HTTP::_past_disconnect_receives( $self, 'websocket' );
