@@ -401,6 +401,23 @@ subtest 'a Close with an invalid code behind messages the app answers: Close 100
     is_deeply \@wrong, [], 'twenty rounds, each ended by a Close 1002';
 };
 
+# The app closes first; the client's answer carries a code no peer may
+# send.  tungstenite checks the code of a Close that opens the handshake
+# (the subtests above) but passes on that of an answer to ours unchecked:
+# the app was given 999 as if the peer had said it.
+subtest "an answer to the app's Close with an invalid code => 1002 protocol_error" => sub {
+    for my $code ( 999, 1006, 5000 ) {
+        my $name = 'answer' . $code;
+        my $ws   = PagiRS::WS->connect( $port, path => "/ticker?n=0&name=$name", auto_close_reply => 0 );
+        is scalar $ws->wait_close(3), 1000, "$code: the app's Close 1000 arrives";
+        $ws->close($code);
+        ok $ws->eof_within(3), "$code: the server closes TCP after the answer";
+        my ($end) = wait_records( "$name.events", 1, 5 );
+        is_deeply $end, { type => 'websocket.disconnect', code => 1002, reason => 'protocol_error' },
+          "$code: app: 1002 protocol_error";
+    }
+};
+
 subtest 'valid close codes are not protocol errors' => sub {
     # A close reason of 123 bytes makes the largest allowed control frame (125).
     my ( $w, $nm ) = rec_conn( port => $port );

@@ -337,6 +337,19 @@ async fn read_loop(
                                 "the peer's Close frame carried an invalid close code".into(),
                             ));
                         }
+                        // The answer to a Close of ours: tungstenite passes
+                        // its code on unchecked, since there is nothing left
+                        // to answer.  A code no peer may send still breaks
+                        // the protocol, and the app is told so, not given
+                        // the code (the handshake itself is over: the
+                        // connection then closes in order).
+                        Some(f) if !f.code.is_allowed() => Ending::protocol(
+                            1002,
+                            format!(
+                                "the peer's answer to our Close carried the invalid close code {}",
+                                u16::from(f.code)
+                            ),
+                        ),
                         Some(f) => Ending::handshake(u16::from(f.code), f.reason.to_string()),
                         None => Ending::handshake(1005, String::new()),
                     };
