@@ -526,6 +526,35 @@ subtest '--max-receive-queue 5 => Close 1008 queue_overflow' => sub {
     is scalar( grep { $_->{type} eq 'websocket.receive' } records("$name.events") ), 5, 'all 5 delivered';
 };
 
+# An app that leaves messages unread (it sleeps) while a client sends
+# more than --max-receive-queue (5) and then closes.  What passes the
+# limit while the client may still send is dropped and the socket ends
+# 1008; once the client's Close is in, nothing more can come, and the few
+# messages still on their way are kept.  Either way the app is given a
+# beginning of what was sent, and it is given all of it unless its ending
+# says queue_overflow.  Before, a message that passed the limit after the
+# end was recorded was dropped silently: the app got five of eight
+# messages and a clean 1000.
+subtest 'messages past --max-receive-queue: lost only under a 1008 queue_overflow' => sub {
+    my @wrong;
+    for my $round ( 1 .. 10 ) {
+        my ( $ws, $name ) = rec_conn( port => $port, sleep => 0.3 );
+        $ws->send_raw( join '', ( map { $ws->build_frame( opcode => 'text', payload => "m$_" ) } 1 .. 8 ),
+            $ws->build_frame( opcode => 'close', payload => pack( 'n', 1000 ) ) );
+        $ws->shutdown_write;
+        $ws->wait_close(3);
+        $ws->eof_within(3);
+        my $end  = app_end($name);
+        my @got  = map { $_->{text} } grep { $_->{type} eq 'websocket.receive' } records("$name.events");
+        my $code = $end ? $end->{code} : 'none';
+        my $ok =
+            join( ',', @got ) eq join( ',', map {"m$_"} 1 .. @got )
+          && ( @got == 8 ? $code == 1000 : $code == 1008 && $end->{reason} eq 'queue_overflow' );
+        push @wrong, "round $round: " . scalar(@got) . " messages, then $code" unless $ok;
+    }
+    is_deeply \@wrong, [], 'ten rounds: all eight then 1000, or a beginning then 1008';
+};
+
 subtest 'app returns after accept without close => Close 1011' => sub {
     my $ws = PagiRS::WS->connect( $port, path => '/return-open' );
     my $m  = $ws->recv_message(3);

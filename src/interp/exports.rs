@@ -1094,17 +1094,19 @@ pub extern "C" fn pagi_rs_ws_keepalive(
 
 /// The application left more unread than `limit` allows: that many
 /// messages (--max-receive-queue), or with `in_bytes` that many bytes.
+/// 1: drop the message (see Session::overflow); 0: keep it.
 #[no_mangle]
-pub extern "C" fn pagi_rs_ws_overflow(id: u64, limit: i64, in_bytes: c_int) {
-    guarded((), || {
-        if let Some(ws) = session(id) {
-            let limit = usize::try_from(limit).unwrap_or(0);
-            ws.overflow(if in_bytes != 0 {
-                UnreadLimit::Bytes(limit)
-            } else {
-                UnreadLimit::Messages(limit)
-            });
-        }
+pub extern "C" fn pagi_rs_ws_overflow(id: u64, limit: i64, in_bytes: c_int) -> c_int {
+    guarded(1, || {
+        let Some(ws) = session(id) else {
+            return 1;
+        };
+        let limit = usize::try_from(limit).unwrap_or(0);
+        c_int::from(ws.overflow(if in_bytes != 0 {
+            UnreadLimit::Bytes(limit)
+        } else {
+            UnreadLimit::Messages(limit)
+        }))
     })
 }
 

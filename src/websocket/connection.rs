@@ -83,6 +83,7 @@ pub async fn run(session: Arc<Session>, transport: Transport, shutdown: watch::R
     session.touch();
 
     let end = read_loop(&session, &mut stream, shutdown, write_failed_rx, &stall).await;
+    session.reading_over();
     let close_timeout = session.settings.close_timeout;
     let ending = match end {
         ReadEnd::Drop(ending) => {

@@ -141,6 +141,9 @@ struct State {
     /// The peer's Close arrived and was answered: sends are quiet no-ops,
     /// since nothing may follow our Close on the wire.
     peer_closed: bool,
+    /// The reader stopped for good (a Close, a failure, the peer gone):
+    /// no message the interpreter has not been sent yet will come.
+    reading_over: bool,
     keepalive: Option<Keepalive>,
     /// An ending the server decided before the socket finished (queue
     /// overflow, an app that left without closing, abort).
@@ -195,6 +198,7 @@ impl Session {
                 marks: Default::default(),
                 app_closed_at: None,
                 peer_closed: false,
+                reading_over: false,
                 keepalive: None,
                 forced: None,
                 ending: None,
@@ -433,11 +437,20 @@ impl Session {
     }
 
     /// The application left more unread than `limit` allows: close with
-    /// 1008 and report `queue_overflow`.
-    pub fn overflow(&self, limit: UnreadLimit) {
+    /// 1008 and report `queue_overflow`.  True when the message that went
+    /// past the limit must be dropped (with every later one: the app is
+    /// given a beginning of what the peer sent, then the end).  False when
+    /// the peer has sent its last message already (its Close came, or the
+    /// reader stopped): what is still on its way to the interpreter is all
+    /// there is, bounded by the in-transit budget, and dropping it would
+    /// lose messages under an ending that says nothing was lost.
+    pub fn overflow(&self, limit: UnreadLimit) -> bool {
         let mut st = self.lock();
+        if st.peer_closed || st.reading_over || st.phase == Phase::Ended {
+            return false;
+        }
         if st.phase != Phase::Open || st.forced.is_some() {
-            return;
+            return true;
         }
         let closing = st.app_closed_at.is_some() || st.peer_closed;
         st.forced = Some(Forced {
@@ -463,6 +476,12 @@ impl Session {
             self.close_frame(1008, "Message queue overflow");
         }
         self.reader_wake.notify_one();
+        true
+    }
+
+    /// The reader stopped for good: see [`Session::overflow`].
+    pub fn reading_over(&self) {
+        self.lock().reading_over = true;
     }
 
     /// `pagi.connection->abort` on an accepted socket: end it now, with no
@@ -1092,6 +1111,35 @@ pub(crate) mod tests {
             "drained once the message is out"
         );
         assert_eq!(ws.send(false, b""), Ok(SendOutcome::HighWater));
+    }
+
+    #[test]
+    fn an_overflow_while_the_peer_may_send_more_drops_that_message_and_the_rest() {
+        let (ws, _head) = session();
+        ws.accept(None, &[]).unwrap();
+        assert!(
+            ws.overflow(UnreadLimit::Messages(2)),
+            "the first is dropped"
+        );
+        assert!(
+            ws.reader_view().forced.is_some(),
+            "and the socket ends 1008"
+        );
+        assert!(ws.overflow(UnreadLimit::Messages(2)), "so are later ones");
+    }
+
+    #[test]
+    fn an_overflow_after_the_peer_sent_its_last_message_keeps_it() {
+        for stop in [Session::peer_closed as fn(&Session), Session::reading_over] {
+            let (ws, _head) = session();
+            ws.accept(None, &[]).unwrap();
+            stop(&ws);
+            assert!(
+                !ws.overflow(UnreadLimit::Bytes(4096)),
+                "nothing more can come: kept"
+            );
+            assert!(ws.reader_view().forced.is_none(), "and no 1008 is decided");
+        }
     }
 
     #[test]

@@ -20,8 +20,8 @@ our @ISA = ('PAGI::RS::HTTP');
 
 # HTTP.pm's slots and send codes, and this file's slots (after HTTP.pm's):
 # PHASE, ENDED (the websocket.disconnect event, once known),
-# CONNECT_DELIVERED, END_DELIVERED and QUEUE_BYTES (payload bytes of the
-# messages in QUEUE).
+# CONNECT_DELIVERED, END_DELIVERED, QUEUE_BYTES (payload bytes of the
+# messages in QUEUE) and DROPPING (a message went past the unread limits).
 use PAGI::RS::Constants qw(slot send ws_slot query);
 
 use constant { CONNECTING => 0, OPEN => 1, REFUSED => 2 };
@@ -134,9 +134,13 @@ sub _end_event {
 
 # A message from the peer.  Past --max-receive-queue unread messages, or
 # past $MAX_UNREAD_BYTES of them (one message always fits), the core closes
-# the socket with 1008 (queue_overflow); this one is dropped.
+# the socket with 1008 (queue_overflow); this one is dropped, and so is
+# every later one, so that the app is given a beginning of what the peer
+# sent.  Unless the peer has sent its last message already (the core says
+# so: see Session::overflow): then the few still on their way are kept.
 sub _on_message {
     my ( $self, $is_text, $data ) = @_;
+    return if $self->[DROPPING];
     my $ev = $is_text
       ? { type => 'websocket.receive', text  => $data }
       : { type => 'websocket.receive', bytes => $data };
@@ -147,14 +151,15 @@ sub _on_message {
         return;
     }
     my $q = $self->[QUEUE] //= [];
-    if ( @$q >= $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE ) {
-        PAGI::RS::_ws_overflow( $self->[ID], $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE, 0 );
-        return;
-    }
     # Bytes as received (a text string's internal UTF-8), in constant time.
     my $len = bytes::length($data);
-    if ( @$q && $self->[QUEUE_BYTES] + $len > $PAGI::RS::Bridge::MAX_UNREAD_BYTES ) {
-        PAGI::RS::_ws_overflow( $self->[ID], $PAGI::RS::Bridge::MAX_UNREAD_BYTES, 1 );
+    my @limit =
+        @$q >= $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE ? ( $PAGI::RS::Bridge::MAX_RECEIVE_QUEUE, 0 )
+      : @$q && $self->[QUEUE_BYTES] + $len > $PAGI::RS::Bridge::MAX_UNREAD_BYTES
+      ? ( $PAGI::RS::Bridge::MAX_UNREAD_BYTES, 1 )
+      : ();
+    if ( @limit && PAGI::RS::_ws_overflow( $self->[ID], @limit ) ) {
+        $self->[DROPPING] = 1;
         return;
     }
     push @$q, $ev;

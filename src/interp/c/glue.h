@@ -212,7 +212,7 @@ extern int pagi_rs_ws_accept(uint64_t id, const char *sub, size_t sublen, int ha
 extern int pagi_rs_ws_send(uint64_t id, int text, const char *ptr, size_t len, pagi_str *err);
 extern int pagi_rs_ws_close(uint64_t id, int64_t code, const char *ptr, size_t len, pagi_str *err);
 extern int pagi_rs_ws_keepalive(uint64_t id, int64_t interval_ms, int64_t timeout_ms, pagi_str *err);
-extern void pagi_rs_ws_overflow(uint64_t id, int64_t limit, int in_bytes);
+extern int pagi_rs_ws_overflow(uint64_t id, int64_t limit, int in_bytes);
 extern int pagi_rs_end_state(uint64_t id, pagi_msg *out);
 extern int pagi_rs_abort(uint64_t id, const char *detail, size_t len, int has);
 extern int pagi_rs_ws_finish(uint64_t id, const char *err, size_t len, int has_err);

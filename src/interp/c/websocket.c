@@ -77,14 +77,13 @@ XS(xs_ws_keepalive)
 }
 
 /* _ws_overflow($id, $limit, $in_bytes): the limit is in messages, or in
- * bytes when $in_bytes is true. */
+ * bytes when $in_bytes is true.  True: drop the message. */
 XS(xs_ws_overflow)
 {
     dXSARGS;
     if (items != 3)
         croak_xs_usage(cv, "id, limit, in_bytes");
-    pagi_rs_ws_overflow((uint64_t)SvUV(ST(0)), (int64_t)SvIV(ST(1)), SvTRUE(ST(2)) ? 1 : 0);
-    XSRETURN_EMPTY;
+    XSRETURN_IV(pagi_rs_ws_overflow((uint64_t)SvUV(ST(0)), (int64_t)SvIV(ST(1)), SvTRUE(ST(2)) ? 1 : 0));
 }
 
 /* _ws_finish($id, $error_or_undef) */
