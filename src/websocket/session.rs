@@ -452,7 +452,9 @@ impl Session {
         if st.phase != Phase::Open || st.forced.is_some() {
             return true;
         }
-        let closing = st.app_closed_at.is_some() || st.peer_closed;
+        // The app's Close is out already: no second one (the peer's Close
+        // cannot have come, see above).
+        let app_closed = st.app_closed_at.is_some();
         st.forced = Some(Forced {
             ending: Ending {
                 code: 1008,
@@ -472,7 +474,7 @@ impl Session {
             at: Instant::now(),
         });
         drop(st);
-        if !closing {
+        if !app_closed {
             self.close_frame(1008, "Message queue overflow");
         }
         self.reader_wake.notify_one();
